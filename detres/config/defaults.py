@@ -1,0 +1,169 @@
+"""Every configuration option of detres, one commented tree per task, with the papers' values as defaults.
+
+A YAML config names its ``task`` and overrides only what differs; unknown keys are errors.
+Small-data configs (shapes world, CIFAR-10, BCCD) change sizes and schedules, never the algorithm.
+"""
+from __future__ import annotations
+
+import copy
+
+# ---------------------------------------------------------------------------------------------
+# Classification pre-training (ResNet paper Sec. 3.4, AlexNet Sec. 4-5)
+# ---------------------------------------------------------------------------------------------
+CLS_DEFAULTS: dict = {
+    "task": "cls",
+    "seed": 0,
+    "output_dir": "runs/cls",
+    "device": "auto",  # "auto" = cuda if available else cpu
+    "model": {
+        "arch": "imagenet",  # "imagenet" (Table 1 nets) or "cifar" (6n+2 nets of Sec. 4.2)
+        "depth": 50,  # 18/34/50/101/152 (imagenet) or 20/32/44/56/110/1202 (cifar)
+        "shortcut": "B",  # A: zero-padded identity, B: projection on shape change, C: all projections
+        "plain": False,  # plain counterpart (no shortcuts) for the paper's plain-vs-residual study
+        "stride_in_1x1": False,  # True: stride in the first 1x1 (original MSRA); False: in the 3x3
+        "zero_init_residual": False,
+        "weights": None,  # local path to initialise from (our checkpoint or a torchvision state_dict)
+    },
+    "data": {
+        "train_dir": "data_toy/cls/train",  # ImageFolder: <dir>/<class>/*.png|jpg
+        "val_dir": "data_toy/cls/val",
+        "num_workers": 2,
+        "mean_mode": "per_pixel",  # AlexNet: subtract the per-pixel mean image; or "per_channel"
+        "mean": None,  # fixed per-channel RGB mean (0..255); None = computed over the training set
+        "std": None,  # per-channel RGB std to divide by; None = no division (the papers)
+        "stats_max_images": None,  # cap on images used for mean / PCA statistics (None = all)
+    },
+    "augment": {
+        "mode": "imagenet",  # "imagenet": scale aug + crop + flip; "cifar": pad 4, crop, flip (Sec. 4.2)
+        "scale_min": 256,  # shorter side drawn uniformly from [scale_min, scale_max] (Sec. 3.4)
+        "scale_max": 480,
+        "crop": 224,
+        "flip": True,
+        "color_pca": True,  # AlexNet Sec. 4.1 PCA colour noise
+        "pca_alphastd": 0.1,  # alpha ~ N(0, 0.1), drawn once per image per epoch
+        "cifar_pad": 4,
+    },
+    "solver": {
+        "batch_size": 256,
+        "base_lr": 0.1,
+        "momentum": 0.9,
+        "weight_decay": 0.0001,
+        "max_iter": 600000,  # the paper trains for up to 60e4 iterations
+        "lr_schedule": "plateau",  # "plateau": divide by 10 when val error plateaus; "step": at `steps`
+        "steps": [],  # iterations at which the LR is multiplied by gamma (step schedule)
+        "gamma": 0.1,
+        "plateau_patience": 2,  # evaluations without improvement before the LR drops
+        "plateau_threshold": 0.001,  # minimum decrease of val top-1 error that counts as improvement
+        "min_lr": 0.0,  # never go below this (plateau schedule); 0 = no floor
+        "warmup_iters": 0,  # ResNet-110 (Sec. 4.2) warms up at 0.01 for 400 iterations
+        "warmup_lr": 0.01,
+        "eval_period": 1000,  # iterations between validation runs (also drives the plateau rule)
+        "checkpoint_period": 1000,
+        "log_period": 20,
+        "dropout": 0.0,  # the ResNet paper uses no dropout
+    },
+    "test": {
+        "resize": 256,  # 1-crop / 10-crop: shorter side resized to this, then crop `augment.crop`
+        "scales": [224, 256, 384, 480, 640],  # dense fully-convolutional multi-scale testing
+        "modes": ["1crop", "10crop", "multiscale"],
+        "batch_size": 64,
+    },
+    "bn_recompute": {
+        "enabled": True,  # Appendix A: precise BN statistics over the training set, then frozen
+        "max_images": None,  # None = the whole training set
+        "batch_size": 64,
+    },
+}
+
+# ---------------------------------------------------------------------------------------------
+# Faster R-CNN on a ResNet C4 backbone (ResNet paper Appendix A; Ren et al. hyper-parameters)
+# ---------------------------------------------------------------------------------------------
+DET_DEFAULTS: dict = {
+    "task": "det",
+    "seed": 0,
+    "output_dir": "runs/det",
+    "device": "auto",
+    "model": {
+        "depth": 101,  # ResNet-50/101 in the paper; any ImageNet depth works
+        "weights": None,  # local path: a train_cls checkpoint (BN recomputed) or a torchvision state_dict
+        "stride_in_1x1": False,  # must match how the backbone checkpoint was trained
+        "freeze_at": 2,  # 0: train all; 1: freeze conv1; 2: freeze conv1 + res2 (conv2_x)
+        "pixel_mean": None,  # RGB 0..255; None = taken from the classification checkpoint
+        "pixel_std": None,  # None = from the checkpoint, else [1, 1, 1]
+        "anchor_sizes": [128, 256, 512],  # VOC; COCO adds 64
+        "aspect_ratios": [0.5, 1.0, 2.0],
+        "rpn": {
+            "fg_iou_thresh": 0.7,
+            "bg_iou_thresh": 0.3,
+            "batch_size_per_image": 256,
+            "positive_fraction": 0.5,
+            "pre_nms_top_n_train": 12000,
+            "post_nms_top_n_train": 2000,
+            "pre_nms_top_n_test": 6000,
+            "post_nms_top_n_test": 300,
+            "nms_thresh": 0.7,
+            "min_size": 0.0,  # proposals smaller than this (input pixels) are removed
+            "allowed_border": 0,  # cross-boundary anchors are ignored in training; -1 keeps them
+        },
+        "roi_heads": {
+            "pooler_type": "roi_pool",  # "roi_pool" (the paper) or "roi_align"
+            "pooler_resolution": 14,  # 14x14 RoI features -> conv5_x with stride 2 -> 7x7
+            "sampling_ratio": 0,  # roi_align only
+            "batch_size_per_image": 128,
+            "positive_fraction": 0.25,
+            "fg_iou_thresh": 0.5,
+            "bg_iou_thresh_hi": 0.5,
+            "bg_iou_thresh_lo": 0.1,  # background RoIs have IoU in [lo, hi)
+            "bbox_reg_weights": [10.0, 10.0, 5.0, 5.0],
+            "score_thresh": 0.05,
+            "nms_thresh": 0.3,  # the paper's per-class NMS threshold
+            "detections_per_img": 100,
+        },
+    },
+    "data": {
+        "format": "coco",  # "coco" or "voc"
+        "train_images": "data_toy/det/images",  # coco: image folder; voc: dataset root
+        "train_ann": "data_toy/det/annotations/instances_train.json",  # coco: JSON; voc: image set name
+        "val_images": "data_toy/det/images",
+        "val_ann": "data_toy/det/annotations/instances_val.json",
+        "class_names": [],  # voc: fixed class order; empty = sorted names found in the XMLs
+        "use_difficult_in_training": False,
+        "num_workers": 2,
+    },
+    "input": {
+        "min_size_train": [600],  # shorter side s; several values = random choice per image
+        "max_size_train": 1000,
+        "min_size_test": 600,
+        "max_size_test": 1000,
+        "flip_prob": 0.5,
+    },
+    "solver": {
+        "images_per_batch": 8,  # Appendix A (COCO): 8 images per mini-batch
+        "base_lr": 0.001,
+        "momentum": 0.9,
+        "weight_decay": 0.0001,
+        "max_iter": 320000,  # COCO: 240k at 0.001, then 80k at 0.0001
+        "steps": [240000],
+        "gamma": 0.1,
+        "warmup_iters": 0,
+        "warmup_lr": 0.0001,
+        "eval_period": 20000,
+        "checkpoint_period": 5000,
+        "log_period": 20,
+        "aspect_ratio_grouping": True,
+    },
+    "test": {
+        "iou_thresh_voc": 0.5,
+        "use_07_metric": True,
+        "vis_images": 8,  # example detection PNGs written after evaluation
+        "vis_score_thresh": 0.5,
+    },
+}
+
+
+def defaults_for_task(task: str) -> dict:
+    """A fresh, mutable copy of the default tree for ``task``."""
+    trees = {"cls": CLS_DEFAULTS, "det": DET_DEFAULTS}
+    if task not in trees:
+        raise ValueError(f"unknown task {task!r}; expected one of {sorted(trees)}")
+    return copy.deepcopy(trees[task])

@@ -1,0 +1,136 @@
+"""Load a YAML config over the defaults tree, apply key=value overrides, reject unknown keys."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import yaml
+
+from detres.config.defaults import defaults_for_task
+
+
+class ConfigError(ValueError):
+    """A config file or override names an unknown key or gives a value of the wrong type."""
+
+
+class Config(dict):
+    """A nested dict with attribute access (``cfg.solver.base_lr``); values are plain Python types."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError as exc:
+            raise AttributeError(f"config has no key {name!r}") from exc
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        self[name] = value
+
+    def to_dict(self) -> dict:
+        return {k: v.to_dict() if isinstance(v, Config) else copy.deepcopy(v) for k, v in self.items()}
+
+
+def _to_config(tree: Mapping) -> Config:
+    return Config({k: _to_config(v) if isinstance(v, Mapping) else v for k, v in tree.items()})
+
+
+def _check_type(default: Any, value: Any, where: str) -> Any:
+    """Return ``value`` coerced to the default's type where that is lossless; raise otherwise."""
+    if default is None or value is None:
+        return value
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(default, (list, tuple)):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return list(value)
+    if isinstance(default, (int, float, str)) and not isinstance(value, type(default)):
+        raise ConfigError(f"{where}: expected {type(default).__name__}, got {value!r}")
+    return value
+
+
+def _merge(base: dict, update: Mapping, where: str) -> None:
+    for key, value in update.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in base:
+            known = ", ".join(sorted(base)) or "(none)"
+            raise ConfigError(f"unknown config key {path!r}; known keys here: {known}")
+        if isinstance(base[key], dict):
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{path}: expected a mapping of options, got {value!r}")
+            _merge(base[key], value, path)
+        else:
+            base[key] = _check_type(base[key], value, path)
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """Read a YAML file, resolving ``_base_`` (a path relative to the file) recursively."""
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    if path in seen:
+        raise ConfigError(f"{path}: _base_ cycle through {[str(p) for p in seen]}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    base_ref = data.pop("_base_", None)
+    if base_ref is None:
+        return data
+    base = _read_yaml((path.parent / base_ref).resolve(), seen + (path,))
+    return _deep_update(base, data)
+
+
+def _deep_update(base: dict, update: Mapping) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _deep_update(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def parse_overrides(overrides: Iterable[str]) -> dict:
+    """Turn ``["solver.base_lr=0.01", "model.depth=18"]`` into a nested dict (values parsed as YAML)."""
+    nested: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key.sub=value")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw.strip() else None
+        node = nested
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return nested
+
+
+def load_config(path: str | Path | None = None, overrides: Iterable[str] = (), *, task: str | None = None) -> Config:
+    """Defaults for the file's ``task`` (or ``task``), updated by the file, then by the overrides."""
+    data = _read_yaml(Path(path).resolve()) if path is not None else {}
+    over = parse_overrides(overrides)
+    chosen = over.get("task") or data.get("task") or task
+    if chosen is None:
+        raise ConfigError(f"{path}: missing 'task' (one of cls, det)")
+    tree = defaults_for_task(chosen)
+    where = str(path) if path is not None else "<defaults>"
+    try:
+        _merge(tree, data, "")
+        _merge(tree, over, "")
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    return _to_config(tree)
+
+
+def dump_config(cfg: Config, path: str | Path) -> None:
+    """Write the fully resolved config next to a run's outputs (atomically)."""
+    from detres.engine.checkpoint import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,0 +1,1 @@
+"""structures package of detres."""

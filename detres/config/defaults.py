@@ -60,7 +60,6 @@ CLS_DEFAULTS: dict = {
         "eval_period": 1000,  # iterations between validation runs (also drives the plateau rule)
         "checkpoint_period": 1000,
         "log_period": 20,
-        "dropout": 0.0,  # the ResNet paper uses no dropout
     },
     "test": {
         "resize": 256,  # 1-crop / 10-crop: shorter side resized to this, then crop `augment.crop`

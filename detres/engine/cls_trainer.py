@@ -1,0 +1,184 @@
+"""Classification pre-training (ResNet Sec. 3.4): the SGD loop, evaluation, resume and precise BN."""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from detres.config.load import Config, dump_config
+from detres.data.cls_pipeline import ClsDataStats, build_eval_transform, build_train_transform, compute_data_stats
+from detres.data.imagefolder import ImageFolderDataset
+from detres.engine.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
+from detres.engine.logging import JsonLinesLogger, read_json_lines
+from detres.engine.lr_schedule import LRSchedule
+from detres.engine.plots import plot_curves
+from detres.engine.seeded_data import EpochBatchSampler, EpochSeededDataset, seed_everything
+from detres.evaluation.classification import evaluate_classifier
+from detres.models.build import build_classifier, classifier_kwargs_from_config
+from detres.models.frozen_bn import recompute_bn_statistics
+from detres.models.weights import load_pretrained_backbone
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _loader(dataset, batch_sampler, num_workers: int) -> DataLoader:
+    return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=num_workers, pin_memory=False)
+
+
+def _evaluate(model, dataset, cfg: Config, stats: ClsDataStats, mode: str, device) -> dict[str, float]:
+    """Top-1/top-5 error of ``model`` on the validation folder with one test protocol."""
+    dataset.transform = build_eval_transform(cfg, stats, mode)
+    return evaluate_classifier(
+        model, dataset, mode=mode, scales=tuple(cfg.test.scales), device=device,
+        batch_size=cfg.test.batch_size, num_workers=cfg.data.num_workers,
+    )
+
+
+def _checkpoint_payload(model, optimizer, schedule, iteration: int, model_args, stats, class_names, cfg) -> dict:
+    return {
+        "model": model.state_dict(),
+        "model_args": model_args,
+        "class_names": class_names,
+        "data_stats": stats.to_dict(),
+        "optimizer": optimizer.state_dict(),
+        "schedule": schedule.state_dict(),
+        "iter": iteration,
+        "config": cfg.to_dict(),
+        "bn_recomputed": False,
+    }
+
+
+def train_classifier(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
+    """Train, evaluate (1-crop, 10-crop, multi-scale), recompute BN; returns the metrics it writes."""
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    last_path = out / "last.pt"
+    if not resume and last_path.exists():
+        raise FileExistsError(f"{last_path} exists: pass --resume to continue it or choose another output_dir")
+    dump_config(cfg, out / "config.yaml")
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.device)
+
+    train_set = ImageFolderDataset(cfg.data.train_dir)
+    val_set = ImageFolderDataset(cfg.data.val_dir, class_to_idx=train_set.class_to_idx)
+    state = load_checkpoint(last_path) if resume and last_path.exists() else None
+    if state is not None:
+        stats = ClsDataStats.from_dict(state["data_stats"])
+    else:
+        stats = compute_data_stats(train_set.paths, cfg)
+    train_set.transform = build_train_transform(cfg, stats)
+
+    model_args = classifier_kwargs_from_config(cfg.model, num_classes=len(train_set.class_names))
+    model = build_classifier(**model_args)
+    if cfg.model.weights and state is None:
+        load_pretrained_backbone(model, cfg.model.weights)
+    model.to(device)
+    solver = cfg.solver
+    optimizer = torch.optim.SGD(model.parameters(), lr=solver.base_lr, momentum=solver.momentum,
+                                weight_decay=solver.weight_decay)
+    schedule = LRSchedule(
+        optimizer, base_lr=solver.base_lr, mode=solver.lr_schedule, steps=solver.steps, gamma=solver.gamma,
+        patience=solver.plateau_patience, threshold=solver.plateau_threshold, min_lr=solver.min_lr,
+        warmup_iters=solver.warmup_iters, warmup_lr=solver.warmup_lr,
+    )
+    start_iter = 0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        start_iter = int(state["iter"])
+    logger = JsonLinesLogger(out / "metrics.jsonl", resume_from_iter=start_iter if state is not None else None)
+
+    def save(iteration: int) -> None:
+        save_checkpoint(last_path, _checkpoint_payload(model, optimizer, schedule, iteration, model_args,
+                                                      stats, train_set.class_names, cfg))
+
+    seeded = EpochSeededDataset(train_set, seed=cfg.seed)
+    iters_per_epoch = len(train_set) // solver.batch_size
+    if iters_per_epoch == 0:
+        raise ValueError(f"{cfg.data.train_dir}: {len(train_set)} images, fewer than solver.batch_size={solver.batch_size}")
+    iteration = start_iter
+    window: list[tuple[float, float]] = []
+    started = time.time()
+    progress = tqdm(total=solver.max_iter, initial=start_iter, desc="train_cls", dynamic_ncols=True)
+    while iteration < solver.max_iter:
+        epoch, first_batch = divmod(iteration, iters_per_epoch)
+        sampler = EpochBatchSampler(len(train_set), solver.batch_size, seed=cfg.seed, epoch=epoch, start_batch=first_batch)
+        model.train()
+        for images, targets in _loader(seeded, sampler, cfg.data.num_workers):
+            lr = schedule.apply(iteration)
+            images, targets = images.to(device, non_blocking=True), targets.to(device)
+            logits = model(images)
+            loss = F.cross_entropy(logits, targets)
+            if not math.isfinite(loss.item()):
+                raise FloatingPointError(f"iteration {iteration}: loss is {loss.item()} (lr {lr}); lower solver.base_lr")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            iteration += 1
+            progress.update(1)
+            window.append((loss.item(), (logits.argmax(1) != targets).float().mean().item()))
+            if iteration % solver.log_period == 0 or iteration == solver.max_iter:
+                loss_avg = sum(w[0] for w in window) / len(window)
+                err_avg = sum(w[1] for w in window) / len(window)
+                logger.log(iter=iteration, epoch=epoch, lr=lr, loss=loss_avg, train_err=err_avg,
+                           time=time.time() - started)
+                progress.set_postfix(loss=f"{loss_avg:.3f}", err=f"{err_avg:.3f}", lr=f"{lr:.2g}")
+                window.clear()
+            if iteration % solver.eval_period == 0 or iteration == solver.max_iter:
+                result = _evaluate(model, val_set, cfg, stats, "1crop", device)
+                dropped = schedule.observe_validation(result["top1_err"])
+                logger.log(iter=iteration, val_top1_err=result["top1_err"], val_top5_err=result["top5_err"],
+                           lr_dropped=dropped)
+                model.train()
+            if iteration % solver.checkpoint_period == 0 or iteration == solver.max_iter:
+                save(iteration)
+            if iteration >= solver.max_iter:
+                break
+    progress.close()
+    train_time = time.time() - started
+    return finalize_classifier(model, cfg, stats, train_set, val_set, model_args, device,
+                               out=out, train_time_s=train_time, iterations=iteration)
+
+
+def finalize_classifier(model, cfg: Config, stats: ClsDataStats, train_set, val_set, model_args, device, *,
+                        out: Path, train_time_s: float, iterations: int) -> dict[str, Any]:
+    """Evaluate, recompute BN statistics over the training set (Appendix A), evaluate again, save."""
+    metrics: dict[str, Any] = {"iterations": iterations, "train_time_s": round(train_time_s, 1),
+                               "num_classes": len(train_set.class_names), "model_args": model_args}
+    metrics["before_bn_recompute"] = {"1crop": _evaluate(model, val_set, cfg, stats, "1crop", device)}
+    if cfg.bn_recompute.enabled:
+        train_set.transform = build_train_transform(cfg, stats)
+        loader = DataLoader(EpochSeededDataset(train_set, seed=cfg.seed + 1),
+                            batch_sampler=EpochBatchSampler(len(train_set), min(cfg.bn_recompute.batch_size, len(train_set)),
+                                                            seed=cfg.seed + 1, epoch=0),
+                            num_workers=cfg.data.num_workers)
+        max_batches = None
+        if cfg.bn_recompute.max_images is not None:
+            max_batches = max(1, cfg.bn_recompute.max_images // cfg.bn_recompute.batch_size)
+        recompute_bn_statistics(model, (images.to(device) for images, _ in loader), num_batches=max_batches)
+    model.eval()
+    after = {mode: _evaluate(model, val_set, cfg, stats, mode, device) for mode in cfg.test.modes}
+    metrics["after_bn_recompute" if cfg.bn_recompute.enabled else "final"] = after
+    save_checkpoint(out / "model_final.pt", {
+        "model": model.state_dict(), "model_args": model_args, "class_names": train_set.class_names,
+        "data_stats": stats.to_dict(), "bn_recomputed": bool(cfg.bn_recompute.enabled), "iter": iterations,
+        "config": cfg.to_dict(),
+    })
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
+    records = read_json_lines(out / "metrics.jsonl")
+    plot_curves(records, out / "curves.png", series=[("train_err", "train error (augmented crops)"),
+                                                     ("val_top1_err", "val top-1 error (1-crop)")],
+                title=f"{model_args['arch']} ResNet-{model_args['depth']}", ylabel="error", percent=True)
+    return metrics

@@ -1,0 +1,235 @@
+"""Faster R-CNN assembly on a ResNet-C4 backbone (ResNet paper, Appendix A): normalise, pad, trunk, RPN, RoI heads."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from detres.models.anchors import AnchorGenerator
+from detres.models.backbone import build_resnet_c4
+from detres.models.roi_heads import BoxHead, FastRCNNPredictor, RoIHeads, RoIPooler
+from detres.models.rpn import RegionProposalNetwork, RPNHead
+
+__all__ = ["FasterRCNN", "build_faster_rcnn", "IMAGENET_PIXEL_MEAN"]
+
+# torchvision's ImageNet RGB mean on the 0..255 scale; the fallback when no checkpoint value is given.
+IMAGENET_PIXEL_MEAN = (123.675, 116.28, 103.53)
+
+
+def _per_channel(values: Sequence[float], name: str) -> torch.Tensor:
+    t = torch.as_tensor(values, dtype=torch.float32).flatten()
+    if t.numel() != 3:
+        raise ValueError(f"FasterRCNN: {name} must have 3 values (RGB), got {list(values)}")
+    if name == "pixel_std" and bool((t <= 0).any()):
+        raise ValueError(f"FasterRCNN: pixel_std must be positive, got {t.tolist()}")
+    return t.view(3, 1, 1)
+
+
+class FasterRCNN(nn.Module):
+    """Faster R-CNN with one shared stride-16 feature map (C4) used by both the RPN and the RoI heads.
+
+    Args:
+        trunk: images [B,3,H,W] (normalised) -> C4 features [B,C,H/16,W/16].
+        rpn: ``RegionProposalNetwork``-like: (features, image_sizes, targets) -> (proposals, losses).
+        roi_heads: ``RoIHeads``-like: (features, proposals, image_sizes, targets) -> (detections, losses).
+        pixel_mean: per-channel RGB mean on the 0..255 scale, subtracted from every input pixel.
+            Use the value the classification backbone was trained with (the checkpoint's channel
+            mean); the default is torchvision's ImageNet mean.
+        pixel_std: per-channel divisor. (1, 1, 1) is the paper's / AlexNet's mean-subtraction-only
+            practice; pass the ImageNet std (58.395, 57.12, 57.375) for torchvision-trained weights.
+        size_divisibility: the padded batch's H and W are rounded up to a multiple of this (16 =
+            the trunk stride, so feature cells align with anchors for every image in the batch).
+
+    Inputs are 0..255 RGB images; padding is zero *after* normalisation (the mean colour).
+    Training mode returns the dict of RPN and RoI-head losses; eval mode returns per image a dict
+    ``boxes`` [D,4] (input-image pixels, clipped), ``scores`` [D], ``labels`` [D] (1..K).
+    """
+
+    def __init__(
+        self,
+        trunk: nn.Module,
+        rpn: nn.Module,
+        roi_heads: nn.Module,
+        *,
+        pixel_mean: Sequence[float] = IMAGENET_PIXEL_MEAN,
+        pixel_std: Sequence[float] = (1.0, 1.0, 1.0),
+        size_divisibility: int = 16,
+    ) -> None:
+        super().__init__()
+        if int(size_divisibility) < 1:
+            raise ValueError(f"FasterRCNN: size_divisibility must be >= 1, got {size_divisibility}")
+        self.trunk = trunk
+        self.rpn = rpn
+        self.roi_heads = roi_heads
+        self.size_divisibility = int(size_divisibility)
+        self.register_buffer("pixel_mean", _per_channel(pixel_mean, "pixel_mean"))
+        self.register_buffer("pixel_std", _per_channel(pixel_std, "pixel_std"))
+
+    def preprocess(
+        self,
+        images: Sequence[torch.Tensor] | torch.Tensor,
+        image_sizes: Sequence[Sequence[int]] | None = None,
+    ) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+        """Normalise and zero-pad into one batch [B,3,Hp,Wp]; returns it with the valid (h, w) of each image.
+
+        ``images``: a list of [3,H,W] tensors, or an already padded [B,3,H,W] tensor whose valid
+        regions are given by ``image_sizes`` (default: the full tensor size).
+        """
+        device = self.pixel_mean.device
+        if isinstance(images, torch.Tensor) and images.dim() == 4:
+            if images.shape[1] != 3:
+                raise ValueError(f"FasterRCNN: batch must be [B,3,H,W], got {tuple(images.shape)}")
+            batch_hw = (images.shape[2], images.shape[3])
+            if image_sizes is None:
+                image_sizes = [batch_hw] * images.shape[0]
+            if len(image_sizes) != images.shape[0]:
+                raise ValueError(f"FasterRCNN: {len(image_sizes)} image_sizes for a batch of {images.shape[0]} images")
+            sizes = [(int(h), int(w)) for h, w in image_sizes]
+            for i, (h, w) in enumerate(sizes):
+                if not (0 < h <= batch_hw[0] and 0 < w <= batch_hw[1]):
+                    raise ValueError(f"FasterRCNN: image_sizes[{i}]={(h, w)} does not fit the batch size {batch_hw}")
+            images = [img[:, :h, :w] for img, (h, w) in zip(images, sizes)]
+        else:
+            if image_sizes is not None:
+                raise ValueError("FasterRCNN: image_sizes is only accepted with a padded [B,3,H,W] batch tensor")
+            if isinstance(images, torch.Tensor) and images.dim() == 3:
+                images = [images]
+            if len(images) == 0:
+                raise ValueError("FasterRCNN: got an empty list of images")
+        for i, img in enumerate(images):
+            if not isinstance(img, torch.Tensor) or img.dim() != 3 or img.shape[0] != 3:
+                shape = tuple(img.shape) if isinstance(img, torch.Tensor) else type(img).__name__
+                raise ValueError(f"FasterRCNN: images[{i}] must be a float tensor [3,H,W] (RGB 0..255), got {shape}")
+            if not img.is_floating_point():
+                raise ValueError(f"FasterRCNN: images[{i}] must be floating point (0..255 values), got {img.dtype}")
+        sizes = [(int(img.shape[1]), int(img.shape[2])) for img in images]
+        div = self.size_divisibility
+        pad_h = int(math.ceil(max(h for h, _ in sizes) / div) * div)
+        pad_w = int(math.ceil(max(w for _, w in sizes) / div) * div)
+        batch = torch.zeros((len(images), 3, pad_h, pad_w), dtype=torch.float32, device=device)
+        for i, img in enumerate(images):
+            h, w = sizes[i]
+            batch[i, :, :h, :w] = (img.to(device=device, dtype=torch.float32) - self.pixel_mean) / self.pixel_std
+        return batch, sizes
+
+    def forward(
+        self,
+        images: Sequence[torch.Tensor] | torch.Tensor,
+        targets: Sequence[dict[str, torch.Tensor]] | None = None,
+        image_sizes: Sequence[Sequence[int]] | None = None,
+    ) -> dict[str, torch.Tensor] | list[dict[str, torch.Tensor]]:
+        """Training: dict of 4 losses (RPN cls/box, RoI cls/box). Eval: list of detection dicts."""
+        if self.training and targets is None:
+            raise ValueError("FasterRCNN: targets are required in training mode")
+        batch, sizes = self.preprocess(images, image_sizes)
+        if targets is not None:
+            if len(targets) != len(sizes):
+                raise ValueError(f"FasterRCNN: got {len(targets)} targets for {len(sizes)} images")
+            targets = [{k: (v.to(batch.device) if isinstance(v, torch.Tensor) else v) for k, v in t.items()} for t in targets]
+        features = self.trunk(batch)
+        proposals, rpn_losses = self.rpn(features, sizes, targets if self.training else None)
+        detections, roi_losses = self.roi_heads(features, proposals, sizes, targets if self.training else None)
+        if self.training:
+            overlap = set(rpn_losses) & set(roi_losses)
+            if overlap:
+                raise ValueError(f"FasterRCNN: RPN and RoI heads both report losses named {sorted(overlap)}")
+            return {**rpn_losses, **roi_losses}
+        return detections
+
+
+def build_faster_rcnn(
+    *,
+    depth: int = 50,
+    num_classes: int,
+    weights_path: str | Path | None = None,
+    freeze_at: int = 2,
+    stride_in_1x1: bool = False,
+    frozen_bn: bool = True,
+    pixel_mean: Sequence[float] = IMAGENET_PIXEL_MEAN,
+    pixel_std: Sequence[float] = (1.0, 1.0, 1.0),
+    size_divisibility: int = 16,
+    anchor_sizes: Sequence[float] = (128, 256, 512),
+    aspect_ratios: Sequence[float] = (0.5, 1.0, 2.0),
+    anchor_offset: float = 0.0,
+    rpn_fg_iou_thresh: float = 0.7,
+    rpn_bg_iou_thresh: float = 0.3,
+    rpn_batch_size_per_image: int = 256,
+    rpn_positive_fraction: float = 0.5,
+    rpn_pre_nms_top_n_train: int = 12000,
+    rpn_post_nms_top_n_train: int = 2000,
+    rpn_pre_nms_top_n_test: int = 6000,
+    rpn_post_nms_top_n_test: int = 300,
+    rpn_nms_thresh: float = 0.7,
+    rpn_min_size: float = 0.0,
+    rpn_allowed_border: float = 0,
+    pooler_type: str = "roi_pool",
+    pooler_resolution: int = 14,
+    sampling_ratio: int = 0,
+    class_agnostic_bbox: bool = False,
+    roi_fg_iou_thresh: float = 0.5,
+    roi_bg_iou_thresh_hi: float = 0.5,
+    roi_bg_iou_thresh_lo: float = 0.1,
+    roi_batch_size_per_image: int = 128,
+    roi_positive_fraction: float = 0.25,
+    bbox_reg_weights: Sequence[float] = (10.0, 10.0, 5.0, 5.0),
+    score_thresh: float = 0.05,
+    nms_thresh: float = 0.3,
+    detections_per_img: int = 100,
+    add_gt_as_proposals: bool = True,
+) -> FasterRCNN:
+    """Build a ResNet-C4 Faster R-CNN from explicit arguments.
+
+    ``num_classes`` is the number of OBJECT classes K (e.g. 20 for VOC, 80 for COCO, i.e.
+    ``len(dataset.categories)``); the predictor adds the background class itself (K+1 outputs).
+    ``weights_path`` is a local classification checkpoint (None: random init); ``rpn_*`` go to
+    :class:`RegionProposalNetwork`, ``roi_*`` and the rest to :class:`RoIHeads`.
+    """
+    if int(num_classes) < 1:
+        raise ValueError(f"build_faster_rcnn: num_classes (object classes, background excluded) must be >= 1, got {num_classes}")
+    trunk, conv5_head, head_dim = build_resnet_c4(
+        depth, weights_path=weights_path, freeze_at=freeze_at, stride_in_1x1=stride_in_1x1, frozen_bn=frozen_bn
+    )
+    anchor_generator = AnchorGenerator(
+        sizes=anchor_sizes, aspect_ratios=aspect_ratios, stride=trunk.stride, offset=anchor_offset
+    )
+    rpn = RegionProposalNetwork(
+        anchor_generator,
+        RPNHead(trunk.out_channels, anchor_generator.num_anchors_per_location()),
+        fg_iou_thresh=rpn_fg_iou_thresh,
+        bg_iou_thresh=rpn_bg_iou_thresh,
+        batch_size_per_image=rpn_batch_size_per_image,
+        positive_fraction=rpn_positive_fraction,
+        pre_nms_top_n_train=rpn_pre_nms_top_n_train,
+        post_nms_top_n_train=rpn_post_nms_top_n_train,
+        pre_nms_top_n_test=rpn_pre_nms_top_n_test,
+        post_nms_top_n_test=rpn_post_nms_top_n_test,
+        nms_thresh=rpn_nms_thresh,
+        min_size=rpn_min_size,
+        allowed_border=rpn_allowed_border,
+    )
+    roi_heads = RoIHeads(
+        RoIPooler(
+            output_size=pooler_resolution,
+            spatial_scale=1.0 / trunk.stride,
+            pooler_type=pooler_type,
+            sampling_ratio=sampling_ratio,
+        ),
+        BoxHead(conv5_head, out_features=head_dim),
+        FastRCNNPredictor(head_dim, int(num_classes) + 1, class_agnostic_bbox=class_agnostic_bbox),
+        fg_iou_thresh=roi_fg_iou_thresh,
+        bg_iou_thresh_hi=roi_bg_iou_thresh_hi,
+        bg_iou_thresh_lo=roi_bg_iou_thresh_lo,
+        batch_size_per_image=roi_batch_size_per_image,
+        positive_fraction=roi_positive_fraction,
+        bbox_reg_weights=bbox_reg_weights,
+        score_thresh=score_thresh,
+        nms_thresh=nms_thresh,
+        detections_per_img=detections_per_img,
+        add_gt_as_proposals=add_gt_as_proposals,
+    )
+    return FasterRCNN(
+        trunk, rpn, roi_heads, pixel_mean=pixel_mean, pixel_std=pixel_std, size_divisibility=size_divisibility
+    )

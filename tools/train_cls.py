@@ -1,25 +1,37 @@
 #!/usr/bin/env python
-"""Pre-train a ResNet classifier: tools/train_cls.py --config configs/cls/X.yaml [--resume] [key=value ...]."""
+"""Pre-train a ResNet classifier: tools/train_cls.py --config configs/cls/X.yaml [--resume] [key=value ...].
+
+Writes <output_dir>/{config.yaml, metrics.jsonl, last.pt, model_final.pt, metrics.json, curves.png}.
+Bad input (unknown config key, missing folder, empty class folder, unreadable image) exits with
+status 2 and a one-line message naming the key or file.
+"""
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from pathlib import Path
 
-from detres.config.load import ConfigError, load_config
-from detres.engine.cls_trainer import train_classifier
+# Run from a source checkout without installing the package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from detres.config.load import ConfigError, load_config  # noqa: E402
+from detres.engine.cls_trainer import train_classifier  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML config (task: cls)")
-    parser.add_argument("--resume", action="store_true", help="continue from <output_dir>/last.pt")
+    parser.add_argument("--resume", action="store_true", help="continue exactly from <output_dir>/last.pt")
     parser.add_argument("overrides", nargs="*", help="config overrides such as solver.max_iter=100")
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
+        if cfg.task != "cls":
+            raise ConfigError(f"{args.config}: task is {cfg.task!r}; train_cls needs a 'cls' config")
         metrics = train_classifier(cfg, resume=args.resume)
-    except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as exc:
+    except (ConfigError, FileNotFoundError, NotADirectoryError, FileExistsError, ValueError,
+            FloatingPointError) as exc:
         print(f"train_cls: error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(metrics, indent=2))

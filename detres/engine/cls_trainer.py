@@ -19,7 +19,7 @@ from detres.engine.checkpoint import atomic_write_text, load_checkpoint, save_ch
 from detres.engine.logging import JsonLinesLogger, read_json_lines
 from detres.engine.lr_schedule import LRSchedule
 from detres.engine.plots import plot_curves
-from detres.engine.seeded_data import EpochBatchSampler, EpochSeededDataset, seed_everything
+from detres.engine.seeded_data import EpochBatchSampler, EpochSeededDataset, readable_worker_errors, seed_everything
 from detres.evaluation.classification import evaluate_classifier
 from detres.models.build import build_classifier, classifier_kwargs_from_config
 from detres.models.frozen_bn import recompute_bn_statistics
@@ -45,7 +45,8 @@ def _evaluate(model, dataset, cfg: Config, stats: ClsDataStats, mode: str, devic
     )
 
 
-def _checkpoint_payload(model, optimizer, schedule, iteration: int, model_args, stats, class_names, cfg) -> dict:
+def _checkpoint_payload(model, optimizer, schedule, iteration: int, model_args, stats, class_names, cfg,
+                        log_window: list[tuple[float, float]]) -> dict:
     return {
         "model": model.state_dict(),
         "model_args": model_args,
@@ -56,11 +57,25 @@ def _checkpoint_payload(model, optimizer, schedule, iteration: int, model_args, 
         "iter": iteration,
         "config": cfg.to_dict(),
         "bn_recomputed": False,
+        # Per-iteration (loss, error) not yet averaged into a log line, so a resumed run logs the same values.
+        "log_window": [list(w) for w in log_window],
     }
 
 
 def train_classifier(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
-    """Train, evaluate (1-crop, 10-crop, multi-scale), recompute BN; returns the metrics it writes."""
+    """Train, evaluate (1-crop, 10-crop, multi-scale), recompute BN; returns the metrics it writes.
+
+    Writes ``config.yaml``, ``metrics.jsonl`` (train and validation records), ``last.pt`` (for
+    ``resume``), then ``model_final.pt``, ``metrics.json`` and ``curves.png``. ``resume=True``
+    continues ``<output_dir>/last.pt`` exactly (same batches, augmentation and logged losses);
+    without it an existing ``last.pt`` is never overwritten (FileExistsError).
+    An unreadable image raises ImageReadError naming the file, also when met in a loader worker.
+    """
+    with readable_worker_errors():
+        return _train_classifier(cfg, resume=resume)
+
+
+def _train_classifier(cfg: Config, *, resume: bool) -> dict[str, Any]:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     last_path = out / "last.pt"
@@ -102,14 +117,14 @@ def train_classifier(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
 
     def save(iteration: int) -> None:
         save_checkpoint(last_path, _checkpoint_payload(model, optimizer, schedule, iteration, model_args,
-                                                      stats, train_set.class_names, cfg))
+                                                      stats, train_set.class_names, cfg, window))
 
     seeded = EpochSeededDataset(train_set, seed=cfg.seed)
     iters_per_epoch = len(train_set) // solver.batch_size
     if iters_per_epoch == 0:
         raise ValueError(f"{cfg.data.train_dir}: {len(train_set)} images, fewer than solver.batch_size={solver.batch_size}")
     iteration = start_iter
-    window: list[tuple[float, float]] = []
+    window: list[tuple[float, float]] = [] if state is None else [tuple(w) for w in state.get("log_window", [])]
     started = time.time()
     progress = tqdm(total=solver.max_iter, initial=start_iter, desc="train_cls", dynamic_ncols=True)
     while iteration < solver.max_iter:
@@ -152,22 +167,40 @@ def train_classifier(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
                                out=out, train_time_s=train_time, iterations=iteration)
 
 
+def _bn_batch_size(num_images: int, batch_size: int) -> int:
+    """Batch size for the BN pass: at most the set size, and never leaving a last batch of one image
+    (a train-mode BN on a 1x1 map, e.g. conv5 of a small crop, cannot normalise a single value)."""
+    size = max(1, min(batch_size, num_images))
+    while size > 2 and num_images % size == 1:
+        size -= 1
+    return size
+
+
 def finalize_classifier(model, cfg: Config, stats: ClsDataStats, train_set, val_set, model_args, device, *,
                         out: Path, train_time_s: float, iterations: int) -> dict[str, Any]:
-    """Evaluate, recompute BN statistics over the training set (Appendix A), evaluate again, save."""
+    """Evaluate, recompute BN statistics over the training set (Appendix A), evaluate again, save.
+
+    The BN pass reads every training image once (no dropped last batch), with the training
+    augmentation, so the statistics are those of the inputs the network was trained on.
+    """
     metrics: dict[str, Any] = {"iterations": iterations, "train_time_s": round(train_time_s, 1),
-                               "num_classes": len(train_set.class_names), "model_args": model_args}
-    metrics["before_bn_recompute"] = {"1crop": _evaluate(model, val_set, cfg, stats, "1crop", device)}
+                               "num_classes": len(train_set.class_names), "train_images": len(train_set),
+                               "val_images": len(val_set), "model_args": model_args}
+    metrics["before_bn_recompute"] = {mode: _evaluate(model, val_set, cfg, stats, mode, device)
+                                      for mode in cfg.test.modes}
     if cfg.bn_recompute.enabled:
+        started = time.time()
         train_set.transform = build_train_transform(cfg, stats)
+        batch_size = _bn_batch_size(len(train_set), cfg.bn_recompute.batch_size)
         loader = DataLoader(EpochSeededDataset(train_set, seed=cfg.seed + 1),
-                            batch_sampler=EpochBatchSampler(len(train_set), min(cfg.bn_recompute.batch_size, len(train_set)),
-                                                            seed=cfg.seed + 1, epoch=0),
+                            batch_sampler=EpochBatchSampler(len(train_set), batch_size, seed=cfg.seed + 1,
+                                                            epoch=0, drop_last=False),
                             num_workers=cfg.data.num_workers)
         max_batches = None
         if cfg.bn_recompute.max_images is not None:
-            max_batches = max(1, cfg.bn_recompute.max_images // cfg.bn_recompute.batch_size)
+            max_batches = max(1, cfg.bn_recompute.max_images // batch_size)
         recompute_bn_statistics(model, (images.to(device) for images, _ in loader), num_batches=max_batches)
+        metrics["bn_recompute_time_s"] = round(time.time() - started, 1)
     model.eval()
     after = {mode: _evaluate(model, val_set, cfg, stats, mode, device) for mode in cfg.test.modes}
     metrics["after_bn_recompute" if cfg.bn_recompute.enabled else "final"] = after

@@ -2,11 +2,14 @@
 
 Every random choice of the input pipeline (the permutation, scale, crop, flip, PCA colour noise)
 is a function of (seed, epoch, index), so a run resumed at any iteration sees exactly the batches
-an uninterrupted run would have seen, whatever the number of loader workers.
+an uninterrupted run would have seen, whatever the number of loader workers. Also here: turning
+an error raised inside a DataLoader worker back into the one-line message of the original error.
 """
 from __future__ import annotations
 
 import random
+import re
+from contextlib import contextmanager
 from typing import Any, Iterator
 
 import numpy as np
@@ -27,7 +30,11 @@ def seed_everything(seed: int) -> None:
 
 
 class EpochSeededDataset(Dataset):
-    """Wraps a map-style dataset: key ``(epoch, index)`` seeds all generators, then reads ``index``."""
+    """Wraps a map-style dataset: key ``(epoch, index)`` seeds all generators, then reads ``index``.
+
+    The wrapped dataset's ``transform`` is re-seeded through its ``set_random_seed`` hook (the
+    detres train transforms draw scale, crop, flip and colour noise from one generator).
+    """
 
     def __init__(self, dataset: Dataset, *, seed: int) -> None:
         self.dataset = dataset
@@ -38,34 +45,84 @@ class EpochSeededDataset(Dataset):
 
     def __getitem__(self, key: tuple[int, int]) -> Any:
         epoch, index = key
-        seed_everything(item_seed(self.seed, epoch, index))
+        seed = item_seed(self.seed, epoch, index)
+        seed_everything(seed)
         transform = getattr(self.dataset, "transform", None)
         if transform is not None and hasattr(transform, "set_random_seed"):
-            transform.set_random_seed(item_seed(self.seed, epoch, index))  # albumentations keeps its own RNG
+            transform.set_random_seed(seed)
         return self.dataset[index]
 
 
 class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
     """Batches of ``(epoch, index)`` keys for one epoch's seeded permutation, from batch ``start_batch``.
 
-    The last incomplete batch is dropped so every iteration has the same batch size.
+    ``drop_last=True`` (training) drops the last incomplete batch so every iteration has the same
+    batch size; ``drop_last=False`` yields every index exactly once (e.g. BN statistics over the set).
     """
 
-    def __init__(self, size: int, batch_size: int, *, seed: int, epoch: int, start_batch: int = 0) -> None:
-        if size < batch_size:
+    def __init__(self, size: int, batch_size: int, *, seed: int, epoch: int, start_batch: int = 0,
+                 drop_last: bool = True) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if drop_last and size < batch_size:
             raise ValueError(f"the training set has {size} images, fewer than one batch of {batch_size}")
         self.size = size
         self.batch_size = batch_size
         self.seed = seed
         self.epoch = epoch
+        self.drop_last = drop_last
+        if not 0 <= start_batch <= self._num_batches():
+            raise ValueError(f"start_batch must lie in [0, {self._num_batches()}], got {start_batch}")
         self.start_batch = start_batch
 
+    def _num_batches(self) -> int:
+        full, rest = divmod(self.size, self.batch_size)
+        return full + (1 if rest and not self.drop_last else 0)
+
     def __len__(self) -> int:
-        return self.size // self.batch_size - self.start_batch
+        return self._num_batches() - self.start_batch
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         generator = torch.Generator().manual_seed(item_seed(self.seed, self.epoch))  # the epoch permutation stream
         order = torch.randperm(self.size, generator=generator).tolist()
-        for b in range(self.start_batch, self.size // self.batch_size):
+        for b in range(self.start_batch, self._num_batches()):
             chunk = order[b * self.batch_size : (b + 1) * self.batch_size]
             yield [(self.epoch, i) for i in chunk]
+
+
+def original_worker_message(exc: BaseException) -> str | None:
+    """The original message of an error re-raised from a DataLoader worker, or None if it is not one.
+
+    torch re-raises a worker's exception with the same type but a message holding the worker's
+    whole traceback; the last lines of that traceback are ``<module.ClassName>: <original message>``.
+    """
+    text = str(exc.args[0]) if exc.args and isinstance(exc.args[0], str) else str(exc)
+    if "DataLoader worker" not in text or "Original Traceback" not in text:
+        return None
+    lines = text.rstrip().splitlines()
+    pattern = re.compile(rf"^(?:[\w.]+\.)?{re.escape(type(exc).__name__)}: ?(.*)$")
+    for start in range(len(lines) - 1, 0, -1):
+        match = pattern.match(lines[start])
+        if match:
+            return "\n".join([match.group(1), *lines[start + 1:]]).strip()
+    return None
+
+
+@contextmanager
+def readable_worker_errors() -> Iterator[None]:
+    """Re-raise data errors (unreadable images, missing files) from loader workers with their own message.
+
+    Without this a corrupt image met inside a worker surfaces as a multi-line worker traceback;
+    with it the user sees the same exception type with the one line that names the file.
+    """
+    try:
+        yield
+    except (ValueError, OSError) as exc:
+        message = original_worker_message(exc)
+        if message is None:
+            raise
+        try:
+            clean = type(exc)(message)
+        except Exception:  # an exception type that cannot be rebuilt from one message: keep it as is
+            raise exc from None
+        raise clean from None

@@ -144,7 +144,7 @@ def build_resnet_c4(
     if weights_path is not None:
         from detres.models.weights import load_pretrained_backbone
 
-        load_pretrained_backbone(resnet, weights_path)
+        load_pretrained_backbone(resnet, weights_path, skip_prefixes=("fc.",))  # the detector has no fc
     trunk = ResNetC4Trunk(resnet, freeze_at=freeze_at, frozen_bn=frozen_bn)
     head = ResNetC5Head(resnet, frozen_bn=frozen_bn)
     return trunk, head, head.out_channels

@@ -31,3 +31,64 @@ def build_classifier(*, arch: str = "imagenet", depth: int = 50, num_classes: in
         kwargs.pop("stride_in_1x1", None)  # CIFAR nets have no bottlenecks
         return build_cifar_resnet(depth, num_classes=num_classes, **kwargs)
     raise ValueError(f"model.arch must be 'imagenet' or 'cifar', got {arch!r}")
+
+
+def _backbone_normalisation(weights: str | None) -> tuple[list[float], list[float]]:
+    """The mean/std the backbone was trained with: our checkpoint's statistics, else ImageNet's.
+
+    A train_cls checkpoint records the training-set channel mean (and std if it divided by one);
+    torchvision-format and legacy CIFAR weights were trained with torchvision's ImageNet mean/std.
+    """
+    from detres.data.cls_transforms import IMAGENET_MEAN_RGB, IMAGENET_STD_RGB
+    from detres.engine.checkpoint import load_checkpoint
+
+    if weights:
+        state = load_checkpoint(weights)
+        stats = state.get("data_stats")
+        if "model" in state and isinstance(stats, dict):
+            mean = stats.get("fixed_mean") or [float(v) for v in stats["channel_mean"]]
+            std = stats.get("std") or [1.0, 1.0, 1.0]
+            return [float(v) for v in mean], [float(v) for v in std]
+    return list(IMAGENET_MEAN_RGB), list(IMAGENET_STD_RGB)
+
+
+def detector_kwargs_from_config(model_cfg: Mapping[str, Any], *, num_classes: int) -> dict[str, Any]:
+    """Explicit arguments of :func:`detres.models.faster_rcnn.build_faster_rcnn` (stored as ``model_args``).
+
+    ``num_classes`` counts object classes only (background is added by the predictor).
+    """
+    mean, std = _backbone_normalisation(model_cfg["weights"])
+    if model_cfg["pixel_mean"] is not None:
+        mean = [float(v) for v in model_cfg["pixel_mean"]]
+    if model_cfg["pixel_std"] is not None:
+        std = [float(v) for v in model_cfg["pixel_std"]]
+    rpn, roi = model_cfg["rpn"], model_cfg["roi_heads"]
+    kwargs: dict[str, Any] = {
+        "depth": int(model_cfg["depth"]),
+        "num_classes": int(num_classes),
+        "weights_path": model_cfg["weights"],
+        "freeze_at": int(model_cfg["freeze_at"]),
+        "stride_in_1x1": bool(model_cfg["stride_in_1x1"]),
+        "pixel_mean": mean,
+        "pixel_std": std,
+        "anchor_sizes": [float(s) for s in model_cfg["anchor_sizes"]],
+        "aspect_ratios": [float(r) for r in model_cfg["aspect_ratios"]],
+        "pooler_type": roi["pooler_type"],
+        "pooler_resolution": int(roi["pooler_resolution"]),
+        "sampling_ratio": int(roi["sampling_ratio"]),
+        "bbox_reg_weights": [float(w) for w in roi["bbox_reg_weights"]],
+        "score_thresh": float(roi["score_thresh"]),
+        "nms_thresh": float(roi["nms_thresh"]),
+        "detections_per_img": int(roi["detections_per_img"]),
+    }
+    kwargs.update({f"rpn_{key}": value for key, value in rpn.items()})
+    for key in ("fg_iou_thresh", "bg_iou_thresh_hi", "bg_iou_thresh_lo", "batch_size_per_image", "positive_fraction"):
+        kwargs[f"roi_{key}"] = roi[key]
+    return kwargs
+
+
+def build_detector(**kwargs: Any) -> nn.Module:
+    """A ResNet-C4 Faster R-CNN from the explicit arguments of :func:`detector_kwargs_from_config`."""
+    from detres.models.faster_rcnn import build_faster_rcnn
+
+    return build_faster_rcnn(**kwargs)

@@ -1,0 +1,263 @@
+"""Evaluate any classification checkpoint on an ImageFolder: train_cls checkpoints, legacy CIFAR .th, torchvision state_dicts.
+
+The checkpoint format is detected from its contents (``detect_checkpoint_format``):
+
+* ``detres`` (``tools/train_cls.py``'s ``last.pt`` / ``model_final.pt``): the network comes from the
+  stored ``model_args``, the class order from ``class_names``, the normalisation (per-pixel mean image
+  for crops, channel mean for dense multi-scale, optional std) from ``data_stats`` and the default
+  test geometry from the stored config;
+* ``cifar_legacy`` (``{'state_dict': ..., 'best_prec1': ...}`` with ``module.`` keys) and plain
+  ``state_dict`` files (torchvision ResNets): the network is given by ``arch``/``depth`` or inferred
+  from the keys, classes are the sorted class folders (torchvision's CIFAR-10 and ImageNet orders),
+  and the normalisation defaults to torchvision's ImageNet mean/std on RGB, which those were trained with.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import Subset
+
+from detres.data.cls_pipeline import ClsDataStats
+from detres.data.cls_transforms import IMAGENET_MEAN_RGB, IMAGENET_STD_RGB, PAPER_TEST_SCALES, Normalize
+from detres.data.cls_transforms import build_eval_transform
+from detres.data.imagefolder import ImageFolderDataset
+from detres.engine.checkpoint import load_checkpoint
+from detres.engine.seeded_data import readable_worker_errors
+from detres.evaluation.classification import MODES, evaluate_classifier
+from detres.models.build import build_classifier
+from detres.models.resnet import IMAGENET_DEPTHS
+from detres.models.weights import convert_cifar_checkpoint_keys, detect_checkpoint_format, load_state_dict_strict
+
+NORMALIZE_CHOICES = ("auto", "checkpoint", "imagenet", "none")
+# Dense multi-scale shorter sides for 32x32 CIFAR images when nothing else is known (1x, 1.25x, 1.5x).
+CIFAR_TEST_SCALES: tuple[int, ...] = (32, 40, 48)
+
+
+@dataclass
+class LoadedClassifier:
+    """A classifier rebuilt from a checkpoint file, with what the file says about its training."""
+
+    model: nn.Module
+    format: str  # "detres", "cifar_legacy" or "state_dict"
+    model_args: dict[str, Any]
+    class_names: list[str] | None = None
+    data_stats: ClsDataStats | None = None
+    config: dict[str, Any] | None = None
+    bn_recomputed: bool | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _block_indices(state_dict: Mapping[str, Tensor], layer: str) -> list[int]:
+    found = {int(m.group(1)) for k in state_dict if (m := re.match(rf"{layer}\.(\d+)\.", k))}
+    return sorted(found)
+
+
+def infer_resnet_layout(state_dict: Mapping[str, Tensor]) -> dict[str, Any]:
+    """``{arch, depth, shortcut}`` of a ResNet state_dict from its key names.
+
+    ImageNet nets have ``layer4``; CIFAR nets stop at ``layer3``. Bottleneck blocks have ``conv3``.
+    Shortcut: projections (``downsample``) in every block = C, in some = B, in none = A.
+    """
+    if "fc.weight" not in state_dict:
+        raise ValueError("the state_dict has no 'fc.weight': not a ResNet classifier")
+    stages = ["layer1", "layer2", "layer3", "layer4"]
+    blocks = {name: _block_indices(state_dict, name) for name in stages}
+    with_proj = sum(1 for k in state_dict if re.match(r"layer\d\.\d+\.downsample\.0\.weight$", k))
+    num_blocks = sum(len(b) for b in blocks.values())
+    shortcut = "C" if num_blocks and with_proj == num_blocks else ("B" if with_proj else "A")
+    if blocks["layer4"]:
+        counts = tuple(len(blocks[s]) for s in stages)
+        kind = "bottleneck" if any(k.endswith(".conv3.weight") for k in state_dict) else "basic"
+        for depth, layout in IMAGENET_DEPTHS.items():
+            if layout == (kind, counts):
+                return {"arch": "imagenet", "depth": depth, "shortcut": shortcut}
+        raise ValueError(f"the state_dict has {kind} blocks {counts} per stage, which is no depth of Table 1")
+    counts = tuple(len(blocks[s]) for s in stages[:3])
+    if not counts[0] or len(set(counts)) != 1:
+        raise ValueError(f"the state_dict has {counts} blocks in layer1..layer3; a CIFAR ResNet has n in each")
+    return {"arch": "cifar", "depth": 6 * counts[0] + 2, "shortcut": shortcut}
+
+
+def _strip_module_prefix(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    if state_dict and all(k.startswith("module.") for k in state_dict):
+        return {k[len("module."):]: v for k, v in state_dict.items()}
+    return dict(state_dict)
+
+
+def _external_model_args(state_dict: Mapping[str, Tensor], arch: str | None, depth: int | None,
+                         source: str) -> dict[str, Any]:
+    try:
+        inferred = infer_resnet_layout(state_dict)
+    except ValueError as exc:
+        if arch is None or depth is None:
+            raise ValueError(f"{source}: {exc}; pass arch and depth explicitly") from None
+        inferred = {"arch": arch, "depth": depth, "shortcut": "A" if arch == "cifar" else "B"}
+    args: dict[str, Any] = {
+        "arch": arch or inferred["arch"],
+        "depth": int(depth) if depth is not None else inferred["depth"],
+        "num_classes": int(state_dict["fc.weight"].shape[0]) if "fc.weight" in state_dict else 1000,
+        # Keep the file's own shortcut layout when the user names the same family; otherwise the
+        # family's usual one (A for CIFAR as in Sec. 4.2, B for torchvision's ImageNet nets).
+        "shortcut": inferred["shortcut"] if (arch or inferred["arch"]) == inferred["arch"]
+        else ("A" if arch == "cifar" else "B"),
+    }
+    return args
+
+
+def load_classifier(path: str | Path, *, arch: str | None = None, depth: int | None = None) -> LoadedClassifier:
+    """Rebuild the classifier stored in ``path`` (any of the three formats) on the CPU, in eval mode.
+
+    For our own checkpoints ``arch``/``depth`` may be left out and must agree with the stored
+    ``model_args`` when given. For external files they are inferred from the key names when left out;
+    given explicitly, a network that does not match the file raises StateDictMismatchError listing
+    the missing, unexpected and mis-shaped keys.
+    """
+    source = str(path)
+    state = load_checkpoint(path)
+    try:
+        fmt = detect_checkpoint_format(state)
+    except ValueError as exc:
+        raise ValueError(f"{source}: {exc}") from None
+    if arch is not None and arch not in ("imagenet", "cifar"):
+        raise ValueError(f"arch must be 'imagenet' or 'cifar', got {arch!r}")
+    if fmt == "detres":
+        model_args = dict(state.get("model_args") or {})
+        if "arch" not in model_args or "depth" not in model_args:
+            raise ValueError(f"{source}: has no classifier 'model_args' (arch, depth); is it a detection checkpoint?")
+        for name, given in (("arch", arch), ("depth", depth)):
+            if given is not None and given != model_args[name]:
+                raise ValueError(f"{source}: {name}={given!r} was given but the checkpoint holds "
+                                 f"{name}={model_args[name]!r} (model_args {model_args})")
+        state_dict = _strip_module_prefix(state["model"])
+    elif fmt == "cifar_legacy":
+        state_dict = convert_cifar_checkpoint_keys(state["state_dict"])
+        model_args = _external_model_args(state_dict, arch, depth, source)
+    else:
+        state_dict = _strip_module_prefix(state)
+        model_args = _external_model_args(state_dict, arch, depth, source)
+    model = build_classifier(**model_args)
+    load_state_dict_strict(model, state_dict, source=f"{source} ({fmt} checkpoint, "
+                                                     f"built as {model_args['arch']} ResNet-{model_args['depth']})")
+    model.eval()
+    loaded = LoadedClassifier(model=model, format=fmt, model_args=model_args)
+    if fmt == "detres":
+        loaded.class_names = list(state["class_names"]) if state.get("class_names") else None
+        loaded.data_stats = ClsDataStats.from_dict(state["data_stats"]) if state.get("data_stats") else None
+        loaded.config = state.get("config")
+        loaded.bn_recomputed = state.get("bn_recomputed")
+        loaded.extra["iter"] = state.get("iter")
+    elif fmt == "cifar_legacy" and "best_prec1" in state:
+        loaded.extra["best_prec1"] = float(state["best_prec1"])
+    return loaded
+
+
+def default_geometry(loaded: LoadedClassifier) -> dict[str, Any]:
+    """Test geometry the checkpoint was made for: {resize, crop, scales} (resize None = keep the size)."""
+    cfg = loaded.config
+    if cfg is not None:
+        cifar_mode = cfg["augment"]["mode"] == "cifar"
+        return {"resize": None if cifar_mode else cfg["test"]["resize"], "crop": cfg["augment"]["crop"],
+                "scales": list(cfg["test"]["scales"])}
+    if loaded.model_args["arch"] == "cifar":
+        return {"resize": None, "crop": 32, "scales": list(CIFAR_TEST_SCALES)}
+    return {"resize": 256, "crop": 224, "scales": list(PAPER_TEST_SCALES)}
+
+
+def build_normalize(loaded: LoadedClassifier, kind: str, *, dense: bool) -> Normalize:
+    """Normalisation for a test mode: the checkpoint's own statistics, ImageNet mean/std, or none."""
+    if kind not in NORMALIZE_CHOICES:
+        raise ValueError(f"normalize must be one of {NORMALIZE_CHOICES}, got {kind!r}")
+    if kind == "auto":
+        kind = "checkpoint" if loaded.data_stats is not None else "imagenet"
+    if kind == "checkpoint":
+        if loaded.data_stats is None:
+            raise ValueError(f"a {loaded.format} checkpoint stores no data statistics; "
+                             "use normalize='imagenet' (torchvision / legacy CIFAR weights) or 'none'")
+        return loaded.data_stats.normalize(dense=dense)
+    if kind == "imagenet":
+        return Normalize(mean=IMAGENET_MEAN_RGB, std=IMAGENET_STD_RGB)
+    return Normalize(mean=(0.0, 0.0, 0.0))
+
+
+def _eval_dataset(loaded: LoadedClassifier, data_dir: str | Path) -> ImageFolderDataset:
+    num_outputs = loaded.model_args["num_classes"]
+    if loaded.class_names is not None:
+        return ImageFolderDataset(data_dir, class_to_idx={name: i for i, name in enumerate(loaded.class_names)})
+    dataset = ImageFolderDataset(data_dir)
+    if len(dataset.class_names) != num_outputs:
+        raise ValueError(
+            f"{data_dir}: {len(dataset.class_names)} class folders, but the checkpoint's classifier has "
+            f"{num_outputs} outputs; labels are the sorted folder names, so the counts must match"
+        )
+    return dataset
+
+
+def _first_per_class(dataset: ImageFolderDataset, max_per_class: int) -> list[int]:
+    taken: dict[int, int] = {}
+    keep = []
+    for i, label in enumerate(dataset.targets):
+        if taken.get(label, 0) < max_per_class:
+            taken[label] = taken.get(label, 0) + 1
+            keep.append(i)
+    return keep
+
+
+def evaluate_checkpoint(
+    checkpoint: str | Path,
+    data_dir: str | Path,
+    *,
+    arch: str | None = None,
+    depth: int | None = None,
+    normalize: str = "auto",
+    modes: Sequence[str] = ("1crop",),
+    resize: int | None | str = "auto",
+    crop: int | None | str = "auto",
+    scales: Sequence[int] | None = None,
+    batch_size: int = 100,
+    num_workers: int = 0,
+    device: str = "cpu",
+    max_per_class: int | None = None,
+) -> dict[str, Any]:
+    """Top-1/top-5 accuracy and error of ``checkpoint`` on the ImageFolder ``data_dir`` for each test mode.
+
+    ``resize``/``crop``/``scales`` default ("auto"/None) to the geometry the checkpoint was trained
+    for (see :func:`default_geometry`); ``max_per_class`` evaluates the first N images of each class.
+    """
+    bad = [m for m in modes if m not in MODES]
+    if bad or not modes:
+        raise ValueError(f"modes: expected some of {MODES}, got {list(modes)}")
+    if not Path(data_dir).is_dir():
+        raise FileNotFoundError(f"evaluation folder not found: {data_dir}")
+    loaded = load_classifier(checkpoint, arch=arch, depth=depth)
+    geometry = default_geometry(loaded)
+    if resize != "auto":
+        geometry["resize"] = resize
+    if crop != "auto":
+        geometry["crop"] = crop
+    if scales is not None:
+        geometry["scales"] = [int(s) for s in scales]
+    dataset = _eval_dataset(loaded, data_dir)
+    data = dataset if max_per_class is None else Subset(dataset, _first_per_class(dataset, int(max_per_class)))
+    results: dict[str, Any] = {}
+    for mode in modes:
+        norm = build_normalize(loaded, normalize, dense=mode == "multiscale")
+        if mode == "multiscale":
+            dataset.transform = build_eval_transform(mode, normalize=norm, scales=tuple(geometry["scales"]))
+        else:
+            dataset.transform = build_eval_transform(mode, normalize=norm, resize=geometry["resize"],
+                                                     crop=geometry["crop"])
+        with readable_worker_errors():
+            errors = evaluate_classifier(loaded.model, data, mode=mode, scales=tuple(geometry["scales"]),
+                                         device=device, batch_size=batch_size, num_workers=num_workers)
+        results[mode] = {**errors, "top1_acc": 1.0 - errors["top1_err"], "top5_acc": 1.0 - errors["top5_err"]}
+    return {
+        "checkpoint": str(checkpoint), "format": loaded.format, "model_args": loaded.model_args,
+        "data": str(data_dir), "num_images": len(data), "normalize": normalize if normalize != "auto" else
+        ("checkpoint" if loaded.data_stats is not None else "imagenet"),
+        "geometry": geometry, "bn_recomputed": loaded.bn_recomputed, "results": results, **loaded.extra,
+    }

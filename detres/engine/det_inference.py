@@ -1,0 +1,48 @@
+"""Run a detector over a dataset: batched forward passes, detections mapped back to original pixels."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from detres.data.collate import collate_detection
+from detres.inference.postprocess import rescale_detections
+
+
+def detect_batch(model: torch.nn.Module, batch: dict[str, Any], device: torch.device) -> list[dict[str, Any]]:
+    """Detections of one collated batch, in each image's original pixel coordinates (CPU tensors)."""
+    images = batch["images"].to(device, non_blocking=True)
+    with torch.inference_mode():
+        outputs = model(images, image_sizes=batch["image_sizes"])
+    results = []
+    for det, image_id, (sx, sy), orig in zip(outputs, batch["image_ids"], batch["scales_xy"], batch["orig_sizes"]):
+        det = {k: v.cpu() for k, v in det.items()}
+        det = rescale_detections(det, (sy, sx), orig)
+        det["image_id"] = image_id
+        results.append(det)
+    return results
+
+
+def run_inference(
+    model: torch.nn.Module,
+    dataset: Any,
+    *,
+    device: torch.device,
+    batch_size: int = 2,
+    num_workers: int = 0,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Per-image ``{"image_id", "boxes", "scores", "labels"}`` for every image of ``dataset`` (eval mode)."""
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        collate_fn=collate_detection)
+    was_training = model.training
+    model.eval()
+    detections: list[dict[str, Any]] = []
+    try:
+        for batch in tqdm(loader, desc="detect", disable=not progress, dynamic_ncols=True, leave=False):
+            detections.extend(detect_batch(model, batch, device))
+    finally:
+        model.train(was_training)
+    return detections

@@ -1,0 +1,198 @@
+"""Faster R-CNN training (approximate joint training, Appendix A) and dataset-level testing."""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import BatchSampler, DataLoader
+from tqdm import tqdm
+
+from detres.config.load import Config, dump_config
+from detres.data.build import build_detection_dataset, dataset_class_names, dataset_label_to_category_id
+from detres.data.collate import collate_detection
+from detres.data.samplers import AspectRatioGroupedBatchSampler, InfiniteSampler, compute_aspect_ratio_groups
+from detres.engine.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
+from detres.engine.cls_trainer import resolve_device
+from detres.engine.det_inference import run_inference
+from detres.engine.logging import JsonLinesLogger, read_json_lines
+from detres.engine.lr_schedule import LRSchedule
+from detres.engine.plots import plot_curves
+from detres.engine.seeded_data import seed_everything
+from detres.evaluation.det_eval import evaluate_detection_dataset
+from detres.evaluation.results_io import detections_to_coco_results, write_coco_results, write_voc_results
+from detres.inference.visualize import save_detection_pngs
+from detres.models.build import build_detector, detector_kwargs_from_config
+
+LOSS_KEYS = ("loss_rpn_cls", "loss_rpn_box", "loss_cls", "loss_box_reg")
+
+
+def _train_loader(dataset, cfg: Config, start_iter: int) -> DataLoader:
+    """An endless, seeded stream of batches that resumes at batch ``start_iter`` exactly."""
+    batch = cfg.solver.images_per_batch
+    if cfg.solver.aspect_ratio_grouping:
+        batches = AspectRatioGroupedBatchSampler(InfiniteSampler(len(dataset), seed=cfg.seed),
+                                                 compute_aspect_ratio_groups(dataset), batch, start_batch=start_iter)
+    else:
+        batches = BatchSampler(InfiniteSampler(len(dataset), seed=cfg.seed, start=start_iter * batch), batch,
+                               drop_last=True)
+    return DataLoader(dataset, batch_sampler=batches, collate_fn=collate_detection,
+                      num_workers=cfg.data.num_workers, persistent_workers=cfg.data.num_workers > 0)
+
+
+def _check_same_classes(train_set, val_set) -> None:
+    if dataset_class_names(train_set) != dataset_class_names(val_set):
+        raise ValueError(f"the training and validation sets list different classes: "
+                         f"{dataset_class_names(train_set)} vs {dataset_class_names(val_set)}")
+
+
+def detector_metadata(dataset, cfg: Config) -> dict[str, Any]:
+    """What inference needs besides weights: class names, category ids and the test input size."""
+    return {
+        "class_names": dataset_class_names(dataset),
+        "label_to_category_id": dataset_label_to_category_id(dataset),
+        "min_size_test": int(cfg.input.min_size_test),
+        "max_size_test": int(cfg.input.max_size_test),
+    }
+
+
+def train_detector(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
+    """Train on ``data.train_*``, evaluate periodically and at the end on ``data.val_*``; returns metrics."""
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    last_path = out / "last.pt"
+    if not resume and last_path.exists():
+        raise FileExistsError(f"{last_path} exists: pass --resume to continue it or choose another output_dir")
+    dump_config(cfg, out / "config.yaml")
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.device)
+
+    train_set = build_detection_dataset(cfg, "train", train=True)
+    val_set = build_detection_dataset(cfg, "val", train=False, class_names=dataset_class_names(train_set))
+    _check_same_classes(train_set, val_set)
+    if len(train_set) == 0:
+        raise ValueError(f"{cfg.data.train_ann}: the training set has no images")
+    model_args = detector_kwargs_from_config(cfg.model, num_classes=len(train_set.categories))
+    state = load_checkpoint(last_path) if resume and last_path.exists() else None
+    if state is not None:
+        model_args = dict(state["model_args"], weights_path=None)  # weights come from the checkpoint
+    model = build_detector(**model_args).to(device)
+    saved_args = dict(model_args, weights_path=None)  # rebuilding for inference needs no backbone file
+    meta = detector_metadata(train_set, cfg)
+
+    solver = cfg.solver
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=solver.base_lr, momentum=solver.momentum, weight_decay=solver.weight_decay)
+    schedule = LRSchedule(optimizer, base_lr=solver.base_lr, mode="step", steps=solver.steps, gamma=solver.gamma,
+                          warmup_iters=solver.warmup_iters, warmup_lr=solver.warmup_lr)
+    start_iter = 0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_iter = int(state["iter"])
+    logger = JsonLinesLogger(out / "metrics.jsonl", resume_from_iter=start_iter if state is not None else None)
+
+    def checkpoint(path: Path, iteration: int, with_optimizer: bool = True) -> None:
+        payload = {"model": model.state_dict(), "model_args": saved_args, "meta": meta, "iter": iteration,
+                   "config": cfg.to_dict()}
+        if with_optimizer:
+            payload["optimizer"] = optimizer.state_dict()
+        save_checkpoint(path, payload)
+
+    def evaluate(iteration: int) -> dict[str, Any]:
+        dets = run_inference(model, val_set, device=device, batch_size=solver.images_per_batch,
+                             num_workers=cfg.data.num_workers)
+        result = evaluate_detection_dataset(val_set, dets, iou_thresh_voc=cfg.test.iou_thresh_voc,
+                                            use_07_metric=cfg.test.use_07_metric)
+        logger.log(iter=iteration, AP=result["coco"]["summary"]["AP"], AP50=result["coco"]["summary"]["AP50"],
+                   voc_mAP=result["voc"]["mAP"])
+        return result
+
+    iteration = start_iter
+    window: dict[str, list[float]] = {k: [] for k in ("loss", *LOSS_KEYS)}
+    started = time.time()
+    model.train()
+    progress = tqdm(total=solver.max_iter, initial=start_iter, desc="train_det", dynamic_ncols=True)
+    loader = _train_loader(train_set, cfg, start_iter)
+    for batch in loader:
+        if iteration >= solver.max_iter:
+            break
+        lr = schedule.apply(iteration)
+        losses = model(batch["images"].to(device), batch["targets"], image_sizes=batch["image_sizes"])
+        total = sum(losses.values())
+        if not math.isfinite(total.item()):
+            raise FloatingPointError(f"iteration {iteration}: loss is {total.item()} "
+                                     f"({ {k: round(v.item(), 4) for k, v in losses.items()} }); lower solver.base_lr")
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        optimizer.step()
+        iteration += 1
+        progress.update(1)
+        window["loss"].append(total.item())
+        for key in LOSS_KEYS:
+            window[key].append(losses[key].item())
+        if iteration % solver.log_period == 0 or iteration == solver.max_iter:
+            means = {k: sum(v) / len(v) for k, v in window.items() if v}
+            logger.log(iter=iteration, lr=lr, time=time.time() - started, **means)
+            progress.set_postfix(loss=f"{means['loss']:.3f}", lr=f"{lr:.2g}")
+            window = {k: [] for k in window}
+        if iteration % solver.checkpoint_period == 0 or iteration == solver.max_iter:
+            checkpoint(last_path, iteration)
+        if solver.eval_period > 0 and iteration % solver.eval_period == 0 and iteration < solver.max_iter:
+            evaluate(iteration)
+            model.train()
+    progress.close()
+    train_time = time.time() - started
+    checkpoint(out / "model_final.pt", iteration, with_optimizer=False)
+    metrics = test_detector(model, val_set, meta, cfg, out_dir=out / "test", device=device)
+    metrics.update(iterations=iteration, train_time_s=round(train_time, 1))
+    logger.log(iter=iteration, AP=metrics["coco"]["summary"]["AP"], AP50=metrics["coco"]["summary"]["AP50"],
+               voc_mAP=metrics["voc"]["mAP"])
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2, default=_json_default))
+    records = read_json_lines(out / "metrics.jsonl")
+    plot_curves(records, out / "loss_curves.png", series=[("loss", "total"), *((k, k) for k in LOSS_KEYS)],
+                title="Faster R-CNN training losses", ylabel="loss")
+    plot_curves(records, out / "val_curves.png", series=[("AP", "COCO AP"), ("AP50", "COCO AP50"),
+                                                        ("voc_mAP", "VOC mAP")],
+                title="validation", ylabel="AP", percent=True)
+    return metrics
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if hasattr(value, "item"):
+        return value.item()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def test_detector(model, dataset, meta: dict[str, Any], cfg: Config, *, out_dir: Path, device) -> dict[str, Any]:
+    """Detect on ``dataset``; write COCO results JSON, VOC devkit files, metrics and example PNGs."""
+    out_dir = Path(out_dir)
+    dets = run_inference(model, dataset, device=device, batch_size=cfg.solver.images_per_batch,
+                         num_workers=cfg.data.num_workers)
+    metrics = evaluate_detection_dataset(dataset, dets, iou_thresh_voc=cfg.test.iou_thresh_voc,
+                                         use_07_metric=cfg.test.use_07_metric)
+    write_coco_results(detections_to_coco_results(dets, meta["label_to_category_id"]),
+                       out_dir / "coco_results.json")
+    # VOC datasets name images by string ids; COCO ones by their numeric id.
+    write_voc_results(dets, meta["class_names"], getattr(dataset, "image_ids", None),
+                      str(out_dir / "voc" / "comp4_det_test_{cls}.txt"))
+    save_detection_pngs(dataset, dets, meta["class_names"], out_dir / "vis", count=cfg.test.vis_images,
+                        score_thresh=cfg.test.vis_score_thresh)
+    atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2, default=_json_default))
+    return metrics
+
+
+def load_detector(path: str | Path, *, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Rebuild a trained detector from a train_det checkpoint; returns (model in eval mode, metadata)."""
+    state = load_checkpoint(path)
+    missing = [key for key in ("model", "model_args", "meta") if key not in state]
+    if missing:
+        raise ValueError(f"{path}: not a train_det checkpoint (missing {missing})")
+    model = build_detector(**dict(state["model_args"], weights_path=None))
+    model.load_state_dict(state["model"])
+    return model.to(device).eval(), dict(state["meta"], config=state.get("config"))

@@ -1,0 +1,153 @@
+"""Tests for detres/engine/cls_trainer.py: outputs of a run, precise BN, exact resume, plateau LR drops."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from detres.config.load import load_config
+from detres.data.image_io import ImageReadError
+from detres.data.synthetic import generate_shapes_world
+from detres.engine.checkpoint import load_checkpoint
+from detres.engine.cls_trainer import train_classifier
+from detres.engine.logging import read_json_lines
+
+NO_DET = dict(num_det_train=0, num_det_val=0, num_loc_train=0, num_loc_val=0)
+
+
+@pytest.fixture(scope="module")
+def square_world(tmp_path_factory) -> Path:
+    """10 classes x 3 training / 2 validation images, all exactly 32x32."""
+    root = tmp_path_factory.mktemp("square")
+    generate_shapes_world(root, seed=1, num_cls_train_per_class=3, num_cls_val_per_class=2, cls_size=(32, 32), **NO_DET)
+    return root / "cls"
+
+
+@pytest.fixture(scope="module")
+def varied_world(tmp_path_factory) -> Path:
+    """10 classes x 3 training / 1 validation images of 40..48 pixels."""
+    root = tmp_path_factory.mktemp("varied")
+    generate_shapes_world(root, seed=2, num_cls_train_per_class=3, num_cls_val_per_class=1, cls_size=(40, 48), **NO_DET)
+    return root / "cls"
+
+
+def _cfg(data: Path, out: Path, *overrides: str):
+    base = [
+        f"output_dir={out}", "device=cpu", f"data.train_dir={data / 'train'}", f"data.val_dir={data / 'val'}",
+        "data.num_workers=0", "model.arch=cifar", "model.depth=8", "model.shortcut=A",
+        "augment.scale_min=32", "augment.scale_max=40", "augment.crop=32", "test.resize=32",
+        "test.scales=[32, 40]", "test.batch_size=8", "solver.batch_size=4", "solver.base_lr=0.02",
+        "solver.log_period=1", "solver.eval_period=1000", "solver.checkpoint_period=1000",
+        "bn_recompute.batch_size=7",
+    ]
+    return load_config(None, base + list(overrides), task="cls")
+
+
+def _losses(out: Path) -> dict[int, tuple[float, float]]:
+    return {r["iter"]: (r["loss"], r["lr"]) for r in read_json_lines(out / "metrics.jsonl") if "loss" in r}
+
+
+def _read_rgb(path: Path) -> np.ndarray:
+    return cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB).astype(np.float64)
+
+
+def test_a_run_writes_everything_and_recomputes_bn_over_the_whole_training_set(square_world, tmp_path):
+    out = tmp_path / "run"
+    # Deterministic inputs (32x32 images, scale 32, crop 32, no flip, no colour noise) so the BN
+    # statistics can be checked against an independent computation.
+    cfg = _cfg(square_world, out, "augment.scale_max=32", "augment.flip=false", "augment.color_pca=false",
+               "solver.max_iter=6", "solver.eval_period=3")
+    metrics = train_classifier(cfg)
+    for name in ("config.yaml", "metrics.jsonl", "metrics.json", "curves.png", "last.pt", "model_final.pt"):
+        assert (out / name).is_file(), name
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((out / "metrics.json").read_text()) == json.loads(json.dumps(metrics))
+    for stage in ("before_bn_recompute", "after_bn_recompute"):
+        assert set(metrics[stage]) == {"1crop", "10crop", "multiscale"}
+        for result in metrics[stage].values():
+            assert 0.0 <= result["top1_err"] <= result["top5_err"] + 1e-12 or result["top5_err"] <= result["top1_err"]
+            assert 0.0 <= result["top1_err"] <= 1.0 and 0.0 <= result["top5_err"] <= 1.0
+            assert result["top5_err"] <= result["top1_err"] and result["n"] == 20
+    records = read_json_lines(out / "metrics.jsonl")
+    assert [r["iter"] for r in records if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert [r["iter"] for r in records if "val_top1_err" in r] == [3, 6]
+
+    final, last = load_checkpoint(out / "model_final.pt"), load_checkpoint(out / "last.pt")
+    assert final["bn_recomputed"] is True and last["bn_recomputed"] is False and final["iter"] == 6
+    # Independent statistics of bn1's input: conv1 over all 30 mean-subtracted training images
+    # (30 = 4 batches of 7 + 2, so a dropped last batch would change them).
+    paths = sorted((square_world / "train").glob("*/*.png"))
+    assert len(paths) == 30
+    images = np.stack([_read_rgb(p) for p in paths])
+    x = torch.from_numpy((images - images.mean(axis=0)).transpose(0, 3, 1, 2))
+    y = F.conv2d(x, final["model"]["conv1.weight"].double(), padding=1)
+    mean, var = y.mean(dim=(0, 2, 3)), y.var(dim=(0, 2, 3), unbiased=True)
+    torch.testing.assert_close(final["model"]["bn1.running_mean"].double(), mean, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(final["model"]["bn1.running_var"].double(), var, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(last["model"]["bn1.running_var"].double(), var, rtol=1e-2)  # momentum averages differ
+
+    with pytest.raises(FileExistsError, match="last.pt exists"):
+        train_classifier(cfg)
+
+
+@pytest.mark.parametrize("stop_at", [7, 3], ids=["epoch-boundary", "mid-epoch"])
+def test_resume_reproduces_the_uninterrupted_losses(varied_world, tmp_path, stop_at):
+    # 30 images / batch 4 = 7 iterations per epoch; 14 iterations cross an epoch and an LR step,
+    # with the full augmentation (random scale, crop, flip, PCA colour noise).
+    common = ["solver.lr_schedule=step", "solver.steps=[10]", "test.modes=[1crop]", "bn_recompute.enabled=false"]
+    straight = tmp_path / "straight"
+    train_classifier(_cfg(varied_world, straight, *common, "solver.max_iter=14", "data.num_workers=1"))
+    resumed = tmp_path / "resumed"
+    train_classifier(_cfg(varied_world, resumed, *common, f"solver.max_iter={stop_at}"))
+    assert load_checkpoint(resumed / "last.pt")["iter"] == stop_at
+    train_classifier(_cfg(varied_world, resumed, *common, "solver.max_iter=14"), resume=True)
+
+    expected, got = _losses(straight), _losses(resumed)
+    assert sorted(got) == sorted(expected) == list(range(1, 15))
+    for it in expected:
+        assert got[it][0] == pytest.approx(expected[it][0], abs=1e-6), f"iteration {it}"
+        assert got[it][1] == expected[it][1]
+    assert expected[10][1] == pytest.approx(0.02) and expected[11][1] == pytest.approx(0.002)
+    a, b = load_checkpoint(straight / "last.pt")["model"], load_checkpoint(resumed / "last.pt")["model"]
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], atol=1e-6, rtol=0)
+
+
+def test_plateau_schedule_drops_the_lr_when_validation_error_stalls(varied_world, tmp_path):
+    out = tmp_path / "plateau"
+    # A threshold no error change can beat: after the first validation nothing counts as improving.
+    cfg = _cfg(varied_world, out, "solver.lr_schedule=plateau", "solver.base_lr=0.001", "solver.plateau_patience=2",
+               "solver.plateau_threshold=1.0", "solver.eval_period=1", "solver.max_iter=6",
+               "test.modes=[1crop]", "bn_recompute.enabled=false")
+    train_classifier(cfg)
+    records = read_json_lines(out / "metrics.jsonl")
+    dropped = [r["iter"] for r in records if r.get("lr_dropped")]
+    assert dropped == [3, 5]
+    lrs = [lr for _, (_, lr) in sorted(_losses(out).items())]
+    assert lrs == pytest.approx([1e-3, 1e-3, 1e-3, 1e-4, 1e-4, 1e-5])
+    assert load_checkpoint(out / "last.pt")["schedule"]["plateau_drops"] == 2
+
+
+def test_a_corrupt_image_met_in_a_loader_worker_is_named_in_one_line(tmp_path):
+    train, val = tmp_path / "data" / "train", tmp_path / "data" / "val"
+    rng = np.random.default_rng(0)
+    for split, n in ((train, 4), (val, 2)):
+        for cls in ("a", "b"):
+            (split / cls).mkdir(parents=True)
+            for i in range(n):
+                cv2.imwrite(str(split / cls / f"{i}.png"), rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    bad = train / "b" / "9.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    # The statistics read every training image first (main process): clean error before training.
+    with pytest.raises(ImageReadError, match="9.png"):
+        train_classifier(_cfg(tmp_path / "data", tmp_path / "a", "data.num_workers=1", "solver.max_iter=1"))
+    # Statistics from a subset that misses the file: the training loop meets it inside a worker.
+    with pytest.raises(ImageReadError) as err:
+        train_classifier(_cfg(tmp_path / "data", tmp_path / "b", "data.num_workers=1", "solver.max_iter=4",
+                              "data.stats_max_images=1", "augment.color_pca=false", "solver.batch_size=9"))
+    assert str(err.value) == f"image file '{bad}' is corrupt or not an image format OpenCV can decode"

@@ -1,0 +1,47 @@
+#!/usr/bin/env python
+"""Evaluate a trained detector on a dataset: tools/test_det.py --config C.yaml --checkpoint M.pt [key=value ...].
+
+Writes COCO results JSON, VOC devkit result files, metrics.json and example PNGs under --out
+(default <output_dir>/test) and prints the COCO and VOC metrics.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from detres.config.load import ConfigError, load_config
+from detres.data.build import build_detection_dataset
+from detres.engine.cls_trainer import resolve_device
+from detres.engine.det_trainer import load_detector, test_detector
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="YAML config (task: det); data.val_* is the test set")
+    parser.add_argument("--checkpoint", required=True, help="train_det checkpoint (model_final.pt or last.pt)")
+    parser.add_argument("--out", default=None, help="output folder (default <output_dir>/test)")
+    parser.add_argument("overrides", nargs="*", help="config overrides such as data.val_ann=...")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        device = resolve_device(cfg.device)
+        model, meta = load_detector(args.checkpoint, device=device)
+        dataset = build_detection_dataset(cfg, "val", train=False, class_names=meta["class_names"])
+        names = [c["name"] for c in dataset.categories]
+        if names != meta["class_names"]:
+            raise ValueError(f"{args.checkpoint} was trained on classes {meta['class_names']}, "
+                             f"the test set has {names}")
+        out = Path(args.out) if args.out else Path(cfg.output_dir) / "test"
+        metrics = test_detector(model, dataset, meta, cfg, out_dir=out, device=device)
+    except (ConfigError, FileNotFoundError, ValueError) as exc:
+        print(f"test_det: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps({"COCO": metrics["coco"]["summary"], "VOC mAP": metrics["voc"]["mAP"],
+                      "VOC per class": metrics["voc"]["per_class"], "out": str(out)}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	OMP_NUM_THREADS=2 $(PY) tools/demo.py --out $(RUN)
+	OMP_NUM_THREADS=2 $(PY) tools/demo.py --out $(RUN) --overwrite
 
 test: setup
 	OMP_NUM_THREADS=2 $(PY) -m pytest tests

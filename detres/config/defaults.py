@@ -21,6 +21,7 @@ CLS_DEFAULTS: dict = {
         "shortcut": "B",  # A: zero-padded identity, B: projection on shape change, C: all projections
         "plain": False,  # plain counterpart (no shortcuts) for the paper's plain-vs-residual study
         "stride_in_1x1": False,  # True: stride in the first 1x1 (original MSRA); False: in the 3x3
+        "base_width": 64,  # channels of conv1/conv2_x (Table 1: 64); smaller = same net, cheaper (CPU runs)
         "zero_init_residual": False,
         "weights": None,  # local path to initialise from (our checkpoint or a torchvision state_dict)
     },
@@ -86,6 +87,7 @@ DET_DEFAULTS: dict = {
         "depth": 101,  # ResNet-50/101 in the paper; any ImageNet depth works
         "weights": None,  # local path: a train_cls checkpoint (BN recomputed) or a torchvision state_dict
         "stride_in_1x1": False,  # must match how the backbone checkpoint was trained
+        "base_width": 64,  # must match the backbone checkpoint (Table 1: 64)
         "freeze_at": 2,  # 0: train all; 1: freeze conv1; 2: freeze conv1 + res2 (conv2_x)
         "pixel_mean": None,  # RGB 0..255; None = taken from the classification checkpoint
         "pixel_std": None,  # None = from the checkpoint, else [1, 1, 1]

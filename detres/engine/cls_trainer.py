@@ -45,6 +45,18 @@ def _evaluate(model, dataset, cfg: Config, stats: ClsDataStats, mode: str, devic
     )
 
 
+def _sgd_step(model, optimizer, images, targets, *, iteration: int, lr: float) -> tuple[float, float]:
+    """One SGD step on a batch; returns (loss, top-1 error) of the batch."""
+    logits = model(images)
+    loss = F.cross_entropy(logits, targets)
+    if not math.isfinite(loss.item()):
+        raise FloatingPointError(f"iteration {iteration}: loss is {loss.item()} (lr {lr}); lower solver.base_lr")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.item(), (logits.argmax(1) != targets).float().mean().item()
+
+
 def _checkpoint_payload(model, optimizer, schedule, iteration: int, model_args, stats, class_names, cfg,
                         log_window: list[tuple[float, float]]) -> dict:
     return {
@@ -126,42 +138,35 @@ def _train_classifier(cfg: Config, *, resume: bool) -> dict[str, Any]:
     iteration = start_iter
     window: list[tuple[float, float]] = [] if state is None else [tuple(w) for w in state.get("log_window", [])]
     started = time.time()
-    progress = tqdm(total=solver.max_iter, initial=start_iter, desc="train_cls", dynamic_ncols=True)
-    while iteration < solver.max_iter:
-        epoch, first_batch = divmod(iteration, iters_per_epoch)
-        sampler = EpochBatchSampler(len(train_set), solver.batch_size, seed=cfg.seed, epoch=epoch, start_batch=first_batch)
-        model.train()
-        for images, targets in _loader(seeded, sampler, cfg.data.num_workers):
-            lr = schedule.apply(iteration)
-            images, targets = images.to(device, non_blocking=True), targets.to(device)
-            logits = model(images)
-            loss = F.cross_entropy(logits, targets)
-            if not math.isfinite(loss.item()):
-                raise FloatingPointError(f"iteration {iteration}: loss is {loss.item()} (lr {lr}); lower solver.base_lr")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            iteration += 1
-            progress.update(1)
-            window.append((loss.item(), (logits.argmax(1) != targets).float().mean().item()))
-            if iteration % solver.log_period == 0 or iteration == solver.max_iter:
-                loss_avg = sum(w[0] for w in window) / len(window)
-                err_avg = sum(w[1] for w in window) / len(window)
-                logger.log(iter=iteration, epoch=epoch, lr=lr, loss=loss_avg, train_err=err_avg,
-                           time=time.time() - started)
-                progress.set_postfix(loss=f"{loss_avg:.3f}", err=f"{err_avg:.3f}", lr=f"{lr:.2g}")
-                window.clear()
-            if iteration % solver.eval_period == 0 or iteration == solver.max_iter:
-                result = _evaluate(model, val_set, cfg, stats, "1crop", device)
-                dropped = schedule.observe_validation(result["top1_err"])
-                logger.log(iter=iteration, val_top1_err=result["top1_err"], val_top5_err=result["top5_err"],
-                           lr_dropped=dropped)
-                model.train()
-            if iteration % solver.checkpoint_period == 0 or iteration == solver.max_iter:
-                save(iteration)
-            if iteration >= solver.max_iter:
-                break
-    progress.close()
+    # A context manager so the bar is closed before an error message is printed below it.
+    with tqdm(total=solver.max_iter, initial=start_iter, desc="train_cls", dynamic_ncols=True) as progress:
+        while iteration < solver.max_iter:
+            epoch, first_batch = divmod(iteration, iters_per_epoch)
+            sampler = EpochBatchSampler(len(train_set), solver.batch_size, seed=cfg.seed, epoch=epoch, start_batch=first_batch)
+            model.train()
+            for images, targets in _loader(seeded, sampler, cfg.data.num_workers):
+                lr = schedule.apply(iteration)
+                window.append(_sgd_step(model, optimizer, images.to(device), targets.to(device),
+                                        iteration=iteration, lr=lr))
+                iteration += 1
+                progress.update(1)
+                if iteration % solver.log_period == 0 or iteration == solver.max_iter:
+                    loss_avg = sum(w[0] for w in window) / len(window)
+                    err_avg = sum(w[1] for w in window) / len(window)
+                    logger.log(iter=iteration, epoch=epoch, lr=lr, loss=loss_avg, train_err=err_avg,
+                               time=time.time() - started)
+                    progress.set_postfix(loss=f"{loss_avg:.3f}", err=f"{err_avg:.3f}", lr=f"{lr:.2g}")
+                    window.clear()
+                if iteration % solver.eval_period == 0 or iteration == solver.max_iter:
+                    result = _evaluate(model, val_set, cfg, stats, "1crop", device)
+                    dropped = schedule.observe_validation(result["top1_err"])
+                    logger.log(iter=iteration, val_top1_err=result["top1_err"], val_top5_err=result["top5_err"],
+                               lr_dropped=dropped)
+                    model.train()
+                if iteration % solver.checkpoint_period == 0 or iteration == solver.max_iter:
+                    save(iteration)
+                if iteration >= solver.max_iter:
+                    break
     train_time = time.time() - started
     return finalize_classifier(model, cfg, stats, train_set, val_set, model_args, device,
                                out=out, train_time_s=train_time, iterations=iteration)

@@ -20,6 +20,7 @@ def classifier_kwargs_from_config(model_cfg: Mapping[str, Any], *, num_classes: 
     }
     if model_cfg["arch"] == "imagenet":
         kwargs["stride_in_1x1"] = bool(model_cfg["stride_in_1x1"])
+        kwargs["base_width"] = int(model_cfg["base_width"])
     return kwargs
 
 
@@ -33,7 +34,20 @@ def build_classifier(*, arch: str = "imagenet", depth: int = 50, num_classes: in
     raise ValueError(f"model.arch must be 'imagenet' or 'cifar', got {arch!r}")
 
 
-def _backbone_normalisation(weights: str | None) -> tuple[list[float], list[float]]:
+def _check_backbone_args(saved: Mapping[str, Any] | None, model_cfg: Mapping[str, Any], weights: str) -> None:
+    """A train_cls checkpoint records its architecture: refuse a config that asks for another one."""
+    if not saved:
+        return
+    if saved.get("arch", "imagenet") != "imagenet":
+        raise ValueError(f"{weights}: a {saved.get('arch')} ResNet cannot be a detection backbone; "
+                         "pre-train with model.arch=imagenet")
+    for key in ("depth", "base_width", "stride_in_1x1"):
+        if key in saved and saved[key] != model_cfg[key]:
+            raise ValueError(f"{weights} holds a backbone with {key}={saved[key]!r} but the config sets "
+                             f"model.{key}={model_cfg[key]!r}")
+
+
+def _backbone_normalisation(model_cfg: Mapping[str, Any]) -> tuple[list[float], list[float]]:
     """The mean/std the backbone was trained with: our checkpoint's statistics, else ImageNet's.
 
     A train_cls checkpoint records the training-set channel mean (and std if it divided by one);
@@ -42,8 +56,10 @@ def _backbone_normalisation(weights: str | None) -> tuple[list[float], list[floa
     from detres.data.cls_transforms import IMAGENET_MEAN_RGB, IMAGENET_STD_RGB
     from detres.engine.checkpoint import load_checkpoint
 
+    weights = model_cfg["weights"]
     if weights:
         state = load_checkpoint(weights)
+        _check_backbone_args(state.get("model_args"), model_cfg, weights)
         stats = state.get("data_stats")
         if "model" in state and isinstance(stats, dict):
             mean = stats.get("fixed_mean") or [float(v) for v in stats["channel_mean"]]
@@ -57,7 +73,7 @@ def detector_kwargs_from_config(model_cfg: Mapping[str, Any], *, num_classes: in
 
     ``num_classes`` counts object classes only (background is added by the predictor).
     """
-    mean, std = _backbone_normalisation(model_cfg["weights"])
+    mean, std = _backbone_normalisation(model_cfg)
     if model_cfg["pixel_mean"] is not None:
         mean = [float(v) for v in model_cfg["pixel_mean"]]
     if model_cfg["pixel_std"] is not None:
@@ -69,6 +85,7 @@ def detector_kwargs_from_config(model_cfg: Mapping[str, Any], *, num_classes: in
         "weights_path": model_cfg["weights"],
         "freeze_at": int(model_cfg["freeze_at"]),
         "stride_in_1x1": bool(model_cfg["stride_in_1x1"]),
+        "base_width": int(model_cfg["base_width"]),
         "pixel_mean": mean,
         "pixel_std": std,
         "anchor_sizes": [float(s) for s in model_cfg["anchor_sizes"]],

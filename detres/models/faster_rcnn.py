@@ -147,6 +147,7 @@ def build_faster_rcnn(
     weights_path: str | Path | None = None,
     freeze_at: int = 2,
     stride_in_1x1: bool = False,
+    base_width: int = 64,
     frozen_bn: bool = True,
     pixel_mean: Sequence[float] = IMAGENET_PIXEL_MEAN,
     pixel_std: Sequence[float] = (1.0, 1.0, 1.0),
@@ -190,7 +191,8 @@ def build_faster_rcnn(
     if int(num_classes) < 1:
         raise ValueError(f"build_faster_rcnn: num_classes (object classes, background excluded) must be >= 1, got {num_classes}")
     trunk, conv5_head, head_dim = build_resnet_c4(
-        depth, weights_path=weights_path, freeze_at=freeze_at, stride_in_1x1=stride_in_1x1, frozen_bn=frozen_bn
+        depth, weights_path=weights_path, freeze_at=freeze_at, stride_in_1x1=stride_in_1x1, frozen_bn=frozen_bn,
+        base_width=base_width,
     )
     anchor_generator = AnchorGenerator(
         sizes=anchor_sizes, aspect_ratios=aspect_ratios, stride=trunk.stride, offset=anchor_offset

@@ -261,6 +261,9 @@ class ResNet(nn.Module):
         stride_in_1x1: bottleneck stride on the first 1x1 conv (MSRA Caffe) instead of the 3x3.
         norm_layer: callable ``num_features -> module`` (nn.BatchNorm2d, FrozenBatchNorm2d, ...).
         zero_init_residual: zero the last norm weight of every residual branch.
+        base_width: channels of conv1 and conv2_x (64 in Table 1); conv3_x..conv5_x use 2x, 4x, 8x.
+            Smaller values give the same architecture at a fraction of the cost, for CPU-sized runs;
+            torchvision weights exist only for 64.
     """
 
     def __init__(
@@ -274,9 +277,12 @@ class ResNet(nn.Module):
         stride_in_1x1: bool = False,
         norm_layer: NormLayer = nn.BatchNorm2d,
         zero_init_residual: bool = False,
+        base_width: int = 64,
     ) -> None:
         super().__init__()
         block = _resolve_block(block)
+        if int(base_width) < 1:
+            raise ValueError(f"base_width: expected a positive channel count, got {base_width}")
         _check_shortcut(shortcut)
         if len(layers) != 4 or any(int(n) < 1 for n in layers):
             raise ValueError(f"layers: expected 4 positive block counts, got {tuple(layers)}")
@@ -288,13 +294,15 @@ class ResNet(nn.Module):
         self.plain = plain
         self.stride_in_1x1 = stride_in_1x1
 
-        self.conv1 = nn.Conv2d(3, 64, kernel_size=7, stride=2, padding=3, bias=False)
-        self.bn1 = norm_layer(64)
+        self.base_width = int(base_width)
+        self.conv1 = nn.Conv2d(3, self.base_width, kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = norm_layer(self.base_width)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
-        inplanes = 64
+        inplanes = self.base_width
+        widths = tuple(self.base_width * m for m in (1, 2, 4, 8))
         # conv2_x..conv5_x of Table 1; conv3_x..conv5_x halve the resolution in their first block.
-        for index, (planes, num_blocks) in enumerate(zip((64, 128, 256, 512), self.layers_cfg)):
+        for index, (planes, num_blocks) in enumerate(zip(widths, self.layers_cfg)):
             stage, inplanes = _make_stage(
                 block,
                 inplanes=inplanes,

@@ -1,0 +1,87 @@
+"""Single-image inference with a trained detector: test-scale resize, forward pass, boxes in original pixels."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from detres.data.collate import collate_detection
+from detres.data.det_transforms import build_det_transforms, finalize_sample
+from detres.engine.det_inference import detect_batch
+from detres.engine.det_trainer import load_detector
+
+
+class Predictor:
+    """Run a train_det checkpoint on RGB images given as numpy arrays.
+
+    Each image goes through the same test-time resize as the evaluation datasets (shorter side
+    ``min_size_test``, longer side at most ``max_size_test``, both recorded in the checkpoint),
+    then the detector, then its boxes are divided by the per-axis resize factors so they are in
+    the input image's pixels (0-based continuous xyxy, clipped to the image).
+
+    Args:
+        checkpoint: a train_det checkpoint (``model_final.pt`` or ``last.pt``).
+        device: torch device for the forward pass.
+    """
+
+    def __init__(self, checkpoint: str | Path, device: torch.device | str = "cpu") -> None:
+        model, meta = load_detector(checkpoint, device=device)
+        self._setup(model, meta, torch.device(device))
+
+    @classmethod
+    def from_model(cls, model: torch.nn.Module, meta: dict[str, Any], device: torch.device | str = "cpu") -> "Predictor":
+        """A predictor around an already built detector and its metadata (as returned by ``load_detector``)."""
+        missing = [k for k in ("class_names", "min_size_test", "max_size_test") if k not in meta]
+        if missing:
+            raise ValueError(f"Predictor: detector metadata lacks {missing}")
+        predictor = cls.__new__(cls)
+        predictor._setup(model.to(device), meta, torch.device(device))
+        return predictor
+
+    def _setup(self, model: torch.nn.Module, meta: dict[str, Any], device: torch.device) -> None:
+        self.model = model.eval()
+        self.meta = meta
+        self.device = device
+        self.class_names: list[str] = [str(n) for n in meta["class_names"]]
+        self.transform = build_det_transforms(train=False, min_size=int(meta["min_size_test"]),
+                                              max_size=int(meta["max_size_test"]))
+
+    def predict(self, image_rgb: np.ndarray, *, score_thresh: float = 0.0) -> dict[str, Any]:
+        """Detections on one RGB image (uint8 or 0..255 float, [H, W, 3]) scoring at least ``score_thresh``.
+
+        Returns ``{"boxes": float32 [N, 4] xyxy in the image's pixels, "scores": float32 [N],
+        "labels": int64 [N] (1..K), "class_names": list of N names}``, sorted by decreasing score.
+        """
+        return self.predict_batch([image_rgb], score_thresh=score_thresh)[0]
+
+    def predict_batch(self, images_rgb: Sequence[np.ndarray], *, score_thresh: float = 0.0) -> list[dict[str, Any]]:
+        """:meth:`predict` for several images in one padded forward pass."""
+        if len(images_rgb) == 0:
+            return []
+        samples = [self._sample(i, image) for i, image in enumerate(images_rgb)]
+        outputs = detect_batch(self.model, collate_detection(samples), self.device)
+        return [self._to_result(det, score_thresh) for det in outputs]
+
+    def _sample(self, index: int, image: Any) -> dict[str, Any]:
+        if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 or min(image.shape[:2]) < 1:
+            got = getattr(image, "shape", type(image).__name__)
+            raise ValueError(f"Predictor: image {index} must be a numpy RGB array [H, W, 3], got {got}")
+        if image.dtype != np.uint8:
+            if not np.issubdtype(image.dtype, np.floating) or not np.isfinite(image).all():
+                raise ValueError(f"Predictor: image {index} must be uint8 or finite float (0..255), got {image.dtype}")
+            # cv2's resize keeps float images float; values stay on the 0..255 scale the model expects.
+            image = image.astype(np.float32)
+        sample = {"image": np.ascontiguousarray(image), "boxes": np.zeros((0, 4), np.float32),
+                  "labels": np.zeros(0, np.int64), "image_id": index, "orig_size": tuple(image.shape[:2]),
+                  "file_name": f"<image {index}>"}
+        return finalize_sample(sample, self.transform)
+
+    def _to_result(self, det: dict[str, Any], score_thresh: float) -> dict[str, Any]:
+        keep = det["scores"] >= score_thresh
+        boxes = det["boxes"][keep].numpy().astype(np.float32).reshape(-1, 4)
+        scores = det["scores"][keep].numpy().astype(np.float32)
+        labels = det["labels"][keep].numpy().astype(np.int64)
+        names = [self.class_names[int(l) - 1] if 1 <= int(l) <= len(self.class_names) else str(int(l)) for l in labels]
+        return {"boxes": boxes, "scores": scores, "labels": labels, "class_names": names}

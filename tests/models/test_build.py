@@ -1,0 +1,89 @@
+"""Tests for the config → model-arguments step (classifier and detector builders)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from detres.config.load import load_config
+from detres.engine.checkpoint import save_checkpoint
+from detres.models.build import build_classifier, classifier_kwargs_from_config, detector_kwargs_from_config
+from detres.models.resnet import build_resnet
+
+
+def test_classifier_kwargs_follow_the_config():
+    cfg = load_config(None, ["model.depth=34", "model.shortcut=A", "model.base_width=16"], task="cls")
+    kwargs = classifier_kwargs_from_config(cfg.model, num_classes=7)
+    model = build_classifier(**kwargs)
+    assert kwargs["num_classes"] == 7 and model.fc.out_features == 7
+    assert model.conv1.out_channels == 16 and model.layer4[0].conv1.out_channels == 128
+    assert [len(getattr(model, f"layer{i}")) for i in range(1, 5)] == [3, 4, 6, 3]
+
+
+def test_cifar_arch_ignores_imagenet_only_options():
+    cfg = load_config(None, ["model.arch=cifar", "model.depth=20", "model.shortcut=A"], task="cls")
+    model = build_classifier(**classifier_kwargs_from_config(cfg.model, num_classes=10))
+    assert sum(p.numel() for p in model.parameters()) == 269_722  # ResNet-20 of Sec. 4.2
+    with pytest.raises(ValueError, match="model.arch"):
+        build_classifier(arch="vgg", depth=16, num_classes=10)
+
+
+def test_base_width_scales_every_stage():
+    half = build_resnet(18, base_width=32, num_classes=10)
+    full = build_resnet(18, num_classes=10)
+    assert [m.out_channels for m in (half.conv1, half.layer1[0].conv2, half.layer4[1].conv2)] == [32, 32, 256]
+    # conv weights scale with in*out channels, so a half-width net has about a quarter of the parameters
+    ratio = sum(p.numel() for p in half.parameters()) / sum(p.numel() for p in full.parameters())
+    assert 0.24 < ratio < 0.26
+    with pytest.raises(ValueError, match="base_width"):
+        build_resnet(18, base_width=0)
+
+
+def _cls_checkpoint(path, *, mean=(10.0, 20.0, 30.0), std=None, depth=18, base_width=16):
+    model = build_resnet(depth, base_width=base_width, num_classes=3)
+    save_checkpoint(path, {
+        "model": model.state_dict(),
+        "model_args": {"arch": "imagenet", "depth": depth, "num_classes": 3, "shortcut": "B", "plain": False,
+                       "zero_init_residual": False, "stride_in_1x1": False, "base_width": base_width},
+        "data_stats": {"channel_mean": torch.tensor(mean), "fixed_mean": None, "std": std},
+    })
+    return model
+
+
+def test_detector_takes_pixel_mean_from_a_train_cls_checkpoint(tmp_path):
+    _cls_checkpoint(tmp_path / "cls.pt", std=[2.0, 2.0, 2.0])
+    cfg = load_config(None, [f"model.weights={tmp_path / 'cls.pt'}", "model.depth=18", "model.base_width=16"],
+                      task="det")
+    kwargs = detector_kwargs_from_config(cfg.model, num_classes=4)
+    assert kwargs["pixel_mean"] == [10.0, 20.0, 30.0] and kwargs["pixel_std"] == [2.0, 2.0, 2.0]
+    assert kwargs["num_classes"] == 4 and kwargs["rpn_nms_thresh"] == 0.7 and kwargs["nms_thresh"] == 0.3
+    assert kwargs["roi_positive_fraction"] == 0.25 and kwargs["rpn_post_nms_top_n_test"] == 300
+    over = load_config(None, [f"model.weights={tmp_path / 'cls.pt'}", "model.depth=18", "model.base_width=16",
+                              "model.pixel_mean=[1, 2, 3]"], task="det")
+    assert detector_kwargs_from_config(over.model, num_classes=4)["pixel_mean"] == [1.0, 2.0, 3.0]
+
+
+def test_detector_loads_the_backbone_weights(tmp_path):
+    from detres.models.build import build_detector
+
+    source = _cls_checkpoint(tmp_path / "cls.pt")
+    cfg = load_config(None, [f"model.weights={tmp_path / 'cls.pt'}", "model.depth=18", "model.base_width=16"],
+                      task="det")
+    detector = build_detector(**detector_kwargs_from_config(cfg.model, num_classes=2))
+    assert torch.equal(detector.trunk.layer3[0].conv1.weight, source.layer3[0].conv1.weight)
+    # BN statistics come across into the frozen BN buffers unchanged
+    assert torch.equal(detector.trunk.layer2[1].bn2.running_var, source.layer2[1].bn2.running_var)
+
+
+def test_backbone_architecture_mismatch_is_named(tmp_path):
+    _cls_checkpoint(tmp_path / "cls.pt", base_width=16)
+    cfg = load_config(None, [f"model.weights={tmp_path / 'cls.pt'}", "model.depth=18"], task="det")
+    with pytest.raises(ValueError, match=r"base_width=16.*model\.base_width=64"):
+        detector_kwargs_from_config(cfg.model, num_classes=2)
+
+
+def test_foreign_weights_default_to_imagenet_normalisation(tmp_path):
+    torch.save(build_resnet(18).state_dict(), tmp_path / "tv.pth")
+    cfg = load_config(None, [f"model.weights={tmp_path / 'tv.pth'}", "model.depth=18"], task="det")
+    kwargs = detector_kwargs_from_config(cfg.model, num_classes=2)
+    assert kwargs["pixel_mean"] == pytest.approx([123.675, 116.28, 103.53])
+    assert kwargs["pixel_std"] == pytest.approx([58.395, 57.12, 57.375])

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -31,7 +32,9 @@ from detres.models.backbone import build_resnet_c4  # noqa: E402
 from detres.models.roi_heads import BoxHead, FastRCNNPredictor, RoIHeads, RoIPooler  # noqa: E402
 
 STAGES = ("pool", "conv5_head", "predictor", "postprocess")
-DEFAULT_VARIANTS = ("torchvision", "ours", "ours_fast")
+# ours_before: the region pipeline as it was before the optimisations (one-shot, BN unfolded);
+# ours: the library default now (RoIs chunked at inference); ours_fast: + fast_path (BN folded).
+DEFAULT_VARIANTS = ("torchvision", "ours_before", "ours", "ours_fast")
 ALL_VARIANTS = DEFAULT_VARIANTS + ("ours_fast_channels_last", "torchvision_folded")
 POOL_SIZE = 14
 STRIDE = 16
@@ -51,7 +54,7 @@ def _randomise_norms(module: nn.Module, generator: torch.Generator) -> None:
             m.running_var.copy_(torch.rand(n, generator=generator) * 1.5 + 0.5)
 
 
-def build_ours(depth: int, num_classes: int, seed: int) -> RoIHeads:
+def build_ours(depth: int, num_classes: int, seed: int, roi_chunk: int | None = None) -> RoIHeads:
     """detres region pipeline as build_faster_rcnn assembles it (roi_pool 14x14, C5 head, sibling predictor)."""
     torch.manual_seed(seed)
     _, conv5_head, dim = build_resnet_c4(depth, frozen_bn=True)
@@ -63,6 +66,7 @@ def build_ours(depth: int, num_classes: int, seed: int) -> RoIHeads:
         score_thresh=SCORE_THRESH,
         nms_thresh=NMS_THRESH,
         detections_per_img=DETS_PER_IMG,
+        **({} if roi_chunk is None else {"inference_roi_chunk": roi_chunk}),
     )
     with torch.no_grad():
         _randomise_norms(heads, torch.Generator().manual_seed(seed + 1))
@@ -148,58 +152,73 @@ def make_inputs(
 
 
 # ------------------------------------------------------------------------------------------ variants
-def stage_fns(variant: str, model: nn.Module, features, proposals, sizes) -> dict[str, Callable[[], object]]:
-    """Zero-argument callables for each stage, fed with the previous stage's precomputed output."""
-    cl = variant.endswith("channels_last")
+def _chunks(model: nn.Module, features: torch.Tensor, proposals: list[torch.Tensor]) -> list[tuple[int, torch.Tensor]]:
+    """(image index, boxes) pieces in the order RoIHeads.region_features processes them (-1: one shot)."""
+    chunk = getattr(model, "inference_roi_chunk", 0)
+    if chunk <= 0 or features.device.type != "cpu" or sum(p.shape[0] for p in proposals) <= chunk:
+        return [(-1, torch.empty(0))]
+    return [(i, p[s : s + chunk]) for i, p in enumerate(proposals) for s in range(0, p.shape[0], chunk)]
+
+
+def stage_fns(model: nn.Module, features, proposals, sizes) -> dict[str, Callable[[], object]]:
+    """Zero-argument callables for each stage, fed with the previous stage's precomputed output.
+
+    Chunked variants are timed chunk by chunk, exactly as region_features runs them.
+    """
     with torch.inference_mode():
         if isinstance(model, TorchvisionRegionPipeline):
-            pool = lambda: model.pool(features, proposals)  # noqa: E731
-            pooled = pool()
-            head = lambda: model.head(pooled)  # noqa: E731
-            vecs = head()
-            pred = lambda: model.predictor(vecs)  # noqa: E731
-            logits, deltas = pred()
-            post = lambda: model.post.postprocess_detections(logits, deltas, proposals, sizes)  # noqa: E731
+            pool_one, head_one, predict = model.pool, model.head, model.predictor
+            post = model.post.postprocess_detections
         else:
-            if cl:
-                pool = lambda: model.pooler(features, proposals).contiguous(memory_format=torch.channels_last)  # noqa: E731
-            else:
-                pool = lambda: model.pooler(features, proposals)  # noqa: E731
-            pooled = pool()
-            head = lambda: model.box_head(pooled)  # noqa: E731
-            vecs = head()
-            pred = lambda: model.predict(vecs)  # noqa: E731
-            logits, deltas = pred()
-            post = lambda: model.postprocess_detections(logits, deltas, proposals, sizes)  # noqa: E731
-    return dict(zip(STAGES, (pool, head, pred, post)))
+            pool_one, head_one, predict = model.pooler, model.box_head, model.predict
+            post = model.postprocess_detections
+        pieces = _chunks(model, features, proposals)
+
+        def pool():
+            if pieces[0][0] < 0:
+                return [pool_one(features, proposals)]
+            return [pool_one(features[i : i + 1], [boxes]) for i, boxes in pieces]
+
+        pooled = pool()
+
+        def head():
+            return torch.cat([head_one(x) for x in pooled])
+
+        vecs = head()
+        logits, deltas = predict(vecs)
+    return {
+        "pool": pool,
+        "conv5_head": head,
+        "predictor": lambda: predict(vecs),
+        "postprocess": lambda: post(logits, deltas, proposals, sizes),
+    }
 
 
-def end_to_end_fn(variant: str, model: nn.Module, features, proposals, sizes) -> Callable[[], object]:
-    if variant.endswith("channels_last"):
-        # roi_pool's output is NCHW; the conversion is part of the cost of this variant.
-        def run():
-            vecs = model.box_head(model.pooler(features, proposals).contiguous(memory_format=torch.channels_last))
-            logits, deltas = model.predict(vecs)
-            return model.postprocess_detections(logits, deltas, proposals, sizes)
-        return run
+def end_to_end_fn(model: nn.Module, features, proposals, sizes) -> Callable[[], object]:
     if isinstance(model, TorchvisionRegionPipeline):
         return lambda: model(features, proposals, sizes)
     return lambda: model(features, proposals, sizes)[0]
 
 
-def build_variants(names: Sequence[str], depth: int, num_classes: int, seed: int, features, proposals, device):
-    ours = build_ours(depth, num_classes, seed)
+def build_variants(
+    names: Sequence[str], depth: int, num_classes: int, seed: int, roi_chunk: int | None, features, proposals, device
+):
+    ours = build_ours(depth, num_classes, seed, roi_chunk)
     calibrate_scores(ours, features.cpu(), [p.cpu() for p in proposals], seed)
     tv = build_torchvision(ours, depth, num_classes)
     made: dict[str, nn.Module] = {}
     for name in names:
         if name == "ours":
             made[name] = ours
+        elif name == "ours_before":
+            made[name] = copy.deepcopy(ours)
+            made[name].inference_roi_chunk = 0
         elif name == "torchvision":
             made[name] = tv
         elif name == "ours_fast":
             made[name] = prepare_for_inference(ours)
         elif name == "ours_fast_channels_last":
+            # channels_last weights make every conv run (and return) NHWC; the NCHW pooled input is converted by conv.
             made[name] = prepare_for_inference(ours).to(memory_format=torch.channels_last)
         elif name == "torchvision_folded":
             made[name] = prepare_for_inference(tv)
@@ -209,20 +228,26 @@ def build_variants(names: Sequence[str], depth: int, num_classes: int, seed: int
 
 
 def check_agreement(models: dict[str, nn.Module], features, proposals, sizes) -> dict[str, dict[str, float]]:
-    """Every variant must give the torchvision detections (same count, boxes/scores within fp32 noise)."""
+    """Every variant must give the torchvision detections (same count, boxes/scores within fp32 noise), image by image."""
     with torch.inference_mode():
-        outs = {n: end_to_end_fn(n, m, features, proposals, sizes)() for n, m in models.items()}
+        outs = {n: end_to_end_fn(m, features, proposals, sizes)() for n, m in models.items()}
     ref_name = "torchvision" if "torchvision" in outs else next(iter(outs))
-    ref = outs[ref_name]
-    ref = ref[0] if isinstance(ref, list) else ref
     report = {}
     for name, out in outs.items():
-        out = out[0] if isinstance(out, list) else out
-        entry = {"num_detections": int(out["scores"].numel()), "reference": ref_name}
-        if out["scores"].shape == ref["scores"].shape and out["scores"].numel():
-            entry["max_abs_score_diff"] = float((out["scores"] - ref["scores"]).abs().max())
-            entry["max_abs_box_diff"] = float((out["boxes"] - ref["boxes"]).abs().max())
-            entry["labels_equal"] = bool(torch.equal(out["labels"], ref["labels"]))
+        entry = {"num_detections": 0, "reference": ref_name, "max_abs_score_diff": 0.0, "max_abs_box_diff": 0.0,
+                 "labels_equal": True}
+        for o, r in zip(out, outs[ref_name]):
+            entry["num_detections"] += int(o["scores"].numel())
+            if o["scores"].shape != r["scores"].shape:
+                entry["labels_equal"] = False
+                entry["max_abs_score_diff"] = entry["max_abs_box_diff"] = float("inf")
+                continue
+            if o["scores"].numel():
+                entry["max_abs_score_diff"] = max(entry["max_abs_score_diff"], float((o["scores"] - r["scores"]).abs().max()))
+                entry["max_abs_box_diff"] = max(entry["max_abs_box_diff"], float((o["boxes"] - r["boxes"]).abs().max()))
+                entry["labels_equal"] &= bool(torch.equal(o["labels"], r["labels"]))
+        if not entry["labels_equal"] or entry["max_abs_score_diff"] > 1e-4:
+            print(f"WARNING: {name} detections differ from {ref_name}: {entry}", file=sys.stderr)
         report[name] = entry
     return report
 
@@ -235,15 +260,17 @@ def candidate_count(model: RoIHeads, features, proposals) -> int:
 
 
 # ------------------------------------------------------------------------------------------ timing
-def measure(fn: Callable[[], object], *, threads: int, min_run_time: float, label: str) -> list[float]:
+def measure(fn: Callable[[], object], args: argparse.Namespace, *, label: str) -> list[float]:
     """Per-call times (s) from torch.utils.benchmark (warm-up and thread count handled by Timer)."""
     def wrapped():
         with torch.inference_mode():
             return fn()
 
-    timer = Timer(stmt="fn()", globals={"fn": wrapped}, num_threads=threads, label=label)
-    m = timer.blocked_autorange(min_run_time=min_run_time)
-    return [t for t in m.times]
+    # Process CPU time ignores the time this single-threaded process waits for a core on a
+    # machine shared with other jobs; Timer's default clock (wall, CUDA-synchronised) otherwise.
+    extra = {"timer": time.process_time} if args.clock == "process" else {}
+    timer = Timer(stmt="fn()", globals={"fn": wrapped}, num_threads=args.threads, label=label, **extra)
+    return list(timer.blocked_autorange(min_run_time=args.min_run_time).times)
 
 
 def bench_config(args, device: torch.device, depth: int) -> dict:
@@ -252,7 +279,9 @@ def bench_config(args, device: torch.device, depth: int) -> dict:
         num_images=args.images, rois=args.rois, channels=channels, image_hw=tuple(args.image_size),
         device=device, seed=args.seed,
     )
-    models = build_variants(args.variants, depth, args.num_classes, args.seed, features, proposals, device)
+    models = build_variants(
+        args.variants, depth, args.num_classes, args.seed, args.roi_chunk, features, proposals, device
+    )
     agreement = check_agreement(models, features, proposals, sizes)
     ours_any = next(m for n, m in models.items() if n.startswith("ours"))
     info = {
@@ -262,14 +291,14 @@ def bench_config(args, device: torch.device, depth: int) -> dict:
         "batchnorm_layers": {n: count_batchnorm(m) for n, m in models.items()},
         "agreement": agreement,
     }
-    e2e = {n: end_to_end_fn(n, m, features, proposals, sizes) for n, m in models.items()}
+    e2e = {n: end_to_end_fn(m, features, proposals, sizes) for n, m in models.items()}
     times: dict[str, list[float]] = {n: [] for n in models}
     round_medians: dict[str, list[float]] = {n: [] for n in models}
     for r in range(args.rounds):
         # Interleave variants each round so drifting load from other users hits all of them alike.
         order = list(models) if r % 2 == 0 else list(reversed(list(models)))
         for name in order:
-            t = measure(e2e[name], threads=args.threads, min_run_time=args.min_run_time, label=name)
+            t = measure(e2e[name], args, label=name)
             times[name] += t
             round_medians[name].append(statistics.median(t))
     rows = []
@@ -286,8 +315,8 @@ def bench_config(args, device: torch.device, depth: int) -> dict:
     breakdown = {}
     if not args.no_breakdown:
         for name, model in models.items():
-            fns = stage_fns(name, model, features, proposals, sizes)
-            st = {s: statistics.median(measure(f, threads=args.threads, min_run_time=args.min_run_time, label=s))
+            fns = stage_fns(model, features, proposals, sizes)
+            st = {s: statistics.median(measure(f, args, label=s))
                   for s, f in fns.items()}
             total = sum(st.values())
             breakdown[name] = {s: {"median_s": v, "fraction": v / total} for s, v in st.items()}
@@ -310,7 +339,8 @@ def print_report(result: dict) -> None:
             print(f"{name:<26}{cells}")
     agree = ", ".join(
         f"{n}: {a['num_detections']} dets"
-        + (f" |dscore|<={a['max_abs_score_diff']:.1e} |dbox|<={a['max_abs_box_diff']:.1e}" if "max_abs_score_diff" in a else "")
+        + f" |dscore|<={a['max_abs_score_diff']:.1e} |dbox|<={a['max_abs_box_diff']:.1e}"
+        + ("" if a["labels_equal"] else " LABELS DIFFER")
         for n, a in info["agreement"].items()
     )
     print(f"agreement vs {next(iter(info['agreement'].values()))['reference']}: {agree}")
@@ -318,29 +348,43 @@ def print_report(result: dict) -> None:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--rois", type=int, default=None, help="RoIs per image (default 300; 16 with --quick)")
-    p.add_argument("--quick", action="store_true", help="16 RoIs, short timing windows: finishes in < 60 s")
+    p.add_argument("--rois", type=int, default=None, help="RoIs per image (default 300; 32 with --quick)")
+    p.add_argument("--quick", action="store_true", help="32 RoIs in chunks of 16, 2 rounds, no stage breakdown: finishes in < 60 s")
     p.add_argument("--depths", type=int, nargs="+", default=[50, 18], help="ResNet depths of the C4 head")
     p.add_argument("--images", type=int, default=1, help="images per batch")
     p.add_argument("--num-classes", type=int, default=20, help="object classes K (the predictor adds background)")
     p.add_argument("--image-size", type=int, nargs=2, default=[600, 800], metavar=("H", "W"))
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (fixed for every measurement)")
-    p.add_argument("--rounds", type=int, default=3, help="interleaved measurement rounds per variant")
+    p.add_argument("--rounds", type=int, default=None, help="interleaved measurement rounds per variant (3; 2 with --quick)")
     p.add_argument("--min-run-time", type=float, default=None, help="Timer.blocked_autorange window per round (s)")
     p.add_argument("--devices", nargs="+", default=None, help="cpu and/or cuda (default: cpu, plus cuda if available)")
     p.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), choices=ALL_VARIANTS)
     p.add_argument("--no-breakdown", action="store_true", help="skip the per-stage timings")
+    p.add_argument("--roi-chunk", type=int, default=None,
+                   help="inference_roi_chunk of the ours/ours_fast variants (default: the RoIHeads default)")
+    p.add_argument("--clock", choices=("auto", "wall", "process"), default="auto",
+                   help="auto: process CPU time for CPU runs with --threads 1, wall time otherwise")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json-out", type=Path, default=None, help="write all measurements to this JSON file")
     args = p.parse_args(argv)
     if args.rois is None:
-        args.rois = 16 if args.quick else 300
+        args.rois = 32 if args.quick else 300
+    if args.quick and args.roi_chunk is None:
+        args.roi_chunk = 16  # so that 32 RoIs still take the chunked path
+    if args.quick:
+        args.no_breakdown = True
+    if args.rounds is None:
+        args.rounds = 2 if args.quick else 3
     if args.min_run_time is None:
         args.min_run_time = 0.05 if args.quick else 1.0
     if args.rois < 1 or args.images < 1 or args.threads < 1 or args.rounds < 1:
         p.error("--rois, --images, --threads and --rounds must be >= 1")
     if args.devices is None:
         args.devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    if args.clock == "auto":
+        args.clock = "process" if args.threads == 1 and args.devices == ["cpu"] else "wall"
+    if args.clock == "process" and (args.threads != 1 or "cuda" in args.devices):
+        p.error("--clock process measures CPU time: only meaningful with --threads 1 on --devices cpu")
     for d in args.devices:
         if d not in ("cpu", "cuda"):
             p.error(f"--devices: expected cpu or cuda, got {d!r}")
@@ -358,7 +402,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "os_cpu_count": os.cpu_count(), "torch": torch.__version__, "torchvision": torchvision.__version__,
         "threads": args.threads, "load_avg_1m_at_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
     }
-    print(f"torch {torch.__version__}  torchvision {torchvision.__version__}  threads={args.threads}  "
+    machine["clock"] = args.clock
+    print(f"torch {torch.__version__}  torchvision {torchvision.__version__}  threads={args.threads}  clock={args.clock}  "
           f"cpus={os.cpu_count()}  load(1m)={machine['load_avg_1m_at_start']}")
     results = []
     for dev in args.devices:

@@ -48,7 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--resize", type=_size_or_none, default="auto",
                         help="1crop/10crop: shorter side before cropping ('none' keeps the size; default: what the "
                              "checkpoint was trained for, 256 for ImageNet nets, none for CIFAR nets)")
-    parser.add_argument("--crop", type=_size_or_none, default="auto", help="1crop/10crop crop size (default: the training crop, 224 or 32)")
+    parser.add_argument("--crop", type=_size_or_none, default="auto",
+                        help="1crop/10crop crop size (default: the training crop, 224 or 32)")
     parser.add_argument("--scales", type=int, nargs="+", default=None, help="multiscale: shorter sides")
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--num-workers", type=int, default=0)

@@ -58,7 +58,10 @@ def run(checkpoint: Path, source: Path, out_dir: Path, *, score_thresh: float, d
     """Detect on every input image, write the drawn PNGs and detections.json; returns the JSON content."""
     images = list_images(source)
     pngs = output_png_paths(images, out_dir)
-    torch_device = resolve_device(device)
+    try:
+        torch_device = resolve_device(device)
+    except RuntimeError as exc:  # torch's message for an unknown device string
+        raise ValueError(f"--device {device!r}: {exc}") from None
     if torch_device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: CUDA is not available on this machine")
     predictor = Predictor(checkpoint, device=torch_device)
@@ -72,7 +75,7 @@ def run(checkpoint: Path, source: Path, out_dir: Path, *, score_thresh: float, d
             "file": str(path), "height": int(image.shape[0]), "width": int(image.shape[1]), "visualization": str(png),
             "boxes": [[float(v) for v in box] for box in det["boxes"]],
             "scores": [float(s) for s in det["scores"]],
-            "labels": [int(l) for l in det["labels"]],
+            "labels": [int(label) for label in det["labels"]],
             "class_names": det["class_names"],
         })
         print(f"{path}: {len(det['scores'])} detections >= {score_thresh}")

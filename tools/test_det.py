@@ -11,10 +11,23 @@ import json
 import sys
 from pathlib import Path
 
-from detres.config.load import ConfigError, load_config
-from detres.data.build import build_detection_dataset
-from detres.engine.cls_trainer import resolve_device
-from detres.engine.det_trainer import load_detector, test_detector
+try:
+    import detres  # noqa: F401
+except ImportError:  # running from a source checkout without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from detres.config.load import ConfigError, load_config  # noqa: E402
+from detres.data.build import build_detection_dataset  # noqa: E402
+from detres.engine.cls_trainer import resolve_device  # noqa: E402
+from detres.engine.det_trainer import load_detector, test_detector  # noqa: E402
+
+
+def error_message(exc: BaseException) -> str:
+    """The exception's message; for one re-raised from a DataLoader worker, its original last line."""
+    text = str(exc)
+    if "Original Traceback" in text:  # torch wraps worker errors with the worker's whole traceback
+        text = [line for line in text.splitlines() if line.strip()][-1]
+    return text
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out) if args.out else Path(cfg.output_dir) / "test"
         metrics = test_detector(model, dataset, meta, cfg, out_dir=out, device=device)
     except (ConfigError, FileNotFoundError, ValueError) as exc:
-        print(f"test_det: error: {exc}", file=sys.stderr)
+        print(f"test_det: error: {error_message(exc)}", file=sys.stderr)
         return 2
     print(json.dumps({"COCO": metrics["coco"]["summary"], "VOC mAP": metrics["voc"]["mAP"],
                       "VOC per class": metrics["voc"]["per_class"], "out": str(out)}, indent=2))

@@ -1,4 +1,4 @@
-"""Evaluate any classification checkpoint on an ImageFolder: train_cls checkpoints, legacy CIFAR .th, torchvision state_dicts.
+"""Evaluate a classification checkpoint of any format (train_cls, legacy CIFAR .th, torchvision) on an ImageFolder.
 
 The checkpoint format is detected from its contents (``detect_checkpoint_format``):
 
@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-import torch
 from torch import Tensor, nn
 from torch.utils.data import Subset
 

@@ -99,6 +99,10 @@ def _train_classifier(cfg: Config, *, resume: bool) -> dict[str, Any]:
 
     train_set = ImageFolderDataset(cfg.data.train_dir)
     val_set = ImageFolderDataset(cfg.data.val_dir, class_to_idx=train_set.class_to_idx)
+    solver = cfg.solver
+    iters_per_epoch = len(train_set) // solver.batch_size
+    if iters_per_epoch == 0:
+        raise ValueError(f"{cfg.data.train_dir}: {len(train_set)} images, fewer than solver.batch_size={solver.batch_size}")
     state = load_checkpoint(last_path) if resume and last_path.exists() else None
     if state is not None:
         stats = ClsDataStats.from_dict(state["data_stats"])
@@ -111,7 +115,6 @@ def _train_classifier(cfg: Config, *, resume: bool) -> dict[str, Any]:
     if cfg.model.weights and state is None:
         load_pretrained_backbone(model, cfg.model.weights)
     model.to(device)
-    solver = cfg.solver
     optimizer = torch.optim.SGD(model.parameters(), lr=solver.base_lr, momentum=solver.momentum,
                                 weight_decay=solver.weight_decay)
     schedule = LRSchedule(
@@ -132,9 +135,6 @@ def _train_classifier(cfg: Config, *, resume: bool) -> dict[str, Any]:
                                                       stats, train_set.class_names, cfg, window))
 
     seeded = EpochSeededDataset(train_set, seed=cfg.seed)
-    iters_per_epoch = len(train_set) // solver.batch_size
-    if iters_per_epoch == 0:
-        raise ValueError(f"{cfg.data.train_dir}: {len(train_set)} images, fewer than solver.batch_size={solver.batch_size}")
     iteration = start_iter
     window: list[tuple[float, float]] = [] if state is None else [tuple(w) for w in state.get("log_window", [])]
     started = time.time()
@@ -142,7 +142,8 @@ def _train_classifier(cfg: Config, *, resume: bool) -> dict[str, Any]:
     with tqdm(total=solver.max_iter, initial=start_iter, desc="train_cls", dynamic_ncols=True) as progress:
         while iteration < solver.max_iter:
             epoch, first_batch = divmod(iteration, iters_per_epoch)
-            sampler = EpochBatchSampler(len(train_set), solver.batch_size, seed=cfg.seed, epoch=epoch, start_batch=first_batch)
+            sampler = EpochBatchSampler(len(train_set), solver.batch_size, seed=cfg.seed, epoch=epoch,
+                                        start_batch=first_batch)
             model.train()
             for images, targets in _loader(seeded, sampler, cfg.data.num_workers):
                 lr = schedule.apply(iteration)

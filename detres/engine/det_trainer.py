@@ -60,7 +60,19 @@ def detector_metadata(dataset, cfg: Config) -> dict[str, Any]:
 
 
 def train_detector(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
-    """Train on ``data.train_*``, evaluate periodically and at the end on ``data.val_*``; returns metrics."""
+    """Train on ``data.train_*``, evaluate periodically and at the end on ``data.val_*``; returns metrics.
+
+    Writes ``config.yaml``, ``metrics.jsonl`` (losses every ``log_period``, AP at each evaluation),
+    ``last.pt`` (every ``checkpoint_period``), ``model_final.pt``, ``metrics.json``, the curve PNGs
+    and ``test/`` (see :func:`test_detector`) under ``cfg.output_dir``. An existing ``last.pt`` is
+    never overwritten unless ``resume``.
+
+    Resuming restores the weights, the optimizer state (momentum buffers) and the iteration from
+    ``last.pt``; the LR schedule is a function of the iteration, and the batch stream is seeded and
+    skips to the same batch, so the run sees the same images in the same order as an uninterrupted
+    one. It is not bit-identical to one: the random horizontal flips and the RPN / RoI sampling
+    draws are not part of the checkpoint and are drawn afresh after a resume.
+    """
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     last_path = out / "last.pt"
@@ -192,7 +204,8 @@ def load_detector(path: str | Path, *, device: torch.device | str = "cpu") -> tu
     state = load_checkpoint(path)
     missing = [key for key in ("model", "model_args", "meta") if key not in state]
     if missing:
-        raise ValueError(f"{path}: not a train_det checkpoint (missing {missing})")
+        hint = " (a train_cls checkpoint? use it as model.weights)" if "data_stats" in state else ""
+        raise ValueError(f"{path}: not a train_det checkpoint (missing {missing}){hint}")
     model = build_detector(**dict(state["model_args"], weights_path=None))
     model.load_state_dict(state["model"])
     return model.to(device).eval(), dict(state["meta"], config=state.get("config"))

@@ -64,6 +64,11 @@ def _fold_pair(conv: nn.Conv2d, norm: nn.Module, where: str) -> None:
     conv.bias = nn.Parameter(bias.detach().to(dtype), requires_grad=False)
 
 
+def _identity_like(norm: nn.Module) -> nn.Identity:
+    """The norm's replacement, in the same train/eval mode so that model.training stays uniform."""
+    return nn.Identity().train(norm.training)
+
+
 def _fold_children(module: nn.Module, prefix: str) -> int:
     folded = 0
     if isinstance(module, nn.Sequential):
@@ -72,14 +77,14 @@ def _fold_children(module: nn.Module, prefix: str) -> int:
             conv, norm = module._modules[first], module._modules[second]
             if isinstance(conv, nn.Conv2d) and isinstance(norm, _NORM_TYPES):
                 _fold_pair(conv, norm, f"{prefix}{second}")
-                module._modules[second] = nn.Identity()
+                module._modules[second] = _identity_like(norm)
                 folded += 1
     elif isinstance(module, _CONV_BN_OWNERS):
         for conv_name, norm_name in _NAMED_PAIRS:
             conv, norm = getattr(module, conv_name, None), getattr(module, norm_name, None)
             if isinstance(conv, nn.Conv2d) and isinstance(norm, _NORM_TYPES):
                 _fold_pair(conv, norm, f"{prefix}{norm_name}")
-                setattr(module, norm_name, nn.Identity())
+                setattr(module, norm_name, _identity_like(norm))
                 folded += 1
     for name, child in module.named_children():
         folded += _fold_children(child, f"{prefix}{name}.")
@@ -94,6 +99,9 @@ def fold_frozen_batchnorm(model: nn.Module, *, inplace: bool = False) -> nn.Modu
     the norm becomes nn.Identity. A per-channel affine after a conv is the same as scaling the
     conv's output filters, so the result matches the original up to fp32 rounding while skipping
     two elementwise passes over every activation.
+
+    The result is for inference: its state_dict (conv biases, no norm entries) no longer loads
+    training checkpoints, so fold after loading weights.
 
     Args:
         model: any module; norms in other places are left as they are (see ``count_batchnorm``).
@@ -114,7 +122,7 @@ def prepare_for_inference(model: nn.Module, *, fold_bn: bool = True) -> nn.Modul
     """
     out = copy.deepcopy(model).eval()
     if fold_bn:
-        out = fold_frozen_batchnorm(out, inplace=True)
+        out = fold_frozen_batchnorm(out, inplace=True).eval()
     for p in out.parameters():
         p.requires_grad_(False)
     return out

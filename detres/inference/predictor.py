@@ -83,5 +83,6 @@ class Predictor:
         boxes = det["boxes"][keep].numpy().astype(np.float32).reshape(-1, 4)
         scores = det["scores"][keep].numpy().astype(np.float32)
         labels = det["labels"][keep].numpy().astype(np.int64)
-        names = [self.class_names[int(l) - 1] if 1 <= int(l) <= len(self.class_names) else str(int(l)) for l in labels]
+        names = [self.class_names[label - 1] if 1 <= label <= len(self.class_names) else str(label)
+                 for label in labels.tolist()]
         return {"boxes": boxes, "scores": scores, "labels": labels, "class_names": names}

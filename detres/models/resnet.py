@@ -102,7 +102,7 @@ class BasicBlock(nn.Module):
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
         if self.residual:
-            out = out + (x if self.downsample is None else self.downsample(x))
+            out += x if self.downsample is None else self.downsample(x)  # in place: no extra tensor
         return self.relu(out)
 
 
@@ -148,7 +148,7 @@ class Bottleneck(nn.Module):
         out = self.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
         if self.residual:
-            out = out + (x if self.downsample is None else self.downsample(x))
+            out += x if self.downsample is None else self.downsample(x)  # in place: no extra tensor
         return self.relu(out)
 
 

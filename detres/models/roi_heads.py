@@ -161,6 +161,12 @@ class RoIHeads(nn.Module):
     max IoU in [``bg_iou_thresh_lo``, ``bg_iou_thresh_hi``); everything else (e.g. IoU below
     ``bg_iou_thresh_lo``) is ignored and never sampled. With ``bg_iou_thresh_lo=0`` proposals of
     images without objects are background; otherwise such images contribute no RoIs.
+
+    ``inference_roi_chunk``: on CPU outside training, pool and run the box head on at most this
+    many RoIs of one image at a time (<= 0: all at once). Each RoI is processed independently,
+    so the outputs are the same up to fp32 rounding, while the peak memory of a 300-RoI
+    ResNet-50 head drops from ~0.8 GB to ~0.1 GB, which measured ~25% faster on CPU
+    (benchmarks/README.md). GPUs keep the one-shot call (they need the large batch).
     """
 
     def __init__(
@@ -180,6 +186,7 @@ class RoIHeads(nn.Module):
         detections_per_img: int = 100,
         add_gt_as_proposals: bool = True,
         smooth_l1_beta: float = 1.0,
+        inference_roi_chunk: int = 32,
     ) -> None:
         super().__init__()
         if not 0.0 <= bg_iou_thresh_lo <= bg_iou_thresh_hi <= fg_iou_thresh <= 1.0:
@@ -206,6 +213,7 @@ class RoIHeads(nn.Module):
         self.detections_per_img = int(detections_per_img)
         self.add_gt_as_proposals = bool(add_gt_as_proposals)
         self.smooth_l1_beta = float(smooth_l1_beta)
+        self.inference_roi_chunk = int(inference_roi_chunk)
         self.box_coder = BoxCoder(weights=tuple(bbox_reg_weights))
         # IoU >= fg -> matched gt index; IoU < hi -> -1 (background candidate); between -> -2.
         self.matcher = Matcher(
@@ -296,7 +304,21 @@ class RoIHeads(nn.Module):
         self, features: torch.Tensor, proposals: Sequence[torch.Tensor], image_sizes: Sequence[tuple[int, int]]
     ) -> torch.Tensor:
         """Pool every proposal and run the box head: [sum Ni, D]. ``image_sizes`` is for subclasses (context)."""
-        return self.box_head(self.pooler(features, proposals))
+        chunk = self.inference_roi_chunk
+        if (
+            self.training
+            or chunk <= 0
+            or features.device.type != "cpu"
+            or sum(p.shape[0] for p in proposals) <= chunk
+        ):
+            return self.box_head(self.pooler(features, proposals))
+        # Image by image, chunk by chunk: the same rows in the same order as the one-shot call.
+        parts = [
+            self.box_head(self.pooler(features[i : i + 1], [props[start : start + chunk]]))
+            for i, props in enumerate(proposals)
+            for start in range(0, props.shape[0], chunk)
+        ]
+        return torch.cat(parts)
 
     def predict(self, region_feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[R,D] -> (class_logits [R,K+1], box_deltas [R,4(K+1)])."""

@@ -1,0 +1,228 @@
+"""Tests for detres.engine.det_trainer: overfitting a few images, a run's outputs, resume, checkpoint round trip."""
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import detres.models.faster_rcnn as faster_rcnn_module
+from detres.config.load import load_config
+from detres.data.build import build_detection_dataset
+from detres.data.image_io import read_image_rgb
+from detres.data.synthetic import generate_shapes_world
+from detres.engine import det_trainer
+from detres.engine.checkpoint import load_checkpoint, save_checkpoint
+from detres.engine.det_inference import run_inference
+from detres.engine.logging import read_json_lines
+from detres.evaluation.coco import SUMMARY_KEYS
+
+# Sized for a CPU test: ResNet-18 layout at a quarter of the width (base_width 16), ~128 px inputs,
+# few proposals and RoIs, 8x8 RoI pooling (4x4 after conv5's stride 2).
+TINY = [
+    "device=cpu", "model.depth=18", "model.base_width=16", "model.freeze_at=0", "model.anchor_sizes=[16, 32, 64]",
+    "model.rpn.pre_nms_top_n_train=300", "model.rpn.post_nms_top_n_train=50", "model.rpn.pre_nms_top_n_test=300",
+    "model.rpn.post_nms_top_n_test=50", "model.rpn.batch_size_per_image=64",
+    "model.roi_heads.batch_size_per_image=16", "model.roi_heads.pooler_resolution=8",
+    "input.min_size_train=[128]", "input.max_size_train=192", "input.min_size_test=128", "input.max_size_test=192",
+    "data.num_workers=0", "solver.base_lr=0.02", "solver.warmup_iters=10", "solver.warmup_lr=0.002",
+    "test.vis_images=2",
+]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    """4 training and 2 validation shapes-world images (64..96 px); COCO category ids renumbered 10k+3."""
+    root = tmp_path_factory.mktemp("world")
+    generate_shapes_world(root, num_cls_train_per_class=0, num_cls_val_per_class=0, num_det_train=4, num_det_val=2,
+                          num_loc_train=0, num_loc_val=0, det_size=(64, 96))
+    det = root / "det"
+    # Non-contiguous category ids, so that results written with labels instead of ids would be caught.
+    for split in ("train", "val"):
+        path = det / "annotations" / f"instances_{split}.json"
+        coco = json.loads(path.read_text())
+        for cat in coco["categories"]:
+            cat["id"] = 10 * cat["id"] + 3
+        for ann in coco["annotations"]:
+            ann["category_id"] = 10 * ann["category_id"] + 3
+        (det / "annotations" / f"renumbered_{split}.json").write_text(json.dumps(coco))
+    return det
+
+
+def _coco_cfg(det: Path, out: Path, *overrides: str, val: str = "val"):
+    data = [f"data.train_images={det / 'images'}", f"data.train_ann={det / 'annotations' / 'renumbered_train.json'}",
+            f"data.val_images={det / 'images'}", f"data.val_ann={det / 'annotations' / f'renumbered_{val}.json'}"]
+    return load_config(None, [f"output_dir={out}", *TINY, *data, *overrides], task="det")
+
+
+# ------------------------------------------------------------------------------------------- overfitting
+@pytest.fixture
+def trainable_bn(monkeypatch):
+    """From random init there are no BN statistics to freeze (the paper freezes pre-trained ones): let BN train."""
+    real = faster_rcnn_module.build_resnet_c4
+    monkeypatch.setattr(faster_rcnn_module, "build_resnet_c4", lambda *a, **k: real(*a, **{**k, "frozen_bn": False}))
+
+
+def test_overfitting_four_shapes_world_images_reaches_near_perfect_map(world, tmp_path, trainable_bn):
+    # The 4 VOC training images are also the evaluation set. No flips (nothing to generalise to);
+    # background RoIs from IoU 0 (py-faster-rcnn's end-to-end setting) so that empty background is
+    # learned too; 2 images per batch = twice the updates per second of 4.
+    cfg = load_config(None, [
+        f"output_dir={tmp_path / 'run'}", *TINY, "seed=0", "data.format=voc",
+        f"data.train_images={world / 'voc'}", "data.train_ann=train", f"data.val_images={world / 'voc'}",
+        "data.val_ann=train", "input.flip_prob=0.0", "model.roi_heads.bg_iou_thresh_lo=0.0",
+        "model.roi_heads.positive_fraction=0.5", "solver.images_per_batch=2", "solver.max_iter=200",
+        "solver.steps=[170]", "solver.eval_period=0", "solver.checkpoint_period=1000", "solver.log_period=20",
+        "test.vis_images=0",
+    ], task="det")
+    metrics = det_trainer.train_detector(cfg)
+    losses = [r["loss"] for r in read_json_lines(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
+    assert losses[-1] < 0.3 * losses[0], losses
+    assert metrics["voc"]["mAP"] >= 0.9, metrics["voc"]["per_class"]
+    assert metrics["coco"]["summary"]["AP50"] >= 0.9
+
+
+# ------------------------------------------------------------------------------------------- a short run
+@pytest.fixture(scope="module")
+def short_run(world, tmp_path_factory) -> tuple[Path, dict]:
+    """4 iterations (checkpoint every 2, evaluation at 2) on the COCO files with renumbered categories."""
+    out = tmp_path_factory.mktemp("short") / "run"
+    cfg = _coco_cfg(world, out, "solver.images_per_batch=2", "solver.max_iter=4", "solver.steps=[3]",
+                    "solver.warmup_iters=0", "solver.checkpoint_period=2", "solver.eval_period=2",
+                    "solver.log_period=2", "solver.base_lr=0.005")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # an untrained model's COCO/VOC evaluation warns about empty classes
+        metrics = det_trainer.train_detector(cfg)
+    return out, metrics
+
+
+def test_a_run_writes_config_logs_metrics_plots_and_checkpoints(short_run):
+    out, metrics = short_run
+    cfg = load_config(out / "config.yaml")
+    assert cfg.solver.max_iter == 4 and cfg.model.base_width == 16
+    records = read_json_lines(out / "metrics.jsonl")
+    loss_records = [r for r in records if "loss" in r]
+    assert [r["iter"] for r in loss_records] == [2, 4]
+    for r in loss_records:
+        assert all(np.isfinite(r[k]) for k in ("loss", *det_trainer.LOSS_KEYS))
+        assert r["loss"] == pytest.approx(sum(r[k] for k in det_trainer.LOSS_KEYS), rel=1e-5)
+    assert [r["iter"] for r in records if "voc_mAP" in r] == [2, 4]  # periodic evaluation, then the final one
+    saved = json.loads((out / "metrics.json").read_text())
+    assert list(saved["coco"]["summary"]) == list(SUMMARY_KEYS)
+    assert "mAP" in saved["voc"] and saved["iterations"] == 4
+    assert saved["coco"]["summary"] == pytest.approx(metrics["coco"]["summary"])
+    assert read_image_rgb(out / "loss_curves.png").shape[2] == 3
+    final = load_checkpoint(out / "model_final.pt")
+    assert final["iter"] == 4 and "optimizer" not in final
+    assert final["meta"]["class_names"][0] == "circle"
+    assert final["meta"]["label_to_category_id"][1] == 13  # contiguous label 1 is category id 13
+    assert load_checkpoint(out / "last.pt")["iter"] == 4
+
+
+def test_test_outputs_use_original_category_ids_xywh_and_devkit_files(short_run, world):
+    out, _ = short_run
+    model, meta = det_trainer.load_detector(out / "model_final.pt")
+    cfg = load_config(out / "config.yaml")
+    val_set = build_detection_dataset(cfg, "val", train=False)
+    dets = run_inference(model, val_set, device=torch.device("cpu"), progress=False)
+    # The written results are exactly the reloaded model's detections (round trip), converted to COCO.
+    results = json.loads((out / "test" / "coco_results.json").read_text())
+    expected = [(d["image_id"], 10 * int(label) + 3, [b[0], b[1], b[2] - b[0], b[3] - b[1]], float(s))
+                for d in dets for b, s, label in zip(d["boxes"].tolist(), d["scores"], d["labels"])]
+    assert len(results) == len(expected) > 0
+    for got, (image_id, cat, bbox, score) in zip(results, expected):
+        assert got["image_id"] == image_id and got["category_id"] == cat
+        assert got["bbox"] == pytest.approx(bbox, abs=1e-4) and got["score"] == pytest.approx(score, abs=1e-6)
+    voc_files = sorted((out / "test" / "voc").glob("*.txt"))
+    assert [p.name for p in voc_files] == sorted(f"comp4_det_test_{n}.txt" for n in meta["class_names"])
+    lines = [line.split() for p in voc_files for line in p.read_text().splitlines()]
+    assert len(lines) == len(expected) and all(len(f) == 6 for f in lines)
+    assert {int(f[0]) for f in lines} <= {int(val_set.ids[0]), int(val_set.ids[1])}
+    pngs = sorted(p.name for p in (out / "test" / "vis").glob("*.png"))
+    assert pngs == ["val_000001.png", "val_000002.png"]
+
+
+def test_load_detector_round_trip_gives_identical_detections(short_run):
+    out, _ = short_run
+    state = load_checkpoint(out / "model_final.pt")
+    model_a, meta = det_trainer.load_detector(out / "model_final.pt")
+    model_b, _ = det_trainer.load_detector(out / "last.pt")
+    assert not model_a.training and meta["min_size_test"] == 128 and meta["max_size_test"] == 192
+    for key, value in model_a.state_dict().items():
+        torch.testing.assert_close(value, state["model"][key], rtol=0, atol=0)
+    images = [torch.rand(3, 96, 128, generator=torch.Generator().manual_seed(0)) * 255]
+    with torch.no_grad():
+        a, b = model_a(images)[0], model_b(images)[0]
+    for key in ("boxes", "scores", "labels"):
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+
+
+def test_load_detector_rejects_other_checkpoints(tmp_path):
+    save_checkpoint(tmp_path / "cls.pt", {"model": {}, "model_args": {"arch": "imagenet"}, "class_names": ["a"],
+                                          "data_stats": {}})
+    with pytest.raises(ValueError, match=r"cls\.pt.*not a train_det checkpoint.*model.weights"):
+        det_trainer.load_detector(tmp_path / "cls.pt")
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        det_trainer.load_detector(tmp_path / "missing.pt")
+
+
+def test_an_existing_run_is_not_overwritten_without_resume(short_run, world):
+    out, _ = short_run
+    before = (out / "last.pt").read_bytes()
+    with pytest.raises(FileExistsError, match="last.pt.*--resume"):
+        det_trainer.train_detector(_coco_cfg(world, out, "solver.max_iter=4"))
+    assert (out / "last.pt").read_bytes() == before
+
+
+def test_resume_continues_from_the_checkpoint_iteration_with_its_optimizer_state(short_run, world, tmp_path,
+                                                                                 monkeypatch):
+    out = tmp_path / "resumed"
+    shutil.copytree(short_run[0], out)
+    saved = load_checkpoint(out / "last.pt")
+    loaded: list[dict] = []
+    real_load = torch.optim.SGD.load_state_dict
+
+    def spy(self, state):
+        loaded.append(copy.deepcopy(state))  # the optimizer then updates these buffers in place
+        return real_load(self, state)
+
+    monkeypatch.setattr(torch.optim.SGD, "load_state_dict", spy)
+    cfg = _coco_cfg(world, out, "solver.images_per_batch=2", "solver.max_iter=6", "solver.steps=[3]",
+                    "solver.warmup_iters=0", "solver.checkpoint_period=2", "solver.eval_period=0",
+                    "solver.log_period=2", "solver.base_lr=0.005")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        metrics = det_trainer.train_detector(cfg, resume=True)
+    assert metrics["iterations"] == 6
+    assert [r["iter"] for r in read_json_lines(out / "metrics.jsonl") if "loss" in r] == [2, 4, 6]
+    assert len(loaded) == 1
+    momentum = {k: v["momentum_buffer"] for k, v in saved["optimizer"]["state"].items()}
+    assert len(momentum) > 0 and any(float(b.abs().sum()) > 0 for b in momentum.values())
+    for key, buffer in momentum.items():
+        torch.testing.assert_close(loaded[0]["state"][key]["momentum_buffer"], buffer, rtol=0, atol=0)
+    assert load_checkpoint(out / "last.pt")["iter"] == 6
+
+
+@pytest.mark.parametrize("grouping", [True, False])
+def test_the_training_stream_resumes_at_the_same_batch(world, tmp_path, grouping):
+    cfg = _coco_cfg(world, tmp_path, "solver.images_per_batch=2", f"solver.aspect_ratio_grouping={grouping}",
+                    "input.flip_prob=0.0")
+    dataset = build_detection_dataset(cfg, "train", train=True)
+
+    def image_ids(start: int, count: int) -> list[list[int]]:
+        loader = det_trainer._train_loader(dataset, cfg, start)
+        batches = []
+        for batch in loader:
+            batches.append(batch["image_ids"])
+            if len(batches) == count:
+                return batches
+        return batches
+
+    full = image_ids(0, 7)
+    assert image_ids(4, 3) == full[4:]
+    assert len({i for b in full for i in b}) == 4  # the stream covers every training image

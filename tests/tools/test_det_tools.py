@@ -1,0 +1,225 @@
+"""Tests for tools/train_det.py, tools/test_det.py and tools/infer.py (their main() run in-process)."""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import io
+import json
+import warnings
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import pytest
+import yaml
+
+from detres.data.image_io import read_image_rgb
+from detres.data.synthetic import generate_shapes_world
+from detres.engine.checkpoint import save_checkpoint
+from detres.inference.predictor import Predictor
+from detres.inference.visualize import write_png
+
+TOOLS = Path(__file__).resolve().parents[2] / "tools"
+
+
+def _tool(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"_tool_{name}", TOOLS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+train_det, test_det, infer = _tool("train_det"), _tool("test_det"), _tool("infer")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("world")
+    generate_shapes_world(root, num_cls_train_per_class=0, num_cls_val_per_class=0, num_det_train=3, num_det_val=2,
+                          num_loc_train=0, num_loc_val=0, det_size=(64, 96))
+    return root / "det"
+
+
+def _config(det: Path, out: Path, path: Path, **data_overrides: str) -> Path:
+    """A CPU-test-sized detector config (quarter-width ResNet-18, ~128 px inputs, few RoIs) as a YAML file."""
+    cfg = {
+        "task": "det", "output_dir": str(out), "device": "cpu",
+        "model": {"depth": 18, "base_width": 16, "anchor_sizes": [16, 32, 64],
+                  "rpn": {"pre_nms_top_n_train": 300, "post_nms_top_n_train": 50, "pre_nms_top_n_test": 300,
+                          "post_nms_top_n_test": 50, "batch_size_per_image": 64},
+                  "roi_heads": {"batch_size_per_image": 16, "pooler_resolution": 8}},
+        "data": {"format": "coco", "train_images": str(det / "images"),
+                 "train_ann": str(det / "annotations" / "instances_train.json"), "val_images": str(det / "images"),
+                 "val_ann": str(det / "annotations" / "instances_val.json"), "num_workers": 0, **data_overrides},
+        "input": {"min_size_train": [128], "max_size_train": 192, "min_size_test": 128, "max_size_test": 192},
+        "solver": {"images_per_batch": 2, "base_lr": 0.005, "max_iter": 2, "steps": [], "eval_period": 0,
+                   "checkpoint_period": 2, "log_period": 1},
+        "test": {"vis_images": 2},
+    }
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(world, tmp_path_factory) -> tuple[Path, Path, dict]:
+    """train_det run for 2 iterations: (config path, output folder, printed summary)."""
+    tmp = tmp_path_factory.mktemp("trained")
+    cfg = _config(world, tmp / "run", tmp / "tiny.yaml")
+    capture = _Capture()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # an untrained model's evaluation warns about classes without detections
+        code = capture.run(train_det.main, ["--config", str(cfg)])
+    assert code == 0, capture.err
+    return cfg, tmp / "run", json.loads(capture.out)
+
+
+class _Capture:
+    """Runs a main() with stdout/stderr captured (module-scoped fixtures cannot use capsys)."""
+
+    def run(self, main, argv: list[str]) -> int:
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main(argv)
+        self.out, self.err = out.getvalue(), err.getvalue()
+        return code
+
+
+def test_train_det_prints_a_summary_and_writes_a_run(trained):
+    _, out, summary = trained
+    assert summary["iterations"] == 2 and len(summary["COCO"]) == 12
+    for name in ("config.yaml", "metrics.jsonl", "metrics.json", "loss_curves.png", "last.pt", "model_final.pt",
+                 "test/coco_results.json", "test/metrics.json"):
+        assert (out / name).is_file(), name
+    assert json.loads((out / "metrics.json").read_text())["coco"]["summary"] == pytest.approx(summary["COCO"])
+
+
+def test_test_det_reproduces_the_training_run_metrics(trained, tmp_path, capsys):
+    cfg, out, summary = trained
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        code = test_det.main(["--config", str(cfg), "--checkpoint", str(out / "model_final.pt"),
+                              "--out", str(tmp_path / "t")])
+    printed = capsys.readouterr().out
+    assert code == 0
+    report = json.loads(printed)
+    # Same weights, same test set: the same numbers as the evaluation at the end of training.
+    assert report["COCO"] == pytest.approx(summary["COCO"]) and report["out"] == str(tmp_path / "t")
+    assert (report["VOC mAP"] == pytest.approx(summary["VOC mAP"])) or (report["VOC mAP"] is None is summary["VOC mAP"])
+    written = sorted(str(p.relative_to(tmp_path / "t")) for p in (tmp_path / "t").rglob("*") if p.is_file())
+    assert "coco_results.json" in written and "metrics.json" in written
+    assert sum(name.startswith("voc/comp4_det_test_") for name in written) == 10
+    assert sorted(n for n in written if n.startswith("vis/")) == ["vis/val_000001.png", "vis/val_000002.png"]
+    assert json.loads((tmp_path / "t" / "coco_results.json").read_text()) == \
+        json.loads((out / "test" / "coco_results.json").read_text())
+
+
+def test_test_det_rejects_a_test_set_with_other_classes(trained, world, tmp_path, capsys):
+    cfg, out, _ = trained
+    coco = json.loads((world / "annotations" / "instances_val.json").read_text())
+    coco["categories"][0]["name"] = "blob"
+    ann = tmp_path / "renamed.json"
+    ann.write_text(json.dumps(coco))
+    code = test_det.main(["--config", str(cfg), "--checkpoint", str(out / "model_final.pt"), f"data.val_ann={ann}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "was trained on classes" in err and "blob" in err
+
+
+def test_train_det_bad_input_exits_2_naming_the_problem(world, tmp_path, capsys):
+    missing = tmp_path / "nowhere" / "instances.json"
+    cfg = _config(world, tmp_path / "a", tmp_path / "a.yaml", train_ann=str(missing))
+    assert train_det.main(["--config", str(cfg)]) == 2
+    assert str(missing) in capsys.readouterr().err
+
+    bad_key = tmp_path / "bad_key.yaml"
+    bad_key.write_text(yaml.safe_dump({"task": "det", "model": {"roi_heads": {"pooler_size": 7}}}))
+    assert train_det.main(["--config", str(bad_key)]) == 2
+    err = capsys.readouterr().err
+    assert "model.roi_heads.pooler_size" in err and "pooler_resolution" in err  # names the key and the known ones
+
+    cfg = _config(world, tmp_path / "b", tmp_path / "b.yaml")
+    assert train_det.main(["--config", str(cfg), "solver.momentm=0.9"]) == 2
+    assert "solver.momentm" in capsys.readouterr().err
+
+
+def test_train_det_names_a_missing_image_file(world, tmp_path, capsys):
+    coco = json.loads((world / "annotations" / "instances_train.json").read_text())
+    coco["images"][1]["file_name"] = "gone.png"
+    ann = tmp_path / "broken.json"
+    ann.write_text(json.dumps(coco))
+    cfg = _config(world, tmp_path / "run", tmp_path / "c.yaml", train_ann=str(ann), val_ann=str(ann))
+    assert train_det.main(["--config", str(cfg)]) == 2
+    assert str(world / "images" / "gone.png") in capsys.readouterr().err
+    # Read in a DataLoader worker, the error still comes out as one line naming the file.
+    assert train_det.main(["--config", str(cfg), "data.num_workers=1", f"output_dir={tmp_path / 'run1'}"]) == 2
+    err = capsys.readouterr().err
+    assert str(world / "images" / "gone.png") in err and "Traceback" not in err
+
+
+def test_train_det_refuses_to_overwrite_a_run(trained, capsys):
+    cfg, _, _ = trained
+    assert train_det.main(["--config", str(cfg)]) == 2
+    assert "--resume" in capsys.readouterr().err
+
+
+# -------------------------------------------------------------------------------------------- infer
+def test_infer_writes_detections_json_and_pngs_in_original_pixels(trained, world, tmp_path, capsys):
+    _, out, _ = trained
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in ("val_000001.png", "val_000002.png"):
+        (folder / name).write_bytes((world / "images" / name).read_bytes())
+    (folder / "notes.txt").write_text("not an image, ignored")
+    code = infer.main(["--checkpoint", str(out / "model_final.pt"), "--input", str(folder), "--out",
+                       str(tmp_path / "o"), "--score-thresh", "0.0", "--device", "cpu"])
+    assert code == 0, capsys.readouterr().err
+    result = json.loads((tmp_path / "o" / "detections.json").read_text())
+    assert [Path(r["file"]).name for r in result["images"]] == ["val_000001.png", "val_000002.png"]
+    predictor = Predictor(out / "model_final.pt")
+    total = 0
+    for record in result["images"]:
+        image = read_image_rgb(record["file"])
+        assert (record["height"], record["width"]) == image.shape[:2]
+        expected = predictor.predict(image)
+        np.testing.assert_allclose(np.asarray(record["boxes"]).reshape(-1, 4), expected["boxes"], atol=1e-4)
+        np.testing.assert_allclose(record["scores"], expected["scores"], atol=1e-6)
+        assert record["labels"] == expected["labels"].tolist()
+        assert record["class_names"] == [result["class_names"][label - 1] for label in record["labels"]]
+        boxes = np.asarray(record["boxes"]).reshape(-1, 4)
+        assert (boxes >= 0).all() and (boxes[:, [0, 2]] <= image.shape[1]).all() and (boxes[:, [1, 3]] <= image.shape[0]).all()
+        png = read_image_rgb(tmp_path / "o" / f"{Path(record['file']).stem}.png")
+        assert png.shape == image.shape
+        total += len(record["scores"])
+    assert total > 0  # score threshold 0: the untrained model still returns its top-scoring boxes
+    # A high threshold keeps only what reaches it; a single file works as input too.
+    code = infer.main(["--checkpoint", str(out / "model_final.pt"), "--input", str(folder / "val_000001.png"),
+                       "--out", str(tmp_path / "o2"), "--score-thresh", "0.99", "--device", "cpu"])
+    single = json.loads((tmp_path / "o2" / "detections.json").read_text())
+    assert code == 0 and len(single["images"]) == 1 and all(s >= 0.99 for s in single["images"][0]["scores"])
+
+
+def test_infer_errors_name_the_file(trained, tmp_path, capsys):
+    _, out, _ = trained
+    ckpt = str(out / "model_final.pt")
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+
+    def run(*args: str) -> str:
+        assert infer.main([*args, "--out", str(tmp_path / "o"), "--device", "cpu"]) == 2
+        return capsys.readouterr().err
+
+    assert "has no image files" in run("--checkpoint", ckpt, "--input", str(folder))
+    assert "does not exist" in run("--checkpoint", ckpt, "--input", str(tmp_path / "absent"))
+    (folder / "broken.png").write_bytes(b"this is not a png")
+    err = run("--checkpoint", ckpt, "--input", str(folder))
+    assert str(folder / "broken.png") in err and "Traceback" not in err
+    err = run("--checkpoint", str(tmp_path / "missing.pt"), "--input", str(folder))
+    assert "checkpoint not found" in err and "missing.pt" in err
+    save_checkpoint(tmp_path / "cls.pt", {"model": {}, "model_args": {}, "class_names": ["a"], "data_stats": {}})
+    assert "not a train_det checkpoint" in run("--checkpoint", str(tmp_path / "cls.pt"), "--input", str(folder))
+    assert not (tmp_path / "o" / "detections.json").exists()
+    # Writing the drawn PNGs over the inputs is refused.
+    good = tmp_path / "good"
+    good.mkdir()
+    write_png(good / "a.png", np.zeros((40, 50, 3), np.uint8))
+    assert infer.main(["--checkpoint", ckpt, "--input", str(good), "--out", str(good)]) == 2
+    assert "would overwrite input images" in capsys.readouterr().err

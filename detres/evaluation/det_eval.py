@@ -10,12 +10,33 @@ from detres.evaluation.coco import evaluate_coco_detections
 from detres.evaluation.voc import evaluate_voc_detections
 
 
+def _coco_crowd_regions(dataset: Any, image_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Crowd boxes (xyxy) and labels of one image of a COCO dataset (none for other datasets)."""
+    coco = getattr(dataset, "coco", None)
+    if coco is None:
+        return np.zeros((0, 4), dtype=np.float32), np.zeros(0, dtype=np.int64)
+    crowd = [a for a in coco.imgToAnns.get(image_id, []) if a.get("iscrowd", 0)]
+    boxes = np.asarray([[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]]
+                        for a in crowd], dtype=np.float32).reshape(-1, 4)
+    labels = np.asarray([dataset.category_id_to_label[int(a["category_id"])] for a in crowd], dtype=np.int64)
+    return boxes, labels
+
+
 def dataset_ground_truth(dataset: Any) -> dict[Any, dict[str, np.ndarray]]:
-    """image_id → {boxes (original pixels, 0-based xyxy), labels 1..K, difficult} from the annotations."""
+    """image_id → {boxes (original pixels, 0-based xyxy), labels 1..K, difficult} from the annotations.
+
+    COCO crowd regions are included as difficult objects, so the VOC metric ignores detections on
+    them exactly as COCOeval does (they are left out of the training targets).
+    """
     out = {}
     for index in range(len(dataset)):
         ann = dataset.annotation(index)
-        out[ann["image_id"]] = {"boxes": ann["boxes"], "labels": ann["labels"], "difficult": ann["difficult"]}
+        crowd_boxes, crowd_labels = _coco_crowd_regions(dataset, ann["image_id"])
+        out[ann["image_id"]] = {
+            "boxes": np.concatenate([ann["boxes"].reshape(-1, 4), crowd_boxes]),
+            "labels": np.concatenate([ann["labels"], crowd_labels]),
+            "difficult": np.concatenate([ann["difficult"], np.ones(len(crowd_labels), dtype=bool)]),
+        }
     return out
 
 

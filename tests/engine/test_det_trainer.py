@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 import detres.models.faster_rcnn as faster_rcnn_module
 from detres.config.load import load_config
@@ -62,22 +63,47 @@ def _coco_cfg(det: Path, out: Path, *overrides: str, val: str = "val"):
 
 # ------------------------------------------------------------------------------------------- overfitting
 @pytest.fixture
-def trainable_bn(monkeypatch):
-    """From random init there are no BN statistics to freeze (the paper freezes pre-trained ones): let BN train."""
+def group_norm_backbone(monkeypatch):
+    """The real ResNet-18 C4 build with every BatchNorm replaced by a trainable GroupNorm.
+
+    The paper freezes BN statistics recomputed on a pre-trained backbone; from random init there
+    are none, and BN's running averages lag so far behind a net trained this fast that eval-mode
+    outputs drift from training-mode ones (a 0.875 mAP run reached 1.0 after recomputing them).
+    GroupNorm normalises each sample on its own, so training and testing agree.
+    """
     real = faster_rcnn_module.build_resnet_c4
-    monkeypatch.setattr(faster_rcnn_module, "build_resnet_c4", lambda *a, **k: real(*a, **{**k, "frozen_bn": False}))
+
+    def swap(module: nn.Module) -> None:
+        for name, child in module.named_children():
+            if isinstance(child, nn.BatchNorm2d):
+                setattr(module, name, nn.GroupNorm(min(8, child.num_features), child.num_features))
+            else:
+                swap(child)
+
+    def build(*args, **kwargs):
+        trunk, head, dim = real(*args, **{**kwargs, "frozen_bn": False})
+        swap(trunk)
+        swap(head)
+        return trunk, head, dim
+
+    monkeypatch.setattr(faster_rcnn_module, "build_resnet_c4", build)
 
 
-def test_overfitting_four_shapes_world_images_reaches_near_perfect_map(world, tmp_path, trainable_bn):
-    # The 4 VOC training images are also the evaluation set. No flips (nothing to generalise to);
-    # background RoIs from IoU 0 (py-faster-rcnn's end-to-end setting) so that empty background is
-    # learned too; 2 images per batch = twice the updates per second of 4.
+def test_overfitting_four_shapes_world_images_reaches_near_perfect_map(tmp_path, group_norm_backbone):
+    # 4 images of 32..48 px upscaled to 128: their 10..17 px objects become 30..60 px, a size the
+    # stride-16 C4 features localise well within a unit test's budget. The training set is also the
+    # test set; no flips (nothing to generalise to); background RoIs from IoU 0 (py-faster-rcnn's
+    # end-to-end setting) so empty background is learned too; 2 images per batch.
+    # Checked with seeds 0-4 (200-300 iterations): VOC mAP 0.93-1.0, 1.0 for this seed. The 8 classes
+    # have 1-3 objects each, so 0.9 allows one imperfectly ranked class but not a missed class.
+    paths = generate_shapes_world(tmp_path / "world", num_cls_train_per_class=0, num_cls_val_per_class=0,
+                                  num_det_train=4, num_det_val=0, num_loc_train=0, num_loc_val=0, det_size=(32, 48))
     cfg = load_config(None, [
         f"output_dir={tmp_path / 'run'}", *TINY, "seed=0", "data.format=voc",
-        f"data.train_images={world / 'voc'}", "data.train_ann=train", f"data.val_images={world / 'voc'}",
+        f"data.train_images={paths['voc_root']}", "data.train_ann=train", f"data.val_images={paths['voc_root']}",
         "data.val_ann=train", "input.flip_prob=0.0", "model.roi_heads.bg_iou_thresh_lo=0.0",
-        "model.roi_heads.positive_fraction=0.5", "solver.images_per_batch=2", "solver.max_iter=200",
-        "solver.steps=[170]", "solver.eval_period=0", "solver.checkpoint_period=1000", "solver.log_period=20",
+        "model.roi_heads.positive_fraction=0.5", "solver.images_per_batch=2", "solver.max_iter=300",
+        "solver.steps=[240]", "solver.eval_period=0", "solver.checkpoint_period=1000", "solver.log_period=20",
         "test.vis_images=0",
     ], task="det")
     metrics = det_trainer.train_detector(cfg)

@@ -115,3 +115,19 @@ def test_perfect_detections_score_one(shapes_world, fmt):
         warnings.simplefilter("ignore")
         shifted = evaluate_detection_dataset(dataset, dets)
     assert shifted["coco"]["summary"]["AP"] < 0.95 and shifted["voc"]["mAP"] < 0.95
+
+
+def test_coco_crowd_regions_are_difficult_in_the_voc_ground_truth(shared_dir):
+    """coco128 has 10 crowd annotations: they must appear as difficult objects, never as plain ones."""
+    import json
+
+    from detres.data.coco import CocoDetection
+    from detres.evaluation.det_eval import dataset_ground_truth
+
+    root = shared_dir / "data" / "coco128"
+    ann_file = next((root / "annotations").glob("*.json"))
+    raw = json.loads(ann_file.read_text())
+    dataset = CocoDetection(root / "train2017", ann_file)
+    gt = dataset_ground_truth(dataset)
+    assert sum(int(g["difficult"].sum()) for g in gt.values()) == sum(a["iscrowd"] for a in raw["annotations"]) == 10
+    assert sum(len(g["labels"]) for g in gt.values()) == len(raw["annotations"])

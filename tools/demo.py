@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
+from detres.engine.atomic import dumps_json
 from detres.engine.demo import run_demo
 
 
@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, FileExistsError, ValueError) as exc:
         print(f"demo: error: {exc}", file=sys.stderr)
         return 2
-    print(json.dumps(summary, indent=2, default=lambda v: None))
+    print(dumps_json(summary))
     return 0
 
 

@@ -7,7 +7,6 @@ Writes COCO results JSON, VOC devkit result files, metrics.json and example PNGs
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -16,6 +15,7 @@ try:
 except ImportError:  # running from a source checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from detres.engine.atomic import dumps_json
 from detres.config.load import ConfigError, load_config  # noqa: E402
 from detres.data.build import build_detection_dataset  # noqa: E402
 from detres.engine.cls_trainer import resolve_device  # noqa: E402
@@ -51,8 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, ValueError) as exc:
         print(f"test_det: error: {error_message(exc)}", file=sys.stderr)
         return 2
-    print(json.dumps({"COCO": metrics["coco"]["summary"], "VOC mAP": metrics["voc"]["mAP"],
-                      "VOC per class": metrics["voc"]["per_class"], "out": str(out)}, indent=2))
+    print(dumps_json({"COCO": metrics["coco"]["summary"], "VOC mAP": metrics["voc"]["mAP"],
+                      "VOC per class": metrics["voc"]["per_class"], "out": str(out)}))
     return 0
 
 

@@ -8,13 +8,13 @@ status 2 and a one-line message naming the key or file.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 # Run from a source checkout without installing the package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from detres.engine.atomic import dumps_json
 from detres.config.load import ConfigError, load_config  # noqa: E402
 from detres.engine.cls_trainer import train_classifier  # noqa: E402
 
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
             FloatingPointError) as exc:
         print(f"train_cls: error: {exc}", file=sys.stderr)
         return 2
-    print(json.dumps(metrics, indent=2))
+    print(dumps_json(metrics))
     return 0
 
 

@@ -8,7 +8,6 @@ image file, an existing run without --resume) exits with status 2 and a message 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -17,6 +16,7 @@ try:
 except ImportError:  # running from a source checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from detres.engine.atomic import dumps_json
 from detres.config.load import ConfigError, load_config  # noqa: E402
 from detres.engine.det_trainer import train_detector  # noqa: E402
 
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     summary = {"COCO": metrics["coco"]["summary"], "VOC mAP": metrics["voc"]["mAP"],
                "iterations": metrics["iterations"], "train_time_s": metrics["train_time_s"]}
-    print(json.dumps(summary, indent=2))
+    print(dumps_json(summary))
     return 0
 
 

@@ -36,7 +36,7 @@ from typing import Any, NamedTuple, Sequence
 import cv2
 import numpy as np
 
-from detres.engine.checkpoint import atomic_write_text
+from detres.engine.atomic import atomic_write_text
 
 # Alphabetical, so that ImageFolder's sorted-folder labels (0..K-1) equal ``CATEGORIES`` indices and
 # the detection label of category ``CATEGORIES[l - 1]`` is ``l`` (COCO category id ``l``).

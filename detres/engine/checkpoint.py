@@ -1,37 +1,12 @@
 """Atomic checkpoint and file writing (temp file + os.replace) and safe loading (weights_only)."""
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-
-def _atomic_write(path: str | Path, write) -> None:
-    """Write through ``write(fileobj)`` into a temp file in the same folder, then rename over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    _atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    _atomic_write(path, lambda handle: handle.write(data))
+from detres.engine.atomic import _atomic_write, atomic_write_bytes, atomic_write_text  # noqa: F401  (re-exported)
 
 
 def save_checkpoint(path: str | Path, obj: dict[str, Any]) -> None:

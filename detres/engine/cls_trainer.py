@@ -1,7 +1,6 @@
 """Classification pre-training (ResNet Sec. 3.4): the SGD loop, evaluation, resume and precise BN."""
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -15,7 +14,8 @@ from tqdm import tqdm
 from detres.config.load import Config, dump_config
 from detres.data.cls_pipeline import ClsDataStats, build_eval_transform, build_train_transform, compute_data_stats
 from detres.data.imagefolder import ImageFolderDataset
-from detres.engine.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
+from detres.engine.atomic import write_json_atomic
+from detres.engine.checkpoint import load_checkpoint, save_checkpoint
 from detres.engine.logging import JsonLinesLogger, read_json_lines
 from detres.engine.lr_schedule import LRSchedule
 from detres.engine.plots import plot_curves
@@ -215,7 +215,7 @@ def finalize_classifier(model, cfg: Config, stats: ClsDataStats, train_set, val_
         "data_stats": stats.to_dict(), "bn_recomputed": bool(cfg.bn_recompute.enabled), "iter": iterations,
         "config": cfg.to_dict(),
     })
-    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
+    write_json_atomic(out / "metrics.json", metrics)
     records = read_json_lines(out / "metrics.jsonl")
     plot_curves(records, out / "curves.png", series=[("train_err", "train error (augmented crops)"),
                                                      ("val_top1_err", "val top-1 error (1-crop)")],

@@ -1,7 +1,6 @@
 """The README's main job on built-in data: shapes world → train_cls → precise BN → train_det → metrics."""
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from pathlib import Path
@@ -9,7 +8,7 @@ from typing import Any
 
 from detres.config.load import load_config
 from detres.data.synthetic import generate_shapes_world
-from detres.engine.checkpoint import atomic_write_text
+from detres.engine.atomic import write_json_atomic
 from detres.engine.cls_trainer import train_classifier
 from detres.engine.det_trainer import train_detector
 
@@ -44,5 +43,5 @@ def run_demo(out: str | Path, *, data_root: str | Path = "data_toy", repo_root: 
         "total_time_s": round(time.time() - started, 1),
         "outputs": {"cls": str(out / "cls"), "det": str(out / "det"), "detection_pngs": str(out / "det" / "test" / "vis")},
     }
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, default=lambda v: None))
+    write_json_atomic(out / "summary.json", summary)
     return summary

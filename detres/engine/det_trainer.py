@@ -1,7 +1,6 @@
 """Faster R-CNN training (approximate joint training, Appendix A) and dataset-level testing."""
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -15,7 +14,8 @@ from detres.config.load import Config, dump_config
 from detres.data.build import build_detection_dataset, dataset_class_names, dataset_label_to_category_id
 from detres.data.collate import collate_detection
 from detres.data.samplers import AspectRatioGroupedBatchSampler, InfiniteSampler, compute_aspect_ratio_groups
-from detres.engine.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
+from detres.engine.atomic import write_json_atomic
+from detres.engine.checkpoint import load_checkpoint, save_checkpoint
 from detres.engine.cls_trainer import resolve_device
 from detres.engine.det_inference import run_inference
 from detres.engine.logging import JsonLinesLogger, read_json_lines
@@ -163,7 +163,7 @@ def train_detector(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
     metrics.update(iterations=iteration, train_time_s=round(train_time, 1))
     logger.log(iter=iteration, AP=metrics["coco"]["summary"]["AP"], AP50=metrics["coco"]["summary"]["AP50"],
                voc_mAP=metrics["voc"]["mAP"])
-    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2, default=_json_default))
+    write_json_atomic(out / "metrics.json", metrics)
     records = read_json_lines(out / "metrics.jsonl")
     plot_curves(records, out / "loss_curves.png", series=[("loss", "total"), *((k, k) for k in LOSS_KEYS)],
                 title="Faster R-CNN training losses", ylabel="loss")
@@ -171,14 +171,6 @@ def train_detector(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
                                                         ("voc_mAP", "VOC mAP")],
                 title="validation", ylabel="AP", percent=True)
     return metrics
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if hasattr(value, "item"):
-        return value.item()
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
 def test_detector(model, dataset, meta: dict[str, Any], cfg: Config, *, out_dir: Path, device) -> dict[str, Any]:
@@ -195,7 +187,7 @@ def test_detector(model, dataset, meta: dict[str, Any], cfg: Config, *, out_dir:
                       str(out_dir / "voc" / "comp4_det_test_{cls}.txt"))
     save_detection_pngs(dataset, dets, meta["class_names"], out_dir / "vis", count=cfg.test.vis_images,
                         score_thresh=cfg.test.vis_score_thresh)
-    atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2, default=_json_default))
+    write_json_atomic(out_dir / "metrics.json", metrics)
     return metrics
 
 

@@ -9,7 +9,7 @@ import matplotlib
 matplotlib.use("Agg")  # headless: no display on training machines
 import matplotlib.pyplot as plt  # noqa: E402
 
-from detres.engine.checkpoint import atomic_write_bytes  # noqa: E402
+from detres.engine.atomic import atomic_write_bytes  # noqa: E402
 
 
 def plot_curves(

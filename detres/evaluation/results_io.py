@@ -4,12 +4,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Container, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from detres.engine.atomic import atomic_write_text, to_jsonable, write_json_atomic  # noqa: F401  (re-exported)
 
 __all__ = [
     "CLASS_PLACEHOLDER",
@@ -104,46 +105,10 @@ def detections_to_coco_results(
     return results
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temporary file in the same folder and os.replace, so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def to_jsonable(obj: Any) -> Any:
-    """Convert numpy scalars/arrays and tuples to JSON types; NaN becomes None (JSON has no NaN)."""
-    if isinstance(obj, Mapping):
-        return {str(k): to_jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [to_jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return [to_jsonable(v) for v in obj.tolist()]
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
-
-
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
-    """Write ``obj`` as JSON atomically (numpy values converted, NaN written as null)."""
-    path = Path(path)
-    _atomic_write_text(path, json.dumps(to_jsonable(obj), indent=2, allow_nan=False) + "\n")
-    return path
-
-
 def write_coco_results(results: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> Path:
     """Write a COCO results list (as from detections_to_coco_results) to ``path`` atomically."""
     path = Path(path)
-    _atomic_write_text(path, json.dumps(to_jsonable(list(results)), allow_nan=False))
+    atomic_write_text(path, json.dumps(to_jsonable(list(results)), allow_nan=False))
     return path
 
 
@@ -217,7 +182,7 @@ def write_voc_results(
     paths = []
     for cls_name, cls_lines in zip(class_names, lines):
         path = Path(out_pattern.replace(CLASS_PLACEHOLDER, cls_name))
-        _atomic_write_text(path, "".join(line + "\n" for line in cls_lines))
+        atomic_write_text(path, "".join(line + "\n" for line in cls_lines))
         paths.append(path)
     return paths
 

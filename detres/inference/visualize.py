@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 
 from detres.data.image_io import read_image_rgb
-from detres.engine.checkpoint import atomic_write_bytes
+from detres.engine.atomic import atomic_write_bytes
 
 
 def class_color(label: int) -> tuple[int, int, int]:

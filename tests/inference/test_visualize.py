@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import detres.engine.checkpoint as checkpoint_module
+import detres.engine.atomic as atomic_module
 from detres.data.image_io import read_image_rgb
 from detres.inference.visualize import class_color, draw_detections, write_png
 
@@ -61,7 +61,7 @@ def test_write_png_is_atomic(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     # A failure after the bytes went to the temporary file must leave the old PNG intact and no debris.
-    monkeypatch.setattr(checkpoint_module.os, "fsync", failing_fsync)
+    monkeypatch.setattr(atomic_module.os, "fsync", failing_fsync)
     with pytest.raises(OSError, match="disk full"):
         write_png(path, np.zeros((4, 4, 3), np.uint8))
     np.testing.assert_array_equal(read_image_rgb(path), old)

@@ -18,7 +18,7 @@ except ImportError:  # running from a source checkout without `pip install -e .`
 from detres.engine.atomic import dumps_json
 from detres.config.load import ConfigError, load_config  # noqa: E402
 from detres.data.build import build_detection_dataset  # noqa: E402
-from detres.engine.cls_trainer import resolve_device  # noqa: E402
+from detres.engine.run_setup import resolve_device  # noqa: E402
 from detres.engine.det_trainer import load_detector, test_detector  # noqa: E402
 
 

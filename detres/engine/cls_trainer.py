@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from detres.config.load import Config, dump_config
+from detres.config.load import Config
 from detres.data.cls_pipeline import ClsDataStats, build_eval_transform, build_train_transform, compute_data_stats
 from detres.data.imagefolder import ImageFolderDataset
 from detres.engine.atomic import write_json_atomic
@@ -19,17 +19,12 @@ from detres.engine.checkpoint import load_checkpoint, save_checkpoint
 from detres.engine.logging import JsonLinesLogger, read_json_lines
 from detres.engine.lr_schedule import LRSchedule
 from detres.engine.plots import plot_curves
-from detres.engine.seeded_data import EpochBatchSampler, EpochSeededDataset, readable_worker_errors, seed_everything
+from detres.engine.run_setup import start_run
+from detres.engine.seeded_data import EpochBatchSampler, EpochSeededDataset, readable_worker_errors
 from detres.evaluation.classification import evaluate_classifier
 from detres.models.build import build_classifier, classifier_kwargs_from_config
 from detres.models.frozen_bn import recompute_bn_statistics
 from detres.models.weights import load_pretrained_backbone
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def _loader(dataset, batch_sampler, num_workers: int) -> DataLoader:
@@ -88,14 +83,7 @@ def train_classifier(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
 
 
 def _train_classifier(cfg: Config, *, resume: bool) -> dict[str, Any]:
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    last_path = out / "last.pt"
-    if not resume and last_path.exists():
-        raise FileExistsError(f"{last_path} exists: pass --resume to continue it or choose another output_dir")
-    dump_config(cfg, out / "config.yaml")
-    seed_everything(cfg.seed)
-    device = resolve_device(cfg.device)
+    out, last_path, device = start_run(cfg, resume=resume)
 
     train_set = ImageFolderDataset(cfg.data.train_dir)
     val_set = ImageFolderDataset(cfg.data.val_dir, class_to_idx=train_set.class_to_idx)

@@ -10,18 +10,17 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader
 from tqdm import tqdm
 
-from detres.config.load import Config, dump_config
+from detres.config.load import Config
 from detres.data.build import build_detection_dataset, dataset_class_names, dataset_label_to_category_id
 from detres.data.collate import collate_detection
 from detres.data.samplers import AspectRatioGroupedBatchSampler, InfiniteSampler, compute_aspect_ratio_groups
 from detres.engine.atomic import write_json_atomic
 from detres.engine.checkpoint import load_checkpoint, save_checkpoint
-from detres.engine.cls_trainer import resolve_device
+from detres.engine.run_setup import start_run
 from detres.engine.det_inference import run_inference
 from detres.engine.logging import JsonLinesLogger, read_json_lines
 from detres.engine.lr_schedule import LRSchedule
 from detres.engine.plots import plot_curves
-from detres.engine.seeded_data import seed_everything
 from detres.evaluation.det_eval import evaluate_detection_dataset
 from detres.evaluation.results_io import detections_to_coco_results, write_coco_results, write_voc_results
 from detres.inference.visualize import save_detection_pngs
@@ -73,14 +72,7 @@ def train_detector(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
     one. It is not bit-identical to one: the random horizontal flips and the RPN / RoI sampling
     draws are not part of the checkpoint and are drawn afresh after a resume.
     """
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    last_path = out / "last.pt"
-    if not resume and last_path.exists():
-        raise FileExistsError(f"{last_path} exists: pass --resume to continue it or choose another output_dir")
-    dump_config(cfg, out / "config.yaml")
-    seed_everything(cfg.seed)
-    device = resolve_device(cfg.device)
+    out, last_path, device = start_run(cfg, resume=resume)
 
     train_set = build_detection_dataset(cfg, "train", train=True)
     val_set = build_detection_dataset(cfg, "val", train=False, class_names=dataset_class_names(train_set))

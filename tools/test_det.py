@@ -22,14 +22,6 @@ from detres.engine.run_setup import resolve_device  # noqa: E402
 from detres.engine.det_trainer import load_detector, test_detector  # noqa: E402
 
 
-def error_message(exc: BaseException) -> str:
-    """The exception's message; for one re-raised from a DataLoader worker, its original last line."""
-    text = str(exc)
-    if "Original Traceback" in text:  # torch wraps worker errors with the worker's whole traceback
-        text = [line for line in text.splitlines() if line.strip()][-1]
-    return text
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML config (task: det); data.val_* is the test set")
@@ -49,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out) if args.out else Path(cfg.output_dir) / "test"
         metrics = test_detector(model, dataset, meta, cfg, out_dir=out, device=device)
     except (ConfigError, FileNotFoundError, ValueError) as exc:
-        print(f"test_det: error: {error_message(exc)}", file=sys.stderr)
+        print(f"test_det: error: {exc}", file=sys.stderr)
         return 2
     print(dumps_json({"COCO": metrics["coco"]["summary"], "VOC mAP": metrics["voc"]["mAP"],
                       "VOC per class": metrics["voc"]["per_class"], "out": str(out)}))

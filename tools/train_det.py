@@ -21,14 +21,6 @@ from detres.config.load import ConfigError, load_config  # noqa: E402
 from detres.engine.det_trainer import train_detector  # noqa: E402
 
 
-def error_message(exc: BaseException) -> str:
-    """The exception's message; for one re-raised from a DataLoader worker, its original last line."""
-    text = str(exc)
-    if "Original Traceback" in text:  # torch wraps worker errors with the worker's whole traceback
-        text = [line for line in text.splitlines() if line.strip()][-1]
-    return text
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML config (task: det)")
@@ -39,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         metrics = train_detector(cfg, resume=args.resume)
     except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as exc:
-        print(f"train_det: error: {error_message(exc)}", file=sys.stderr)
+        print(f"train_det: error: {exc}", file=sys.stderr)
         return 2
     except FloatingPointError as exc:  # diverged: not bad input, but a clear message beats a traceback
         print(f"train_det: error: {exc}", file=sys.stderr)

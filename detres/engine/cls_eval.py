@@ -26,7 +26,7 @@ from detres.data.cls_transforms import IMAGENET_MEAN_RGB, IMAGENET_STD_RGB, PAPE
 from detres.data.cls_transforms import build_eval_transform
 from detres.data.imagefolder import ImageFolderDataset
 from detres.engine.checkpoint import load_checkpoint
-from detres.engine.seeded_data import readable_worker_errors
+from detres.engine.worker_errors import readable_worker_errors
 from detres.evaluation.classification import MODES, evaluate_classifier
 from detres.models.build import build_classifier
 from detres.models.resnet import IMAGENET_DEPTHS

@@ -20,7 +20,8 @@ from detres.engine.logging import JsonLinesLogger, read_json_lines
 from detres.engine.lr_schedule import LRSchedule
 from detres.engine.plots import plot_curves
 from detres.engine.run_setup import start_run
-from detres.engine.seeded_data import EpochBatchSampler, EpochSeededDataset, readable_worker_errors
+from detres.engine.seeded_data import EpochBatchSampler, EpochSeededDataset
+from detres.engine.worker_errors import readable_worker_errors
 from detres.evaluation.classification import evaluate_classifier
 from detres.models.build import build_classifier, classifier_kwargs_from_config
 from detres.models.frozen_bn import recompute_bn_statistics

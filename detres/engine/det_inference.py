@@ -8,6 +8,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from detres.data.collate import collate_detection
+from detres.engine.worker_errors import readable
 from detres.inference.postprocess import rescale_detections
 
 
@@ -41,7 +42,7 @@ def run_inference(
     model.eval()
     detections: list[dict[str, Any]] = []
     try:
-        for batch in tqdm(loader, desc="detect", disable=not progress, dynamic_ncols=True, leave=False):
+        for batch in tqdm(readable(loader), desc="detect", disable=not progress, dynamic_ncols=True, leave=False):
             detections.extend(detect_batch(model, batch, device))
     finally:
         model.train(was_training)

@@ -21,6 +21,7 @@ from detres.engine.det_inference import run_inference
 from detres.engine.logging import JsonLinesLogger, read_json_lines
 from detres.engine.lr_schedule import LRSchedule
 from detres.engine.plots import plot_curves
+from detres.engine.worker_errors import readable
 from detres.evaluation.det_eval import evaluate_detection_dataset
 from detres.evaluation.results_io import detections_to_coco_results, write_coco_results, write_voc_results
 from detres.inference.visualize import save_detection_pngs
@@ -121,7 +122,7 @@ def train_detector(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
     model.train()
     progress = tqdm(total=solver.max_iter, initial=start_iter, desc="train_det", dynamic_ncols=True)
     loader = _train_loader(train_set, cfg, start_iter)
-    for batch in loader:
+    for batch in readable(loader):
         if iteration >= solver.max_iter:
             break
         lr = schedule.apply(iteration)

@@ -136,7 +136,27 @@ class Normalize:
         return f"Normalize({kind}, std={std})"
 
 
-class ScaleAugmentTrainTransform:
+class _RandomCropTrainTransform:
+    """Shared driver of the training transforms: draw parameters, crop/flip, colour noise, normalise.
+
+    Subclasses provide ``sample_params(h, w, rng)`` and ``crop_and_flip(image, **params)`` and set
+    ``rng`` (a WorkerSeededRNG), ``color_noise`` and ``normalize``; one generator drives every draw.
+    """
+
+    def set_random_seed(self, seed: int) -> None:
+        """Re-seed all draws (scale/pad offsets, flip, colour noise), e.g. per (epoch, index)."""
+        self.rng.reseed(seed)
+
+    def __call__(self, image: np.ndarray) -> torch.Tensor:
+        image = _check_image(image, type(self).__name__)
+        rng = self.rng.generator()
+        out = self.crop_and_flip(image, **self.sample_params(*image.shape[:2], rng=rng))
+        if self.color_noise is not None:
+            out = self.color_noise(out, rng)
+        return to_chw_tensor(self.normalize(out))
+
+
+class ScaleAugmentTrainTransform(_RandomCropTrainTransform):
     """ResNet ImageNet training augmentation (Sec. 3.4).
 
     Shorter side resized to s ~ U{scale_min..scale_max}, a random ``crop`` x ``crop`` window,
@@ -168,10 +188,6 @@ class ScaleAugmentTrainTransform:
         self.normalize = normalize
         self.rng = WorkerSeededRNG(seed)
 
-    def set_random_seed(self, seed: int) -> None:
-        """Re-seed all draws (scale/pad offsets, flip, colour noise), e.g. per (epoch, index)."""
-        self.rng.reseed(seed)
-
     def sample_params(self, height: int, width: int, rng: np.random.Generator | None = None) -> dict:
         """Draw {scale, top, left, flip} for an image of the given size (top/left in the resized image)."""
         rng = self.rng.generator() if rng is None else rng
@@ -187,14 +203,6 @@ class ScaleAugmentTrainTransform:
         out = image[top : top + self.crop, left : left + self.crop]
         return (out[:, ::-1] if flip else out).astype(np.float32)
 
-    def __call__(self, image: np.ndarray) -> torch.Tensor:
-        image = _check_image(image, type(self).__name__)
-        rng = self.rng.generator()
-        out = self.crop_and_flip(image, **self.sample_params(*image.shape[:2], rng=rng))
-        if self.color_noise is not None:
-            out = self.color_noise(out, rng)
-        return to_chw_tensor(self.normalize(out))
-
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(scale=[{self.scale_min}, {self.scale_max}], crop={self.crop}, "
@@ -202,7 +210,7 @@ class ScaleAugmentTrainTransform:
         )
 
 
-class PadCropTrainTransform:
+class PadCropTrainTransform(_RandomCropTrainTransform):
     """ResNet CIFAR-10 augmentation (Sec. 4.2): pad ``pad`` pixels on each side, random
     ``crop`` x ``crop`` window, horizontal flip. Padding uses ``fill`` on the raw 0..255 image
     (0 = black, as torchvision's RandomCrop(padding=4) does), before normalisation.
@@ -231,10 +239,6 @@ class PadCropTrainTransform:
         self.normalize = normalize
         self.rng = WorkerSeededRNG(seed)
 
-    def set_random_seed(self, seed: int) -> None:
-        """Re-seed all draws (scale/pad offsets, flip, colour noise), e.g. per (epoch, index)."""
-        self.rng.reseed(seed)
-
     def sample_params(self, height: int, width: int, rng: np.random.Generator | None = None) -> dict:
         """Draw {top, left, flip} for an image of the given size (top/left in the padded image)."""
         rng = self.rng.generator() if rng is None else rng
@@ -251,14 +255,6 @@ class PadCropTrainTransform:
         padded = cv2.copyMakeBorder(image, p, p, p, p, cv2.BORDER_CONSTANT, value=(self.fill,) * 3)
         out = padded[top : top + self.crop, left : left + self.crop]
         return (out[:, ::-1] if flip else out).astype(np.float32)
-
-    def __call__(self, image: np.ndarray) -> torch.Tensor:
-        image = _check_image(image, type(self).__name__)
-        rng = self.rng.generator()
-        out = self.crop_and_flip(image, **self.sample_params(*image.shape[:2], rng=rng))
-        if self.color_noise is not None:
-            out = self.color_noise(out, rng)
-        return to_chw_tensor(self.normalize(out))
 
     def __repr__(self) -> str:
         return (

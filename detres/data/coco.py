@@ -15,8 +15,7 @@ import torch
 from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 
-from detres.data.det_transforms import finalize_sample
-from detres.data.image_io import read_image_rgb
+from detres.data.det_transforms import load_sample
 from detres.structures.boxes import clip_boxes, xywh_to_xyxy
 
 __all__ = ["CocoDetection", "load_coco_api"]
@@ -210,16 +209,7 @@ class CocoDetection(Dataset):
         }
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        sample = self.annotation(index)
-        image = read_image_rgb(sample["file_name"])
-        if image.shape[:2] != sample["orig_size"]:
-            h, w = sample["orig_size"]
-            raise ValueError(
-                f"image '{sample['file_name']}' is {image.shape[1]}x{image.shape[0]} but "
-                f"'{self.ann_file}' says {w}x{h}"
-            )
-        sample.update(image=image, scale=1.0, scale_xy=(1.0, 1.0))
-        return finalize_sample(sample, self.transforms)
+        return load_sample(self.annotation(index), self.transforms, annotation_source=self.ann_file)
 
     def __repr__(self) -> str:
         return (

@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from torch.utils.data import get_worker_info
 
+from detres.data.image_io import read_image_rgb
+
 __all__ = [
     "faster_rcnn_scale",
     "FasterRCNNResize",
@@ -30,6 +32,7 @@ __all__ = [
     "build_det_transforms",
     "sample_to_tensors",
     "finalize_sample",
+    "load_sample",
 ]
 
 
@@ -227,6 +230,19 @@ def sample_to_tensors(sample: dict[str, Any]) -> dict[str, Any]:
     sx, sy = sample.get("scale_xy", (out["scale"], out["scale"]))
     out["scale_xy"] = (float(sx), float(sy))
     return out
+
+
+def load_sample(sample: dict[str, Any], transforms: Any | None, *, annotation_source: Any) -> dict[str, Any]:
+    """Read the image of an annotation-only sample, check its size against ``annotation_source``'s
+    record of it, then transform and convert to tensors (the shared tail of every detection dataset)."""
+    image = read_image_rgb(sample["file_name"])
+    if image.shape[:2] != tuple(sample["orig_size"]):
+        h, w = sample["orig_size"]
+        raise ValueError(
+            f"image '{sample['file_name']}' is {image.shape[1]}x{image.shape[0]} but '{annotation_source}' says {w}x{h}"
+        )
+    sample.update(image=image, scale=1.0, scale_xy=(1.0, 1.0))
+    return finalize_sample(sample, transforms)
 
 
 def finalize_sample(sample: dict[str, Any], transforms: Any | None) -> dict[str, Any]:

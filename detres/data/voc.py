@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from detres.data.det_transforms import finalize_sample
+from detres.data.det_transforms import load_sample
 from detres.data.image_io import read_image_rgb
 from detres.data.voc_xml import parse_voc_xml
 from detres.structures.boxes import clip_boxes, voc_to_xyxy
@@ -192,16 +192,8 @@ class VocDetection(Dataset):
         if not -len(self) <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} images")
         index = index % len(self)
-        sample = self.annotation(index)
-        image = read_image_rgb(sample["file_name"])
-        if image.shape[:2] != sample["orig_size"]:
-            h, w = sample["orig_size"]
-            raise ValueError(
-                f"image '{sample['file_name']}' is {image.shape[1]}x{image.shape[0]} but "
-                f"'{self._xml_path(self.image_ids[index])}' says {w}x{h}"
-            )
-        sample.update(image=image, scale=1.0, scale_xy=(1.0, 1.0))
-        return finalize_sample(sample, self.transforms)
+        return load_sample(self.annotation(index), self.transforms,
+                           annotation_source=self._xml_path(self.image_ids[index]))
 
     def __repr__(self) -> str:
         return (

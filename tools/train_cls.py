@@ -2,6 +2,11 @@
 """Pre-train a ResNet classifier: tools/train_cls.py --config configs/cls/X.yaml [--resume] [key=value ...].
 
 Writes <output_dir>/{config.yaml, metrics.jsonl, last.pt, model_final.pt, metrics.json, curves.png}.
+The validation set is data.val_dir as class folders, or a flat image folder labelled by data.val_labels
+("<file> <class name> ..." per line, e.g. Tiny-ImageNet's val_annotations.txt); images of classes the
+training set lacks are skipped, warned about once and counted in metrics.json (val_skipped_unknown_class).
+LR: solver.lr_schedule=plateau (divide by 10 when the val error plateaus, not sooner than
+solver.plateau_min_epochs after the start / the last drop) or solver.lr_schedule=step "solver.steps=[...]".
 Bad input (unknown config key, missing folder, empty class folder, unreadable image) exits with
 status 2 and a one-line message naming the key or file.
 """

@@ -27,7 +27,10 @@ CLS_DEFAULTS: dict = {
     },
     "data": {
         "train_dir": "data_toy/cls/train",  # ImageFolder: <dir>/<class>/*.png|jpg
-        "val_dir": "data_toy/cls/val",
+        "val_dir": "data_toy/cls/val",  # ImageFolder like train_dir, or a flat image folder with val_labels
+        "val_labels": None,  # labels file for a flat val_dir: "<file> <class name> [ignored columns...]"
+        # per line (Tiny-ImageNet val_annotations.txt; ImageNet val as "<file> <wnid>"); classes not in
+        # train_dir are skipped and counted (reported once); None = val_dir is an ImageFolder
         "num_workers": 2,
         "mean_mode": "per_pixel",  # AlexNet: subtract the per-pixel mean image; or "per_channel"
         "mean": None,  # fixed per-channel RGB mean (0..255); None = computed over the training set
@@ -55,6 +58,9 @@ CLS_DEFAULTS: dict = {
         "gamma": 0.1,
         "plateau_patience": 2,  # evaluations without improvement before the LR drops
         "plateau_threshold": 0.001,  # minimum decrease of val top-1 error that counts as improvement
+        # no plateau drop sooner than this many epochs (epoch = train images // batch_size iterations)
+        # after the start or the previous drop; 0 = no minimum. ImageNet configs: 10 (paper drops ~30/60)
+        "plateau_min_epochs": 0.0,
         "min_lr": 0.0,  # never go below this (plateau schedule); 0 = no floor
         "warmup_iters": 0,  # ResNet-110 (Sec. 4.2) warms up at 0.01 for 400 iterations
         "warmup_lr": 0.01,
@@ -89,6 +95,10 @@ DET_DEFAULTS: dict = {
         "stride_in_1x1": False,  # must match how the backbone checkpoint was trained
         "base_width": 64,  # must match the backbone checkpoint (Table 1: 64)
         "freeze_at": 2,  # 0: train all; 1: freeze conv1; 2: freeze conv1 + res2 (conv2_x)
+        # Appendix A freezes BN statistics *recomputed* on the training set: a train_cls checkpoint recording
+        # bn_recomputed=False (e.g. last.pt) is refused unless this is true; files recording nothing
+        # (torchvision state_dicts) are accepted with a warning
+        "allow_unrecomputed_bn": False,
         "pixel_mean": None,  # RGB 0..255; None = taken from the classification checkpoint
         "pixel_std": None,  # None = from the checkpoint, else [1, 1, 1]
         "anchor_sizes": [128, 256, 512],  # VOC; COCO adds 64
@@ -105,6 +115,9 @@ DET_DEFAULTS: dict = {
             "nms_thresh": 0.7,
             "min_size": 0.0,  # proposals smaller than this (input pixels) are removed
             "allowed_border": 0,  # cross-boundary anchors are ignored in training; -1 keeps them
+            # anchors more than this fraction inside a crowd region (a target's optional crowd_boxes) are
+            # ignored, not negatives (mmdetection's ignore_iof_thr); >= 1 turns it off
+            "crowd_iof_thresh": 0.7,
         },
         "roi_heads": {
             "pooler_type": "roi_pool",  # "roi_pool" (the paper) or "roi_align"
@@ -114,7 +127,10 @@ DET_DEFAULTS: dict = {
             "positive_fraction": 0.25,
             "fg_iou_thresh": 0.5,
             "bg_iou_thresh_hi": 0.5,
-            "bg_iou_thresh_lo": 0.1,  # background RoIs have IoU in [lo, hi)
+            "bg_iou_thresh_lo": 0.1,  # background RoIs have IoU in [lo, hi): VOC 0.1; COCO 0.0 (Faster R-CNN Sec. 4.2)
+            # proposals more than this fraction inside a crowd region are ignored (Detectron's
+            # CROWD_FILTER_THRESH); >= 1 turns it off
+            "crowd_iof_thresh": 0.7,
             "bbox_reg_weights": [10.0, 10.0, 5.0, 5.0],
             "score_thresh": 0.05,
             "nms_thresh": 0.3,  # the paper's per-class NMS threshold
@@ -142,7 +158,11 @@ DET_DEFAULTS: dict = {
         "images_per_batch": 8,  # Appendix A (COCO): 8 images per mini-batch
         "base_lr": 0.001,
         "momentum": 0.9,
-        "weight_decay": 0.0001,
+        # Ren et al.'s solver (py-faster-rcnn, whose hyper-parameters Appendix A keeps): weight decay 5e-4 on
+        # weights; biases at 2x the LR and without decay. Frozen parameters are not optimised at all.
+        "weight_decay": 0.0005,
+        "bias_lr_factor": 2.0,  # LR of bias parameters = this x the scheduled LR (detectron2's default: 1)
+        "weight_decay_bias": 0.0,  # weight decay of biases; None = weight_decay (detectron2's default)
         "max_iter": 320000,  # COCO: 240k at 0.001, then 80k at 0.0001
         "steps": [240000],
         "gamma": 0.1,
@@ -152,6 +172,15 @@ DET_DEFAULTS: dict = {
         "checkpoint_period": 5000,
         "log_period": 20,
         "aspect_ratio_grouping": True,
+        # "joint": approximate joint training of RPN + Fast R-CNN in one net (py-faster-rcnn end2end);
+        # "alternating": Ren et al.'s 4-step training (Appendix A's COCO "RPN step" / "Fast R-CNN step"):
+        # 1 RPN from ImageNet, 2 Fast R-CNN from ImageNet on step-1 proposals, 3 RPN layers only on the
+        # frozen step-2 trunk, 4 Fast R-CNN layers (conv5 head + predictor) only on step-3 proposals
+        "training_scheme": "joint",
+        # iterations of the 4 steps; [] = max_iter each. `steps` (LR drops) are positions in a max_iter-long
+        # step and scale with each step's length; warm-up, if any, restarts every step
+        "alternating_iters": [],
+        "alternating_images_per_batch": [],  # per step; [] = images_per_batch (Appendix A COCO: [8, 16, 8, 16])
     },
     "test": {
         "iou_thresh_voc": 0.5,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -34,19 +35,48 @@ def _to_config(tree: Mapping) -> Config:
     return Config({k: _to_config(v) if isinstance(v, Mapping) else v for k, v in tree.items()})
 
 
+def _to_float(value: Any, where: str) -> float:
+    """A finite float from an int, a float or a numeric string; ConfigError naming ``where`` otherwise.
+
+    PyYAML follows YAML 1.1, whose float pattern needs a dot: ``1e-4`` and ``5E-4`` (in a file or on the
+    command line) load as the *strings* '1e-4' and '5E-4'. Python's float() reads them as the numbers
+    they plainly are. NaN and infinities are no learning rate, weight or threshold, so they are refused.
+    """
+    if isinstance(value, bool):
+        raise ConfigError(f"{where}: expected float, got {value!r}")
+    if isinstance(value, (int, float)):
+        number = float(value)
+    elif isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            raise ConfigError(f"{where}: expected float, got {value!r}") from None
+    else:
+        raise ConfigError(f"{where}: expected float, got {value!r}")
+    if not math.isfinite(number):
+        raise ConfigError(f"{where}: expected a finite float, got {value!r}")
+    return number
+
+
 def _check_type(default: Any, value: Any, where: str) -> Any:
-    """Return ``value`` coerced to the default's type where that is lossless; raise otherwise."""
+    """Return ``value`` coerced to the default's type where that is lossless; raise otherwise.
+
+    A float key takes an int, a float or a string that reads as a finite float ('1e-4'); an int key
+    takes only an int; a list of floats (e.g. ``bbox_reg_weights``) takes the same per element.
+    """
     if default is None or value is None:
         return value
     if isinstance(default, bool):
         if not isinstance(value, bool):
             raise ConfigError(f"{where}: expected true/false, got {value!r}")
         return value
-    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+    if isinstance(default, float):
+        return _to_float(value, where)
     if isinstance(default, (list, tuple)):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
+        if default and all(isinstance(v, float) for v in default):
+            return [_to_float(v, f"{where}[{i}]") for i, v in enumerate(value)]
         return list(value)
     if isinstance(default, (int, float, str)) and not isinstance(value, type(default)):
         raise ConfigError(f"{where}: expected {type(default).__name__}, got {value!r}")

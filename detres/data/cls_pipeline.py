@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -10,6 +10,7 @@ import torch
 from detres.data.cls_transforms import Normalize, build_eval_transform as _eval_transform
 from detres.data.cls_transforms import build_train_transform as _train_transform
 from detres.data.color_pca import ColorPCA, PCAColorNoise, compute_color_pca
+from detres.data.imagefolder import ImageFolderDataset, ImageListDataset
 from detres.data.pixel_mean import PixelStats, compute_pixel_stats
 
 
@@ -117,3 +118,16 @@ def build_eval_transform(cfg, stats: ClsDataStats, mode: str):
         return _eval_transform("multiscale", normalize=stats.normalize(dense=True), scales=tuple(cfg.test.scales))
     resize = None if cfg.augment.mode == "cifar" else cfg.test.resize
     return _eval_transform(mode, normalize=stats.normalize(dense=False), resize=resize, crop=cfg.augment.crop)
+
+
+def build_val_dataset(cfg, class_to_idx: Mapping[str, int]) -> ImageFolderDataset | ImageListDataset:
+    """The validation set labelled with the training set's ``class_to_idx``.
+
+    ``data.val_labels`` unset: ``data.val_dir`` is an ImageFolder (``<class>/<image>``), restricted to
+    the training classes. Set: ``data.val_dir`` is a flat image folder and ``data.val_labels`` lists
+    ``<file> <class name> ...`` per line (ImageNet / Tiny-ImageNet val); lines of classes the training
+    set lacks are skipped and counted in the dataset's ``num_skipped`` (warned once).
+    """
+    if cfg.data.get("val_labels"):
+        return ImageListDataset(cfg.data.val_dir, cfg.data.val_labels, class_to_idx=class_to_idx)
+    return ImageFolderDataset(cfg.data.val_dir, class_to_idx=class_to_idx)

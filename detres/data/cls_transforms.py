@@ -70,14 +70,23 @@ def center_crop(image: np.ndarray, size: int) -> np.ndarray:
 
 
 def ten_crop(image: np.ndarray, size: int) -> np.ndarray:
-    """AlexNet's 10 test patches [10, size, size, 3]: top-left, top-right, bottom-left,
-    bottom-right, centre, then the horizontal flips of those five in the same order."""
+    """The 10 patches [10, size, size, 3] of ``image`` itself: top-left, top-right, bottom-left,
+    bottom-right, centre, then the horizontal flips of those five in the same order.
+
+    AlexNet's 10-crop takes them from a square image; ``TenCropEvalTransform`` first cuts the
+    central square (``center_square``) of a non-square one."""
     h, w = image.shape[:2]
     if h < size or w < size:
         raise ValueError(f"ten_crop: image {h}x{w} is smaller than the crop {size}x{size}")
     corners = [(0, 0), (0, w - size), (h - size, 0), (h - size, w - size), ((h - size) // 2, (w - size) // 2)]
     crops = np.stack([image[t : t + size, l : l + size] for t, l in corners])
     return np.concatenate([crops, crops[:, :, ::-1]], axis=0)
+
+
+def center_square(image: np.ndarray) -> np.ndarray:
+    """Central min(H, W) x min(H, W) patch (AlexNet Sec. 2: "cropped out the central 256x256 patch")."""
+    h, w = image.shape[:2]
+    return center_crop(image, min(h, w))
 
 
 def to_chw_tensor(image: np.ndarray) -> torch.Tensor:
@@ -287,9 +296,12 @@ class CenterCropEvalTransform:
 
 
 class TenCropEvalTransform:
-    """10-crop test (AlexNet Sec. 4.1): shorter side to ``resize``, then the 4 corner + centre
-    ``crop`` patches of the whole resized image and their horizontal flips -> [10, 3, crop, crop].
-    A per-pixel mean image is subtracted in each patch's own frame, as in training."""
+    """10-crop test (AlexNet Sec. 4.1, used by ResNet Sec. 3.4): shorter side to ``resize``, then the
+    central ``resize`` x ``resize`` square (AlexNet's 256x256 image), then its 4 corner + centre
+    ``crop`` patches and their horizontal flips -> [10, 3, crop, crop]. For a 256x341 image the
+    corners are those of columns 42..297, not of the whole 341-wide rectangle. ``resize=None``
+    keeps the size and uses the central min(H, W) square. A per-pixel mean image is subtracted
+    in each patch's own frame, as in training."""
 
     def __init__(self, *, normalize: Normalize, resize: int | None = 256, crop: int = 224) -> None:
         self.resize = None if resize is None else _positive_int(resize, "resize")
@@ -302,7 +314,7 @@ class TenCropEvalTransform:
         image = _check_image(image, type(self).__name__)
         if self.resize is not None:
             image = resize_shorter_side(image, self.resize)
-        crops = ten_crop(image, self.crop).astype(np.float32)
+        crops = ten_crop(center_square(image), self.crop).astype(np.float32)
         return to_chw_tensor(self.normalize(crops))
 
     def __repr__(self) -> str:

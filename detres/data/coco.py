@@ -5,8 +5,10 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import os
 import warnings
+from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -36,7 +38,25 @@ def load_coco_api(ann_file: str | os.PathLike) -> COCO:
     for key in ("images", "categories"):
         if not isinstance(coco.dataset.get(key), list):
             raise ValueError(f"COCO annotation file '{ann_file}': missing or non-list '{key}' field")
+    _check_unique_image_ids(coco.dataset["images"], ann_file)
     return coco
+
+
+def _check_unique_image_ids(images: list[Any], ann_file: Path) -> None:
+    """pycocotools keys images by id, so a repeated id silently keeps only the last entry while the
+    annotations of all of them pile up on it: one image would be trained on with another's boxes."""
+    files_of: dict[Any, list[str]] = {}
+    for img in images:
+        img_id = img.get("id") if isinstance(img, dict) else None
+        files_of.setdefault(img_id, []).append(str(img.get("file_name", "?")) if isinstance(img, dict) else "?")
+    repeated = {i: names for i, names in files_of.items() if len(names) > 1}
+    if repeated:
+        shown = "; ".join(f"id {i!r}: {', '.join(repr(n) for n in names)}" for i, names in list(repeated.items())[:10])
+        more = f"; ... ({len(repeated)} ids in all)" if len(repeated) > 10 else ""
+        raise ValueError(
+            f"COCO annotation file '{ann_file}': {len(repeated)} image id(s) used by more than one image "
+            f"(e.g. after merging files); image ids must be unique: {shown}{more}"
+        )
 
 
 class CocoDetection(Dataset):
@@ -45,10 +65,12 @@ class CocoDetection(Dataset):
     Category ids are mapped to contiguous labels 1..K in sorted id order (``category_id_to_label``,
     ``label_to_category_id``; ``categories[l - 1]`` is label ``l``). Boxes are converted from xywh to
     xyxy and clipped to the image. Crowd annotations are left out of the targets when ``skip_crowd``
-    (counted in ``num_crowd``; with ``skip_crowd=False`` they are kept as ordinary boxes). Boxes with
-    zero width or height after clipping, or non-finite numbers, are dropped with one warning per
-    dataset (``num_degenerate``); boxes narrower or lower than ``min_box_size`` pixels likewise
-    (``num_small``). ``image_id`` in samples is the COCO image id, as COCO results need it.
+    (counted in ``num_crowd``; with ``skip_crowd=False`` they are kept as ordinary boxes); they stay, clipped,
+    in ``evaluation_ground_truth`` as the regions COCO AP ignores. Boxes with zero width or height after
+    clipping, or non-finite numbers, are dropped with one warning per dataset (``num_degenerate``); boxes
+    narrower or lower than ``min_box_size`` pixels likewise (``num_small``). Evaluation scores the boxes
+    as loaded, never the raw JSON (see ``evaluation_ground_truth``). ``image_id`` in samples is the COCO
+    image id, as COCO results need it. Image ids must be unique in the file (ValueError otherwise).
 
     Args:
         image_dir: folder the JSON's ``file_name`` entries are relative to.
@@ -95,16 +117,19 @@ class CocoDetection(Dataset):
             unknown = [i for i in ids if i not in self.coco.imgs]
             if unknown:
                 raise ValueError(f"image_ids: {unknown[:10]} not in COCO annotation file '{self.ann_file}'")
+            if len(set(ids)) != len(ids):
+                repeated = sorted(i for i, n in Counter(ids).items() if n > 1)
+                raise ValueError(f"image_ids: {_preview(repeated)} listed more than once (for '{self.ann_file}')")
 
         self.num_crowd = 0
         self.num_degenerate = 0
         self.num_small = 0
         degenerate_ann_ids: list[int] = []
         small_ann_ids: list[int] = []
-        self._targets: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._targets: dict[int, dict[str, np.ndarray]] = {}
         for img_id in ids:
-            boxes, labels, n_crowd, degenerate, small = self._load_targets(img_id)
-            self._targets[img_id] = (boxes, labels)
+            target, n_crowd, degenerate, small = self._load_targets(img_id)
+            self._targets[img_id] = target
             self.num_crowd += n_crowd
             degenerate_ann_ids += degenerate
             small_ann_ids += small
@@ -123,19 +148,17 @@ class CocoDetection(Dataset):
                 stacklevel=2,
             )
         if remove_images_without_boxes:
-            ids = [i for i in ids if len(self._targets[i][1]) > 0]
+            ids = [i for i in ids if len(self._targets[i]["labels"]) > 0]
         self.ids: list[int] = ids
-        self.num_boxes = sum(len(self._targets[i][1]) for i in ids)
+        self.num_boxes = sum(len(self._targets[i]["labels"]) for i in ids)
 
-    def _load_targets(self, img_id: int) -> tuple[np.ndarray, np.ndarray, int, list[int], list[int]]:
+    def _load_targets(self, img_id: int) -> tuple[dict[str, np.ndarray], int, list[int], list[int]]:
+        """The cleaned targets of one image (boxes in float64 original pixels, labels, COCO areas) and its
+        crowd regions, with the crowd count and the ids of the degenerate and too-small annotations."""
         info = self.coco.imgs[img_id]
         height, width = self._hw_of(info)
-        boxes, labels, ann_ids = [], [], []
-        n_crowd = 0
+        boxes, labels, ann_ids, crowd, areas = [], [], [], [], []
         for ann in self.coco.imgToAnns.get(img_id, []):
-            if self.skip_crowd and ann.get("iscrowd", 0):
-                n_crowd += 1
-                continue
             cat = ann.get("category_id")
             if cat not in self.category_id_to_label:
                 raise ValueError(
@@ -151,26 +174,41 @@ class CocoDetection(Dataset):
             boxes.append([float(v) for v in bbox])
             labels.append(self.category_id_to_label[cat])
             ann_ids.append(int(ann.get("id", -1)))
-        if not boxes:
-            return np.zeros((0, 4), np.float32), np.zeros(0, np.int64), n_crowd, [], []
-        xywh = torch.tensor(boxes, dtype=torch.float64)
+            crowd.append(bool(self.skip_crowd and ann.get("iscrowd", 0)))
+            area = ann.get("area")
+            areas.append(float(area) if isinstance(area, (int, float)) and not isinstance(area, bool) else math.nan)
+        n_crowd = sum(crowd)
+        xywh = torch.tensor(boxes, dtype=torch.float64).reshape(-1, 4)
         finite = torch.isfinite(xywh).all(dim=1)
         # Non-finite rows are zeroed so that clipping cannot turn them into a plausible box.
-        xyxy = clip_boxes(xywh_to_xyxy(torch.where(finite[:, None], xywh, torch.zeros_like(xywh))), (height, width))
+        raw_xyxy = xywh_to_xyxy(torch.where(finite[:, None], xywh, torch.zeros_like(xywh)))
+        xyxy = clip_boxes(raw_xyxy, (height, width))
         wh = xyxy[:, 2:] - xyxy[:, :2]
         valid = finite & (wh > 0).all(dim=1)
         big_enough = (wh >= self.min_box_size).all(dim=1)
-        keep = valid & big_enough
+        is_crowd = torch.tensor(crowd, dtype=torch.bool).reshape(-1)
+        # Crowd regions are not targets: they are kept (clipped) only as regions COCO AP ignores, whatever
+        # their size; a degenerate one is dropped like any degenerate box.
+        keep = valid & big_enough & ~is_crowd
+        keep_crowd = valid & is_crowd
         degenerate = [a for a, v in zip(ann_ids, valid.tolist()) if not v]
-        small = [a for a, v, b in zip(ann_ids, valid.tolist(), big_enough.tolist()) if v and not b]
-        kept = keep.numpy()
-        return (
-            xyxy[keep].to(torch.float32).numpy(),
-            np.asarray(labels, dtype=np.int64)[kept],
-            n_crowd,
-            degenerate,
-            small,
-        )
+        small = [a for a, v, b, c in zip(ann_ids, valid.tolist(), big_enough.tolist(), crowd) if v and not b and not c]
+        # COCO's area (the object's own, e.g. its mask area) decides the small/medium/large split of COCO AP.
+        # It is kept for a box that loading left as it was; a clipped box gets its clipped w*h.
+        unchanged = (xyxy == raw_xyxy).all(dim=1)
+        file_area = torch.tensor(areas, dtype=torch.float64).reshape(-1)
+        use_file_area = unchanged & torch.isfinite(file_area) & (file_area > 0)
+        eval_area = torch.where(use_file_area, file_area, wh.prod(dim=1))
+        labels_np = np.asarray(labels, dtype=np.int64).reshape(-1)
+        target = {
+            "boxes": xyxy[keep].numpy().reshape(-1, 4),
+            "labels": labels_np[keep.numpy()],
+            "areas": eval_area[keep].numpy().reshape(-1),
+            "crowd_boxes": xyxy[keep_crowd].numpy().reshape(-1, 4),
+            "crowd_labels": labels_np[keep_crowd.numpy()],
+            "crowd_areas": eval_area[keep_crowd].numpy().reshape(-1),
+        }
+        return target, n_crowd, degenerate, small
 
     def _hw_of(self, info: dict[str, Any]) -> tuple[int, int]:
         try:
@@ -198,14 +236,31 @@ class CocoDetection(Dataset):
     def annotation(self, index: int) -> dict[str, Any]:
         """The numpy sample of image ``index`` without the image: boxes in original pixels, labels, ids."""
         img_id = self.ids[index]
-        boxes, labels = self._targets[img_id]
+        target = self._targets[img_id]
         return {
-            "boxes": boxes.copy(),
-            "labels": labels.copy(),
-            "difficult": np.zeros(len(labels), dtype=bool),
+            "boxes": target["boxes"].astype(np.float32),
+            "labels": target["labels"].copy(),
+            "difficult": np.zeros(len(target["labels"]), dtype=bool),
             "image_id": img_id,
             "orig_size": self.image_hw(index),
             "file_name": str(self.image_path(index)),
+        }
+
+    def evaluation_ground_truth(self, index: int) -> dict[str, Any]:
+        """What evaluation scores image ``index`` against: the loaded targets (as in ``annotation``, after
+        clipping and dropping) followed by the crowd regions (``iscrowd`` True; none with ``skip_crowd=False``,
+        where crowd boxes are ordinary targets), in float64 original pixels, with the COCO ``area`` of each
+        (the file's, unless loading clipped the box). Both COCO AP and VOC mAP use this, so they agree."""
+        img_id = self.ids[index]
+        t = self._targets[img_id]
+        return {
+            "image_id": img_id,
+            "orig_size": self.image_hw(index),
+            "file_name": str(self.image_path(index)),
+            "boxes": np.concatenate([t["boxes"], t["crowd_boxes"]]).reshape(-1, 4),
+            "labels": np.concatenate([t["labels"], t["crowd_labels"]]),
+            "area": np.concatenate([t["areas"], t["crowd_areas"]]),
+            "iscrowd": np.concatenate([np.zeros(len(t["labels"]), bool), np.ones(len(t["crowd_labels"]), bool)]),
         }
 
     def __getitem__(self, index: int) -> dict[str, Any]:

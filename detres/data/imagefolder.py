@@ -1,8 +1,11 @@
-"""Classification dataset over a `root/<class_name>/<image>` folder tree (ImageNet / CIFAR layout)."""
+"""Classification datasets: a `root/<class_name>/<image>` folder tree (ImageNet train / CIFAR layout),
+or a flat image folder with a labels file (ImageNet / Tiny-ImageNet validation layout)."""
 
 from __future__ import annotations
 
 import os
+import warnings
+from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -36,7 +39,50 @@ def _images_in(folder: Path, extensions: tuple[str, ...]) -> list[Path]:
     return found
 
 
-class ImageFolderDataset(Dataset):
+class _LabelledImages(Dataset):
+    """What both layouts share: ``samples`` [(path, label)], ``targets``, ``classes``, ``class_to_idx``,
+    lazy decoding and the optional ``transform``. Subclasses fill those in ``__init__``."""
+
+    root: Path
+    transform: Callable[[np.ndarray], Any] | None
+    class_to_idx: dict[str, int]
+    classes: list[str]
+    samples: list[tuple[str, int]]
+    targets: list[int]
+
+    @property
+    def class_names(self) -> list[str]:
+        """Class names ordered by label (the same list as ``classes``)."""
+        return list(self.classes)
+
+    @property
+    def num_classes(self) -> int:
+        """Number of model outputs the labels index: max label + 1."""
+        return max(self.class_to_idx.values()) + 1
+
+    @property
+    def paths(self) -> list[str]:
+        """Image file paths in sample order (input for the pixel-mean and colour-PCA statistics)."""
+        return [path for path, _ in self.samples]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        path, label = self.samples[index]
+        image = read_image_rgb(path)
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, label
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(root='{self.root}', num_images={len(self)}, "
+            f"num_classes={len(self.classes)}, transform={self.transform!r})"
+        )
+
+
+class ImageFolderDataset(_LabelledImages):
     """Images in `root/<class>/...`, labelled by their class folder.
 
     Classes are the sorted names of the sub-folders of ``root`` and labels are their positions
@@ -119,33 +165,116 @@ class ImageFolderDataset(Dataset):
             raise ValueError(f"class_to_idx: two classes share a label in {mapping}")
         return mapping
 
-    @property
-    def class_names(self) -> list[str]:
-        """Class names ordered by label (the same list as ``classes``)."""
-        return list(self.classes)
 
-    @property
-    def num_classes(self) -> int:
-        """Number of model outputs the labels index: max label + 1."""
-        return max(self.class_to_idx.values()) + 1
+def read_label_file(path: str | os.PathLike) -> list[tuple[int, str, str]]:
+    """Lines ``<file name><whitespace><class name>[<whitespace>ignored...]`` -> [(line number, file, class)].
 
-    @property
-    def paths(self) -> list[str]:
-        """Image file paths in sample order (input for the pixel-mean and colour-PCA statistics)."""
-        return [path for path, _ in self.samples]
+    Blank lines are skipped; extra columns (Tiny-ImageNet's box coordinates) are ignored. A line with
+    fewer than two columns, or a file listed twice, raises ValueError naming the file and the line.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"labels file not found: '{path}'")
+    entries: list[tuple[int, str, str]] = []
+    first_line: dict[str, int] = {}
+    try:
+        lines = path.read_text(encoding="utf-8").split("\n")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"labels file '{path}' is not UTF-8 text: {exc}") from None
+    for number, line in enumerate(lines, start=1):
+        fields = line.split()
+        if not fields:
+            continue
+        if len(fields) < 2:
+            raise ValueError(
+                f"{path}:{number}: expected '<file name> <class name> [...]' separated by whitespace, "
+                f"got {line.rstrip()!r}"
+            )
+        name, class_name = fields[0], fields[1]
+        if name in first_line:
+            raise ValueError(f"{path}:{number}: '{name}' is listed twice (first on line {first_line[name]})")
+        first_line[name] = number
+        entries.append((number, name, class_name))
+    if not entries:
+        raise ValueError(f"labels file '{path}' lists no images")
+    return entries
 
-    def __len__(self) -> int:
-        return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[Any, int]:
-        path, label = self.samples[index]
-        image = read_image_rgb(path)
-        if self.transform is not None:
-            image = self.transform(image)
-        return image, label
+class ImageListDataset(_LabelledImages):
+    """Images of a flat folder labelled by a labels file: the ImageNet / Tiny-ImageNet validation layout.
 
-    def __repr__(self) -> str:
-        return (
-            f"{type(self).__name__}(root='{self.root}', num_images={len(self)}, "
-            f"num_classes={len(self.classes)}, transform={self.transform!r})"
-        )
+    Each line of ``labels_file`` is ``<file name> <class name> [extra columns ignored]`` with the
+    file name relative to ``root`` (Tiny-ImageNet's ``val_annotations.txt``: ``val_0.JPEG n03444034
+    0 32 44 62``; ImageNet val: ``ILSVRC2012_val_00000001.JPEG n01751748``).
+
+    * ``class_to_idx={name: label}`` (the training set's mapping) gives the labels, so they index the
+      outputs of the model trained on that set. Lines whose class is not in it are skipped and
+      counted: ``skipped_classes`` {class: images}, ``num_skipped``; a warning reports them once.
+      If no line names a known class, that is an error (e.g. a numeric-label file).
+    * ``class_to_idx=None``: the classes are the sorted class names of the file, labelled 0..K-1.
+
+    A listed file that does not exist raises FileNotFoundError naming the labels file, its line
+    and the missing path (and how many are missing); images of ``root`` that are not listed are
+    not used. Images are decoded lazily, as in ``ImageFolderDataset``.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        labels_file: str | os.PathLike,
+        *,
+        class_to_idx: Mapping[str, int] | None = None,
+        transform: Callable[[np.ndarray], Any] | None = None,
+    ) -> None:
+        self.root = Path(root)
+        self.labels_file = Path(labels_file)
+        self.transform = transform
+        if not self.root.exists():
+            raise FileNotFoundError(f"ImageListDataset root: '{self.root}' does not exist")
+        if not self.root.is_dir():
+            raise NotADirectoryError(f"ImageListDataset root: '{self.root}' is not a directory")
+        entries = read_label_file(self.labels_file)
+        if class_to_idx is None:
+            self.class_to_idx = {name: i for i, name in enumerate(sorted({c for _, _, c in entries}))}
+        else:
+            self.class_to_idx = {str(name): int(label) for name, label in class_to_idx.items()}
+            if not self.class_to_idx:
+                raise ValueError("ImageListDataset: class_to_idx is empty")
+            if min(self.class_to_idx.values()) < 0 or len(set(self.class_to_idx.values())) != len(self.class_to_idx):
+                raise ValueError(f"class_to_idx: labels must be distinct and >= 0, got {self.class_to_idx}")
+        self.classes = sorted(self.class_to_idx, key=lambda c: (self.class_to_idx[c], c))
+
+        skipped: Counter[str] = Counter()
+        missing: list[tuple[int, Path]] = []
+        self.samples = []
+        for number, name, class_name in entries:
+            label = self.class_to_idx.get(class_name)
+            if label is None:
+                skipped[class_name] += 1
+                continue
+            image_path = self.root / name
+            if not image_path.is_file():
+                missing.append((number, image_path))
+                continue
+            self.samples.append((str(image_path), label))
+        if missing:
+            number, image_path = missing[0]
+            more = f" ({len(missing)} listed images are missing in all)" if len(missing) > 1 else ""
+            raise FileNotFoundError(f"{self.labels_file}:{number}: image '{image_path}' not found{more}")
+        self.skipped_classes: dict[str, int] = dict(sorted(skipped.items()))
+        self.num_skipped = sum(skipped.values())
+        if not self.samples:
+            known = sorted(self.class_to_idx)[:3]
+            raise ValueError(
+                f"{self.labels_file}: none of its {len(entries)} lines names a known class "
+                f"(e.g. {entries[0][2]!r}; known classes are like {known}); the second column must be "
+                f"the class name (folder name of the training set)"
+            )
+        if self.num_skipped:
+            warnings.warn(
+                f"{self.labels_file}: skipped {self.num_skipped} of {len(entries)} images whose class is not "
+                f"among the {len(self.class_to_idx)} training classes: "
+                + ", ".join(f"{c} ({n})" for c, n in self.skipped_classes.items()),
+                stacklevel=2,
+            )
+        self.targets = [label for _, label in self.samples]

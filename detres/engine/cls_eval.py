@@ -1,4 +1,5 @@
-"""Evaluate a classification checkpoint of any format (train_cls, legacy CIFAR .th, torchvision) on an ImageFolder.
+"""Evaluate a classification checkpoint of any format (train_cls, legacy CIFAR .th, torchvision) on an
+ImageFolder, or on a flat image folder with a labels file (ImageNet / Tiny-ImageNet val).
 
 The checkpoint format is detected from its contents (``detect_checkpoint_format``):
 
@@ -24,7 +25,7 @@ from torch.utils.data import Subset
 from detres.data.cls_pipeline import ClsDataStats
 from detres.data.cls_transforms import IMAGENET_MEAN_RGB, IMAGENET_STD_RGB, PAPER_TEST_SCALES, Normalize
 from detres.data.cls_transforms import build_eval_transform
-from detres.data.imagefolder import ImageFolderDataset
+from detres.data.imagefolder import ImageFolderDataset, ImageListDataset
 from detres.engine.checkpoint import load_checkpoint
 from detres.engine.worker_errors import readable_worker_errors
 from detres.evaluation.classification import MODES, evaluate_classifier
@@ -156,15 +157,17 @@ def load_classifier(path: str | Path, *, arch: str | None = None, depth: int | N
 
 
 def default_geometry(loaded: LoadedClassifier) -> dict[str, Any]:
-    """Test geometry the checkpoint was made for: {resize, crop, scales} (resize None = keep the size)."""
+    """Test geometry the checkpoint was made for: {resize, crop, scales, train_crop} (resize None = keep
+    the size). ``train_crop`` is the training crop size, whose feature-map window the dense test scores."""
     cfg = loaded.config
     if cfg is not None:
         cifar_mode = cfg["augment"]["mode"] == "cifar"
-        return {"resize": None if cifar_mode else cfg["test"]["resize"], "crop": cfg["augment"]["crop"],
-                "scales": list(cfg["test"]["scales"])}
+        crop = cfg["augment"]["crop"]
+        return {"resize": None if cifar_mode else cfg["test"]["resize"], "crop": crop,
+                "scales": list(cfg["test"]["scales"]), "train_crop": crop}
     if loaded.model_args["arch"] == "cifar":
-        return {"resize": None, "crop": 32, "scales": list(CIFAR_TEST_SCALES)}
-    return {"resize": 256, "crop": 224, "scales": list(PAPER_TEST_SCALES)}
+        return {"resize": None, "crop": 32, "scales": list(CIFAR_TEST_SCALES), "train_crop": 32}
+    return {"resize": 256, "crop": 224, "scales": list(PAPER_TEST_SCALES), "train_crop": 224}
 
 
 def build_normalize(loaded: LoadedClassifier, kind: str, *, dense: bool) -> Normalize:
@@ -183,15 +186,24 @@ def build_normalize(loaded: LoadedClassifier, kind: str, *, dense: bool) -> Norm
     return Normalize(mean=(0.0, 0.0, 0.0))
 
 
-def _eval_dataset(loaded: LoadedClassifier, data_dir: str | Path) -> ImageFolderDataset:
+def _eval_dataset(loaded: LoadedClassifier, data_dir: str | Path,
+                  val_labels: str | Path | None = None) -> ImageFolderDataset | ImageListDataset:
     num_outputs = loaded.model_args["num_classes"]
     if loaded.class_names is not None:
-        return ImageFolderDataset(data_dir, class_to_idx={name: i for i, name in enumerate(loaded.class_names)})
-    dataset = ImageFolderDataset(data_dir)
+        class_to_idx = {name: i for i, name in enumerate(loaded.class_names)}
+        if val_labels is not None:
+            return ImageListDataset(data_dir, val_labels, class_to_idx=class_to_idx)
+        return ImageFolderDataset(data_dir, class_to_idx=class_to_idx)
+    if val_labels is not None:
+        dataset = ImageListDataset(data_dir, val_labels)
+        what = f"{val_labels}: {len(dataset.class_names)} classes"
+    else:
+        dataset = ImageFolderDataset(data_dir)
+        what = f"{data_dir}: {len(dataset.class_names)} class folders"
     if len(dataset.class_names) != num_outputs:
         raise ValueError(
-            f"{data_dir}: {len(dataset.class_names)} class folders, but the checkpoint's classifier has "
-            f"{num_outputs} outputs; labels are the sorted folder names, so the counts must match"
+            f"{what}, but the checkpoint's classifier has {num_outputs} outputs; labels are the sorted "
+            f"class names, so the counts must match"
         )
     return dataset
 
@@ -221,11 +233,17 @@ def evaluate_checkpoint(
     num_workers: int = 0,
     device: str = "cpu",
     max_per_class: int | None = None,
+    val_labels: str | Path | None = None,
+    train_crop: int | str = "auto",
 ) -> dict[str, Any]:
-    """Top-1/top-5 accuracy and error of ``checkpoint`` on the ImageFolder ``data_dir`` for each test mode.
+    """Top-1/top-5 accuracy and error of ``checkpoint`` on ``data_dir`` for each test mode.
 
-    ``resize``/``crop``/``scales`` default ("auto"/None) to the geometry the checkpoint was trained
-    for (see :func:`default_geometry`); ``max_per_class`` evaluates the first N images of each class.
+    ``data_dir`` is an ImageFolder, or with ``val_labels`` a flat image folder whose labels file lists
+    ``<file> <class name> ...`` per line (images of classes the model lacks are skipped and counted
+    in ``val_skipped_unknown_class``). ``resize``/``crop``/``scales``/``train_crop`` default
+    ("auto"/None) to the geometry the checkpoint was trained for (see :func:`default_geometry`);
+    ``train_crop`` sets the window of the dense multi-scale test. ``max_per_class`` evaluates the
+    first N images of each class.
     """
     bad = [m for m in modes if m not in MODES]
     if bad or not modes:
@@ -240,7 +258,9 @@ def evaluate_checkpoint(
         geometry["crop"] = crop
     if scales is not None:
         geometry["scales"] = [int(s) for s in scales]
-    dataset = _eval_dataset(loaded, data_dir)
+    if train_crop != "auto":
+        geometry["train_crop"] = int(train_crop)
+    dataset = _eval_dataset(loaded, data_dir, val_labels)
     data = dataset if max_per_class is None else Subset(dataset, _first_per_class(dataset, int(max_per_class)))
     results: dict[str, Any] = {}
     for mode in modes:
@@ -252,11 +272,15 @@ def evaluate_checkpoint(
                                                      crop=geometry["crop"])
         with readable_worker_errors():
             errors = evaluate_classifier(loaded.model, data, mode=mode, scales=tuple(geometry["scales"]),
-                                         device=device, batch_size=batch_size, num_workers=num_workers)
+                                         device=device, batch_size=batch_size, num_workers=num_workers,
+                                         crop=geometry["train_crop"])
         results[mode] = {**errors, "top1_acc": 1.0 - errors["top1_err"], "top5_acc": 1.0 - errors["top5_err"]}
+    skipped = {}
+    if val_labels is not None:
+        skipped = {"val_labels": str(val_labels), "val_skipped_unknown_class": dataset.num_skipped}
     return {
         "checkpoint": str(checkpoint), "format": loaded.format, "model_args": loaded.model_args,
-        "data": str(data_dir), "num_images": len(data), "normalize": normalize if normalize != "auto" else
+        "data": str(data_dir), "num_images": len(data), **skipped, "normalize": normalize if normalize != "auto" else
         ("checkpoint" if loaded.data_stats is not None else "imagenet"),
         "geometry": geometry, "bn_recomputed": loaded.bn_recomputed, "results": results, **loaded.extra,
     }

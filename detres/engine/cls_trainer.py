@@ -12,12 +12,13 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from detres.config.load import Config
-from detres.data.cls_pipeline import ClsDataStats, build_eval_transform, build_train_transform, compute_data_stats
+from detres.data.cls_pipeline import ClsDataStats, build_eval_transform, build_train_transform, build_val_dataset
+from detres.data.cls_pipeline import compute_data_stats
 from detres.data.imagefolder import ImageFolderDataset
 from detres.engine.atomic import write_json_atomic
 from detres.engine.checkpoint import load_checkpoint, save_checkpoint
 from detres.engine.logging import JsonLinesLogger, read_json_lines
-from detres.engine.lr_schedule import LRSchedule
+from detres.engine.lr_schedule import LRSchedule, epochs_to_iters
 from detres.engine.plots import plot_curves
 from detres.engine.run_setup import start_run
 from detres.engine.seeded_data import EpochBatchSampler, EpochSeededDataset
@@ -33,11 +34,12 @@ def _loader(dataset, batch_sampler, num_workers: int) -> DataLoader:
 
 
 def _evaluate(model, dataset, cfg: Config, stats: ClsDataStats, mode: str, device) -> dict[str, float]:
-    """Top-1/top-5 error of ``model`` on the validation folder with one test protocol."""
+    """Top-1/top-5 error of ``model`` on the validation folder with one test protocol
+    (the dense multi-scale test scores windows of the training crop size)."""
     dataset.transform = build_eval_transform(cfg, stats, mode)
     return evaluate_classifier(
         model, dataset, mode=mode, scales=tuple(cfg.test.scales), device=device,
-        batch_size=cfg.test.batch_size, num_workers=cfg.data.num_workers,
+        batch_size=cfg.test.batch_size, num_workers=cfg.data.num_workers, crop=cfg.augment.crop,
     )
 
 
@@ -87,7 +89,7 @@ def _train_classifier(cfg: Config, *, resume: bool) -> dict[str, Any]:
     out, last_path, device = start_run(cfg, resume=resume)
 
     train_set = ImageFolderDataset(cfg.data.train_dir)
-    val_set = ImageFolderDataset(cfg.data.val_dir, class_to_idx=train_set.class_to_idx)
+    val_set = build_val_dataset(cfg, train_set.class_to_idx)
     solver = cfg.solver
     iters_per_epoch = len(train_set) // solver.batch_size
     if iters_per_epoch == 0:
@@ -110,6 +112,7 @@ def _train_classifier(cfg: Config, *, resume: bool) -> dict[str, Any]:
         optimizer, base_lr=solver.base_lr, mode=solver.lr_schedule, steps=solver.steps, gamma=solver.gamma,
         patience=solver.plateau_patience, threshold=solver.plateau_threshold, min_lr=solver.min_lr,
         warmup_iters=solver.warmup_iters, warmup_lr=solver.warmup_lr,
+        min_iters_between_drops=_plateau_min_iters(solver, len(train_set)),
     )
     start_iter = 0
     if state is not None:
@@ -118,6 +121,9 @@ def _train_classifier(cfg: Config, *, resume: bool) -> dict[str, Any]:
         schedule.load_state_dict(state["schedule"])
         start_iter = int(state["iter"])
     logger = JsonLinesLogger(out / "metrics.jsonl", resume_from_iter=start_iter if state is not None else None)
+    if state is None and getattr(val_set, "num_skipped", 0):
+        logger.log(iter=0, val_images=len(val_set), val_skipped_unknown_class=val_set.num_skipped,
+                   val_skipped_classes=val_set.skipped_classes)
 
     def save(iteration: int) -> None:
         save_checkpoint(last_path, _checkpoint_payload(model, optimizer, schedule, iteration, model_args,
@@ -149,7 +155,7 @@ def _train_classifier(cfg: Config, *, resume: bool) -> dict[str, Any]:
                     window.clear()
                 if iteration % solver.eval_period == 0 or iteration == solver.max_iter:
                     result = _evaluate(model, val_set, cfg, stats, "1crop", device)
-                    dropped = schedule.observe_validation(result["top1_err"])
+                    dropped = schedule.observe_validation(result["top1_err"], iteration=iteration)
                     logger.log(iter=iteration, val_top1_err=result["top1_err"], val_top5_err=result["top5_err"],
                                lr_dropped=dropped)
                     model.train()
@@ -160,6 +166,14 @@ def _train_classifier(cfg: Config, *, resume: bool) -> dict[str, Any]:
     train_time = time.time() - started
     return finalize_classifier(model, cfg, stats, train_set, val_set, model_args, device,
                                out=out, train_time_s=train_time, iterations=iteration)
+
+
+def _plateau_min_iters(solver, num_train_images: int) -> int:
+    """``solver.plateau_min_epochs`` in iterations (an epoch = num_train_images // batch_size)."""
+    epochs = solver.get("plateau_min_epochs", 0.0) or 0.0
+    if epochs < 0:
+        raise ValueError(f"solver.plateau_min_epochs must be >= 0, got {epochs!r}")
+    return epochs_to_iters(epochs, num_train_images, solver.batch_size)
 
 
 def _bn_batch_size(num_images: int, batch_size: int) -> int:
@@ -181,6 +195,8 @@ def finalize_classifier(model, cfg: Config, stats: ClsDataStats, train_set, val_
     metrics: dict[str, Any] = {"iterations": iterations, "train_time_s": round(train_time_s, 1),
                                "num_classes": len(train_set.class_names), "train_images": len(train_set),
                                "val_images": len(val_set), "model_args": model_args}
+    if cfg.data.get("val_labels"):
+        metrics["val_skipped_unknown_class"] = val_set.num_skipped
     metrics["before_bn_recompute"] = {mode: _evaluate(model, val_set, cfg, stats, mode, device)
                                       for mode in cfg.test.modes}
     if cfg.bn_recompute.enabled:

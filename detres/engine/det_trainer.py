@@ -1,4 +1,4 @@
-"""Faster R-CNN training (approximate joint training, Appendix A) and dataset-level testing."""
+"""Faster R-CNN training (approximate joint or 4-step alternating training, Appendix A) and dataset-level testing."""
 from __future__ import annotations
 
 import math
@@ -20,6 +20,7 @@ from detres.engine.run_setup import start_run
 from detres.engine.det_inference import run_inference
 from detres.engine.logging import JsonLinesLogger, read_json_lines
 from detres.engine.lr_schedule import LRSchedule
+from detres.engine.optimizer import build_detection_optimizer, set_lr
 from detres.engine.plots import plot_curves
 from detres.engine.worker_errors import readable
 from detres.evaluation.det_eval import evaluate_detection_dataset
@@ -28,16 +29,23 @@ from detres.inference.visualize import save_detection_pngs
 from detres.models.build import build_detector, detector_kwargs_from_config
 
 LOSS_KEYS = ("loss_rpn_cls", "loss_rpn_box", "loss_cls", "loss_box_reg")
+TRAINING_SCHEMES = ("joint", "alternating")
 
 
-def _train_loader(dataset, cfg: Config, start_iter: int) -> DataLoader:
-    """An endless, seeded stream of batches that resumes at batch ``start_iter`` exactly."""
-    batch = cfg.solver.images_per_batch
+def _train_loader(dataset, cfg: Config, start_iter: int, *, images_per_batch: int | None = None,
+                  seed: int | None = None) -> DataLoader:
+    """An endless, seeded stream of batches that resumes at batch ``start_iter`` exactly.
+
+    ``images_per_batch`` / ``seed`` default to ``solver.images_per_batch`` / ``cfg.seed`` (the
+    alternating scheme gives each step its own batch size and stream).
+    """
+    batch = int(cfg.solver.images_per_batch if images_per_batch is None else images_per_batch)
+    seed = int(cfg.seed if seed is None else seed)
     if cfg.solver.aspect_ratio_grouping:
-        batches = AspectRatioGroupedBatchSampler(InfiniteSampler(len(dataset), seed=cfg.seed),
+        batches = AspectRatioGroupedBatchSampler(InfiniteSampler(len(dataset), seed=seed),
                                                  compute_aspect_ratio_groups(dataset), batch, start_batch=start_iter)
     else:
-        batches = BatchSampler(InfiniteSampler(len(dataset), seed=cfg.seed, start=start_iter * batch), batch,
+        batches = BatchSampler(InfiniteSampler(len(dataset), seed=seed, start=start_iter * batch), batch,
                                drop_last=True)
     return DataLoader(dataset, batch_sampler=batches, collate_fn=collate_detection,
                       num_workers=cfg.data.num_workers, persistent_workers=cfg.data.num_workers > 0)
@@ -59,6 +67,82 @@ def detector_metadata(dataset, cfg: Config) -> dict[str, Any]:
     }
 
 
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict, source: Path) -> None:
+    """Restore SGD state (momentum buffers, group LRs) from a checkpoint, with a clear error when the
+    parameter groups differ (e.g. a checkpoint from before weights and biases were separate groups)."""
+    try:
+        optimizer.load_state_dict(state)
+    except ValueError as exc:
+        groups = [len(g["params"]) for g in state.get("param_groups", [])]
+        ours = [len(g["params"]) for g in optimizer.param_groups]
+        raise ValueError(f"{source}: its optimizer state has parameter groups of sizes {groups}, this run's has "
+                         f"{ours} (solver options or trainable layers changed?); cannot resume: {exc}") from None
+
+
+class DetRun:
+    """What one training run shares between its loop(s): config, output paths, data, logging, checkpoints.
+
+    The loops themselves (:func:`_train_joint`, :func:`detres.engine.alternating.train_alternating`)
+    own the model, the optimizer and the iteration count.
+    """
+
+    def __init__(self, cfg: Config, out: Path, last_path: Path, device: torch.device, train_set, val_set,
+                 meta: dict[str, Any], logger: JsonLinesLogger) -> None:
+        self.cfg, self.out, self.last_path, self.device = cfg, out, last_path, device
+        self.train_set, self.val_set, self.meta, self.logger = train_set, val_set, meta, logger
+        self.started = time.time()
+
+    def loader(self, start_iter: int, *, images_per_batch: int | None = None, seed: int | None = None) -> DataLoader:
+        return _train_loader(self.train_set, self.cfg, start_iter, images_per_batch=images_per_batch, seed=seed)
+
+    def save(self, path: Path, model: torch.nn.Module, model_args: dict[str, Any], iteration: int,
+             optimizer: torch.optim.Optimizer | None = None, **extra: Any) -> None:
+        """A train_det checkpoint: model weights + the arguments to rebuild it, metadata, iteration, config."""
+        payload = {"model": model.state_dict(), "model_args": model_args, "meta": self.meta, "iter": iteration,
+                   "config": self.cfg.to_dict(), "scheme": self.cfg.solver.training_scheme, **extra}
+        if optimizer is not None:
+            payload["optimizer"] = optimizer.state_dict()
+        save_checkpoint(path, payload)
+
+    def evaluate(self, model: torch.nn.Module, iteration: int) -> dict[str, Any]:
+        cfg = self.cfg
+        dets = run_inference(model, self.val_set, device=self.device, batch_size=cfg.solver.images_per_batch,
+                             num_workers=cfg.data.num_workers)
+        result = evaluate_detection_dataset(self.val_set, dets, iou_thresh_voc=cfg.test.iou_thresh_voc,
+                                            use_07_metric=cfg.test.use_07_metric)
+        self.logger.log(iter=iteration, AP=result["coco"]["summary"]["AP"], AP50=result["coco"]["summary"]["AP50"],
+                        voc_mAP=result["voc"]["mAP"])
+        return result
+
+    def sgd_step(self, optimizer: torch.optim.Optimizer, losses: dict[str, torch.Tensor], iteration: int) -> float:
+        """Sum the losses, refuse a non-finite total, backward, step; returns the total."""
+        total = sum(losses.values())
+        if not math.isfinite(total.item()):
+            raise FloatingPointError(f"iteration {iteration}: loss is {total.item()} "
+                                     f"({ {k: round(v.item(), 4) for k, v in losses.items()} }); lower solver.base_lr")
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        optimizer.step()
+        return total.item()
+
+
+class LossWindow:
+    """Losses of the iterations since the last log line, averaged into one record."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, list[float]] = {}
+
+    def add(self, total: float, losses: dict[str, torch.Tensor]) -> None:
+        self.values.setdefault("loss", []).append(total)
+        for key, value in losses.items():
+            self.values.setdefault(key, []).append(value.item())
+
+    def flush(self) -> dict[str, float]:
+        means = {k: sum(v) / len(v) for k, v in self.values.items() if v}
+        self.values = {}
+        return means
+
+
 def train_detector(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
     """Train on ``data.train_*``, evaluate periodically and at the end on ``data.val_*``; returns metrics.
 
@@ -67,12 +151,25 @@ def train_detector(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
     and ``test/`` (see :func:`test_detector`) under ``cfg.output_dir``. An existing ``last.pt`` is
     never overwritten unless ``resume``.
 
+    ``solver.training_scheme``: "joint" (default; approximate joint training, one loss over RPN and
+    Fast R-CNN) or "alternating" (Ren et al.'s 4-step training, :mod:`detres.engine.alternating`,
+    which also writes ``step1_rpn.pt`` .. ``step4_fast_rcnn.pt``). SGD uses the weight / bias
+    parameter groups of :mod:`detres.engine.optimizer`; the LR schedule scales every group's LR.
+
     Resuming restores the weights, the optimizer state (momentum buffers) and the iteration from
     ``last.pt``; the LR schedule is a function of the iteration, and the batch stream is seeded and
     skips to the same batch, so the run sees the same images in the same order as an uninterrupted
     one. It is not bit-identical to one: the random horizontal flips and the RPN / RoI sampling
-    draws are not part of the checkpoint and are drawn afresh after a resume.
+    draws are not part of the checkpoint and are drawn afresh after a resume. A checkpoint of the
+    other training scheme is refused.
     """
+    scheme = cfg.solver.training_scheme
+    if scheme not in TRAINING_SCHEMES:
+        raise ValueError(f"solver.training_scheme must be one of {list(TRAINING_SCHEMES)}, got {scheme!r}")
+    if scheme == "alternating":
+        from detres.engine.alternating import alternating_plan
+
+        alternating_plan(cfg.solver)  # bad per-step options fail before any work
     out, last_path, device = start_run(cfg, resume=resume)
 
     train_set = build_detection_dataset(cfg, "train", train=True)
@@ -82,76 +179,22 @@ def train_detector(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
         raise ValueError(f"{cfg.data.train_ann}: the training set has no images")
     model_args = detector_kwargs_from_config(cfg.model, num_classes=len(train_set.categories))
     state = load_checkpoint(last_path) if resume and last_path.exists() else None
-    if state is not None:
-        model_args = dict(state["model_args"], weights_path=None)  # weights come from the checkpoint
-    model = build_detector(**model_args).to(device)
-    saved_args = dict(model_args, weights_path=None)  # rebuilding for inference needs no backbone file
+    if state is not None and state.get("scheme", "joint") != scheme:
+        raise ValueError(f"{last_path} was written by solver.training_scheme={state.get('scheme', 'joint')!r}; "
+                         f"the config asks for {scheme!r}")
     meta = detector_metadata(train_set, cfg)
-
-    solver = cfg.solver
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=solver.base_lr, momentum=solver.momentum, weight_decay=solver.weight_decay)
-    schedule = LRSchedule(optimizer, base_lr=solver.base_lr, mode="step", steps=solver.steps, gamma=solver.gamma,
-                          warmup_iters=solver.warmup_iters, warmup_lr=solver.warmup_lr)
-    start_iter = 0
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start_iter = int(state["iter"])
+    start_iter = int(state["iter"]) if state is not None else 0
     logger = JsonLinesLogger(out / "metrics.jsonl", resume_from_iter=start_iter if state is not None else None)
+    run = DetRun(cfg, out, last_path, device, train_set, val_set, meta, logger)
 
-    def checkpoint(path: Path, iteration: int, with_optimizer: bool = True) -> None:
-        payload = {"model": model.state_dict(), "model_args": saved_args, "meta": meta, "iter": iteration,
-                   "config": cfg.to_dict()}
-        if with_optimizer:
-            payload["optimizer"] = optimizer.state_dict()
-        save_checkpoint(path, payload)
+    if scheme == "joint":
+        model, iteration, saved_args = _train_joint(run, model_args, state)
+    else:
+        from detres.engine.alternating import train_alternating
 
-    def evaluate(iteration: int) -> dict[str, Any]:
-        dets = run_inference(model, val_set, device=device, batch_size=solver.images_per_batch,
-                             num_workers=cfg.data.num_workers)
-        result = evaluate_detection_dataset(val_set, dets, iou_thresh_voc=cfg.test.iou_thresh_voc,
-                                            use_07_metric=cfg.test.use_07_metric)
-        logger.log(iter=iteration, AP=result["coco"]["summary"]["AP"], AP50=result["coco"]["summary"]["AP50"],
-                   voc_mAP=result["voc"]["mAP"])
-        return result
-
-    iteration = start_iter
-    window: dict[str, list[float]] = {k: [] for k in ("loss", *LOSS_KEYS)}
-    started = time.time()
-    model.train()
-    progress = tqdm(total=solver.max_iter, initial=start_iter, desc="train_det", dynamic_ncols=True)
-    loader = _train_loader(train_set, cfg, start_iter)
-    for batch in readable(loader):
-        if iteration >= solver.max_iter:
-            break
-        lr = schedule.apply(iteration)
-        losses = model(batch["images"].to(device), batch["targets"], image_sizes=batch["image_sizes"])
-        total = sum(losses.values())
-        if not math.isfinite(total.item()):
-            raise FloatingPointError(f"iteration {iteration}: loss is {total.item()} "
-                                     f"({ {k: round(v.item(), 4) for k, v in losses.items()} }); lower solver.base_lr")
-        optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        optimizer.step()
-        iteration += 1
-        progress.update(1)
-        window["loss"].append(total.item())
-        for key in LOSS_KEYS:
-            window[key].append(losses[key].item())
-        if iteration % solver.log_period == 0 or iteration == solver.max_iter:
-            means = {k: sum(v) / len(v) for k, v in window.items() if v}
-            logger.log(iter=iteration, lr=lr, time=time.time() - started, **means)
-            progress.set_postfix(loss=f"{means['loss']:.3f}", lr=f"{lr:.2g}")
-            window = {k: [] for k in window}
-        if iteration % solver.checkpoint_period == 0 or iteration == solver.max_iter:
-            checkpoint(last_path, iteration)
-        if solver.eval_period > 0 and iteration % solver.eval_period == 0 and iteration < solver.max_iter:
-            evaluate(iteration)
-            model.train()
-    progress.close()
-    train_time = time.time() - started
-    checkpoint(out / "model_final.pt", iteration, with_optimizer=False)
+        model, iteration, saved_args = train_alternating(run, model_args, state)
+    train_time = time.time() - run.started
+    run.save(out / "model_final.pt", model, saved_args, iteration)
     metrics = test_detector(model, val_set, meta, cfg, out_dir=out / "test", device=device)
     metrics.update(iterations=iteration, train_time_s=round(train_time, 1))
     logger.log(iter=iteration, AP=metrics["coco"]["summary"]["AP"], AP50=metrics["coco"]["summary"]["AP50"],
@@ -164,6 +207,53 @@ def train_detector(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
                                                         ("voc_mAP", "VOC mAP")],
                 title="validation", ylabel="AP", percent=True)
     return metrics
+
+
+def _train_joint(run: DetRun, model_args: dict[str, Any], state: dict | None
+                 ) -> tuple[torch.nn.Module, int, dict[str, Any]]:
+    """Approximate joint training (py-faster-rcnn end2end): one SGD step on the sum of the 4 losses."""
+    cfg, device = run.cfg, run.device
+    if state is not None:
+        model_args = dict(state["model_args"], weights_path=None)  # weights come from the checkpoint
+    model = build_detector(**model_args).to(device)
+    saved_args = dict(model_args, weights_path=None)  # rebuilding for inference needs no backbone file
+
+    solver = cfg.solver
+    optimizer = build_detection_optimizer(model, solver)
+    schedule = LRSchedule(optimizer, base_lr=solver.base_lr, mode="step", steps=solver.steps, gamma=solver.gamma,
+                          warmup_iters=solver.warmup_iters, warmup_lr=solver.warmup_lr)
+    start_iter = 0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        load_optimizer_state(optimizer, state["optimizer"], run.last_path)
+        start_iter = int(state["iter"])
+
+    iteration = start_iter
+    window = LossWindow()
+    model.train()
+    progress = tqdm(total=solver.max_iter, initial=start_iter, desc="train_det", dynamic_ncols=True)
+    loader = run.loader(start_iter)
+    for batch in readable(loader):
+        if iteration >= solver.max_iter:
+            break
+        lr = schedule.lr_at(iteration)
+        set_lr(optimizer, lr)  # each group: lr x its lr_factor (biases: bias_lr_factor)
+        losses = model(batch["images"].to(device), batch["targets"], image_sizes=batch["image_sizes"])
+        total = run.sgd_step(optimizer, losses, iteration)
+        iteration += 1
+        progress.update(1)
+        window.add(total, losses)
+        if iteration % solver.log_period == 0 or iteration == solver.max_iter:
+            means = window.flush()
+            run.logger.log(iter=iteration, lr=lr, time=time.time() - run.started, **means)
+            progress.set_postfix(loss=f"{means['loss']:.3f}", lr=f"{lr:.2g}")
+        if iteration % solver.checkpoint_period == 0 or iteration == solver.max_iter:
+            run.save(run.last_path, model, saved_args, iteration, optimizer)
+        if solver.eval_period > 0 and iteration % solver.eval_period == 0 and iteration < solver.max_iter:
+            run.evaluate(model, iteration)
+            model.train()
+    progress.close()
+    return model, iteration, saved_args
 
 
 def test_detector(model, dataset, meta: dict[str, Any], cfg: Config, *, out_dir: Path, device) -> dict[str, Any]:

@@ -1,15 +1,21 @@
 """Classification evaluation: top-k error with 1-crop, 10-crop and dense multi-scale testing.
 
 Score averaging (ResNet Sec. 3.4 / AlexNet Sec. 4.1): 10-crop averages the softmax
-probabilities of the 10 patches; the dense multi-scale test applies ``model.fc`` at every
-position of ``model.forward_features`` (a 1x1 convolution), takes the softmax at each position,
-averages the probabilities over positions and then over scales. Softmax, not logits, is
-averaged so every view contributes a distribution of the same scale.
+probabilities of the 10 patches. The dense multi-scale test is the fully-convolutional form of
+VGG / PReLU-net that ResNet Sec. 3.4 adopts: the net scores every window of the *training* size,
+i.e. a k x k window of the last feature map where k x k is the map a training crop produces
+(7 x 7 for a 224 crop of an ImageNet ResNet, 8 x 8 for a 32 crop of a CIFAR ResNet). The window
+is average-pooled (``avg_pool2d``, kernel k, stride 1), ``model.fc`` is applied as a 1x1
+convolution, and the softmax of each window is averaged over all windows and then over the
+scales. A map smaller than k along a side is pooled over that whole side (a map smaller than k
+in both sides: the global average). At the training scale (image = crop) there is exactly one
+window, the net's own global pooling, so the dense test equals the 1-crop test. Softmax, not
+logits, is averaged so every view contributes a distribution of the same scale.
 """
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from typing import Iterable, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -72,10 +78,26 @@ def _linear_head(model: nn.Module) -> nn.Linear:
     return fc
 
 
-def dense_logits(model: nn.Module, images: Tensor) -> Tensor:
-    """Class logits at every position of the last feature map: [B, num_classes, h, w].
+Window = Union[int, Tuple[int, int], None]  # k or (kh, kw) in feature-map cells; None = whole map
 
-    ``model.fc`` is applied as a 1x1 convolution to ``model.forward_features(images)``.
+
+def _window_size(window, h: int, w: int) -> tuple[int, int]:
+    """Window (in feature cells) clipped to an h x w map; None = the whole map."""
+    if window is None:
+        return h, w
+    kh, kw = (window, window) if isinstance(window, int) else tuple(window)
+    if int(kh) < 1 or int(kw) < 1:
+        raise ValueError(f"window: expected positive sizes in feature-map cells, got {window!r}")
+    return min(int(kh), h), min(int(kw), w)
+
+
+def dense_logits(model: nn.Module, images: Tensor, window: Window = 1) -> Tensor:
+    """Class logits of every ``window`` of the last feature map: [B, num_classes, h', w'].
+
+    ``model.forward_features(images)`` [B, C, h, w] is average-pooled with a k x k kernel and
+    stride 1 (``window`` = k or (kh, kw) in feature cells, clipped to the map: a side shorter than
+    k is pooled whole; ``None`` = the whole map), then ``model.fc`` is applied as a 1x1 convolution,
+    giving h' x w' = (h - kh + 1) x (w - kw + 1) windows. ``window=1`` scores every single position.
     """
     fc = _linear_head(model)
     features = model.forward_features(images)
@@ -84,15 +106,37 @@ def dense_logits(model: nn.Module, images: Tensor) -> Tensor:
             f"forward_features returned shape {tuple(features.shape)}; expected [B, {fc.in_features}, h, w] "
             f"to match fc.in_features"
         )
-    logits = torch.einsum("bchw,kc->bkhw", features, fc.weight)
-    if fc.bias is not None:
-        logits = logits + fc.bias[None, :, None, None]
-    return logits
+    kernel = _window_size(window, *features.shape[-2:])
+    if kernel != (1, 1):
+        features = F.avg_pool2d(features, kernel_size=kernel, stride=1)
+    return F.conv2d(features, fc.weight[:, :, None, None], fc.bias)
 
 
-def dense_probs(model: nn.Module, images: Tensor) -> Tensor:
-    """Softmax at every position of ``dense_logits``, averaged over positions: [B, num_classes]."""
-    return dense_logits(model, images).softmax(dim=1).mean(dim=(2, 3))
+def dense_probs(model: nn.Module, images: Tensor, window: Window = 1) -> Tensor:
+    """Softmax of every window of ``dense_logits``, averaged over the windows: [B, num_classes]."""
+    return dense_logits(model, images, window).softmax(dim=1).mean(dim=(2, 3))
+
+
+def feature_window(model: nn.Module, crop: int | tuple[int, int]) -> tuple[int, int]:
+    """Size (kh, kw) of the last feature map for a ``crop`` x ``crop`` input: the training-size window.
+
+    Measured by running ``model.forward_features`` on one blank crop (so padding and rounding of
+    every stride are those of the real net): 7 x 7 for a 224 crop of an ImageNet ResNet, 2 x 2 for
+    a 56 crop, 8 x 8 for a 32 crop of a CIFAR ResNet.
+    """
+    _linear_head(model)
+    ch, cw = (crop, crop) if isinstance(crop, int) else tuple(crop)
+    if int(ch) < 1 or int(cw) < 1:
+        raise ValueError(f"crop: expected a positive size in pixels, got {crop!r}")
+    was_training = model.training
+    model.eval()  # one blank image would break train-mode BN and must not touch its running statistics
+    try:
+        with torch.inference_mode():
+            probe = torch.zeros((1, 3, int(ch), int(cw)), device=_model_device(model))
+            h, w = model.forward_features(probe).shape[-2:]
+    finally:
+        model.train(was_training)
+    return int(h), int(w)
 
 
 def resize_tensor_shorter_side(image: Tensor, size: int) -> Tensor:
@@ -130,7 +174,8 @@ def _per_sample_views(images, scales: Sequence[int] | None) -> list[list[Tensor]
     return [list(s) if isinstance(s, (list, tuple)) else resized(s) for s in images]
 
 
-def _multiscale_scores(model: nn.Module, images, scales: Sequence[int] | None, device: torch.device) -> Tensor:
+def _multiscale_scores(model: nn.Module, images, scales: Sequence[int] | None, device: torch.device,
+                       window: Window) -> Tensor:
     samples = _per_sample_views(images, scales)
     num_views = len(samples[0])
     if num_views == 0 or any(len(v) != num_views for v in samples):
@@ -142,16 +187,16 @@ def _multiscale_scores(model: nn.Module, images, scales: Sequence[int] | None, d
         for i, views in enumerate(samples):
             groups.setdefault(tuple(views[j].shape), []).append(i)
         for shape, members in groups.items():
-            probs = dense_probs(model, torch.stack([samples[i][j] for i in members]).to(device))
+            probs = dense_probs(model, torch.stack([samples[i][j] for i in members]).to(device), window)
             if total is None:
                 total = probs.new_zeros((len(samples), probs.shape[1]))
             total[members] += probs
     return total / num_views
 
 
-def _batch_scores(model: nn.Module, images, mode: str, scales, device: torch.device) -> Tensor:
+def _batch_scores(model: nn.Module, images, mode: str, scales, device: torch.device, window: Window = None) -> Tensor:
     if mode == "multiscale":
-        return _multiscale_scores(model, images, scales, device)
+        return _multiscale_scores(model, images, scales, device, window)
     if not isinstance(images, Tensor):
         raise ValueError(f"{mode}: expected a batch tensor, got {type(images).__name__}")
     images = images.to(device)
@@ -188,6 +233,7 @@ def evaluate_classifier(
     batch_size: int = 32,
     num_workers: int = 0,
     topk: int = 5,
+    crop: int | None = None,
 ) -> dict[str, float | int]:
     """Top-1 / top-k error of ``model`` over ``data`` (a dataset or loader yielding (images, targets)).
 
@@ -197,11 +243,19 @@ def evaluate_classifier(
     here to each of ``scales`` (bilinear). A loader for "multiscale" whose images differ in size
     needs a list collate. ``device=None`` uses the model's device; otherwise the model is moved.
 
+    "multiscale" needs ``crop``, the training crop size in pixels: the dense test scores every
+    window of the feature map that such a crop produces (``feature_window``), as in the paper.
+
     Returns ``{"top1_err", "top5_err", "n", "top5_k"}``; errors are fractions in [0, 1] and
     ``top5_k`` is ``min(topk, num_classes)``, the k actually used for "top5_err".
     """
     if mode not in MODES:
         raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
+    if mode == "multiscale" and crop is None:
+        raise ValueError(
+            "multiscale: pass crop=<training crop size in pixels>; the dense test scores windows of the "
+            "size a training crop covers on the last feature map (e.g. 224 -> 7x7 for an ImageNet ResNet)"
+        )
     if device is None:
         device = _model_device(model)
     else:
@@ -217,6 +271,7 @@ def evaluate_classifier(
             num_workers=num_workers,
             collate_fn=_collate_lists if mode == "multiscale" else None,
         )
+    window = feature_window(model, crop) if mode == "multiscale" else None
     was_training = model.training
     model.eval()
     correct = {1: 0, int(topk): 0}
@@ -226,7 +281,7 @@ def evaluate_classifier(
         with torch.inference_mode():
             for images, targets in data:
                 targets = torch.as_tensor(targets, dtype=torch.int64)
-                scores = _batch_scores(model, images, mode, scales, device).cpu()
+                scores = _batch_scores(model, images, mode, scales, device, window).cpu()
                 num_classes = scores.shape[1]
                 for k, c in topk_correct(scores, targets, tuple(correct)).items():
                     correct[k] += c

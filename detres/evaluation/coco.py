@@ -37,13 +37,17 @@ def _check_gt(dataset: Any, name: str, iou_type: str) -> None:
     for key in ("images", "annotations", "categories"):
         if not isinstance(dataset.get(key), list):
             raise ValueError(f"{name}: field {key!r} is missing or not a list")
-    image_ids = set()
+    image_ids: dict[Any, int] = {}
     for i, img in enumerate(dataset["images"]):
         if not isinstance(img, Mapping) or "id" not in img:
             raise ValueError(f"{name}: images[{i}]: missing field 'id'")
         if img["id"] in image_ids:
-            raise ValueError(f"{name}: images[{i}]: duplicate image id {img['id']!r}")
-        image_ids.add(img["id"])
+            first = dataset["images"][image_ids[img["id"]]]
+            raise ValueError(
+                f"{name}: images[{i}]: duplicate image id {img['id']!r} (file names "
+                f"{first.get('file_name')!r} and {img.get('file_name')!r}); image ids must be unique"
+            )
+        image_ids[img["id"]] = i
         if iou_type == "segm":
             for key in ("height", "width"):
                 if not isinstance(img.get(key), int) or img[key] <= 0:
@@ -70,6 +74,23 @@ def _check_gt(dataset: Any, name: str, iou_type: str) -> None:
             raise ValueError(f"{name}: annotations[{i}]: 'area' must be a finite number, got {ann['area']!r}")
         if iou_type == "bbox":
             _check_box(ann["bbox"], f"{name}: annotations[{i}]")
+    _check_unique_ann_ids(dataset["annotations"], name)
+
+
+def _check_unique_ann_ids(annotations: Sequence[Any], name: str) -> None:
+    """pycocotools keys annotations by id: with a repeated id COCOeval scores one object's box in place
+    of another's and every metric is silently wrong (ground truth fed back as results scores far below 1)."""
+    seen: dict[Any, int] = {}
+    for ann in annotations:
+        ann_id = ann.get("id") if isinstance(ann, Mapping) else None
+        seen[ann_id] = seen.get(ann_id, 0) + 1
+    ids = [a for a, n in seen.items() if n > 1]  # in order of first appearance
+    if ids:
+        shown = ", ".join(f"{a!r} ({seen[a]}x)" for a in ids[:10]) + (", ..." if len(ids) > 10 else "")
+        raise ValueError(
+            f"{name}: {len(ids)} annotation id(s) used more than once (e.g. after merging files): {shown}; "
+            "pycocotools needs unique annotation ids, renumber them (e.g. 1..N)"
+        )
 
 
 def _check_box(box: Any, where: str) -> None:
@@ -81,8 +102,10 @@ def _check_box(box: Any, where: str) -> None:
 
 def load_coco_gt(gt: str | os.PathLike | Mapping[str, Any] | COCO, iou_type: str = "bbox") -> tuple[COCO, str]:
     """Return (COCO object, name for messages). Files and dicts are validated; a dict is deep-copied
-    because COCOeval writes into the annotations. A COCO object is used as given."""
+    because COCOeval writes into the annotations. A COCO object is used as given (its annotation ids
+    are checked to be unique, which pycocotools relies on)."""
     if isinstance(gt, COCO):
+        _check_unique_ann_ids(gt.dataset.get("annotations", []), "<COCO ground truth>")
         return gt, "<COCO ground truth>"
     if isinstance(gt, (str, os.PathLike)):
         path = Path(gt)

@@ -48,6 +48,7 @@ __all__ = [
     "voc_ap",
     "voc_ground_truth",
     "voc_mean_ap",
+    "voc_pr_curves",
 ]
 
 GroundTruth = Mapping[Hashable, Mapping[str, Any]]
@@ -286,6 +287,36 @@ def evaluate_voc_detections(
     "difficult" (optional)}`` in the same conventions (see voc_ground_truth). Every detection's image
     must be in ``ground_truth``. Returns ``dict(mAP, per_class, num_positives, num_detections, ...)``.
     """
+    results = _evaluate_classes(detections, ground_truth, class_names, iou_thresh, use_07_metric)
+    return _summarize(class_names, results, iou_thresh, use_07_metric, len(ground_truth))
+
+
+def voc_pr_curves(
+    detections: Sequence[Mapping[str, Any]],
+    ground_truth: GroundTruth,
+    class_names: Sequence[str],
+    iou_thresh: float = 0.5,
+    use_07_metric: bool = False,
+) -> dict[str, dict[str, Any]]:
+    """Per-class precision/recall arrays behind evaluate_voc_detections' APs (same inputs, same numbers).
+
+    Returns class name -> ``{"ap", "precision", "recall", "npos"}``; the arrays are in rank order (one
+    point per detection) and ``voc_ap(recall, precision, use_07_metric) == ap``, the AP reported by
+    evaluate_voc_detections.
+    """
+    results = _evaluate_classes(detections, ground_truth, class_names, iou_thresh, use_07_metric)
+    keys = ("ap", "precision", "recall", "npos")
+    return {name: {k: r[k] for k in keys} for name, r in zip(class_names, results)}
+
+
+def _evaluate_classes(
+    detections: Sequence[Mapping[str, Any]],
+    ground_truth: GroundTruth,
+    class_names: Sequence[str],
+    iou_thresh: float,
+    use_07_metric: bool,
+) -> list[dict[str, Any]]:
+    """evaluate_voc_class for every class of in-memory detections (the shared core of the entry points)."""
     gts = _class_gts(ground_truth, len(class_names))
     dets: list[list[tuple[Hashable, float, np.ndarray]]] = [[] for _ in class_names]
     for image_id, boxes, scores, labels in iter_detections(detections):
@@ -295,8 +326,7 @@ def evaluate_voc_detections(
             if not 1 <= label <= len(class_names):
                 raise ValueError(f"detections for image {image_id!r}: label {label} is outside 1..{len(class_names)}")
             dets[label - 1].append((image_id, float(score), box))
-    results = [evaluate_voc_class(g, d, iou_thresh, use_07_metric) for g, d in zip(gts, dets)]
-    return _summarize(class_names, results, iou_thresh, use_07_metric, len(ground_truth))
+    return [evaluate_voc_class(g, d, iou_thresh, use_07_metric) for g, d in zip(gts, dets)]
 
 
 def evaluate_voc(

@@ -84,6 +84,7 @@ def detector_kwargs_from_config(model_cfg: Mapping[str, Any], *, num_classes: in
         "num_classes": int(num_classes),
         "weights_path": model_cfg["weights"],
         "freeze_at": int(model_cfg["freeze_at"]),
+        "allow_unrecomputed_bn": bool(model_cfg["allow_unrecomputed_bn"]),
         "stride_in_1x1": bool(model_cfg["stride_in_1x1"]),
         "base_width": int(model_cfg["base_width"]),
         "pixel_mean": mean,
@@ -99,7 +100,8 @@ def detector_kwargs_from_config(model_cfg: Mapping[str, Any], *, num_classes: in
         "detections_per_img": int(roi["detections_per_img"]),
     }
     kwargs.update({f"rpn_{key}": value for key, value in rpn.items()})
-    for key in ("fg_iou_thresh", "bg_iou_thresh_hi", "bg_iou_thresh_lo", "batch_size_per_image", "positive_fraction"):
+    for key in ("fg_iou_thresh", "bg_iou_thresh_hi", "bg_iou_thresh_lo", "batch_size_per_image", "positive_fraction",
+                "crowd_iof_thresh"):
         kwargs[f"roi_{key}"] = roi[key]
     return kwargs
 

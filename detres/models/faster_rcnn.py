@@ -115,20 +115,34 @@ class FasterRCNN(nn.Module):
             batch[i, :, :h, :w] = (img.to(device=device, dtype=torch.float32) - self.pixel_mean) / self.pixel_std
         return batch, sizes
 
+    def _prepare(
+        self,
+        images: Sequence[torch.Tensor] | torch.Tensor,
+        targets: Sequence[dict[str, torch.Tensor]] | None,
+        image_sizes: Sequence[Sequence[int]] | None,
+    ) -> tuple[torch.Tensor, list[tuple[int, int]], list[dict[str, torch.Tensor]] | None]:
+        """Preprocessed batch, valid sizes, and the targets moved to the batch's device."""
+        batch, sizes = self.preprocess(images, image_sizes)
+        if targets is not None:
+            if len(targets) != len(sizes):
+                raise ValueError(f"FasterRCNN: got {len(targets)} targets for {len(sizes)} images")
+            targets = [{k: (v.to(batch.device) if isinstance(v, torch.Tensor) else v) for k, v in t.items()} for t in targets]
+        return batch, sizes, targets
+
     def forward(
         self,
         images: Sequence[torch.Tensor] | torch.Tensor,
         targets: Sequence[dict[str, torch.Tensor]] | None = None,
         image_sizes: Sequence[Sequence[int]] | None = None,
     ) -> dict[str, torch.Tensor] | list[dict[str, torch.Tensor]]:
-        """Training: dict of 4 losses (RPN cls/box, RoI cls/box). Eval: list of detection dicts."""
+        """Training: dict of 4 losses (RPN cls/box, RoI cls/box). Eval: list of detection dicts.
+
+        Targets: per image "boxes" [N,4], "labels" [N] (1..K), optionally "crowd_boxes" [C,4]
+        (regions whose anchors / proposals are ignored in training, see the RPN and RoI heads).
+        """
         if self.training and targets is None:
             raise ValueError("FasterRCNN: targets are required in training mode")
-        batch, sizes = self.preprocess(images, image_sizes)
-        if targets is not None:
-            if len(targets) != len(sizes):
-                raise ValueError(f"FasterRCNN: got {len(targets)} targets for {len(sizes)} images")
-            targets = [{k: (v.to(batch.device) if isinstance(v, torch.Tensor) else v) for k, v in t.items()} for t in targets]
+        batch, sizes, targets = self._prepare(images, targets, image_sizes)
         features = self.trunk(batch)
         proposals, rpn_losses = self.rpn(features, sizes, targets if self.training else None)
         detections, roi_losses = self.roi_heads(features, proposals, sizes, targets if self.training else None)
@@ -138,6 +152,62 @@ class FasterRCNN(nn.Module):
                 raise ValueError(f"FasterRCNN: RPN and RoI heads both report losses named {sorted(overlap)}")
             return {**rpn_losses, **roi_losses}
         return detections
+
+    # ------------------------------------------------------------- stage-wise passes (alternating training)
+    def rpn_losses(
+        self,
+        images: Sequence[torch.Tensor] | torch.Tensor,
+        targets: Sequence[dict[str, torch.Tensor]],
+        image_sizes: Sequence[Sequence[int]] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Trunk + RPN only: {"loss_rpn_cls", "loss_rpn_box"} (an RPN step of Ren et al.'s 4-step training).
+
+        Needs training mode in the RPN; no proposals are made and the RoI heads are not run.
+        """
+        if not self.rpn.training:
+            raise ValueError("FasterRCNN.rpn_losses: the RPN must be in training mode")
+        batch, sizes, targets = self._prepare(images, targets, image_sizes)
+        _, losses = self.rpn(self.trunk(batch), sizes, targets, compute_proposals=False)
+        return losses
+
+    @torch.no_grad()
+    def propose(
+        self,
+        images: Sequence[torch.Tensor] | torch.Tensor,
+        image_sizes: Sequence[Sequence[int]] | None = None,
+        *,
+        mode: str | None = "train",
+    ) -> list[torch.Tensor]:
+        """This network's RPN proposals per image (input-image pixels, detached), with the ``mode``
+        ("train" / "test") top-n values: what a Fast R-CNN step of the 4-step training trains on."""
+        batch, sizes, _ = self._prepare(images, None, image_sizes)
+        return self.rpn.propose(self.trunk(batch), sizes, mode=mode)
+
+    def detector_losses(
+        self,
+        images: Sequence[torch.Tensor] | torch.Tensor,
+        targets: Sequence[dict[str, torch.Tensor]],
+        image_sizes: Sequence[Sequence[int]] | None = None,
+        *,
+        proposals: Sequence[torch.Tensor] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Trunk + RoI heads on fixed proposals: {"loss_cls", "loss_box_reg"} (a Fast R-CNN step).
+
+        ``proposals``: per image [Ni,4] boxes in the same input-image pixels (e.g. another network's
+        :meth:`propose`); None = this network's own RPN proposals ("train" top-n, no gradient), as in
+        step 4, where the shared trunk and the RPN are frozen.
+        """
+        if not self.roi_heads.training:
+            raise ValueError("FasterRCNN.detector_losses: the RoI heads must be in training mode")
+        batch, sizes, targets = self._prepare(images, targets, image_sizes)
+        features = self.trunk(batch)
+        if proposals is None:
+            proposals = self.rpn.propose(features.detach(), sizes, mode="train")
+        elif len(proposals) != len(sizes):
+            raise ValueError(f"FasterRCNN: got {len(proposals)} proposal sets for {len(sizes)} images")
+        proposals = [p.detach().to(device=features.device, dtype=torch.float32) for p in proposals]
+        _, losses = self.roi_heads(features, proposals, sizes, targets)
+        return losses
 
 
 def build_faster_rcnn(
@@ -166,6 +236,7 @@ def build_faster_rcnn(
     rpn_nms_thresh: float = 0.7,
     rpn_min_size: float = 0.0,
     rpn_allowed_border: float = 0,
+    rpn_crowd_iof_thresh: float = 0.7,
     pooler_type: str = "roi_pool",
     pooler_resolution: int = 14,
     sampling_ratio: int = 0,
@@ -180,6 +251,8 @@ def build_faster_rcnn(
     nms_thresh: float = 0.3,
     detections_per_img: int = 100,
     add_gt_as_proposals: bool = True,
+    roi_crowd_iof_thresh: float = 0.7,
+    allow_unrecomputed_bn: bool = False,
 ) -> FasterRCNN:
     """Build a ResNet-C4 Faster R-CNN from explicit arguments.
 
@@ -187,9 +260,18 @@ def build_faster_rcnn(
     ``len(dataset.categories)``); the predictor adds the background class itself (K+1 outputs).
     ``weights_path`` is a local classification checkpoint (None: random init); ``rpn_*`` go to
     :class:`RegionProposalNetwork`, ``roi_*`` and the rest to :class:`RoIHeads`.
+
+    With ``weights_path`` and frozen BN, a train_cls checkpoint that records ``bn_recomputed=False``
+    is refused unless ``allow_unrecomputed_bn`` (Appendix A freezes *recomputed* statistics); files that
+    record nothing (torchvision state_dicts) are accepted with a warning. See
+    :func:`detres.models.weights.check_backbone_bn_statistics`.
     """
     if int(num_classes) < 1:
         raise ValueError(f"build_faster_rcnn: num_classes (object classes, background excluded) must be >= 1, got {num_classes}")
+    if weights_path is not None and frozen_bn and Path(weights_path).is_file():
+        from detres.models.weights import check_backbone_bn_statistics
+
+        check_backbone_bn_statistics(weights_path, allow_unrecomputed_bn=allow_unrecomputed_bn)
     trunk, conv5_head, head_dim = build_resnet_c4(
         depth, weights_path=weights_path, freeze_at=freeze_at, stride_in_1x1=stride_in_1x1, frozen_bn=frozen_bn,
         base_width=base_width,
@@ -211,6 +293,7 @@ def build_faster_rcnn(
         nms_thresh=rpn_nms_thresh,
         min_size=rpn_min_size,
         allowed_border=rpn_allowed_border,
+        crowd_iof_thresh=rpn_crowd_iof_thresh,
     )
     roi_heads = RoIHeads(
         RoIPooler(
@@ -231,6 +314,7 @@ def build_faster_rcnn(
         nms_thresh=nms_thresh,
         detections_per_img=detections_per_img,
         add_gt_as_proposals=add_gt_as_proposals,
+        crowd_iof_thresh=roi_crowd_iof_thresh,
     )
     return FasterRCNN(
         trunk, rpn, roi_heads, pixel_mean=pixel_mean, pixel_std=pixel_std, size_divisibility=size_divisibility

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["Matcher"]
+__all__ = ["Matcher", "intersection_over_area", "crowd_ignore_mask"]
 
 
 class Matcher:
@@ -60,3 +60,36 @@ class Matcher:
             is_best_for_some_gt = ((iou == best_per_gt) & (best_per_gt > 0)).any(dim=0)
             matches[is_best_for_some_gt] = best_gt[is_best_for_some_gt]
         return matches
+
+
+def intersection_over_area(boxes: Tensor, regions: Tensor) -> Tensor:
+    """[N, 4] boxes, [M, 4] regions (xyxy) -> [N, M]: area(boxes[i] & regions[j]) / area(boxes[i]).
+
+    The COCO "iscrowd" overlap (pycocotools' ``iou`` with ``iscrowd=1``): how much of a box lies inside
+    a region, 1.0 for a box wholly inside it whatever the region's size. Empty boxes give 0.
+    """
+    if boxes.ndim != 2 or boxes.shape[-1] != 4 or regions.ndim != 2 or regions.shape[-1] != 4:
+        raise ValueError(
+            "intersection_over_area: expected [N, 4] and [M, 4] boxes, "
+            f"got {tuple(boxes.shape)} and {tuple(regions.shape)}"
+        )
+    top_left = torch.maximum(boxes[:, None, :2], regions[None, :, :2])
+    bottom_right = torch.minimum(boxes[:, None, 2:], regions[None, :, 2:])
+    inter = (bottom_right - top_left).clamp(min=0).prod(dim=2)
+    area = (boxes[:, 2] - boxes[:, 0]).clamp(min=0) * (boxes[:, 3] - boxes[:, 1]).clamp(min=0)
+    return torch.where(area[:, None] > 0, inter / area[:, None].clamp(min=torch.finfo(inter.dtype).tiny), 0.0)
+
+
+def crowd_ignore_mask(boxes: Tensor, crowd_boxes: Tensor | None, thresh: float) -> Tensor:
+    """Bool[N]: boxes (anchors or proposals) that lie more than ``thresh`` inside some crowd region.
+
+    Detectron's crowd filter (``TRAIN.CROWD_FILTER_THRESH`` = 0.7 on Fast R-CNN proposals, after
+    py-faster-rcnn's COCO loader; mmdetection's ``ignore_iof_thr`` for anchors): such boxes are
+    neither positive nor negative training examples. A crowd region holds several unannotated
+    objects, so a box inside it is not background, yet it is no single object either. With no
+    crowd boxes, or ``thresh >= 1`` (the fraction never exceeds 1), nothing is ignored.
+    """
+    if crowd_boxes is None or crowd_boxes.numel() == 0 or boxes.shape[0] == 0 or thresh >= 1.0:
+        return torch.zeros(boxes.shape[0], dtype=torch.bool, device=boxes.device)
+    crowd = crowd_boxes.to(device=boxes.device, dtype=boxes.dtype).reshape(-1, 4)
+    return intersection_over_area(boxes, crowd).max(dim=1).values > thresh

@@ -1,16 +1,36 @@
-"""ImageNet and CIFAR residual/plain nets of He et al. 2016 (Sec. 3.3, 4.2, Table 1) with shortcut options A/B/C."""
+"""ImageNet and CIFAR residual/plain nets of He et al. 2016 (Sec. 3.3, 4.2, Table 1) with shortcut options A/B/C.
+
+The blocks, shortcuts and stage builder live in ``detres.models.resnet_blocks`` and are re-exported
+here, so ``from detres.models.resnet import BasicBlock, conv1x1, ...`` keeps working.
+"""
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-NormLayer = Callable[[int], nn.Module]
+from detres.models.resnet_blocks import (
+    BLOCK_TYPES,
+    SHORTCUT_OPTIONS,
+    BasicBlock,
+    Bottleneck,
+    NormLayer,
+    ZeroPadShortcut,
+    check_shortcut,
+    conv1x1,
+    conv3x3,
+    make_stage,
+    resolve_block,
+)
 
-SHORTCUT_OPTIONS = ("A", "B", "C")
+__all__ = [
+    "BLOCK_TYPES", "CIFAR_DEPTHS", "IMAGENET_DEPTHS", "SHORTCUT_OPTIONS", "BasicBlock", "Bottleneck",
+    "CifarResNet", "NormLayer", "ResNet", "ZeroPadShortcut", "build_cifar_resnet", "build_resnet",
+    "cifar_resnet20", "cifar_resnet32", "cifar_resnet44", "cifar_resnet56", "cifar_resnet110",
+    "cifar_resnet1202", "conv1x1", "conv3x3", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
+]
 
 # Table 1: depth -> (block type, blocks per stage conv2_x..conv5_x).
 IMAGENET_DEPTHS: dict[int, tuple[str, tuple[int, int, int, int]]] = {
@@ -23,167 +43,6 @@ IMAGENET_DEPTHS: dict[int, tuple[str, tuple[int, int, int, int]]] = {
 
 # Sec. 4.2: depth 6n+2; the paper reports n = 3, 5, 7, 9, 18, 200.
 CIFAR_DEPTHS = (20, 32, 44, 56, 110, 1202)
-
-
-def conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
-    """3x3 convolution with padding 1 and no bias (BN follows every conv)."""
-    return nn.Conv2d(in_planes, out_planes, kernel_size=3, stride=stride, padding=1, bias=False)
-
-
-def conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
-    """1x1 convolution without bias."""
-    return nn.Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, bias=False)
-
-
-class ZeroPadShortcut(nn.Module):
-    """Option-A shortcut: parameter-free identity, strided subsampling plus zero channels.
-
-    Spatial subsampling takes every ``stride``-th pixel (``x[:, :, ::s, ::s]``), which has the
-    same output size as a stride-s conv with "same" padding. The ``out_channels - in_channels``
-    extra channels are zeros, split evenly before and after the input channels (for a doubling of
-    width this is ``planes // 4`` on each side, the layout of the public CIFAR checkpoints).
-    """
-
-    def __init__(self, *, in_channels: int, out_channels: int, stride: int = 1) -> None:
-        super().__init__()
-        if out_channels < in_channels:
-            raise ValueError(
-                f"ZeroPadShortcut: out_channels ({out_channels}) must be >= in_channels ({in_channels})"
-            )
-        self.in_channels = in_channels
-        self.out_channels = out_channels
-        self.stride = stride
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.stride != 1:
-            x = x[:, :, :: self.stride, :: self.stride]
-        extra = self.out_channels - self.in_channels
-        if extra:
-            before = extra // 2
-            x = F.pad(x, (0, 0, 0, 0, before, extra - before))
-        return x
-
-    def extra_repr(self) -> str:
-        return f"{self.in_channels}->{self.out_channels}, stride={self.stride}"
-
-
-class BasicBlock(nn.Module):
-    """Two 3x3 convs (Fig. 5 left); the stride sits in the first conv."""
-
-    expansion = 1
-
-    def __init__(
-        self,
-        inplanes: int,
-        planes: int,
-        stride: int = 1,
-        downsample: nn.Module | None = None,
-        *,
-        residual: bool = True,
-        norm_layer: NormLayer = nn.BatchNorm2d,
-        stride_in_1x1: bool = False,
-    ) -> None:
-        super().__init__()
-        del stride_in_1x1  # only meaningful for the bottleneck; accepted for a uniform signature
-        self.conv1 = conv3x3(inplanes, planes, stride)
-        self.bn1 = norm_layer(planes)
-        self.relu = nn.ReLU(inplace=True)
-        self.conv2 = conv3x3(planes, planes)
-        self.bn2 = norm_layer(planes)
-        self.downsample = downsample
-        self.residual = residual
-        self.stride = stride
-
-    def last_norm(self) -> nn.Module:
-        """The norm layer that ends the residual branch (target of zero-init)."""
-        return self.bn2
-
-    def forward(self, x: Tensor) -> Tensor:
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        if self.residual:
-            out += x if self.downsample is None else self.downsample(x)  # in place: no extra tensor
-        return self.relu(out)
-
-
-class Bottleneck(nn.Module):
-    """1x1 reduce, 3x3, 1x1 expand (Fig. 5 right), output width 4 * planes.
-
-    ``stride_in_1x1=True`` puts the stride on the first 1x1 conv as in the original MSRA Caffe
-    models (the Table 1 FLOP counts); False puts it on the 3x3 conv as torchvision does.
-    """
-
-    expansion = 4
-
-    def __init__(
-        self,
-        inplanes: int,
-        planes: int,
-        stride: int = 1,
-        downsample: nn.Module | None = None,
-        *,
-        residual: bool = True,
-        norm_layer: NormLayer = nn.BatchNorm2d,
-        stride_in_1x1: bool = False,
-    ) -> None:
-        super().__init__()
-        stride_1x1, stride_3x3 = (stride, 1) if stride_in_1x1 else (1, stride)
-        self.conv1 = conv1x1(inplanes, planes, stride_1x1)
-        self.bn1 = norm_layer(planes)
-        self.conv2 = conv3x3(planes, planes, stride_3x3)
-        self.bn2 = norm_layer(planes)
-        self.conv3 = conv1x1(planes, planes * self.expansion)
-        self.bn3 = norm_layer(planes * self.expansion)
-        self.relu = nn.ReLU(inplace=True)
-        self.downsample = downsample
-        self.residual = residual
-        self.stride = stride
-
-    def last_norm(self) -> nn.Module:
-        """The norm layer that ends the residual branch (target of zero-init)."""
-        return self.bn3
-
-    def forward(self, x: Tensor) -> Tensor:
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        if self.residual:
-            out += x if self.downsample is None else self.downsample(x)  # in place: no extra tensor
-        return self.relu(out)
-
-
-BLOCK_TYPES: dict[str, type[nn.Module]] = {"basic": BasicBlock, "bottleneck": Bottleneck}
-
-
-def _resolve_block(block: type[nn.Module] | str) -> type[nn.Module]:
-    if isinstance(block, str):
-        if block not in BLOCK_TYPES:
-            raise ValueError(f"block: unknown block type {block!r}; expected one of {sorted(BLOCK_TYPES)}")
-        return BLOCK_TYPES[block]
-    if block not in (BasicBlock, Bottleneck):
-        raise ValueError(f"block: expected BasicBlock, Bottleneck, 'basic' or 'bottleneck', got {block!r}")
-    return block
-
-
-def _make_shortcut(
-    *, shortcut: str, plain: bool, inplanes: int, outplanes: int, stride: int, norm_layer: NormLayer
-) -> nn.Module | None:
-    """Module for the block's ``downsample`` slot, or None for a plain identity/no shortcut."""
-    if plain:
-        return None
-    shape_changes = stride != 1 or inplanes != outplanes
-    if shortcut == "C" or (shortcut == "B" and shape_changes):
-        # Eqn. (2): W_s x, a 1x1 projection (+BN, as after every conv); torchvision's key layout.
-        return nn.Sequential(conv1x1(inplanes, outplanes, stride), norm_layer(outplanes))
-    if shortcut == "A" and shape_changes:
-        return ZeroPadShortcut(in_channels=inplanes, out_channels=outplanes, stride=stride)
-    return None
-
-
-def _check_shortcut(shortcut: str) -> str:
-    if shortcut not in SHORTCUT_OPTIONS:
-        raise ValueError(f"shortcut: expected one of {SHORTCUT_OPTIONS}, got {shortcut!r}")
-    return shortcut
 
 
 def _init_weights(model: nn.Module, *, zero_init_residual: bool) -> None:
@@ -206,46 +65,6 @@ def _init_weights(model: nn.Module, *, zero_init_residual: bool) -> None:
                 if isinstance(weight, Tensor):
                     with torch.no_grad():
                         weight.zero_()
-
-
-def _make_stage(
-    block: type[nn.Module],
-    *,
-    inplanes: int,
-    planes: int,
-    num_blocks: int,
-    stride: int,
-    shortcut: str,
-    plain: bool,
-    stride_in_1x1: bool,
-    norm_layer: NormLayer,
-) -> tuple[nn.Sequential, int]:
-    """One stage (conv{k}_x): the first block may change stride/width. Returns (stage, out width)."""
-    blocks = []
-    outplanes = planes * block.expansion
-    for i in range(num_blocks):
-        block_stride = stride if i == 0 else 1
-        downsample = _make_shortcut(
-            shortcut=shortcut,
-            plain=plain,
-            inplanes=inplanes,
-            outplanes=outplanes,
-            stride=block_stride,
-            norm_layer=norm_layer,
-        )
-        blocks.append(
-            block(
-                inplanes,
-                planes,
-                block_stride,
-                downsample,
-                residual=not plain,
-                norm_layer=norm_layer,
-                stride_in_1x1=stride_in_1x1,
-            )
-        )
-        inplanes = outplanes
-    return nn.Sequential(*blocks), outplanes
 
 
 class ResNet(nn.Module):
@@ -280,10 +99,10 @@ class ResNet(nn.Module):
         base_width: int = 64,
     ) -> None:
         super().__init__()
-        block = _resolve_block(block)
+        block = resolve_block(block)
         if int(base_width) < 1:
             raise ValueError(f"base_width: expected a positive channel count, got {base_width}")
-        _check_shortcut(shortcut)
+        check_shortcut(shortcut)
         if len(layers) != 4 or any(int(n) < 1 for n in layers):
             raise ValueError(f"layers: expected 4 positive block counts, got {tuple(layers)}")
         if plain and zero_init_residual:
@@ -303,7 +122,7 @@ class ResNet(nn.Module):
         widths = tuple(self.base_width * m for m in (1, 2, 4, 8))
         # conv2_x..conv5_x of Table 1; conv3_x..conv5_x halve the resolution in their first block.
         for index, (planes, num_blocks) in enumerate(zip(widths, self.layers_cfg)):
-            stage, inplanes = _make_stage(
+            stage, inplanes = make_stage(
                 block,
                 inplanes=inplanes,
                 planes=planes,
@@ -362,7 +181,7 @@ class CifarResNet(nn.Module):
         zero_init_residual: bool = False,
     ) -> None:
         super().__init__()
-        _check_shortcut(shortcut)
+        check_shortcut(shortcut)
         if int(num_blocks) < 1:
             raise ValueError(f"num_blocks: expected n >= 1 (depth 6n+2), got {num_blocks}")
         if len(widths) != 3:
@@ -380,7 +199,7 @@ class CifarResNet(nn.Module):
         inplanes = widths[0]
         # Feature maps 32, 16, 8: the second and third stages subsample in their first conv.
         for index, planes in enumerate(widths):
-            stage, inplanes = _make_stage(
+            stage, inplanes = make_stage(
                 BasicBlock,
                 inplanes=inplanes,
                 planes=int(planes),

@@ -10,7 +10,7 @@ from torchvision.ops import box_iou, roi_align, roi_pool
 
 from detres.inference.postprocess import postprocess_boxes
 from detres.models.box_coder import BoxCoder
-from detres.models.matcher import Matcher
+from detres.models.matcher import Matcher, crowd_ignore_mask
 from detres.models.sampler import BalancedSampler
 
 __all__ = ["RoIPooler", "BoxHead", "FastRCNNPredictor", "RoIHeads"]
@@ -147,6 +147,10 @@ def _check_targets(targets: Sequence[dict[str, torch.Tensor]], num_images: int) 
             raise ValueError(
                 f"RoIHeads: targets[{i}]['labels'] must be int64 [{boxes.shape[0]}], got {labels.dtype} {tuple(labels.shape)}"
             )
+        crowd = t.get("crowd_boxes")
+        if crowd is not None and (not isinstance(crowd, torch.Tensor) or crowd.dim() != 2 or crowd.shape[1] != 4):
+            shape = tuple(crowd.shape) if isinstance(crowd, torch.Tensor) else type(crowd).__name__
+            raise ValueError(f"RoIHeads: targets[{i}]['crowd_boxes'] must be [C,4], got {shape}")
 
 
 class RoIHeads(nn.Module):
@@ -187,6 +191,7 @@ class RoIHeads(nn.Module):
         add_gt_as_proposals: bool = True,
         smooth_l1_beta: float = 1.0,
         inference_roi_chunk: int = 32,
+        crowd_iof_thresh: float = 0.7,
     ) -> None:
         super().__init__()
         if not 0.0 <= bg_iou_thresh_lo <= bg_iou_thresh_hi <= fg_iou_thresh <= 1.0:
@@ -214,6 +219,7 @@ class RoIHeads(nn.Module):
         self.add_gt_as_proposals = bool(add_gt_as_proposals)
         self.smooth_l1_beta = float(smooth_l1_beta)
         self.inference_roi_chunk = int(inference_roi_chunk)
+        self.crowd_iof_thresh = float(crowd_iof_thresh)
         self.box_coder = BoxCoder(weights=tuple(bbox_reg_weights))
         # IoU >= fg -> matched gt index; IoU < hi -> -1 (background candidate); between -> -2.
         self.matcher = Matcher(
@@ -227,23 +233,34 @@ class RoIHeads(nn.Module):
 
     # ----------------------------------------------------------------------------------- training
     def assign_targets(
-        self, proposals: torch.Tensor, gt_boxes: torch.Tensor, gt_labels: torch.Tensor
+        self,
+        proposals: torch.Tensor,
+        gt_boxes: torch.Tensor,
+        gt_labels: torch.Tensor,
+        ignore: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Label one image's proposals: (class labels [P] with 0 = bg and -1 = ignore, matched gt boxes [P,4])."""
+        """Label one image's proposals: (class labels [P] with 0 = bg and -1 = ignore, matched gt boxes [P,4]).
+
+        ``ignore``: Bool[P] of proposals to label -1 whatever their overlaps (the crowd filter).
+        """
         num_props = proposals.shape[0]
         if gt_boxes.shape[0] == 0:
             # No objects: every proposal has IoU 0, which is background only when lo == 0.
             fill = 0 if self.bg_iou_thresh_lo <= 0.0 else -1
             labels = torch.full((num_props,), fill, dtype=torch.int64, device=proposals.device)
-            return labels, torch.zeros_like(proposals)
-        iou = box_iou(gt_boxes, proposals)  # [G, P]
-        matched = self.matcher(iou)
-        max_iou = iou.max(dim=0).values
-        labels = gt_labels[matched.clamp(min=0)].to(torch.int64)
-        below = matched == Matcher.BELOW_LOW_THRESHOLD
-        labels[below] = 0
-        labels[(matched == Matcher.BETWEEN_THRESHOLDS) | (below & (max_iou < self.bg_iou_thresh_lo))] = -1
-        return labels, gt_boxes[matched.clamp(min=0)]
+            matched_boxes = torch.zeros_like(proposals)
+        else:
+            iou = box_iou(gt_boxes, proposals)  # [G, P]
+            matched = self.matcher(iou)
+            max_iou = iou.max(dim=0).values
+            labels = gt_labels[matched.clamp(min=0)].to(torch.int64)
+            below = matched == Matcher.BELOW_LOW_THRESHOLD
+            labels[below] = 0
+            labels[(matched == Matcher.BETWEEN_THRESHOLDS) | (below & (max_iou < self.bg_iou_thresh_lo))] = -1
+            matched_boxes = gt_boxes[matched.clamp(min=0)]
+        if ignore is not None:
+            labels[ignore] = -1
+        return labels, matched_boxes
 
     def select_training_samples(
         self, proposals: Sequence[torch.Tensor], targets: Sequence[dict[str, torch.Tensor]]
@@ -254,9 +271,12 @@ class RoIHeads(nn.Module):
         for props, t in zip(proposals, targets):
             props = props.detach()
             gt_boxes = t["boxes"].to(props.dtype)
+            # Only the RPN's proposals are crowd-filtered; the gt boxes appended below never are.
+            ignore = crowd_ignore_mask(props, t.get("crowd_boxes"), self.crowd_iof_thresh)
             if self.add_gt_as_proposals:
                 props = torch.cat([props, gt_boxes], dim=0)
-            labels, matched_boxes = self.assign_targets(props, gt_boxes, t["labels"])
+                ignore = torch.cat([ignore, ignore.new_zeros(gt_boxes.shape[0])])
+            labels, matched_boxes = self.assign_targets(props, gt_boxes, t["labels"], ignore)
             all_props.append(props)
             all_labels.append(labels)
             all_matched.append(matched_boxes)

@@ -10,7 +10,7 @@ from torchvision.ops import batched_nms, box_iou
 
 from detres.models.anchors import AnchorGenerator
 from detres.models.box_coder import BoxCoder
-from detres.models.matcher import Matcher
+from detres.models.matcher import Matcher, crowd_ignore_mask
 from detres.models.sampler import BalancedSampler
 from detres.structures.boxes import boxes_inside_image, check_image_hw, clip_boxes, nonempty_mask
 
@@ -53,6 +53,10 @@ class RegionProposalNetwork(nn.Module):
     inside the valid image region enlarged by ``allowed_border``) are ignored in training;
     ``allowed_border < 0`` keeps all anchors. Images without gt boxes give only negatives.
     ``batch_size_per_image`` anchors are sampled per image, at most ``positive_fraction`` positive.
+    Crowd regions (an optional ``crowd_boxes`` [C, 4] entry of a target; they are not in ``boxes``):
+    an anchor lying more than ``crowd_iof_thresh`` inside one (intersection over the anchor's own
+    area) is ignored, neither positive nor negative, instead of becoming background; it is also
+    never a gt box's best-matching anchor. ``crowd_iof_thresh >= 1`` turns this off.
 
     Losses (Ren et al.'s weighting, as in their released code): ``loss_rpn_cls`` is binary
     cross-entropy averaged over the sampled anchors; ``loss_rpn_box`` is smooth-L1 (``smooth_l1_beta``)
@@ -63,7 +67,11 @@ class RegionProposalNetwork(nn.Module):
     region ``image_sizes[i]``, drop boxes unless width and height > ``min_size`` (input pixels; 0 drops
     only degenerate boxes -- Ren et al. used 16 pixels at original scale, i.e. pass 16 * scale), keep the
     ``pre_nms_top_n`` highest-scoring, NMS at ``nms_thresh``, keep the ``post_nms_top_n`` best. The
-    train/test values are picked by ``self.training``.
+    train/test values are picked by ``self.training`` unless a ``mode`` is given (:meth:`propose`).
+
+    Besides ``forward`` (proposals and, in training, losses), :meth:`propose` (proposals only) and
+    ``forward(..., compute_proposals=False)`` (losses only) serve the 4-step alternating training,
+    whose RPN steps need no proposals and whose Fast R-CNN steps need no RPN losses.
     """
 
     def __init__(
@@ -84,6 +92,7 @@ class RegionProposalNetwork(nn.Module):
         allowed_border: float = 0,
         box_coder_weights: Sequence[float] = (1.0, 1.0, 1.0, 1.0),
         smooth_l1_beta: float = 1.0 / 9,
+        crowd_iof_thresh: float = 0.7,
     ) -> None:
         super().__init__()
         num_anchors = anchor_generator.num_anchors_per_location()
@@ -111,23 +120,32 @@ class RegionProposalNetwork(nn.Module):
         self.min_size = float(min_size)
         self.allowed_border = float(allowed_border)
         self.smooth_l1_beta = float(smooth_l1_beta)
+        self.crowd_iof_thresh = float(crowd_iof_thresh)
 
-    def pre_nms_top_n(self) -> int:
-        return self._pre_nms_top_n["train" if self.training else "test"]
+    def _mode(self, mode: str | None) -> str:
+        if mode is None:
+            return "train" if self.training else "test"
+        if mode not in ("train", "test"):
+            raise ValueError(f"RegionProposalNetwork: mode must be 'train', 'test' or None, got {mode!r}")
+        return mode
 
-    def post_nms_top_n(self) -> int:
-        return self._post_nms_top_n["train" if self.training else "test"]
+    def pre_nms_top_n(self, mode: str | None = None) -> int:
+        return self._pre_nms_top_n[self._mode(mode)]
+
+    def post_nms_top_n(self, mode: str | None = None) -> int:
+        return self._post_nms_top_n[self._mode(mode)]
 
     # ----------------------------------------------------------------------------------- proposals
     @torch.no_grad()
     def filter_proposals(
-        self, boxes: Tensor, objectness: Tensor, image_sizes: Sequence[Sequence[int]]
+        self, boxes: Tensor, objectness: Tensor, image_sizes: Sequence[Sequence[int]], mode: str | None = None
     ) -> tuple[list[Tensor], list[Tensor]]:
         """boxes [B, N, 4] decoded, objectness [B, N] logits -> per image (boxes [Ni, 4], scores [Ni]).
 
-        Scores are sigmoid probabilities, sorted in decreasing order.
+        Scores are sigmoid probabilities, sorted in decreasing order. ``mode`` ("train" / "test")
+        picks the top-n values; None = by ``self.training``.
         """
-        pre_n, post_n = self.pre_nms_top_n(), self.post_nms_top_n()
+        pre_n, post_n = self.pre_nms_top_n(mode), self.post_nms_top_n(mode)
         cand_boxes, cand_scores, cand_image = [], [], []
         for i, image_hw in enumerate(image_sizes):
             b = clip_boxes(boxes[i], image_hw)
@@ -160,7 +178,8 @@ class RegionProposalNetwork(nn.Module):
     ) -> tuple[list[Tensor], list[Tensor]]:
         """Per image: labels LongTensor[N] (1 positive, 0 negative, -1 ignored) and matched gt boxes [N, 4].
 
-        Matched gt boxes are meaningful only where the label is 1 (zeros elsewhere).
+        Matched gt boxes are meaningful only where the label is 1 (zeros elsewhere). Anchors inside a
+        crowd region of ``targets[i]["crowd_boxes"]`` (see the class docstring) are labelled -1.
         """
         labels_out, matched_out = [], []
         for i, (image_hw, target) in enumerate(zip(image_sizes, targets)):
@@ -170,16 +189,20 @@ class RegionProposalNetwork(nn.Module):
                 inside_idx = torch.nonzero(inside).squeeze(1)
             else:
                 inside_idx = torch.arange(anchors.shape[0], device=anchors.device)
+            crowd = crowd_ignore_mask(anchors[inside_idx], _target_crowd_boxes(target, i), self.crowd_iof_thresh)
             labels = torch.full((anchors.shape[0],), -1, dtype=torch.int64, device=anchors.device)
             matched = torch.zeros_like(anchors)
             if gt.shape[0] == 0:
                 labels[inside_idx] = 0
             else:
-                matches = self.matcher(box_iou(gt, anchors[inside_idx]))
+                iou = box_iou(gt, anchors[inside_idx])
+                iou[:, crowd] = -1.0  # never positive, never a gt's best anchor (mmdetection's ignore_iof_thr)
+                matches = self.matcher(iou)
                 labels[inside_idx] = torch.where(
                     matches >= 0, 1, torch.where(matches == Matcher.BELOW_LOW_THRESHOLD, 0, -1)
                 )
                 matched[inside_idx] = gt[matches.clamp(min=0)]
+            labels[inside_idx[crowd]] = -1
             labels_out.append(labels)
             matched_out.append(matched)
         return labels_out, matched_out
@@ -214,44 +237,78 @@ class RegionProposalNetwork(nn.Module):
         return {"loss_rpn_cls": loss_cls, "loss_rpn_box": loss_box}
 
     # --------------------------------------------------------------------------------------- forward
-    def forward(
-        self,
-        features: Tensor,
-        image_sizes: Sequence[Sequence[int]],
-        targets: Sequence[dict] | None = None,
-    ) -> tuple[list[Tensor], dict[str, Tensor]]:
-        """features [B, C, h, w]; image_sizes: valid (unpadded) (height, width) per image;
-        targets: per image dict with "boxes" [Ni, 4] (required in training).
-
-        Returns (proposals: list of detached [Ni, 4] boxes, losses: dict, empty in eval mode).
-        """
+    def _check_inputs(self, features: Tensor, image_sizes: Sequence[Sequence[int]]) -> list[tuple[int, int]]:
         if not isinstance(features, Tensor) or features.ndim != 4:
             shape = tuple(features.shape) if isinstance(features, Tensor) else type(features).__name__
             raise ValueError(f"RegionProposalNetwork: features must be a tensor [B, C, h, w], got {shape}")
-        batch = features.shape[0]
-        if len(image_sizes) != batch:
+        if len(image_sizes) != features.shape[0]:
             raise ValueError(
-                f"RegionProposalNetwork: got {len(image_sizes)} image_sizes for a batch of {batch} feature maps"
+                f"RegionProposalNetwork: got {len(image_sizes)} image_sizes for a batch of {features.shape[0]} "
+                "feature maps"
             )
-        image_sizes = [check_image_hw(hw, f"image_sizes[{i}]") for i, hw in enumerate(image_sizes)]
-        if self.training:
-            if targets is None:
-                raise ValueError("RegionProposalNetwork: targets are required in training mode")
-            if len(targets) != batch:
-                raise ValueError(f"RegionProposalNetwork: got {len(targets)} targets for a batch of {batch} images")
+        return [check_image_hw(hw, f"image_sizes[{i}]") for i, hw in enumerate(image_sizes)]
 
+    def predict(self, features: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """features [B, C, h, w] -> (objectness logits [B, N], deltas [B, N, 4], anchors [N, 4]), N = h * w * A."""
+        batch = features.shape[0]
         logits, deltas = self.head(features)
         _, num_anchors, height, width = logits.shape
         anchors = self.anchor_generator((height, width), device=features.device)
         # [B, A, h, w] -> [B, h, w, A] so the flat order is (y, x, anchor), matching the anchors.
         objectness = logits.permute(0, 2, 3, 1).reshape(batch, -1)
         pred_deltas = deltas.view(batch, num_anchors, 4, height, width).permute(0, 3, 4, 1, 2).reshape(batch, -1, 4)
+        return objectness, pred_deltas, anchors
 
-        with torch.no_grad():
-            boxes = self.box_coder.decode(
-                pred_deltas.detach().reshape(-1, 4), anchors.repeat(batch, 1)
-            ).view(batch, -1, 4)
-            proposals, _ = self.filter_proposals(boxes, objectness.detach(), image_sizes)
+    @torch.no_grad()
+    def _proposals(
+        self, objectness: Tensor, pred_deltas: Tensor, anchors: Tensor, image_sizes: Sequence[Sequence[int]],
+        mode: str | None,
+    ) -> list[Tensor]:
+        batch = objectness.shape[0]
+        boxes = self.box_coder.decode(pred_deltas.detach().reshape(-1, 4), anchors.repeat(batch, 1)).view(batch, -1, 4)
+        return self.filter_proposals(boxes, objectness.detach(), image_sizes, mode=mode)[0]
+
+    @torch.no_grad()
+    def propose(
+        self, features: Tensor, image_sizes: Sequence[Sequence[int]], *, mode: str | None = None
+    ) -> list[Tensor]:
+        """Proposals only (no losses, no gradient): per image detached boxes [Ni, 4], best first.
+
+        ``mode`` "train" / "test" picks that phase's top-n values whatever ``self.training`` is (the
+        alternating scheme trains Fast R-CNN on a frozen RPN's "train" proposals); None = by ``self.training``.
+        """
+        image_sizes = self._check_inputs(features, image_sizes)
+        objectness, pred_deltas, anchors = self.predict(features)
+        return self._proposals(objectness, pred_deltas, anchors, image_sizes, mode)
+
+    def forward(
+        self,
+        features: Tensor,
+        image_sizes: Sequence[Sequence[int]],
+        targets: Sequence[dict] | None = None,
+        *,
+        compute_proposals: bool = True,
+    ) -> tuple[list[Tensor], dict[str, Tensor]]:
+        """features [B, C, h, w]; image_sizes: valid (unpadded) (height, width) per image;
+        targets: per image dict with "boxes" [Ni, 4] (required in training) and optionally
+        "crowd_boxes" [Ci, 4].
+
+        Returns (proposals: list of detached [Ni, 4] boxes, losses: dict, empty in eval mode).
+        ``compute_proposals=False`` skips the proposals (an empty list is returned), e.g. when
+        only the RPN losses are wanted.
+        """
+        image_sizes = self._check_inputs(features, image_sizes)
+        batch = features.shape[0]
+        if self.training:
+            if targets is None:
+                raise ValueError("RegionProposalNetwork: targets are required in training mode")
+            if len(targets) != batch:
+                raise ValueError(f"RegionProposalNetwork: got {len(targets)} targets for a batch of {batch} images")
+
+        objectness, pred_deltas, anchors = self.predict(features)
+        proposals: list[Tensor] = []
+        if compute_proposals:
+            proposals = self._proposals(objectness, pred_deltas, anchors, image_sizes, None)
 
         losses: dict[str, Tensor] = {}
         if self.training:
@@ -272,3 +329,14 @@ def _target_boxes(target: dict, index: int) -> Tensor:
         # A zero-size gt would give log(0) regression targets; datasets must drop such boxes.
         raise ValueError(f"RegionProposalNetwork: targets[{index}]['boxes'] contains boxes with x2 <= x1 or y2 <= y1")
     return boxes
+
+
+def _target_crowd_boxes(target: dict, index: int) -> Tensor | None:
+    """targets[index]["crowd_boxes"] validated as [C, 4], or None when the entry is absent."""
+    crowd = target.get("crowd_boxes")
+    if crowd is None:
+        return None
+    if not isinstance(crowd, Tensor) or crowd.ndim != 2 or crowd.shape[1] != 4:
+        shape = tuple(crowd.shape) if isinstance(crowd, Tensor) else type(crowd).__name__
+        raise ValueError(f"RegionProposalNetwork: targets[{index}]['crowd_boxes'] must have shape [C, 4], got {shape}")
+    return crowd

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Sequence
@@ -27,10 +28,16 @@ def _format_keys(title: str, keys: Sequence[str]) -> str:
     return f"  {title} ({len(keys)}): {shown}{more}"
 
 
-def _read_file(path: str | os.PathLike) -> object:
+def _read_file(path: str | os.PathLike, *, mmap: bool = False) -> object:
+    """torch.load onto the CPU, tensors only; ``mmap`` maps the tensors instead of reading them (zip files)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
+    if mmap:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:  # legacy (non-zip) files cannot be mapped: read them whole below
+            pass
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # unpickling errors have many types; re-raise with the file name
@@ -173,3 +180,51 @@ def load_pretrained_backbone(
         state_dict = _strip_prefix(_as_state_dict(obj, source), "module.")
     load_state_dict_strict(model, state_dict, source=f"{source} ({fmt})", skip_prefixes=skip_prefixes)
     return fmt
+
+
+class UnrecomputedBNError(ValueError):
+    """A backbone checkpoint records that its BN statistics were not recomputed (Appendix A requires it)."""
+
+
+def check_backbone_bn_statistics(path: str | os.PathLike, *, allow_unrecomputed_bn: bool = False) -> bool | None:
+    """Refuse a detection backbone whose BN statistics were not recomputed; returns what the file records.
+
+    ResNet paper, Appendix A: after pre-training the BN statistics are computed on the training set,
+    then frozen for detection fine-tuning. Our train_cls checkpoints record this in ``bn_recomputed``:
+
+    * ``True`` (``model_final.pt`` with ``bn_recompute.enabled``): accepted.
+    * ``False`` (``last.pt``, or ``bn_recompute.enabled: false``): UnrecomputedBNError, a one-line
+      message naming the file and ``model.allow_unrecomputed_bn``, unless ``allow_unrecomputed_bn``
+      (then accepted with a warning).
+    * not recorded (a torchvision / other external state_dict, a legacy CIFAR checkpoint, an older
+      train_cls file): accepted with a warning that the statistics cannot be verified. Published
+      ImageNet weights carry the running averages of training, the standard detection initialisation.
+
+    Returns True / False / None (not recorded). Only the small metadata is read (tensors are mapped).
+    """
+    obj = _read_file(path, mmap=True)
+    try:
+        fmt = detect_checkpoint_format(obj)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
+    recorded = obj.get("bn_recomputed") if fmt == "detres" else None
+    if recorded is None:
+        warnings.warn(
+            f"{path}: the file does not record whether its BN statistics were recomputed on the training set "
+            f"({fmt} format); they are frozen as found (Appendix A recomputes them first)",
+            stacklevel=2,
+        )
+        return None
+    if bool(recorded):
+        return True
+    if not allow_unrecomputed_bn:
+        raise UnrecomputedBNError(
+            f"{path}: backbone BN statistics were not recomputed (bn_recomputed=False; Appendix A recomputes them "
+            "on the training set before freezing) - use a train_cls model_final.pt made with bn_recompute.enabled, "
+            "or set model.allow_unrecomputed_bn=true to use it anyway"
+        )
+    warnings.warn(
+        f"{path}: using a backbone whose BN statistics were not recomputed (model.allow_unrecomputed_bn=true)",
+        stacklevel=2,
+    )
+    return False

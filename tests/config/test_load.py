@@ -68,3 +68,34 @@ def test_every_shipped_config_loads(repo_root):
     assert paths, "no configs shipped"
     for path in paths:
         load_config(path)
+
+
+def test_exponent_floats_without_a_dot_are_floats_in_files_and_overrides(tmp_path):
+    # Issue #6: PyYAML (YAML 1.1) reads 1e-4 and 5E-4 as strings, so `solver.base_lr=1e-3` was refused.
+    path = _write(tmp_path / "c.yaml", "task: det\nsolver:\n  base_lr: 1e-4\n  weight_decay: 5E-4\n  gamma: 1.0e1\n")
+    cfg = load_config(path)
+    assert (cfg.solver.base_lr, cfg.solver.weight_decay, cfg.solver.gamma) == (1e-4, 5e-4, 10.0)
+    assert all(type(v) is float for v in (cfg.solver.base_lr, cfg.solver.weight_decay, cfg.solver.gamma))
+    cfg = load_config(path, ["solver.base_lr=1e-3", "solver.warmup_lr=2E-5", "model.roi_heads.score_thresh=5e-2",
+                             "model.roi_heads.bbox_reg_weights=[1e1, 10, 5.0, '5e0']"])
+    assert (cfg.solver.base_lr, cfg.solver.warmup_lr, cfg.model.roi_heads.score_thresh) == (1e-3, 2e-5, 0.05)
+    assert cfg.model.roi_heads.bbox_reg_weights == [10.0, 10.0, 5.0, 5.0]
+    assert all(type(v) is float for v in cfg.model.roi_heads.bbox_reg_weights)
+
+
+def test_int_keys_stay_int_and_bad_floats_name_the_key(tmp_path):
+    path = _write(tmp_path / "c.yaml", "task: det\n")
+    cfg = load_config(path, ["solver.max_iter=100"])
+    assert cfg.solver.max_iter == 100 and type(cfg.solver.max_iter) is int
+    with pytest.raises(ConfigError, match=r"solver\.max_iter: expected int, got '1e3'"):
+        load_config(path, ["solver.max_iter=1e3"])
+    for value in ("nan", ".nan", "inf", "-.inf", "1e999"):
+        with pytest.raises(ConfigError, match=r"solver\.base_lr: expected a finite float"):
+            load_config(path, [f"solver.base_lr={value}"])
+    for value in ("abc", "1e-3x", "true", "[1]"):
+        with pytest.raises(ConfigError, match=r"solver\.base_lr: expected float"):
+            load_config(path, [f"solver.base_lr={value}"])
+    with pytest.raises(ConfigError, match=r"bad\.yaml.*solver\.momentum: expected float, got 'fast'"):
+        load_config(_write(tmp_path / "bad.yaml", "task: det\nsolver:\n  momentum: fast\n"))
+    with pytest.raises(ConfigError, match=r"bbox_reg_weights\[2\]: expected float, got 'x'"):
+        load_config(path, ["model.roi_heads.bbox_reg_weights=[1, 2, x, 4]"])

@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from detres.config.load import load_config
-from detres.data.cls_pipeline import ClsDataStats, build_eval_transform, build_train_transform, compute_data_stats
+from detres.data.cls_pipeline import ClsDataStats, build_eval_transform, build_train_transform, build_val_dataset
+from detres.data.cls_pipeline import compute_data_stats
+from detres.data.imagefolder import ImageFolderDataset, ImageListDataset
 from detres.engine.checkpoint import load_checkpoint, save_checkpoint
 
 H, W = 36, 44  # shorter side == test.resize, so the 1-crop geometry is a plain centre crop
@@ -131,3 +133,17 @@ def test_bad_statistics_options_name_the_key(images):
         compute_data_stats(paths, _cfg("data.mean_mode=median"))
     with pytest.raises(ValueError, match="data.std"):
         compute_data_stats(paths, _cfg("data.std=[1.0, 2.0]"))
+
+
+def test_val_dataset_is_a_class_folder_or_a_flat_folder_with_labels(images, tmp_path):
+    train_map = {"a": 0, "b": 1}
+    for cls in ("a", "b", "c"):
+        (tmp_path / "tree" / cls).mkdir(parents=True)
+        (tmp_path / "tree" / cls / "0.png").write_bytes(images[0][0].read_bytes())
+    tree = build_val_dataset(_cfg(f"data.val_dir={tmp_path / 'tree'}"), train_map)
+    assert type(tree) is ImageFolderDataset and tree.targets == [0, 1]
+    (tmp_path / "labels.txt").write_text("\n".join(f"{p.name} {c}" for (p, _), c in zip(images, "abbac")) + "\n")
+    cfg = _cfg(f"data.val_dir={images[0][0].parent}", f"data.val_labels={tmp_path / 'labels.txt'}")
+    with pytest.warns(UserWarning, match="skipped 1 of 5"):
+        flat = build_val_dataset(cfg, train_map)
+    assert type(flat) is ImageListDataset and flat.targets == [0, 1, 1, 0] and flat.num_skipped == 1

@@ -64,12 +64,45 @@ def test_ten_crop_geometry_square_256() -> None:
         assert torch.all(out[i, 2] == 7)
 
 
-def test_ten_crop_uses_whole_resized_rectangle() -> None:
-    # 256x320 already has shorter side 256: corners are those of the full 320-wide image.
-    out = TenCropEvalTransform(normalize=ZERO, resize=256, crop=224)(_coord_image(256, 320))
-    assert out[1, 1, 0, -1].item() == 319 and out[3, 0, -1, -1].item() == 255
-    assert out[4, 0, 0, 0].item() == 16 and out[4, 1, 0, 0].item() == 48
-    assert out[6, 1, 0, 0].item() == 319  # flipped top-right starts at the right edge
+@pytest.mark.parametrize(
+    "shape, offsets",
+    [
+        # 256x320 (shorter side already 256): central square = columns 32..287, so the corner
+        # patches start at columns 32 and 32 + 256 - 224 = 64, rows 0 and 32; centre at (16, 48).
+        ((256, 320), [(0, 32), (0, 64), (32, 32), (32, 64), (16, 48)]),
+        # 300x256 (portrait): central square = rows 22..277 -> rows 22 and 54, columns 0 and 32.
+        ((300, 256), [(22, 0), (22, 32), (54, 0), (54, 32), (38, 16)]),
+    ],
+    ids=["landscape", "portrait"],
+)
+def test_ten_crop_takes_the_corners_of_the_central_square(shape, offsets) -> None:
+    out = TenCropEvalTransform(normalize=ZERO, resize=256, crop=224)(_coord_image(*shape))
+    assert out.shape == (10, 3, 224, 224)
+    for i, (top, left) in enumerate(offsets * 2):
+        rows, cols = _window(top, left, 224, flip=i >= 5)
+        np.testing.assert_array_equal(out[i, 0].numpy(), rows, err_msg=f"crop {i} rows")
+        np.testing.assert_array_equal(out[i, 1].numpy(), cols, err_msg=f"crop {i} cols")
+    # Not the corners of the whole rectangle: nothing comes from outside the central square.
+    h, w = shape
+    side = min(h, w)
+    assert out[:, 0].min() == (h - side) // 2 and out[:, 0].max() == (h - side) // 2 + side - 1
+    assert out[:, 1].min() == (w - side) // 2 and out[:, 1].max() == (w - side) // 2 + side - 1
+
+
+def test_ten_crop_resizes_then_cuts_the_central_square() -> None:
+    # 300x400 -> shorter side 256 -> 256x341; the central 256x256 square starts at column 42.
+    image = np.random.default_rng(4).integers(0, 256, size=(300, 400, 3)).astype(np.uint8)
+    out = TenCropEvalTransform(normalize=ZERO, resize=256, crop=224)(image)
+    resized = resize_shorter_side(image, 256).astype(np.float32)
+    assert resized.shape == (256, 341, 3)
+    for i, (top, left) in enumerate([(0, 42), (0, 74), (32, 42), (32, 74), (16, 58)]):
+        patch = resized[top : top + 224, left : left + 224]
+        np.testing.assert_array_equal(out[i].numpy(), np.moveaxis(patch, -1, 0), err_msg=f"crop {i}")
+        np.testing.assert_array_equal(out[i + 5].numpy(), np.moveaxis(patch[:, ::-1], -1, 0), err_msg=f"flip {i}")
+    # resize=None keeps the size and uses the central min(H, W) square: 10x14 -> columns 2..11.
+    small = TenCropEvalTransform(normalize=ZERO, resize=None, crop=8)(_coord_image(10, 14))
+    assert [int(small[i, 1, 0, 0]) for i in range(5)] == [2, 4, 2, 4, 3]
+    assert [int(small[i, 0, 0, 0]) for i in range(5)] == [0, 0, 2, 2, 1]
 
 
 def test_ten_crop_subtracts_mean_image_in_each_crop_frame() -> None:

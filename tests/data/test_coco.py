@@ -225,3 +225,52 @@ def test_image_size_mismatch_names_the_image(tmp_path: Path) -> None:
     (image_dir / "b.png").unlink()
     with pytest.raises(FileNotFoundError, match=r"b\.png"):
         ds[1]
+
+
+def test_duplicate_image_ids_are_an_error_naming_the_file_ids_and_file_names(tmp_path: Path) -> None:
+    # Issue #6: pycocotools keeps the last image of a repeated id and piles every annotation on it, so
+    # id 11 loaded b.png with a.png's box and nothing said so.
+    images = [{"id": 11, "file_name": "a.png", "height": 32, "width": 48},
+              {"id": 11, "file_name": "b.png", "height": 32, "width": 48},
+              {"id": 12, "file_name": "c.png", "height": 32, "width": 48}]
+    image_dir, ann_file = _write_tiny_coco(tmp_path, [_ann(1, 11, [1, 2, 10, 5])], images=images)
+    with pytest.raises(ValueError, match=r"ann\.json.*image id.*id 11: 'a\.png', 'b\.png'") as info:
+        CocoDetection(image_dir, ann_file)
+    assert "c.png" not in str(info.value)
+    ids = [11, 12]
+    image_dir, ann_file = _write_tiny_coco(tmp_path, [], images=[{"id": i, "file_name": f"{i}.png", "height": 8,
+                                                                   "width": 8} for i in ids])
+    with pytest.raises(ValueError, match=r"image_ids: \[12\] listed more than once"):
+        CocoDetection(image_dir, ann_file, image_ids=[12, 11, 12])
+
+
+def test_evaluation_ground_truth_is_the_loaded_boxes_plus_clipped_crowd_regions(tmp_path: Path) -> None:
+    anns = [
+        _ann(1, 11, [1, 2, 10, 5], cat=7),  # kept as it is: the file's area (1.0) is kept
+        _ann(2, 11, [5, 5, 0, 8]),  # zero width: dropped from targets and evaluation alike
+        _ann(3, 11, [40, 30, 20, 20], cat=3),  # clipped to (40, 30, 48, 32): area becomes 8 * 2
+        _ann(4, 11, [30, 20, 40, 40], cat=3, iscrowd=1),  # crowd, clipped to (30, 20, 48, 32)
+        _ann(5, 11, [60, 5, 4, 4], iscrowd=1),  # crowd wholly outside the image: nothing to ignore
+        _ann(6, 12, [2, 2, 6, 6], iscrowd=1),  # crowd only: the image has no targets
+    ]
+    image_dir, ann_file = _write_tiny_coco(tmp_path, anns)
+    with pytest.warns(UserWarning, match=r"dropped 2 degenerate boxes.*\[2, 5\]"):
+        ds = CocoDetection(image_dir, ann_file)
+    assert ds.num_crowd == 3 and ds.num_boxes == 2
+    gt = ds.evaluation_ground_truth(0)
+    assert gt["image_id"] == 11 and gt["orig_size"] == (32, 48) and gt["file_name"].endswith("a.png")
+    np.testing.assert_allclose(gt["boxes"], [[1, 2, 11, 7], [40, 30, 48, 32], [30, 20, 48, 32]])
+    np.testing.assert_array_equal(gt["labels"], [2, 1, 1])
+    np.testing.assert_array_equal(gt["iscrowd"], [False, False, True])
+    np.testing.assert_allclose(gt["area"], [1.0, 16.0, 18 * 12])
+    # The targets are the non-crowd part, in float32 (the sample contract).
+    np.testing.assert_array_equal(ds.annotation(0)["boxes"], gt["boxes"][:2].astype(np.float32))
+    assert ds.annotation(0)["boxes"].dtype == np.float32
+    crowd_only = ds.evaluation_ground_truth(1)
+    np.testing.assert_array_equal(crowd_only["iscrowd"], [True])
+    np.testing.assert_allclose(crowd_only["boxes"], [[2, 2, 8, 8]])
+    # skip_crowd=False: crowd boxes are ordinary targets, so there are no crowd regions to ignore.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        kept = CocoDetection(image_dir, ann_file, skip_crowd=False)
+    assert not kept.evaluation_ground_truth(0)["iscrowd"].any() and kept.num_boxes == 4

@@ -61,7 +61,7 @@ def test_train_cls_checkpoint_gives_what_the_trainer_and_evaluate_classifier_giv
     checkpoint, val_dir, metrics = trained
     report = evaluate_checkpoint(checkpoint, val_dir, modes=("1crop", "10crop", "multiscale"), batch_size=7)
     assert report["format"] == "detres" and report["normalize"] == "checkpoint" and report["bn_recomputed"]
-    assert report["geometry"] == {"resize": 36, "crop": 32, "scales": [32, 44]}
+    assert report["geometry"] == {"resize": 36, "crop": 32, "scales": [32, 44], "train_crop": 32}
     for mode in ("1crop", "10crop", "multiscale"):
         got, want = report["results"][mode], metrics["after_bn_recompute"][mode]
         assert (got["top1_err"], got["top5_err"], got["n"]) == (want["top1_err"], want["top5_err"], want["n"])
@@ -75,6 +75,35 @@ def test_train_cls_checkpoint_gives_what_the_trainer_and_evaluate_classifier_giv
     dataset = ImageFolderDataset(val_dir, transform=build_eval_transform(cfg, stats, "1crop"))
     direct = evaluate_classifier(model, dataset, mode="1crop", batch_size=3)
     assert direct == {k: report["results"]["1crop"][k] for k in direct}
+
+
+def test_flat_val_folder_with_labels_file_gives_the_folder_numbers(trained, tmp_path):
+    checkpoint, val_dir, _ = trained
+    flat = tmp_path / "images"
+    flat.mkdir()
+    lines = ["# a comment-like line is just an unknown class", ""]
+    for i, path in enumerate(sorted(val_dir.glob("*/*.png"))):
+        (flat / f"v{i}.png").write_bytes(path.read_bytes())
+        lines.append(f"v{i}.png {path.parent.name} 1 2 3 4")
+    labels = tmp_path / "labels.txt"
+    labels.write_text("\n".join(lines) + "\n")
+    modes = ("1crop", "10crop", "multiscale")
+    folder = evaluate_checkpoint(checkpoint, val_dir, modes=modes, batch_size=7)
+    with pytest.warns(UserWarning, match=r"skipped 1 of \d+ images"):
+        listed = evaluate_checkpoint(checkpoint, flat, val_labels=labels, modes=modes, batch_size=5)
+    assert listed["num_images"] == folder["num_images"] == len(lines) - 2
+    assert listed["val_skipped_unknown_class"] == 1 and listed["val_labels"] == str(labels)
+    assert listed["results"] == folder["results"]
+    # The CLI: --val-labels, and the skipped count is printed.
+    out = tmp_path / "r.json"
+    proc = run_tool("--checkpoint", checkpoint, "--data", flat, "--val-labels", labels, "--json-out", out, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "skipped 1 images" in proc.stdout
+    assert json.loads(out.read_text())["results"]["1crop"] == folder["results"]["1crop"]
+    bad = tmp_path / "bad.txt"
+    bad.write_text("v0.png\n")
+    proc = run_tool("--checkpoint", checkpoint, "--data", flat, "--val-labels", bad, cwd=tmp_path)
+    assert proc.returncode == 2 and f"eval_cls: error: {bad}:1: expected" in proc.stderr
 
 
 def test_arch_or_depth_that_contradicts_the_checkpoint_is_an_error(trained):
@@ -127,6 +156,17 @@ def test_legacy_cifar_resnet20_on_300_test_images(tmp_path):
     assert report["results"]["1crop"]["top1_acc"] > 0.70
     assert report["best_prec1"] == pytest.approx(91.78, abs=0.01)
     assert "1crop: top-1 acc" in proc.stdout
+
+
+@needs_cifar
+def test_legacy_cifar_resnet20_dense_at_32px_is_the_1crop_test():
+    # Trained on 32 px crops: at scale 32 the 8x8 map is exactly one training-size window, so the dense
+    # test is the net's own 1-crop forward (the old per-position average scored lower).
+    report = evaluate_checkpoint(CIFAR_R20, CIFAR_TEST, arch="cifar", depth=20, normalize="imagenet",
+                                 modes=("1crop", "multiscale"), scales=[32], max_per_class=30, batch_size=100)
+    assert report["geometry"]["train_crop"] == 32
+    one, dense = report["results"]["1crop"], report["results"]["multiscale"]
+    assert (dense["top1_err"], dense["top5_err"], dense["n"]) == (one["top1_err"], one["top5_err"], one["n"])
 
 
 def _tool_main():

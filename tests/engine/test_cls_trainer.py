@@ -150,3 +150,47 @@ def test_a_corrupt_image_met_in_a_loader_worker_is_named_in_one_line(tmp_path):
         train_classifier(_cfg(tmp_path / "data", tmp_path / "b", "data.num_workers=1", "solver.max_iter=4",
                               "data.stats_max_images=1", "augment.color_pca=false", "solver.batch_size=9"))
     assert str(err.value) == f"image file '{bad}' is corrupt or not an image format OpenCV can decode"
+
+
+def test_plateau_min_epochs_holds_the_lr_until_that_many_epochs_have_passed(varied_world, tmp_path):
+    out = tmp_path / "plateau_min"
+    # 30 images / batch 4 = 7 iterations per epoch; the error never counts as improving after the
+    # first validation, so without the minimum the LR would drop at 3, 5, 7, 9 (see the test above).
+    cfg = _cfg(varied_world, out, "solver.lr_schedule=plateau", "solver.base_lr=0.001", "solver.plateau_patience=2",
+               "solver.plateau_threshold=1.0", "solver.eval_period=1", "solver.max_iter=10",
+               "solver.plateau_min_epochs=1", "test.modes=[1crop]", "bn_recompute.enabled=false")
+    train_classifier(cfg)
+    records = read_json_lines(out / "metrics.jsonl")
+    assert [r["iter"] for r in records if r.get("lr_dropped")] == [7]  # 1 epoch after the start, then none
+    lrs = [lr for _, (_, lr) in sorted(_losses(out).items())]
+    assert lrs == pytest.approx([1e-3] * 7 + [1e-4] * 3)
+    assert load_checkpoint(out / "last.pt")["schedule"]["last_drop_iter"] == 7
+
+
+def test_flat_validation_folder_with_a_labels_file(varied_world, tmp_path):
+    # The same 10 validation images as a flat folder + labels file, plus one image of a class the
+    # training set lacks: the run sees the same validation set and counts the extra one.
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    lines = []
+    for i, path in enumerate(sorted((varied_world / "val").glob("*/*.png"))):
+        (flat / f"val_{i}.png").write_bytes(path.read_bytes())
+        lines.append(f"val_{i}.png\t{path.parent.name}\t0\t0\t5\t5")
+    (flat / "val_99.png").write_bytes(path.read_bytes())
+    lines.insert(3, "val_99.png\tnot_a_training_class\t0\t0\t5\t5")
+    (tmp_path / "val_annotations.txt").write_text("\n".join(lines) + "\n")
+    common = ["solver.max_iter=2", "solver.eval_period=2", "test.modes=[1crop, multiscale]", "bn_recompute.enabled=false"]
+    folder = train_classifier(_cfg(varied_world, tmp_path / "folder", *common))
+    with pytest.warns(UserWarning, match="skipped 1 of 11 images .*not_a_training_class") as record:
+        listed = train_classifier(_cfg(varied_world, tmp_path / "listed", *common, f"data.val_dir={flat}",
+                                       f"data.val_labels={tmp_path / 'val_annotations.txt'}"))
+    assert len([w for w in record if "skipped" in str(w.message)]) == 1
+    assert listed["val_images"] == folder["val_images"] == 10 and listed["val_skipped_unknown_class"] == 1
+    assert "val_skipped_unknown_class" not in folder
+    assert listed["final"] == folder["final"]
+    start = read_json_lines(tmp_path / "listed" / "metrics.jsonl")[0]
+    assert start["val_skipped_unknown_class"] == 1 and start["val_skipped_classes"] == {"not_a_training_class": 1}
+    bad = tmp_path / "bad.txt"
+    bad.write_text("val_0.png\n")
+    with pytest.raises(ValueError, match=r"bad\.txt:1: expected"):
+        train_classifier(_cfg(varied_world, tmp_path / "bad", *common, f"data.val_dir={flat}", f"data.val_labels={bad}"))

@@ -14,6 +14,7 @@ from torch import nn
 
 import detres.models.faster_rcnn as faster_rcnn_module
 from detres.config.load import load_config
+from detres.engine import alternating
 from detres.data.build import build_detection_dataset
 from detres.data.image_io import read_image_rgb
 from detres.data.synthetic import generate_shapes_world
@@ -22,6 +23,7 @@ from detres.engine.checkpoint import load_checkpoint, save_checkpoint
 from detres.engine.det_inference import run_inference
 from detres.engine.logging import read_json_lines
 from detres.evaluation.coco import SUMMARY_KEYS
+from detres.models.faster_rcnn import FasterRCNN
 
 # Sized for a CPU test: ResNet-18 layout at a quarter of the width (base_width 16), ~128 px inputs,
 # few proposals and RoIs, 8x8 RoI pooling (4x4 after conv5's stride 2).
@@ -150,6 +152,17 @@ def test_a_run_writes_config_logs_metrics_plots_and_checkpoints(short_run):
     assert load_checkpoint(out / "last.pt")["iter"] == 4
 
 
+def test_sgd_groups_biases_at_twice_the_lr_without_decay(short_run):
+    out, _ = short_run
+    groups = load_checkpoint(out / "last.pt")["optimizer"]["param_groups"]
+    # The last iteration (3) is past the drop at 3: LR 0.005 * 0.1; biases 2x that, no weight decay
+    # (the defaults: Ren et al.'s solver).
+    got = [(g["name"], g["lr"], g["lr_factor"], g["weight_decay"]) for g in groups]
+    assert got == [("weights", pytest.approx(0.0005), 1.0, 0.0005), ("biases", pytest.approx(0.001), 2.0, 0.0)]
+    cfg = load_config(out / "config.yaml")
+    assert (cfg.solver.weight_decay, cfg.solver.bias_lr_factor, cfg.solver.weight_decay_bias) == (0.0005, 2.0, 0.0)
+
+
 def test_test_outputs_use_original_category_ids_xywh_and_devkit_files(short_run, world):
     out, _ = short_run
     model, meta = det_trainer.load_detector(out / "model_final.pt")
@@ -252,3 +265,143 @@ def test_the_training_stream_resumes_at_the_same_batch(world, tmp_path, grouping
     full = image_ids(0, 7)
     assert image_ids(4, 3) == full[4:]
     assert len({i for b in full for i in b}) == 4  # the stream covers every training image
+
+
+# ------------------------------------------------------------------------------ 4-step alternating training
+ALTERNATING = ["solver.training_scheme=alternating", "solver.alternating_iters=[2, 2, 2, 2]",
+               "solver.alternating_images_per_batch=[1, 2, 1, 2]", "solver.max_iter=2", "solver.steps=[1]",
+               "solver.warmup_iters=0", "solver.eval_period=0", "solver.log_period=2", "solver.base_lr=0.005"]
+
+
+class _StageSpy:
+    """Records the networks the alternating trainer builds and the stage-wise passes it runs; can
+    interrupt the run at the n-th RPN-loss call."""
+
+    def __init__(self, monkeypatch, interrupt_at_rpn_call: int | None = None) -> None:
+        self.built: list[dict[str, torch.Tensor]] = []  # state dicts right after building
+        self.calls: list[tuple[str, int]] = []  # (pass, images in the batch)
+        self.proposer_conv1: list[torch.Tensor] = []  # trunk.conv1 of the network proposing in step 2
+        real_build, real_rpn = alternating.build_detector, FasterRCNN.rpn_losses
+        real_det, real_propose = FasterRCNN.detector_losses, FasterRCNN.propose
+
+        def build(**kwargs):
+            model = real_build(**kwargs)
+            self.built.append({k: v.clone() for k, v in model.state_dict().items()})
+            return model
+
+        def rpn_losses(model, images, targets, image_sizes=None):
+            self.calls.append(("rpn", len(targets)))
+            if sum(kind == "rpn" for kind, _ in self.calls) == interrupt_at_rpn_call:
+                raise RuntimeError("interrupted")
+            return real_rpn(model, images, targets, image_sizes)
+
+        def detector_losses(model, images, targets, image_sizes=None, *, proposals=None):
+            self.calls.append(("fast_rcnn", len(targets)))
+            return real_det(model, images, targets, image_sizes, proposals=proposals)
+
+        def propose(model, images, image_sizes=None, *, mode="train"):
+            self.proposer_conv1.append(model.trunk.conv1.weight.detach().clone())
+            return real_propose(model, images, image_sizes, mode=mode)
+
+        monkeypatch.setattr(alternating, "build_detector", build)
+        monkeypatch.setattr(FasterRCNN, "rpn_losses", rpn_losses)
+        monkeypatch.setattr(FasterRCNN, "detector_losses", detector_losses)
+        monkeypatch.setattr(FasterRCNN, "propose", propose)
+
+
+def _part(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def alternating_run(world, tmp_path_factory):
+    out = tmp_path_factory.mktemp("alternating") / "run"
+    cfg = _coco_cfg(world, out, *ALTERNATING, "solver.checkpoint_period=100")
+    with pytest.MonkeyPatch.context() as monkeypatch, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        spy = _StageSpy(monkeypatch)
+        metrics = det_trainer.train_detector(cfg)
+    return out, metrics, spy
+
+
+def test_alternating_steps_train_their_own_layers_and_share_the_step2_trunk(alternating_run):
+    out, metrics, spy = alternating_run
+    steps = [load_checkpoint(out / f"{name}.pt")["model"] for name in alternating.STEP_NAMES]
+    final = load_checkpoint(out / "model_final.pt")["model"]
+    assert len(spy.built) == 2  # step 1 and step 2 each start from the (here random) ImageNet-style init
+    init1, init2 = spy.built
+    trunk, rpn, roi = "trunk.", "rpn.", "roi_heads."
+    # Step 1 (RPN): trunk and RPN train, the RoI heads are untouched.
+    assert not _same(_part(steps[0], trunk), _part(init1, trunk)) and not _same(_part(steps[0], rpn), _part(init1, rpn))
+    assert _same(_part(steps[0], roi), _part(init1, roi))
+    # Step 2 (Fast R-CNN, a fresh network): trunk and RoI heads train, its RPN is untouched.
+    assert not _same(_part(steps[1], trunk), _part(init2, trunk)) and not _same(_part(steps[1], roi), _part(init2, roi))
+    assert _same(_part(steps[1], rpn), _part(init2, rpn))
+    # ... on the proposals of the frozen step-1 network (one call per step-2 iteration).
+    assert len(spy.proposer_conv1) == 2
+    assert all(torch.equal(w, steps[0]["trunk.conv1.weight"]) for w in spy.proposer_conv1)
+    # Step 3 (RPN layers only on the frozen step-2 trunk) and step 4 (Fast R-CNN layers only).
+    assert _same(_part(steps[2], trunk), _part(steps[1], trunk)) and _same(_part(steps[2], roi), _part(steps[1], roi))
+    assert not _same(_part(steps[2], rpn), _part(steps[1], rpn))
+    assert _same(_part(steps[3], trunk), _part(steps[1], trunk)) and _same(_part(steps[3], rpn), _part(steps[2], rpn))
+    assert not _same(_part(steps[3], roi), _part(steps[2], roi))
+    # The final network is step 4's: the step-2 trunk shared by the step-3 RPN and the step-4 detector.
+    assert _same(final, steps[3]) and _same(_part(final, trunk), _part(steps[1], trunk))
+    # Passes and batch sizes per step: RPN steps 1 image, Fast R-CNN steps 2 images, 2 iterations each.
+    assert spy.calls == [("rpn", 1)] * 2 + [("fast_rcnn", 2)] * 2 + [("rpn", 1)] * 2 + [("fast_rcnn", 2)] * 2
+    assert metrics["iterations"] == 8
+
+
+def test_alternating_logs_per_step_losses_and_records_the_step(alternating_run):
+    out, _, _ = alternating_run
+    records = [r for r in read_json_lines(out / "metrics.jsonl") if "loss" in r]
+    assert [(r["iter"], r["step"], r["step_iter"]) for r in records] == [(2, 1, 2), (4, 2, 2), (6, 3, 2), (8, 4, 2)]
+    for r in records:
+        rpn_step = r["step"] in (1, 3)
+        keys = ("loss_rpn_cls", "loss_rpn_box") if rpn_step else ("loss_cls", "loss_box_reg")
+        assert set(det_trainer.LOSS_KEYS) & set(r) == set(keys)
+        assert r["loss"] == pytest.approx(sum(r[k] for k in keys), rel=1e-5)
+    assert [r["lr"] for r in records] == [pytest.approx(0.0005)] * 4  # each step's drop at 1 of 2
+    last = load_checkpoint(out / "last.pt")
+    assert last["scheme"] == "alternating" and last["iter"] == 8
+    assert {k: last["alternating"][k] for k in ("step", "step_iter")} == {"step": 3, "step_iter": 2}
+    model, meta = det_trainer.load_detector(out / "model_final.pt")  # an ordinary detector checkpoint
+    assert meta["class_names"][0] == "circle" and not model.training
+
+
+@pytest.mark.parametrize("interrupt_at,saved_step_iter", [(3, 0), (4, 1)])
+def test_alternating_resumes_at_the_recorded_step(world, tmp_path, monkeypatch, interrupt_at, saved_step_iter):
+    # Interrupted at the first (3rd RPN call: a step boundary) or second iteration of step 3.
+    out = tmp_path / "run"
+    cfg = _coco_cfg(world, out, *ALTERNATING, "solver.checkpoint_period=1")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.MonkeyPatch.context() as patch:
+            _StageSpy(patch, interrupt_at_rpn_call=interrupt_at)
+            with pytest.raises(RuntimeError, match="interrupted"):
+                det_trainer.train_detector(cfg)
+        saved = load_checkpoint(out / "last.pt")
+        assert (saved["alternating"]["step"], saved["alternating"]["step_iter"]) == (2, saved_step_iter)
+        assert saved["iter"] == 4 + saved_step_iter and ("optimizer" in saved) == (saved_step_iter > 0)
+        step2_trunk = _part(load_checkpoint(out / "step2_fast_rcnn.pt")["model"], "trunk.")
+        spy = _StageSpy(monkeypatch)
+        metrics = det_trainer.train_detector(cfg, resume=True)
+    # Only the checkpointed network is rebuilt (no fresh ImageNet-style start); the rest of step 3, then step 4.
+    assert len(spy.built) == 1 and spy.proposer_conv1 == []
+    assert spy.calls == [("rpn", 1)] * (2 - saved_step_iter) + [("fast_rcnn", 2)] * 2
+    assert metrics["iterations"] == 8
+    final = load_checkpoint(out / "model_final.pt")["model"]
+    assert _same(_part(final, "trunk."), step2_trunk)
+    records = [r for r in read_json_lines(out / "metrics.jsonl") if "loss" in r]
+    assert [(r["iter"], r["step"]) for r in records] == [(2, 1), (4, 2), (6, 3), (8, 4)]
+
+
+def test_resume_refuses_a_checkpoint_of_the_other_scheme(short_run, world, tmp_path):
+    out = tmp_path / "joint"
+    shutil.copytree(short_run[0], out)
+    with pytest.raises(ValueError, match=r"training_scheme='joint'.*'alternating'"):
+        det_trainer.train_detector(_coco_cfg(world, out, *ALTERNATING), resume=True)

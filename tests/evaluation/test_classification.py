@@ -21,8 +21,15 @@ from detres.data.cls_transforms import (
     TenCropEvalTransform,
 )
 from detres.data.imagefolder import ImageFolderDataset
-from detres.evaluation.classification import dense_logits, evaluate_classifier, topk_correct, topk_errors
-from detres.models.resnet import CifarResNet
+from detres.evaluation.classification import (
+    dense_logits,
+    dense_probs,
+    evaluate_classifier,
+    feature_window,
+    topk_correct,
+    topk_errors,
+)
+from detres.models.resnet import CifarResNet, build_resnet
 
 
 class PixelLogits(nn.Module):
@@ -119,6 +126,12 @@ def test_dense_logits_average_equals_pooled_logits(model_fn) -> None:
     # one position by hand: fc applied to that feature vector
     feats = model.forward_features(x)
     torch.testing.assert_close(dense[1, :, 2, 3], model.fc(feats[1, :, 2, 3]), rtol=1e-5, atol=1e-5)
+    # window=None pools the whole map: the net's own forward
+    torch.testing.assert_close(dense_logits(model, x, None)[:, :, 0, 0], model(x), rtol=1e-5, atol=1e-5)
+    # a 2x3 window at (1, 2) by hand: fc of the mean feature vector over rows 1..2, columns 2..4
+    win = dense_logits(model, x, (2, 3))
+    assert win.shape[2:] == (feats.shape[2] - 1, feats.shape[3] - 2)
+    torch.testing.assert_close(win[0, :, 1, 2], model.fc(feats[0, :, 1:3, 2:5].mean(dim=(1, 2))), rtol=1e-5, atol=1e-5)
 
 
 def test_1crop_known_answer_and_training_mode_restored() -> None:
@@ -143,18 +156,95 @@ def test_10crop_averages_softmax_not_logits() -> None:
     assert res0["top1_err"] == 1.0
 
 
-def test_multiscale_softmax_at_each_position_then_over_scales() -> None:
-    # One image, left half logits A and right half logits B: the position-wise softmax average
-    # picks class 1; averaging logits over positions (model(x)) would pick class 0.
+def test_multiscale_scores_training_size_windows_not_single_positions() -> None:
+    # One 4x4 image, left half logits A and right half logits B, scored with a 4-pixel training
+    # crop (PixelLogits has stride 1, so the window is the whole 4x4 map): the window averages the
+    # features, mean logits (0, -5.8, -10) -> class 0, as the net's own 1-crop forward says.
+    # Softmax at every single position and then averaged (the old dense test) would pick class 1.
     image = torch.cat([_const(VIEW_A, 4, 2), _const(VIEW_B, 4, 2)], dim=2)
     assert PixelLogits()(image[None]).argmax().item() == 0
-    res = evaluate_classifier(PixelLogits(), ListDataset([(image, 1)]), mode="multiscale", scales=(4,))
+    assert dense_probs(PixelLogits(), image[None], window=1).argmax().item() == 1
+    res = evaluate_classifier(PixelLogits(), ListDataset([(image, 0)]), mode="multiscale", scales=(4,), crop=4)
     assert res["top1_err"] == 0.0
     # Pre-resized views (MultiScaleEvalTransform output): scale 1 shows A, scale 2 shows B, so
     # averaging softmax over scales picks class 1 (averaging logits would pick class 0).
     views = [_const(VIEW_A, 4, 4), _const(VIEW_B, 6, 6)]
-    res = evaluate_classifier(PixelLogits(), ListDataset([(views, 1), (views, 1), (views, 0)]), mode="multiscale")
+    res = evaluate_classifier(PixelLogits(), ListDataset([(views, 1), (views, 1), (views, 0)]), mode="multiscale", crop=4)
     assert res["top1_err"] == pytest.approx(1 / 3) and res["n"] == 3
+
+
+def test_dense_probs_softmax_per_window_then_mean_hand_values() -> None:
+    # A 2x3 "feature map" whose columns hold logits x, y, z. Training-size window 2x2 -> two windows:
+    #   (x + y) / 2 = (ln 9, 0, -20)  -> softmax ~ (0.9, 0.1, 0)
+    #   (y + z) / 2 = (0, -20, ln 4)  -> softmax ~ (0.2, 0, 0.8)      mean: (0.55, 0.05, 0.40)
+    x = (2 * math.log(9.0), 0.0, -40.0)
+    y = (0.0, 0.0, 0.0)
+    z = (0.0, -40.0, 2 * math.log(4.0))
+    image = torch.stack([_const(x, 2, 1), _const(y, 2, 1), _const(z, 2, 1)], dim=-1)[..., 0, :][None]
+    assert image.shape == (1, 3, 2, 3)
+    model = PixelLogits()
+    assert feature_window(model, 2) == (2, 2)
+    torch.testing.assert_close(dense_probs(model, image, window=(2, 2)), torch.tensor([[0.55, 0.05, 0.40]]),
+                               atol=1e-6, rtol=0)
+    # Single positions (window 1) give softmax(x), softmax(y), softmax(z) averaged instead.
+    per_position = (torch.tensor([81 / 82, 1 / 82, 0.0]) + torch.full((3,), 1 / 3) + torch.tensor([1 / 17, 0.0, 16 / 17])) / 3
+    torch.testing.assert_close(dense_probs(model, image, window=1)[0], per_position, atol=1e-6, rtol=0)
+    # A window larger than the map along a side pools that whole side; larger along both: global average.
+    glob = torch.tensor([x, y, z]).mean(dim=0).softmax(dim=0)
+    for window in (3, (2, 3), (5, 7), None):
+        torch.testing.assert_close(dense_probs(model, image, window=window)[0], glob, atol=1e-6, rtol=0)
+    # Through the evaluator: top-1 is class 0 (0.55); top-2 adds class 2 (0.40), never class 1 (0.05).
+    res = evaluate_classifier(model, ListDataset([(image[0], 0), (image[0], 2), (image[0], 1)]), mode="multiscale",
+                              scales=(2,), crop=2, topk=2)
+    assert res["top1_err"] == pytest.approx(2 / 3) and res["top5_err"] == pytest.approx(1 / 3)
+
+
+@pytest.mark.parametrize(
+    "make_model, crop, window",
+    [
+        (lambda: build_resnet(18, num_classes=6, base_width=8), 64, (2, 2)),
+        (lambda: build_resnet(18, num_classes=6, base_width=8), 224, (7, 7)),
+        (lambda: CifarResNet(1, num_classes=6, widths=(4, 8, 8)), 32, (8, 8)),
+    ],
+    ids=["resnet18-64px", "resnet18-224px", "cifar-32px"],
+)
+def test_dense_at_the_training_scale_equals_1crop(make_model, crop, window) -> None:
+    torch.manual_seed(0)
+    model = make_model()
+    with torch.no_grad():  # non-trivial BN statistics so the test is not about an identity-like net
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    model.eval()
+    assert feature_window(model, crop) == window and not model.training
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, size=(crop, crop, 3)).astype(np.uint8) for _ in range(4)]
+    norm = Normalize(mean=(120.0, 115.0, 100.0), std=(60.0, 60.0, 60.0))
+    one = CenterCropEvalTransform(normalize=norm, resize=crop, crop=crop)
+    dense = MultiScaleEvalTransform(normalize=norm, scales=(crop,))
+    x = torch.stack([one(im) for im in images])
+    views = torch.stack([dense(im)[0] for im in images])
+    assert torch.equal(x, views)
+    with torch.no_grad():
+        ref = model(x).softmax(dim=1)
+        got = dense_probs(model, views, window=feature_window(model, crop))
+        old = dense_probs(model, views, window=1)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
+    assert (old - ref).abs().max() > 1e-3  # the per-position average is a different number
+    labels = [int(t) for t in ref.argmin(dim=1)]  # make some samples wrong and some right
+    labels[0] = int(ref[0].argmax())
+    a = evaluate_classifier(model, ListDataset([(one(im), t) for im, t in zip(images, labels)]), mode="1crop")
+    b = evaluate_classifier(model, ListDataset([(dense(im), t) for im, t in zip(images, labels)]), mode="multiscale",
+                            crop=crop)
+    assert a == b and a["top1_err"] == pytest.approx(0.75)
+
+
+def test_multiscale_needs_the_training_crop() -> None:
+    with pytest.raises(ValueError, match="crop=<training crop size"):
+        evaluate_classifier(PixelLogits(), ListDataset([(_const(VIEW_A), 0)]), mode="multiscale", scales=(4,))
 
 
 def test_mode_shape_mismatch_is_explained() -> None:
@@ -163,7 +253,8 @@ def test_mode_shape_mismatch_is_explained() -> None:
     with pytest.raises(ValueError, match="mode"):
         evaluate_classifier(PixelLogits(), ListDataset([(_const(VIEW_A), 0)]), mode="dense")
     with pytest.raises(TypeError, match="forward_features"):
-        evaluate_classifier(nn.Sequential(nn.Flatten(), nn.Linear(48, 3)), ListDataset([(_const(VIEW_A), 0)]), mode="multiscale")
+        evaluate_classifier(nn.Sequential(nn.Flatten(), nn.Linear(48, 3)), ListDataset([(_const(VIEW_A), 0)]),
+                            mode="multiscale", crop=4)
 
 
 def _write_folder(root: Path, n_per_class: int = 3) -> None:
@@ -188,12 +279,12 @@ def test_all_modes_on_tiny_resnet_folder(tmp_path: Path) -> None:
     }
     for mode, transform in modes.items():
         ds = ImageFolderDataset(tmp_path, transform=transform)
-        res = evaluate_classifier(model, ds, mode=mode, batch_size=4)
+        res = evaluate_classifier(model, ds, mode=mode, batch_size=4, crop=32)
         assert res["n"] == 9, mode
         assert 0.0 <= res["top1_err"] <= 1.0 and res["top5_err"] == 0.0 and res["top5_k"] == 3, mode
     # Full-size images of different shapes, resized to each scale inside the evaluator.
     full = ImageFolderDataset(tmp_path, transform=lambda im: torch.from_numpy(np.moveaxis((im - 128.0) / 64.0, -1, 0)).float())
-    res = evaluate_classifier(model, full, mode="multiscale", scales=(32, 40), batch_size=4)
+    res = evaluate_classifier(model, full, mode="multiscale", scales=(32, 40), batch_size=4, crop=32)
     assert res["n"] == 9 and 0.0 <= res["top1_err"] <= 1.0
 
 
@@ -223,6 +314,10 @@ def test_pretrained_cifar_resnet20_on_real_images(shared_dir: Path) -> None:
     ds.samples = ds.samples[::20]  # 500 images, 50 per class
     ds.targets = [t for _, t in ds.samples]
     res = evaluate_classifier(model, ds, mode="1crop", batch_size=100)
+    # Dense at the training scale (32 px, the whole 8x8 map is the one window) is the 1-crop test.
+    ds.transform = MultiScaleEvalTransform(normalize=norm, scales=(32,))
+    dense = evaluate_classifier(model, ds, mode="multiscale", batch_size=100, crop=32)
+    assert dense == res
     # Upstream: 8.27% on the original arrays. On these JPEG re-encodings this subset measures 20.0%
     # (the model matches an independent functional re-implementation exactly, so the gap is the
     # lossy data). Chance is 90%; BGR input gives 31%, forgetting the std division 89%.

@@ -269,3 +269,45 @@ def test_error_bad_files(tmp_path):
     gt_file.write_text(json.dumps({"images": [], "categories": []}))
     with pytest.raises(ValueError, match=r"gt\.json: field 'annotations' is missing"):
         evaluate_coco(gt_file, [])
+
+
+def _merged_gt_with_repeated_ann_ids() -> dict:
+    """Two one-image files merged: image ids made unique, but both numbered their annotations 1, 2, 3."""
+    gt = {"images": [{"id": 1, "height": 200, "width": 200}, {"id": 2, "height": 200, "width": 200}],
+          "categories": [{"id": 7, "name": "thing"}], "annotations": []}
+    for image_id, shift in ((1, 0), (2, 40)):
+        for k, (x, y, w, h) in enumerate([[10, 10, 30, 40], [60, 20, 50, 30], [100, 100, 60, 70]]):
+            gt["annotations"].append({"id": k + 1, "image_id": image_id, "category_id": 7, "iscrowd": 0,
+                                      "bbox": [x + shift, y, w, h], "area": w * h})
+    return gt
+
+
+def test_repeated_annotation_ids_are_an_error_naming_the_file_and_ids(tmp_path):
+    # Issue #6: pycocotools keys ground truth by annotation id, so with repeated ids it scores one object's
+    # box in place of another's: the ground truth itself, fed back as results, scored AP 0.252 here.
+    gt = _merged_gt_with_repeated_ann_ids()
+    results = [{"image_id": a["image_id"], "category_id": 7, "bbox": a["bbox"], "score": 1.0}
+               for a in gt["annotations"]]
+    gt_file = tmp_path / "merged.json"
+    gt_file.write_text(json.dumps(gt))
+    with pytest.raises(ValueError, match=r"merged\.json: 3 annotation id\(s\) used more than once.*1 \(2x\), "
+                                         r"2 \(2x\), 3 \(2x\).*unique"):
+        evaluate_coco(gt_file, results)
+    with pytest.raises(ValueError, match=r"<ground-truth dict>: 3 annotation id"):
+        evaluate_coco(gt, results)
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco = COCO(str(gt_file))
+    with pytest.raises(ValueError, match=r"annotation id\(s\) used more than once"):
+        evaluate_coco(coco, results)
+    # Renumbered, the same ground truth scores exactly what it should: 1.
+    for new_id, ann in enumerate(gt["annotations"], start=1):
+        ann["id"] = new_id
+    assert evaluate_coco(gt, results)["summary"]["AP"] == pytest.approx(1.0)
+
+
+def test_repeated_image_id_error_names_both_file_names():
+    gt = one_image_gt([[0, 0, 50, 50]])
+    gt["images"] = [{"id": 1, "file_name": "x.jpg", "height": 100, "width": 100},
+                    {"id": 1, "file_name": "y.jpg", "height": 100, "width": 100}]
+    with pytest.raises(ValueError, match=r"images\[1\]: duplicate image id 1 \(file names 'x\.jpg' and 'y\.jpg'\)"):
+        evaluate_coco(gt, [])

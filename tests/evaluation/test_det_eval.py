@@ -131,3 +131,138 @@ def test_coco_crowd_regions_are_difficult_in_the_voc_ground_truth(shared_dir):
     gt = dataset_ground_truth(dataset)
     assert sum(int(g["difficult"].sum()) for g in gt.values()) == sum(a["iscrowd"] for a in raw["annotations"]) == 10
     assert sum(len(g["labels"]) for g in gt.values()) == len(raw["annotations"])
+
+
+def _quiet_eval(dataset, dets) -> dict:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # classes absent from the set have undefined VOC AP
+        return evaluate_detection_dataset(dataset, dets)
+
+
+def _coco_doc(shapes_world) -> dict:
+    import json
+
+    return json.loads(Path(shapes_world["det_coco_train"]).read_text())
+
+
+def test_repeated_annotation_ids_in_a_coco_dataset_still_score_one(shapes_world, tmp_path):
+    """Issue #6: two files merged, each numbering its annotations from 1. Loading is right (pycocotools files
+    annotations per image), but COCOeval on the raw file scored the ground truth fed back at AP 0.311 while VOC
+    said 1.0. Evaluation numbers the annotations afresh, so both metrics see every object."""
+    import json
+
+    doc = _coco_doc(shapes_world)
+    half = {im["id"] for im in doc["images"][: len(doc["images"]) // 2]}
+    counters = {True: 0, False: 0}
+    for ann in doc["annotations"]:
+        first = ann["image_id"] in half
+        counters[first] += 1
+        ann["id"] = counters[first]
+    assert len({a["id"] for a in doc["annotations"]}) < len(doc["annotations"]) > 10
+    ann_file = tmp_path / "merged.json"
+    ann_file.write_text(json.dumps(doc))
+    dataset = CocoDetection(shapes_world["det_images"], ann_file)
+    result = _quiet_eval(dataset, _ground_truth_as_detections(dataset))
+    assert result["coco"]["summary"]["AP"] == pytest.approx(1.0)
+    assert result["coco"]["summary"]["AR100"] == pytest.approx(1.0)
+    assert result["voc"]["mAP"] == pytest.approx(1.0)
+    gt = dataset_to_coco_gt(dataset)
+    assert [a["id"] for a in gt["annotations"]] == list(range(1, len(doc["annotations"]) + 1))
+
+
+def test_coco_and_voc_score_the_loaded_ground_truth_not_the_raw_file(shapes_world, tmp_path):
+    """Issue #6: boxes dropped or clipped at loading were still scored by COCO AP from the raw JSON (ground truth
+    fed back: COCO 0.935, VOC 1.0 here). Both now score the loaded boxes and crowd regions."""
+    import json
+
+    doc = _coco_doc(shapes_world)
+    img = doc["images"][0]
+    h, w = img["height"], img["width"]
+    cat = doc["categories"][0]["id"]
+    extra = [[w - 10, h - 8, 30, 20],  # out of the image on two sides: clipped to 10 x 8
+             [5, 5, 0, 12],  # zero width: dropped
+             [w + 5, 3, 10, 10],  # wholly outside: dropped
+             [-6, -4, 20, 16]]  # starts outside: clipped to (0, 0, 14, 12)
+    next_id = max(a["id"] for a in doc["annotations"]) + 1
+    for k, box in enumerate(extra):
+        doc["annotations"].append({"id": next_id + k, "image_id": img["id"], "category_id": cat, "bbox": box,
+                                   "area": box[2] * box[3], "iscrowd": 0})
+    # A crowd region reaching past the image: ignored by both metrics, clipped like the rest.
+    doc["annotations"].append({"id": next_id + 9, "image_id": img["id"], "category_id": cat, "iscrowd": 1,
+                               "bbox": [w - 20, 0, 40, 20], "area": 400})
+    ann_file = tmp_path / "with_bad_boxes.json"
+    ann_file.write_text(json.dumps(doc))
+    with pytest.warns(UserWarning, match="dropped 2 degenerate boxes"):
+        dataset = CocoDetection(shapes_world["det_images"], ann_file)
+    dets = _ground_truth_as_detections(dataset)
+    result = _quiet_eval(dataset, dets)
+    assert result["coco"]["summary"]["AP"] == pytest.approx(1.0)
+    assert result["coco"]["summary"]["AR100"] == pytest.approx(1.0)
+    assert result["voc"]["mAP"] == pytest.approx(1.0)
+    gt = dataset_to_coco_gt(dataset)
+    first = [a for a in gt["annotations"] if a["image_id"] == img["id"]]
+    assert [a["bbox"] for a in first if a["iscrowd"]] == [[w - 20.0, 0.0, 20.0, 20.0]]
+    assert [w - 10.0, h - 8.0, 10.0, 8.0] in [a["bbox"] for a in first]
+    assert [0.0, 0.0, 14.0, 12.0] in [a["bbox"] for a in first]
+    assert all(a["bbox"][2] > 0 and a["bbox"][3] > 0 for a in gt["annotations"])
+    assert sum(1 - a["iscrowd"] for a in gt["annotations"]) == dataset.num_boxes
+    # A detection on the crowd region is ignored by both metrics; a box off every object costs both.
+    dets[0] = _det(img["id"], np.concatenate([dets[0]["boxes"], [[w - 20, 0, w, 20]]]),
+                   np.concatenate([dets[0]["scores"], [2.0]]), np.concatenate([dets[0]["labels"], [1]]))
+    on_crowd = _quiet_eval(dataset, dets)
+    assert on_crowd["coco"]["summary"]["AP"] == pytest.approx(1.0) and on_crowd["voc"]["mAP"] == pytest.approx(1.0)
+
+
+def test_coco_ground_truth_keeps_category_ids_and_only_the_dataset_images(tmp_path):
+    import json
+
+    import cv2
+
+    images = [{"id": 5, "file_name": "a.png", "height": 30, "width": 40},
+              {"id": 9, "file_name": "b.png", "height": 30, "width": 40}]
+    (tmp_path / "img").mkdir()
+    for im in images:
+        cv2.imwrite(str(tmp_path / "img" / im["file_name"]), np.zeros((30, 40, 3), np.uint8))
+    anns = [{"id": 1, "image_id": 5, "category_id": 70, "bbox": [1, 2, 10, 5], "area": 33.0, "iscrowd": 0},
+            {"id": 2, "image_id": 9, "category_id": 3, "bbox": [4, 4, 8, 8], "area": 64.0, "iscrowd": 0}]
+    ann_file = tmp_path / "ann.json"
+    ann_file.write_text(json.dumps({"images": images, "annotations": anns,
+                                    "categories": [{"id": 70, "name": "b"}, {"id": 3, "name": "a"}]}))
+    dataset = CocoDetection(tmp_path / "img", ann_file, image_ids=[9])  # a split: image 5 is not in it
+    gt = dataset_to_coco_gt(dataset)
+    assert gt["images"] == [{"id": 9, "height": 30, "width": 40, "file_name": str(tmp_path / "img" / "b.png")}]
+    assert gt["categories"] == [{"id": 3, "name": "a"}, {"id": 70, "name": "b"}]
+    assert gt["annotations"] == [{"id": 1, "image_id": 9, "category_id": 3, "bbox": [4.0, 4.0, 8.0, 8.0],
+                                  "area": 64.0, "iscrowd": 0}]
+    result = _quiet_eval(dataset, _ground_truth_as_detections(dataset))
+    assert result["coco"]["num_images"] == 1 and result["coco"]["summary"]["AP"] == pytest.approx(1.0)
+
+
+def test_dataset_path_reproduces_pycocotools_on_the_raw_file_when_nothing_is_cleaned(shared_dir):
+    """The COCO ground truth rebuilt from the loaded dataset (fresh ids, clipped boxes, the file's areas, crowd
+    regions) gives cocoapi's own demo numbers on 100 real val2014 images, where loading changes no box."""
+    import json
+    from collections import defaultdict
+
+    from detres.evaluation.coco import evaluate_coco
+
+    ref = shared_dir / "data" / "evalref" / "coco"
+    gt_file, dt_file = ref / "gt_val2014_100img.json", ref / "dt_fakebbox100.json"
+    dataset = CocoDetection(ref / "no_images_needed", gt_file)
+    assert dataset.num_degenerate == 0 and dataset.num_crowd == 9
+    results = json.loads(dt_file.read_text())
+    per_image = defaultdict(list)
+    for r in results:
+        per_image[r["image_id"]].append(r)
+    dets = []
+    for image_id in dataset.ids:
+        rs = per_image[image_id]
+        boxes = [[r["bbox"][0], r["bbox"][1], r["bbox"][0] + r["bbox"][2], r["bbox"][1] + r["bbox"][3]] for r in rs]
+        # float64, so the boxes are the file's numbers (float32 rounding moves IoUs that sit on a threshold).
+        dets.append({"image_id": image_id, "boxes": np.asarray(boxes, np.float64).reshape(-1, 4),
+                     "scores": np.asarray([r["score"] for r in rs]),
+                     "labels": np.asarray([dataset.category_id_to_label[r["category_id"]] for r in rs])})
+    ours = _quiet_eval(dataset, dets)["coco"]["summary"]
+    raw = evaluate_coco(gt_file, results)["summary"]
+    assert ours == pytest.approx(raw, abs=1e-6)
+    assert ours["AP"] == pytest.approx(0.505, abs=5e-4)  # the cocoapi demo's printed value

@@ -1,4 +1,4 @@
-"""Tests for detres.inference.visualize: score-thresholded drawing, box placement and colour, atomic PNG writes."""
+"""Tests for detres.inference.visualize: thresholds, box placement and colour, enlargement, ground truth, PNG writes."""
 from __future__ import annotations
 
 import numpy as np
@@ -6,7 +6,14 @@ import pytest
 
 import detres.engine.atomic as atomic_module
 from detres.data.image_io import read_image_rgb
-from detres.inference.visualize import class_color, draw_detections, write_png
+from detres.inference.visualize import (
+    VIS_MIN_SIDE,
+    class_color,
+    draw_detections,
+    save_detection_pngs,
+    upscale_factor,
+    write_png,
+)
 
 GREY = 128
 NAMES = ["cat", "dog"]
@@ -41,6 +48,63 @@ def test_box_outline_is_drawn_in_the_class_colour_on_its_pixels():
     np.testing.assert_array_equal(drawn[58:112, 98:152], image[58:112, 98:152])
     # Its label (name and score) is drawn just above the box top, inside the image.
     assert (drawn[30:50, 40:90] != GREY).any()
+
+
+def test_upscale_factor_is_the_smallest_integer_reaching_min_side():
+    assert upscale_factor(120, 160, 480) == 4  # 120 * 4 = 480
+    assert upscale_factor(96, 150, 480) == 5
+    assert upscale_factor(121, 160, 480) == 4  # 484 >= 480; 3 would give 363
+    assert upscale_factor(600, 800, 480) == 1  # never shrinks
+
+
+def test_min_side_enlarges_the_image_and_draws_boxes_at_the_scaled_position():
+    image = _canvas()  # 120 x 160 -> factor 4 -> 480 x 640
+    drawn = draw_detections(image, [[40.0, 50.0, 90.0, 100.0]], [1], [0.9], NAMES, min_side=480)
+    assert drawn.shape == (480, 640, 3)
+    colour = np.array(class_color(1), np.uint8)
+    # The box covers columns 160..359 and rows 200..399 of the enlarged image.
+    for y, x in [(300, 160), (300, 359), (399, 260)]:  # left, right, bottom edge
+        np.testing.assert_array_equal(drawn[y, x], colour)
+    np.testing.assert_array_equal(drawn[300, 260], [GREY] * 3)  # inside: untouched
+    np.testing.assert_array_equal(drawn[300, 155], [GREY] * 3)  # outside the left edge
+    np.testing.assert_array_equal(drawn[300, 40], [GREY] * 3)  # where the unscaled box edge would be
+    # The label sits on a filled class-colour background above the box top, tall enough to read (>= 16 px).
+    column = (drawn[:200, 162] == colour).all(axis=1)
+    assert column[200 - 16:200].all()
+    # The pixels are enlarged with nearest neighbour: an untouched corner block keeps the source pixel value.
+    image2 = image.copy()
+    image2[0, 0] = (10, 20, 30)
+    np.testing.assert_array_equal(draw_detections(image2, [], [], [], NAMES, min_side=480)[:4, :4],
+                                  np.broadcast_to(np.array([10, 20, 30], np.uint8), (4, 4, 3)))
+
+
+def test_ground_truth_is_a_dashed_outline_without_label():
+    image = _canvas()
+    drawn = draw_detections(image, [], [], [], NAMES, min_side=480, gt_boxes=[[40.0, 50.0, 90.0, 100.0]],
+                            gt_labels=[2])
+    colour = np.array(class_color(2), np.uint8)
+    left_edge = (drawn[200:400, 160] == colour).all(axis=1)
+    assert 0.3 < left_edge.mean() < 0.8  # dashes: partly drawn, partly gaps
+    np.testing.assert_array_equal(drawn[150:199, 160:360], np.full((49, 200, 3), GREY, np.uint8))  # no label
+    assert (drawn[300, 170:350] == GREY).all()  # interior untouched
+
+
+def test_save_detection_pngs_writes_enlarged_images(tmp_path):
+    src = tmp_path / "img_7.png"
+    write_png(src, np.full((96, 130, 3), GREY, np.uint8))
+
+    class OneImage:
+        def annotation(self, index):
+            return {"image_id": 7, "file_name": str(src), "boxes": np.array([[10.0, 10.0, 50.0, 60.0]], np.float32),
+                    "labels": np.array([1])}
+
+    det = {"image_id": 7, "boxes": np.array([[12.0, 10.0, 50.0, 60.0]]), "labels": np.array([2]),
+           "scores": np.array([0.8])}
+    [path] = save_detection_pngs(OneImage(), [det], NAMES, tmp_path / "vis")
+    png = read_image_rgb(path)
+    assert path.name == "img_7.png" and min(png.shape[:2]) >= VIS_MIN_SIDE == 480
+    assert png.shape[:2] == (96 * 5, 130 * 5)
+    np.testing.assert_array_equal(png[150, 60], class_color(2))  # detection's left edge at x = 12 * 5
 
 
 def test_write_png_round_trips_rgb(tmp_path):

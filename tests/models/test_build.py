@@ -38,9 +38,10 @@ def test_base_width_scales_every_stage():
         build_resnet(18, base_width=0)
 
 
-def _cls_checkpoint(path, *, mean=(10.0, 20.0, 30.0), std=None, depth=18, base_width=16):
+def _cls_checkpoint(path, *, mean=(10.0, 20.0, 30.0), std=None, depth=18, base_width=16, bn_recomputed=True):
     model = build_resnet(depth, base_width=base_width, num_classes=3)
     save_checkpoint(path, {
+        "bn_recomputed": bn_recomputed,
         "model": model.state_dict(),
         "model_args": {"arch": "imagenet", "depth": depth, "num_classes": 3, "shortcut": "B", "plain": False,
                        "zero_init_residual": False, "stride_in_1x1": False, "base_width": base_width},
@@ -87,3 +88,26 @@ def test_foreign_weights_default_to_imagenet_normalisation(tmp_path):
     kwargs = detector_kwargs_from_config(cfg.model, num_classes=2)
     assert kwargs["pixel_mean"] == pytest.approx([123.675, 116.28, 103.53])
     assert kwargs["pixel_std"] == pytest.approx([58.395, 57.12, 57.375])
+
+
+def test_detector_config_refuses_a_backbone_without_recomputed_bn(tmp_path):
+    from detres.models.build import build_detector
+    from detres.models.weights import UnrecomputedBNError
+
+    _cls_checkpoint(tmp_path / "last.pt", bn_recomputed=False)
+    base = [f"model.weights={tmp_path / 'last.pt'}", "model.depth=18", "model.base_width=16"]
+    cfg = load_config(None, base, task="det")
+    kwargs = detector_kwargs_from_config(cfg.model, num_classes=2)
+    assert kwargs["allow_unrecomputed_bn"] is False
+    with pytest.raises(UnrecomputedBNError, match=r"last\.pt.*model\.allow_unrecomputed_bn"):
+        build_detector(**kwargs)
+    allowed = load_config(None, [*base, "model.allow_unrecomputed_bn=true"], task="det")
+    with pytest.warns(UserWarning, match="not recomputed"):
+        build_detector(**detector_kwargs_from_config(allowed.model, num_classes=2))
+
+
+def test_detector_config_carries_the_crowd_thresholds():
+    cfg = load_config(None, ["model.roi_heads.crowd_iof_thresh=0.5", "model.rpn.crowd_iof_thresh=0.6"], task="det")
+    kwargs = detector_kwargs_from_config(cfg.model, num_classes=2)
+    assert kwargs["roi_crowd_iof_thresh"] == 0.5 and kwargs["rpn_crowd_iof_thresh"] == 0.6
+    assert load_config(None, [], task="det").model.roi_heads.crowd_iof_thresh == 0.7

@@ -88,6 +88,34 @@ def test_r18_train_returns_four_finite_losses_and_eval_detections_in_bounds() ->
         model.train()(images)
 
 
+def test_stage_wise_passes_of_the_alternating_scheme() -> None:
+    model = _small_r18().train()
+    g = torch.Generator().manual_seed(0)
+    images = [torch.rand(3, 64, 96, generator=g) * 255, torch.rand(3, 80, 64, generator=g) * 255]
+    # RPN step: only the two RPN losses; the RoI heads are not run, so they get no gradient.
+    rpn_losses = model.rpn_losses(images, _targets())
+    assert set(rpn_losses) == {"loss_rpn_cls", "loss_rpn_box"}
+    sum(rpn_losses.values()).backward()
+    assert model.rpn.head.conv.weight.grad.abs().sum() > 0 and model.trunk.layer3[0].conv1.weight.grad is not None
+    assert model.roi_heads.predictor.cls_score.weight.grad is None
+    model.zero_grad(set_to_none=True)
+    # Proposals of this network with the training top-n (40 here), whatever the module mode.
+    proposals = model.propose(images)
+    assert [p.shape[0] <= 40 for p in proposals] == [True, True] and not proposals[0].requires_grad
+    model.eval()
+    assert all(torch.equal(a, b) for a, b in zip(model.propose(images, mode="train"), proposals))
+    model.train()
+    # Fast R-CNN step on given proposals: only the two RoI losses; the RPN gets no gradient.
+    roi_losses = model.detector_losses(images, _targets(), proposals=proposals)
+    assert set(roi_losses) == {"loss_cls", "loss_box_reg"}
+    sum(roi_losses.values()).backward()
+    assert model.roi_heads.predictor.cls_score.weight.grad.abs().sum() > 0
+    assert model.trunk.layer3[0].conv1.weight.grad.abs().sum() > 0 and model.rpn.head.conv.weight.grad is None
+    # Crowd regions travel with the targets (moved to the model's device like the boxes).
+    targets = [dict(t, crowd_boxes=torch.tensor([[0.0, 0.0, 8.0, 8.0]])) for t in _targets()]
+    assert set(model(images, targets)) == {"loss_rpn_cls", "loss_rpn_box", "loss_cls", "loss_box_reg"}
+
+
 def test_default_build_freezes_bn_and_res2() -> None:
     model = _small_r18()
     assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())

@@ -58,3 +58,27 @@ def test_invalid_thresholds_raise():
         Matcher(0.3, 0.7)
     with pytest.raises(ValueError, match="2-D"):
         Matcher(0.7, 0.3)(torch.zeros(5))
+
+
+# ------------------------------------------------------------------------------------------ crowd regions
+def test_intersection_over_area_is_relative_to_the_first_box():
+    from detres.models.matcher import intersection_over_area
+
+    boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 40.0, 10.0], [5.0, 5.0, 5.0, 9.0]])
+    regions = torch.tensor([[0.0, 0.0, 20.0, 20.0], [5.0, 0.0, 15.0, 5.0]])
+    iof = intersection_over_area(boxes, regions)
+    # box 0 lies wholly in region 0 (1.0 although their IoU is 0.25); a quarter of it in region 1.
+    # box 1 (area 400): 200 inside region 0, 50 inside region 1. box 2 is empty: 0, not NaN.
+    torch.testing.assert_close(iof, torch.tensor([[1.0, 0.25], [0.5, 0.125], [0.0, 0.0]]))
+
+
+def test_crowd_ignore_mask_uses_a_strict_threshold():
+    from detres.models.matcher import crowd_ignore_mask
+
+    boxes = torch.tensor([[0.0, 0.0, 32.0, 32.0], [0.0, 0.0, 32.0, 32.0], [100.0, 100.0, 132.0, 132.0]])
+    crowd = torch.tensor([[0.0, 0.0, 32.0, 24.0]])  # covers 0.75 of the first two boxes, nothing of the third
+    assert crowd_ignore_mask(boxes, crowd, 0.7).tolist() == [True, True, False]
+    assert crowd_ignore_mask(boxes, crowd, 0.75).tolist() == [False, False, False]  # "> thresh", as Detectron
+    assert crowd_ignore_mask(boxes, crowd, 1.0).tolist() == [False, False, False]  # >= 1: off
+    assert crowd_ignore_mask(boxes, None, 0.7).tolist() == [False, False, False]
+    assert crowd_ignore_mask(boxes, torch.zeros(0, 4), 0.7).tolist() == [False, False, False]

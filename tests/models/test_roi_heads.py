@@ -162,6 +162,46 @@ def test_gt_is_added_as_a_proposal() -> None:
     assert int((labels[0] > 0).sum()) == 0 and labels[0].numel() == 2
 
 
+def test_background_range_voc_and_coco() -> None:
+    # One gt; proposals with IoU 0 (far away), 0.05, 0.2 and 0.6 with it.
+    gt = torch.tensor([[0.0, 0.0, 100.0, 100.0]])
+    props = torch.tensor([[200.0, 200.0, 220.0, 220.0], [0.0, 0.0, 100.0, 5.0], [0.0, 0.0, 100.0, 20.0],
+                          [0.0, 0.0, 100.0, 60.0]])
+    target = {"boxes": gt, "labels": torch.tensor([2])}
+    voc = _heads(add_gt_as_proposals=False)  # [0.1, 0.5): the IoU-0 and IoU-0.05 proposals are ignored
+    assert voc.assign_targets(props, gt, target["labels"])[0].tolist() == [-1, -1, 0, 2]
+    coco = _heads(add_gt_as_proposals=False, bg_iou_thresh_lo=0.0)  # [0, 0.5) (Faster R-CNN Sec. 4.2)
+    assert coco.assign_targets(props, gt, target["labels"])[0].tolist() == [0, 0, 0, 2]
+
+
+def test_proposals_inside_a_crowd_region_are_ignored() -> None:
+    gt = torch.tensor([[20.0, 20.0, 40.0, 40.0]])
+    crowd = torch.tensor([[0.0, 0.0, 15.0, 15.0]])
+    props = torch.tensor([
+        [0.0, 0.0, 10.0, 10.0],  # wholly inside the crowd region, IoU 0 with the gt: background without crowd
+        [50.0, 50.0, 60.0, 60.0],  # elsewhere: background
+        [20.0, 20.0, 40.0, 40.0],  # on the gt: foreground
+        [5.0, 5.0, 25.0, 25.0],  # 0.25 of it inside the crowd region: background (IoU with gt 25/775)
+    ])
+    heads = _heads(bg_iou_thresh_lo=0.0)
+    plain = {"boxes": gt, "labels": torch.tensor([1])}
+    _, labels, _ = heads.select_training_samples([props], [plain])
+    assert labels[0].tolist() == [0, 0, 1, 0, 1]  # + the appended gt
+    sampled, labels, _ = heads.select_training_samples([props], [{**plain, "crowd_boxes": crowd}])
+    assert labels[0].tolist() == [0, 1, 0, 1]
+    torch.testing.assert_close(sampled[0], torch.cat([props[1:], gt]))
+    # An annotated object inside a crowd region: the RPN proposal on it is ignored (Detectron's rule
+    # overrides overlaps), the appended gt box itself stays a positive.
+    inner = torch.tensor([[2.0, 2.0, 12.0, 12.0]])
+    sampled, labels, _ = heads.select_training_samples(
+        [inner.clone()], [{"boxes": inner, "labels": torch.tensor([3]), "crowd_boxes": crowd}])
+    assert labels[0].tolist() == [3] and sampled[0].shape == (1, 4)
+    # Switched off with crowd_iof_thresh >= 1.
+    _, labels, _ = _heads(bg_iou_thresh_lo=0.0, crowd_iof_thresh=1.0).select_training_samples(
+        [props], [{**plain, "crowd_boxes": crowd}])
+    assert labels[0].tolist() == [0, 0, 1, 0, 1]
+
+
 def test_regression_targets_known_values() -> None:
     gt = torch.tensor([[0.0, 0.0, 10.0, 10.0]])
     props = torch.tensor([[0.0, 0.0, 10.0, 8.0]])

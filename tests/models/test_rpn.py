@@ -227,3 +227,63 @@ def test_bad_inputs_raise_clear_errors():
         rpn(features, [(64, 64)], [{"boxes": torch.tensor([[5.0, 5.0, 5.0, 9.0]])}])
     with pytest.raises(ValueError, match="anchors per location"):
         RegionProposalNetwork(AnchorGenerator(), RPNHead(8, 3))
+
+
+# ------------------------------------------------------------------------------------------ crowd regions
+def test_anchor_inside_a_crowd_region_is_ignored_not_negative():
+    rpn = _toy_rpn()
+    anchors = rpn.anchor_generator((4, 4))
+    gt = torch.tensor([[16.0, 16.0, 48.0, 48.0]])  # the anchor of cell (2, 2), as in the hand case above
+    crowd = torch.tensor([[32.0, 0.0, 64.0, 32.0]])  # exactly the anchor of cell (1, 3)
+    plain = rpn.assign_targets(anchors, [(64, 64)], [{"boxes": gt}])[0][0].view(4, 4)
+    labels = rpn.assign_targets(anchors, [(64, 64)], [{"boxes": gt, "crowd_boxes": crowd}])[0][0].view(4, 4)
+    assert plain[1, 3] == 0 and labels[1, 3] == -1  # on the crowd: ignored instead of negative
+    # Elsewhere nothing changes: (1, 1), (3, 1), (3, 3) stay negative, (2, 2) positive (only 1/4 of it
+    # lies in the crowd box), the IoU-1/3 band stays ignored.
+    expected = plain.clone()
+    expected[1, 3] = -1
+    assert torch.equal(labels, expected)
+    assert labels[1, 1] == 0 and labels[3, 3] == 0 and labels[2, 2] == 1
+
+
+def test_crowd_threshold_and_images_without_objects():
+    rpn = _toy_rpn()
+    anchors = rpn.anchor_generator((4, 4))
+    # No gt boxes, one crowd region covering 3/4 of anchor (1, 1) = [0, 0, 32, 32] and half of (2, 1).
+    crowd = torch.tensor([[0.0, 0.0, 32.0, 24.0]])
+    labels = rpn.assign_targets(anchors, [(64, 64)], [{"boxes": torch.zeros(0, 4), "crowd_boxes": crowd}])[0][0]
+    grid = labels.view(4, 4)
+    assert grid[1, 1] == -1 and int((grid[1:, 1:] == 0).sum()) == 8  # (2, 1) is 0.25 inside: still negative
+    off = _toy_rpn(crowd_iof_thresh=1.0)
+    labels = off.assign_targets(anchors, [(64, 64)], [{"boxes": torch.zeros(0, 4), "crowd_boxes": crowd}])[0][0]
+    assert bool((labels.view(4, 4)[1:, 1:] == 0).all())
+
+
+def test_crowd_anchor_is_never_a_gts_best_anchor():
+    # gt [0, 0, 40, 40]: its best anchor is (1, 1) = [0, 0, 32, 32] (IoU 1024/1600 = 0.64), which a crowd
+    # region covers. With the crowd region that anchor is ignored and the next best, the tie (1, 2) / (2, 1)
+    # (IoU 768/1856 = 0.41 each; half of each lies in the crowd box), become the gt's positives instead.
+    rpn = _toy_rpn()
+    anchors = rpn.anchor_generator((4, 4))
+    gt = torch.tensor([[0.0, 0.0, 40.0, 40.0]])
+    plain = rpn.assign_targets(anchors, [(64, 64)], [{"boxes": gt}])[0][0].view(4, 4)
+    assert plain[1, 1] == 1 and int((plain == 1).sum()) == 1
+    crowd = torch.tensor([[0.0, 0.0, 32.0, 32.0]])
+    labels = rpn.assign_targets(anchors, [(64, 64)], [{"boxes": gt, "crowd_boxes": crowd}])[0][0].view(4, 4)
+    assert labels[1, 1] == -1 and labels[1, 2] == 1 and labels[2, 1] == 1 and int((labels == 1).sum()) == 2
+
+
+def test_rpn_losses_only_and_proposals_only_paths():
+    torch.manual_seed(0)
+    rpn = _multi_rpn()
+    feats = torch.randn(1, 8, 4, 5)
+    targets = [{"boxes": torch.tensor([[10.0, 12.0, 40.0, 44.0]])}]
+    proposals, losses = rpn(feats, [(64, 80)], targets)
+    none, same = rpn(feats, [(64, 80)], targets, compute_proposals=False)
+    assert none == [] and set(same) == {"loss_rpn_cls", "loss_rpn_box"}
+    # propose() in training mode with mode="test" uses the test top-n, and equals eval-mode proposals.
+    rpn.eval()
+    expected, _ = rpn(feats, [(64, 80)])
+    rpn.train()
+    got = rpn.propose(feats, [(64, 80)], mode="test")
+    assert torch.equal(got[0], expected[0]) and torch.equal(rpn.propose(feats, [(64, 80)])[0], proposals[0])

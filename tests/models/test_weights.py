@@ -249,3 +249,50 @@ def test_cifar_resnet20_logits_match_functional_reference():
     model.eval()
     with torch.no_grad():
         torch.testing.assert_close(model(x[:1]), _reference_cifar_forward(raw, x[:1], n=3), rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------ BN statistics of a detection backbone
+def _small_backbone_file(path: Path, **record) -> Path:
+    """A train_cls-style checkpoint of a quarter-width ResNet-18 (``record``: e.g. bn_recomputed=False)."""
+    from detres.models.resnet import build_resnet
+
+    model = build_resnet(18, base_width=16, num_classes=3)
+    torch.save({"model": model.state_dict(), "model_args": {"arch": "imagenet", "depth": 18, "base_width": 16},
+                **record}, path)
+    return path
+
+
+def test_backbone_without_recomputed_bn_is_refused_unless_allowed(tmp_path):
+    import warnings
+
+    from detres.models.faster_rcnn import build_faster_rcnn
+    from detres.models.weights import UnrecomputedBNError, check_backbone_bn_statistics
+
+    stale = _small_backbone_file(tmp_path / "last.pt", bn_recomputed=False)
+    with pytest.raises(UnrecomputedBNError, match=r"last\.pt: backbone BN statistics were not recomputed.*"
+                                                  r"model\.allow_unrecomputed_bn=true") as info:
+        build_faster_rcnn(depth=18, base_width=16, num_classes=2, weights_path=stale)
+    assert "\n" not in str(info.value)  # one line
+    with pytest.warns(UserWarning, match=r"last\.pt: using a backbone whose BN statistics were not recomputed"):
+        assert check_backbone_bn_statistics(stale, allow_unrecomputed_bn=True) is False
+        build_faster_rcnn(depth=18, base_width=16, num_classes=2, weights_path=stale, allow_unrecomputed_bn=True)
+    # Not frozen: the statistics are not used as they are, nothing to check.
+    build_faster_rcnn(depth=18, base_width=16, num_classes=2, weights_path=stale, frozen_bn=False)
+
+    good = _small_backbone_file(tmp_path / "model_final.pt", bn_recomputed=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # accepted silently
+        assert check_backbone_bn_statistics(good) is True
+        build_faster_rcnn(depth=18, base_width=16, num_classes=2, weights_path=good)
+
+
+def test_backbone_that_records_nothing_is_accepted_with_a_warning(tmp_path):
+    from detres.models.resnet import build_resnet
+    from detres.models.weights import check_backbone_bn_statistics
+
+    torch.save(build_resnet(18, base_width=16).state_dict(), tmp_path / "torchvision.pth")
+    with pytest.warns(UserWarning, match=r"torchvision\.pth: the file does not record whether its BN statistics"):
+        assert check_backbone_bn_statistics(tmp_path / "torchvision.pth") is None
+    old = _small_backbone_file(tmp_path / "old_train_cls.pt")  # a detres checkpoint without the record
+    with pytest.warns(UserWarning, match=r"old_train_cls\.pt: .*\(detres format\)"):
+        assert check_backbone_bn_statistics(old) is None

@@ -11,6 +11,7 @@ from types import ModuleType
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from detres.data.image_io import read_image_rgb
@@ -223,3 +224,75 @@ def test_infer_errors_name_the_file(trained, tmp_path, capsys):
     write_png(good / "a.png", np.zeros((40, 50, 3), np.uint8))
     assert infer.main(["--checkpoint", ckpt, "--input", str(good), "--out", str(good)]) == 2
     assert "would overwrite input images" in capsys.readouterr().err
+
+
+# ------------------------------------------------- issue #6: the ground truth test_det / train_det score against
+def _val_with_repeated_ids_and_bad_boxes(world: Path, out: Path) -> Path:
+    """The val file as a merge would leave it (every image numbers its annotations from 1) with a zero-width box,
+    a box wholly outside its image and one reaching past the image's corner."""
+    coco = json.loads((world / "annotations" / "instances_val.json").read_text())
+    per_image: dict[int, int] = {}
+    for ann in coco["annotations"]:
+        per_image[ann["image_id"]] = per_image.get(ann["image_id"], 0) + 1
+        ann["id"] = per_image[ann["image_id"]]
+    img = coco["images"][0]
+    cat = coco["categories"][0]["id"]
+    w, h = img["width"], img["height"]
+    for k, box in enumerate([[3, 3, 0, 9], [w + 4, 2, 6, 6], [w - 12, h - 9, 30, 30]]):
+        coco["annotations"].append({"id": 100 + k, "image_id": img["id"], "category_id": cat, "bbox": box,
+                                    "area": box[2] * box[3], "iscrowd": 0})
+    assert len({a["id"] for a in coco["annotations"]}) < len(coco["annotations"])
+    out.write_text(json.dumps(coco))
+    return out
+
+
+class _GroundTruthDetector(torch.nn.Module):
+    """Stands in for a trained detector: answers each image (in dataset order) with its loaded ground truth,
+    scaled to the network input the way a real detector's boxes are."""
+
+    def __init__(self, dataset) -> None:
+        super().__init__()
+        self.dataset, self.seen = dataset, 0
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, images, image_sizes):
+        out = []
+        for h, w in image_sizes:
+            ann = self.dataset.annotation(self.seen)
+            self.seen += 1
+            h0, w0 = ann["orig_size"]
+            boxes = torch.as_tensor(ann["boxes"]) * torch.tensor([w / w0, h / h0, w / w0, h / h0])
+            out.append({"boxes": boxes, "scores": torch.ones(len(boxes)), "labels": torch.as_tensor(ann["labels"])})
+        return out
+
+
+def test_test_detector_scores_the_ground_truth_at_one_despite_repeated_ids_and_bad_boxes(world, tmp_path):
+    # Before: COCO AP 0.460 (raw JSON: repeated annotation ids, uncleaned boxes) while VOC said 1.0.
+    from detres.config.load import load_config
+    from detres.data.build import build_detection_dataset
+    from detres.engine.det_trainer import detector_metadata, test_detector
+
+    val = _val_with_repeated_ids_and_bad_boxes(world, tmp_path / "val.json")
+    cfg = load_config(_config(world, tmp_path / "run", tmp_path / "c.yaml", val_ann=str(val)))
+    with pytest.warns(UserWarning, match="dropped 2 degenerate boxes"):
+        dataset = build_detection_dataset(cfg, "val", train=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # classes absent from the two images have undefined VOC AP
+        metrics = test_detector(_GroundTruthDetector(dataset), dataset, detector_metadata(dataset, cfg), cfg,
+                                out_dir=tmp_path / "t", device=torch.device("cpu"))
+    assert metrics["coco"]["summary"]["AP"] == pytest.approx(1.0, abs=1e-6)
+    assert metrics["coco"]["summary"]["AR100"] == pytest.approx(1.0, abs=1e-6)
+    assert metrics["voc"]["mAP"] == pytest.approx(1.0, abs=1e-6)
+    assert json.loads((tmp_path / "t" / "metrics.json").read_text())["coco"]["summary"]["AP"] == pytest.approx(1.0)
+
+
+def test_test_det_rejects_repeated_image_ids_naming_them(trained, world, tmp_path, capsys):
+    cfg, out, _ = trained
+    coco = json.loads((world / "annotations" / "instances_val.json").read_text())
+    coco["images"][1]["id"] = coco["images"][0]["id"]
+    ann = tmp_path / "merged.json"
+    ann.write_text(json.dumps(coco))
+    code = test_det.main(["--config", str(cfg), "--checkpoint", str(out / "model_final.pt"), f"data.val_ann={ann}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "merged.json" in err and f"id {coco['images'][0]['id']}" in err
+    assert "val_000001.png" in err and "val_000002.png" in err

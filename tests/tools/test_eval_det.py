@@ -75,3 +75,29 @@ def test_voc_toyexample_and_missing_folder(tmp_path):
     assert "mAP" in proc.stdout
     proc = run_tool("voc", "--annotations", tmp_path / "no_such_dir", "--results", "det_{cls}.txt", cwd=tmp_path)
     assert proc.returncode != 0 and "annotations folder not found" in proc.stderr and "no_such_dir" in proc.stderr
+
+
+def test_coco_ground_truth_with_repeated_annotation_ids_is_refused_naming_file_and_ids(tmp_path):
+    # Issue #6: two files merged, each numbering its annotations from 1. pycocotools keys ground truth by
+    # annotation id, so the ground truth fed back as results scored AP 0.252 with no word; now it is an error.
+    gt = {"images": [{"id": 1, "height": 200, "width": 200}, {"id": 2, "height": 200, "width": 200}],
+          "categories": [{"id": 7, "name": "thing"}], "annotations": []}
+    for image_id, shift in ((1, 0), (2, 40)):
+        for k, (x, y, w, h) in enumerate([[10, 10, 30, 40], [60, 20, 50, 30], [100, 100, 60, 70]]):
+            gt["annotations"].append({"id": k + 1, "image_id": image_id, "category_id": 7, "iscrowd": 0,
+                                      "bbox": [x + shift, y, w, h], "area": w * h})
+    results = [{"image_id": a["image_id"], "category_id": 7, "bbox": a["bbox"], "score": 1.0}
+               for a in gt["annotations"]]
+    (tmp_path / "merged.json").write_text(json.dumps(gt))
+    (tmp_path / "res.json").write_text(json.dumps(results))
+    proc = run_tool("coco", "--gt", "merged.json", "--results", "res.json", cwd=tmp_path)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "merged.json" in proc.stderr and "annotation id(s) used more than once" in proc.stderr
+    assert "1 (2x), 2 (2x), 3 (2x)" in proc.stderr
+    # Renumbered, the ground truth fed back scores exactly 1.
+    for new_id, ann in enumerate(gt["annotations"], start=1):
+        ann["id"] = new_id
+    (tmp_path / "renumbered.json").write_text(json.dumps(gt))
+    proc = run_tool("coco", "--gt", "renumbered.json", "--results", "res.json", "--json-out", "m.json", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "m.json").read_text())["summary"]["AP"] == pytest.approx(1.0)

@@ -6,8 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from detres.engine.atomic import dumps_json
 from detres.engine.demo import run_demo
+from detres.utils.atomic import dumps_json
 
 
 def main(argv: list[str] | None = None) -> int:

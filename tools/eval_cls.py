@@ -21,9 +21,9 @@ from pathlib import Path
 # Run from a source checkout without installing the package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from detres.engine.atomic import atomic_write_text  # noqa: E402
 from detres.engine.cls_eval import NORMALIZE_CHOICES, evaluate_checkpoint  # noqa: E402
 from detres.evaluation.classification import MODES  # noqa: E402
+from detres.utils.atomic import atomic_write_text  # noqa: E402
 
 
 def _size_or_none(text: str) -> int | None | str:

@@ -12,7 +12,7 @@ try:
 except ImportError:  # running from a source checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from detres.evaluation.results_io import write_json_atomic
+from detres.utils.atomic import write_json_atomic
 
 
 def _fmt(value: float) -> str:

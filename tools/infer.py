@@ -22,9 +22,9 @@ except ImportError:  # running from a source checkout without `pip install -e .`
 
 from detres.data.image_io import read_image_rgb  # noqa: E402
 from detres.engine.run_setup import resolve_device  # noqa: E402
-from detres.evaluation.results_io import write_json_atomic  # noqa: E402
 from detres.inference.predictor import Predictor  # noqa: E402
 from detres.inference.visualize import draw_detections, write_png  # noqa: E402
+from detres.utils.atomic import write_json_atomic  # noqa: E402
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 

@@ -19,9 +19,9 @@ from pathlib import Path
 # Run from a source checkout without installing the package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from detres.engine.atomic import dumps_json
 from detres.config.load import ConfigError, load_config  # noqa: E402
 from detres.engine.cls_trainer import train_classifier  # noqa: E402
+from detres.utils.atomic import dumps_json  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

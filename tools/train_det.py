@@ -16,9 +16,9 @@ try:
 except ImportError:  # running from a source checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from detres.engine.atomic import dumps_json
 from detres.config.load import ConfigError, load_config  # noqa: E402
 from detres.engine.det_trainer import train_detector  # noqa: E402
+from detres.utils.atomic import dumps_json  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

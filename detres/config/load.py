@@ -161,6 +161,6 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = (), *
 
 def dump_config(cfg: Config, path: str | Path) -> None:
     """Write the fully resolved config next to a run's outputs (atomically)."""
-    from detres.engine.atomic import atomic_write_text
+    from detres.utils.atomic import atomic_write_text
 
     atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

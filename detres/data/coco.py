@@ -1,4 +1,4 @@
-"""COCO instances-JSON detection dataset (pycocotools): contiguous labels, crowd and degenerate boxes removed."""
+"""COCO instances-JSON detection dataset (pycocotools): contiguous labels, crowd regions apart, bad boxes dropped."""
 
 from __future__ import annotations
 
@@ -66,7 +66,8 @@ class CocoDetection(Dataset):
     ``label_to_category_id``; ``categories[l - 1]`` is label ``l``). Boxes are converted from xywh to
     xyxy and clipped to the image. Crowd annotations are left out of the targets when ``skip_crowd``
     (counted in ``num_crowd``; with ``skip_crowd=False`` they are kept as ordinary boxes); they stay, clipped,
-    in ``evaluation_ground_truth`` as the regions COCO AP ignores. Boxes with zero width or height after
+    in the samples' ``crowd_boxes`` (the regions whose anchors and proposals training ignores, as in Detectron)
+    and in ``evaluation_ground_truth`` as the regions COCO AP ignores. Boxes with zero width or height after
     clipping, or non-finite numbers, are dropped with one warning per dataset (``num_degenerate``); boxes
     narrower or lower than ``min_box_size`` pixels likewise (``num_small``). Evaluation scores the boxes
     as loaded, never the raw JSON (see ``evaluation_ground_truth``). ``image_id`` in samples is the COCO
@@ -234,13 +235,15 @@ class CocoDetection(Dataset):
         return self.image_dir / self.coco.imgs[self.ids[index]]["file_name"]
 
     def annotation(self, index: int) -> dict[str, Any]:
-        """The numpy sample of image ``index`` without the image: boxes in original pixels, labels, ids."""
+        """The numpy sample of image ``index`` without the image: boxes in original pixels, labels, ids, and
+        the crowd regions (``crowd_boxes`` [C, 4], clipped; none with ``skip_crowd=False``)."""
         img_id = self.ids[index]
         target = self._targets[img_id]
         return {
             "boxes": target["boxes"].astype(np.float32),
             "labels": target["labels"].copy(),
             "difficult": np.zeros(len(target["labels"]), dtype=bool),
+            "crowd_boxes": target["crowd_boxes"].astype(np.float32).reshape(-1, 4),
             "image_id": img_id,
             "orig_size": self.image_hw(index),
             "file_name": str(self.image_path(index)),

@@ -37,14 +37,18 @@ def collate_detection(batch: Sequence[dict[str, Any]], size_divisibility: int = 
     """Collate detection samples (the dataset contract) into one batch dict.
 
     Returns ``{"images": Tensor[B, 3, Hmax, Wmax], "image_sizes": [(h, w)], "targets": [dict(boxes,
-    labels, difficult)], "image_ids", "orig_sizes", "scales", "scales_xy", "file_names"}`` (lists in
-    batch order). ``images`` holds the un-normalised 0..255 images, top-left aligned, padded with 0 at
-    the bottom and right up to a multiple of ``size_divisibility``; ``image_sizes`` are the real
-    (unpadded) sizes. The 0 here is only a placeholder: normalising with ``pixel_mean`` and padding
-    are the detector's job (it normalises each image, then pads, and also accepts a plain list of
-    images), so the model must read the images through ``image_sizes``. The unpadded images are not returned
-    separately: ``images[i, :, :h, :w]`` is each of them as a view, at no cost, whereas a second copy
-    would double what DataLoader workers ship to the main process. Use it as
+    labels, difficult, crowd_boxes)], "image_ids", "orig_sizes", "scales", "scales_xy", "file_names"}``
+    (lists in batch order). ``crowd_boxes`` [C, 4] float32 are the sample's crowd regions (COCO), which
+    the RPN and RoI heads ignore in training; [0, 4] for a sample without any.
+
+    ``images`` holds the un-normalised 0..255 images, top-left aligned, padded with 0 at the bottom and
+    right up to a multiple of ``size_divisibility``; ``image_sizes`` are the real (unpadded) sizes. This
+    is the only padding a batch goes through: the detector normalises the batch as it is and resets the
+    padding to 0 after normalisation (the mean colour), so the raw 0 here is a placeholder and the model
+    must read the images through ``image_sizes``; it calls :func:`pad_images` itself only when given a
+    plain list of images. The unpadded images are not returned separately: ``images[i, :, :h, :w]`` is
+    each of them as a view, at no cost, whereas a second copy would double what DataLoader workers ship
+    to the main process. Use it as
     ``DataLoader(..., collate_fn=functools.partial(collate_detection, size_divisibility=32))`` to change
     the divisibility.
     """
@@ -61,7 +65,12 @@ def collate_detection(batch: Sequence[dict[str, Any]], size_divisibility: int = 
         difficult = s.get("difficult")
         if difficult is None:
             difficult = torch.zeros(boxes.shape[0], dtype=torch.bool)
-        targets.append({"boxes": boxes, "labels": s["labels"], "difficult": difficult})
+        crowd = s.get("crowd_boxes")
+        if crowd is None:
+            crowd = torch.zeros((0, 4), dtype=torch.float32)
+        else:
+            crowd = torch.as_tensor(crowd, dtype=torch.float32).reshape(-1, 4)
+        targets.append({"boxes": boxes, "labels": s["labels"], "difficult": difficult, "crowd_boxes": crowd})
     scales = [float(s.get("scale", 1.0)) for s in batch]
     return {
         "images": pad_images(images, size_divisibility),

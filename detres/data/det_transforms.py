@@ -4,7 +4,11 @@ A detection transform is a callable ``sample -> sample`` working on the *numpy* 
 that the detection datasets build before converting to tensors::
 
     {"image": uint8 [H, W, 3] RGB, "boxes": float32 [N, 4] xyxy, "labels": int64 [N],
-     "difficult": bool [N], "scale": float, "scale_xy": (sx, sy), ...other keys passed through}
+     "difficult": bool [N], "crowd_boxes": float32 [C, 4] xyxy (optional), "scale": float,
+     "scale_xy": (sx, sy), ...other keys passed through}
+
+``crowd_boxes`` are regions (COCO ``iscrowd``) that are not targets but whose anchors and proposals
+training ignores; they are resized and flipped exactly like ``boxes``.
 
 ``scale`` is the resize factor the image went through (resized / original, 1.0 when untouched).
 Because the resized height and width are rounded to whole pixels, the factor that really maps
@@ -158,19 +162,29 @@ class DetectionTransform:
             )
         h0, w0 = image.shape[:2]
         boxes = _check_boxes_np(sample["boxes"], (h0, w0), where)
+        has_crowd = sample.get("crowd_boxes") is not None
+        crowd = _check_boxes_np(sample["crowd_boxes"], (h0, w0), f"{where} (crowd_boxes)") if has_crowd else None
+        n = len(boxes)
+        # Crowd boxes go through the same ops after the gt boxes; box_index >= n marks them.
+        all_boxes = np.concatenate([boxes, crowd]) if has_crowd else boxes
         self._reseed_for_worker()
-        out = self._compose(image=image, bboxes=boxes, box_index=np.arange(len(boxes)))
+        out = self._compose(image=image, bboxes=all_boxes, box_index=np.arange(len(all_boxes)))
 
         new_img = out["image"]
         h1, w1 = new_img.shape[:2]
-        keep = np.asarray(out["box_index"], dtype=np.int64).reshape(-1)
-        new_boxes = np.asarray(out["bboxes"], dtype=np.float32).reshape(-1, 4)
-        new_boxes = np.clip(new_boxes, 0.0, np.array([w1, h1, w1, h1], dtype=np.float32))
+        index = np.asarray(out["box_index"], dtype=np.int64).reshape(-1)
+        all_new = np.asarray(out["bboxes"], dtype=np.float32).reshape(-1, 4)
+        all_new = np.clip(all_new, 0.0, np.array([w1, h1, w1, h1], dtype=np.float32))
+        is_gt = index < n
+        keep = index[is_gt]
+        new_boxes = all_new[is_gt]
         scale = next(p["scale"] for name, p in out["applied_transforms"] if name == FasterRCNNResize.__name__)
 
         result = dict(sample)
         result["image"] = new_img
         result["boxes"] = new_boxes
+        if has_crowd:
+            result["crowd_boxes"] = all_new[~is_gt]
         for key in ("labels", "difficult"):
             if key in sample:
                 result[key] = np.asarray(sample[key])[keep]
@@ -208,7 +222,8 @@ def build_det_transforms(
 
 def sample_to_tensors(sample: dict[str, Any]) -> dict[str, Any]:
     """Convert a numpy sample to the contract's tensors: image float32 [3, H, W] in 0..255,
-    boxes float32 [N, 4], labels int64 [N], difficult bool [N]. Tensor inputs are accepted as they are."""
+    boxes float32 [N, 4], labels int64 [N], difficult bool [N], crowd_boxes float32 [C, 4] ([0, 4] when
+    the sample has none, e.g. VOC). Tensor inputs are accepted as they are."""
     out = dict(sample)
     image = sample["image"]
     where = f"sample '{sample.get('file_name', '?')}'"
@@ -226,6 +241,9 @@ def sample_to_tensors(sample: dict[str, Any]) -> dict[str, Any]:
     difficult = sample.get("difficult")
     difficult = np.zeros(n, dtype=bool) if difficult is None else np.asarray(difficult, dtype=bool)
     out["difficult"] = torch.as_tensor(difficult).reshape(n)
+    crowd = sample.get("crowd_boxes")
+    crowd = np.zeros((0, 4), dtype=np.float32) if crowd is None else np.asarray(crowd, dtype=np.float32)
+    out["crowd_boxes"] = torch.as_tensor(crowd).reshape(-1, 4)
     out["scale"] = float(sample.get("scale", 1.0))
     sx, sy = sample.get("scale_xy", (out["scale"], out["scale"]))
     out["scale_xy"] = (float(sx), float(sy))

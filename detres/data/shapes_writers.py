@@ -22,7 +22,7 @@ from detres.data.shapes_scene import (
     render_detection_image,
     render_localization_image,
 )
-from detres.engine.atomic import atomic_write_text
+from detres.utils.atomic import atomic_write_text
 
 GENERATOR_VERSION = 1
 _TASK_KEYS = {"cls": 1, "det": 2, "loc": 3}

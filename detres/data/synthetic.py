@@ -54,7 +54,7 @@ from detres.data.shapes_writers import GENERATOR_VERSION, image_rng, json_text
 from detres.data.shapes_writers import write_cls_task as _generate_cls
 from detres.data.shapes_writers import write_det_task as _generate_det
 from detres.data.shapes_writers import write_loc_task as _generate_loc
-from detres.engine.atomic import atomic_write_text
+from detres.utils.atomic import atomic_write_text
 
 __all__ = [
     "CATEGORIES", "DIFFICULT_MIN_SIDE", "DIFFICULT_MIN_VISIBLE_FRACTION", "GENERATOR_VERSION", "MARKER_NAME",

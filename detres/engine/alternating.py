@@ -41,10 +41,10 @@ from typing import Any, Mapping
 from torch import nn
 from tqdm import tqdm
 
+from detres.data.worker_errors import readable
 from detres.engine.det_trainer import DetRun, LossWindow, load_optimizer_state
 from detres.engine.lr_schedule import LRSchedule
 from detres.engine.optimizer import build_detection_optimizer, set_lr
-from detres.engine.worker_errors import readable
 from detres.models.build import build_detector
 
 __all__ = ["STEP_NAMES", "STEP_TRAINABLE", "AlternatingPlan", "alternating_plan", "set_step_trainable",

@@ -26,12 +26,12 @@ from detres.data.cls_pipeline import ClsDataStats
 from detres.data.cls_transforms import IMAGENET_MEAN_RGB, IMAGENET_STD_RGB, PAPER_TEST_SCALES, Normalize
 from detres.data.cls_transforms import build_eval_transform
 from detres.data.imagefolder import ImageFolderDataset, ImageListDataset
-from detres.engine.checkpoint import load_checkpoint
-from detres.engine.worker_errors import readable_worker_errors
+from detres.data.worker_errors import readable_worker_errors
 from detres.evaluation.classification import MODES, evaluate_classifier
 from detres.models.build import build_classifier
 from detres.models.resnet import IMAGENET_DEPTHS
-from detres.models.weights import convert_cifar_checkpoint_keys, detect_checkpoint_format, load_state_dict_strict
+from detres.models.weights import checkpoint_state_dict, load_state_dict_strict
+from detres.utils.checkpoint import load_checkpoint
 
 NORMALIZE_CHOICES = ("auto", "checkpoint", "imagenet", "none")
 # Dense multi-scale shorter sides for 32x32 CIFAR images when nothing else is known (1x, 1.25x, 1.5x).
@@ -83,12 +83,6 @@ def infer_resnet_layout(state_dict: Mapping[str, Tensor]) -> dict[str, Any]:
     return {"arch": "cifar", "depth": 6 * counts[0] + 2, "shortcut": shortcut}
 
 
-def _strip_module_prefix(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    if state_dict and all(k.startswith("module.") for k in state_dict):
-        return {k[len("module."):]: v for k, v in state_dict.items()}
-    return dict(state_dict)
-
-
 def _external_model_args(state_dict: Mapping[str, Tensor], arch: str | None, depth: int | None,
                          source: str) -> dict[str, Any]:
     try:
@@ -119,10 +113,7 @@ def load_classifier(path: str | Path, *, arch: str | None = None, depth: int | N
     """
     source = str(path)
     state = load_checkpoint(path)
-    try:
-        fmt = detect_checkpoint_format(state)
-    except ValueError as exc:
-        raise ValueError(f"{source}: {exc}") from None
+    fmt, state_dict = checkpoint_state_dict(state, source)
     if arch is not None and arch not in ("imagenet", "cifar"):
         raise ValueError(f"arch must be 'imagenet' or 'cifar', got {arch!r}")
     if fmt == "detres":
@@ -133,12 +124,7 @@ def load_classifier(path: str | Path, *, arch: str | None = None, depth: int | N
             if given is not None and given != model_args[name]:
                 raise ValueError(f"{source}: {name}={given!r} was given but the checkpoint holds "
                                  f"{name}={model_args[name]!r} (model_args {model_args})")
-        state_dict = _strip_module_prefix(state["model"])
-    elif fmt == "cifar_legacy":
-        state_dict = convert_cifar_checkpoint_keys(state["state_dict"])
-        model_args = _external_model_args(state_dict, arch, depth, source)
     else:
-        state_dict = _strip_module_prefix(state)
         model_args = _external_model_args(state_dict, arch, depth, source)
     model = build_classifier(**model_args)
     load_state_dict_strict(model, state_dict, source=f"{source} ({fmt} checkpoint, "

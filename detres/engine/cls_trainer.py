@@ -15,18 +15,18 @@ from detres.config.load import Config
 from detres.data.cls_pipeline import ClsDataStats, build_eval_transform, build_train_transform, build_val_dataset
 from detres.data.cls_pipeline import compute_data_stats
 from detres.data.imagefolder import ImageFolderDataset
-from detres.engine.atomic import write_json_atomic
-from detres.engine.checkpoint import load_checkpoint, save_checkpoint
+from detres.data.worker_errors import readable_worker_errors
 from detres.engine.logging import JsonLinesLogger, read_json_lines
 from detres.engine.lr_schedule import LRSchedule, epochs_to_iters
 from detres.engine.plots import plot_curves
 from detres.engine.run_setup import start_run
 from detres.engine.seeded_data import EpochBatchSampler, EpochSeededDataset
-from detres.engine.worker_errors import readable_worker_errors
 from detres.evaluation.classification import evaluate_classifier
 from detres.models.build import build_classifier, classifier_kwargs_from_config
 from detres.models.frozen_bn import recompute_bn_statistics
 from detres.models.weights import load_pretrained_backbone
+from detres.utils.atomic import write_json_atomic
+from detres.utils.checkpoint import load_checkpoint, save_checkpoint
 
 
 def _loader(dataset, batch_sampler, num_workers: int) -> DataLoader:

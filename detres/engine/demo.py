@@ -13,11 +13,11 @@ import numpy as np
 from detres.config.load import load_config
 from detres.data.build import build_detection_dataset, dataset_label_to_category_id
 from detres.data.synthetic import generate_shapes_world
-from detres.engine.atomic import write_json_atomic
 from detres.engine.cls_trainer import train_classifier
 from detres.engine.det_trainer import train_detector
 from detres.engine.plots import save_pr_curves
 from detres.evaluation.results_io import load_coco_results
+from detres.utils.atomic import write_json_atomic
 
 CLS_CONFIG = "configs/cls/shapes_r18.yaml"
 DET_CONFIG = "configs/det/shapes_r18.yaml"

@@ -14,15 +14,15 @@ from detres.config.load import Config
 from detres.data.build import build_detection_dataset, dataset_class_names, dataset_label_to_category_id
 from detres.data.collate import collate_detection
 from detres.data.samplers import AspectRatioGroupedBatchSampler, InfiniteSampler, compute_aspect_ratio_groups
-from detres.engine.atomic import write_json_atomic
-from detres.engine.checkpoint import load_checkpoint, save_checkpoint
+from detres.utils.atomic import write_json_atomic
+from detres.utils.checkpoint import load_checkpoint, save_checkpoint
 from detres.engine.run_setup import start_run
-from detres.engine.det_inference import run_inference
+from detres.inference.detect import run_inference
 from detres.engine.logging import JsonLinesLogger, read_json_lines
 from detres.engine.lr_schedule import LRSchedule
 from detres.engine.optimizer import build_detection_optimizer, set_lr
 from detres.engine.plots import plot_curves
-from detres.engine.worker_errors import readable
+from detres.data.worker_errors import readable
 from detres.evaluation.det_eval import evaluate_detection_dataset
 from detres.evaluation.results_io import detections_to_coco_results, write_coco_results, write_voc_results
 from detres.inference.visualize import save_detection_pngs
@@ -257,7 +257,16 @@ def _train_joint(run: DetRun, model_args: dict[str, Any], state: dict | None
 
 
 def test_detector(model, dataset, meta: dict[str, Any], cfg: Config, *, out_dir: Path, device) -> dict[str, Any]:
-    """Detect on ``dataset``; write COCO results JSON, VOC devkit files, metrics and example PNGs."""
+    """Detect on ``dataset``; write COCO results JSON and the COCO ground truth they were scored against,
+    VOC devkit files, per-class precision-recall curves, metrics and example PNGs.
+
+    ``coco_gt.json`` is the ground truth ``metrics.json``'s COCO AP was computed on (the boxes as the
+    dataset loaded them, crowd / difficult regions as ``iscrowd``), so
+    ``tools/eval_det.py coco --gt coco_gt.json --results coco_results.json`` reproduces it exactly.
+    """
+    from detres.engine.plots import save_pr_curves
+    from detres.evaluation.det_eval import dataset_to_coco_gt
+
     out_dir = Path(out_dir)
     dets = run_inference(model, dataset, device=device, batch_size=cfg.solver.images_per_batch,
                          num_workers=cfg.data.num_workers)
@@ -265,22 +274,13 @@ def test_detector(model, dataset, meta: dict[str, Any], cfg: Config, *, out_dir:
                                          use_07_metric=cfg.test.use_07_metric)
     write_coco_results(detections_to_coco_results(dets, meta["label_to_category_id"]),
                        out_dir / "coco_results.json")
+    write_json_atomic(out_dir / "coco_gt.json", dataset_to_coco_gt(dataset), indent=None)
     # VOC datasets name images by string ids; COCO ones by their numeric id.
     write_voc_results(dets, meta["class_names"], getattr(dataset, "image_ids", None),
                       str(out_dir / "voc" / "comp4_det_test_{cls}.txt"))
+    save_pr_curves(dataset, dets, out_dir / "pr_curves.png", iou_thresh=cfg.test.iou_thresh_voc,
+                   use_07_metric=cfg.test.use_07_metric)
     save_detection_pngs(dataset, dets, meta["class_names"], out_dir / "vis", count=cfg.test.vis_images,
                         score_thresh=cfg.test.vis_score_thresh)
     write_json_atomic(out_dir / "metrics.json", metrics)
     return metrics
-
-
-def load_detector(path: str | Path, *, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Rebuild a trained detector from a train_det checkpoint; returns (model in eval mode, metadata)."""
-    state = load_checkpoint(path)
-    missing = [key for key in ("model", "model_args", "meta") if key not in state]
-    if missing:
-        hint = " (a train_cls checkpoint? use it as model.weights)" if "data_stats" in state else ""
-        raise ValueError(f"{path}: not a train_det checkpoint (missing {missing}){hint}")
-    model = build_detector(**dict(state["model_args"], weights_path=None))
-    model.load_state_dict(state["model"])
-    return model.to(device).eval(), dict(state["meta"], config=state.get("config"))

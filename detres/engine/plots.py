@@ -15,9 +15,9 @@ import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from detres.data.build import dataset_class_names  # noqa: E402
-from detres.engine.atomic import atomic_write_bytes  # noqa: E402
 from detres.evaluation.det_eval import dataset_ground_truth  # noqa: E402
 from detres.evaluation.voc import voc_pr_curves  # noqa: E402
+from detres.utils.atomic import atomic_write_bytes  # noqa: E402
 
 
 def plot_curves(

@@ -4,7 +4,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
-import json
 import math
 import os
 import warnings
@@ -18,6 +17,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from detres.evaluation.results_io import detections_to_coco_results, load_coco_results
+from detres.utils.atomic import read_json
 
 __all__ = ["SUMMARY_KEYS", "evaluate_coco", "evaluate_coco_detections", "load_coco_gt"]
 
@@ -108,15 +108,7 @@ def load_coco_gt(gt: str | os.PathLike | Mapping[str, Any] | COCO, iou_type: str
         _check_unique_ann_ids(gt.dataset.get("annotations", []), "<COCO ground truth>")
         return gt, "<COCO ground truth>"
     if isinstance(gt, (str, os.PathLike)):
-        path = Path(gt)
-        name = str(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"ground-truth file not found: {path}")
-        try:
-            with open(path, encoding="utf-8") as handle:
-                dataset = json.load(handle)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: invalid JSON ({exc})") from None
+        dataset, name = read_json(gt, what="ground-truth file"), str(Path(gt))
     elif isinstance(gt, Mapping):
         dataset, name = copy.deepcopy(dict(gt)), "<ground-truth dict>"
     else:

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from detres.engine.atomic import atomic_write_text, to_jsonable, write_json_atomic  # noqa: F401  (re-exported)
+from detres.utils.atomic import atomic_write_text, read_json, to_jsonable
 
 __all__ = [
     "CLASS_PLACEHOLDER",
@@ -19,9 +19,7 @@ __all__ = [
     "iter_detections",
     "load_coco_results",
     "read_voc_results",
-    "to_jsonable",
     "write_coco_results",
-    "write_json_atomic",
     "write_voc_results",
 ]
 
@@ -119,15 +117,7 @@ def load_coco_results(source: str | os.PathLike | Sequence[Any] | Mapping[str, A
     list holds the detections.
     """
     if isinstance(source, (str, os.PathLike)):
-        path = Path(source)
-        name = str(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"results file not found: {path}")
-        try:
-            with open(path, encoding="utf-8") as handle:
-                data = json.load(handle)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: invalid JSON ({exc})") from None
+        data, name = read_json(source, what="results file"), str(Path(source))
     else:
         data, name = source, "<results>"
     if isinstance(data, Mapping):

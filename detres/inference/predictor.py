@@ -9,8 +9,8 @@ import torch
 
 from detres.data.collate import collate_detection
 from detres.data.det_transforms import build_det_transforms, finalize_sample
-from detres.engine.det_inference import detect_batch
-from detres.engine.det_trainer import load_detector
+from detres.inference.detect import detect_batch
+from detres.models.build import load_detector
 
 
 class Predictor:

@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 
 from detres.data.image_io import read_image_rgb
-from detres.engine.atomic import atomic_write_bytes
+from detres.utils.atomic import atomic_write_bytes
 
 FONT = cv2.FONT_HERSHEY_SIMPLEX
 VIS_MIN_SIDE = 480  # example PNGs: shorter side enlarged to at least this many pixels so labels are legible

@@ -1,11 +1,15 @@
-"""Config → keyword arguments → models: the only place that reads model options from a Config."""
+"""Config → keyword arguments → models: the only place that reads model options from a Config; and back
+from a checkpoint's stored arguments to a trained model."""
 from __future__ import annotations
 
+import os
 from typing import Any, Mapping
 
+import torch
 from torch import nn
 
 from detres.models.resnet import build_cifar_resnet, build_resnet
+from detres.utils.checkpoint import load_checkpoint
 
 
 def classifier_kwargs_from_config(model_cfg: Mapping[str, Any], *, num_classes: int) -> dict[str, Any]:
@@ -54,11 +58,10 @@ def _backbone_normalisation(model_cfg: Mapping[str, Any]) -> tuple[list[float], 
     torchvision-format and legacy CIFAR weights were trained with torchvision's ImageNet mean/std.
     """
     from detres.data.cls_transforms import IMAGENET_MEAN_RGB, IMAGENET_STD_RGB
-    from detres.engine.checkpoint import load_checkpoint
 
     weights = model_cfg["weights"]
     if weights:
-        state = load_checkpoint(weights)
+        state = load_checkpoint(weights, mmap=True)  # metadata only: the weights are read once, by the backbone
         _check_backbone_args(state.get("model_args"), model_cfg, weights)
         stats = state.get("data_stats")
         if "model" in state and isinstance(stats, dict):
@@ -111,3 +114,15 @@ def build_detector(**kwargs: Any) -> nn.Module:
     from detres.models.faster_rcnn import build_faster_rcnn
 
     return build_faster_rcnn(**kwargs)
+
+
+def load_detector(path: str | os.PathLike, *, device: torch.device | str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild a trained detector from a train_det checkpoint; returns (model in eval mode, metadata)."""
+    state = load_checkpoint(path)
+    missing = [key for key in ("model", "model_args", "meta") if key not in state]
+    if missing:
+        hint = " (a train_cls checkpoint? use it as model.weights)" if "data_stats" in state else ""
+        raise ValueError(f"{path}: not a train_det checkpoint (missing {missing}){hint}")
+    model = build_detector(**dict(state["model_args"], weights_path=None))
+    model.load_state_dict(state["model"])
+    return model.to(device).eval(), dict(state["meta"], config=state.get("config"))

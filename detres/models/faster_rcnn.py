@@ -1,13 +1,15 @@
 """Faster R-CNN assembly on a ResNet-C4 backbone (ResNet paper, Appendix A): normalise, pad, trunk, RPN, RoI heads."""
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Sequence
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
+from detres.data.cls_transforms import IMAGENET_MEAN_RGB
+from detres.data.collate import pad_images
 from detres.models.anchors import AnchorGenerator
 from detres.models.backbone import build_resnet_c4
 from detres.models.roi_heads import BoxHead, FastRCNNPredictor, RoIHeads, RoIPooler
@@ -16,7 +18,7 @@ from detres.models.rpn import RegionProposalNetwork, RPNHead
 __all__ = ["FasterRCNN", "build_faster_rcnn", "IMAGENET_PIXEL_MEAN"]
 
 # torchvision's ImageNet RGB mean on the 0..255 scale; the fallback when no checkpoint value is given.
-IMAGENET_PIXEL_MEAN = (123.675, 116.28, 103.53)
+IMAGENET_PIXEL_MEAN = IMAGENET_MEAN_RGB
 
 
 def _per_channel(values: Sequence[float], name: str) -> torch.Tensor:
@@ -76,9 +78,13 @@ class FasterRCNN(nn.Module):
         """Normalise and zero-pad into one batch [B,3,Hp,Wp]; returns it with the valid (h, w) of each image.
 
         ``images``: a list of [3,H,W] tensors, or an already padded [B,3,H,W] tensor whose valid
-        regions are given by ``image_sizes`` (default: the full tensor size).
+        regions are given by ``image_sizes`` (default: the full tensor size), e.g. ``collate_detection``'s.
+        Padding is done once: a list is normalised image by image and padded here (``pad_images``); a
+        padded batch is normalised as a whole and only its padding is reset to 0 (the mean colour), the
+        batch being extended only if its H or W is not yet a multiple of ``size_divisibility``.
         """
         device = self.pixel_mean.device
+        div = self.size_divisibility
         if isinstance(images, torch.Tensor) and images.dim() == 4:
             if images.shape[1] != 3:
                 raise ValueError(f"FasterRCNN: batch must be [B,3,H,W], got {tuple(images.shape)}")
@@ -87,33 +93,38 @@ class FasterRCNN(nn.Module):
                 image_sizes = [batch_hw] * images.shape[0]
             if len(image_sizes) != images.shape[0]:
                 raise ValueError(f"FasterRCNN: {len(image_sizes)} image_sizes for a batch of {images.shape[0]} images")
+            if images.shape[0] == 0:
+                raise ValueError("FasterRCNN: got an empty batch of images")
             sizes = [(int(h), int(w)) for h, w in image_sizes]
             for i, (h, w) in enumerate(sizes):
                 if not (0 < h <= batch_hw[0] and 0 < w <= batch_hw[1]):
                     raise ValueError(f"FasterRCNN: image_sizes[{i}]={(h, w)} does not fit the batch size {batch_hw}")
-            images = [img[:, :h, :w] for img, (h, w) in zip(images, sizes)]
-        else:
-            if image_sizes is not None:
-                raise ValueError("FasterRCNN: image_sizes is only accepted with a padded [B,3,H,W] batch tensor")
-            if isinstance(images, torch.Tensor) and images.dim() == 3:
-                images = [images]
-            if len(images) == 0:
-                raise ValueError("FasterRCNN: got an empty list of images")
+            if not images.is_floating_point():
+                raise ValueError(f"FasterRCNN: images must be floating point (0..255 values), got {images.dtype}")
+            batch = (images.to(device=device, dtype=torch.float32) - self.pixel_mean) / self.pixel_std
+            # Extend only a batch not padded to the divisibility (e.g. a hand-made one); collate's already is.
+            extra_h, extra_w = -batch_hw[0] % div, -batch_hw[1] % div
+            if extra_h or extra_w:
+                batch = F.pad(batch, (0, extra_w, 0, extra_h))
+            for slot, (h, w) in zip(batch, sizes):
+                slot[:, h:, :] = 0.0
+                slot[:, :h, w:] = 0.0
+            return batch, sizes
+        if image_sizes is not None:
+            raise ValueError("FasterRCNN: image_sizes is only accepted with a padded [B,3,H,W] batch tensor")
+        if isinstance(images, torch.Tensor) and images.dim() == 3:
+            images = [images]
+        if len(images) == 0:
+            raise ValueError("FasterRCNN: got an empty list of images")
         for i, img in enumerate(images):
             if not isinstance(img, torch.Tensor) or img.dim() != 3 or img.shape[0] != 3:
                 shape = tuple(img.shape) if isinstance(img, torch.Tensor) else type(img).__name__
                 raise ValueError(f"FasterRCNN: images[{i}] must be a float tensor [3,H,W] (RGB 0..255), got {shape}")
             if not img.is_floating_point():
                 raise ValueError(f"FasterRCNN: images[{i}] must be floating point (0..255 values), got {img.dtype}")
+        normalised = [(img.to(device=device, dtype=torch.float32) - self.pixel_mean) / self.pixel_std for img in images]
         sizes = [(int(img.shape[1]), int(img.shape[2])) for img in images]
-        div = self.size_divisibility
-        pad_h = int(math.ceil(max(h for h, _ in sizes) / div) * div)
-        pad_w = int(math.ceil(max(w for _, w in sizes) / div) * div)
-        batch = torch.zeros((len(images), 3, pad_h, pad_w), dtype=torch.float32, device=device)
-        for i, img in enumerate(images):
-            h, w = sizes[i]
-            batch[i, :, :h, :w] = (img.to(device=device, dtype=torch.float32) - self.pixel_mean) / self.pixel_std
-        return batch, sizes
+        return pad_images(normalised, div), sizes
 
     def _prepare(
         self,

@@ -8,9 +8,9 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import box_iou, roi_align, roi_pool
 
-from detres.inference.postprocess import postprocess_boxes
 from detres.models.box_coder import BoxCoder
 from detres.models.matcher import Matcher, crowd_ignore_mask
+from detres.models.postprocess import postprocess_boxes
 from detres.models.sampler import BalancedSampler
 
 __all__ = ["RoIPooler", "BoxHead", "FastRCNNPredictor", "RoIHeads"]

@@ -5,11 +5,11 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Sequence
 
-import torch
 from torch import Tensor, nn
+
+from detres.utils.checkpoint import read_torch_file
 
 StateDict = Mapping[str, Tensor]
 
@@ -28,20 +28,8 @@ def _format_keys(title: str, keys: Sequence[str]) -> str:
     return f"  {title} ({len(keys)}): {shown}{more}"
 
 
-def _read_file(path: str | os.PathLike, *, mmap: bool = False) -> object:
-    """torch.load onto the CPU, tensors only; ``mmap`` maps the tensors instead of reading them (zip files)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file not found: {path}")
-    if mmap:
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except Exception:  # legacy (non-zip) files cannot be mapped: read them whole below
-            pass
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # unpickling errors have many types; re-raise with the file name
-        raise ValueError(f"cannot read weights file {path}: {type(exc).__name__}: {exc}") from exc
+def _read_weights(path: str | os.PathLike, *, mmap: bool = False) -> object:
+    return read_torch_file(path, what="weights file", mmap=mmap)
 
 
 def _strip_prefix(state_dict: StateDict, prefix: str) -> dict[str, Tensor]:
@@ -109,7 +97,7 @@ def load_torchvision_resnet_state_dict(
     """
     if isinstance(state_dict_or_path, (str, os.PathLike)):
         source = str(state_dict_or_path)
-        state_dict = _as_state_dict(_read_file(state_dict_or_path), source)
+        state_dict = _as_state_dict(_read_weights(state_dict_or_path), source)
     else:
         source = "torchvision state_dict"
         state_dict = _as_state_dict(state_dict_or_path, source)
@@ -137,7 +125,7 @@ def load_cifar_resnet_checkpoint(model: nn.Module, path: str | os.PathLike) -> N
     The files predate ``num_batches_tracked`` (those buffers keep the model's value); every other
     key must match after the 'module.' strip and the 'linear' -> 'fc' rename.
     """
-    load_state_dict_strict(model, _cifar_state_dict(_read_file(path), str(path)), source=str(path))
+    load_state_dict_strict(model, _cifar_state_dict(_read_weights(path), str(path)), source=str(path))
 
 
 def detect_checkpoint_format(obj: object) -> str:
@@ -156,6 +144,23 @@ def detect_checkpoint_format(obj: object) -> str:
     )
 
 
+def checkpoint_state_dict(obj: object, source: str) -> tuple[str, dict[str, Tensor]]:
+    """(format, state_dict with our key names) of a loaded checkpoint of any of the three formats.
+
+    See :func:`detect_checkpoint_format`; a 'module.' prefix on every key is stripped in all formats
+    and legacy CIFAR keys are renamed ('linear' -> 'fc'). ``source`` names the file in errors.
+    """
+    try:
+        fmt = detect_checkpoint_format(obj)
+    except ValueError as exc:
+        raise ValueError(f"{source}: {exc}") from None
+    if fmt == "detres":
+        return fmt, _strip_prefix(_as_state_dict(obj["model"], f"{source}['model']"), "module.")
+    if fmt == "cifar_legacy":
+        return fmt, _cifar_state_dict(obj, source)
+    return fmt, _strip_prefix(_as_state_dict(obj, source), "module.")
+
+
 def load_pretrained_backbone(
     model: nn.Module, path: str | os.PathLike, *, skip_prefixes: Sequence[str] = ()
 ) -> str:
@@ -167,17 +172,7 @@ def load_pretrained_backbone(
     ``skip_prefixes=("fc.",)`` to keep the model's own classifier (e.g. a different class count).
     """
     source = str(path)
-    obj = _read_file(path)
-    try:
-        fmt = detect_checkpoint_format(obj)
-    except ValueError as exc:
-        raise ValueError(f"{source}: {exc}") from None
-    if fmt == "detres":
-        state_dict = _strip_prefix(_as_state_dict(obj["model"], f"{source}['model']"), "module.")
-    elif fmt == "cifar_legacy":
-        state_dict = _cifar_state_dict(obj, source)
-    else:
-        state_dict = _strip_prefix(_as_state_dict(obj, source), "module.")
+    fmt, state_dict = checkpoint_state_dict(_read_weights(path), source)
     load_state_dict_strict(model, state_dict, source=f"{source} ({fmt})", skip_prefixes=skip_prefixes)
     return fmt
 
@@ -202,7 +197,7 @@ def check_backbone_bn_statistics(path: str | os.PathLike, *, allow_unrecomputed_
 
     Returns True / False / None (not recorded). Only the small metadata is read (tensors are mapped).
     """
-    obj = _read_file(path, mmap=True)
+    obj = _read_weights(path, mmap=True)
     try:
         fmt = detect_checkpoint_format(obj)
     except ValueError as exc:

@@ -12,7 +12,7 @@ from detres.config.load import load_config
 from detres.data.cls_pipeline import ClsDataStats, build_eval_transform, build_train_transform, build_val_dataset
 from detres.data.cls_pipeline import compute_data_stats
 from detres.data.imagefolder import ImageFolderDataset, ImageListDataset
-from detres.engine.checkpoint import load_checkpoint, save_checkpoint
+from detres.utils.checkpoint import load_checkpoint, save_checkpoint
 
 H, W = 36, 44  # shorter side == test.resize, so the 1-crop geometry is a plain centre crop
 CROP = 32

@@ -274,3 +274,56 @@ def test_evaluation_ground_truth_is_the_loaded_boxes_plus_clipped_crowd_regions(
         warnings.simplefilter("ignore")
         kept = CocoDetection(image_dir, ann_file, skip_crowd=False)
     assert not kept.evaluation_ground_truth(0)["iscrowd"].any() and kept.num_boxes == 4
+
+
+def test_crowd_regions_reach_the_training_targets_resized_and_flipped(tmp_path: Path) -> None:
+    # Issue #6: crowd regions must reach the RPN / RoI heads (which ignore anchors and proposals inside
+    # them), so the sample carries them and the transforms move them exactly like the gt boxes.
+    from detres.data.collate import collate_detection
+
+    anns = [
+        _ann(1, 11, [2, 4, 10, 8]),  # gt (2, 4, 12, 12)
+        _ann(2, 11, [20, 4, 16, 12], iscrowd=1),  # crowd (20, 4, 36, 16)
+        _ann(3, 11, [40, 20, 20, 20], iscrowd=1),  # crowd, clipped to the 48x32 image: (40, 20, 48, 32)
+    ]
+    image_dir, ann_file = _write_tiny_coco(tmp_path, anns)
+    ds = CocoDetection(image_dir, ann_file)
+    ann = ds.annotation(0)
+    assert ann["crowd_boxes"].dtype == np.float32
+    np.testing.assert_array_equal(ann["crowd_boxes"], [[20, 4, 36, 16], [40, 20, 48, 32]])
+    np.testing.assert_array_equal(ann["boxes"], [[2, 4, 12, 12]])
+    # 32x48 -> shorter side 16: scale 0.5, 16x24, then flipped about x = 24 (x1' = 24 - x2, x2' = 24 - x1).
+    ds.transforms = build_det_transforms(train=True, min_size=16, max_size=1000, flip_prob=1.0, seed=0)
+    sample = ds[0]
+    assert sample["image"].shape == (3, 16, 24)
+    torch.testing.assert_close(sample["boxes"], torch.tensor([[18.0, 2.0, 23.0, 6.0]]), atol=1e-4, rtol=0)
+    torch.testing.assert_close(
+        sample["crowd_boxes"], torch.tensor([[6.0, 2.0, 14.0, 8.0], [0.0, 10.0, 4.0, 16.0]]), atol=1e-4, rtol=0
+    )
+    empty = ds[1]  # image 12: no annotations, no crowd
+    assert empty["crowd_boxes"].shape == (0, 4) and empty["crowd_boxes"].dtype == torch.float32
+    t0, t1 = collate_detection([sample, empty])["targets"]
+    torch.testing.assert_close(t0["crowd_boxes"], sample["crowd_boxes"])
+    assert t0["crowd_boxes"].dtype == torch.float32 and t1["crowd_boxes"].shape == (0, 4)
+    # With skip_crowd=False the crowd annotations are ordinary targets and there are no crowd regions.
+    kept = CocoDetection(image_dir, ann_file, skip_crowd=False)
+    assert kept.annotation(0)["crowd_boxes"].shape == (0, 4) and len(kept.annotation(0)["boxes"]) == 3
+
+
+def test_coco128_crowd_region_resized_and_flipped_by_hand(coco128) -> None:
+    # Image 357 (640x218) has one crowd region, bbox [466, 0, 173, 73] -> xyxy (466, 0, 639, 73).
+    image_dir, ann_file, raw = coco128
+    crowd = [a for a in raw["annotations"] if a["image_id"] == 357 and a["iscrowd"]]
+    assert len(crowd) == 1 and crowd[0]["bbox"] == [466, 0, 173, 73]
+    ds = CocoDetection(image_dir, ann_file)
+    i = ds.ids.index(357)
+    np.testing.assert_array_equal(ds.annotation(i)["crowd_boxes"], [[466, 0, 639, 73]])
+    plain = ds[i]
+    # Shorter side 218 -> 109: scale exactly 0.5, 320x109; flip about x = 320.
+    ds.transforms = build_det_transforms(train=True, min_size=109, max_size=1000, flip_prob=1.0, seed=0)
+    sample = ds[i]
+    assert sample["image"].shape == (3, 109, 320)
+    torch.testing.assert_close(sample["crowd_boxes"], torch.tensor([[0.5, 0.0, 87.0, 36.5]]), atol=1e-3, rtol=0)
+    half = plain["boxes"] * 0.5
+    flipped = torch.stack([320 - half[:, 2], half[:, 1], 320 - half[:, 0], half[:, 3]], dim=1)
+    torch.testing.assert_close(sample["boxes"], flipped, atol=1e-3, rtol=0)

@@ -73,3 +73,14 @@ def test_bad_batches_raise() -> None:
         collate_detection([s])
     with pytest.raises(ValueError, match=r"image 1 must be a \[3, H, W\]"):
         pad_images([torch.zeros(3, 4, 4), torch.zeros(1, 4, 4)])
+
+
+def test_crowd_boxes_go_into_the_targets() -> None:
+    a, b = _sample(5, 7, 2, 1, 1.0), _sample(10, 4, 1, 2, 1.0)
+    a["crowd_boxes"] = torch.tensor([[1.0, 1.0, 4.0, 3.0]])
+    b["crowd_boxes"] = torch.zeros(0, 4)
+    c = _sample(6, 6, 1, 3, 1.0)  # a hand-made / VOC-style sample without the key
+    t0, t1, t2 = collate_detection([a, b, c])["targets"]
+    assert t0["crowd_boxes"].dtype == torch.float32 and t0["crowd_boxes"].tolist() == [[1.0, 1.0, 4.0, 3.0]]
+    assert t1["crowd_boxes"].shape == (0, 4) and t2["crowd_boxes"].shape == (0, 4)
+    assert t2["crowd_boxes"].dtype == torch.float32

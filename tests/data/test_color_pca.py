@@ -127,7 +127,12 @@ def test_same_offset_on_every_pixel_and_redrawn_per_call() -> None:
     d2 = noise(image) - image.astype(np.float32)
     assert d1.dtype == np.float32
     np.testing.assert_allclose(d1, np.broadcast_to(d1[0, 0], d1.shape), atol=1e-4)
-    assert np.abs(d1[0, 0]).max() > 1e-3  # 0..255 units: a visible shift
+    # AlexNet Sec. 4.1: offset = [p1 p2 p3] [a1 l1, a2 l2, a3 l3]^T, a_i ~ N(0, 0.1) drawn afresh per call from
+    # the seed-1 generator, times 255 (the PCA is of [0, 1] RGB values, the image is 0..255).
+    rng = np.random.default_rng(1)
+    for d in (d1, d2):
+        alpha = rng.normal(0.0, 0.1, size=3)
+        np.testing.assert_allclose(d[0, 0], pca.eigvecs @ (alpha * pca.eigvals) * 255, atol=1e-4)
     assert not np.allclose(d1[0, 0], d2[0, 0])
     # Seeded: a fresh noise object with the same seed repeats the first draw.
     again = PCAColorNoise(pca.eigvals, pca.eigvecs, alphastd=0.1, seed=1)

@@ -105,10 +105,11 @@ def test_flip_after_resize_uses_the_resized_width() -> None:
 def test_flip_probability_half_flips_some_not_all() -> None:
     t = build_det_transforms(train=True, min_size=16, max_size=1000, flip_prob=0.5, seed=3)
     flips = []
-    for _ in range(40):
+    for _ in range(400):
         out = t(_sample(16, 32, [[0, 0, 4, 16]]))
         flips.append(bool(out["boxes"][0, 0] > 1))
-    assert 5 < sum(flips) < 35
+    # Binomial(400, 0.5): 200 +- 10 (one sd). Within 4 sd; flip probability 0.3 or 0.7 would be > 4 sd out.
+    assert abs(sum(flips) - 200) <= 40, sum(flips)
 
 
 def test_zero_boxes_are_fine() -> None:
@@ -135,7 +136,12 @@ def test_boxes_stay_inside_the_image_and_fields_stay_aligned() -> None:
         h1, w1 = out["image"].shape[:2]
         assert min(h1, w1) in (33, 47, 61) or max(h1, w1) == 90
         b = out["boxes"]
-        assert (b[:, 0] >= 0).all() and (b[:, 1] >= 0).all() and (b[:, 2] <= w1).all() and (b[:, 3] <= h1).all()
+        # Exactly the input boxes scaled by (W1 / W, H1 / H), and mirrored in the resized width when flipped.
+        sx, sy = out["scale_xy"]
+        assert (sx, sy) == pytest.approx((w1 / w, h1 / h))
+        scaled = boxes * [sx, sy, sx, sy]
+        mirrored = np.stack([w1 - scaled[:, 2], scaled[:, 1], w1 - scaled[:, 0], scaled[:, 3]], axis=1)
+        assert np.allclose(b, scaled, atol=1e-3) or np.allclose(b, mirrored, atol=1e-3), (b, scaled)
         np.testing.assert_allclose(b[0], [0, 0, w1, h1], atol=1e-3)
         np.testing.assert_array_equal(out["labels"], [3, 1, 4, 1, 5, 9])
         np.testing.assert_array_equal(out["difficult"], difficult)
@@ -204,3 +210,38 @@ def test_sample_to_tensors_matches_the_contract() -> None:
 def test_finalize_sample_rejects_transforms_that_lose_the_sample() -> None:
     with pytest.raises(TypeError, match="must return the sample dict"):
         finalize_sample(_sample(5, 5, [[1, 1, 2, 2]]), lambda s: None)
+
+
+def test_crowd_boxes_are_resized_and_flipped_like_gt_boxes() -> None:
+    # 64x96 -> shorter side 32: scale 0.5, 32x48; then flipped about the resized width 48.
+    t = build_det_transforms(train=True, min_size=32, max_size=1000, flip_prob=1.0, seed=0)
+    sample = _sample(64, 96, [[10, 5, 30, 40]], labels=[2])
+    sample["crowd_boxes"] = np.array([[40, 8, 96, 32], [0, 0, 12, 64]], dtype=np.float32)
+    out = t(sample)
+    # Resized then flipped: gt (5, 2.5, 15, 20) -> (33, 2.5, 43, 20);
+    # crowd (20, 4, 48, 16) -> (0, 4, 28, 16) and (0, 0, 6, 32) -> (42, 0, 48, 32).
+    np.testing.assert_allclose(out["boxes"], [[33, 2.5, 43, 20]], atol=1e-4)
+    np.testing.assert_allclose(out["crowd_boxes"], [[0, 4, 28, 16], [42, 0, 48, 32]], atol=1e-4)
+    np.testing.assert_array_equal(out["labels"], [2])  # the crowd regions do not shift the gt fields
+    tensors = sample_to_tensors(out)
+    assert tensors["crowd_boxes"].dtype == torch.float32 and tensors["crowd_boxes"].shape == (2, 4)
+    # Without flip (test transforms) only the resize acts.
+    plain = build_det_transforms(train=False, min_size=32, max_size=1000)(sample)
+    np.testing.assert_allclose(plain["crowd_boxes"], [[20, 4, 48, 16], [0, 0, 6, 32]], atol=1e-4)
+
+
+def test_crowd_boxes_empty_or_absent() -> None:
+    t = build_det_transforms(train=True, min_size=32, max_size=1000, flip_prob=1.0, seed=0)
+    sample = _sample(64, 96, [[10, 5, 30, 40]])
+    sample["crowd_boxes"] = np.zeros((0, 4), np.float32)
+    out = t(sample)
+    assert out["crowd_boxes"].shape == (0, 4)
+    np.testing.assert_allclose(out["boxes"], [[33, 2.5, 43, 20]], atol=1e-4)
+    absent = t(_sample(64, 96, [[10, 5, 30, 40]]))  # VOC-style sample: no key, none made up here ...
+    assert "crowd_boxes" not in absent
+    tensors = sample_to_tensors(absent)  # ... but the tensor sample always has one, [0, 4] float32
+    assert tensors["crowd_boxes"].shape == (0, 4) and tensors["crowd_boxes"].dtype == torch.float32
+    bad = _sample(64, 96, [[10, 5, 30, 40]])
+    bad["crowd_boxes"] = np.array([[5, 5, 5, 9]], np.float32)
+    with pytest.raises(ValueError, match="crowd_boxes"):
+        t(bad)

@@ -48,12 +48,22 @@ def test_full_conversion_counts_and_boxes(pennfudan: Path, tmp_path: Path) -> No
     boxes = [a["bbox"] for a in doc["annotations"] if a["image_id"] == first["id"]]
     # File: (160, 182) - (302, 431) and (420, 171) - (535, 486), 1-based inclusive.
     assert boxes == [[159, 181, 143, 250], [419, 170, 116, 316]]
+    # Every image's size and boxes against a regex reading of its text file: the 1-based inclusive
+    # (Xmin, Ymin) - (Xmax, Ymax) becomes COCO [Xmin - 1, Ymin - 1, Xmax - Xmin + 1, Ymax - Ymin + 1].
     by_id = {im["id"]: im for im in doc["images"]}
+    got = {by_id[a["image_id"]]["file_name"]: [] for a in doc["annotations"]}
     for a in doc["annotations"]:
-        im = by_id[a["image_id"]]
         x, y, w, h = a["bbox"]
-        assert w > 0 and h > 0 and a["area"] == w * h and a["iscrowd"] == 0 and a["category_id"] == 1
-        assert x >= 0 and y >= 0 and x + w <= im["width"] and y + h <= im["height"]
+        assert a["area"] == w * h and a["iscrowd"] == 0 and a["category_id"] == 1
+        got[by_id[a["image_id"]]["file_name"]].append(a["bbox"])
+    expected = {}
+    for text in texts:
+        name = Path(re.search(r'Image filename : "([^"]+)"', text).group(1)).name
+        width, height = map(int, re.search(r"Image size \(X x Y x C\) : (\d+) x (\d+)", text).groups())
+        assert (by_name[name]["width"], by_name[name]["height"]) == (width, height), name
+        expected[name] = [[x1 - 1, y1 - 1, x2 - x1 + 1, y2 - y1 + 1] for x1, y1, x2, y2 in (
+            map(int, m) for m in re.findall(r"Bounding box.*: \((\d+), (\d+)\) - \((\d+), (\d+)\)", text))]
+    assert got == expected
     assert not [p for p in out.parent.iterdir() if p.name != "pennfudan.json"]  # no temp file left behind
 
     # The result is a COCO file pycocotools and our loader both read.

@@ -18,12 +18,12 @@ from detres.data.cls_transforms import IMAGENET_MEAN_RGB, IMAGENET_STD_RGB, Norm
 from detres.data.cls_transforms import build_eval_transform as make_eval_transform
 from detres.data.imagefolder import ImageFolderDataset
 from detres.data.synthetic import generate_shapes_world
-from detres.engine.checkpoint import load_checkpoint
 from detres.engine.cls_eval import evaluate_checkpoint, infer_resnet_layout, load_classifier
 from detres.engine.cls_trainer import train_classifier
 from detres.evaluation.classification import evaluate_classifier
 from detres.models.build import build_classifier
 from detres.models.weights import StateDictMismatchError
+from detres.utils.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 TOOL = ROOT / "tools" / "eval_cls.py"

@@ -72,7 +72,7 @@ def test_demo_writes_pr_curves_next_to_the_test_outputs(det_cfg, tmp_path):
         warnings.simplefilter("always")
         png = write_demo_pr_curves(det_cfg, tmp_path, reported)
     assert not [w for w in caught if "differs from metrics.json" in str(w.message)]
-    assert png == tmp_path / "pr_curves.png" and read_image_rgb(png).ndim == 3
+    assert png == tmp_path / "pr_curves.png" and read_image_rgb(png).shape == (600, 900, 3)  # 9 x 6 in at 100 dpi
     # A differing reported AP is flagged; an existing PNG (written by the test step) is left as it is.
     png.unlink()
     with pytest.warns(UserWarning, match="differs from metrics.json"):

@@ -14,16 +14,17 @@ from torch import nn
 
 import detres.models.faster_rcnn as faster_rcnn_module
 from detres.config.load import load_config
-from detres.engine import alternating
 from detres.data.build import build_detection_dataset
 from detres.data.image_io import read_image_rgb
 from detres.data.synthetic import generate_shapes_world
+from detres.engine import alternating
 from detres.engine import det_trainer
-from detres.engine.checkpoint import load_checkpoint, save_checkpoint
-from detres.engine.det_inference import run_inference
 from detres.engine.logging import read_json_lines
 from detres.evaluation.coco import SUMMARY_KEYS
+from detres.inference.detect import run_inference
+from detres.models.build import load_detector
 from detres.models.faster_rcnn import FasterRCNN
+from detres.utils.checkpoint import load_checkpoint
 
 # Sized for a CPU test: ResNet-18 layout at a quarter of the width (base_width 16), ~128 px inputs,
 # few proposals and RoIs, 8x8 RoI pooling (4x4 after conv5's stride 2).
@@ -165,7 +166,7 @@ def test_sgd_groups_biases_at_twice_the_lr_without_decay(short_run):
 
 def test_test_outputs_use_original_category_ids_xywh_and_devkit_files(short_run, world):
     out, _ = short_run
-    model, meta = det_trainer.load_detector(out / "model_final.pt")
+    model, meta = load_detector(out / "model_final.pt")
     cfg = load_config(out / "config.yaml")
     val_set = build_detection_dataset(cfg, "val", train=False)
     dets = run_inference(model, val_set, device=torch.device("cpu"), progress=False)
@@ -189,8 +190,8 @@ def test_test_outputs_use_original_category_ids_xywh_and_devkit_files(short_run,
 def test_load_detector_round_trip_gives_identical_detections(short_run):
     out, _ = short_run
     state = load_checkpoint(out / "model_final.pt")
-    model_a, meta = det_trainer.load_detector(out / "model_final.pt")
-    model_b, _ = det_trainer.load_detector(out / "last.pt")
+    model_a, meta = load_detector(out / "model_final.pt")
+    model_b, _ = load_detector(out / "last.pt")
     assert not model_a.training and meta["min_size_test"] == 128 and meta["max_size_test"] == 192
     for key, value in model_a.state_dict().items():
         torch.testing.assert_close(value, state["model"][key], rtol=0, atol=0)
@@ -199,15 +200,6 @@ def test_load_detector_round_trip_gives_identical_detections(short_run):
         a, b = model_a(images)[0], model_b(images)[0]
     for key in ("boxes", "scores", "labels"):
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
-
-
-def test_load_detector_rejects_other_checkpoints(tmp_path):
-    save_checkpoint(tmp_path / "cls.pt", {"model": {}, "model_args": {"arch": "imagenet"}, "class_names": ["a"],
-                                          "data_stats": {}})
-    with pytest.raises(ValueError, match=r"cls\.pt.*not a train_det checkpoint.*model.weights"):
-        det_trainer.load_detector(tmp_path / "cls.pt")
-    with pytest.raises(FileNotFoundError, match="missing.pt"):
-        det_trainer.load_detector(tmp_path / "missing.pt")
 
 
 def test_an_existing_run_is_not_overwritten_without_resume(short_run, world):
@@ -369,7 +361,7 @@ def test_alternating_logs_per_step_losses_and_records_the_step(alternating_run):
     last = load_checkpoint(out / "last.pt")
     assert last["scheme"] == "alternating" and last["iter"] == 8
     assert {k: last["alternating"][k] for k in ("step", "step_iter")} == {"step": 3, "step_iter": 2}
-    model, meta = det_trainer.load_detector(out / "model_final.pt")  # an ordinary detector checkpoint
+    model, meta = load_detector(out / "model_final.pt")  # an ordinary detector checkpoint
     assert meta["class_names"][0] == "circle" and not model.training
 
 

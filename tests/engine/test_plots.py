@@ -53,7 +53,11 @@ def test_plotted_curves_have_the_reported_ap_by_the_evaluator_rule(tmp_path, use
     curves = save_pr_curves(TinyDataset(), DETECTIONS, tmp_path / "pr.png", use_07_metric=use_07_metric)
     fig = pr_curves_figure(curves)
     lines = {line.get_label().split(" (")[0]: line for line in fig.axes[0].get_lines()}
-    assert 0 < reported["cat"] < 1 and reported["dog"] == pytest.approx(1.0) and math.isnan(reported["owl"])
+    # By hand. cat: 3 positives; by score FP (0.95: no overlap), TP (0.9), FP (0.85), TP (0.7: IoU 0.9), so
+    # precision 1/2 up to recall 2/3 and none beyond: 11-point AP 7 * 0.5 / 11 = 7/22, area AP 2/3 * 0.5 = 1/3.
+    # dog: its one detection hits its one object (IoU 0.95). owl: no positives, AP undefined.
+    assert reported["cat"] == pytest.approx(7 / 22 if use_07_metric else 1 / 3, abs=1e-12)
+    assert reported["dog"] == pytest.approx(1.0) and math.isnan(reported["owl"])
     for name in ("cat", "dog"):
         recall, precision = lines[name].get_xdata(), lines[name].get_ydata()
         assert voc_ap(recall, precision, use_07_metric) == reported[name]
@@ -68,5 +72,5 @@ def test_pr_png_is_written(tmp_path):
     curves = {"cat": {"recall": np.array([0.5, 1.0]), "precision": np.array([1.0, 0.5]), "ap": 0.75}}
     plot_pr_curves(curves, tmp_path / "sub" / "pr.png", title="t")
     png = read_image_rgb(tmp_path / "sub" / "pr.png")
-    assert png.ndim == 3 and png.shape[0] >= 400 and png.shape[1] >= 500
+    assert png.shape == (600, 900, 3)  # a 9 x 6 inch figure at 100 dpi
     assert [p.name for p in (tmp_path / "sub").iterdir()] == ["pr.png"]  # atomic write left no debris

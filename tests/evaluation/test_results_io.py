@@ -1,4 +1,4 @@
-"""Tests for detres.evaluation.results_io: COCO results entries, devkit result files, atomic JSON."""
+"""Tests for detres.evaluation.results_io: COCO results entries and devkit result files."""
 from __future__ import annotations
 
 import json
@@ -14,7 +14,6 @@ from detres.evaluation.results_io import (
     load_coco_results,
     read_voc_results,
     write_coco_results,
-    write_json_atomic,
     write_voc_results,
 )
 from detres.evaluation.voc import evaluate_voc, evaluate_voc_detections, load_voc_annotations, voc_ground_truth
@@ -62,11 +61,6 @@ def test_coco_results_files(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps({"images": []}))
     with pytest.raises(ValueError, match=r"bad\.json: a results dict must have an 'annotations' list"):
         load_coco_results(tmp_path / "bad.json")
-
-
-def test_write_json_atomic_turns_nan_into_null(tmp_path):
-    path = write_json_atomic(tmp_path / "m.json", {"ap": math.nan, "arr": np.array([1.5, 2.0]), "n": np.int64(3)})
-    assert json.loads(path.read_text()) == {"ap": None, "arr": [1.5, 2.0], "n": 3}
 
 
 def test_write_voc_results_uses_one_based_devkit_coordinates(tmp_path):

@@ -1,13 +1,18 @@
-"""Tests for the config → model-arguments step (classifier and detector builders)."""
+"""Tests for the config → model-arguments step (classifier and detector builders) and rebuilding a detector from its checkpoint."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from detres.config.load import load_config
-from detres.engine.checkpoint import save_checkpoint
-from detres.models.build import build_classifier, classifier_kwargs_from_config, detector_kwargs_from_config
+from detres.models.build import (
+    build_classifier,
+    classifier_kwargs_from_config,
+    detector_kwargs_from_config,
+    load_detector,
+)
 from detres.models.resnet import build_resnet
+from detres.utils.checkpoint import save_checkpoint
 
 
 def test_classifier_kwargs_follow_the_config():
@@ -111,3 +116,12 @@ def test_detector_config_carries_the_crowd_thresholds():
     kwargs = detector_kwargs_from_config(cfg.model, num_classes=2)
     assert kwargs["roi_crowd_iof_thresh"] == 0.5 and kwargs["rpn_crowd_iof_thresh"] == 0.6
     assert load_config(None, [], task="det").model.roi_heads.crowd_iof_thresh == 0.7
+
+
+def test_load_detector_rejects_other_checkpoints(tmp_path):
+    save_checkpoint(tmp_path / "cls.pt", {"model": {}, "model_args": {"arch": "imagenet"}, "class_names": ["a"],
+                                          "data_stats": {}})
+    with pytest.raises(ValueError, match=r"cls\.pt.*not a train_det checkpoint.*model.weights"):
+        load_detector(tmp_path / "cls.pt")
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        load_detector(tmp_path / "missing.pt")

@@ -205,3 +205,113 @@ def test_overfits_two_toy_images() -> None:
         for g, label in enumerate(target["labels"].tolist()):
             hit = (iou[g] > 0.5) & (det["labels"] == label) & (det["scores"] > 0.3)
             assert bool(hit.any()), f"gt {g} (label {label}) not detected: {det}"
+
+
+# ----------------------------------------------------------------------------------- issue #6: padding once
+def _reference_preprocess(model: FasterRCNN, images: list[torch.Tensor]) -> torch.Tensor:
+    """The preprocessing as it was before issue #6 (normalise each image into a fresh zero batch); the
+    padded-once path must give exactly this batch."""
+    div = model.size_divisibility
+    pad_h = -(-max(int(i.shape[1]) for i in images) // div) * div
+    pad_w = -(-max(int(i.shape[2]) for i in images) // div) * div
+    batch = torch.zeros((len(images), 3, pad_h, pad_w))
+    for slot, img in zip(batch, images):
+        slot[:, : img.shape[1], : img.shape[2]] = (img - model.pixel_mean) / model.pixel_std
+    return batch
+
+
+def test_collated_batch_is_padded_once_and_gives_identical_detections(monkeypatch) -> None:
+    import detres.data.collate as collate_module
+    import detres.models.faster_rcnn as faster_rcnn_module
+    from detres.data.collate import collate_detection
+
+    calls: list[tuple[int, int]] = []
+    real_pad = collate_module.pad_images
+
+    def counting_pad(images, *args, **kwargs):
+        out = real_pad(images, *args, **kwargs)
+        calls.append(tuple(out.shape[2:]))
+        return out
+
+    monkeypatch.setattr(collate_module, "pad_images", counting_pad)
+    monkeypatch.setattr(faster_rcnn_module, "pad_images", counting_pad)
+    model = _small_r18(pixel_std=IMAGENET_STD).eval()
+    g = torch.Generator().manual_seed(1)
+    images = [torch.rand(3, h, w, generator=g) * 255 for h, w in ((70, 90), (64, 50), (33, 97))]
+    samples = [{"image": im, "boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64), "image_id": i,
+                "orig_size": tuple(im.shape[1:])} for i, im in enumerate(images)]
+    batch = collate_detection(samples)
+    assert calls == [(80, 112)] and batch["images"].shape == (3, 3, 80, 112)
+    reference = _reference_preprocess(model, images)
+    # The collated batch: normalised as it is, never padded again (same shape, no pad_images call).
+    pre_batch, sizes = model.preprocess(batch["images"], batch["image_sizes"])
+    assert calls == [(80, 112)] and pre_batch.shape == batch["images"].shape
+    assert sizes == [(70, 90), (64, 50), (33, 97)] and torch.equal(pre_batch, reference)
+    # A plain list of differently sized images: the model pads it, once.
+    pre_list, _ = model.preprocess(images)
+    assert calls == [(80, 112), (80, 112)] and torch.equal(pre_list, reference)
+    with torch.no_grad():
+        from_batch = model(batch["images"], image_sizes=batch["image_sizes"])
+        from_list = model(images)
+        features = model.trunk(reference)
+        proposals, _ = model.rpn(features, sizes, None)
+        expected, _ = model.roi_heads(features, proposals, sizes, None)
+    assert all(len(d["boxes"]) > 0 for d in expected)
+    for got_b, got_l, exp in zip(from_batch, from_list, expected):
+        assert got_b.keys() == got_l.keys() == exp.keys()
+        assert all(torch.equal(got_b[k], exp[k]) and torch.equal(got_l[k], exp[k]) for k in exp)
+    # Training losses agree too (same sampling seed).
+    targets = [{"boxes": torch.tensor([[5.0, 5.0, 40.0, 50.0]]), "labels": torch.tensor([1])} for _ in images]
+    model.train()
+    torch.manual_seed(3)
+    loss_batch = model(batch["images"], targets, image_sizes=batch["image_sizes"])
+    torch.manual_seed(3)
+    loss_list = model(images, targets)
+    assert all(torch.equal(loss_batch[k], loss_list[k]) for k in loss_list)
+
+
+def test_rpn_ignores_anchors_inside_a_coco128_crowd_region(shared_dir, monkeypatch) -> None:
+    # Issue #6, end to end: a real training batch (dataset -> resize + flip -> collate) carries the crowd
+    # region of coco128 image 357 to the RPN, which labels the anchors inside it -1 (neither fg nor bg).
+    from torch.utils.data import DataLoader
+
+    from detres.data.coco import CocoDetection
+    from detres.data.collate import collate_detection
+    from detres.data.det_transforms import build_det_transforms
+
+    root = shared_dir / "data" / "coco128"
+    ann_file = root / "annotations" / "instances_train2017.json"
+    if not ann_file.is_file():
+        pytest.skip(f"coco128 not found at {root}")
+    transforms = build_det_transforms(train=True, min_size=109, max_size=1000, flip_prob=1.0, seed=0)
+    ds = CocoDetection(root / "train2017", ann_file, transforms=transforms, image_ids=[357])
+    batch = next(iter(DataLoader(ds, batch_size=1, collate_fn=collate_detection)))
+    crowd = batch["targets"][0]["crowd_boxes"]
+    # bbox [466, 0, 173, 73] of the 640x218 image, halved (320x109) and flipped about x = 320.
+    torch.testing.assert_close(crowd, torch.tensor([[0.5, 0.0, 87.0, 36.5]]), atol=1e-3, rtol=0)
+
+    model = _small_r18(num_classes=len(ds.categories)).train()
+    recorded: list[tuple[torch.Tensor, torch.Tensor]] = []
+    real_assign = model.rpn.assign_targets
+
+    def spy(anchors, image_sizes, targets):
+        labels, matched = real_assign(anchors, image_sizes, targets)
+        recorded.append((anchors, labels[0]))
+        return labels, matched
+
+    monkeypatch.setattr(model.rpn, "assign_targets", spy)
+    losses = model(batch["images"], batch["targets"], image_sizes=batch["image_sizes"])
+    assert all(torch.isfinite(v) for v in losses.values())
+    anchors, labels = recorded[-1]
+    h, w = batch["image_sizes"][0]
+    c = crowd[0]
+    in_crowd = (anchors[:, 0] >= c[0]) & (anchors[:, 1] >= c[1]) & (anchors[:, 2] <= c[2]) & (anchors[:, 3] <= c[3])
+    in_image = (anchors[:, 0] >= 0) & (anchors[:, 1] >= 0) & (anchors[:, 2] <= w) & (anchors[:, 3] <= h)
+    wholly_inside = in_crowd & in_image
+    assert int(wholly_inside.sum()) >= 3
+    assert bool((labels[wholly_inside] == -1).all())
+    # The same batch without its crowd region: those anchors are labelled (background here) again.
+    no_crowd = [dict(t, crowd_boxes=torch.zeros(0, 4)) for t in batch["targets"]]
+    model(batch["images"], no_crowd, image_sizes=batch["image_sizes"])
+    _, labels_without = recorded[-1]
+    assert bool((labels_without[wholly_inside] != -1).any())

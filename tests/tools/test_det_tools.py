@@ -16,9 +16,9 @@ import yaml
 
 from detres.data.image_io import read_image_rgb
 from detres.data.synthetic import generate_shapes_world
-from detres.engine.checkpoint import save_checkpoint
 from detres.inference.predictor import Predictor
 from detres.inference.visualize import write_png
+from detres.utils.checkpoint import save_checkpoint
 
 TOOLS = Path(__file__).resolve().parents[2] / "tools"
 
@@ -108,6 +108,7 @@ def test_test_det_reproduces_the_training_run_metrics(trained, tmp_path, capsys)
     assert (report["VOC mAP"] == pytest.approx(summary["VOC mAP"])) or (report["VOC mAP"] is None is summary["VOC mAP"])
     written = sorted(str(p.relative_to(tmp_path / "t")) for p in (tmp_path / "t").rglob("*") if p.is_file())
     assert "coco_results.json" in written and "metrics.json" in written
+    assert "coco_gt.json" in written and "pr_curves.png" in written
     assert sum(name.startswith("voc/comp4_det_test_") for name in written) == 10
     assert sorted(n for n in written if n.startswith("vis/")) == ["vis/val_000001.png", "vis/val_000002.png"]
     assert json.loads((tmp_path / "t" / "coco_results.json").read_text()) == \
@@ -191,11 +192,24 @@ def test_infer_writes_detections_json_and_pngs_in_original_pixels(trained, world
         assert png.shape == image.shape
         total += len(record["scores"])
     assert total > 0  # score threshold 0: the untrained model still returns its top-scoring boxes
-    # A high threshold keeps only what reaches it; a single file works as input too.
+    # A higher threshold keeps exactly the detections that reach it, in the same order; a single file works
+    # as input too. The threshold is set between two of the image's scores, so that some are kept and some
+    # are not (a 0.99 threshold kept none of an untrained model's, and "all kept ones are >= 0.99" held vacuously).
+    first = result["images"][0]
+    ranked = sorted(first["scores"], reverse=True)
+    gaps = [(hi - lo, (hi + lo) / 2) for hi, lo in zip(ranked, ranked[1:]) if hi - lo > 1e-4]
+    assert gaps, ranked
+    thresh = max(gaps)[1]
+    keep = [i for i, s in enumerate(first["scores"]) if s >= thresh]
+    assert 0 < len(keep) < len(first["scores"])
     code = infer.main(["--checkpoint", str(out / "model_final.pt"), "--input", str(folder / "val_000001.png"),
-                       "--out", str(tmp_path / "o2"), "--score-thresh", "0.99", "--device", "cpu"])
+                       "--out", str(tmp_path / "o2"), "--score-thresh", repr(thresh), "--device", "cpu"])
     single = json.loads((tmp_path / "o2" / "detections.json").read_text())
-    assert code == 0 and len(single["images"]) == 1 and all(s >= 0.99 for s in single["images"][0]["scores"])
+    assert code == 0 and len(single["images"]) == 1
+    np.testing.assert_allclose(single["images"][0]["scores"], [first["scores"][i] for i in keep], atol=1e-6)
+    np.testing.assert_allclose(np.asarray(single["images"][0]["boxes"]).reshape(-1, 4),
+                               np.asarray(first["boxes"]).reshape(-1, 4)[keep], atol=1e-4)
+    assert single["images"][0]["labels"] == [first["labels"][i] for i in keep]
 
 
 def test_infer_errors_name_the_file(trained, tmp_path, capsys):
@@ -296,3 +310,54 @@ def test_test_det_rejects_repeated_image_ids_naming_them(trained, world, tmp_pat
     err = capsys.readouterr().err
     assert code == 2 and "merged.json" in err and f"id {coco['images'][0]['id']}" in err
     assert "val_000001.png" in err and "val_000002.png" in err
+
+
+# ------------------------------------------ issue #6: test_det writes its COCO ground truth and PR curves
+class _NoisyDetector(_GroundTruthDetector):
+    """The ground truth shifted by a few pixels, with decreasing scores, plus one confident false positive per
+    image: an AP strictly between 0 and 1, so reproducing it exactly is a real check."""
+
+    def forward(self, images, image_sizes):
+        out = []
+        for det in super().forward(images, image_sizes):
+            n = len(det["boxes"])
+            shift = torch.arange(n, dtype=torch.float32)[:, None] * 2.0
+            boxes = torch.cat([det["boxes"] + shift, torch.tensor([[0.0, 0.0, 20.0, 20.0]])])
+            scores = torch.cat([torch.linspace(0.9, 0.3, n), torch.tensor([0.95])])
+            labels = torch.cat([det["labels"], det["labels"][:1] if n else torch.tensor([1])])
+            out.append({"boxes": boxes, "scores": scores, "labels": labels})
+        return out
+
+
+def test_test_detector_writes_coco_gt_that_eval_det_scores_to_the_same_numbers(world, tmp_path, capsys):
+    from detres.config.load import load_config
+    from detres.data.build import build_detection_dataset
+    from detres.engine.det_trainer import detector_metadata, test_detector
+
+    cfg = load_config(_config(world, tmp_path / "run", tmp_path / "c.yaml"))
+    dataset = build_detection_dataset(cfg, "val", train=False)
+    out = tmp_path / "t"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # classes absent from the two images have undefined VOC AP
+        metrics = test_detector(_NoisyDetector(dataset), dataset, detector_metadata(dataset, cfg), cfg,
+                                out_dir=out, device=torch.device("cpu"))
+    ap = metrics["coco"]["summary"]["AP"]
+    assert 0.05 < ap < 0.95, ap
+    # The per-class precision-recall plot.
+    png = (out / "pr_curves.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
+    # coco_gt.json is the ground truth of metrics.json (the boxes as loaded), written atomically (no temp left).
+    gt = json.loads((out / "coco_gt.json").read_text())
+    assert [im["id"] for im in gt["images"]] == [dataset.annotation(i)["image_id"] for i in range(len(dataset))]
+    assert len(gt["annotations"]) == sum(len(dataset.annotation(i)["boxes"]) for i in range(len(dataset)))
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+    # eval_det on the two files reproduces test_det's COCO numbers exactly, not approximately.
+    eval_det = _tool("eval_det")
+    json_out = tmp_path / "eval.json"
+    code = eval_det.main(["coco", "--gt", str(out / "coco_gt.json"), "--results", str(out / "coco_results.json"),
+                          "--json-out", str(json_out)])
+    assert code == 0, capsys.readouterr().err
+    reproduced = json.loads(json_out.read_text())
+    assert reproduced["summary"] == metrics["coco"]["summary"]
+    assert reproduced["per_category"] == metrics["coco"]["per_category"]
+    assert json.loads((out / "metrics.json").read_text())["coco"]["summary"] == reproduced["summary"]

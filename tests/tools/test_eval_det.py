@@ -40,16 +40,16 @@ def test_coco_writes_json_out(tmp_path):
 def test_coco_errors_exit_nonzero_with_a_clear_message(tmp_path):
     gt = EVALREF / "coco" / "mini" / "gt.json"
     proc = run_tool("coco", "--gt", tmp_path / "missing_gt.json", "--results", gt, cwd=tmp_path)
-    assert proc.returncode != 0 and "ground-truth file not found" in proc.stderr and "missing_gt.json" in proc.stderr
+    assert proc.returncode == 1 and "ground-truth file not found" in proc.stderr and "missing_gt.json" in proc.stderr
     assert "Traceback" not in proc.stderr
     bad = tmp_path / "bad.json"
     bad.write_text("[{")
     proc = run_tool("coco", "--gt", gt, "--results", bad, cwd=tmp_path)
-    assert proc.returncode != 0 and f"{bad}: invalid JSON" in proc.stderr
+    assert proc.returncode == 1 and f"{bad}: invalid JSON" in proc.stderr
     wrong = tmp_path / "wrong.json"
     wrong.write_text(json.dumps([{"image_id": 1, "category_id": 1, "bbox": [0, 0, 1, 1], "score": 0.5}]))
     proc = run_tool("coco", "--gt", gt, "--results", wrong, cwd=tmp_path)
-    assert proc.returncode != 0 and "image_id 1 is not an image of the ground truth" in proc.stderr
+    assert proc.returncode == 1 and "image_id 1 is not an image of the ground truth" in proc.stderr
     empty = tmp_path / "empty.json"
     empty.write_text("[]")
     proc = run_tool("coco", "--gt", gt, "--results", empty, "--json-out", tmp_path / "e.json", cwd=tmp_path)
@@ -74,7 +74,7 @@ def test_voc_toyexample_and_missing_folder(tmp_path):
     assert metrics["per_class"] == {"cat": metrics["mAP"]} and metrics["use_07_metric"] is True
     assert "mAP" in proc.stdout
     proc = run_tool("voc", "--annotations", tmp_path / "no_such_dir", "--results", "det_{cls}.txt", cwd=tmp_path)
-    assert proc.returncode != 0 and "annotations folder not found" in proc.stderr and "no_such_dir" in proc.stderr
+    assert proc.returncode == 1 and "annotations folder not found" in proc.stderr and "no_such_dir" in proc.stderr
 
 
 def test_coco_ground_truth_with_repeated_annotation_ids_is_refused_naming_file_and_ids(tmp_path):
@@ -91,7 +91,7 @@ def test_coco_ground_truth_with_repeated_annotation_ids_is_refused_naming_file_a
     (tmp_path / "merged.json").write_text(json.dumps(gt))
     (tmp_path / "res.json").write_text(json.dumps(results))
     proc = run_tool("coco", "--gt", "merged.json", "--results", "res.json", cwd=tmp_path)
-    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "merged.json" in proc.stderr and "annotation id(s) used more than once" in proc.stderr
     assert "1 (2x), 2 (2x), 3 (2x)" in proc.stderr
     # Renumbered, the ground truth fed back scores exactly 1.

@@ -1,13 +1,14 @@
-"""Tests for detres.engine.det_inference: boxes mapped back to original pixels, dataset order, train mode restored."""
+"""Tests for detres.inference.detect: boxes mapped back to original pixels, dataset order, train mode restored."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
 from detres.data.collate import collate_detection
 from detres.data.det_transforms import build_det_transforms, finalize_sample
-from detres.engine.det_inference import detect_batch, run_inference
+from detres.inference.detect import detect_batch, run_inference
 
 
 class EchoDetector(nn.Module):
@@ -45,7 +46,7 @@ def test_detect_batch_maps_resized_boxes_back_to_original_pixels():
     originals = [[[3.0, 5.0, 40.0, 60.0], [10.5, 0.0, 77.0, 48.0]], [[0.0, 0.0, 100.0, 30.0]]]
     a = _sample(60, 77, originals[0], 7, min_size=96, max_size=200)
     b = _sample(50, 100, originals[1], 9, min_size=96, max_size=160)  # capped by max_size: 160 / 100
-    assert a["scale_xy"][0] != a["scale_xy"][1]
+    assert a["scale_xy"] == pytest.approx((123 / 77, 96 / 60))  # x: 77 -> 123 px, y: 60 -> 96 px
     assert b["image"].shape[1:] == (80, 160)
     # The stub "detects" exactly the resized ground truth; mapping back must give the original boxes.
     model = EchoDetector([a["boxes"], b["boxes"]])

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from detres.engine import checkpoint as ckpt
+from detres.utils import checkpoint as ckpt
 
 
 def test_round_trip_and_weights_only(tmp_path):

@@ -1,4 +1,4 @@
-"""Atomic file writes (temp file in the same folder + fsync + os.replace) and strict JSON output.
+"""Atomic file writes (temp file in the same folder + fsync + os.replace), strict JSON output, JSON input.
 
 No torch import here, so light command-line paths (e.g. COCO evaluation) stay fast to start.
 """
@@ -64,3 +64,15 @@ def write_json_atomic(path: str | os.PathLike, obj: Any, *, indent: int | None =
     """Write ``obj`` as strict JSON atomically (numpy values converted, NaN written as null)."""
     atomic_write_text(path, dumps_json(obj, indent=indent) + "\n")
     return Path(path)
+
+
+def read_json(path: str | os.PathLike, *, what: str = "JSON file") -> Any:
+    """Parse the JSON file ``path``; ``what`` names it in the errors (FileNotFoundError, ValueError)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: invalid JSON ({exc})") from None

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torchvision.ops import clip_boxes_to_image, nms
 
-from detres.inference.postprocess import postprocess_boxes, rescale_detections
+from detres.models.postprocess import postprocess_boxes, rescale_detections
 
 
 def _hand_case() -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,8 +8,8 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from detres.data.collate import collate_detection
-from detres.engine.worker_errors import readable
-from detres.inference.postprocess import rescale_detections
+from detres.data.worker_errors import readable
+from detres.models.postprocess import rescale_detections
 
 
 def detect_batch(model: torch.nn.Module, batch: dict[str, Any], device: torch.device) -> list[dict[str, Any]]:

@@ -153,7 +153,11 @@ def test_legacy_cifar_resnet20_on_300_test_images(tmp_path):
     assert proc.returncode == 0, proc.stderr
     report = json.loads(out.read_text())
     assert report["format"] == "cifar_legacy" and report["num_images"] == 300
-    assert report["results"]["1crop"]["top1_acc"] > 0.70
+    # Measured on these 300 images (30 per class): 244 right at top-1, 2 wrong at top-5. A colour-order
+    # (BGR) or normalisation slip changes these counts (BGR input scores about 72%).
+    one = report["results"]["1crop"]
+    assert one["n"] == 300 and one["top5_k"] == 5
+    assert one["top1_acc"] == pytest.approx(244 / 300) and one["top5_err"] == pytest.approx(2 / 300)
     assert report["best_prec1"] == pytest.approx(91.78, abs=0.01)
     assert "1crop: top-1 acc" in proc.stdout
 

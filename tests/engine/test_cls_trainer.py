@@ -15,6 +15,7 @@ from detres.data.image_io import ImageReadError
 from detres.data.synthetic import generate_shapes_world
 from detres.engine.cls_trainer import train_classifier
 from detres.engine.logging import read_json_lines
+from detres.models.build import build_classifier
 from detres.utils.checkpoint import load_checkpoint
 
 NO_DET = dict(num_det_train=0, num_det_val=0, num_loc_train=0, num_loc_val=0)
@@ -56,6 +57,57 @@ def _read_rgb(path: Path) -> np.ndarray:
     return cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB).astype(np.float64)
 
 
+def _plain_torch_errors(state: dict, val_dir: Path) -> dict[str, dict[str, float]]:
+    """Top-1 / top-5 error of a saved model on 32x32 validation images, recomputed with plain torch:
+    1-crop = the image minus the per-pixel mean image; 10-crop = the 5 crops of a 32 crop from a 32 image
+    are the image itself, the other 5 its mirror (mean image subtracted after flipping), softmax averaged;
+    multi-scale (32, 40) = per-channel mean, an 8x8 feature window at 32 px (one window) and every 8x8
+    window of the 10x10 map at 40 px (bilinear enlargement), softmax averaged over windows, then scales."""
+    model = build_classifier(**state["model_args"])
+    model.load_state_dict(state["model"])
+    model.eval()
+    stats = state["data_stats"]
+    assert stats["std"] is None and stats["mean_mode"] == "per_pixel" and stats["fixed_mean"] is None
+    mean_image = stats["mean_image"].numpy()
+    channel_mean = stats["channel_mean"].numpy()
+
+    def chw(a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1))).float()[None]
+
+    def dense(view: torch.Tensor) -> torch.Tensor:
+        f = model.forward_features(view)[0]
+        k = 8
+        return torch.stack([model.fc(f[:, i:i + k, j:j + k].mean(dim=(1, 2))).softmax(dim=0)
+                            for i in range(f.shape[1] - k + 1) for j in range(f.shape[2] - k + 1)]).mean(dim=0)
+
+    class_names = state["class_names"]
+    probs: dict[str, list[torch.Tensor]] = {"1crop": [], "10crop": [], "multiscale": []}
+    labels = []
+    with torch.no_grad():
+        for path in sorted(val_dir.glob("*/*.png")):
+            labels.append(class_names.index(path.parent.name))
+            rgb = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
+            assert rgb.shape == (32, 32, 3)
+            img = rgb.astype(np.float32)
+            probs["1crop"].append(model(chw(img - mean_image))[0].softmax(dim=0))
+            pair = torch.cat([chw(img - mean_image), chw(img[:, ::-1] - mean_image)])
+            probs["10crop"].append(model(pair).softmax(dim=1).mean(dim=0))
+            big = cv2.resize(rgb, (40, 40), interpolation=cv2.INTER_LINEAR).astype(np.float32)
+            probs["multiscale"].append((dense(chw(img - channel_mean)) + dense(chw(big - channel_mean))) / 2)
+    t = torch.tensor(labels)
+    out = {}
+    for mode, p in probs.items():
+        p = torch.stack(p)
+        top = p.topk(6, dim=1)
+        # no near-ties at the top-1 or top-5 cut, so the reference is well posed
+        assert (top.values[:, 0] / top.values[:, 1]).min() > 1.0001, mode
+        assert (top.values[:, 4] / top.values[:, 5]).min() > 1.0001, mode
+        n = len(labels)
+        out[mode] = {"top1_err": 1.0 - int((top.indices[:, 0] == t).sum()) / n,
+                     "top5_err": 1.0 - int((top.indices[:, :5] == t[:, None]).any(dim=1).sum()) / n, "n": n}
+    return out
+
+
 def test_a_run_writes_everything_and_recomputes_bn_over_the_whole_training_set(square_world, tmp_path):
     out = tmp_path / "run"
     # Deterministic inputs (32x32 images, scale 32, crop 32, no flip, no colour noise) so the BN
@@ -67,16 +119,19 @@ def test_a_run_writes_everything_and_recomputes_bn_over_the_whole_training_set(s
         assert (out / name).is_file(), name
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((out / "metrics.json").read_text()) == json.loads(json.dumps(metrics))
-    for stage in ("before_bn_recompute", "after_bn_recompute"):
+    # before = the model of last.pt (saved at the last iteration), after = model_final.pt
+    final, last = load_checkpoint(out / "model_final.pt"), load_checkpoint(out / "last.pt")
+    for stage, state in (("before_bn_recompute", last), ("after_bn_recompute", final)):
         assert set(metrics[stage]) == {"1crop", "10crop", "multiscale"}
-        for result in metrics[stage].values():
-            assert 0.0 <= result["top1_err"] <= 1.0 and 0.0 <= result["top5_err"] <= 1.0
-            assert result["top5_err"] <= result["top1_err"] and result["n"] == 20
+        ref = _plain_torch_errors(state, square_world / "val")
+        for mode, result in metrics[stage].items():
+            assert result["n"] == 20 and result["top5_k"] == 5, (stage, mode)
+            assert result["top1_err"] == pytest.approx(ref[mode]["top1_err"], abs=1e-9), (stage, mode)
+            assert result["top5_err"] == pytest.approx(ref[mode]["top5_err"], abs=1e-9), (stage, mode)
     records = read_json_lines(out / "metrics.jsonl")
     assert [r["iter"] for r in records if "loss" in r] == [1, 2, 3, 4, 5, 6]
     assert [r["iter"] for r in records if "val_top1_err" in r] == [3, 6]
 
-    final, last = load_checkpoint(out / "model_final.pt"), load_checkpoint(out / "last.pt")
     assert final["bn_recomputed"] is True and last["bn_recomputed"] is False and final["iter"] == 6
     # Independent statistics of bn1's input: conv1 over all 30 mean-subtracted training images
     # (30 = 4 batches of 7 + 2, so a dropped last batch would change them).

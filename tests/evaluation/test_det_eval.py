@@ -204,7 +204,21 @@ def test_coco_and_voc_score_the_loaded_ground_truth_not_the_raw_file(shapes_worl
     assert [a["bbox"] for a in first if a["iscrowd"]] == [[w - 20.0, 0.0, 20.0, 20.0]]
     assert [w - 10.0, h - 8.0, 10.0, 8.0] in [a["bbox"] for a in first]
     assert [0.0, 0.0, 14.0, 12.0] in [a["bbox"] for a in first]
-    assert all(a["bbox"][2] > 0 and a["bbox"][3] > 0 for a in gt["annotations"])
+    # The whole list: per image (dataset order) the loaded training targets, then its crowd regions, as
+    # the dataset hands them to training (annotation()), converted to xywh with the original category ids.
+    expected = []
+    for index in range(len(dataset)):
+        ann = dataset.annotation(index)
+        crowd_boxes = ann["crowd_boxes"]
+        assert len(crowd_boxes) == (1 if ann["image_id"] == img["id"] else 0)
+        rows = [(box, dataset.label_to_category_id[int(label)], 0) for box, label in zip(ann["boxes"], ann["labels"])]
+        rows += [(box, cat, 1) for box in crowd_boxes]
+        expected += [(ann["image_id"], c, [float(box[0]), float(box[1]), float(box[2] - box[0]),
+                                           float(box[3] - box[1])], crowd) for box, c, crowd in rows]
+    got = [(a["image_id"], a["category_id"], a["bbox"], a["iscrowd"]) for a in gt["annotations"]]
+    assert len(got) == len(expected) == dataset.num_boxes + 1
+    for g, e in zip(got, expected):
+        assert g[:2] == e[:2] and g[3] == e[3] and g[2] == pytest.approx(e[2], abs=1e-4), (g, e)
     assert sum(1 - a["iscrowd"] for a in gt["annotations"]) == dataset.num_boxes
     # A detection on the crowd region is ignored by both metrics; a box off every object costs both.
     dets[0] = _det(img["id"], np.concatenate([dets[0]["boxes"], [[w - 20, 0, w, 20]]]),

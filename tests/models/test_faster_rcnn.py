@@ -4,8 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import box_iou
+from torchvision.ops import box_iou, nms
 
 from detres.models.anchors import AnchorGenerator
 from detres.models.backbone import ResNetC4Trunk, ResNetC5Head
@@ -65,25 +66,116 @@ def test_preprocess_normalises_then_zero_pads_to_multiple_of_16() -> None:
         model.preprocess(padded, [(65, 70), (64, 40)])
 
 
-def test_r18_train_returns_four_finite_losses_and_eval_detections_in_bounds() -> None:
-    model = _small_r18()
+def _naive_postprocess(probs: torch.Tensor, boxes: torch.Tensor, hw, *, score_thresh: float, nms_thresh: float,
+                       top_k: int) -> dict[str, torch.Tensor]:
+    """Reference detections: per object class clip, threshold and torchvision.ops.nms, then merge by score."""
+    h, w = hw
+    all_boxes, all_scores, all_labels = [], [], []
+    for c in range(1, probs.shape[1]):
+        b = boxes[:, c].clone()
+        b[:, 0::2] = b[:, 0::2].clamp(0, w)
+        b[:, 1::2] = b[:, 1::2].clamp(0, h)
+        sc = probs[:, c]
+        m = sc > score_thresh
+        keep = nms(b[m], sc[m], nms_thresh)
+        all_boxes.append(b[m][keep])
+        all_scores.append(sc[m][keep])
+        all_labels.append(torch.full((len(keep),), c, dtype=torch.int64))
+    scores = torch.cat(all_scores)
+    order = scores.argsort(descending=True)[:top_k]
+    return {"boxes": torch.cat(all_boxes)[order], "scores": scores[order], "labels": torch.cat(all_labels)[order]}
+
+
+def test_r18_eval_detections_equal_a_naive_per_class_nms(monkeypatch) -> None:
+    model = _small_r18().eval()
     g = torch.Generator().manual_seed(0)
     images = [torch.rand(3, 64, 96, generator=g) * 255, torch.rand(3, 80, 64, generator=g) * 255]
-    losses = model.train()(images, _targets())
-    assert set(losses) == {"loss_rpn_cls", "loss_rpn_box", "loss_cls", "loss_box_reg"}
-    assert all(v.dim() == 0 and torch.isfinite(v) for v in losses.values())
-    sum(losses.values()).backward()
-    assert model.roi_heads.predictor.cls_score.weight.grad.abs().sum() > 0
-    assert model.rpn.head.conv.weight.grad.abs().sum() > 0
-    model.eval()
+    decoded = []
+    real_decode = model.roi_heads.decode_predictions
+
+    def spy(*args, **kwargs):
+        out = real_decode(*args, **kwargs)
+        decoded.append(out)
+        return out
+
+    monkeypatch.setattr(model.roi_heads, "decode_predictions", spy)
     with torch.no_grad():
         dets = model(images)
-    assert len(dets) == 2
-    for det, img in zip(dets, images):
-        h, w = img.shape[1:]
-        assert det["boxes"].shape[0] > 0  # score_thresh=0 keeps every surviving (RoI, class)
-        assert bool((det["boxes"] >= 0).all()) and bool((det["boxes"][:, 2] <= w).all()) and bool((det["boxes"][:, 3] <= h).all())
-        assert set(det["labels"].tolist()) <= {1, 2, 3}
+    assert len(dets) == 2 and len(decoded) == 1
+    for det, probs, boxes, img in zip(dets, *decoded[0], images):
+        assert probs.shape[1] == 4 and boxes.shape[1:] == (4, 4) and 0 < probs.shape[0] <= 20
+        ref = _naive_postprocess(probs, boxes, img.shape[1:], score_thresh=0.0, nms_thresh=0.3, top_k=100)
+        # score_thresh=0 keeps every (RoI, class) pair, so only NMS removes any, and here it does
+        assert 0 < ref["scores"].numel() < 3 * probs.shape[0]
+        assert torch.equal(det["labels"], ref["labels"])
+        torch.testing.assert_close(det["scores"], ref["scores"], rtol=0, atol=0)
+        torch.testing.assert_close(det["boxes"], ref["boxes"], rtol=0, atol=0)
+
+
+def test_r18_train_losses_and_gradients_with_zeroed_logits(monkeypatch) -> None:
+    # Zeroed RoI class scores and RPN objectness layers: every logit is exactly 0, so
+    # loss_cls = ln(K+1), loss_rpn_cls = ln 2, and the gradients of those layers are known in closed
+    # form from the sampled labels: d loss_cls / d logits = (1/(K+1) - onehot) / N over the N sampled
+    # RoIs, d loss_rpn_cls / d logit = (sigmoid(0) - y) / S over the S sampled anchors.
+    # bg_iou_thresh_lo=0: proposals far from every gt are sampled as background too (with tied
+    # objectness the proposals are arbitrary boxes, and both kinds of RoI should be in the batch)
+    model = _small_r18(roi_bg_iou_thresh_lo=0.0).train()
+    with torch.no_grad():
+        for layer in (model.roi_heads.predictor.cls_score, model.rpn.head.cls_logits):
+            layer.weight.zero_()
+            layer.bias.zero_()
+    g = torch.Generator().manual_seed(0)
+    images = [torch.rand(3, 64, 96, generator=g) * 255, torch.rand(3, 80, 64, generator=g) * 255]
+    sampled_rois, roi_feats, rpn_masks, rpn_hidden = [], [], [], []
+    real_select = model.roi_heads.select_training_samples
+    real_sampler = model.rpn.sampler
+
+    def spy_select(*args, **kwargs):
+        out = real_select(*args, **kwargs)
+        sampled_rois.append(out)
+        return out
+
+    def spy_sampler(labels):
+        out = real_sampler(labels)
+        rpn_masks.append(out)
+        return out
+
+    monkeypatch.setattr(model.roi_heads, "select_training_samples", spy_select)
+    monkeypatch.setattr(model.rpn, "sampler", spy_sampler)
+    model.roi_heads.predictor.register_forward_pre_hook(lambda m, args: roi_feats.append(args[0].detach()))
+    model.rpn.head.cls_logits.register_forward_pre_hook(lambda m, args: rpn_hidden.append(args[0].detach()))
+
+    losses = model(images, _targets())
+    assert set(losses) == {"loss_rpn_cls", "loss_rpn_box", "loss_cls", "loss_box_reg"}
+    assert all(v.dim() == 0 for v in losses.values())
+    torch.testing.assert_close(losses["loss_cls"], torch.tensor(np.log(4.0), dtype=torch.float32))
+    torch.testing.assert_close(losses["loss_rpn_cls"], torch.tensor(np.log(2.0), dtype=torch.float32))
+    sum(losses.values()).backward()
+
+    # RoI classifier: N sampled RoIs with labels in 0..3
+    labels = torch.cat(sampled_rois[0][1])
+    feats = roi_feats[0]
+    n = labels.numel()
+    counts = torch.bincount(labels, minlength=4).float()
+    assert n == feats.shape[0] > 0 and counts[1:].sum() > 0 and counts[0] > 0  # both fg and bg sampled
+    coef = (torch.full((n, 4), 0.25) - F.one_hot(labels, 4).float()) / n
+    cls_score = model.roi_heads.predictor.cls_score
+    torch.testing.assert_close(cls_score.bias.grad, 0.25 - counts / n, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(cls_score.weight.grad, coef.T @ feats, rtol=1e-4, atol=1e-6)
+
+    # RPN objectness: sampled anchors in flat (y, x, anchor) order, A = 2 anchors per location
+    pos, neg = (torch.stack(m) for m in rpn_masks[0])
+    hidden = rpn_hidden[0]  # [B, C, h, w], the input of cls_logits
+    batch, _, h, w = hidden.shape
+    sampled = pos | neg
+    num_sampled = int(sampled.sum())
+    assert int(pos.sum()) > 0 and int(neg.sum()) > 0
+    d_logit = torch.where(sampled, 0.5 - pos.float(), torch.zeros(())) / num_sampled  # [B, h*w*A]
+    d_logit = d_logit.view(batch, h, w, 2)
+    cls_logits = model.rpn.head.cls_logits
+    torch.testing.assert_close(cls_logits.bias.grad, d_logit.sum(dim=(0, 1, 2)), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(cls_logits.weight.grad[:, :, 0, 0], torch.einsum("bhwa,bchw->ac", d_logit, hidden),
+                               rtol=1e-4, atol=1e-7)
     with pytest.raises(ValueError, match="targets"):
         model.train()(images)
 
@@ -93,11 +185,21 @@ def test_stage_wise_passes_of_the_alternating_scheme() -> None:
     g = torch.Generator().manual_seed(0)
     images = [torch.rand(3, 64, 96, generator=g) * 255, torch.rand(3, 80, 64, generator=g) * 255]
     # RPN step: only the two RPN losses; the RoI heads are not run, so they get no gradient.
+    torch.manual_seed(5)
     rpn_losses = model.rpn_losses(images, _targets())
     assert set(rpn_losses) == {"loss_rpn_cls", "loss_rpn_box"}
     sum(rpn_losses.values()).backward()
-    assert model.rpn.head.conv.weight.grad.abs().sum() > 0 and model.trunk.layer3[0].conv1.weight.grad is not None
     assert model.roi_heads.predictor.cls_score.weight.grad is None
+    # The gradients are those of the RPN loss composed by hand (trunk -> RPN, same sampling seed).
+    params = [model.rpn.head.conv.weight, model.rpn.head.cls_logits.weight, model.trunk.layer3[0].conv1.weight]
+    torch.manual_seed(5)
+    batch, sizes = model.preprocess(images)
+    _, ref_losses = model.rpn(model.trunk(batch), sizes, _targets())
+    assert all(torch.equal(rpn_losses[k], ref_losses[k]) for k in ref_losses)
+    ref_grads = torch.autograd.grad(sum(ref_losses.values()), params)
+    for p, ref in zip(params, ref_grads):
+        assert p.grad is not None and ref.abs().sum() > 0
+        torch.testing.assert_close(p.grad, ref, rtol=1e-5, atol=1e-8)
     model.zero_grad(set_to_none=True)
     # Proposals of this network with the training top-n (40 here), whatever the module mode.
     proposals = model.propose(images)
@@ -106,11 +208,22 @@ def test_stage_wise_passes_of_the_alternating_scheme() -> None:
     assert all(torch.equal(a, b) for a, b in zip(model.propose(images, mode="train"), proposals))
     model.train()
     # Fast R-CNN step on given proposals: only the two RoI losses; the RPN gets no gradient.
+    torch.manual_seed(6)
     roi_losses = model.detector_losses(images, _targets(), proposals=proposals)
     assert set(roi_losses) == {"loss_cls", "loss_box_reg"}
     sum(roi_losses.values()).backward()
-    assert model.roi_heads.predictor.cls_score.weight.grad.abs().sum() > 0
-    assert model.trunk.layer3[0].conv1.weight.grad.abs().sum() > 0 and model.rpn.head.conv.weight.grad is None
+    assert model.rpn.head.conv.weight.grad is None and model.rpn.head.cls_logits.weight.grad is None
+    # The gradients are those of the RoI-head loss composed by hand (trunk -> RoI heads on the proposals).
+    predictor = model.roi_heads.predictor
+    params = [predictor.cls_score.weight, predictor.bbox_pred.weight, model.trunk.layer3[0].conv1.weight]
+    torch.manual_seed(6)
+    batch, sizes = model.preprocess(images)
+    _, ref_losses = model.roi_heads(model.trunk(batch), proposals, sizes, _targets())
+    assert all(torch.equal(roi_losses[k], ref_losses[k]) for k in ref_losses)
+    ref_grads = torch.autograd.grad(sum(ref_losses.values()), params)
+    for p, ref in zip(params, ref_grads):
+        assert p.grad is not None and ref.abs().sum() > 0
+        torch.testing.assert_close(p.grad, ref, rtol=1e-5, atol=1e-8)
     # Crowd regions travel with the targets (moved to the model's device like the boxes).
     targets = [dict(t, crowd_boxes=torch.tensor([[0.0, 0.0, 8.0, 8.0]])) for t in _targets()]
     assert set(model(images, targets)) == {"loss_rpn_cls", "loss_rpn_box", "loss_cls", "loss_box_reg"}
@@ -308,10 +421,19 @@ def test_rpn_ignores_anchors_inside_a_coco128_crowd_region(shared_dir, monkeypat
     in_crowd = (anchors[:, 0] >= c[0]) & (anchors[:, 1] >= c[1]) & (anchors[:, 2] <= c[2]) & (anchors[:, 3] <= c[3])
     in_image = (anchors[:, 0] >= 0) & (anchors[:, 1] >= 0) & (anchors[:, 2] <= w) & (anchors[:, 3] <= h)
     wholly_inside = in_crowd & in_image
-    assert int(wholly_inside.sum()) >= 3
+    assert int(wholly_inside.sum()) == 7
     assert bool((labels[wholly_inside] == -1).all())
-    # The same batch without its crowd region: those anchors are labelled (background here) again.
+    # The same batch without its crowd region: those anchors are labelled again, by the plain RPN rule
+    # (computed here with box_iou over the in-image anchors): positive if IoU >= 0.7 with a gt or the
+    # best anchor of some gt (the small objects inside the crowd region claim three of them), negative
+    # if the max IoU < 0.3. Not all background: the crowd region is what kept those three from being positive.
     no_crowd = [dict(t, crowd_boxes=torch.zeros(0, 4)) for t in batch["targets"]]
     model(batch["images"], no_crowd, image_sizes=batch["image_sizes"])
     _, labels_without = recorded[-1]
-    assert bool((labels_without[wholly_inside] != -1).any())
+    gt = batch["targets"][0]["boxes"]
+    best = box_iou(gt, anchors[in_image]).max(dim=1).values
+    assert bool((best > 0).all())
+    iou = box_iou(gt, anchors[wholly_inside])
+    positive = (iou >= 0.7).any(dim=0) | (iou == best[:, None]).any(dim=0)
+    expected = torch.where(positive, 1, torch.where(iou.max(dim=0).values < 0.3, 0, -1))
+    assert labels_without[wholly_inside].tolist() == expected.tolist() == [0, 1, 1, 1, 0, 0, 0]

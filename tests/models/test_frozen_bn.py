@@ -39,10 +39,14 @@ def test_frozen_bn_matches_batchnorm_eval_and_never_changes():
 
 
 def test_frozen_bn_passes_no_gradient_to_its_state():
-    frozen = FrozenBatchNorm2d.from_batch_norm(_random_bn())
+    bn = _random_bn()
+    frozen = FrozenBatchNorm2d.from_batch_norm(bn)
     x = torch.randn(2, 5, 3, 3, requires_grad=True)
     frozen(x).sum().backward()
-    assert x.grad is not None
+    # y = (x - mean) * weight / sqrt(var + eps) + bias, so d sum(y) / dx = weight / sqrt(var + eps) per channel
+    # (the batch statistics play no part: train-mode BN would give a different gradient).
+    scale = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach()
+    torch.testing.assert_close(x.grad, scale.view(1, 5, 1, 1).expand(2, 5, 3, 3), rtol=1e-6, atol=1e-7)
     assert all(not b.requires_grad and b.grad is None for b in frozen.buffers())
 
 

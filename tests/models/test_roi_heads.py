@@ -233,10 +233,17 @@ def test_losses_known_answer_and_gradient_routing() -> None:
     torch.testing.assert_close(losses["loss_cls"], expected_cls)
     torch.testing.assert_close(losses["loss_box_reg"], expected_box)
     losses["loss_box_reg"].backward()
-    grad = deltas.grad
-    assert not grad[[1, 3]].any()  # background RoIs
-    assert grad[0, 8:12].abs().sum() > 0 and not grad[0, :8].any()  # only the true class's deltas
-    assert grad[2, 4:8].abs().sum() > 0 and not grad[2, :4].any() and not grad[2, 8:].any()
+    # Smooth-L1 with beta 1, summed and divided by all N = 4 sampled RoIs: d/d delta = clamp(d - t, -1, 1) / 4
+    # on the true class's 4 columns of the foreground RoIs (0: class 2, 2: class 1), zero everywhere else.
+    expected = torch.zeros(4, 12)
+    expected[0, 8:12] = (d[0, 8:12] - targets[0]).clamp(-1, 1) / 4
+    expected[2, 4:8] = (d[2, 4:8] - targets[2]).clamp(-1, 1) / 4
+    assert ((d[0, 8:12] - targets[0]).abs() > 1).any() and ((d[0, 8:12] - targets[0]).abs() < 1).any()  # both branches
+    torch.testing.assert_close(deltas.grad, expected, rtol=0, atol=1e-7)
+    # Cross-entropy averaged over the 4 RoIs: d/d logits = (softmax - onehot) / 4.
+    losses["loss_cls"].backward()
+    expected_logit_grad = (torch.softmax(logits.detach(), dim=1) - F.one_hot(labels, 3).float()) / 4
+    torch.testing.assert_close(logits.grad, expected_logit_grad, rtol=1e-6, atol=1e-7)
 
 
 def test_losses_with_no_sampled_rois_are_zero_not_nan() -> None:
@@ -258,13 +265,39 @@ def _features_and_targets():
     return feats, props, targets, [(64, 80), (60, 70)]
 
 
-def test_forward_train_and_eval() -> None:
+def _spy_on_sampling(heads: RoIHeads, monkeypatch) -> list:
+    """Record what select_training_samples returns: (proposals, labels, regression targets) per call."""
+    calls = []
+    real = heads.select_training_samples
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        calls.append(out)
+        return out
+
+    monkeypatch.setattr(heads, "select_training_samples", spy)
+    return calls
+
+
+def test_forward_train_and_eval(monkeypatch) -> None:
     torch.manual_seed(0)
     feats, props, targets, sizes = _features_and_targets()
-    heads = _heads(score_thresh=0.0).train()
-    dets, losses = heads(feats, props, sizes, targets)
+    # A zeroed predictor: logits and deltas are exactly 0, so loss_cls = ln(K+1) = ln 3 and loss_box_reg is
+    # the smooth-L1 (beta 1) of the regression targets themselves, summed and divided by the N sampled RoIs.
+    zeroed = _heads(score_thresh=0.0).train()
+    with torch.no_grad():
+        for layer in (zeroed.predictor.cls_score, zeroed.predictor.bbox_pred):
+            layer.weight.zero_()
+            layer.bias.zero_()
+    sampled = _spy_on_sampling(zeroed, monkeypatch)
+    dets, losses = zeroed(feats, props, sizes, targets)
     assert dets == [] and set(losses) == {"loss_cls", "loss_box_reg"}
-    assert all(torch.isfinite(v) for v in losses.values())
+    _, labels, reg = sampled[0]
+    labels, reg = torch.cat(labels), torch.cat(reg)
+    assert labels.numel() > 0 and bool((labels > 0).any()) and bool(reg[labels > 0].any())
+    torch.testing.assert_close(losses["loss_cls"], torch.tensor(math.log(3.0)))
+    torch.testing.assert_close(losses["loss_box_reg"], _smooth_l1(reg[labels > 0], 1.0) / labels.numel())
+    heads = _heads(score_thresh=0.0)
     heads.eval()
     with torch.no_grad():
         dets, losses = heads(feats, props, sizes)
@@ -292,14 +325,31 @@ class _ContextRoIHeads(RoIHeads):
         return torch.cat([regions, context.repeat_interleave(torch.tensor(counts), dim=0)], dim=1)
 
 
-def test_region_features_hook_supports_global_context() -> None:
+def test_region_features_hook_supports_global_context(monkeypatch) -> None:
     torch.manual_seed(0)
     feats, props, targets, sizes = _features_and_targets()
     head = _TinyHead()
     heads = _ContextRoIHeads(RoIPooler(output_size=4), BoxHead(head), FastRCNNPredictor(2 * head.out_channels, 3))
+    sampled = _spy_on_sampling(heads, monkeypatch)
+    region = []
+    heads.predictor.register_forward_pre_hook(lambda m, args: region.append(args[0].detach()))
     _, losses = heads.train()(feats, props, sizes, targets)
     losses["loss_cls"].backward()
-    assert heads.predictor.cls_score.weight.grad[:, head.out_channels:].abs().sum() > 0
+    # The predictor saw [region vector | whole-image context vector] per sampled RoI ...
+    x = region[0]
+    labels = torch.cat(sampled[0][1])
+    counts = [len(p) for p in sampled[0][0]]
+    n = labels.numel()
+    assert x.shape == (n, 2 * head.out_channels) and n > 0
+    with torch.no_grad():
+        whole = [head(heads.pooler(feats[i:i + 1], [torch.tensor([[0.0, 0.0, float(w), float(h)]])]))
+                 for i, (h, w) in enumerate(sizes)]
+    torch.testing.assert_close(x[:, head.out_channels:], torch.cat([c.expand(k, -1) for c, k in zip(whole, counts)]))
+    assert x[:, head.out_channels:].abs().sum() > 0
+    # ... and the cross-entropy gradient reaches both halves: (softmax - onehot)^T @ features / N.
+    probs = torch.softmax(heads.predictor.cls_score(x), dim=1).detach()
+    expected = (probs - F.one_hot(labels, 3).float()).T @ x / n
+    torch.testing.assert_close(heads.predictor.cls_score.weight.grad, expected, rtol=1e-5, atol=1e-7)
     dets, _ = heads.eval()(feats, props, sizes)
     assert len(dets) == 2
 

@@ -3,9 +3,10 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchvision.models.detection._utils import BoxCoder as TVBoxCoder
-from torchvision.ops import box_iou
+from torchvision.ops import nms
 
 from detres.models.anchors import AnchorGenerator
 from detres.models.rpn import RegionProposalNetwork, RPNHead
@@ -104,49 +105,115 @@ def test_losses_known_answer():
     assert math.isclose(losses["loss_rpn_box"].item(), expected_box, rel_tol=1e-5)
 
 
-def test_zero_gt_and_all_cross_boundary_give_finite_losses():
+def _spy_on_sampler(rpn: RegionProposalNetwork, monkeypatch) -> list:
+    """Record the (positive masks, negative masks) the RPN's sampler returns."""
+    calls = []
+    real = rpn.sampler
+
+    def spy(labels):
+        out = real(labels)
+        calls.append(out)
+        return out
+
+    monkeypatch.setattr(rpn, "sampler", spy)
+    return calls
+
+
+def _flat_anchors(rpn: RegionProposalNetwork, height: int, width: int) -> torch.Tensor:
+    """Anchors in the head's flat (y, x, anchor) order, built by hand from the cell anchors and stride 16."""
+    cell = rpn.anchor_generator.cell_anchors()
+    return torch.stack([cell[a] + torch.tensor([16.0 * x, 16.0 * y, 16.0 * x, 16.0 * y])
+                        for y in range(height) for x in range(width) for a in range(cell.shape[0])])
+
+
+def test_zero_gt_and_all_cross_boundary_give_known_losses(monkeypatch):
     torch.manual_seed(0)
     rpn = _multi_rpn()
     rpn.train()
+    sampled_masks = _spy_on_sampler(rpn, monkeypatch)
     features = torch.randn(1, 8, 4, 4, requires_grad=True)
     _, losses = rpn(features, [(64, 64)], [{"boxes": torch.zeros(0, 4)}])
     assert losses["loss_rpn_box"].item() == 0.0
-    assert math.isfinite(losses["loss_rpn_cls"].item()) and losses["loss_rpn_cls"].item() > 0
+    # No gt: every sampled anchor is negative, and with 144 anchors < 256 every anchor inside the
+    # 64x64 image is sampled. The loss is then mean softplus(objectness) over those anchors.
+    (pos,), (neg,) = sampled_masks[0]
+    anchors = _flat_anchors(rpn, 4, 4)
+    inside = (anchors[:, 0] >= 0) & (anchors[:, 1] >= 0) & (anchors[:, 2] <= 64) & (anchors[:, 3] <= 64)
+    assert not pos.any() and torch.equal(neg, inside) and int(inside.sum()) > 0
+    logits, _ = rpn.head(features)
+    objectness = logits.permute(0, 2, 3, 1).reshape(-1)  # (y, x, anchor) order
+    expected = F.softplus(objectness[inside]).mean()
+    torch.testing.assert_close(losses["loss_rpn_cls"], expected)
     (losses["loss_rpn_cls"] + losses["loss_rpn_box"]).backward()
-    assert features.grad is not None and torch.isfinite(features.grad).all()
+    (expected_grad,) = torch.autograd.grad(expected, features)
+    assert expected_grad.abs().sum() > 0
+    torch.testing.assert_close(features.grad, expected_grad, rtol=1e-5, atol=1e-8)
 
     # A 20x20 valid region fits no anchor of size >= 16 centred on the grid: nothing is sampled.
     _, losses = rpn(torch.randn(1, 8, 2, 2), [(20, 20)], [{"boxes": torch.tensor([[2.0, 2.0, 18.0, 18.0]])}])
     assert losses["loss_rpn_cls"].item() == 0.0 and losses["loss_rpn_box"].item() == 0.0
 
 
-def test_forward_shapes_clipping_nms_and_top_n():
+def _naive_proposals(rpn: RegionProposalNetwork, features: torch.Tensor, image_sizes, pre_n: int, post_n: int,
+                     nms_thresh: float = 0.7) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
+    """Per image: decode every anchor (torchvision's BoxCoder) -> clip -> drop empty -> top pre_n by
+    objectness -> torchvision.ops.nms -> top post_n. Returns (boxes, sigmoid scores, #boxes after NMS)."""
+    with torch.no_grad():
+        logits, deltas = rpn.head(features)
+    _, num_a, height, width = logits.shape
+    anchors = _flat_anchors(rpn, height, width)
+    coder = TVBoxCoder((1.0, 1.0, 1.0, 1.0))
+    out = []
+    for b, (h, w) in enumerate(image_sizes):
+        scores = logits[b].permute(1, 2, 0).reshape(-1)
+        d = deltas[b].view(num_a, 4, height, width).permute(2, 3, 0, 1).reshape(-1, 4)
+        boxes = coder.decode_single(d, anchors)
+        boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
+        boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
+        keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        boxes, scores = boxes[keep], scores[keep]
+        order = scores.argsort(descending=True)[:pre_n]
+        boxes, scores = boxes[order], scores[order]
+        kept = nms(boxes, scores, nms_thresh)
+        out.append((boxes[kept[:post_n]], torch.sigmoid(scores[kept[:post_n]]), len(kept)))
+    return out
+
+
+def test_forward_proposals_equal_a_naive_decode_clip_topn_nms_reference():
     torch.manual_seed(0)
     rpn = _multi_rpn(
         pre_nms_top_n_train=300, post_nms_top_n_train=40, pre_nms_top_n_test=200, post_nms_top_n_test=7
     )
     with torch.no_grad():  # larger deltas spread the boxes so that clipping and NMS matter
         rpn.head.bbox_pred.weight.normal_(std=0.5)
-    features = torch.randn(2, 8, 6, 8)
+    features = torch.randn(2, 8, 6, 8)  # 6 * 8 * 9 = 432 anchors per image > both pre-NMS top-n
     image_sizes = [(96, 128), (70, 100)]
     targets = [{"boxes": torch.tensor([[10.0, 10.0, 60.0, 50.0]])}, {"boxes": torch.tensor([[30.0, 5.0, 90.0, 65.0]])}]
 
     rpn.train()
     proposals, losses = rpn(features, image_sizes, targets)
-    assert len(proposals) == 2 and all(p.shape[1] == 4 and 0 < len(p) <= 40 for p in proposals)
-    assert all(math.isfinite(v.item()) for v in losses.values())
+    assert set(losses) == {"loss_rpn_cls", "loss_rpn_box"}
+    reference = _naive_proposals(rpn, features, image_sizes, pre_n=300, post_n=40)
+    assert len(proposals) == 2
+    for p, (boxes, _, num_after_nms) in zip(proposals, reference):
+        assert 40 < num_after_nms < 300  # NMS removed some, and more than the top-n survived it
+        assert p.shape == boxes.shape == (40, 4)
+        torch.testing.assert_close(p, boxes, rtol=0, atol=1e-4)
 
     rpn.eval()
     proposals, losses = rpn(features, image_sizes)
     assert losses == {}
-    for p, (h, w) in zip(proposals, image_sizes):
-        assert 0 < len(p) <= 7
-        assert not p.requires_grad
-        assert bool((p[:, 0] >= 0).all() and (p[:, 1] >= 0).all())
-        assert bool((p[:, 2] <= w).all() and (p[:, 3] <= h).all())
-        assert bool((p[:, 2] > p[:, 0]).all() and (p[:, 3] > p[:, 1]).all())
-        iou = box_iou(p, p) - torch.eye(len(p))
-        assert float(iou.max()) <= 0.7 + 1e-6
+    # filter_proposals also returns the scores (sigmoid of the kept logits)
+    with torch.no_grad():
+        objectness, pred_deltas, anchors = rpn.predict(features)
+        decoded = rpn.box_coder.decode(pred_deltas.reshape(-1, 4), anchors.repeat(2, 1)).view(2, -1, 4)
+    filtered, scores = rpn.filter_proposals(decoded, objectness, image_sizes)
+    reference = _naive_proposals(rpn, features, image_sizes, pre_n=200, post_n=7)
+    for p, f, s, (boxes, ref_scores, _) in zip(proposals, filtered, scores, reference):
+        assert not p.requires_grad and torch.equal(p, f)
+        assert p.shape == boxes.shape == (7, 4)
+        torch.testing.assert_close(p, boxes, rtol=0, atol=1e-4)
+        torch.testing.assert_close(s, ref_scores, rtol=1e-6, atol=1e-7)
 
 
 def test_proposals_match_independent_reconstruction_from_head_layout():
@@ -199,6 +266,9 @@ def test_overfit_one_image_losses_decrease():
     targets = [{"boxes": torch.tensor([[8.0, 10.0, 40.0, 44.0], [50.0, 16.0, 90.0, 40.0]])}]
     params = list(backbone.parameters()) + list(rpn.parameters())
     optimizer = torch.optim.Adam(params, lr=3e-3)
+    with torch.no_grad():  # zero objectness layer: the first loss_rpn_cls is exactly ln 2
+        rpn.head.cls_logits.weight.zero_()
+        rpn.head.cls_logits.bias.zero_()
     history = []
     for _ in range(30):
         _, losses = rpn(backbone(image), [(64, 96)], targets)
@@ -208,7 +278,7 @@ def test_overfit_one_image_losses_decrease():
         optimizer.step()
         history.append((losses["loss_rpn_cls"].item(), losses["loss_rpn_box"].item()))
     first, last = history[0], history[-1]
-    assert all(math.isfinite(c) and math.isfinite(b) for c, b in history)
+    assert first[0] == pytest.approx(math.log(2.0), rel=1e-6)
     assert last[0] < 0.5 * first[0]
     assert last[1] < 0.6 * first[1]
 

@@ -208,11 +208,11 @@ def test_cifar_resnet20_accuracy_on_200_test_images():
     load_cifar_resnet_checkpoint(model, path)
     model.eval()
     with torch.no_grad():
-        accuracy = (model(x).argmax(dim=1) == y).float().mean().item()
+        correct = int((model(x).argmax(dim=1) == y).sum())
     # Upstream reports 91.78% on the original arrays; these are lossy JPEG re-encodings
-    # (measured: 80.0% on this subset, 81.0% on all 10,000). A wrong shortcut padding
+    # (measured: 160/200 = 80.0% on this subset, 81.0% on all 10,000). A wrong shortcut padding
     # layout or BGR input gives ~15% / ~72%.
-    assert accuracy > 0.70
+    assert len(y) == 200 and correct == 160
 
 
 def _reference_cifar_forward(raw: dict[str, torch.Tensor], x: torch.Tensor, n: int) -> torch.Tensor:

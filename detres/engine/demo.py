@@ -3,20 +3,13 @@ from __future__ import annotations
 
 import shutil
 import time
-import warnings
-from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from detres.config.load import load_config
-from detres.data.build import build_detection_dataset, dataset_label_to_category_id
 from detres.data.synthetic import generate_shapes_world
 from detres.engine.cls_trainer import train_classifier
 from detres.engine.det_trainer import train_detector
-from detres.engine.plots import save_pr_curves
-from detres.evaluation.results_io import load_coco_results
 from detres.utils.atomic import write_json_atomic
 
 CLS_CONFIG = "configs/cls/shapes_r18.yaml"
@@ -42,7 +35,7 @@ def run_demo(out: str | Path, *, data_root: str | Path = "data_toy", repo_root: 
         f"data.train_images={paths['det_images']}", f"data.train_ann={paths['det_coco_train']}",
         f"data.val_images={paths['det_images']}", f"data.val_ann={paths['det_coco_val']}", f"seed={seed}"])
     det_metrics = train_detector(det_cfg)
-    pr_png = write_demo_pr_curves(det_cfg, out / "det" / "test", det_metrics["voc"]["per_class"])
+    pr_png = out / "det" / "test" / "pr_curves.png"  # written by test_detector with the metrics
     summary = {
         "classification": {"val_errors_after_bn_recompute": cls_metrics.get("after_bn_recompute"),
                            "train_time_s": cls_metrics["train_time_s"]},
@@ -55,38 +48,3 @@ def run_demo(out: str | Path, *, data_root: str | Path = "data_toy", repo_root: 
     write_json_atomic(out / "summary.json", summary)
     return summary
 
-
-def detections_from_coco_results(results: Sequence[Mapping[str, Any]], dataset: Any) -> list[dict[str, Any]]:
-    """Per-image detection dicts (xyxy, contiguous labels) back from a COCO results list, in dataset order.
-
-    The inverse of detections_to_coco_results: within an image and class the entries keep their order,
-    so the VOC evaluation of the result is the one of the original detections.
-    """
-    label_of = {cat: label for label, cat in dataset_label_to_category_id(dataset).items()}
-    ids = [dataset.annotation(i)["image_id"] for i in range(len(dataset))]
-    per_image: dict[Any, list[Mapping[str, Any]]] = {image_id: [] for image_id in ids}
-    for entry in results:
-        per_image[entry["image_id"]].append(entry)
-    dets = []
-    for image_id, entries in per_image.items():
-        boxes = np.asarray([[x, y, x + w, y + h] for x, y, w, h in (e["bbox"] for e in entries)], np.float64)
-        dets.append({"image_id": image_id, "boxes": boxes.reshape(-1, 4),
-                     "scores": np.asarray([e["score"] for e in entries], np.float64),
-                     "labels": np.asarray([label_of[int(e["category_id"])] for e in entries], np.int64)})
-    return dets
-
-
-def write_demo_pr_curves(det_cfg: Any, test_dir: Path, reported_ap: Mapping[str, float]) -> Path:
-    """``test_dir/pr_curves.png`` from the written ``coco_results.json`` unless the test step wrote it already;
-    warns if an AP of the plotted curves differs from the one the evaluation reported."""
-    png = test_dir / "pr_curves.png"
-    if png.exists():
-        return png
-    dataset = build_detection_dataset(det_cfg, "val", train=False)
-    dets = detections_from_coco_results(load_coco_results(test_dir / "coco_results.json")[0], dataset)
-    curves = save_pr_curves(dataset, dets, png, iou_thresh=det_cfg.test.iou_thresh_voc,
-                            use_07_metric=det_cfg.test.use_07_metric)
-    differ = [n for n, c in curves.items() if not np.isclose(c["ap"], reported_ap.get(n, np.nan), equal_nan=True)]
-    if differ:
-        warnings.warn(f"{png}: the PR curves' AP differs from metrics.json for {differ}", stacklevel=2)
-    return png

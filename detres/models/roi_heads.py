@@ -6,68 +6,15 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import box_iou, roi_align, roi_pool
+from torchvision.ops import box_iou
 
 from detres.models.box_coder import BoxCoder
 from detres.models.matcher import Matcher, crowd_ignore_mask
 from detres.models.postprocess import postprocess_boxes
+from detres.models.roi_pooler import RoIPooler
 from detres.models.sampler import BalancedSampler
 
 __all__ = ["RoIPooler", "BoxHead", "FastRCNNPredictor", "RoIHeads"]
-
-_POOLER_TYPES = ("roi_pool", "roi_align")
-
-
-class RoIPooler(nn.Module):
-    """Pool a fixed-size feature for every box from a single feature map (RoI pooling, Fast R-CNN).
-
-    Args:
-        output_size: side of the pooled grid (14: conv5_1 then halves it to 7).
-        spatial_scale: feature-map stride inverse (1/16 for C4).
-        pooler_type: "roi_pool" (max pooling over quantised bins, the paper) or "roi_align".
-        sampling_ratio: roi_align samples per bin (<= 0: adaptive); ignored by roi_pool.
-        aligned: roi_align half-pixel offset; ignored by roi_pool.
-    """
-
-    def __init__(
-        self,
-        *,
-        output_size: int = 14,
-        spatial_scale: float = 1.0 / 16,
-        pooler_type: str = "roi_pool",
-        sampling_ratio: int = 0,
-        aligned: bool = False,
-    ) -> None:
-        super().__init__()
-        if pooler_type not in _POOLER_TYPES:
-            raise ValueError(f"RoIPooler: pooler_type must be one of {_POOLER_TYPES}, got {pooler_type!r}")
-        if output_size < 1:
-            raise ValueError(f"RoIPooler: output_size must be >= 1, got {output_size}")
-        if spatial_scale <= 0:
-            raise ValueError(f"RoIPooler: spatial_scale must be positive, got {spatial_scale}")
-        self.output_size = int(output_size)
-        self.spatial_scale = float(spatial_scale)
-        self.pooler_type = pooler_type
-        self.sampling_ratio = int(sampling_ratio)
-        self.aligned = bool(aligned)
-
-    def forward(self, features: torch.Tensor, boxes: Sequence[torch.Tensor]) -> torch.Tensor:
-        """features [B,C,H,W], boxes: B tensors [Ni,4] (input-image xyxy) -> [sum Ni, C, S, S]."""
-        if features.dim() != 4:
-            raise ValueError(f"RoIPooler: features must be [B,C,H,W], got {tuple(features.shape)}")
-        if len(boxes) != features.shape[0]:
-            raise ValueError(
-                f"RoIPooler: got {len(boxes)} box tensors for a batch of {features.shape[0]} feature maps"
-            )
-        for i, b in enumerate(boxes):
-            if b.dim() != 2 or b.shape[1] != 4:
-                raise ValueError(f"RoIPooler: boxes[{i}] must be [N,4], got {tuple(b.shape)}")
-        boxes = [b.to(features.dtype) for b in boxes]
-        size = (self.output_size, self.output_size)
-        if self.pooler_type == "roi_pool":
-            return roi_pool(features, boxes, size, self.spatial_scale)
-        return roi_align(features, boxes, size, self.spatial_scale, self.sampling_ratio, self.aligned)
-
 
 class BoxHead(nn.Module):
     """Post-RoI layers: run the per-region network (conv5_x + pooling) and return one vector per RoI.

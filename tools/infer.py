@@ -24,6 +24,8 @@ from detres.data.image_io import read_image_rgb  # noqa: E402
 from detres.engine.run_setup import resolve_device  # noqa: E402
 from detres.inference.predictor import Predictor  # noqa: E402
 from detres.inference.visualize import draw_detections, write_png  # noqa: E402
+from detres.models.build import configure_postprocess  # noqa: E402
+from detres.models.postprocess import NMS_METHODS  # noqa: E402
 from detres.utils.atomic import write_json_atomic  # noqa: E402
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
@@ -54,8 +56,13 @@ def output_png_paths(images: list[Path], out_dir: Path) -> list[Path]:
     return paths
 
 
-def run(checkpoint: Path, source: Path, out_dir: Path, *, score_thresh: float, device: str) -> dict[str, Any]:
-    """Detect on every input image, write the drawn PNGs and detections.json; returns the JSON content."""
+def run(checkpoint: Path, source: Path, out_dir: Path, *, score_thresh: float, device: str,
+        postprocess: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Detect on every input image, write the drawn PNGs and detections.json; returns the JSON content.
+
+    ``postprocess``: overrides of the checkpoint's test-time post-processing (see
+    :func:`detres.models.build.configure_postprocess`; None values leave the checkpoint's setting).
+    """
     images = list_images(source)
     pngs = output_png_paths(images, out_dir)
     try:
@@ -65,6 +72,7 @@ def run(checkpoint: Path, source: Path, out_dir: Path, *, score_thresh: float, d
     if torch_device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: CUDA is not available on this machine")
     predictor = Predictor(checkpoint, device=torch_device)
+    configure_postprocess(predictor.model, **(postprocess or {}))
     records = []
     for path, png in zip(images, pngs):
         image = read_image_rgb(path)
@@ -92,11 +100,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("runs/infer"), help="output folder (default runs/infer)")
     parser.add_argument("--score-thresh", type=float, default=0.5, help="keep and draw detections scoring >= this")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    # Test-time post-processing; each overrides the checkpoint's model.roi_heads setting only when given.
+    parser.add_argument("--nms-method", choices=NMS_METHODS, default=None,
+                        help="per-class NMS: nms (hard, the paper), soft_linear or soft_gaussian (Bodla et al.)")
+    parser.add_argument("--soft-nms-sigma", type=float, default=None, help="soft_gaussian's sigma")
+    parser.add_argument("--soft-nms-score-thresh", type=float, default=None,
+                        help="soft-NMS drops boxes whose decayed score is not above this")
+    parser.add_argument("--box-voting", action=argparse.BooleanOptionalAction, default=None,
+                        help="Appendix-B box voting after NMS (--no-box-voting: off)")
+    parser.add_argument("--box-voting-iou", type=float, default=None, help="IoU at which a pre-NMS box votes")
     args = parser.parse_args(argv)
     if not 0.0 <= args.score_thresh <= 1.0:
         parser.error(f"--score-thresh must be in [0, 1], got {args.score_thresh}")
     try:
-        result = run(args.checkpoint, args.input, args.out, score_thresh=args.score_thresh, device=args.device)
+        postprocess = {"nms_method": args.nms_method, "soft_nms_sigma": args.soft_nms_sigma,
+                       "soft_nms_score_thresh": args.soft_nms_score_thresh, "box_voting": args.box_voting,
+                       "box_voting_iou": args.box_voting_iou}
+        result = run(args.checkpoint, args.input, args.out, score_thresh=args.score_thresh, device=args.device,
+                     postprocess=postprocess)
     except (FileNotFoundError, ValueError) as exc:
         print(f"infer: error: {exc}", file=sys.stderr)
         return 2

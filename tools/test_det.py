@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Evaluate a trained detector on a dataset: tools/test_det.py --config C.yaml --checkpoint M.pt [key=value ...].
 
-Writes COCO results JSON, VOC devkit result files, metrics.json and example PNGs under --out
+Writes COCO results JSON, the ground truth it scored (coco_gt.json), VOC devkit result files,
+metrics.json, a per-class precision-recall plot (pr_curves.png) and example PNGs under --out
 (default <output_dir>/test) and prints the COCO and VOC metrics.
 """
 from __future__ import annotations
@@ -19,7 +20,8 @@ from detres.config.load import ConfigError, load_config  # noqa: E402
 from detres.data.build import build_detection_dataset  # noqa: E402
 from detres.engine.det_trainer import test_detector  # noqa: E402
 from detres.engine.run_setup import resolve_device  # noqa: E402
-from detres.models.build import load_detector  # noqa: E402
+from detres.models.build import configure_postprocess, load_detector  # noqa: E402
+from detres.models.postprocess import NMS_METHODS  # noqa: E402
 from detres.utils.atomic import dumps_json  # noqa: E402
 
 
@@ -28,12 +30,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True, help="YAML config (task: det); data.val_* is the test set")
     parser.add_argument("--checkpoint", required=True, help="train_det checkpoint (model_final.pt or last.pt)")
     parser.add_argument("--out", default=None, help="output folder (default <output_dir>/test)")
+    # Test-time post-processing; each overrides the checkpoint's model.roi_heads setting only when given.
+    parser.add_argument("--nms-method", choices=NMS_METHODS, default=None,
+                        help="per-class NMS: nms (hard, the paper), soft_linear or soft_gaussian (Bodla et al.)")
+    parser.add_argument("--soft-nms-sigma", type=float, default=None, help="soft_gaussian's sigma")
+    parser.add_argument("--soft-nms-score-thresh", type=float, default=None,
+                        help="soft-NMS drops boxes whose decayed score is not above this")
+    parser.add_argument("--box-voting", action=argparse.BooleanOptionalAction, default=None,
+                        help="Appendix-B box voting after NMS (--no-box-voting: off)")
+    parser.add_argument("--box-voting-iou", type=float, default=None, help="IoU at which a pre-NMS box votes")
     parser.add_argument("overrides", nargs="*", help="config overrides such as data.val_ann=...")
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
         device = resolve_device(cfg.device)
         model, meta = load_detector(args.checkpoint, device=device)
+        configure_postprocess(model, nms_method=args.nms_method, soft_nms_sigma=args.soft_nms_sigma,
+                              soft_nms_score_thresh=args.soft_nms_score_thresh, box_voting=args.box_voting,
+                              box_voting_iou=args.box_voting_iou)
         dataset = build_detection_dataset(cfg, "val", train=False, class_names=meta["class_names"])
         names = [c["name"] for c in dataset.categories]
         if names != meta["class_names"]:

@@ -16,13 +16,18 @@ CLS_DEFAULTS: dict = {
     "output_dir": "runs/cls",
     "device": "auto",  # "auto" = cuda if available else cpu
     "model": {
-        "arch": "imagenet",  # "imagenet" (Table 1 nets) or "cifar" (6n+2 nets of Sec. 4.2)
-        "depth": 50,  # 18/34/50/101/152 (imagenet) or 20/32/44/56/110/1202 (cifar)
+        # "imagenet" (Table 1 nets), "cifar" (6n+2 nets of Sec. 4.2), "vgg16" (VGG configuration D) or
+        # "alexnet" (Krizhevsky et al. 2012); vgg16/alexnet have no BN: set bn_recompute.enabled=false
+        "arch": "imagenet",
+        "depth": 50,  # 18/34/50/101/152 (imagenet) or 20/32/44/56/110/1202 (cifar); ignored by vgg16/alexnet
         "shortcut": "B",  # A: zero-padded identity, B: projection on shape change, C: all projections
         "plain": False,  # plain counterpart (no shortcuts) for the paper's plain-vs-residual study
         "stride_in_1x1": False,  # True: stride in the first 1x1 (original MSRA); False: in the 3x3
         "base_width": 64,  # channels of conv1/conv2_x (Table 1: 64); smaller = same net, cheaper (CPU runs)
         "zero_init_residual": False,
+        "dropout": 0.5,  # vgg16/alexnet: dropout after fc6 and fc7 (AlexNet Sec. 4.2)
+        "batch_norm": False,  # vgg16: BN after every conv (torchvision's vgg16_bn; not in the paper)
+        "groups": 1,  # alexnet: 1 = single-GPU form; 2 = the paper's two-GPU grouped conv2/conv4/conv5
         "weights": None,  # local path to initialise from (our checkpoint or a torchvision state_dict)
     },
     "data": {
@@ -133,8 +138,17 @@ DET_DEFAULTS: dict = {
             "crowd_iof_thresh": 0.7,
             "bbox_reg_weights": [10.0, 10.0, 5.0, 5.0],
             "score_thresh": 0.05,
-            "nms_thresh": 0.3,  # the paper's per-class NMS threshold
+            "nms_thresh": 0.3,  # the paper's per-class NMS threshold (soft_linear: its N_t)
             "detections_per_img": 100,
+            # "nms" (hard per-class NMS, the paper), "soft_linear" (score *= 1 - IoU when IoU > nms_thresh) or
+            # "soft_gaussian" (score *= exp(-IoU^2 / soft_nms_sigma)): soft-NMS of Bodla et al. 2017
+            "nms_method": "nms",
+            "soft_nms_sigma": 0.5,
+            "soft_nms_score_thresh": 0.001,  # soft-NMS drops boxes whose decayed score is not above this
+            # Appendix B box voting: each kept box becomes the score-weighted mean of the pre-NMS boxes of its
+            # class with IoU >= box_voting_iou (scores unchanged)
+            "box_voting": False,
+            "box_voting_iou": 0.5,
         },
     },
     "data": {

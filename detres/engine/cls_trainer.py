@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -103,6 +104,9 @@ def _train_classifier(cfg: Config, *, resume: bool) -> dict[str, Any]:
 
     model_args = classifier_kwargs_from_config(cfg.model, num_classes=len(train_set.class_names))
     model = build_classifier(**model_args)
+    if cfg.bn_recompute.enabled and not any(isinstance(m, _BatchNorm) and m.running_mean is not None
+                                            for m in model.modules()):
+        raise ValueError(f"model.arch={model_args['arch']} has no BatchNorm layers: set bn_recompute.enabled=false")
     if cfg.model.weights and state is None:
         load_pretrained_backbone(model, cfg.model.weights)
     model.to(device)
@@ -168,6 +172,12 @@ def _train_classifier(cfg: Config, *, resume: bool) -> dict[str, Any]:
                                out=out, train_time_s=train_time, iterations=iteration)
 
 
+def _model_title(model_args) -> str:
+    if model_args["arch"] in ("imagenet", "cifar"):
+        return f"{model_args['arch']} ResNet-{model_args['depth']}"
+    return {"vgg16": "VGG-16", "alexnet": "AlexNet"}.get(model_args["arch"], model_args["arch"])
+
+
 def _plateau_min_iters(solver, num_train_images: int) -> int:
     """``solver.plateau_min_epochs`` in iterations (an epoch = num_train_images // batch_size)."""
     epochs = solver.get("plateau_min_epochs", 0.0) or 0.0
@@ -224,5 +234,5 @@ def finalize_classifier(model, cfg: Config, stats: ClsDataStats, train_set, val_
     records = read_json_lines(out / "metrics.jsonl")
     plot_curves(records, out / "curves.png", series=[("train_err", "train error (augmented crops)"),
                                                      ("val_top1_err", "val top-1 error (1-crop)")],
-                title=f"{model_args['arch']} ResNet-{model_args['depth']}", ylabel="error", percent=True)
+                title=_model_title(model_args), ylabel="error", percent=True)
     return metrics

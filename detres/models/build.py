@@ -8,34 +8,56 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from detres.models.alexnet import alexnet
 from detres.models.resnet import build_cifar_resnet, build_resnet
+from detres.models.vgg import vgg16
 from detres.utils.checkpoint import load_checkpoint
+
+CLASSIFIER_ARCHS = ("imagenet", "cifar", "vgg16", "alexnet")
+FIXED_DEPTH = {"vgg16": 16, "alexnet": 8}  # weight layers: 13 conv + 3 fc; 5 conv + 3 fc
 
 
 def classifier_kwargs_from_config(model_cfg: Mapping[str, Any], *, num_classes: int) -> dict[str, Any]:
-    """The explicit arguments of :func:`build_classifier` (also stored in checkpoints as ``model_args``)."""
+    """The explicit arguments of :func:`build_classifier` (also stored in checkpoints as ``model_args``).
+
+    VGG-16 and AlexNet record their fixed depth (16, and AlexNet's eight learned layers) so that every
+    checkpoint names ``arch`` and ``depth``; ``model.depth`` is not read for them.
+    """
+    arch = model_cfg["arch"]
+    if arch in FIXED_DEPTH:
+        kwargs = {"arch": arch, "depth": FIXED_DEPTH[arch], "num_classes": int(num_classes),
+                  "dropout": float(model_cfg["dropout"])}
+        if arch == "vgg16":
+            kwargs["batch_norm"] = bool(model_cfg["batch_norm"])
+        else:
+            kwargs["groups"] = int(model_cfg["groups"])
+        return kwargs
     kwargs = {
-        "arch": model_cfg["arch"],
+        "arch": arch,
         "depth": int(model_cfg["depth"]),
         "num_classes": int(num_classes),
         "shortcut": model_cfg["shortcut"],
         "plain": bool(model_cfg["plain"]),
         "zero_init_residual": bool(model_cfg["zero_init_residual"]),
     }
-    if model_cfg["arch"] == "imagenet":
+    if arch == "imagenet":
         kwargs["stride_in_1x1"] = bool(model_cfg["stride_in_1x1"])
         kwargs["base_width"] = int(model_cfg["base_width"])
     return kwargs
 
 
 def build_classifier(*, arch: str = "imagenet", depth: int = 50, num_classes: int = 1000, **kwargs: Any) -> nn.Module:
-    """An ImageNet (Table 1) or CIFAR (6n+2) ResNet classifier from explicit arguments."""
+    """An ImageNet (Table 1) or CIFAR (6n+2) ResNet, VGG-16 or AlexNet classifier from explicit arguments."""
     if arch == "imagenet":
         return build_resnet(depth, num_classes=num_classes, **kwargs)
     if arch == "cifar":
         kwargs.pop("stride_in_1x1", None)  # CIFAR nets have no bottlenecks
         return build_cifar_resnet(depth, num_classes=num_classes, **kwargs)
-    raise ValueError(f"model.arch must be 'imagenet' or 'cifar', got {arch!r}")
+    if arch in FIXED_DEPTH:
+        if depth != FIXED_DEPTH[arch]:
+            raise ValueError(f"model.arch={arch!r} has depth {FIXED_DEPTH[arch]}, got depth={depth!r}")
+        return (vgg16 if arch == "vgg16" else alexnet)(num_classes=num_classes, **kwargs)
+    raise ValueError(f"model.arch must be one of {CLASSIFIER_ARCHS}, got {arch!r}")
 
 
 def _check_backbone_args(saved: Mapping[str, Any] | None, model_cfg: Mapping[str, Any], weights: str) -> None:
@@ -101,6 +123,11 @@ def detector_kwargs_from_config(model_cfg: Mapping[str, Any], *, num_classes: in
         "score_thresh": float(roi["score_thresh"]),
         "nms_thresh": float(roi["nms_thresh"]),
         "detections_per_img": int(roi["detections_per_img"]),
+        "nms_method": str(roi["nms_method"]),
+        "soft_nms_sigma": float(roi["soft_nms_sigma"]),
+        "soft_nms_score_thresh": float(roi["soft_nms_score_thresh"]),
+        "box_voting": bool(roi["box_voting"]),
+        "box_voting_iou": float(roi["box_voting_iou"]),
     }
     kwargs.update({f"rpn_{key}": value for key, value in rpn.items()})
     for key in ("fg_iou_thresh", "bg_iou_thresh_hi", "bg_iou_thresh_lo", "batch_size_per_image", "positive_fraction",
@@ -109,11 +136,35 @@ def detector_kwargs_from_config(model_cfg: Mapping[str, Any], *, num_classes: in
     return kwargs
 
 
+# Test-time post-processing arguments of RoIHeads (absent from checkpoints written before they existed:
+# those rebuild with the defaults, i.e. the paper's hard NMS without voting).
+POSTPROCESS_KEYS = ("nms_method", "soft_nms_sigma", "soft_nms_score_thresh", "box_voting", "box_voting_iou")
+
+
+def configure_postprocess(model: nn.Module, **options: Any) -> nn.Module:
+    """Set the RoI heads' test-time post-processing (keys of ``POSTPROCESS_KEYS``; None = leave as is)."""
+    from detres.models.postprocess import check_postprocess_options
+
+    unknown = sorted(set(options) - set(POSTPROCESS_KEYS))
+    if unknown:
+        raise ValueError(f"configure_postprocess: unknown options {unknown}; expected {list(POSTPROCESS_KEYS)}")
+    heads = model.roi_heads
+    merged = {key: getattr(heads, key) for key in POSTPROCESS_KEYS}
+    merged.update({key: value for key, value in options.items() if value is not None})
+    check_postprocess_options(**{k: v for k, v in merged.items() if k != "box_voting"})
+    casts = {"nms_method": str, "soft_nms_sigma": float, "soft_nms_score_thresh": float, "box_voting": bool,
+             "box_voting_iou": float}
+    for key, value in merged.items():
+        setattr(heads, key, casts[key](value))
+    return model
+
+
 def build_detector(**kwargs: Any) -> nn.Module:
     """A ResNet-C4 Faster R-CNN from the explicit arguments of :func:`detector_kwargs_from_config`."""
     from detres.models.faster_rcnn import build_faster_rcnn
 
-    return build_faster_rcnn(**kwargs)
+    post = {key: kwargs.pop(key) for key in POSTPROCESS_KEYS if key in kwargs}
+    return configure_postprocess(build_faster_rcnn(**kwargs), **post)
 
 
 def load_detector(path: str | os.PathLike, *, device: torch.device | str = "cpu") -> tuple[nn.Module, dict[str, Any]]:

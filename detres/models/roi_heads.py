@@ -10,7 +10,7 @@ from torchvision.ops import box_iou
 
 from detres.models.box_coder import BoxCoder
 from detres.models.matcher import Matcher, crowd_ignore_mask
-from detres.models.postprocess import postprocess_boxes
+from detres.models.postprocess import check_postprocess_options, postprocess_boxes
 from detres.models.roi_pooler import RoIPooler
 from detres.models.sampler import BalancedSampler
 
@@ -139,8 +139,15 @@ class RoIHeads(nn.Module):
         smooth_l1_beta: float = 1.0,
         inference_roi_chunk: int = 32,
         crowd_iof_thresh: float = 0.7,
+        nms_method: str = "nms",
+        soft_nms_sigma: float = 0.5,
+        soft_nms_score_thresh: float = 0.001,
+        box_voting: bool = False,
+        box_voting_iou: float = 0.5,
     ) -> None:
         super().__init__()
+        check_postprocess_options(nms_method=nms_method, soft_nms_sigma=soft_nms_sigma,
+                                  soft_nms_score_thresh=soft_nms_score_thresh, box_voting_iou=box_voting_iou)
         if not 0.0 <= bg_iou_thresh_lo <= bg_iou_thresh_hi <= fg_iou_thresh <= 1.0:
             raise ValueError(
                 "RoIHeads: need 0 <= bg_iou_thresh_lo <= bg_iou_thresh_hi <= fg_iou_thresh <= 1, got "
@@ -167,6 +174,12 @@ class RoIHeads(nn.Module):
         self.smooth_l1_beta = float(smooth_l1_beta)
         self.inference_roi_chunk = int(inference_roi_chunk)
         self.crowd_iof_thresh = float(crowd_iof_thresh)
+        # Test-time post-processing (see postprocess_boxes): plain attributes, so a tool may override them.
+        self.nms_method = str(nms_method)
+        self.soft_nms_sigma = float(soft_nms_sigma)
+        self.soft_nms_score_thresh = float(soft_nms_score_thresh)
+        self.box_voting = bool(box_voting)
+        self.box_voting_iou = float(box_voting_iou)
         self.box_coder = BoxCoder(weights=tuple(bbox_reg_weights))
         # IoU >= fg -> matched gt index; IoU < hi -> -1 (background candidate); between -> -2.
         self.matcher = Matcher(
@@ -314,7 +327,7 @@ class RoIHeads(nn.Module):
         proposals: Sequence[torch.Tensor],
         image_sizes: Sequence[tuple[int, int]],
     ) -> list[dict[str, torch.Tensor]]:
-        """Softmax, decode, clip, score threshold, per-class NMS and top-k for each image."""
+        """Softmax, decode, clip, score threshold, per-class NMS (or soft-NMS), top-k, optional box voting."""
         probs, boxes = self.decode_predictions(class_logits, box_deltas, proposals)
         return [
             postprocess_boxes(
@@ -324,6 +337,11 @@ class RoIHeads(nn.Module):
                 score_thresh=self.score_thresh,
                 nms_thresh=self.nms_thresh,
                 detections_per_img=self.detections_per_img,
+                nms_method=self.nms_method,
+                soft_nms_sigma=self.soft_nms_sigma,
+                soft_nms_score_thresh=self.soft_nms_score_thresh,
+                box_voting=self.box_voting,
+                box_voting_iou=self.box_voting_iou,
             )
             for p, b, hw in zip(probs, boxes, image_sizes)
         ]

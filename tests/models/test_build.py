@@ -125,3 +125,32 @@ def test_load_detector_rejects_other_checkpoints(tmp_path):
         load_detector(tmp_path / "cls.pt")
     with pytest.raises(FileNotFoundError, match="missing.pt"):
         load_detector(tmp_path / "missing.pt")
+
+
+def test_postprocess_options_go_from_config_to_the_roi_heads_and_back_from_a_checkpoint(tmp_path):
+    from detres.models.build import POSTPROCESS_KEYS, build_detector, configure_postprocess
+
+    defaults = detector_kwargs_from_config(load_config(None, [], task="det").model, num_classes=2)
+    assert {k: defaults[k] for k in POSTPROCESS_KEYS} == {
+        "nms_method": "nms", "soft_nms_sigma": 0.5, "soft_nms_score_thresh": 0.001, "box_voting": False,
+        "box_voting_iou": 0.5}
+    cfg = load_config(None, ["model.depth=18", "model.base_width=16", "model.roi_heads.nms_method=soft_linear",
+                             "model.roi_heads.box_voting=true", "model.roi_heads.box_voting_iou=0.6"], task="det")
+    kwargs = detector_kwargs_from_config(cfg.model, num_classes=2)
+    model = build_detector(**kwargs)
+    heads = model.roi_heads
+    assert (heads.nms_method, heads.box_voting, heads.box_voting_iou) == ("soft_linear", True, 0.6)
+    assert kwargs["nms_method"] == "soft_linear"  # build_detector does not consume the caller's dict
+    # A checkpoint written before these options existed rebuilds with the defaults.
+    old_args = {k: v for k, v in kwargs.items() if k not in POSTPROCESS_KEYS}
+    save_checkpoint(tmp_path / "old.pt", {"model": model.state_dict(), "model_args": dict(old_args, weights_path=None),
+                                          "meta": {"class_names": ["a", "b"]}})
+    old, _ = load_detector(tmp_path / "old.pt")
+    assert (old.roi_heads.nms_method, old.roi_heads.box_voting) == ("nms", False)
+    # Test-time override (what tools/test_det.py and tools/infer.py do); None leaves an option as it is.
+    configure_postprocess(old, box_voting=True, nms_method=None, soft_nms_sigma=0.2)
+    assert (old.roi_heads.nms_method, old.roi_heads.box_voting, old.roi_heads.soft_nms_sigma) == ("nms", True, 0.2)
+    with pytest.raises(ValueError, match="nms_method"):
+        configure_postprocess(old, nms_method="fast")
+    with pytest.raises(ValueError, match="unknown options"):
+        configure_postprocess(old, voting=True)

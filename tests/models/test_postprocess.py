@@ -104,3 +104,99 @@ def test_rescale_detections_back_to_original_size() -> None:
     torch.testing.assert_close(aniso["boxes"][0], torch.tensor([2.5, 10.0, 7.5, 20.0]))
     with pytest.raises(ValueError, match="scale"):
         rescale_detections(dets, 0.0, (30, 40))
+
+
+# ----------------------------------------------------------------- soft-NMS and box voting options
+def test_hand_example_soft_linear_reports_decayed_scores() -> None:
+    probs, boxes = _hand_case()
+    out = postprocess_boxes(probs, boxes, (20, 30), nms_method="soft_linear", nms_thresh=0.3)
+    # Class 1: R1 is not suppressed but decayed: IoU 81/119 > 0.3 -> 0.7 * (1 - 81/119) = 0.7 * 38/119 = 0.22353.
+    # Class 2: R1 (0.2) alone. Sorted by decayed score.
+    torch.testing.assert_close(out["scores"], torch.tensor([0.90, 0.7 * 38 / 119, 0.20]))
+    assert out["labels"].tolist() == [1, 1, 2]
+    torch.testing.assert_close(out["boxes"], torch.tensor([[0.0, 0.0, 10.0, 10.0], [1.0, 1.0, 11.0, 11.0],
+                                                           [1.0, 1.0, 11.0, 11.0]]))
+    # The final threshold applies to decayed scores: 0.21 drops class 2's 0.2 only, 0.25 also the decayed 0.2235.
+    mid = postprocess_boxes(probs, boxes, (20, 30), nms_method="soft_linear", soft_nms_score_thresh=0.21)
+    assert mid["labels"].tolist() == [1, 1]
+    high = postprocess_boxes(probs, boxes, (20, 30), nms_method="soft_linear", soft_nms_score_thresh=0.25)
+    assert high["labels"].tolist() == [1]
+
+
+def test_hand_example_box_voting_moves_kept_boxes_only() -> None:
+    probs, boxes = _hand_case()
+    out = postprocess_boxes(probs, boxes, (20, 30), box_voting=True, box_voting_iou=0.5)
+    # Class 1 keeps clipped R0 (0,0,10,10) 0.9; R1 (1,1,11,11) 0.7 has IoU 0.68 >= 0.5 and votes:
+    # x1 = y1 = (0.9*0 + 0.7*1) / 1.6 = 0.4375; x2 = y2 = (0.9*10 + 0.7*11) / 1.6 = 10.4375.
+    # Class 2 keeps R1 0.2, whose only classmate above 0.05 is itself: unchanged.
+    torch.testing.assert_close(out["boxes"], torch.tensor([[0.4375, 0.4375, 10.4375, 10.4375],
+                                                           [1.0, 1.0, 11.0, 11.0]]))
+    torch.testing.assert_close(out["scores"], torch.tensor([0.90, 0.20]))
+    assert out["labels"].tolist() == [1, 2]
+    # voting_iou > 1: the plain NMS detections.
+    plain = postprocess_boxes(probs, boxes, (20, 30))
+    same = postprocess_boxes(probs, boxes, (20, 30), box_voting=True, box_voting_iou=1.5)
+    assert all(torch.equal(plain[k], same[k]) for k in ("boxes", "scores", "labels"))
+
+
+def _random_case(seed: int):
+    g = torch.Generator().manual_seed(seed)
+    num_rois, num_cols = 60, 5
+    probs = torch.softmax(torch.randn(num_rois, num_cols, generator=g) * 2, dim=1)
+    xy = torch.rand(num_rois, num_cols, 2, generator=g) * torch.tensor([80.0, 60.0]) - 10
+    wh = torch.rand(num_rois, num_cols, 2, generator=g) * 25 + 2
+    return probs, torch.cat([xy, xy + wh], dim=2)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_defaults_reproduce_the_plain_nms_pipeline_exactly(seed: int) -> None:
+    from torchvision.ops import batched_nms
+
+    probs, boxes = _random_case(seed)
+    hw = (50, 70)
+    out = postprocess_boxes(probs, boxes, hw, score_thresh=0.1, detections_per_img=15)
+    explicit = postprocess_boxes(probs, boxes, hw, score_thresh=0.1, detections_per_img=15, nms_method="nms",
+                                 box_voting=False)
+    # The pipeline as it was before soft-NMS / voting existed: threshold, batched_nms, top-k.
+    clipped = clip_boxes_to_image(boxes.reshape(-1, 4), hw).reshape(boxes.shape)
+    scores, cand = probs[:, 1:].reshape(-1), clipped[:, 1:, :].reshape(-1, 4)
+    labels = torch.arange(1, probs.shape[1]).repeat(probs.shape[0])
+    sel = scores > 0.1
+    keep = batched_nms(cand[sel], scores[sel], labels[sel], 0.3)[:15]
+    for key, ref in (("boxes", cand[sel][keep]), ("scores", scores[sel][keep]), ("labels", labels[sel][keep])):
+        assert torch.equal(out[key], ref) and torch.equal(explicit[key], ref)
+
+
+@pytest.mark.parametrize("method", ["soft_linear", "soft_gaussian"])
+def test_soft_nms_and_voting_compose_the_standalone_functions(method: str) -> None:
+    from detres.models.box_voting import box_voting
+    from detres.models.soft_nms import soft_nms
+
+    probs, boxes = _random_case(2)
+    hw = (50, 70)
+    out = postprocess_boxes(probs, boxes, hw, score_thresh=0.1, detections_per_img=20, nms_method=method,
+                            soft_nms_sigma=0.4, soft_nms_score_thresh=0.02, box_voting=True, box_voting_iou=0.6)
+    clipped = clip_boxes_to_image(boxes.reshape(-1, 4), hw).reshape(boxes.shape)
+    scores, cand = probs[:, 1:].reshape(-1), clipped[:, 1:, :].reshape(-1, 4)
+    labels = torch.arange(1, probs.shape[1]).repeat(probs.shape[0])
+    sel = scores > 0.1
+    scores, cand, labels = scores[sel], cand[sel], labels[sel]
+    keep, decayed = soft_nms(cand, scores, labels, method=method[5:], iou_thresh=0.3, sigma=0.4, score_thresh=0.02)
+    keep, decayed = keep[:20], decayed[:20]
+    voted, _ = box_voting(cand[keep], decayed, labels[keep], cand, scores, labels, 0.6)
+    assert out["scores"].numel() == 20
+    torch.testing.assert_close(out["scores"], decayed)
+    torch.testing.assert_close(out["boxes"], voted)
+    assert torch.equal(out["labels"], labels[keep])
+    assert torch.all(out["scores"][:-1] >= out["scores"][1:])
+    assert not torch.equal(out["boxes"], cand[keep])  # voting moved some boxes in this case
+
+
+def test_bad_postprocess_options() -> None:
+    probs, boxes = _hand_case()
+    with pytest.raises(ValueError, match="nms_method"):
+        postprocess_boxes(probs, boxes, (20, 30), nms_method="soft")
+    with pytest.raises(ValueError, match="soft_nms_sigma"):
+        postprocess_boxes(probs, boxes, (20, 30), nms_method="soft_gaussian", soft_nms_sigma=0.0)
+    with pytest.raises(ValueError, match="box_voting_iou"):
+        postprocess_boxes(probs, boxes, (20, 30), box_voting=True, box_voting_iou=-0.1)

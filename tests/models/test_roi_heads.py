@@ -364,3 +364,24 @@ def test_decode_predictions_applies_class_specific_deltas() -> None:
     torch.testing.assert_close(boxes[1][0, 2], torch.tensor([30.0, 10.0, 50.0, 20.0]))
     torch.testing.assert_close(boxes[1][0, 1], props[1][0])
     torch.testing.assert_close(boxes[0][0], props[0].expand(3, 4))
+
+
+def test_postprocess_options_reach_postprocess_boxes() -> None:
+    from detres.models.postprocess import postprocess_boxes
+
+    props = [torch.tensor([[0.0, 0.0, 10.0, 10.0], [1.0, 1.0, 11.0, 11.0], [20.0, 5.0, 28.0, 15.0]])]
+    logits = torch.tensor([[0.0, 3.0, 0.0], [0.0, 2.0, 1.0], [2.0, 0.0, 0.0]])
+    deltas = torch.zeros(3, 12)
+    options = dict(nms_method="soft_gaussian", soft_nms_sigma=0.3, soft_nms_score_thresh=0.01, box_voting=True,
+                   box_voting_iou=0.4)
+    heads = _heads(**options).eval()
+    probs, boxes = heads.decode_predictions(logits, deltas, props)
+    expected = postprocess_boxes(probs[0], boxes[0], (20, 30), score_thresh=0.05, nms_thresh=0.3,
+                                 detections_per_img=100, **options)
+    got = heads.postprocess_detections(logits, deltas, props, [(20, 30)])[0]
+    assert all(torch.equal(got[k], expected[k]) for k in ("boxes", "scores", "labels"))
+    # The defaults are the paper's: hard NMS, no voting.
+    plain = _heads()
+    assert (plain.nms_method, plain.box_voting, plain.box_voting_iou, plain.soft_nms_sigma) == ("nms", False, 0.5, 0.5)
+    with pytest.raises(ValueError, match="nms_method"):
+        _heads(nms_method="greedy")

@@ -1,0 +1,114 @@
+"""tools/test_det.py and tools/infer.py: --nms-method / --soft-nms-* / --box-voting override the checkpoint's post-processing."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from detres.data.synthetic import generate_shapes_world
+from detres.inference.visualize import write_png
+from detres.models.build import build_detector
+from detres.utils.checkpoint import save_checkpoint
+
+TOOLS = Path(__file__).resolve().parents[2] / "tools"
+
+
+def _tool(name: str):
+    spec = importlib.util.spec_from_file_location(f"_flags_tool_{name}", TOOLS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+test_det, infer = _tool("test_det"), _tool("infer")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("flags_world")
+    generate_shapes_world(root, num_cls_train_per_class=0, num_cls_val_per_class=0, num_det_train=1, num_det_val=1,
+                          num_loc_train=0, num_loc_val=0, det_size=(64, 96))
+    return root / "det"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(world, tmp_path_factory) -> Path:
+    """An untrained tiny detector saved as train_det would (box_voting on in its stored arguments)."""
+    names = [c["name"] for c in json.loads((world / "annotations" / "instances_val.json").read_text())["categories"]]
+    torch.manual_seed(0)
+    args = dict(depth=18, base_width=16, num_classes=len(names), anchor_sizes=[16, 32], aspect_ratios=[1.0],
+                rpn_pre_nms_top_n_test=100, rpn_post_nms_top_n_test=20, pooler_resolution=8, score_thresh=0.0,
+                box_voting=True)
+    model = build_detector(**args)
+    path = tmp_path_factory.mktemp("flags_ckpt") / "det.pt"
+    meta = {"class_names": sorted(names), "min_size_test": 64, "max_size_test": 96}
+    save_checkpoint(path, {"model": model.state_dict(), "model_args": dict(args, weights_path=None), "meta": meta,
+                           "iter": 0})
+    return path
+
+
+def _spy(monkeypatch) -> list[dict]:
+    """Record the options every postprocess_boxes call of the RoI heads receives."""
+    import detres.models.roi_heads as roi_heads
+
+    calls: list[dict] = []
+    real = roi_heads.postprocess_boxes
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(roi_heads, "postprocess_boxes", spy)
+    return calls
+
+
+def test_infer_flags_override_the_checkpoint(checkpoint, tmp_path, monkeypatch, capsys):
+    image = tmp_path / "in" / "a.png"
+    image.parent.mkdir()
+    write_png(image, np.random.default_rng(0).integers(0, 255, (64, 96, 3), dtype=np.uint8))
+    calls = _spy(monkeypatch)
+    base = ["--checkpoint", str(checkpoint), "--input", str(image), "--score-thresh", "0", "--device", "cpu"]
+    assert infer.main([*base, "--out", str(tmp_path / "o1")]) == 0
+    # No flags: the checkpoint's own setting (voting on, hard NMS).
+    assert calls[-1]["box_voting"] is True and calls[-1]["nms_method"] == "nms"
+    code = infer.main([*base, "--out", str(tmp_path / "o2"), "--no-box-voting", "--nms-method", "soft_gaussian",
+                       "--soft-nms-sigma", "0.25", "--soft-nms-score-thresh", "0.01", "--box-voting-iou", "0.7"])
+    assert code == 0, capsys.readouterr().err
+    assert {k: calls[-1][k] for k in ("box_voting", "nms_method", "soft_nms_sigma", "soft_nms_score_thresh",
+                                      "box_voting_iou")} == {
+        "box_voting": False, "nms_method": "soft_gaussian", "soft_nms_sigma": 0.25, "soft_nms_score_thresh": 0.01,
+        "box_voting_iou": 0.7}
+    # A bad value is a one-line error with exit status 2.
+    assert infer.main([*base, "--out", str(tmp_path / "o3"), "--soft-nms-sigma", "0"]) == 2
+    assert "soft_nms_sigma" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        infer.main([*base, "--nms-method", "greedy"])
+
+
+def test_test_det_flags_reach_the_evaluated_model(world, checkpoint, tmp_path, monkeypatch, capsys):
+    cfg = {"task": "det", "output_dir": str(tmp_path / "run"), "device": "cpu",
+           "data": {"format": "coco", "val_images": str(world / "images"),
+                    "val_ann": str(world / "annotations" / "instances_val.json"), "num_workers": 0},
+           "input": {"min_size_test": 64, "max_size_test": 96}}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    seen = []
+
+    def fake_test_detector(model, dataset, meta, cfg, *, out_dir, device):
+        heads = model.roi_heads
+        seen.append((heads.nms_method, heads.box_voting, heads.box_voting_iou))
+        return {"coco": {"summary": [0.0] * 12}, "voc": {"mAP": 0.0, "per_class": {}}}
+
+    monkeypatch.setattr(test_det, "test_detector", fake_test_detector)
+    argv = ["--config", str(path), "--checkpoint", str(checkpoint), "--out", str(tmp_path / "t")]
+    assert test_det.main(argv) == 0
+    assert test_det.main([*argv, "--nms-method", "soft_linear", "--no-box-voting"]) == 0
+    assert test_det.main([*argv, "--box-voting-iou", "0.6"]) == 0
+    assert seen == [("nms", True, 0.5), ("soft_linear", False, 0.5), ("nms", True, 0.6)]
+    assert test_det.main([*argv, "--box-voting-iou", "-1"]) == 2
+    assert "box_voting_iou" in capsys.readouterr().err

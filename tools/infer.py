@@ -57,7 +57,7 @@ def output_png_paths(images: list[Path], out_dir: Path) -> list[Path]:
 
 
 def run(checkpoint: Path, source: Path, out_dir: Path, *, score_thresh: float, device: str,
-        postprocess: dict[str, Any] | None = None) -> dict[str, Any]:
+        postprocess: dict[str, Any] | None = None, box_refinement: bool = False) -> dict[str, Any]:
     """Detect on every input image, write the drawn PNGs and detections.json; returns the JSON content.
 
     ``postprocess``: overrides of the checkpoint's test-time post-processing (see
@@ -73,6 +73,7 @@ def run(checkpoint: Path, source: Path, out_dir: Path, *, score_thresh: float, d
         raise ValueError(f"--device {device}: CUDA is not available on this machine")
     predictor = Predictor(checkpoint, device=torch_device)
     configure_postprocess(predictor.model, **(postprocess or {}))
+    predictor.box_refinement = box_refinement
     records = []
     for path, png in zip(images, pngs):
         image = read_image_rgb(path)
@@ -109,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--box-voting", action=argparse.BooleanOptionalAction, default=None,
                         help="Appendix-B box voting after NMS (--no-box-voting: off)")
     parser.add_argument("--box-voting-iou", type=float, default=None, help="IoU at which a pre-NMS box votes")
+    parser.add_argument("--box-refinement", action="store_true",
+                        help="Appendix-B box refinement: a second RoI pass on the regressed boxes, NMS on the union")
     args = parser.parse_args(argv)
     if not 0.0 <= args.score_thresh <= 1.0:
         parser.error(f"--score-thresh must be in [0, 1], got {args.score_thresh}")
@@ -117,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
                        "soft_nms_score_thresh": args.soft_nms_score_thresh, "box_voting": args.box_voting,
                        "box_voting_iou": args.box_voting_iou}
         result = run(args.checkpoint, args.input, args.out, score_thresh=args.score_thresh, device=args.device,
-                     postprocess=postprocess)
+                     postprocess=postprocess, box_refinement=args.box_refinement)
     except (FileNotFoundError, ValueError) as exc:
         print(f"infer: error: {exc}", file=sys.stderr)
         return 2

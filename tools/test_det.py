@@ -39,10 +39,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--box-voting", action=argparse.BooleanOptionalAction, default=None,
                         help="Appendix-B box voting after NMS (--no-box-voting: off)")
     parser.add_argument("--box-voting-iou", type=float, default=None, help="IoU at which a pre-NMS box votes")
+    parser.add_argument("--box-refinement", action=argparse.BooleanOptionalAction, default=None,
+                        help="Appendix-B box refinement (default: the config's test.box_refinement)")
     parser.add_argument("overrides", nargs="*", help="config overrides such as data.val_ann=...")
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
+        if args.box_refinement is not None:
+            cfg.test.box_refinement = args.box_refinement
         device = resolve_device(cfg.device)
         model, meta = load_detector(args.checkpoint, device=device)
         configure_postprocess(model, nms_method=args.nms_method, soft_nms_sigma=args.soft_nms_sigma,

@@ -149,6 +149,9 @@ DET_DEFAULTS: dict = {
             # class with IoU >= box_voting_iou (scores unchanged)
             "box_voting": False,
             "box_voting_iou": 0.5,
+            # Appendix B global context: the whole-image box RoI-pooled on conv4 and run through the same conv5
+            # head; its vector is concatenated to every region's before the sibling layers (trained end-to-end)
+            "global_context": False,
         },
     },
     "data": {
@@ -201,6 +204,9 @@ DET_DEFAULTS: dict = {
         "use_07_metric": True,
         "vis_images": 8,  # example detection PNGs written after evaluation
         "vis_score_thresh": 0.5,
+        # Appendix-B box refinement: a second RoI pass on each proposal's regressed box, NMS on the union of
+        # both passes' predictions, then box voting if model.roi_heads.box_voting (the paper uses both)
+        "box_refinement": False,
     },
 }
 

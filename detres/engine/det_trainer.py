@@ -269,7 +269,7 @@ def test_detector(model, dataset, meta: dict[str, Any], cfg: Config, *, out_dir:
 
     out_dir = Path(out_dir)
     dets = run_inference(model, dataset, device=device, batch_size=cfg.solver.images_per_batch,
-                         num_workers=cfg.data.num_workers)
+                         num_workers=cfg.data.num_workers, box_refinement=cfg.test.box_refinement)
     metrics = evaluate_detection_dataset(dataset, dets, iou_thresh_voc=cfg.test.iou_thresh_voc,
                                          use_07_metric=cfg.test.use_07_metric)
     write_coco_results(detections_to_coco_results(dets, meta["label_to_category_id"]),

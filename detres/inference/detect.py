@@ -9,14 +9,24 @@ from tqdm import tqdm
 
 from detres.data.collate import collate_detection
 from detres.data.worker_errors import readable
+from detres.inference.box_refinement import detect_with_refinement
 from detres.models.postprocess import rescale_detections
 
 
-def detect_batch(model: torch.nn.Module, batch: dict[str, Any], device: torch.device) -> list[dict[str, Any]]:
-    """Detections of one collated batch, in each image's original pixel coordinates (CPU tensors)."""
+def detect_batch(
+    model: torch.nn.Module, batch: dict[str, Any], device: torch.device, *, box_refinement: bool = False
+) -> list[dict[str, Any]]:
+    """Detections of one collated batch, in each image's original pixel coordinates (CPU tensors).
+
+    ``box_refinement``: the Appendix-B second pass on the regressed boxes instead of the model's
+    forward (:func:`detres.inference.box_refinement.detect_with_refinement`).
+    """
     images = batch["images"].to(device, non_blocking=True)
     with torch.inference_mode():
-        outputs = model(images, image_sizes=batch["image_sizes"])
+        if box_refinement:
+            outputs = detect_with_refinement(model, images, batch["image_sizes"])
+        else:
+            outputs = model(images, image_sizes=batch["image_sizes"])
     results = []
     for det, image_id, (sx, sy), orig in zip(outputs, batch["image_ids"], batch["scales_xy"], batch["orig_sizes"]):
         det = {k: v.cpu() for k, v in det.items()}
@@ -34,8 +44,12 @@ def run_inference(
     batch_size: int = 2,
     num_workers: int = 0,
     progress: bool = True,
+    box_refinement: bool = False,
 ) -> list[dict[str, Any]]:
-    """Per-image ``{"image_id", "boxes", "scores", "labels"}`` for every image of ``dataset`` (eval mode)."""
+    """Per-image ``{"image_id", "boxes", "scores", "labels"}`` for every image of ``dataset`` (eval mode).
+
+    ``box_refinement``: see :func:`detect_batch`.
+    """
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         collate_fn=collate_detection)
     was_training = model.training
@@ -43,7 +57,7 @@ def run_inference(
     detections: list[dict[str, Any]] = []
     try:
         for batch in tqdm(readable(loader), desc="detect", disable=not progress, dynamic_ncols=True, leave=False):
-            detections.extend(detect_batch(model, batch, device))
+            detections.extend(detect_batch(model, batch, device, box_refinement=box_refinement))
     finally:
         model.train(was_training)
     return detections

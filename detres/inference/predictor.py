@@ -44,6 +44,7 @@ class Predictor:
         self.model = model.eval()
         self.meta = meta
         self.device = device
+        self.box_refinement = False  # Appendix-B box refinement in predict / predict_batch (see detect_batch)
         self.class_names: list[str] = [str(n) for n in meta["class_names"]]
         self.transform = build_det_transforms(train=False, min_size=int(meta["min_size_test"]),
                                               max_size=int(meta["max_size_test"]))
@@ -61,7 +62,8 @@ class Predictor:
         if len(images_rgb) == 0:
             return []
         samples = [self._sample(i, image) for i, image in enumerate(images_rgb)]
-        outputs = detect_batch(self.model, collate_detection(samples), self.device)
+        outputs = detect_batch(self.model, collate_detection(samples), self.device,
+                               box_refinement=self.box_refinement)
         return [self._to_result(det, score_thresh) for det in outputs]
 
     def _sample(self, index: int, image: Any) -> dict[str, Any]:

@@ -128,6 +128,8 @@ def detector_kwargs_from_config(model_cfg: Mapping[str, Any], *, num_classes: in
         "soft_nms_score_thresh": float(roi["soft_nms_score_thresh"]),
         "box_voting": bool(roi["box_voting"]),
         "box_voting_iou": float(roi["box_voting_iou"]),
+        # Absent from checkpoints written before it existed: build_faster_rcnn's default (no context).
+        "global_context": bool(roi["global_context"]),
     }
     kwargs.update({f"rpn_{key}": value for key, value in rpn.items()})
     for key in ("fg_iou_thresh", "bg_iou_thresh_hi", "bg_iou_thresh_lo", "batch_size_per_image", "positive_fraction",

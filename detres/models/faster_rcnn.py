@@ -12,6 +12,7 @@ from detres.data.cls_transforms import IMAGENET_MEAN_RGB
 from detres.data.collate import pad_images
 from detres.models.anchors import AnchorGenerator
 from detres.models.backbone import build_resnet_c4
+from detres.models.context import ContextRoIHeads
 from detres.models.roi_heads import BoxHead, FastRCNNPredictor, RoIHeads, RoIPooler
 from detres.models.rpn import RegionProposalNetwork, RPNHead
 
@@ -263,6 +264,7 @@ def build_faster_rcnn(
     detections_per_img: int = 100,
     add_gt_as_proposals: bool = True,
     roi_crowd_iof_thresh: float = 0.7,
+    global_context: bool = False,
     allow_unrecomputed_bn: bool = False,
 ) -> FasterRCNN:
     """Build a ResNet-C4 Faster R-CNN from explicit arguments.
@@ -271,6 +273,9 @@ def build_faster_rcnn(
     ``len(dataset.categories)``); the predictor adds the background class itself (K+1 outputs).
     ``weights_path`` is a local classification checkpoint (None: random init); ``rpn_*`` go to
     :class:`RegionProposalNetwork`, ``roi_*`` and the rest to :class:`RoIHeads`.
+
+    ``global_context`` (Appendix B): :class:`ContextRoIHeads`, whose predictor sees each region's
+    conv5 vector concatenated with the whole-image context vector (``2 * head_dim`` inputs).
 
     With ``weights_path`` and frozen BN, a train_cls checkpoint that records ``bn_recomputed=False``
     is refused unless ``allow_unrecomputed_bn`` (Appendix A freezes *recomputed* statistics); files that
@@ -306,7 +311,9 @@ def build_faster_rcnn(
         allowed_border=rpn_allowed_border,
         crowd_iof_thresh=rpn_crowd_iof_thresh,
     )
-    roi_heads = RoIHeads(
+    heads_class = ContextRoIHeads if global_context else RoIHeads
+    predictor_in = 2 * head_dim if global_context else head_dim
+    roi_heads = heads_class(
         RoIPooler(
             output_size=pooler_resolution,
             spatial_scale=1.0 / trunk.stride,
@@ -314,7 +321,7 @@ def build_faster_rcnn(
             sampling_ratio=sampling_ratio,
         ),
         BoxHead(conv5_head, out_features=head_dim),
-        FastRCNNPredictor(head_dim, int(num_classes) + 1, class_agnostic_bbox=class_agnostic_bbox),
+        FastRCNNPredictor(predictor_in, int(num_classes) + 1, class_agnostic_bbox=class_agnostic_bbox),
         fg_iou_thresh=roi_fg_iou_thresh,
         bg_iou_thresh_hi=roi_bg_iou_thresh_hi,
         bg_iou_thresh_lo=roi_bg_iou_thresh_lo,

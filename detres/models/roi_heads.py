@@ -283,7 +283,8 @@ class RoIHeads(nn.Module):
     def region_features(
         self, features: torch.Tensor, proposals: Sequence[torch.Tensor], image_sizes: Sequence[tuple[int, int]]
     ) -> torch.Tensor:
-        """Pool every proposal and run the box head: [sum Ni, D]. ``image_sizes`` is for subclasses (context)."""
+        """Pool every proposal and run the box head: [sum Ni, D]. ``image_sizes`` is for subclasses (context:
+        :class:`detres.models.context.ContextRoIHeads`)."""
         chunk = self.inference_roi_chunk
         if (
             self.training

@@ -25,7 +25,7 @@ from detres.engine.run_setup import resolve_device  # noqa: E402
 from detres.inference.predictor import Predictor  # noqa: E402
 from detres.inference.visualize import draw_detections, write_png  # noqa: E402
 from detres.models.build import configure_postprocess  # noqa: E402
-from detres.models.postprocess import NMS_METHODS  # noqa: E402
+from detres.inference.postprocess_args import add_postprocess_arguments, postprocess_options  # noqa: E402
 from detres.utils.atomic import write_json_atomic  # noqa: E402
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
@@ -101,24 +101,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("runs/infer"), help="output folder (default runs/infer)")
     parser.add_argument("--score-thresh", type=float, default=0.5, help="keep and draw detections scoring >= this")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    # Test-time post-processing; each overrides the checkpoint's model.roi_heads setting only when given.
-    parser.add_argument("--nms-method", choices=NMS_METHODS, default=None,
-                        help="per-class NMS: nms (hard, the paper), soft_linear or soft_gaussian (Bodla et al.)")
-    parser.add_argument("--soft-nms-sigma", type=float, default=None, help="soft_gaussian's sigma")
-    parser.add_argument("--soft-nms-score-thresh", type=float, default=None,
-                        help="soft-NMS drops boxes whose decayed score is not above this")
-    parser.add_argument("--box-voting", action=argparse.BooleanOptionalAction, default=None,
-                        help="Appendix-B box voting after NMS (--no-box-voting: off)")
-    parser.add_argument("--box-voting-iou", type=float, default=None, help="IoU at which a pre-NMS box votes")
+    add_postprocess_arguments(parser)
     parser.add_argument("--box-refinement", action="store_true",
                         help="Appendix-B box refinement: a second RoI pass on the regressed boxes, NMS on the union")
     args = parser.parse_args(argv)
     if not 0.0 <= args.score_thresh <= 1.0:
         parser.error(f"--score-thresh must be in [0, 1], got {args.score_thresh}")
     try:
-        postprocess = {"nms_method": args.nms_method, "soft_nms_sigma": args.soft_nms_sigma,
-                       "soft_nms_score_thresh": args.soft_nms_score_thresh, "box_voting": args.box_voting,
-                       "box_voting_iou": args.box_voting_iou}
+        postprocess = postprocess_options(args)
         result = run(args.checkpoint, args.input, args.out, score_thresh=args.score_thresh, device=args.device,
                      postprocess=postprocess, box_refinement=args.box_refinement)
     except (FileNotFoundError, ValueError) as exc:

@@ -21,7 +21,7 @@ from detres.data.build import build_detection_dataset  # noqa: E402
 from detres.engine.det_trainer import test_detector  # noqa: E402
 from detres.engine.run_setup import resolve_device  # noqa: E402
 from detres.models.build import configure_postprocess, load_detector  # noqa: E402
-from detres.models.postprocess import NMS_METHODS  # noqa: E402
+from detres.inference.postprocess_args import add_postprocess_arguments, postprocess_options  # noqa: E402
 from detres.utils.atomic import dumps_json  # noqa: E402
 
 
@@ -30,15 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True, help="YAML config (task: det); data.val_* is the test set")
     parser.add_argument("--checkpoint", required=True, help="train_det checkpoint (model_final.pt or last.pt)")
     parser.add_argument("--out", default=None, help="output folder (default <output_dir>/test)")
-    # Test-time post-processing; each overrides the checkpoint's model.roi_heads setting only when given.
-    parser.add_argument("--nms-method", choices=NMS_METHODS, default=None,
-                        help="per-class NMS: nms (hard, the paper), soft_linear or soft_gaussian (Bodla et al.)")
-    parser.add_argument("--soft-nms-sigma", type=float, default=None, help="soft_gaussian's sigma")
-    parser.add_argument("--soft-nms-score-thresh", type=float, default=None,
-                        help="soft-NMS drops boxes whose decayed score is not above this")
-    parser.add_argument("--box-voting", action=argparse.BooleanOptionalAction, default=None,
-                        help="Appendix-B box voting after NMS (--no-box-voting: off)")
-    parser.add_argument("--box-voting-iou", type=float, default=None, help="IoU at which a pre-NMS box votes")
+    add_postprocess_arguments(parser)
     parser.add_argument("--box-refinement", action=argparse.BooleanOptionalAction, default=None,
                         help="Appendix-B box refinement (default: the config's test.box_refinement)")
     parser.add_argument("overrides", nargs="*", help="config overrides such as data.val_ann=...")
@@ -49,9 +41,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg.test.box_refinement = args.box_refinement
         device = resolve_device(cfg.device)
         model, meta = load_detector(args.checkpoint, device=device)
-        configure_postprocess(model, nms_method=args.nms_method, soft_nms_sigma=args.soft_nms_sigma,
-                              soft_nms_score_thresh=args.soft_nms_score_thresh, box_voting=args.box_voting,
-                              box_voting_iou=args.box_voting_iou)
+        configure_postprocess(model, **postprocess_options(args))
         dataset = build_detection_dataset(cfg, "val", train=False, class_names=meta["class_names"])
         names = [c["name"] for c in dataset.categories]
         if names != meta["class_names"]:

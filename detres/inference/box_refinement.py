@@ -9,7 +9,7 @@ IoU >= ``box_voting_iou`` (scores unchanged).
 
 Composed from the model's public parts only (``preprocess``, ``trunk``, ``rpn``,
 ``roi_heads.region_features`` / ``predict`` / ``decode_predictions``) and the shared
-:func:`detres.models.postprocess.postprocess_boxes`, which the ordinary eval forward also uses.
+:meth:`RoIHeads.postprocess_decoded`, which the ordinary eval forward also uses.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from typing import Sequence
 
 import torch
 
-from detres.models.postprocess import check_postprocess_options, postprocess_boxes
+from detres.models.postprocess import check_postprocess_options
 
 __all__ = ["refined_rois", "detect_with_refinement"]
 
@@ -97,19 +97,6 @@ def detect_with_refinement(
     probs, boxes = _score_and_decode(heads, features, proposals, sizes)
     rois = refined_rois(probs, boxes, sizes)
     new_probs, new_boxes = _score_and_decode(heads, features, rois, sizes)
-    return [
-        postprocess_boxes(
-            torch.cat([p, q]),
-            torch.cat([b, c]),
-            hw,
-            score_thresh=heads.score_thresh,
-            nms_thresh=heads.nms_thresh,
-            detections_per_img=heads.detections_per_img,
-            nms_method=heads.nms_method,
-            soft_nms_sigma=heads.soft_nms_sigma,
-            soft_nms_score_thresh=heads.soft_nms_score_thresh,
-            box_voting=voting,
-            box_voting_iou=voting_iou,
-        )
-        for p, q, b, c, hw in zip(probs, new_probs, boxes, new_boxes, sizes)
-    ]
+    union_probs = [torch.cat([p, q]) for p, q in zip(probs, new_probs)]
+    union_boxes = [torch.cat([b, c]) for b, c in zip(boxes, new_boxes)]
+    return heads.postprocess_decoded(union_probs, union_boxes, sizes, box_voting=voting, box_voting_iou=voting_iou)

@@ -330,6 +330,21 @@ class RoIHeads(nn.Module):
     ) -> list[dict[str, torch.Tensor]]:
         """Softmax, decode, clip, score threshold, per-class NMS (or soft-NMS), top-k, optional box voting."""
         probs, boxes = self.decode_predictions(class_logits, box_deltas, proposals)
+        return self.postprocess_decoded(probs, boxes, image_sizes)
+
+    def postprocess_decoded(
+        self,
+        probs: Sequence[torch.Tensor],
+        boxes: Sequence[torch.Tensor],
+        image_sizes: Sequence[tuple[int, int]],
+        *,
+        box_voting: bool | None = None,
+        box_voting_iou: float | None = None,
+    ) -> list[dict[str, torch.Tensor]]:
+        """The heads' post-processing of decoded per-image probabilities / boxes (also used by box refinement);
+        ``box_voting`` / ``box_voting_iou`` override the heads' settings when given."""
+        voting = self.box_voting if box_voting is None else box_voting
+        voting_iou = self.box_voting_iou if box_voting_iou is None else box_voting_iou
         return [
             postprocess_boxes(
                 p,
@@ -341,8 +356,8 @@ class RoIHeads(nn.Module):
                 nms_method=self.nms_method,
                 soft_nms_sigma=self.soft_nms_sigma,
                 soft_nms_score_thresh=self.soft_nms_score_thresh,
-                box_voting=self.box_voting,
-                box_voting_iou=self.box_voting_iou,
+                box_voting=voting,
+                box_voting_iou=voting_iou,
             )
             for p, b, hw in zip(probs, boxes, image_sizes)
         ]

@@ -22,3 +22,72 @@ def shared_dir() -> Path:
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO_ROOT
+
+
+# ------------------------------------------------------------------ tiny detection world + untrained checkpoints
+@pytest.fixture(scope="session")
+def tiny_det_world(tmp_path_factory) -> Path:
+    """A shapes world's detection part: 1 train and 3 val images of 64x96 px (returns its ``det`` folder)."""
+    from detres.data.synthetic import generate_shapes_world
+
+    root = tmp_path_factory.mktemp("tiny_det_world")
+    generate_shapes_world(root, num_cls_train_per_class=0, num_cls_val_per_class=0, num_det_train=1, num_det_val=3,
+                          num_loc_train=0, num_loc_val=0, det_size=(64, 96))
+    return root / "det"
+
+
+@pytest.fixture(scope="session")
+def make_tiny_checkpoint(tiny_det_world, tmp_path_factory):
+    """``make(name, seed=0, class_names=None, **model_args) -> Path``: an untrained quarter-width ResNet-18
+    detector saved as train_det would (test size 64 / 96, box voting on unless ``box_voting=False``)."""
+    import json
+
+    from detres.models.build import build_detector
+    from detres.utils.checkpoint import save_checkpoint
+
+    categories = json.loads((tiny_det_world / "annotations" / "instances_val.json").read_text())["categories"]
+    ids = {c["name"]: c["id"] for c in categories}
+    folder = tmp_path_factory.mktemp("tiny_ckpt")
+
+    def make(name: str = "det.pt", *, seed: int = 0, class_names: list[str] | None = None, **model_args) -> Path:
+        names = sorted(ids) if class_names is None else list(class_names)
+        torch.manual_seed(seed)
+        args = dict(depth=18, base_width=16, num_classes=len(names), anchor_sizes=[16, 32], aspect_ratios=[1.0],
+                    rpn_pre_nms_top_n_test=100, rpn_post_nms_top_n_test=20, pooler_resolution=8, score_thresh=0.0,
+                    box_voting=True)
+        args.update(model_args)
+        model = build_detector(**args)
+        meta = {"class_names": names, "min_size_test": 64, "max_size_test": 96,
+                "label_to_category_id": {i + 1: ids.get(n, i + 1) for i, n in enumerate(names)}}
+        path = folder / name
+        save_checkpoint(path, {"model": model.state_dict(), "model_args": dict(args, weights_path=None),
+                               "meta": meta, "iter": 0})
+        return path
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_det_checkpoint(make_tiny_checkpoint) -> Path:
+    """The default :func:`make_tiny_checkpoint` checkpoint (seed 0, box voting on)."""
+    return make_tiny_checkpoint("det.pt")
+
+
+@pytest.fixture(scope="session")
+def write_tiny_det_config(tiny_det_world):
+    """``write(path, output_dir, **sections) -> path``: a det config testing on the tiny world's val images at the
+    tiny checkpoints' 64 / 96 px (``sections`` are merged into the top-level sections, e.g. test={...})."""
+    import yaml
+
+    def write(path: Path, output_dir: Path, **sections) -> Path:
+        det = tiny_det_world
+        cfg = {"task": "det", "output_dir": str(output_dir), "device": "cpu",
+               "data": {"format": "coco", "val_images": str(det / "images"),
+                        "val_ann": str(det / "annotations" / "instances_val.json"), "num_workers": 0},
+               "input": {"min_size_test": 64, "max_size_test": 96}, "test": {"vis_images": 0}}
+        for key, value in sections.items():
+            cfg[key] = {**cfg.get(key, {}), **value} if isinstance(value, dict) else value
+        path.write_text(yaml.safe_dump(cfg))
+        return path
+
+    return write

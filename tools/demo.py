@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Run the main job end-to-end on the built-in shapes world: tools/demo.py --out runs/demo [--overwrite]."""
+"""Run the main job end-to-end on the built-in shapes world: tools/demo.py --out runs/demo [--overwrite] [--no-ablation]."""
 from __future__ import annotations
 
 import argparse
@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from detres.engine.demo import run_demo
+from detres.evaluation.ablation import cost_warnings, markdown_table
 from detres.utils.atomic import dumps_json
 
 
@@ -16,14 +17,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", default="data_toy", help="where the shapes world is generated (reused if there)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-ablation", action="store_true",
+                        help="skip the Table-9 rows (baseline, +box refinement, +multi-scale) after testing")
     args = parser.parse_args(argv)
     try:
         summary = run_demo(args.out, data_root=args.data, repo_root=Path(__file__).resolve().parents[1],
-                           overwrite=args.overwrite, seed=args.seed)
+                           overwrite=args.overwrite, seed=args.seed, ablation=not args.no_ablation)
     except (FileNotFoundError, FileExistsError, ValueError) as exc:
         print(f"demo: error: {exc}", file=sys.stderr)
         return 2
     print(dumps_json(summary))
+    if summary["ablation"] is not None:
+        print(markdown_table(summary["ablation"]["rows"]))
+        for line in cost_warnings(summary["ablation"]["rows"]):
+            print(line)
     return 0
 
 

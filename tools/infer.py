@@ -1,14 +1,17 @@
 #!/usr/bin/env python
-"""Run a trained detector on images: tools/infer.py --checkpoint M.pt --input IMG_OR_FOLDER [--out DIR].
+"""Run a trained detector on images: tools/infer.py --checkpoint M.pt [M2.pt ...] --input IMG_OR_FOLDER [--out DIR].
 
 Writes DIR/detections.json (per image: file, size, boxes as xyxy in original pixels, scores,
-labels, class names) and DIR/<image stem>.png with the boxes, class names and scores drawn.
+labels, class names; plus the checkpoints and the test-time options used) and DIR/<image stem>.png
+with the boxes, class names and scores drawn. Several checkpoints act as one ensemble (Appendix B);
+the Appendix-B extras (--box-refinement, --multiscale, --flip, ...) are off unless given.
 Bad input (missing or foreign checkpoint, unreadable image, empty folder) exits with status 2
 and a one-line message naming the file.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Any
@@ -24,8 +27,11 @@ from detres.data.image_io import read_image_rgb  # noqa: E402
 from detres.engine.run_setup import resolve_device  # noqa: E402
 from detres.inference.predictor import Predictor  # noqa: E402
 from detres.inference.visualize import draw_detections, write_png  # noqa: E402
+from detres.inference.ensemble import load_ensemble  # noqa: E402
+from detres.inference.postprocess_args import (  # noqa: E402
+    add_postprocess_arguments, add_test_time_arguments, postprocess_options, test_time_options)
+from detres.inference.test_time import TestTimeOptions  # noqa: E402
 from detres.models.build import configure_postprocess  # noqa: E402
-from detres.inference.postprocess_args import add_postprocess_arguments, postprocess_options  # noqa: E402
 from detres.utils.atomic import write_json_atomic  # noqa: E402
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
@@ -56,13 +62,16 @@ def output_png_paths(images: list[Path], out_dir: Path) -> list[Path]:
     return paths
 
 
-def run(checkpoint: Path, source: Path, out_dir: Path, *, score_thresh: float, device: str,
-        postprocess: dict[str, Any] | None = None, box_refinement: bool = False) -> dict[str, Any]:
+def run(checkpoints: Path | list[Path], source: Path, out_dir: Path, *, score_thresh: float, device: str,
+        postprocess: dict[str, Any] | None = None, args: argparse.Namespace | None = None) -> dict[str, Any]:
     """Detect on every input image, write the drawn PNGs and detections.json; returns the JSON content.
 
-    ``postprocess``: overrides of the checkpoint's test-time post-processing (see
-    :func:`detres.models.build.configure_postprocess`; None values leave the checkpoint's setting).
+    ``checkpoints``: one train_det checkpoint or the members of an ensemble. ``postprocess``: overrides of
+    the checkpoints' test-time post-processing (see :func:`detres.models.build.configure_postprocess`; None
+    values leave the checkpoint's setting). ``args``: parsed test-time flags (``add_test_time_arguments``)
+    over all-off options whose pyramid keeps the checkpoint's test aspect cap.
     """
+    checkpoints = [checkpoints] if isinstance(checkpoints, Path) else list(checkpoints)
     images = list_images(source)
     pngs = output_png_paths(images, out_dir)
     try:
@@ -71,9 +80,13 @@ def run(checkpoint: Path, source: Path, out_dir: Path, *, score_thresh: float, d
         raise ValueError(f"--device {device!r}: {exc}") from None
     if torch_device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: CUDA is not available on this machine")
-    predictor = Predictor(checkpoint, device=torch_device)
-    configure_postprocess(predictor.model, **(postprocess or {}))
-    predictor.box_refinement = box_refinement
+    models, meta = load_ensemble(checkpoints, device=torch_device)
+    for model in models:
+        configure_postprocess(model, **(postprocess or {}))
+    predictor = Predictor.from_model(models[0], meta, device=torch_device)
+    predictor.ensemble = models[1:]
+    base = TestTimeOptions(max_size_ratio=meta["max_size_test"] / meta["min_size_test"])
+    predictor.options = base if args is None else test_time_options(args, base)
     records = []
     for path, png in zip(images, pngs):
         image = read_image_rgb(path)
@@ -88,7 +101,8 @@ def run(checkpoint: Path, source: Path, out_dir: Path, *, score_thresh: float, d
             "class_names": det["class_names"],
         })
         print(f"{path}: {len(det['scores'])} detections >= {score_thresh}")
-    result = {"checkpoint": str(checkpoint), "score_thresh": score_thresh, "class_names": predictor.class_names,
+    result = {"checkpoint": str(checkpoints[0]), "checkpoints": [str(p) for p in checkpoints],
+              "options": dataclasses.asdict(predictor.options), "score_thresh": score_thresh, "class_names": predictor.class_names,
               "box_format": "xyxy, 0-based continuous pixels of the original image", "images": records}
     write_json_atomic(out_dir / "detections.json", result)
     return result
@@ -96,21 +110,21 @@ def run(checkpoint: Path, source: Path, out_dir: Path, *, score_thresh: float, d
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, type=Path, help="train_det checkpoint (model_final.pt)")
+    parser.add_argument("--checkpoint", required=True, type=Path, nargs="+",
+                        help="train_det checkpoint(s) (model_final.pt); several = an ensemble")
     parser.add_argument("--input", required=True, type=Path, help="an image file or a folder of images")
     parser.add_argument("--out", type=Path, default=Path("runs/infer"), help="output folder (default runs/infer)")
     parser.add_argument("--score-thresh", type=float, default=0.5, help="keep and draw detections scoring >= this")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     add_postprocess_arguments(parser)
-    parser.add_argument("--box-refinement", action="store_true",
-                        help="Appendix-B box refinement: a second RoI pass on the regressed boxes, NMS on the union")
+    add_test_time_arguments(parser, defaults="all off")
     args = parser.parse_args(argv)
     if not 0.0 <= args.score_thresh <= 1.0:
         parser.error(f"--score-thresh must be in [0, 1], got {args.score_thresh}")
     try:
         postprocess = postprocess_options(args)
         result = run(args.checkpoint, args.input, args.out, score_thresh=args.score_thresh, device=args.device,
-                     postprocess=postprocess, box_refinement=args.box_refinement)
+                     postprocess=postprocess, args=args)
     except (FileNotFoundError, ValueError) as exc:
         print(f"infer: error: {exc}", file=sys.stderr)
         return 2

@@ -1,7 +1,9 @@
 #!/usr/bin/env python
-"""Evaluate a trained detector on a dataset: tools/test_det.py --config C.yaml --checkpoint M.pt [key=value ...].
+"""Evaluate a trained detector on a dataset: tools/test_det.py --config C.yaml --checkpoint M.pt [M2.pt ...] [key=value ...].
 
-Writes COCO results JSON, the ground truth it scored (coco_gt.json), VOC devkit result files,
+Several checkpoints are evaluated as one ensemble (Appendix B: union of proposals, averaged scores and
+boxes; the class lists must agree). The Appendix-B test-time extras come from the config's test section,
+overridden by the flags (--box-refinement, --multiscale --scales ..., --flip, ...). Writes COCO results JSON, the ground truth it scored (coco_gt.json), VOC devkit result files,
 metrics.json, a per-class precision-recall plot (pr_curves.png) and example PNGs under --out
 (default <output_dir>/test) and prints the COCO and VOC metrics.
 """
@@ -20,35 +22,40 @@ from detres.config.load import ConfigError, load_config  # noqa: E402
 from detres.data.build import build_detection_dataset  # noqa: E402
 from detres.engine.det_trainer import test_detector  # noqa: E402
 from detres.engine.run_setup import resolve_device  # noqa: E402
-from detres.models.build import configure_postprocess, load_detector  # noqa: E402
-from detres.inference.postprocess_args import add_postprocess_arguments, postprocess_options  # noqa: E402
+from detres.inference.ensemble import load_ensemble  # noqa: E402
+from detres.inference.postprocess_args import (  # noqa: E402
+    add_postprocess_arguments, add_test_time_arguments, postprocess_options, split_overrides, test_time_options)
+from detres.inference.test_time import options_from_config  # noqa: E402
+from detres.models.build import configure_postprocess  # noqa: E402
 from detres.utils.atomic import dumps_json  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML config (task: det); data.val_* is the test set")
-    parser.add_argument("--checkpoint", required=True, help="train_det checkpoint (model_final.pt or last.pt)")
+    parser.add_argument("--checkpoint", required=True, nargs="+",
+                        help="train_det checkpoint(s) (model_final.pt or last.pt); several = an ensemble")
     parser.add_argument("--out", default=None, help="output folder (default <output_dir>/test)")
     add_postprocess_arguments(parser)
-    parser.add_argument("--box-refinement", action=argparse.BooleanOptionalAction, default=None,
-                        help="Appendix-B box refinement (default: the config's test.box_refinement)")
+    add_test_time_arguments(parser)
     parser.add_argument("overrides", nargs="*", help="config overrides such as data.val_ann=...")
     args = parser.parse_args(argv)
+    args.checkpoint, args.overrides = split_overrides(args.checkpoint, args.overrides)
+    args.scales, args.overrides = split_overrides(args.scales, args.overrides)
     try:
         cfg = load_config(args.config, args.overrides)
-        if args.box_refinement is not None:
-            cfg.test.box_refinement = args.box_refinement
+        options = test_time_options(args, options_from_config(cfg.test, cfg.input))
         device = resolve_device(cfg.device)
-        model, meta = load_detector(args.checkpoint, device=device)
-        configure_postprocess(model, **postprocess_options(args))
+        models, meta = load_ensemble(args.checkpoint, device=device)
+        for model in models:  # the first model's heads post-process; all get the same settings
+            configure_postprocess(model, **postprocess_options(args))
         dataset = build_detection_dataset(cfg, "val", train=False, class_names=meta["class_names"])
         names = [c["name"] for c in dataset.categories]
         if names != meta["class_names"]:
-            raise ValueError(f"{args.checkpoint} was trained on classes {meta['class_names']}, "
+            raise ValueError(f"{args.checkpoint[0]} was trained on classes {meta['class_names']}, "
                              f"the test set has {names}")
         out = Path(args.out) if args.out else Path(cfg.output_dir) / "test"
-        metrics = test_detector(model, dataset, meta, cfg, out_dir=out, device=device)
+        metrics = test_detector(models, dataset, meta, cfg, out_dir=out, device=device, options=options)
     except (ConfigError, FileNotFoundError, ValueError) as exc:
         print(f"test_det: error: {exc}", file=sys.stderr)
         return 2

@@ -87,7 +87,7 @@ CLS_DEFAULTS: dict = {
 }
 
 # ---------------------------------------------------------------------------------------------
-# Faster R-CNN on a ResNet C4 backbone (ResNet paper Appendix A; Ren et al. hyper-parameters)
+# Faster R-CNN on a ResNet C4 (or VGG-16) backbone (ResNet paper Appendix A; Ren et al. hyper-parameters)
 # ---------------------------------------------------------------------------------------------
 DET_DEFAULTS: dict = {
     "task": "det",
@@ -95,11 +95,18 @@ DET_DEFAULTS: dict = {
     "output_dir": "runs/det",
     "device": "auto",
     "model": {
+        # "resnet": ResNet-C4 (Appendix A: conv1..conv4_x shared, conv5_x per region, pooler 14x14);
+        # "vgg16": the VGG-16 baseline of Tables 7-8 (Faster R-CNN: conv1_1..conv5_3 shared, fc6/fc7 per
+        # region; needs roi_heads.pooler_resolution=7 and a train_cls model.arch=vgg16 checkpoint or a
+        # torchvision vgg16 state_dict; depth/stride_in_1x1/base_width are then ignored)
+        "backbone": "resnet",
         "depth": 101,  # ResNet-50/101 in the paper; any ImageNet depth works
         "weights": None,  # local path: a train_cls checkpoint (BN recomputed) or a torchvision state_dict
         "stride_in_1x1": False,  # must match how the backbone checkpoint was trained
         "base_width": 64,  # must match the backbone checkpoint (Table 1: 64)
-        "freeze_at": 2,  # 0: train all; 1: freeze conv1; 2: freeze conv1 + res2 (conv2_x)
+        # resnet: 0 train all; 1 freeze conv1; 2 freeze conv1 + res2 (conv2_x).
+        # vgg16: 0 train all; 1 freeze conv1_x; 2 freeze conv1_x + conv2_x (the first 4 convs, Faster R-CNN)
+        "freeze_at": 2,
         # Appendix A freezes BN statistics *recomputed* on the training set: a train_cls checkpoint recording
         # bn_recomputed=False (e.g. last.pt) is refused unless this is true; files recording nothing
         # (torchvision state_dicts) are accepted with a warning
@@ -207,6 +214,21 @@ DET_DEFAULTS: dict = {
         # Appendix-B box refinement: a second RoI pass on each proposal's regressed box, NMS on the union of
         # both passes' predictions, then box voting if model.roi_heads.box_voting (the paper uses both)
         "box_refinement": False,
+        # Appendix-B multi-scale testing: conv features on an image pyramid (shorter sides; the longer side is
+        # capped at scale * max_size_test / min_size_test); each RoI is pooled on the two adjacent levels that
+        # bracket reference_size^2 (its area there) and the two region features are merged by maxout
+        "multiscale": {
+            "enabled": False,
+            "scales": [200, 400, 600, 800, 1000],
+            "reference_size": 224,  # the pre-training crop side (NoC / SPP-net level choice)
+            "pyramid_proposals": False,  # also run the RPN on every level and merge (default: input scale only)
+        },
+        "flip": False,  # average scores and boxes with those of the horizontally mirrored image
+        # Ensembles (several --checkpoint) and pyramid proposals: union of proposal sets, NMS, cap
+        "ensemble": {
+            "proposal_nms_thresh": None,  # None = the first model's RPN NMS threshold (0.7)
+            "max_proposals": None,  # None = the first model's RPN post-NMS top-n at test time (300)
+        },
     },
 }
 

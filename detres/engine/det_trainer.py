@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch.utils.data import BatchSampler, DataLoader
@@ -18,6 +18,7 @@ from detres.utils.atomic import write_json_atomic
 from detres.utils.checkpoint import load_checkpoint, save_checkpoint
 from detres.engine.run_setup import start_run
 from detres.inference.detect import run_inference
+from detres.inference.test_time import TestTimeOptions, options_from_config
 from detres.engine.logging import JsonLinesLogger, read_json_lines
 from detres.engine.lr_schedule import LRSchedule
 from detres.engine.optimizer import build_detection_optimizer, set_lr
@@ -256,9 +257,13 @@ def _train_joint(run: DetRun, model_args: dict[str, Any], state: dict | None
     return model, iteration, saved_args
 
 
-def test_detector(model, dataset, meta: dict[str, Any], cfg: Config, *, out_dir: Path, device) -> dict[str, Any]:
+def test_detector(model: torch.nn.Module | Sequence[torch.nn.Module], dataset, meta: dict[str, Any], cfg: Config, *,
+                  out_dir: Path, device, options: TestTimeOptions | None = None) -> dict[str, Any]:
     """Detect on ``dataset``; write COCO results JSON and the COCO ground truth they were scored against,
     VOC devkit files, per-class precision-recall curves, metrics and example PNGs.
+
+    ``model``: one detector or the members of an ensemble; ``options``: the Appendix-B test-time extras
+    (None = ``options_from_config(cfg.test, cfg.input)``).
 
     ``coco_gt.json`` is the ground truth ``metrics.json``'s COCO AP was computed on (the boxes as the
     dataset loaded them, crowd / difficult regions as ``iscrowd``), so
@@ -269,7 +274,8 @@ def test_detector(model, dataset, meta: dict[str, Any], cfg: Config, *, out_dir:
 
     out_dir = Path(out_dir)
     dets = run_inference(model, dataset, device=device, batch_size=cfg.solver.images_per_batch,
-                         num_workers=cfg.data.num_workers, box_refinement=cfg.test.box_refinement)
+                         num_workers=cfg.data.num_workers,
+                         options=options_from_config(cfg.test, cfg.input) if options is None else options)
     metrics = evaluate_detection_dataset(dataset, dets, iou_thresh_voc=cfg.test.iou_thresh_voc,
                                          use_07_metric=cfg.test.use_07_metric)
     write_coco_results(detections_to_coco_results(dets, meta["label_to_category_id"]),

@@ -17,9 +17,10 @@ from typing import Sequence
 
 import torch
 
+from detres.inference.region_scorer import Scored, SingleScaleScorer, RegionScorer
 from detres.models.postprocess import check_postprocess_options
 
-__all__ = ["refined_rois", "detect_with_refinement"]
+__all__ = ["refined_rois", "refine", "detect_with_refinement"]
 
 
 def refined_rois(
@@ -52,9 +53,16 @@ def refined_rois(
     return list(rois.split(counts))
 
 
-def _score_and_decode(heads, features, rois, sizes):
-    logits, deltas = heads.predict(heads.region_features(features, rois, sizes))
-    return heads.decode_predictions(logits, deltas, rois)
+def refine(scorer: RegionScorer, probs: Sequence[torch.Tensor], boxes: Sequence[torch.Tensor]) -> Scored:
+    """The refinement pass: score each region's regressed box with ``scorer``; per image the union of both passes.
+
+    ``probs`` / ``boxes``: the first pass's per-image class probabilities and boxes (``scorer.score`` of
+    the proposals). Returns per image ([2Ni,K+1], [2Ni,K+1,4] or [2Ni,4]): first pass, then second.
+    """
+    rois = refined_rois(probs, boxes, scorer.image_sizes)
+    new_probs, new_boxes = scorer.score(rois)
+    return ([torch.cat([p, q]) for p, q in zip(probs, new_probs)],
+            [torch.cat([b, c]) for b, c in zip(boxes, new_boxes)])
 
 
 @torch.no_grad()
@@ -77,26 +85,19 @@ def detect_with_refinement(
             "+box refinement" row uses voting).
         voting_iou: IoU at which a union box votes; None = the model's ``roi_heads.box_voting_iou``.
 
-    Score threshold, NMS threshold / method and detections per image are the RoI heads' own.
+    Score threshold, NMS threshold / method and detections per image are the RoI heads' own. The
+    general composition (with multi-scale, flip, ensembles) is ``detres.inference.test_time``.
 
     Returns:
         per image ``{"boxes" [D,4], "scores" [D], "labels" [D]}`` in the network input's pixels,
         like the model's eval forward.
     """
     heads = model.roi_heads
-    if model.training or heads.training or model.rpn.training:
-        raise ValueError("detect_with_refinement: the model must be in eval mode (model.eval())")
     voting = bool(heads.box_voting if voting is None else voting)
     voting_iou = float(heads.box_voting_iou if voting_iou is None else voting_iou)
     check_postprocess_options(nms_method=heads.nms_method, soft_nms_sigma=heads.soft_nms_sigma,
                               soft_nms_score_thresh=heads.soft_nms_score_thresh, box_voting_iou=voting_iou)
-
-    batch, sizes = model.preprocess(images, image_sizes)
-    features = model.trunk(batch)
-    proposals, _ = model.rpn(features, sizes)
-    probs, boxes = _score_and_decode(heads, features, proposals, sizes)
-    rois = refined_rois(probs, boxes, sizes)
-    new_probs, new_boxes = _score_and_decode(heads, features, rois, sizes)
-    union_probs = [torch.cat([p, q]) for p, q in zip(probs, new_probs)]
-    union_boxes = [torch.cat([b, c]) for b, c in zip(boxes, new_boxes)]
-    return heads.postprocess_decoded(union_probs, union_boxes, sizes, box_voting=voting, box_voting_iou=voting_iou)
+    scorer = SingleScaleScorer(model, images, image_sizes)
+    proposals, _ = scorer.propose()
+    probs, boxes = refine(scorer, *scorer.score(proposals))
+    return heads.postprocess_decoded(probs, boxes, scorer.image_sizes, box_voting=voting, box_voting_iou=voting_iou)

@@ -1,7 +1,7 @@
 """Run a detector over a dataset: batched forward passes, detections mapped back to original pixels."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch.utils.data import DataLoader
@@ -9,24 +9,27 @@ from tqdm import tqdm
 
 from detres.data.collate import collate_detection
 from detres.data.worker_errors import readable
-from detres.inference.box_refinement import detect_with_refinement
+from detres.inference.test_time import TestTimeOptions, detect_test_time
 from detres.models.postprocess import rescale_detections
 
 
 def detect_batch(
-    model: torch.nn.Module, batch: dict[str, Any], device: torch.device, *, box_refinement: bool = False
+    model: torch.nn.Module | Sequence[torch.nn.Module], batch: dict[str, Any], device: torch.device, *,
+    options: TestTimeOptions | None = None,
 ) -> list[dict[str, Any]]:
     """Detections of one collated batch, in each image's original pixel coordinates (CPU tensors).
 
-    ``box_refinement``: the Appendix-B second pass on the regressed boxes instead of the model's
-    forward (:func:`detres.inference.box_refinement.detect_with_refinement`).
+    ``model``: one detector or the members of an ensemble. ``options``: the Appendix-B test-time
+    extras (:func:`detres.inference.test_time.detect_test_time`); None, or all off with one model = the
+    model's own forward.
     """
     images = batch["images"].to(device, non_blocking=True)
+    models = [model] if isinstance(model, torch.nn.Module) else list(model)
     with torch.inference_mode():
-        if box_refinement:
-            outputs = detect_with_refinement(model, images, batch["image_sizes"])
+        if len(models) == 1 and (options is None or options.plain):
+            outputs = models[0](images, image_sizes=batch["image_sizes"])
         else:
-            outputs = model(images, image_sizes=batch["image_sizes"])
+            outputs = detect_test_time(models, images, batch["image_sizes"], options=options or TestTimeOptions())
     results = []
     for det, image_id, (sx, sy), orig in zip(outputs, batch["image_ids"], batch["scales_xy"], batch["orig_sizes"]):
         det = {k: v.cpu() for k, v in det.items()}
@@ -37,27 +40,30 @@ def detect_batch(
 
 
 def run_inference(
-    model: torch.nn.Module,
+    model: torch.nn.Module | Sequence[torch.nn.Module],
     dataset: Any,
     *,
     device: torch.device,
     batch_size: int = 2,
     num_workers: int = 0,
     progress: bool = True,
-    box_refinement: bool = False,
+    options: TestTimeOptions | None = None,
 ) -> list[dict[str, Any]]:
     """Per-image ``{"image_id", "boxes", "scores", "labels"}`` for every image of ``dataset`` (eval mode).
 
-    ``box_refinement``: see :func:`detect_batch`.
+    ``model`` / ``options``: see :func:`detect_batch`.
     """
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         collate_fn=collate_detection)
-    was_training = model.training
-    model.eval()
+    models = [model] if isinstance(model, torch.nn.Module) else list(model)
+    was_training = [m.training for m in models]
+    for m in models:
+        m.eval()
     detections: list[dict[str, Any]] = []
     try:
         for batch in tqdm(readable(loader), desc="detect", disable=not progress, dynamic_ncols=True, leave=False):
-            detections.extend(detect_batch(model, batch, device, box_refinement=box_refinement))
+            detections.extend(detect_batch(models, batch, device, options=options))
     finally:
-        model.train(was_training)
+        for m, mode in zip(models, was_training):
+            m.train(mode)
     return detections

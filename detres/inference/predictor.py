@@ -10,6 +10,7 @@ import torch
 from detres.data.collate import collate_detection
 from detres.data.det_transforms import build_det_transforms, finalize_sample
 from detres.inference.detect import detect_batch
+from detres.inference.test_time import TestTimeOptions
 from detres.models.build import load_detector
 
 
@@ -44,7 +45,9 @@ class Predictor:
         self.model = model.eval()
         self.meta = meta
         self.device = device
-        self.box_refinement = False  # Appendix-B box refinement in predict / predict_batch (see detect_batch)
+        # Appendix-B test-time extras used by predict / predict_batch (see detres.inference.test_time)
+        self.options = TestTimeOptions()
+        self.ensemble: list[torch.nn.Module] = []  # further members besides self.model (an ensemble)
         self.class_names: list[str] = [str(n) for n in meta["class_names"]]
         self.transform = build_det_transforms(train=False, min_size=int(meta["min_size_test"]),
                                               max_size=int(meta["max_size_test"]))
@@ -62,8 +65,8 @@ class Predictor:
         if len(images_rgb) == 0:
             return []
         samples = [self._sample(i, image) for i, image in enumerate(images_rgb)]
-        outputs = detect_batch(self.model, collate_detection(samples), self.device,
-                               box_refinement=self.box_refinement)
+        outputs = detect_batch([self.model, *self.ensemble], collate_detection(samples), self.device,
+                               options=self.options)
         return [self._to_result(det, score_thresh) for det in outputs]
 
     def _sample(self, index: int, image: Any) -> dict[str, Any]:

@@ -60,13 +60,35 @@ def build_classifier(*, arch: str = "imagenet", depth: int = 50, num_classes: in
     raise ValueError(f"model.arch must be one of {CLASSIFIER_ARCHS}, got {arch!r}")
 
 
+DETECTOR_BACKBONES = {"resnet": "imagenet", "vgg16": "vgg16"}  # model.backbone -> the train_cls model.arch it takes
+
+
+def _backbone_name(model_cfg: Mapping[str, Any]) -> str:
+    """``model.backbone`` ("resnet" when absent, e.g. a config tree older than the option)."""
+    backbone = str(model_cfg.get("backbone", "resnet"))
+    if backbone not in DETECTOR_BACKBONES:
+        raise ValueError(f"model.backbone must be one of {sorted(DETECTOR_BACKBONES)}, got {backbone!r}")
+    return backbone
+
+
 def _check_backbone_args(saved: Mapping[str, Any] | None, model_cfg: Mapping[str, Any], weights: str) -> None:
     """A train_cls checkpoint records its architecture: refuse a config that asks for another one."""
     if not saved:
         return
-    if saved.get("arch", "imagenet") != "imagenet":
-        raise ValueError(f"{weights}: a {saved.get('arch')} ResNet cannot be a detection backbone; "
-                         "pre-train with model.arch=imagenet")
+    backbone, arch = _backbone_name(model_cfg), saved.get("arch", "imagenet")
+    if arch != DETECTOR_BACKBONES[backbone]:
+        if arch not in DETECTOR_BACKBONES.values():
+            raise ValueError(f"{weights}: a model.arch={arch!r} network cannot be a detection backbone; "
+                             "pre-train with model.arch=imagenet (model.backbone=resnet) or vgg16 "
+                             "(model.backbone=vgg16)")
+        raise ValueError(f"{weights} holds a model.arch={arch!r} network but the config sets "
+                         f"model.backbone={backbone!r}; use model.backbone="
+                         f"{'vgg16' if arch == 'vgg16' else 'resnet'} or another checkpoint")
+    if backbone == "vgg16":
+        if saved.get("batch_norm"):
+            raise ValueError(f"{weights} holds a VGG-16 with batch_norm=True; the detection backbone is the "
+                             "paper's VGG-16 without BN (pre-train with model.batch_norm=false)")
+        return  # depth / width / stride options are ResNet ones
     for key in ("depth", "base_width", "stride_in_1x1"):
         if key in saved and saved[key] != model_cfg[key]:
             raise ValueError(f"{weights} holds a backbone with {key}={saved[key]!r} but the config sets "
@@ -96,8 +118,10 @@ def _backbone_normalisation(model_cfg: Mapping[str, Any]) -> tuple[list[float], 
 def detector_kwargs_from_config(model_cfg: Mapping[str, Any], *, num_classes: int) -> dict[str, Any]:
     """Explicit arguments of :func:`detres.models.faster_rcnn.build_faster_rcnn` (stored as ``model_args``).
 
-    ``num_classes`` counts object classes only (background is added by the predictor).
+    ``num_classes`` counts object classes only (background is added by the predictor). With
+    ``model.backbone: vgg16`` the ResNet options (depth, base_width, stride_in_1x1) are stored but unused.
     """
+    _backbone_name(model_cfg)  # a typo fails here, before any checkpoint is read
     mean, std = _backbone_normalisation(model_cfg)
     if model_cfg["pixel_mean"] is not None:
         mean = [float(v) for v in model_cfg["pixel_mean"]]
@@ -105,6 +129,8 @@ def detector_kwargs_from_config(model_cfg: Mapping[str, Any], *, num_classes: in
         std = [float(v) for v in model_cfg["pixel_std"]]
     rpn, roi = model_cfg["rpn"], model_cfg["roi_heads"]
     kwargs: dict[str, Any] = {
+        # Absent from checkpoints written before it existed: build_faster_rcnn's default ("resnet").
+        "backbone": _backbone_name(model_cfg),
         "depth": int(model_cfg["depth"]),
         "num_classes": int(num_classes),
         "weights_path": model_cfg["weights"],
@@ -162,7 +188,7 @@ def configure_postprocess(model: nn.Module, **options: Any) -> nn.Module:
 
 
 def build_detector(**kwargs: Any) -> nn.Module:
-    """A ResNet-C4 Faster R-CNN from the explicit arguments of :func:`detector_kwargs_from_config`."""
+    """A ResNet-C4 or VGG-16 Faster R-CNN from the explicit arguments of :func:`detector_kwargs_from_config`."""
     from detres.models.faster_rcnn import build_faster_rcnn
 
     post = {key: kwargs.pop(key) for key in POSTPROCESS_KEYS if key in kwargs}

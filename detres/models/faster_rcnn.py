@@ -1,4 +1,4 @@
-"""Faster R-CNN assembly on a ResNet-C4 backbone (ResNet paper, Appendix A): normalise, pad, trunk, RPN, RoI heads."""
+"""Faster R-CNN assembly on a ResNet-C4 (Appendix A) or VGG-16 backbone: normalise, pad, trunk, RPN, RoI heads."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -15,6 +15,7 @@ from detres.models.backbone import build_resnet_c4
 from detres.models.context import ContextRoIHeads
 from detres.models.roi_heads import BoxHead, FastRCNNPredictor, RoIHeads, RoIPooler
 from detres.models.rpn import RegionProposalNetwork, RPNHead
+from detres.models.vgg_backbone import build_vgg16_c4
 
 __all__ = ["FasterRCNN", "build_faster_rcnn", "IMAGENET_PIXEL_MEAN"]
 
@@ -224,6 +225,7 @@ class FasterRCNN(nn.Module):
 
 def build_faster_rcnn(
     *,
+    backbone: str = "resnet",
     depth: int = 50,
     num_classes: int,
     weights_path: str | Path | None = None,
@@ -267,7 +269,11 @@ def build_faster_rcnn(
     global_context: bool = False,
     allow_unrecomputed_bn: bool = False,
 ) -> FasterRCNN:
-    """Build a ResNet-C4 Faster R-CNN from explicit arguments.
+    """Build a ResNet-C4 (or, ``backbone="vgg16"``, a VGG-16) Faster R-CNN from explicit arguments.
+
+    ``backbone="vgg16"`` (Tables 7-8 baseline): :func:`detres.models.vgg_backbone.build_vgg16_c4`, conv5_3
+    shared, fc6/fc7 per region; needs ``pooler_resolution=7``; ``depth``, ``base_width``, ``stride_in_1x1``,
+    ``frozen_bn`` and ``allow_unrecomputed_bn`` are ignored (no BN).
 
     ``num_classes`` is the number of OBJECT classes K (e.g. 20 for VOC, 80 for COCO, i.e.
     ``len(dataset.categories)``); the predictor adds the background class itself (K+1 outputs).
@@ -284,14 +290,20 @@ def build_faster_rcnn(
     """
     if int(num_classes) < 1:
         raise ValueError(f"build_faster_rcnn: num_classes (object classes, background excluded) must be >= 1, got {num_classes}")
-    if weights_path is not None and frozen_bn and Path(weights_path).is_file():
+    if backbone not in ("resnet", "vgg16"):
+        raise ValueError(f"build_faster_rcnn: backbone must be 'resnet' or 'vgg16', got {backbone!r}")
+    if backbone == "resnet" and weights_path is not None and frozen_bn and Path(weights_path).is_file():
         from detres.models.weights import check_backbone_bn_statistics
 
         check_backbone_bn_statistics(weights_path, allow_unrecomputed_bn=allow_unrecomputed_bn)
-    trunk, conv5_head, head_dim = build_resnet_c4(
-        depth, weights_path=weights_path, freeze_at=freeze_at, stride_in_1x1=stride_in_1x1, frozen_bn=frozen_bn,
-        base_width=base_width,
-    )
+    if backbone == "vgg16":
+        trunk, conv5_head, head_dim = build_vgg16_c4(
+            weights_path=weights_path, freeze_at=freeze_at, pooler_resolution=pooler_resolution)
+    else:
+        trunk, conv5_head, head_dim = build_resnet_c4(
+            depth, weights_path=weights_path, freeze_at=freeze_at, stride_in_1x1=stride_in_1x1,
+            frozen_bn=frozen_bn, base_width=base_width,
+        )
     anchor_generator = AnchorGenerator(
         sizes=anchor_sizes, aspect_ratios=aspect_ratios, stride=trunk.stride, offset=anchor_offset
     )

@@ -281,6 +281,20 @@ class RegionProposalNetwork(nn.Module):
         objectness, pred_deltas, anchors = self.predict(features)
         return self._proposals(objectness, pred_deltas, anchors, image_sizes, mode)
 
+    @torch.no_grad()
+    def propose_scored(
+        self, features: Tensor, image_sizes: Sequence[Sequence[int]], *, mode: str | None = None
+    ) -> tuple[list[Tensor], list[Tensor]]:
+        """:meth:`propose` with each proposal's objectness probability: per image (boxes [Ni, 4], scores [Ni]).
+
+        What merging proposal sets (ensembles, pyramid proposals) ranks by.
+        """
+        image_sizes = self._check_inputs(features, image_sizes)
+        objectness, pred_deltas, anchors = self.predict(features)
+        batch = objectness.shape[0]
+        boxes = self.box_coder.decode(pred_deltas.reshape(-1, 4), anchors.repeat(batch, 1)).view(batch, -1, 4)
+        return self.filter_proposals(boxes, objectness, image_sizes, mode=mode)
+
     def forward(
         self,
         features: Tensor,

@@ -24,6 +24,10 @@ class FixedRPN(nn.Module):
     def forward(self, features, image_sizes, targets=None):
         return [torch.tensor(self.proposals[tuple(hw)], dtype=torch.float32) for hw in image_sizes], {}
 
+    def propose_scored(self, features, image_sizes, mode=None):
+        boxes = self(features, image_sizes)[0]
+        return boxes, [torch.linspace(1.0, 0.5, len(b)) for b in boxes]  # best first, as the RPN's
+
 
 class BoxEchoHeads(RoIHeads):
     """RoI heads whose region "feature" is the RoI box itself, so the predictor can answer per box."""
@@ -215,6 +219,10 @@ class EvenGridRPN(nn.Module):
             p = (p / 2).round() * 2
             out.append(p[(p[:, 2] > p[:, 0]) & (p[:, 3] > p[:, 1])])
         return out, losses
+
+    def propose_scored(self, features, image_sizes, mode=None):
+        boxes = self(features, image_sizes)[0]
+        return boxes, [torch.linspace(1.0, 0.5, len(b)) for b in boxes]
 
 
 def test_refinement_that_changes_nothing_keeps_exactly_the_single_pass_detections():

@@ -2,18 +2,13 @@
 from __future__ import annotations
 
 import importlib.util
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import yaml
 
-from detres.data.synthetic import generate_shapes_world
 from detres.inference.visualize import write_png
-from detres.models.build import build_detector
-from detres.utils.checkpoint import save_checkpoint
 
 TOOLS = Path(__file__).resolve().parents[2] / "tools"
 
@@ -28,28 +23,15 @@ def _tool(name: str):
 test_det, infer = _tool("test_det"), _tool("infer")
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("flags_world")
-    generate_shapes_world(root, num_cls_train_per_class=0, num_cls_val_per_class=0, num_det_train=1, num_det_val=1,
-                          num_loc_train=0, num_loc_val=0, det_size=(64, 96))
-    return root / "det"
+@pytest.fixture
+def world(tiny_det_world) -> Path:
+    return tiny_det_world
 
 
-@pytest.fixture(scope="module")
-def checkpoint(world, tmp_path_factory) -> Path:
+@pytest.fixture
+def checkpoint(tiny_det_checkpoint) -> Path:
     """An untrained tiny detector saved as train_det would (box_voting on in its stored arguments)."""
-    names = [c["name"] for c in json.loads((world / "annotations" / "instances_val.json").read_text())["categories"]]
-    torch.manual_seed(0)
-    args = dict(depth=18, base_width=16, num_classes=len(names), anchor_sizes=[16, 32], aspect_ratios=[1.0],
-                rpn_pre_nms_top_n_test=100, rpn_post_nms_top_n_test=20, pooler_resolution=8, score_thresh=0.0,
-                box_voting=True)
-    model = build_detector(**args)
-    path = tmp_path_factory.mktemp("flags_ckpt") / "det.pt"
-    meta = {"class_names": sorted(names), "min_size_test": 64, "max_size_test": 96}
-    save_checkpoint(path, {"model": model.state_dict(), "model_args": dict(args, weights_path=None), "meta": meta,
-                           "iter": 0})
-    return path
+    return tiny_det_checkpoint
 
 
 def _spy(monkeypatch) -> list[dict]:
@@ -99,8 +81,8 @@ def test_test_det_flags_reach_the_evaluated_model(world, checkpoint, tmp_path, m
     path.write_text(yaml.safe_dump(cfg))
     seen = []
 
-    def fake_test_detector(model, dataset, meta, cfg, *, out_dir, device):
-        heads = model.roi_heads
+    def fake_test_detector(models, dataset, meta, cfg, *, out_dir, device, options):
+        heads = models[0].roi_heads
         seen.append((heads.nms_method, heads.box_voting, heads.box_voting_iou))
         return {"coco": {"summary": [0.0] * 12}, "voc": {"mAP": 0.0, "per_class": {}}}
 

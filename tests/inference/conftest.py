@@ -1,0 +1,38 @@
+"""Tiny randomly initialised detectors shared by the test-time pipeline tests (eval mode, seeded)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from detres.models.faster_rcnn import build_faster_rcnn
+
+
+def tiny_detector(seed: int = 0, *, global_context: bool = False, num_classes: int = 3, **kwargs) -> torch.nn.Module:
+    """A ResNet-18 (width 8) C4 detector with roi_align 4x4 and 30 test proposals, in eval mode."""
+    torch.manual_seed(seed)
+    args = dict(depth=18, base_width=8, num_classes=num_classes, anchor_sizes=(16, 32, 64), pooler_type="roi_align",
+                pooler_resolution=4, sampling_ratio=2, rpn_pre_nms_top_n_test=200, rpn_post_nms_top_n_test=30,
+                score_thresh=0.01, global_context=global_context)
+    args.update(kwargs)
+    model = build_faster_rcnn(**args)
+    with torch.no_grad():  # class scores that differ between RoIs (the default init gives ~uniform ones)
+        model.roi_heads.predictor.cls_score.weight.normal_(std=0.5)
+        model.roi_heads.predictor.bbox_pred.weight.normal_(std=0.05)
+    return model.eval()
+
+
+@pytest.fixture(scope="package")
+def detector() -> torch.nn.Module:
+    return tiny_detector(0)
+
+
+@pytest.fixture(scope="package")
+def context_detector() -> torch.nn.Module:
+    return tiny_detector(1, global_context=True)
+
+
+@pytest.fixture(scope="package")
+def images() -> list[torch.Tensor]:
+    """Two 0..255 images of different sizes (the batch gets padded)."""
+    g = torch.Generator().manual_seed(0)
+    return [torch.rand(3, 96, 128, generator=g) * 255, torch.rand(3, 112, 80, generator=g) * 255]

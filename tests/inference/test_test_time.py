@@ -1,0 +1,139 @@
+"""Tests for detres.inference.test_time and ensemble: the composed Appendix-B pipeline against known answers."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from detres.config.load import load_config
+from detres.inference.box_refinement import detect_with_refinement
+from detres.inference.ensemble import ensemble_proposals, load_ensemble
+from detres.inference.proposal_merge import merge_proposal_sets
+from detres.inference.region_scorer import AveragedScorer, SingleScaleScorer
+from detres.inference.test_time import TestTimeOptions, detect_test_time, options_from_config
+from detres.models.build import build_detector
+
+from tests.inference.conftest import tiny_detector
+
+
+def _padded(images):
+    batch = torch.zeros(len(images), 3, max(i.shape[1] for i in images), max(i.shape[2] for i in images))
+    for slot, img in zip(batch, images):
+        slot[:, : img.shape[1], : img.shape[2]] = img
+    return batch, [tuple(i.shape[1:]) for i in images]
+
+
+def _assert_same(got, want, atol=0.0):
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        assert torch.equal(a["labels"], b["labels"])
+        torch.testing.assert_close(a["boxes"], b["boxes"], rtol=0, atol=atol)
+        torch.testing.assert_close(a["scores"], b["scores"], rtol=0, atol=atol)
+
+
+def test_all_options_off_is_exactly_the_model_forward(detector, images):
+    batch, sizes = _padded(images)
+    with torch.no_grad():
+        want = detector(batch, image_sizes=sizes)
+    got = detect_test_time(detector, batch, sizes)
+    assert sum(len(d["scores"]) for d in want) > 0
+    _assert_same(got, want)
+
+
+def test_ensemble_of_one_model_equals_that_model(detector, images):
+    with torch.no_grad():
+        want = detector(images)
+    _assert_same(detect_test_time([detector], images, options=TestTimeOptions(max_proposals=30)), want)
+
+
+def test_ensemble_of_two_identical_models_equals_one(detector, images):
+    twin = tiny_detector(0)
+    for options in (TestTimeOptions(), TestTimeOptions(box_refinement=True, flip=True)):
+        _assert_same(detect_test_time([detector, twin], images, options=options),
+                     detect_test_time(detector, images, options=options), atol=1e-4)
+
+
+def test_ensemble_scores_are_the_mean_of_the_members_on_the_union_of_proposals(detector, context_detector, images):
+    other = tiny_detector(2, class_agnostic_bbox=True)  # mixed: class-agnostic boxes are repeated per class
+    members = [SingleScaleScorer(m, images) for m in (detector, context_detector, other)]
+    proposals, _ = ensemble_proposals(members, nms_thresh=0.7, max_proposals=50)
+    want, _ = merge_proposal_sets([m.propose() for m in members], nms_thresh=0.7, max_proposals=50)
+    assert all(torch.equal(p, q) for p, q in zip(proposals, want))
+    assert any(p.shape[0] > m.shape[0] for p, m in zip(proposals, members[0].propose()[0]))  # the union adds
+    probs, boxes = AveragedScorer(members).score(proposals)
+    each = [m.score(proposals) for m in members]
+    for i in range(len(images)):
+        torch.testing.assert_close(probs[i], sum(e[0][i] for e in each) / 3)
+        k = probs[i].shape[1]
+        agnostic = each[2][1][i][:, None, :].expand(-1, k, 4)
+        torch.testing.assert_close(boxes[i], (each[0][1][i] + each[1][1][i] + agnostic) / 3)
+
+
+def test_refinement_through_the_pipeline_equals_detect_with_refinement(detector, images):
+    _assert_same(detect_test_time(detector, images, options=TestTimeOptions(box_refinement=True)),
+                 detect_with_refinement(detector, images))
+
+
+def test_every_extra_together_runs_on_a_mixed_ensemble(detector, context_detector, images):
+    options = TestTimeOptions(box_refinement=True, box_voting=True, multiscale=True, scales=(48, 96, 160),
+                              reference_size=32, pyramid_proposals=True, flip=True)
+    out = detect_test_time([detector, context_detector], images, options=options)
+    for det, (h, w) in zip(out, [img.shape[1:] for img in images]):
+        assert det["boxes"].shape[0] == det["scores"].shape[0] > 0
+        assert bool((det["boxes"][:, 2] <= w).all() and (det["boxes"][:, 3] <= h).all())
+        assert bool((det["scores"][:-1] >= det["scores"][1:]).all())
+
+
+def test_refused_inputs(detector, images):
+    with pytest.raises(ValueError, match="different numbers of classes"):
+        detect_test_time([detector, tiny_detector(0, num_classes=5)], images)
+    detector.train()
+    try:
+        with pytest.raises(ValueError, match="eval mode"):
+            detect_test_time(detector, images)
+    finally:
+        detector.eval()
+    with pytest.raises(ValueError, match="pyramid_proposals needs multiscale"):
+        TestTimeOptions(pyramid_proposals=True)
+    with pytest.raises(ValueError, match="scales"):
+        TestTimeOptions(scales=(0,))
+
+
+def test_options_from_config_reads_the_test_section():
+    cfg = load_config("configs/det/shapes_r18.yaml", ["test.box_refinement=true", "test.flip=true",
+                                                     "test.multiscale.enabled=true", "test.ensemble.max_proposals=50"])
+    options = options_from_config(cfg.test, cfg.input)
+    assert options.box_refinement and options.flip and options.multiscale and options.max_proposals == 50
+    assert options.max_size_ratio == pytest.approx(cfg.input.max_size_test / cfg.input.min_size_test)
+    assert not dataclasses.replace(options, box_refinement=False, flip=False, multiscale=False).box_refinement
+
+
+def _save(path, seed, class_names):
+    torch.manual_seed(seed)
+    args = dict(depth=18, base_width=8, num_classes=len(class_names), anchor_sizes=[16, 32, 64],
+                pooler_type="roi_align", pooler_resolution=4, sampling_ratio=2, rpn_pre_nms_top_n_test=200,
+                rpn_post_nms_top_n_test=30, score_thresh=0.01)
+    model = build_detector(**args)
+    torch.save({"model": model.state_dict(), "model_args": args,
+                "meta": {"class_names": class_names, "min_size_test": 96, "max_size_test": 160}}, path)
+
+
+def test_load_ensemble_checks_the_class_lists(tmp_path):
+    _save(tmp_path / "a.pt", 0, ["cat", "dog", "cow"])
+    _save(tmp_path / "b.pt", 1, ["cat", "dog", "cow"])
+    _save(tmp_path / "c.pt", 2, ["cat", "cow", "dog"])
+    models, meta = load_ensemble([tmp_path / "a.pt", tmp_path / "b.pt"])
+    assert len(models) == 2 and not models[1].training
+    assert meta["ensemble_checkpoints"] == [str(tmp_path / "a.pt"), str(tmp_path / "b.pt")]
+    with pytest.raises(ValueError, match="c.pt was trained on classes"):
+        load_ensemble([tmp_path / "a.pt", tmp_path / "c.pt"])
+
+
+def test_voting_given_in_the_options_is_applied_on_the_plain_path(detector, images):
+    """Voting set in the options (not in the model) must reach the post-processing even with every extra off."""
+    assert not detector.roi_heads.box_voting
+    plain = detect_test_time(detector, images)
+    voted = detect_test_time(detector, images, options=TestTimeOptions(box_voting=True))
+    assert not TestTimeOptions(box_voting=True).plain
+    assert any(not torch.equal(a["boxes"], b["boxes"]) for a, b in zip(plain, voted))

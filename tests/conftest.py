@@ -37,6 +37,17 @@ def tiny_det_world(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def small_det_world(tmp_path_factory) -> Path:
+    """A shapes world's detection part with 3 train and 2 val images of 64x96 px (for short training runs)."""
+    from detres.data.synthetic import generate_shapes_world
+
+    root = tmp_path_factory.mktemp("small_det_world")
+    generate_shapes_world(root, num_cls_train_per_class=0, num_cls_val_per_class=0, num_det_train=3, num_det_val=2,
+                          num_loc_train=0, num_loc_val=0, det_size=(64, 96))
+    return root / "det"
+
+
+@pytest.fixture(scope="session")
 def make_tiny_checkpoint(tiny_det_world, tmp_path_factory):
     """``make(name, seed=0, class_names=None, **model_args) -> Path``: an untrained quarter-width ResNet-18
     detector saved as train_det would (test size 64 / 96, box voting on unless ``box_voting=False``)."""

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 import json
 import math
@@ -13,19 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
-TOOLS = Path(__file__).resolve().parents[2] / "tools"
+from tests.tool_loader import load_tool
+
 REQUIRED = ("row", "mAP50", "mAP", "sec_per_img", "voc07_mAP", "gflops_per_img", "cost_ratio", "options",
             "checkpoints")
 
 
-def _tool(name: str):
-    spec = importlib.util.spec_from_file_location(f"_ablate_tool_{name}", TOOLS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-ablate_det, test_det = _tool("ablate_det"), _tool("test_det")
+ablate_det, test_det = load_tool("ablate_det"), load_tool("test_det")
 
 
 def _run(main, argv: list[str]) -> tuple[int, str, str]:

@@ -3,37 +3,29 @@
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 import json
 import warnings
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import pytest
 import torch
 import yaml
 
+from tests.tool_loader import load_tool
 from detres.data.image_io import read_image_rgb
-from detres.data.synthetic import generate_shapes_world
 from detres.engine.alternating import STEP_NAMES
 from detres.inference.predictor import Predictor
 from detres.models.build import load_detector
 from detres.models.context import ContextRoIHeads
 from detres.utils.checkpoint import load_checkpoint
 
-TOOLS = Path(__file__).resolve().parents[2] / "tools"
 
 
-def _tool(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"_ctx_tool_{name}", TOOLS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
-train_det, test_det, infer = _tool("train_det"), _tool("test_det"), _tool("infer")
+train_det, test_det, infer = load_tool("train_det"), load_tool("test_det"), load_tool("infer")
 
 
 class _Capture:
@@ -48,12 +40,6 @@ class _Capture:
         return code
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("world")
-    generate_shapes_world(root, num_cls_train_per_class=0, num_cls_val_per_class=0, num_det_train=3, num_det_val=2,
-                          num_loc_train=0, num_loc_val=0, det_size=(64, 96))
-    return root / "det"
 
 
 def _config(det: Path, out: Path, path: Path, **solver) -> Path:
@@ -90,8 +76,8 @@ def _changed(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return any(not torch.equal(a[k], b[k]) for k in a)
 
 
-def test_train_resume_test_and_infer_a_context_detector(world, tmp_path):
-    cfg = _config(world, tmp_path / "run", tmp_path / "ctx.yaml")
+def test_train_resume_test_and_infer_a_context_detector(small_det_world, tmp_path):
+    cfg = _config(small_det_world, tmp_path / "run", tmp_path / "ctx.yaml")
     capture = _Capture()
     assert capture.run(train_det.main, ["--config", str(cfg)]) == 0, capture.err
     first = load_checkpoint(tmp_path / "run" / "model_final.pt")
@@ -119,7 +105,7 @@ def test_train_resume_test_and_infer_a_context_detector(world, tmp_path):
     folder = tmp_path / "in"
     folder.mkdir()
     for name in ("val_000001.png", "val_000002.png"):
-        (folder / name).write_bytes((world / "images" / name).read_bytes())
+        (folder / name).write_bytes((small_det_world / "images" / name).read_bytes())
     assert capture.run(infer.main, ["--checkpoint", str(tmp_path / "run" / "model_final.pt"), "--input", str(folder),
                                     "--out", str(tmp_path / "o"), "--score-thresh", "0.0", "--device", "cpu"]) == 0, \
         capture.err
@@ -135,8 +121,8 @@ def test_train_resume_test_and_infer_a_context_detector(world, tmp_path):
     assert total > 0
 
 
-def test_alternating_training_trains_the_context_branch_in_the_fast_rcnn_steps(world, tmp_path):
-    cfg = _config(world, tmp_path / "run", tmp_path / "alt.yaml", training_scheme="alternating",
+def test_alternating_training_trains_the_context_branch_in_the_fast_rcnn_steps(small_det_world, tmp_path):
+    cfg = _config(small_det_world, tmp_path / "run", tmp_path / "alt.yaml", training_scheme="alternating",
                   alternating_iters=[2, 2, 2, 2], alternating_images_per_batch=[1, 2, 1, 2], checkpoint_period=100)
     capture = _Capture()
     assert capture.run(train_det.main, ["--config", str(cfg)]) == 0, capture.err

@@ -2,43 +2,29 @@
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 import json
 import warnings
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import pytest
 import torch
 import yaml
 
+from tests.tool_loader import load_tool
 from detres.data.image_io import read_image_rgb
-from detres.data.synthetic import generate_shapes_world
 from detres.inference.predictor import Predictor
 from detres.inference.visualize import write_png
 from detres.utils.checkpoint import save_checkpoint
 
-TOOLS = Path(__file__).resolve().parents[2] / "tools"
 
 
-def _tool(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"_tool_{name}", TOOLS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
-train_det, test_det, infer = _tool("train_det"), _tool("test_det"), _tool("infer")
+train_det, test_det, infer = load_tool("train_det"), load_tool("test_det"), load_tool("infer")
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("world")
-    generate_shapes_world(root, num_cls_train_per_class=0, num_cls_val_per_class=0, num_det_train=3, num_det_val=2,
-                          num_loc_train=0, num_loc_val=0, det_size=(64, 96))
-    return root / "det"
 
 
 def _config(det: Path, out: Path, path: Path, **data_overrides: str) -> Path:
@@ -62,10 +48,10 @@ def _config(det: Path, out: Path, path: Path, **data_overrides: str) -> Path:
 
 
 @pytest.fixture(scope="module")
-def trained(world, tmp_path_factory) -> tuple[Path, Path, dict]:
+def trained(small_det_world, tmp_path_factory) -> tuple[Path, Path, dict]:
     """train_det run for 2 iterations: (config path, output folder, printed summary)."""
     tmp = tmp_path_factory.mktemp("trained")
-    cfg = _config(world, tmp / "run", tmp / "tiny.yaml")
+    cfg = _config(small_det_world, tmp / "run", tmp / "tiny.yaml")
     capture = _Capture()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # an untrained model's evaluation warns about classes without detections
@@ -115,9 +101,9 @@ def test_test_det_reproduces_the_training_run_metrics(trained, tmp_path, capsys)
         json.loads((out / "test" / "coco_results.json").read_text())
 
 
-def test_test_det_rejects_a_test_set_with_other_classes(trained, world, tmp_path, capsys):
+def test_test_det_rejects_a_test_set_with_other_classes(trained, small_det_world, tmp_path, capsys):
     cfg, out, _ = trained
-    coco = json.loads((world / "annotations" / "instances_val.json").read_text())
+    coco = json.loads((small_det_world / "annotations" / "instances_val.json").read_text())
     coco["categories"][0]["name"] = "blob"
     ann = tmp_path / "renamed.json"
     ann.write_text(json.dumps(coco))
@@ -126,9 +112,9 @@ def test_test_det_rejects_a_test_set_with_other_classes(trained, world, tmp_path
     assert code == 2 and "was trained on classes" in err and "blob" in err
 
 
-def test_train_det_bad_input_exits_2_naming_the_problem(world, tmp_path, capsys):
+def test_train_det_bad_input_exits_2_naming_the_problem(small_det_world, tmp_path, capsys):
     missing = tmp_path / "nowhere" / "instances.json"
-    cfg = _config(world, tmp_path / "a", tmp_path / "a.yaml", train_ann=str(missing))
+    cfg = _config(small_det_world, tmp_path / "a", tmp_path / "a.yaml", train_ann=str(missing))
     assert train_det.main(["--config", str(cfg)]) == 2
     assert str(missing) in capsys.readouterr().err
 
@@ -138,23 +124,23 @@ def test_train_det_bad_input_exits_2_naming_the_problem(world, tmp_path, capsys)
     err = capsys.readouterr().err
     assert "model.roi_heads.pooler_size" in err and "pooler_resolution" in err  # names the key and the known ones
 
-    cfg = _config(world, tmp_path / "b", tmp_path / "b.yaml")
+    cfg = _config(small_det_world, tmp_path / "b", tmp_path / "b.yaml")
     assert train_det.main(["--config", str(cfg), "solver.momentm=0.9"]) == 2
     assert "solver.momentm" in capsys.readouterr().err
 
 
-def test_train_det_names_a_missing_image_file(world, tmp_path, capsys):
-    coco = json.loads((world / "annotations" / "instances_train.json").read_text())
+def test_train_det_names_a_missing_image_file(small_det_world, tmp_path, capsys):
+    coco = json.loads((small_det_world / "annotations" / "instances_train.json").read_text())
     coco["images"][1]["file_name"] = "gone.png"
     ann = tmp_path / "broken.json"
     ann.write_text(json.dumps(coco))
-    cfg = _config(world, tmp_path / "run", tmp_path / "c.yaml", train_ann=str(ann), val_ann=str(ann))
+    cfg = _config(small_det_world, tmp_path / "run", tmp_path / "c.yaml", train_ann=str(ann), val_ann=str(ann))
     assert train_det.main(["--config", str(cfg)]) == 2
-    assert str(world / "images" / "gone.png") in capsys.readouterr().err
+    assert str(small_det_world / "images" / "gone.png") in capsys.readouterr().err
     # Read in a DataLoader worker, the error still comes out as one line naming the file.
     assert train_det.main(["--config", str(cfg), "data.num_workers=1", f"output_dir={tmp_path / 'run1'}"]) == 2
     err = capsys.readouterr().err
-    assert str(world / "images" / "gone.png") in err and "Traceback" not in err
+    assert str(small_det_world / "images" / "gone.png") in err and "Traceback" not in err
 
 
 def test_train_det_refuses_to_overwrite_a_run(trained, capsys):
@@ -164,12 +150,12 @@ def test_train_det_refuses_to_overwrite_a_run(trained, capsys):
 
 
 # -------------------------------------------------------------------------------------------- infer
-def test_infer_writes_detections_json_and_pngs_in_original_pixels(trained, world, tmp_path, capsys):
+def test_infer_writes_detections_json_and_pngs_in_original_pixels(trained, small_det_world, tmp_path, capsys):
     _, out, _ = trained
     folder = tmp_path / "in"
     folder.mkdir()
     for name in ("val_000001.png", "val_000002.png"):
-        (folder / name).write_bytes((world / "images" / name).read_bytes())
+        (folder / name).write_bytes((small_det_world / "images" / name).read_bytes())
     (folder / "notes.txt").write_text("not an image, ignored")
     code = infer.main(["--checkpoint", str(out / "model_final.pt"), "--input", str(folder), "--out",
                        str(tmp_path / "o"), "--score-thresh", "0.0", "--device", "cpu"])
@@ -241,10 +227,10 @@ def test_infer_errors_name_the_file(trained, tmp_path, capsys):
 
 
 # ------------------------------------------------- issue #6: the ground truth test_det / train_det score against
-def _val_with_repeated_ids_and_bad_boxes(world: Path, out: Path) -> Path:
+def _val_with_repeated_ids_and_bad_boxes(small_det_world: Path, out: Path) -> Path:
     """The val file as a merge would leave it (every image numbers its annotations from 1) with a zero-width box,
     a box wholly outside its image and one reaching past the image's corner."""
-    coco = json.loads((world / "annotations" / "instances_val.json").read_text())
+    coco = json.loads((small_det_world / "annotations" / "instances_val.json").read_text())
     per_image: dict[int, int] = {}
     for ann in coco["annotations"]:
         per_image[ann["image_id"]] = per_image.get(ann["image_id"], 0) + 1
@@ -280,14 +266,14 @@ class _GroundTruthDetector(torch.nn.Module):
         return out
 
 
-def test_test_detector_scores_the_ground_truth_at_one_despite_repeated_ids_and_bad_boxes(world, tmp_path):
+def test_test_detector_scores_the_ground_truth_at_one_despite_repeated_ids_and_bad_boxes(small_det_world, tmp_path):
     # Before: COCO AP 0.460 (raw JSON: repeated annotation ids, uncleaned boxes) while VOC said 1.0.
     from detres.config.load import load_config
     from detres.data.build import build_detection_dataset
     from detres.engine.det_trainer import detector_metadata, test_detector
 
-    val = _val_with_repeated_ids_and_bad_boxes(world, tmp_path / "val.json")
-    cfg = load_config(_config(world, tmp_path / "run", tmp_path / "c.yaml", val_ann=str(val)))
+    val = _val_with_repeated_ids_and_bad_boxes(small_det_world, tmp_path / "val.json")
+    cfg = load_config(_config(small_det_world, tmp_path / "run", tmp_path / "c.yaml", val_ann=str(val)))
     with pytest.warns(UserWarning, match="dropped 2 degenerate boxes"):
         dataset = build_detection_dataset(cfg, "val", train=False)
     with warnings.catch_warnings():
@@ -300,9 +286,9 @@ def test_test_detector_scores_the_ground_truth_at_one_despite_repeated_ids_and_b
     assert json.loads((tmp_path / "t" / "metrics.json").read_text())["coco"]["summary"]["AP"] == pytest.approx(1.0)
 
 
-def test_test_det_rejects_repeated_image_ids_naming_them(trained, world, tmp_path, capsys):
+def test_test_det_rejects_repeated_image_ids_naming_them(trained, small_det_world, tmp_path, capsys):
     cfg, out, _ = trained
-    coco = json.loads((world / "annotations" / "instances_val.json").read_text())
+    coco = json.loads((small_det_world / "annotations" / "instances_val.json").read_text())
     coco["images"][1]["id"] = coco["images"][0]["id"]
     ann = tmp_path / "merged.json"
     ann.write_text(json.dumps(coco))
@@ -329,12 +315,12 @@ class _NoisyDetector(_GroundTruthDetector):
         return out
 
 
-def test_test_detector_writes_coco_gt_that_eval_det_scores_to_the_same_numbers(world, tmp_path, capsys):
+def test_test_detector_writes_coco_gt_that_eval_det_scores_to_the_same_numbers(small_det_world, tmp_path, capsys):
     from detres.config.load import load_config
     from detres.data.build import build_detection_dataset
     from detres.engine.det_trainer import detector_metadata, test_detector
 
-    cfg = load_config(_config(world, tmp_path / "run", tmp_path / "c.yaml"))
+    cfg = load_config(_config(small_det_world, tmp_path / "run", tmp_path / "c.yaml"))
     dataset = build_detection_dataset(cfg, "val", train=False)
     out = tmp_path / "t"
     with warnings.catch_warnings():
@@ -352,7 +338,7 @@ def test_test_detector_writes_coco_gt_that_eval_det_scores_to_the_same_numbers(w
     assert len(gt["annotations"]) == sum(len(dataset.annotation(i)["boxes"]) for i in range(len(dataset)))
     assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
     # eval_det on the two files reproduces test_det's COCO numbers exactly, not approximately.
-    eval_det = _tool("eval_det")
+    eval_det = load_tool("eval_det")
     json_out = tmp_path / "eval.json"
     code = eval_det.main(["coco", "--gt", str(out / "coco_gt.json"), "--results", str(out / "coco_results.json"),
                           "--json-out", str(json_out)])

@@ -1,26 +1,20 @@
 """tools/test_det.py and tools/infer.py: --nms-method / --soft-nms-* / --box-voting override the checkpoint's post-processing."""
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 
+from tests.tool_loader import load_tool
 from detres.inference.visualize import write_png
 
-TOOLS = Path(__file__).resolve().parents[2] / "tools"
 
 
-def _tool(name: str):
-    spec = importlib.util.spec_from_file_location(f"_flags_tool_{name}", TOOLS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
-test_det, infer = _tool("test_det"), _tool("infer")
+test_det, infer = load_tool("test_det"), load_tool("infer")
 
 
 @pytest.fixture

@@ -25,26 +25,26 @@ def repo_root() -> Path:
 
 
 # ------------------------------------------------------------------ tiny detection world + untrained checkpoints
-@pytest.fixture(scope="session")
-def tiny_det_world(tmp_path_factory) -> Path:
-    """A shapes world's detection part: 1 train and 3 val images of 64x96 px (returns its ``det`` folder)."""
+def _shapes_det_world(tmp_path_factory, name: str, *, train: int, val: int) -> Path:
+    """The detection part of a shapes world of 64x96 px images (its ``det`` folder)."""
     from detres.data.synthetic import generate_shapes_world
 
-    root = tmp_path_factory.mktemp("tiny_det_world")
-    generate_shapes_world(root, num_cls_train_per_class=0, num_cls_val_per_class=0, num_det_train=1, num_det_val=3,
-                          num_loc_train=0, num_loc_val=0, det_size=(64, 96))
+    root = tmp_path_factory.mktemp(name)
+    generate_shapes_world(root, num_cls_train_per_class=0, num_cls_val_per_class=0, num_det_train=train,
+                          num_det_val=val, num_loc_train=0, num_loc_val=0, det_size=(64, 96))
     return root / "det"
+
+
+@pytest.fixture(scope="session")
+def tiny_det_world(tmp_path_factory) -> Path:
+    """1 train and 3 val images (for untrained checkpoints)."""
+    return _shapes_det_world(tmp_path_factory, "tiny_det_world", train=1, val=3)
 
 
 @pytest.fixture(scope="session")
 def small_det_world(tmp_path_factory) -> Path:
-    """A shapes world's detection part with 3 train and 2 val images of 64x96 px (for short training runs)."""
-    from detres.data.synthetic import generate_shapes_world
-
-    root = tmp_path_factory.mktemp("small_det_world")
-    generate_shapes_world(root, num_cls_train_per_class=0, num_cls_val_per_class=0, num_det_train=3, num_det_val=2,
-                          num_loc_train=0, num_loc_val=0, det_size=(64, 96))
-    return root / "det"
+    """3 train and 2 val images (for short training runs)."""
+    return _shapes_det_world(tmp_path_factory, "small_det_world", train=3, val=2)
 
 
 @pytest.fixture(scope="session")

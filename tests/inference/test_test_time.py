@@ -75,10 +75,13 @@ def test_refinement_through_the_pipeline_equals_detect_with_refinement(detector,
                  detect_with_refinement(detector, images))
 
 
-def test_every_extra_together_runs_on_a_mixed_ensemble(detector, context_detector, images):
+@pytest.mark.parametrize("depth", [18, 50])
+def test_every_extra_together_runs_on_a_mixed_ensemble(detector, context_detector, images, depth):
+    """Basic-block and bottleneck members, with and without context, every option on."""
     options = TestTimeOptions(box_refinement=True, box_voting=True, multiscale=True, scales=(48, 96, 160),
                               reference_size=32, pyramid_proposals=True, flip=True)
-    out = detect_test_time([detector, context_detector], images, options=options)
+    members = [detector, context_detector] if depth == 18 else [tiny_detector(3, depth=50), context_detector]
+    out = detect_test_time(members, images, options=options)
     for det, (h, w) in zip(out, [img.shape[1:] for img in images]):
         assert det["boxes"].shape[0] == det["scores"].shape[0] > 0
         assert bool((det["boxes"][:, 2] <= w).all() and (det["boxes"][:, 3] <= h).all())

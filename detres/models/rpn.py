@@ -18,23 +18,33 @@ __all__ = ["RPNHead", "RegionProposalNetwork"]
 
 
 class RPNHead(nn.Module):
-    """3x3 conv + ReLU, then sibling 1x1 convs: objectness (A logits, sigmoid) and box deltas (4A).
+    """3x3 conv + ReLU, then sibling 1x1 convs: objectness logits and box deltas for every anchor.
 
-    forward(x [B, C, H, W]) -> (logits [B, A, H, W], deltas [B, 4A, H, W]); delta channels are
-    anchor-major: channel 4a + k is coordinate k (dx, dy, dw, dh) of anchor a.
+    With ``num_classes`` = 1 (Faster R-CNN) the cls layer has A outputs (sigmoid) and the reg layer 4A.
+    With ``num_classes`` = K (the per-class RPN of the ResNet paper's Appendix C) both are in per-class
+    form: A*K binary logistic outputs and A*K*4 deltas. Channels are anchor-major, then class, then
+    coordinate: cls channel a*K + k, reg channel (a*K + k)*4 + j (j = dx, dy, dw, dh); with K = 1 this
+    is Ren et al.'s layout, so K = 1 checkpoints are unchanged.
+
+    forward(x [B, C, H, W]) -> (logits [B, A*K, H, W], deltas [B, 4*A*K, H, W]); :meth:`flatten` turns
+    them into per-anchor rows.
     """
 
-    def __init__(self, in_channels: int, num_anchors: int, conv_channels: int | None = None) -> None:
+    def __init__(self, in_channels: int, num_anchors: int, conv_channels: int | None = None, *,
+                 num_classes: int = 1) -> None:
         super().__init__()
-        if int(in_channels) <= 0 or int(num_anchors) <= 0:
+        if int(in_channels) <= 0 or int(num_anchors) <= 0 or int(num_classes) <= 0:
             raise ValueError(
-                f"RPNHead: in_channels and num_anchors must be positive, got {in_channels} and {num_anchors}"
+                f"RPNHead: in_channels, num_anchors and num_classes must be positive, got {in_channels}, "
+                f"{num_anchors} and {num_classes}"
             )
         conv_channels = int(in_channels) if conv_channels is None else int(conv_channels)
         self.num_anchors = int(num_anchors)
+        self.num_classes = int(num_classes)
+        outputs = self.num_anchors * self.num_classes
         self.conv = nn.Conv2d(in_channels, conv_channels, kernel_size=3, padding=1)
-        self.cls_logits = nn.Conv2d(conv_channels, self.num_anchors, kernel_size=1)
-        self.bbox_pred = nn.Conv2d(conv_channels, 4 * self.num_anchors, kernel_size=1)
+        self.cls_logits = nn.Conv2d(conv_channels, outputs, kernel_size=1)
+        self.bbox_pred = nn.Conv2d(conv_channels, 4 * outputs, kernel_size=1)
         # Ren et al.: new layers drawn from N(0, 0.01^2), zero bias.
         for layer in (self.conv, self.cls_logits, self.bbox_pred):
             nn.init.normal_(layer.weight, std=0.01)
@@ -43,6 +53,15 @@ class RPNHead(nn.Module):
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         hidden = F.relu(self.conv(x))
         return self.cls_logits(hidden), self.bbox_pred(hidden)
+
+    def flatten(self, logits: Tensor, deltas: Tensor) -> tuple[Tensor, Tensor]:
+        """([B, A*K, h, w], [B, 4*A*K, h, w]) -> (logits [B, N, K], deltas [B, N, K, 4]), N = h*w*A in
+        (y, x, anchor) order, matching ``AnchorGenerator``."""
+        batch, _, height, width = logits.shape
+        a, k = self.num_anchors, self.num_classes
+        flat_logits = logits.view(batch, a, k, height, width).permute(0, 3, 4, 1, 2).reshape(batch, -1, k)
+        flat_deltas = deltas.view(batch, a, k, 4, height, width).permute(0, 4, 5, 1, 2, 3).reshape(batch, -1, k, 4)
+        return flat_logits, flat_deltas
 
 
 class RegionProposalNetwork(nn.Module):
@@ -181,7 +200,16 @@ class RegionProposalNetwork(nn.Module):
         Matched gt boxes are meaningful only where the label is 1 (zeros elsewhere). Anchors inside a
         crowd region of ``targets[i]["crowd_boxes"]`` (see the class docstring) are labelled -1.
         """
-        labels_out, matched_out = [], []
+        labels, matched, _ = self.match_anchors(anchors, image_sizes, targets)
+        return labels, matched
+
+    @torch.no_grad()
+    def match_anchors(
+        self, anchors: Tensor, image_sizes: Sequence[Sequence[int]], targets: Sequence[dict]
+    ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+        """:meth:`assign_targets` plus, per anchor, the index of its highest-IoU gt box ([N], -1 where the
+        image has no gt or the anchor is not used): what selects a per-class head's class channel."""
+        labels_out, matched_out, index_out = [], [], []
         for i, (image_hw, target) in enumerate(zip(image_sizes, targets)):
             gt = _target_boxes(target, i).to(device=anchors.device, dtype=anchors.dtype)
             if self.allowed_border >= 0:
@@ -191,6 +219,7 @@ class RegionProposalNetwork(nn.Module):
                 inside_idx = torch.arange(anchors.shape[0], device=anchors.device)
             crowd = crowd_ignore_mask(anchors[inside_idx], _target_crowd_boxes(target, i), self.crowd_iof_thresh)
             labels = torch.full((anchors.shape[0],), -1, dtype=torch.int64, device=anchors.device)
+            nearest = torch.full((anchors.shape[0],), -1, dtype=torch.int64, device=anchors.device)
             matched = torch.zeros_like(anchors)
             if gt.shape[0] == 0:
                 labels[inside_idx] = 0
@@ -202,10 +231,13 @@ class RegionProposalNetwork(nn.Module):
                     matches >= 0, 1, torch.where(matches == Matcher.BELOW_LOW_THRESHOLD, 0, -1)
                 )
                 matched[inside_idx] = gt[matches.clamp(min=0)]
+                # A positive's own gt (low-quality matches may differ from the argmax); otherwise the nearest.
+                nearest[inside_idx] = torch.where(matches >= 0, matches, iou.argmax(dim=0))
             labels[inside_idx[crowd]] = -1
             labels_out.append(labels)
             matched_out.append(matched)
-        return labels_out, matched_out
+            index_out.append(nearest)
+        return labels_out, matched_out, index_out
 
     def compute_loss(
         self,
@@ -250,14 +282,18 @@ class RegionProposalNetwork(nn.Module):
 
     def predict(self, features: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """features [B, C, h, w] -> (objectness logits [B, N], deltas [B, N, 4], anchors [N, 4]), N = h * w * A."""
-        batch = features.shape[0]
+        logits, deltas, anchors = self.predict_per_class(features)
+        if logits.shape[2] != 1:
+            raise ValueError(f"RegionProposalNetwork: the head is in per-class form ({logits.shape[2]} classes); "
+                             "use detres.models.per_class_rpn.PerClassRPN")
+        return logits[:, :, 0], deltas[:, :, 0], anchors
+
+    def predict_per_class(self, features: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """features [B, C, h, w] -> (logits [B, N, K], deltas [B, N, K, 4], anchors [N, 4]); K = the head's classes."""
         logits, deltas = self.head(features)
-        _, num_anchors, height, width = logits.shape
-        anchors = self.anchor_generator((height, width), device=features.device)
-        # [B, A, h, w] -> [B, h, w, A] so the flat order is (y, x, anchor), matching the anchors.
-        objectness = logits.permute(0, 2, 3, 1).reshape(batch, -1)
-        pred_deltas = deltas.view(batch, num_anchors, 4, height, width).permute(0, 3, 4, 1, 2).reshape(batch, -1, 4)
-        return objectness, pred_deltas, anchors
+        anchors = self.anchor_generator(tuple(logits.shape[2:]), device=features.device)
+        flat_logits, flat_deltas = self.head.flatten(logits, deltas)
+        return flat_logits, flat_deltas, anchors
 
     @torch.no_grad()
     def _proposals(

@@ -27,6 +27,8 @@ CLS_DEFAULTS: dict = {
         "zero_init_residual": False,
         "dropout": 0.5,  # vgg16/alexnet: dropout after fc6 and fc7 (AlexNet Sec. 4.2)
         "batch_norm": False,  # vgg16: BN after every conv (torchvision's vgg16_bn; not in the paper)
+        "vgg_width": 64,  # vgg16: conv1 channels; all convs scale with it (64/128/256/512/512 at 64)
+        "vgg_hidden": 4096,  # vgg16: size of fc6 and fc7
         "groups": 1,  # alexnet: 1 = single-GPU form; 2 = the paper's two-GPU grouped conv2/conv4/conv5
         "weights": None,  # local path to initialise from (our checkpoint or a torchvision state_dict)
     },
@@ -104,6 +106,8 @@ DET_DEFAULTS: dict = {
         "weights": None,  # local path: a train_cls checkpoint (BN recomputed) or a torchvision state_dict
         "stride_in_1x1": False,  # must match how the backbone checkpoint was trained
         "base_width": 64,  # must match the backbone checkpoint (Table 1: 64)
+        "vgg_width": 64,  # vgg16: conv1 channels, must match the checkpoint's model_args width (paper: 64)
+        "vgg_hidden": 4096,  # vgg16: fc6/fc7 size, must match the checkpoint's model_args hidden (paper: 4096)
         # resnet: 0 train all; 1 freeze conv1; 2 freeze conv1 + res2 (conv2_x).
         # vgg16: 0 train all; 1 freeze conv1_x; 2 freeze conv1_x + conv2_x (the first 4 convs, Faster R-CNN)
         "freeze_at": 2,
@@ -235,7 +239,9 @@ DET_DEFAULTS: dict = {
 
 def defaults_for_task(task: str) -> dict:
     """A fresh, mutable copy of the default tree for ``task``."""
-    trees = {"cls": CLS_DEFAULTS, "det": DET_DEFAULTS}
+    from detres.config.loc_defaults import LOC_DEFAULTS
+
+    trees = {"cls": CLS_DEFAULTS, "det": DET_DEFAULTS, "loc": LOC_DEFAULTS}
     if task not in trees:
         raise ValueError(f"unknown task {task!r}; expected one of {sorted(trees)}")
     return copy.deepcopy(trees[task])

@@ -148,7 +148,7 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = (), *
     over = parse_overrides(overrides)
     chosen = over.get("task") or data.get("task") or task
     if chosen is None:
-        raise ConfigError(f"{path}: missing 'task' (one of cls, det)")
+        raise ConfigError(f"{path}: missing 'task' (one of cls, det, loc)")
     tree = defaults_for_task(chosen)
     where = str(path) if path is not None else "<defaults>"
     try:

@@ -15,6 +15,14 @@ from detres.utils.checkpoint import load_checkpoint
 
 CLASSIFIER_ARCHS = ("imagenet", "cifar", "vgg16", "alexnet")
 FIXED_DEPTH = {"vgg16": 16, "alexnet": 8}  # weight layers: 13 conv + 3 fc; 5 conv + 3 fc
+DEFAULT_VGG_SIZE = {"width": 64, "hidden": 4096}  # the paper's VGG-16 (checkpoints older than the options)
+
+
+def _vgg_size_kwargs(model_cfg: Mapping[str, Any]) -> dict[str, int]:
+    """``width``/``hidden`` of a narrower VGG-16; the paper's 64/4096 record nothing (as checkpoints before the
+    options), so a full-size VGG-16's ``model_args`` are unchanged."""
+    sizes = {"width": int(model_cfg["vgg_width"]), "hidden": int(model_cfg["vgg_hidden"])}
+    return {key: value for key, value in sizes.items() if value != DEFAULT_VGG_SIZE[key]}
 
 
 def classifier_kwargs_from_config(model_cfg: Mapping[str, Any], *, num_classes: int) -> dict[str, Any]:
@@ -29,6 +37,7 @@ def classifier_kwargs_from_config(model_cfg: Mapping[str, Any], *, num_classes: 
                   "dropout": float(model_cfg["dropout"])}
         if arch == "vgg16":
             kwargs["batch_norm"] = bool(model_cfg["batch_norm"])
+            kwargs.update(_vgg_size_kwargs(model_cfg))
         else:
             kwargs["groups"] = int(model_cfg["groups"])
         return kwargs
@@ -88,7 +97,12 @@ def _check_backbone_args(saved: Mapping[str, Any] | None, model_cfg: Mapping[str
         if saved.get("batch_norm"):
             raise ValueError(f"{weights} holds a VGG-16 with batch_norm=True; the detection backbone is the "
                              "paper's VGG-16 without BN (pre-train with model.batch_norm=false)")
-        return  # depth / width / stride options are ResNet ones
+        for key, option in (("width", "vgg_width"), ("hidden", "vgg_hidden")):
+            found, wanted = saved.get(key, DEFAULT_VGG_SIZE[key]), model_cfg.get(option, DEFAULT_VGG_SIZE[key])
+            if int(found) != int(wanted):
+                raise ValueError(f"{weights} holds a VGG-16 with {key}={int(found)} but the config sets "
+                                 f"model.{option}={int(wanted)}")
+        return  # depth / base_width / stride options are ResNet ones
     for key in ("depth", "base_width", "stride_in_1x1"):
         if key in saved and saved[key] != model_cfg[key]:
             raise ValueError(f"{weights} holds a backbone with {key}={saved[key]!r} but the config sets "
@@ -119,7 +133,8 @@ def detector_kwargs_from_config(model_cfg: Mapping[str, Any], *, num_classes: in
     """Explicit arguments of :func:`detres.models.faster_rcnn.build_faster_rcnn` (stored as ``model_args``).
 
     ``num_classes`` counts object classes only (background is added by the predictor). With
-    ``model.backbone: vgg16`` the ResNet options (depth, base_width, stride_in_1x1) are stored but unused.
+    ``model.backbone: vgg16`` the ResNet options (depth, base_width, stride_in_1x1) are stored but unused,
+    and with ``resnet`` the VGG ones (vgg_width, vgg_hidden).
     """
     _backbone_name(model_cfg)  # a typo fails here, before any checkpoint is read
     mean, std = _backbone_normalisation(model_cfg)
@@ -138,6 +153,9 @@ def detector_kwargs_from_config(model_cfg: Mapping[str, Any], *, num_classes: in
         "allow_unrecomputed_bn": bool(model_cfg["allow_unrecomputed_bn"]),
         "stride_in_1x1": bool(model_cfg["stride_in_1x1"]),
         "base_width": int(model_cfg["base_width"]),
+        # Absent from checkpoints (and config trees) older than the options: the paper's 64 and 4096.
+        "vgg_width": int(model_cfg.get("vgg_width", DEFAULT_VGG_SIZE["width"])),
+        "vgg_hidden": int(model_cfg.get("vgg_hidden", DEFAULT_VGG_SIZE["hidden"])),
         "pixel_mean": mean,
         "pixel_std": std,
         "anchor_sizes": [float(s) for s in model_cfg["anchor_sizes"]],

@@ -232,6 +232,8 @@ def build_faster_rcnn(
     freeze_at: int = 2,
     stride_in_1x1: bool = False,
     base_width: int = 64,
+    vgg_width: int = 64,
+    vgg_hidden: int = 4096,
     frozen_bn: bool = True,
     pixel_mean: Sequence[float] = IMAGENET_PIXEL_MEAN,
     pixel_std: Sequence[float] = (1.0, 1.0, 1.0),
@@ -272,7 +274,8 @@ def build_faster_rcnn(
     """Build a ResNet-C4 (or, ``backbone="vgg16"``, a VGG-16) Faster R-CNN from explicit arguments.
 
     ``backbone="vgg16"`` (Tables 7-8 baseline): :func:`detres.models.vgg_backbone.build_vgg16_c4`, conv5_3
-    shared, fc6/fc7 per region; needs ``pooler_resolution=7``; ``depth``, ``base_width``, ``stride_in_1x1``,
+    shared, fc6/fc7 per region; needs ``pooler_resolution=7``; ``vgg_width`` (conv1 channels) and
+    ``vgg_hidden`` (fc6/fc7 size) must match the checkpoint; ``depth``, ``base_width``, ``stride_in_1x1``,
     ``frozen_bn`` and ``allow_unrecomputed_bn`` are ignored (no BN).
 
     ``num_classes`` is the number of OBJECT classes K (e.g. 20 for VOC, 80 for COCO, i.e.
@@ -298,7 +301,8 @@ def build_faster_rcnn(
         check_backbone_bn_statistics(weights_path, allow_unrecomputed_bn=allow_unrecomputed_bn)
     if backbone == "vgg16":
         trunk, conv5_head, head_dim = build_vgg16_c4(
-            weights_path=weights_path, freeze_at=freeze_at, pooler_resolution=pooler_resolution)
+            weights_path=weights_path, freeze_at=freeze_at, pooler_resolution=pooler_resolution,
+            width=vgg_width, hidden=vgg_hidden)
     else:
         trunk, conv5_head, head_dim = build_resnet_c4(
             depth, weights_path=weights_path, freeze_at=freeze_at, stride_in_1x1=stride_in_1x1,

@@ -8,7 +8,9 @@ of the sibling predictor. Parameter names are those of :class:`detres.models.vgg
 so a train_cls ``vgg16`` checkpoint or a torchvision ``vgg16`` state_dict maps key for key (fc8 =
 ``classifier.6.*`` is not used). VGG-16 has no BatchNorm: only the paper's ``batch_norm=False`` network is
 supported; a ``vgg16_bn`` file is refused with an error naming it (its BN layers would also have to be
-frozen, which nothing here does).
+frozen, which nothing here does). Sizes quoted (512, 4096) are the paper's; ``width``/``hidden`` of
+:func:`build_vgg16_c4` give a narrower copy (conv5_3 with ``8 * width`` channels, ``hidden``-d region
+vectors) and must match what the checkpoint's ``model_args`` record.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from torch import Tensor, nn
 
 from detres.models.vgg import HEAD_GRID, VGG, vgg16
 
-__all__ = ["VGGTrunk", "VGGFcHead", "build_vgg16_c4", "VGG_TRUNK_LAYERS", "VGG_FREEZE_LAYERS"]
+__all__ = ["VGGTrunk", "VGGFcHead", "build_vgg16_c4", "check_vgg_size", "VGG_TRUNK_LAYERS", "VGG_FREEZE_LAYERS"]
 
 VGG_TRUNK_LAYERS = 30  # features[0:30] = conv1_1 .. relu5_3; features[30] is pool5, dropped for stride 16
 # freeze_at -> how many leading modules of ``features`` are frozen: conv1_x (with pool1) / + conv2_x (with pool2).
@@ -81,8 +83,9 @@ class VGGFcHead(nn.Module):
         return self.classifier(torch.flatten(x, 1))
 
 
-def _vgg_state_dict(path: Path) -> dict[str, Tensor]:
-    """The VGG-16 (no BN) parameters held by ``path``, with classifier names; errors name the file."""
+def _vgg_state_dict(path: Path) -> tuple[dict[str, Tensor], Mapping[str, Any]]:
+    """The VGG-16 (no BN) parameters held by ``path`` with classifier names, and its stored ``model_args``
+    (empty for a torchvision state_dict); errors name the file."""
     from detres.models.weights import checkpoint_state_dict
     from detres.utils.checkpoint import read_torch_file
 
@@ -97,7 +100,17 @@ def _vgg_state_dict(path: Path) -> dict[str, Tensor]:
     if saved.get("batch_norm") or any(k.endswith("running_mean") for k in state):
         raise ValueError(f"{path}: holds a VGG-16 with batch normalisation (vgg16_bn); the detection backbone "
                          "is the paper's VGG-16 without BN (model.batch_norm=false)")
-    return state
+    return state, saved
+
+
+def check_vgg_size(saved: Mapping[str, Any], *, width: int, hidden: int, source: str) -> None:
+    """Refuse a checkpoint whose recorded ``width``/``hidden`` differ from the requested ones (absent = 64/4096,
+    the sizes of checkpoints written before the options existed); the error names the file and both values."""
+    for key, wanted, default, option in (("width", width, 64, "vgg_width"), ("hidden", hidden, 4096, "vgg_hidden")):
+        found = saved.get(key, default) if saved else None
+        if found is not None and int(found) != int(wanted):
+            raise ValueError(f"{source} holds a VGG-16 with {key}={int(found)} but the detector asks for "
+                             f"{key}={int(wanted)}: set model.{option}={int(found)} or use another checkpoint")
 
 
 def build_vgg16_c4(
@@ -106,6 +119,8 @@ def build_vgg16_c4(
     freeze_at: int = 2,
     dropout: float = 0.5,
     pooler_resolution: int = HEAD_GRID,
+    width: int = 64,
+    hidden: int = 4096,
 ) -> tuple[VGGTrunk, VGGFcHead, int]:
     """Build VGG-16, load local pretrained weights (fc8 skipped), split it into trunk and fc head.
 
@@ -114,9 +129,11 @@ def build_vgg16_c4(
         freeze_at: see :class:`VGGTrunk`.
         dropout: dropout probability after fc6 and fc7 (Faster R-CNN: 0.5, as in pre-training).
         pooler_resolution: the detector's RoI pooler output size; must be 7, the grid fc6 was trained on.
+        width: conv1 channels (64 = the paper's VGG-16; conv5_3 has ``8 * width``); must match the checkpoint.
+        hidden: fc6/fc7 size (paper: 4096); must match the checkpoint.
 
     Returns:
-        (trunk, head, 4096) where 4096 is the region vector size (fc7).
+        (trunk, head, hidden) where ``hidden`` is the region vector size (fc7).
     """
     from detres.models.weights import load_state_dict_strict
 
@@ -128,8 +145,11 @@ def build_vgg16_c4(
             f"build_vgg16_c4: pretrained backbone weights_path '{weights_path}' does not exist "
             "(pass a local VGG-16 checkpoint, or weights_path=None for random init)"
         )
-    state = _vgg_state_dict(Path(weights_path)) if weights_path is not None else None  # fail before building
-    vgg = vgg16(num_classes=1000, dropout=dropout)  # fc8's size is irrelevant: it is skipped and dropped
+    state, saved = _vgg_state_dict(Path(weights_path)) if weights_path is not None else (None, {})
+    if state is not None:  # fail before building
+        check_vgg_size(saved, width=width, hidden=hidden, source=str(weights_path))
+    # fc8's size is irrelevant: it is skipped and dropped
+    vgg = vgg16(num_classes=1000, dropout=dropout, width=width, hidden=hidden)
     if state is not None:
         load_state_dict_strict(vgg, state, source=str(weights_path), skip_prefixes=(_FC8_PREFIX,))
     trunk = VGGTrunk(vgg, freeze_at=freeze_at)

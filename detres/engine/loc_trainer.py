@@ -1,0 +1,175 @@
+"""Training the localizer's RPN stage (Appendix C): per-class RPN on scale-augmented crops, then its Table-13 test."""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import BatchSampler, DataLoader
+from tqdm import tqdm
+
+from detres.config.load import Config
+from detres.data.ilsvrc import read_synsets
+from detres.data.loc_dataset import (LocDataset, LocRecord, collate_loc, read_ilsvrc_loc, read_tiny_imagenet_train,
+                                     read_tiny_imagenet_val_records, tiny_imagenet_synsets)
+from detres.data.loc_transforms import LocTrainTransform
+from detres.data.samplers import InfiniteSampler
+from detres.engine.det_trainer import LossWindow, load_optimizer_state
+from detres.engine.logging import JsonLinesLogger, read_json_lines
+from detres.engine.loc_eval import classifier_label_map, format_table, predict_classes, test_localizer
+from detres.engine.lr_schedule import LRSchedule
+from detres.engine.optimizer import build_detection_optimizer, set_lr
+from detres.engine.plots import plot_curves
+from detres.engine.run_setup import start_run
+from detres.models.loc_rpn import build_rpn_localizer, rpn_localizer_kwargs_from_config
+from detres.utils.atomic import write_json_atomic
+from detres.utils.checkpoint import load_checkpoint, save_checkpoint
+
+__all__ = ["STAGES", "load_loc_records", "synset_words", "test_from_config", "train_localizer"]
+
+log = logging.getLogger(__name__)
+STAGES = ("rpn", "rcnn")
+DATA_FORMATS = ("ilsvrc", "tiny_imagenet")
+
+
+def load_loc_records(data_cfg: Any) -> tuple[list[LocRecord], list[LocRecord], list[str]]:
+    """(training records, validation records, synsets) of ``data.format`` under ``data.root``."""
+    fmt, root = data_cfg["format"], Path(data_cfg["root"])
+    if fmt not in DATA_FORMATS:
+        raise ValueError(f"data.format must be one of {DATA_FORMATS}, got {fmt!r}")
+    if not root.is_dir():
+        raise FileNotFoundError(f"data.root: folder not found: {root}")
+    if fmt == "ilsvrc":
+        train, synsets = read_ilsvrc_loc(root, data_cfg["train_split"], synsets_file=data_cfg["synsets"])
+        val, _ = read_ilsvrc_loc(root, data_cfg["val_split"], synsets)
+    else:
+        synsets = tiny_imagenet_synsets(root)
+        train, val = read_tiny_imagenet_train(root, synsets), read_tiny_imagenet_val_records(root, synsets)
+    if data_cfg["max_val_images"] is not None:
+        val = val[: int(data_cfg["max_val_images"])]
+    return train, val, synsets
+
+
+def synset_words(data_cfg: Any) -> dict[str, str]:
+    """wnid -> words (``LOC_synset_mapping.txt`` / ``words.txt``), to match a classifier's class names."""
+    root = Path(data_cfg["root"])
+    path = root / ("LOC_synset_mapping.txt" if data_cfg["format"] == "ilsvrc" else "words.txt")
+    if data_cfg["format"] == "ilsvrc" and data_cfg["synsets"]:
+        path = Path(data_cfg["synsets"])
+    if not path.is_file():
+        return {}
+    pairs = (line.split(None, 1) for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
+    return {p[0]: p[1].strip() for p in pairs if len(p) == 2}
+
+
+def _loader(dataset: LocDataset, cfg: Config, start_iter: int) -> DataLoader:
+    """Endless seeded batches of crops that resume at batch ``start_iter``."""
+    batch = int(cfg.solver.images_per_batch)
+    sampler = BatchSampler(InfiniteSampler(len(dataset), seed=int(cfg.seed), start=start_iter * batch), batch,
+                           drop_last=True)
+    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_loc, num_workers=cfg.data.num_workers,
+                      persistent_workers=cfg.data.num_workers > 0)
+
+
+def _save(path: Path, model: torch.nn.Module, model_args: dict, meta: dict, iteration: int, cfg: Config,
+          optimizer: torch.optim.Optimizer | None = None) -> None:
+    payload = {"model": model.state_dict(), "model_args": dict(model_args, weights_path=None), "meta": meta,
+               "iter": iteration, "stage": "rpn", "config": cfg.to_dict()}
+    if optimizer is not None:
+        payload["optimizer"] = optimizer.state_dict()
+    save_checkpoint(path, payload)
+
+
+def train_localizer(cfg: Config, *, resume: bool = False, stage: str = "rpn") -> dict[str, Any]:
+    """Train the per-class RPN on ``data`` and test it on the validation set; returns the test report.
+
+    Writes ``config.yaml``, ``metrics.jsonl``, ``last.pt`` (every ``checkpoint_period``, atomic),
+    ``model_final.pt``, ``loss_curves.png`` and ``test/`` (devkit prediction files, ``loc_test.json``) under
+    ``output_dir``; ``resume`` continues ``last.pt`` (weights, momentum, iteration, the same batch stream).
+    """
+    if stage not in STAGES:
+        raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+    if stage == "rcnn":
+        raise NotImplementedError("stage rcnn: not implemented yet (the RoI-centric R-CNN of Appendix C, issue #8)")
+    if cfg.input.scale_min < cfg.input.crop:
+        raise ValueError(f"input.scale_min ({cfg.input.scale_min}) must be >= input.crop ({cfg.input.crop})")
+    train, val, synsets = load_loc_records(cfg.data)
+    out, last_path, device = start_run(cfg, resume=resume)
+    transform = LocTrainTransform(scale_min=cfg.input.scale_min, scale_max=cfg.input.scale_max, crop=cfg.input.crop,
+                                  hflip_prob=cfg.input.flip_prob, seed=cfg.seed)
+    train_set = LocDataset(train, synsets, transform=transform)
+    state = load_checkpoint(last_path) if resume and last_path.exists() else None
+    if state is not None:
+        model_args = dict(state["model_args"])
+    else:
+        model_args = rpn_localizer_kwargs_from_config(cfg.model, num_classes=len(synsets))
+    model = build_rpn_localizer(**model_args).to(device)
+    meta = {"synsets": synsets, "crop": int(cfg.input.crop), "test_scale": int(cfg.test.scale)}
+    solver = cfg.solver
+    optimizer = build_detection_optimizer(model, solver)
+    schedule = LRSchedule(optimizer, base_lr=solver.base_lr, mode="step", steps=solver.steps, gamma=solver.gamma,
+                          warmup_iters=solver.warmup_iters, warmup_lr=solver.warmup_lr)
+    start_iter = 0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        load_optimizer_state(optimizer, state["optimizer"], last_path)
+        start_iter = int(state["iter"])
+    logger = JsonLinesLogger(out / "metrics.jsonl", resume_from_iter=start_iter if state is not None else None)
+    started, cpu_started = time.time(), time.process_time()
+    iteration, window = start_iter, LossWindow()
+    model.train()
+    progress = tqdm(total=solver.max_iter, initial=start_iter, desc="train_loc", dynamic_ncols=True)
+    for batch in (_loader(train_set, cfg, start_iter) if start_iter < solver.max_iter else []):
+        if iteration >= solver.max_iter:
+            break
+        lr = schedule.lr_at(iteration)
+        set_lr(optimizer, lr)
+        losses = model(batch["images"].to(device), batch["targets"])
+        total = sum(losses.values())
+        if not math.isfinite(total.item()):
+            raise FloatingPointError(f"iteration {iteration}: loss is {total.item()}; lower solver.base_lr")
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        optimizer.step()
+        iteration += 1
+        progress.update(1)
+        window.add(total.item(), losses)
+        if iteration % solver.log_period == 0 or iteration == solver.max_iter:
+            means = window.flush()
+            logger.log(iter=iteration, lr=lr, time=time.time() - started, **means)
+            progress.set_postfix(loss=f"{means['loss']:.3f}")
+        if iteration % solver.checkpoint_period == 0 or iteration == solver.max_iter:
+            _save(last_path, model, model_args, meta, iteration, cfg, optimizer)
+    progress.close()
+    train_cpu = time.process_time() - cpu_started
+    _save(out / "model_final.pt", model, model_args, meta, iteration, cfg)
+    plot_curves(read_json_lines(out / "metrics.jsonl"), out / "loss_curves.png",
+                series=[("loss", "total"), ("loss_rpn_cls", "loss_rpn_cls"), ("loss_rpn_box", "loss_rpn_box")],
+                title="per-class RPN training losses", ylabel="loss")
+    report = test_from_config(model, cfg, val, synsets, out_dir=out / "test")
+    report.update(iterations=iteration, train_cpu_s=round(train_cpu, 1), train_wall_s=round(time.time() - started, 1))
+    write_json_atomic(out / "metrics.json", report)
+    log.info("localization (%d val images):\n%s", len(val), format_table(report))
+    return report
+
+
+def test_from_config(model: torch.nn.Module, cfg: Config, val: list[LocRecord], synsets: list[str], *,
+                     out_dir: Path | None, modes: tuple[str, ...] = ("1crop", "dense"),
+                     classifier: str | None = None, classifier_mode: str | None = None) -> dict[str, Any]:
+    """Table 13's RPN rows on ``val`` with the ``test`` options; predicted classes need a classifier checkpoint."""
+    predicted = None
+    classifier = classifier or cfg.test.classifier
+    if classifier:
+        from detres.engine.cls_eval import load_classifier
+
+        loaded = load_classifier(classifier)
+        names = loaded.class_names or []
+        label_map = classifier_label_map(names, synsets, synset_words(cfg.data))
+        predicted = predict_classes(loaded, val, label_map, mode=classifier_mode or cfg.test.classifier_mode)
+    return test_localizer(model, val, crop=int(cfg.input.crop), scale=int(cfg.test.scale), scales=list(cfg.test.scales),
+                          modes=modes, predicted=predicted, out_dir=out_dir, top_n=int(cfg.test.top_n),
+                          nms_thresh=float(cfg.test.nms_thresh), box_mode=cfg.test.box_mode,
+                          average_top=int(cfg.test.average_top))

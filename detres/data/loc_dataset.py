@@ -18,7 +18,7 @@ import torch
 
 from detres.data.ilsvrc import read_loc_xml_folder, read_synsets, synset_labels
 from detres.data.image_io import read_image_rgb
-from detres.data.tiny_imagenet import read_tiny_imagenet_val
+from detres.data.tiny_imagenet import parse_tiny_box, read_tiny_imagenet_val
 
 __all__ = [
     "LocDataset", "LocRecord", "devkit_ground_truth", "read_ilsvrc_loc", "read_tiny_imagenet_train",
@@ -89,13 +89,9 @@ def tiny_imagenet_synsets(root: str | os.PathLike) -> list[str]:
 
 
 def _tiny_box(fields: list[str], where: str) -> tuple[float, float, float, float]:
-    try:
-        x0, y0, x1, y1 = (int(v) for v in fields)
-    except ValueError:
-        raise ValueError(f"{where}: box {fields} is not 4 integers") from None
-    if min(x0, y0) < 0 or x1 < x0 or y1 < y0:
-        raise ValueError(f"{where}: ({x0}, {y0}, {x1}, {y1}) is not a 0-based inclusive box")
-    return float(x0), float(y0), x1 + 1.0, y1 + 1.0
+    """A Tiny-ImageNet box as 0-based continuous xyxy (the 1-based inclusive box shifted by one at the top left)."""
+    x0, y0, x1, y1 = parse_tiny_box(fields, where)
+    return float(x0 - 1), float(y0 - 1), float(x1), float(y1)
 
 
 def read_tiny_imagenet_train(root: str | os.PathLike, synsets: list[str]) -> list[LocRecord]:

@@ -32,7 +32,8 @@ class TinyImageNetVal(NamedTuple):
     skipped: dict[str, int]  # wnid -> images dropped because the wnid is not in the synset list
 
 
-def _box(fields: list[str], where: str) -> Box:
+def parse_tiny_box(fields: list[str], where: str) -> Box:
+    """Tiny-ImageNet's 0-based inclusive 'x0 y0 x1 y1' as a 1-based inclusive (ILSVRC XML) box."""
     try:
         x0, y0, x1, y1 = (int(v) for v in fields)
     except ValueError:
@@ -66,7 +67,7 @@ def read_tiny_imagenet_val(
         where = f"{path}:{number}"
         if len(fields) != 6:
             raise ValueError(f"{where}: expected '<file> <wnid> <x0> <y0> <x1> <y1>', got {len(fields)} fields")
-        box = _box(fields[2:], where)
+        box = parse_tiny_box(fields[2:], where)
         if fields[1] not in labels:
             if unknown == "error":
                 raise ValueError(f"{where}: wnid {fields[1]!r} is not in the synset list ({len(labels)} synsets)")

@@ -18,7 +18,6 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import batched_nms
 
@@ -46,18 +45,11 @@ class PerClassRPN(RegionProposalNetwork):
         classes: list[Tensor],
     ) -> dict[str, Tensor]:
         """logits [B,N,K], deltas [B,N,K,4], per image anchor labels / matched boxes / class channels (0-based)."""
-        pos_masks, neg_masks = self.sampler(labels)
-        pos = torch.stack(pos_masks)
-        sampled = pos | torch.stack(neg_masks)
-        num_sampled = sampled.sum().clamp(min=1).to(logits.dtype)
-        channel = torch.stack(classes).clamp(min=0)  # [B, N]; unsampled anchors read channel 0, unused
+        # Each anchor's own class channel, then the RPN's sampling and losses on those outputs.
+        channel = torch.stack(classes).clamp(min=0)  # [B, N]; anchors without a class are labelled -1 (unused)
         class_logits = logits.gather(2, channel[..., None])[..., 0]  # [B, N]
-        loss_cls = F.binary_cross_entropy_with_logits(
-            class_logits[sampled], pos[sampled].to(logits.dtype), reduction="sum") / num_sampled
         class_deltas = deltas.gather(2, channel[..., None, None].expand(-1, -1, 1, 4))[:, :, 0]  # [B, N, 4]
-        targets = self.box_coder.encode(torch.stack(matched_boxes)[pos], anchors.expand(pos.shape[0], -1, -1)[pos])
-        loss_box = F.smooth_l1_loss(class_deltas[pos], targets, beta=self.smooth_l1_beta, reduction="sum") / num_sampled
-        return {"loss_rpn_cls": loss_cls, "loss_rpn_box": loss_box}
+        return self.compute_loss(class_logits, class_deltas, anchors, labels, matched_boxes)
 
     def forward(self, features: Tensor, image_sizes: Sequence[Sequence[int]], targets: Sequence[dict] | None = None,
                 **_: object) -> tuple[list[Tensor], dict[str, Tensor]]:

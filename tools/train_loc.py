@@ -2,8 +2,9 @@
 """Train the ImageNet-style localizer (Appendix C): tools/train_loc.py --config configs/loc/X.yaml [--stage rpn] [--resume] [key=value ...].
 
 Stage rpn: the per-class RPN on a train_cls backbone; writes <output_dir>/{config.yaml, metrics.jsonl, last.pt,
-model_final.pt, loss_curves.png, metrics.json, test/} and prints the Table-13-style report. Stage rcnn (the
-RoI-centric R-CNN) is not implemented yet. Bad input exits with status 2 and a message naming the file/field.
+model_final.pt, loss_curves.png, metrics.json, test/} and prints the Table-13-style report. Stage rcnn: the
+RoI-centric R-CNN on the proposals of the RPN stage's model.rcnn.rpn_checkpoint (also proposals.pt), then the
+RPN+R-CNN dense rows. Bad input exits with status 2 and a message naming the file/field.
 """
 from __future__ import annotations
 
@@ -25,15 +26,11 @@ from detres.engine.loc_trainer import STAGES, train_localizer  # noqa: E402
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML config (task: loc)")
-    parser.add_argument("--stage", default="rpn", choices=STAGES, help="rpn (default) or rcnn (not implemented yet)")
+    parser.add_argument("--stage", default="rpn", choices=STAGES, help="rpn (default) or rcnn (needs model.rcnn.rpn_checkpoint)")
     parser.add_argument("--resume", action="store_true", help="continue from <output_dir>/last.pt")
     parser.add_argument("overrides", nargs="*", help="config overrides such as solver.max_iter=100")
     args = parser.parse_intermixed_args(argv)  # overrides may sit before or after the options
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
-    if args.stage == "rcnn":
-        print("train_loc: error: stage rcnn: not implemented yet (only the RPN stage exists; issue #8)",
-              file=sys.stderr)
-        return 2
     try:
         cfg = load_config(args.config, args.overrides)
         if cfg.task != "loc":

@@ -24,6 +24,18 @@ LOC_DEFAULTS: dict = {
             "nms_thresh": 0.7,
             "allowed_border": -1,  # keep cross-boundary anchors (objects fill much of a crop)
         },
+        "rcnn": {  # the R-CNN stage (detres/models/rcnn_loc.py)
+            "crop_size": 224,  # "warped to 224 x 224 pixels"
+            "context_padding": 0,  # warped pixels of context around a proposal (R-CNN's p; not given here)
+            "fg_iou_thresh": 0.5,  # R-CNN / Fast R-CNN: IoU >= 0.5 with a gt box of the class = that class
+            "bbox_reg_weights": [10.0, 10.0, 5.0, 5.0],
+            "smooth_l1_beta": 1.0,
+            # training (tools/train_loc.py --stage rcnn)
+            "rpn_checkpoint": None,  # the RPN stage's model_final.pt: its proposals are the training samples
+            "proposals_per_class": 200,  # "the highest scored 200 proposals" per image (of its gt class)
+            "regions_per_batch": 256,  # "a mini-batch size of 256 in the RoI-centric fashion"
+            "fg_fraction": None,  # None: regions drawn uniformly; a number caps the foreground share
+        },
     },
     "data": {
         # "ilsvrc": root/{Annotations,Data}/{train,val} + LOC_synset_mapping.txt; "tiny_imagenet": the

@@ -116,11 +116,12 @@ def _chw(image: np.ndarray) -> torch.Tensor:
 def test_localizer(model: torch.nn.Module, records: Sequence[LocRecord], *, crop: int, scale: int,
                    scales: Sequence[int] = (), modes: Sequence[str] = ("1crop", "dense"),
                    predicted: Mapping[str, Sequence[int]] | None = None, out_dir: str | Path | None = None,
-                   **box_options: Any) -> dict[str, Any]:
+                   row_prefix: str = "rpn", **box_options: Any) -> dict[str, Any]:
     """Table 13's RPN rows: LOC error on the ground-truth class for each of ``modes`` and, with ``predicted``
     (image id -> top-5 labels), top-1/top-5 LOC error of dense testing on the predicted classes.
 
     Writes ``<out_dir>/<row>.txt`` (devkit prediction files, image order of ``records``) and ``loc_test.json``.
+    ``row_prefix`` names the rows ("rpn_rcnn" when ``model`` is the RPN + R-CNN pair).
     """
     model.eval()
     gt = devkit_ground_truth(list(records))
@@ -136,12 +137,14 @@ def test_localizer(model: torch.nn.Module, records: Sequence[LocRecord], *, crop
         views = (list(scales) or [scale]) if mode == "dense" else [scale]
         found = localize(model, records, wanted, mode=mode, scales=views, crop=crop, **box_options)
         seconds = round(time.process_time() - started, 1)
-        rows[f"rpn_{mode}_gt_class"] = dict(evaluate_localization(gt, _guesses(found, gt_classes), image_ids=ids),
-                                            cpu_s=seconds, predictions=_guesses(found, gt_classes))
+        guesses = _guesses(found, gt_classes)
+        rows[f"{row_prefix}_{mode}_gt_class"] = dict(evaluate_localization(gt, guesses, image_ids=ids),
+                                                     cpu_s=seconds, predictions=guesses)
         if mode == "dense" and predicted is not None:
             top5 = {i: list(predicted[i])[:5] for i in ids}
-            rows["rpn_dense_predicted"] = dict(evaluate_localization(gt, _guesses(found, top5), image_ids=ids),
-                                               cpu_s=seconds, predictions=_guesses(found, top5))
+            guesses = _guesses(found, top5)
+            rows[f"{row_prefix}_dense_predicted"] = dict(evaluate_localization(gt, guesses, image_ids=ids),
+                                                         cpu_s=seconds, predictions=guesses)
     if out_dir is not None:
         out = Path(out_dir)
         for name, row in rows.items():
@@ -165,7 +168,9 @@ def whole_image_baseline(records: Sequence[LocRecord]) -> float:
 
 
 ROW_TITLES = {"rpn_1crop_gt_class": "RPN 1-crop, ground-truth class", "rpn_dense_gt_class": "RPN dense, ground-truth class",
-              "rpn_dense_predicted": "RPN dense, predicted classes"}
+              "rpn_dense_predicted": "RPN dense, predicted classes",
+              "rpn_rcnn_1crop_gt_class": "RPN+R-CNN 1-crop, GT class", "rpn_rcnn_dense_gt_class":
+              "RPN+R-CNN dense, GT class", "rpn_rcnn_dense_predicted": "RPN+R-CNN dense, predicted classes"}
 
 
 def format_table(report: Mapping[str, Any]) -> str:

@@ -89,11 +89,14 @@ def train_localizer(cfg: Config, *, resume: bool = False, stage: str = "rpn") ->
     Writes ``config.yaml``, ``metrics.jsonl``, ``last.pt`` (every ``checkpoint_period``, atomic),
     ``model_final.pt``, ``loss_curves.png`` and ``test/`` (devkit prediction files, ``loc_test.json``) under
     ``output_dir``; ``resume`` continues ``last.pt`` (weights, momentum, iteration, the same batch stream).
+    ``stage="rcnn"``: the R-CNN on a trained RPN's proposals (:func:`detres.engine.loc_rcnn_trainer.train_rcnn_stage`).
     """
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
     if stage == "rcnn":
-        raise NotImplementedError("stage rcnn: not implemented yet (the RoI-centric R-CNN of Appendix C, issue #8)")
+        from detres.engine.loc_rcnn_trainer import train_rcnn_stage  # it reuses this module's helpers
+
+        return train_rcnn_stage(cfg, resume=resume)
     if cfg.input.scale_min < cfg.input.crop:
         raise ValueError(f"input.scale_min ({cfg.input.scale_min}) must be >= input.crop ({cfg.input.crop})")
     train, val, synsets = load_loc_records(cfg.data)
@@ -158,7 +161,8 @@ def train_localizer(cfg: Config, *, resume: bool = False, stage: str = "rpn") ->
 
 def test_from_config(model: torch.nn.Module, cfg: Config, val: list[LocRecord], synsets: list[str], *,
                      out_dir: Path | None, modes: tuple[str, ...] = ("1crop", "dense"),
-                     classifier: str | None = None, classifier_mode: str | None = None) -> dict[str, Any]:
+                     classifier: str | None = None, classifier_mode: str | None = None,
+                     row_prefix: str = "rpn") -> dict[str, Any]:
     """Table 13's RPN rows on ``val`` with the ``test`` options; predicted classes need a classifier checkpoint."""
     predicted = None
     classifier = classifier or cfg.test.classifier
@@ -170,6 +174,7 @@ def test_from_config(model: torch.nn.Module, cfg: Config, val: list[LocRecord], 
         label_map = classifier_label_map(names, synsets, synset_words(cfg.data))
         predicted = predict_classes(loaded, val, label_map, mode=classifier_mode or cfg.test.classifier_mode)
     return test_localizer(model, val, crop=int(cfg.input.crop), scale=int(cfg.test.scale), scales=list(cfg.test.scales),
-                          modes=modes, predicted=predicted, out_dir=out_dir, top_n=int(cfg.test.top_n),
+                          modes=modes, predicted=predicted, out_dir=out_dir, row_prefix=row_prefix,
+                          top_n=int(cfg.test.top_n),
                           nms_thresh=float(cfg.test.nms_thresh), box_mode=cfg.test.box_mode,
                           average_top=int(cfg.test.average_top))

@@ -14,7 +14,7 @@ from detres.models.rpn import RPNHead
 from detres.models.weights import check_backbone_bn_statistics
 from detres.utils.checkpoint import load_checkpoint
 
-__all__ = ["RPNLocalizer", "backbone_normalisation", "build_rpn_localizer", "load_localizer",
+__all__ = ["RPNLocalizer", "backbone_normalisation", "build_rpn_localizer", "check_loc_backbone", "load_localizer",
            "rpn_localizer_kwargs_from_config"]
 
 IMAGENET_MEAN_255 = (123.675, 116.28, 103.53)
@@ -114,7 +114,7 @@ def backbone_normalisation(weights: str | os.PathLike | None) -> tuple[list[floa
     return list(IMAGENET_MEAN_255), list(IMAGENET_STD_255)
 
 
-def _check_backbone(weights: str, model_cfg: Mapping[str, Any]) -> None:
+def check_loc_backbone(weights: str, model_cfg: Mapping[str, Any]) -> None:
     """A train_cls checkpoint records its architecture: refuse a config asking for another one."""
     saved = load_checkpoint(weights, mmap=True).get("model_args") or {}
     if saved.get("arch", "imagenet") != "imagenet":
@@ -132,7 +132,7 @@ def rpn_localizer_kwargs_from_config(model_cfg: Mapping[str, Any], *, num_classe
     if weights:
         if not os.path.isfile(weights):
             raise FileNotFoundError(f"model.weights: backbone checkpoint not found: {weights}")
-        _check_backbone(weights, model_cfg)
+        check_loc_backbone(weights, model_cfg)
         # Appendix A/C: BN statistics recomputed after pre-training, then frozen (as for the detector)
         check_backbone_bn_statistics(weights, allow_unrecomputed_bn=bool(model_cfg["allow_unrecomputed_bn"]))
     mean, std = backbone_normalisation(weights or None)

@@ -12,6 +12,7 @@ from detres.data.shapes_writers import write_loc_task
 from detres.engine.loc_eval import classifier_label_map, format_table
 from detres.engine.loc_trainer import train_localizer
 from detres.models.loc_rpn import load_localizer
+from detres.models.rcnn_loc import load_rcnn_localizer
 
 # A random-init quarter-width ResNet-18 (no checkpoint needed: runs/ is not in git), BN frozen at identity, all
 # layers trained.
@@ -51,8 +52,22 @@ def test_tiny_run_saves_resumes_and_tests(shapes_loc, tmp_path):
     assert iters == [2, 4, 6]
     model, meta = load_localizer(out / "last.pt")
     assert meta["iter"] == 6 and len(meta["synsets"]) == 10 and model.num_classes == 10
-    with pytest.raises(NotImplementedError, match="stage rcnn: not implemented yet"):
-        train_localizer(cfg, stage="rcnn")
+    # the R-CNN stage on this RPN's proposals: trains, resumes, tests the RPN+R-CNN pair
+    rcnn_out = tmp_path / "rcnn"
+    rcnn_args = [f"model.rcnn.rpn_checkpoint={out / 'model_final.pt'}", "model.rcnn.crop_size=32",
+                 "model.rcnn.regions_per_batch=8", "model.rcnn.proposals_per_class=4", "solver.steps=[3]",
+                 "solver.checkpoint_period=2", "data.max_val_images=4", "solver.log_period=2", "solver.warmup_iters=0"]
+    report = train_localizer(_config(shapes_loc, rcnn_out, "solver.max_iter=2", *rcnn_args), stage="rcnn")
+    assert report["iterations"] == 2 and set(report["rows"]) == {"rpn_rcnn_dense_gt_class"}
+    assert (rcnn_out / "proposals.pt").is_file() and (rcnn_out / "test" / "rpn_rcnn_dense_gt_class.txt").is_file()
+    resumed = train_localizer(_config(shapes_loc, rcnn_out, "solver.max_iter=4", *rcnn_args), stage="rcnn",
+                              resume=True)
+    assert resumed["iterations"] == 4
+    assert [json.loads(line)["iter"] for line in (rcnn_out / "metrics.jsonl").read_text().splitlines()] == [2, 4]
+    rcnn, rcnn_meta = load_rcnn_localizer(rcnn_out / "model_final.pt")
+    assert rcnn_meta["iter"] == 4 and rcnn.num_classes == 10 and rcnn.crop_size == 32
+    with pytest.raises(ValueError, match="rpn_checkpoint"):
+        train_localizer(_config(shapes_loc, tmp_path / "no_rpn"), stage="rcnn")
 
 
 def test_training_lowers_loc_error_below_the_whole_image_box(shapes_loc, tmp_path):

@@ -51,10 +51,15 @@ def test_train_then_test_prints_the_table(setup, capsys):
     assert row["num_images"] == 3 and 0 <= row["top5_loc_err"] <= row["top1_loc_err"] <= 1
     lines = (setup["root"] / "t" / "rpn_dense_predicted.txt").read_text().splitlines()
     assert [len(line.split()) for line in lines] == [25, 25, 25]  # five (label, box) guesses per image
+    rcnn = ["--config", str(setup["config"]), "--stage", "rcnn", f"model.rcnn.rpn_checkpoint={final}",
+            f"output_dir={setup['root'] / 'rcnn'}", "model.rcnn.crop_size=32", "model.rcnn.regions_per_batch=4",
+            "model.rcnn.proposals_per_class=3"]
+    assert load_tool("train_loc").main(rcnn) == 0
+    assert "RPN+R-CNN dense, GT class" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--stage", "rcnn"], "stage rcnn: not implemented yet"),
+    (["--stage", "rcnn"], "model.rcnn.rpn_checkpoint"),
     (["model.nonsense=1"], "model.nonsense"),
     (["data.root=/nonexistent/loc"], "data.root"),
     (["model.weights=/nonexistent/cls.pt"], "model.weights"),

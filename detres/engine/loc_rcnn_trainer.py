@@ -1,0 +1,195 @@
+"""The localizer's R-CNN stage, RoI-centric training pieces (Appendix C): cached per-class RPN proposals, region
+mini-batches drawn across images, and one SGD step on their warped crops."""
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from typing import Any, Iterable, Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from detres.config.load import Config
+from detres.data.image_io import read_image_rgb
+from detres.data.loc_dataset import LocRecord
+from detres.data.loc_transforms import LocTestTransform
+from detres.engine.det_trainer import LossWindow, load_optimizer_state
+from detres.engine.logging import JsonLinesLogger, read_json_lines
+from detres.engine.lr_schedule import LRSchedule
+from detres.engine.optimizer import build_detection_optimizer, set_lr
+from detres.engine.plots import plot_curves
+from detres.engine.run_setup import start_run
+from detres.models.loc_rpn import RPNLocalizer, load_localizer
+from detres.models.rcnn_loc import (RCNNLocalizer, RPNRCNNLocalizer, assign_rcnn_targets, build_rcnn_localizer,
+                                    rcnn_localizer_kwargs_from_config, save_rcnn_localizer)
+from detres.utils.atomic import write_json_atomic
+from detres.utils.checkpoint import load_checkpoint, save_checkpoint
+
+__all__ = ["RegionCache", "cache_proposals", "rcnn_train_step", "sample_regions", "train_rcnn_stage"]
+
+# Per training image: rois [n,4], their proposal classes [n] (1..K), R-CNN labels [n] (0..K), matched gt boxes [n,4].
+RegionCache = list[dict[str, Tensor]]
+
+
+@torch.no_grad()
+def cache_proposals(rpn: RPNLocalizer, samples: Iterable[tuple[Tensor, Tensor, Tensor]], *, top_n: int = 200,
+                    nms_thresh: float | None = None, fg_iou_thresh: float = 0.5) -> RegionCache:
+    """Run the trained per-class RPN once per training image (``samples``: image [3,H,W] 0..255, gt boxes [G,4] in
+    its pixels, gt labels [G] in 1..K) and keep, for each ground-truth class, its ``top_n`` best boxes (the paper's
+    200) with their R-CNN targets. Computed once: the RPN is fixed during the R-CNN stage."""
+    rpn.eval()
+    cache: RegionCache = []
+    for image, gt_boxes, gt_labels in samples:
+        classes = sorted({int(c) for c in gt_labels.tolist()})
+        per_class = rpn.class_boxes(image, classes, top_n=top_n, nms_thresh=nms_thresh) if classes else {}
+        rois = [per_class[c][0].cpu().float() for c in classes]
+        owners = [torch.full((r.shape[0],), c, dtype=torch.long) for r, c in zip(rois, classes)]
+        rois_t = torch.cat(rois) if rois else torch.zeros(0, 4)
+        owners_t = torch.cat(owners) if owners else torch.zeros(0, dtype=torch.long)
+        keep = (rois_t[:, 2] > rois_t[:, 0]) & (rois_t[:, 3] > rois_t[:, 1])  # a clipped box can be empty
+        rois_t, owners_t = rois_t[keep], owners_t[keep]
+        labels, matched = assign_rcnn_targets(rois_t, owners_t, gt_boxes.cpu(), gt_labels.cpu(),
+                                              fg_iou_thresh=fg_iou_thresh)
+        cache.append({"rois": rois_t, "classes": owners_t, "labels": labels, "matched": matched})
+    return cache
+
+
+def sample_regions(cache: RegionCache, batch_size: int = 256, *, generator: torch.Generator | None = None,
+                   fg_fraction: float | None = None) -> list[tuple[int, int]]:
+    """One RoI-centric mini-batch: ``batch_size`` (image, region) pairs drawn from all cached regions of all images.
+
+    ``fg_fraction`` None draws uniformly (the paper gives no ratio); a number caps the foreground share at that
+    fraction as R-CNN's 32 + 96 windows did, filling the rest with background. Draws without replacement when the
+    pool is large enough, with replacement otherwise.
+    """
+    pairs = [(i, j) for i, entry in enumerate(cache) for j in range(entry["rois"].shape[0])]
+    if not pairs or batch_size < 1:
+        return []
+    if fg_fraction is None:
+        return [pairs[k] for k in _draw(len(pairs), batch_size, generator)]
+    fg = [p for p in pairs if int(cache[p[0]]["labels"][p[1]]) > 0]
+    bg = [p for p in pairs if int(cache[p[0]]["labels"][p[1]]) == 0]
+    num_fg = min(len(fg), int(round(batch_size * float(fg_fraction)))) if bg else batch_size
+    chosen = [fg[k] for k in _draw(len(fg), num_fg, generator)] if fg else []
+    return chosen + [bg[k] for k in _draw(len(bg), batch_size - len(chosen), generator)]
+
+
+def _draw(population: int, count: int, generator: torch.Generator | None) -> list[int]:
+    if population == 0 or count <= 0:
+        return []
+    if count <= population:
+        return torch.randperm(population, generator=generator)[:count].tolist()
+    return torch.randint(population, (count,), generator=generator).tolist()
+
+
+def rcnn_train_step(model: RCNNLocalizer, optimizer: torch.optim.Optimizer,
+                    images: Mapping[int, Tensor] | Sequence[Tensor],
+                    cache: RegionCache, batch: Sequence[tuple[int, int]]) -> dict[str, float]:
+    """One SGD step on a region mini-batch (from :func:`sample_regions`): crop and warp each region from its image
+    (``images[i]`` is the image the cache's boxes of entry i refer to), then the cls + reg losses; returns them."""
+    if not batch:
+        raise ValueError("rcnn_train_step: empty region batch")
+    by_image: dict[int, list[int]] = defaultdict(list)
+    for i, j in batch:
+        by_image[i].append(j)
+    crops, rois, labels, matched = [], [], [], []
+    for i, rows in by_image.items():  # one crop_and_warp per image: all its regions in one roi_align call
+        index = torch.tensor(rows, dtype=torch.long)
+        entry = cache[i]
+        crops.append(model.warp(images[i], entry["rois"][index]))
+        rois.append(entry["rois"][index])
+        labels.append(entry["labels"][index])
+        matched.append(entry["matched"][index])
+    model.train()
+    losses = model.losses(torch.cat(crops), torch.cat(rois), torch.cat(labels), torch.cat(matched))
+    total = sum(losses.values())
+    if not torch.isfinite(total):
+        raise FloatingPointError(f"R-CNN stage: loss is {total.item()}; lower solver.base_lr")
+    optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    optimizer.step()
+    return {"loss": total.item(), **{key: value.item() for key, value in losses.items()}}
+
+
+def _view_samples(records: Sequence[LocRecord], view: LocTestTransform) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+    """(dense test view [3,h,w] 0..255, gt boxes in its pixels, gt labels) per record: the RPN's test view."""
+    for record in records:
+        image = read_image_rgb(record.path)
+        pixels, where = view(image)
+        boxes = np.asarray(record.boxes, np.float64).reshape(-1, 4) * [where.sx, where.sy, where.sx, where.sy]
+        yield (torch.from_numpy(pixels.transpose(2, 0, 1).copy()), torch.from_numpy(boxes).float(),
+               torch.as_tensor(record.labels, dtype=torch.long))
+
+
+def _view_image(record: LocRecord, view: LocTestTransform) -> Tensor:
+    return torch.from_numpy(view(read_image_rgb(record.path))[0].transpose(2, 0, 1).copy())
+
+
+def train_rcnn_stage(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
+    """The R-CNN stage: proposals of the trained RPN (``model.rcnn.rpn_checkpoint``) on the training images' dense
+    test views (shorter side ``test.scale``), cached once in ``proposals.pt``; RoI-centric SGD on their warped crops;
+    then the RPN+R-CNN rows of Table 13 on the validation set. Same outputs and resuming as the RPN stage."""
+    from detres.engine.loc_trainer import load_loc_records, test_from_config  # loc_trainer imports this lazily
+
+    rcnn_cfg, solver = cfg.model.rcnn, cfg.solver
+    if not rcnn_cfg.rpn_checkpoint:
+        raise ValueError("model.rcnn.rpn_checkpoint: the R-CNN stage needs the RPN stage's model_final.pt")
+    train, val, synsets = load_loc_records(cfg.data)
+    rpn, rpn_meta = load_localizer(rcnn_cfg.rpn_checkpoint)
+    if list(rpn_meta["synsets"]) != list(synsets):
+        raise ValueError(f"{rcnn_cfg.rpn_checkpoint}: its classes differ from data's {len(synsets)} synsets")
+    out, last_path, device = start_run(cfg, resume=resume)
+    view = LocTestTransform(mode="dense", scale=int(cfg.test.scale))
+    cache_path = out / "proposals.pt"
+    made_with = {"rpn_checkpoint": str(rcnn_cfg.rpn_checkpoint), "top_n": int(rcnn_cfg.proposals_per_class),
+                 "scale": int(cfg.test.scale), "nms": float(cfg.test.nms_thresh),
+                 "fg_iou": float(rcnn_cfg.fg_iou_thresh)}
+    saved = load_checkpoint(cache_path) if cache_path.exists() else {}
+    if saved.get("made_with") == made_with:  # other options (e.g. another RPN): the proposals are recomputed
+        cache = saved["regions"]
+    else:
+        cache = cache_proposals(rpn.to(device), _view_samples(train, view), top_n=int(rcnn_cfg.proposals_per_class),
+                                nms_thresh=float(cfg.test.nms_thresh), fg_iou_thresh=float(rcnn_cfg.fg_iou_thresh))
+        save_checkpoint(cache_path, {"regions": cache, "made_with": made_with})
+    state = load_checkpoint(last_path) if resume and last_path.exists() else None
+    model_args = dict(state["model_args"]) if state else rcnn_localizer_kwargs_from_config(cfg.model,
+                                                                                          num_classes=len(synsets))
+    model = build_rcnn_localizer(**model_args).to(device)
+    optimizer = build_detection_optimizer(model, solver)
+    schedule = LRSchedule(optimizer, base_lr=solver.base_lr, mode="step", steps=solver.steps, gamma=solver.gamma,
+                          warmup_iters=solver.warmup_iters, warmup_lr=solver.warmup_lr)
+    iteration = 0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        load_optimizer_state(optimizer, state["optimizer"], last_path)
+        iteration = int(state["iter"])
+    meta = {"synsets": synsets, "rpn_checkpoint": str(rcnn_cfg.rpn_checkpoint), "test_scale": int(cfg.test.scale)}
+    logger = JsonLinesLogger(out / "metrics.jsonl", resume_from_iter=iteration if state is not None else None)
+    started, cpu_started, window = time.time(), time.process_time(), LossWindow()
+    fg_fraction = None if rcnn_cfg.fg_fraction is None else float(rcnn_cfg.fg_fraction)
+    while iteration < solver.max_iter:
+        # seeded per iteration, so a resumed run draws the batches it would have drawn
+        gen = torch.Generator().manual_seed(int(cfg.seed) * 1_000_003 + iteration)
+        batch = sample_regions(cache, int(rcnn_cfg.regions_per_batch), generator=gen, fg_fraction=fg_fraction)
+        images = {i: _view_image(train[i], view) for i in {i for i, _ in batch}}
+        lr = schedule.lr_at(iteration)
+        set_lr(optimizer, lr)
+        losses = rcnn_train_step(model, optimizer, images, cache, batch)
+        iteration += 1
+        window.add(losses.pop("loss"), {k: torch.tensor(v) for k, v in losses.items()})
+        if iteration % solver.log_period == 0 or iteration == solver.max_iter:
+            logger.log(iter=iteration, lr=lr, time=time.time() - started, **window.flush())
+        if iteration % solver.checkpoint_period == 0 or iteration == solver.max_iter:
+            save_rcnn_localizer(last_path, model, model_args, meta, iter=iteration, config=cfg.to_dict(),
+                                optimizer=optimizer.state_dict())
+    train_cpu = time.process_time() - cpu_started
+    save_rcnn_localizer(out / "model_final.pt", model, model_args, meta, iter=iteration, config=cfg.to_dict())
+    plot_curves(read_json_lines(out / "metrics.jsonl"), out / "loss_curves.png",
+                series=[("loss", "total"), ("loss_rcnn_cls", "loss_rcnn_cls"), ("loss_rcnn_box", "loss_rcnn_box")],
+                title="R-CNN stage training losses", ylabel="loss")
+    pair = RPNRCNNLocalizer(rpn, model).to(device).eval()
+    report = test_from_config(pair, cfg, val, synsets, out_dir=out / "test", modes=("dense",), row_prefix="rpn_rcnn")
+    report.update(iterations=iteration, train_cpu_s=round(train_cpu, 1), train_wall_s=round(time.time() - started, 1))
+    write_json_atomic(out / "metrics.json", report)
+    return report

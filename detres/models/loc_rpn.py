@@ -126,8 +126,9 @@ def check_loc_backbone(weights: str, model_cfg: Mapping[str, Any]) -> None:
                              f"model.{key}={model_cfg[key]!r}")
 
 
-def rpn_localizer_kwargs_from_config(model_cfg: Mapping[str, Any], *, num_classes: int) -> dict[str, Any]:
-    """Explicit arguments of :func:`build_rpn_localizer` from a ``task: loc`` config's ``model`` tree."""
+def loc_backbone_kwargs(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The backbone arguments both localizer stages take from a ``task: loc`` config's ``model`` tree, after
+    checking the train_cls checkpoint (architecture, recomputed BN) and reading its normalisation."""
     weights = model_cfg["weights"]
     if weights:
         if not os.path.isfile(weights):
@@ -136,11 +137,18 @@ def rpn_localizer_kwargs_from_config(model_cfg: Mapping[str, Any], *, num_classe
         # Appendix A/C: BN statistics recomputed after pre-training, then frozen (as for the detector)
         check_backbone_bn_statistics(weights, allow_unrecomputed_bn=bool(model_cfg["allow_unrecomputed_bn"]))
     mean, std = backbone_normalisation(weights or None)
-    rpn = model_cfg["rpn"]
     return {
-        "num_classes": int(num_classes), "depth": int(model_cfg["depth"]), "base_width": int(model_cfg["base_width"]),
+        "depth": int(model_cfg["depth"]), "base_width": int(model_cfg["base_width"]),
         "stride_in_1x1": bool(model_cfg["stride_in_1x1"]), "weights_path": weights or None,
         "freeze_at": int(model_cfg["freeze_at"]), "pixel_mean": mean, "pixel_std": std,
+    }
+
+
+def rpn_localizer_kwargs_from_config(model_cfg: Mapping[str, Any], *, num_classes: int) -> dict[str, Any]:
+    """Explicit arguments of :func:`build_rpn_localizer` from a ``task: loc`` config's ``model`` tree."""
+    rpn = model_cfg["rpn"]
+    return {
+        "num_classes": int(num_classes), **loc_backbone_kwargs(model_cfg),
         "anchor_sizes": [float(s) for s in model_cfg["anchor_sizes"]],
         "aspect_ratios": [float(r) for r in model_cfg["aspect_ratios"]],
         **{key: rpn[key] for key in ("fg_iou_thresh", "bg_iou_thresh", "batch_size_per_image", "positive_fraction",

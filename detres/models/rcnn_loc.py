@@ -14,8 +14,7 @@ from torchvision.ops import box_iou
 from detres.data.crop_warp import crop_and_warp, image_hw
 from detres.models.box_coder import BoxCoder
 from detres.models.frozen_bn import convert_frozen_batchnorm
-from detres.models.loc_rpn import IMAGENET_MEAN_255, RPNLocalizer, backbone_normalisation, check_loc_backbone
-from detres.models.weights import check_backbone_bn_statistics
+from detres.models.loc_rpn import IMAGENET_MEAN_255, RPNLocalizer, loc_backbone_kwargs
 from detres.structures.boxes import clip_boxes
 from detres.utils.checkpoint import load_checkpoint, save_checkpoint
 
@@ -217,18 +216,9 @@ def build_rcnn_localizer(
 
 def rcnn_localizer_kwargs_from_config(model_cfg: Mapping[str, Any], *, num_classes: int) -> dict[str, Any]:
     """Explicit arguments of :func:`build_rcnn_localizer` from a ``task: loc`` config's ``model`` tree."""
-    weights = model_cfg["weights"]
-    if weights:
-        if not os.path.isfile(weights):
-            raise FileNotFoundError(f"model.weights: backbone checkpoint not found: {weights}")
-        check_loc_backbone(weights, model_cfg)
-        check_backbone_bn_statistics(weights, allow_unrecomputed_bn=bool(model_cfg["allow_unrecomputed_bn"]))
-    mean, std = backbone_normalisation(weights or None)
     rcnn = model_cfg["rcnn"]
     return {
-        "num_classes": int(num_classes), "depth": int(model_cfg["depth"]), "base_width": int(model_cfg["base_width"]),
-        "stride_in_1x1": bool(model_cfg["stride_in_1x1"]), "weights_path": weights or None,
-        "freeze_at": int(model_cfg["freeze_at"]), "pixel_mean": mean, "pixel_std": std,
+        "num_classes": int(num_classes), **loc_backbone_kwargs(model_cfg),
         "crop_size": int(rcnn["crop_size"]), "context_padding": float(rcnn["context_padding"]),
         "fg_iou_thresh": float(rcnn["fg_iou_thresh"]),
         "bbox_reg_weights": [float(w) for w in rcnn["bbox_reg_weights"]],

@@ -78,5 +78,8 @@ LOC_DEFAULTS: dict = {
         "average_top": 10,
         "classifier": None,  # train_cls checkpoint predicting the classes (top-5); None = ground-truth rows only
         "classifier_mode": "1crop",  # "1crop" or "dense" (the checkpoint's multi-scale dense test)
+        # R-CNN stage: a box's score is the R-CNN's class probability ("rcnn", the paper) or that times the
+        # RPN's score ("product")
+        "rcnn_score_fusion": "rcnn",
     },
 }

@@ -188,7 +188,7 @@ def train_rcnn_stage(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
     plot_curves(read_json_lines(out / "metrics.jsonl"), out / "loss_curves.png",
                 series=[("loss", "total"), ("loss_rcnn_cls", "loss_rcnn_cls"), ("loss_rcnn_box", "loss_rcnn_box")],
                 title="R-CNN stage training losses", ylabel="loss")
-    pair = RPNRCNNLocalizer(rpn, model).to(device).eval()
+    pair = RPNRCNNLocalizer(rpn, model, score_fusion=cfg.test.rcnn_score_fusion).to(device).eval()
     report = test_from_config(pair, cfg, val, synsets, out_dir=out / "test", modes=("dense",), row_prefix="rpn_rcnn")
     report.update(iterations=iteration, train_cpu_s=round(train_cpu, 1), train_wall_s=round(time.time() - started, 1))
     write_json_atomic(out / "metrics.json", report)

@@ -60,6 +60,8 @@ def rcnn_losses(cls_logits: Tensor, deltas: Tensor, rois: Tensor, labels: Tensor
     return {"loss_rcnn_cls": loss_cls, "loss_rcnn_box": loss_box / max(labels.shape[0], 1)}
 
 
+SCORE_FUSIONS = ("rcnn", "product")  # how the test-time box score combines the R-CNN and RPN scores
+
 class RCNNLocalizer(nn.Module):
     """conv1..conv5 + global average pool of an ImageNet ResNet, then two sibling fc layers in per-class form:
 
@@ -128,10 +130,13 @@ class RCNNLocalizer(nn.Module):
 
     @torch.no_grad()
     def refine_class_boxes(self, image: np.ndarray | Tensor, proposals: Mapping[int, tuple[Tensor, Tensor]], *,
-                           chunk: int = 256) -> dict[int, tuple[Tensor, Tensor]]:
+                           chunk: int = 256, score_fusion: str = "rcnn") -> dict[int, tuple[Tensor, Tensor]]:
         """Test time: each class's RPN proposals (class 1..K -> (boxes [n,4], RPN scores [n])) rescored by the
         R-CNN's probability of that class and moved by its regressor; per class (boxes [n,4] clipped to the image,
-        scores [n]), best first. Regions go through the network ``chunk`` at a time (224² crops are large)."""
+        scores [n]), best first. Regions go through the network ``chunk`` at a time (224² crops are large).
+        ``score_fusion``: "rcnn" (the paper: the R-CNN's probability) or "product" (times the RPN's score)."""
+        if score_fusion not in SCORE_FUSIONS:
+            raise ValueError(f"score_fusion must be one of {SCORE_FUSIONS}, got {score_fusion!r}")
         classes = sorted(proposals)
         rois = torch.cat([proposals[c][0].detach().float().cpu().reshape(-1, 4) for c in classes]
                          or [torch.zeros(0, 4)])
@@ -144,6 +149,9 @@ class RCNNLocalizer(nn.Module):
             s, b = self.score_and_refine(self.warp(image, rois[rows]), rois[rows], owners[rows])
             scores[rows], boxes[rows] = s.cpu(), b.cpu()
         boxes = clip_boxes(boxes, image_hw(image))
+        if score_fusion == "product":
+            scores = scores * torch.cat([proposals[c][1].detach().float().cpu().reshape(-1) for c in classes]
+                                        or [torch.zeros(0)])
         out = {}
         for c in classes:
             mine = torch.nonzero(owners == c).flatten()
@@ -156,15 +164,17 @@ class RPNRCNNLocalizer(nn.Module):
     """Appendix C's test: the per-class RPN's top proposals of each requested class, rescored and moved by the
     R-CNN. Has the RPN localizer's ``class_boxes`` signature, so the RPN stage's test code runs it unchanged."""
 
-    def __init__(self, rpn: RPNLocalizer, rcnn: RCNNLocalizer) -> None:
+    def __init__(self, rpn: RPNLocalizer, rcnn: RCNNLocalizer, *, score_fusion: str = "rcnn") -> None:
         super().__init__()
-        self.rpn, self.rcnn = rpn, rcnn
+        if score_fusion not in SCORE_FUSIONS:
+            raise ValueError(f"score_fusion must be one of {SCORE_FUSIONS}, got {score_fusion!r}")
+        self.rpn, self.rcnn, self.score_fusion = rpn, rcnn, score_fusion
 
     @torch.no_grad()
     def class_boxes(self, image: Tensor, classes: Sequence[int], *, top_n: int = 200,
                     nms_thresh: float | None = None) -> dict[int, tuple[Tensor, Tensor]]:
         proposals = self.rpn.class_boxes(image, classes, top_n=top_n, nms_thresh=nms_thresh)
-        return self.rcnn.refine_class_boxes(image, proposals)
+        return self.rcnn.refine_class_boxes(image, proposals, score_fusion=self.score_fusion)
 
 
 def _resnet_body(depth: int, *, base_width: int, stride_in_1x1: bool, weights_path: str | os.PathLike | None,

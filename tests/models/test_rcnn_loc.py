@@ -125,3 +125,15 @@ def test_refine_class_boxes_rescores_regresses_and_sorts_per_class():
     torch.testing.assert_close(out[2][1], scores[order])
     torch.testing.assert_close(out[2][0], boxes[order].clamp(min=0).minimum(torch.tensor([64.0, 48.0, 64.0, 48.0])))
     assert out[3][0].shape == (1, 4) and float(out[2][0][:, 2].max()) <= 64
+
+
+def test_product_score_fusion_multiplies_by_the_rpn_score():
+    model = _model().eval()
+    image = torch.rand(3, 48, 64) * 255
+    rois = torch.tensor([[0.0, 0.0, 30.0, 30.0], [10.0, 5.0, 60.0, 40.0], [20.0, 20.0, 70.0, 52.0]])
+    rpn_scores = torch.tensor([0.9, 0.5, 0.1])
+    out = model.refine_class_boxes(image, {2: (rois, rpn_scores)}, score_fusion="product")
+    scores, _ = model.score_and_refine(model.warp(image, rois), rois, torch.tensor([2, 2, 2]))
+    torch.testing.assert_close(out[2][1], (scores * rpn_scores).sort(descending=True).values)
+    with pytest.raises(ValueError, match="score_fusion"):
+        model.refine_class_boxes(image, {2: (rois, rpn_scores)}, score_fusion="sum")

@@ -19,7 +19,7 @@ from detres.structures.boxes import clip_boxes
 from detres.utils.checkpoint import load_checkpoint, save_checkpoint
 
 __all__ = ["RCNNLocalizer", "RPNRCNNLocalizer", "assign_rcnn_targets", "build_rcnn_localizer", "load_rcnn_localizer",
-           "rcnn_localizer_kwargs_from_config", "rcnn_losses", "save_rcnn_localizer"]
+           "load_rpn_rcnn_localizer", "rcnn_localizer_kwargs_from_config", "rcnn_losses", "save_rcnn_localizer"]
 
 RCNN_BOX_WEIGHTS = (10.0, 10.0, 5.0, 5.0)  # Fast R-CNN's per-class regression weights
 
@@ -253,3 +253,19 @@ def load_rcnn_localizer(path: str | os.PathLike, *, device: torch.device | str =
     model = build_rcnn_localizer(**dict(state["model_args"], weights_path=None))
     model.load_state_dict(state["model"])
     return model.to(device).eval(), dict(state["meta"], config=state.get("config"), iter=state.get("iter"))
+
+
+def load_rpn_rcnn_localizer(path: str | os.PathLike, *, score_fusion: str = "rcnn", device: torch.device | str = "cpu"
+                            ) -> tuple[RPNRCNNLocalizer, dict[str, Any]]:
+    """An R-CNN-stage checkpoint with the RPN-stage checkpoint it was trained on (recorded as ``rpn_checkpoint``)
+    as one :class:`RPNRCNNLocalizer` in eval mode; returns (model, the R-CNN checkpoint's metadata)."""
+    from detres.models.loc_rpn import load_localizer
+
+    rcnn, meta = load_rcnn_localizer(path, device=device)
+    rpn_path = meta.get("rpn_checkpoint")
+    if not rpn_path or not os.path.isfile(rpn_path):
+        raise FileNotFoundError(f"{path}: its RPN-stage checkpoint {rpn_path!r} (model.rcnn.rpn_checkpoint) is missing")
+    rpn, rpn_meta = load_localizer(rpn_path, device=device)
+    if list(rpn_meta["synsets"]) != list(meta["synsets"]):
+        raise ValueError(f"{path} and its RPN {rpn_path} were trained on different synsets")
+    return RPNRCNNLocalizer(rpn, rcnn, score_fusion=score_fusion).to(device).eval(), meta

@@ -55,7 +55,17 @@ def test_train_then_test_prints_the_table(setup, capsys):
             f"output_dir={setup['root'] / 'rcnn'}", "model.rcnn.crop_size=32", "model.rcnn.regions_per_batch=4",
             "model.rcnn.proposals_per_class=3"]
     assert load_tool("train_loc").main(rcnn) == 0
-    assert "RPN+R-CNN dense, GT class" in capsys.readouterr().out
+    trained = capsys.readouterr().out
+    assert "RPN+R-CNN dense, GT class" in trained
+    # test_loc reads the R-CNN checkpoint together with its RPN and reproduces the training run's row.
+    rcnn_json = setup["root"] / "rcnn_report.json"
+    code = load_tool("test_loc").main(["--config", str(setup["config"]), "--checkpoint",
+                                       str(setup["root"] / "rcnn" / "model_final.pt"), "--json-out", str(rcnn_json),
+                                       "--out-dir", str(setup["root"] / "t2")])
+    assert code == 0, capsys.readouterr().err
+    tested = json.loads(rcnn_json.read_text())["rows"]["rpn_rcnn_dense_gt_class"]
+    trained_row = json.loads((setup["root"] / "rcnn" / "metrics.json").read_text())["rows"]["rpn_rcnn_dense_gt_class"]
+    assert tested["gt_known_loc_err"] == trained_row["gt_known_loc_err"]
 
 
 @pytest.mark.parametrize("argv, message", [

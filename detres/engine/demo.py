@@ -1,4 +1,5 @@
-"""The README's main job on built-in data: shapes world → train_cls → precise BN → train_det → metrics → Table 9 rows."""
+"""The README's main job on built-in data: shapes world → train_cls → precise BN → train_det → metrics → Table 9 rows
+→ the localizer's RPN stage (Appendix C)."""
 from __future__ import annotations
 
 import shutil
@@ -11,19 +12,23 @@ from detres.engine.ablation import run_ablation
 from detres.data.synthetic import generate_shapes_world
 from detres.engine.cls_trainer import train_classifier
 from detres.engine.det_trainer import train_detector
+from detres.engine.loc_trainer import train_localizer
 from detres.engine.run_setup import resolve_device
 from detres.utils.atomic import write_json_atomic
 
 CLS_CONFIG = "configs/cls/shapes_r18.yaml"
 DET_CONFIG = "configs/det/shapes_r18.yaml"
+LOC_CONFIG = "configs/loc/shapes_r18.yaml"
 ABLATION_ROWS = ("baseline", "refinement", "multiscale")  # Table 9's rows that one detector allows
 ABLATION_KEYS = ("row", "mAP50", "mAP", "voc07_mAP", "sec_per_img", "gflops_per_img", "cost_ratio")  # in summary
 
 
 def run_demo(out: str | Path, *, data_root: str | Path = "data_toy", repo_root: str | Path = ".",
-             overwrite: bool = False, seed: int = 0, ablation: bool = True) -> dict[str, Any]:
+             overwrite: bool = False, seed: int = 0, ablation: bool = True, localization: bool = True
+             ) -> dict[str, Any]:
     """Generate the data, pre-train ResNet-18, recompute BN, train and evaluate the detector; then (``ablation``)
-    the Table-9 rows baseline / +box refinement / +multi-scale on its val set, written to ``ablation.json``."""
+    the Table-9 rows baseline / +box refinement / +multi-scale on its val set, written to ``ablation.json``;
+    then (``localization``) the per-class RPN localizer on the same backbone, tested with Table 13's rows."""
     out, data_root, repo_root = Path(out), Path(data_root), Path(repo_root)
     if out.exists():
         if not overwrite:
@@ -42,6 +47,7 @@ def run_demo(out: str | Path, *, data_root: str | Path = "data_toy", repo_root: 
     det_metrics = train_detector(det_cfg)
     pr_png = out / "det" / "test" / "pr_curves.png"  # written by test_detector with the metrics
     rows = demo_ablation(det_cfg, out) if ablation else None
+    loc = demo_localization(repo_root, out, paths["loc_root"], seed) if localization else None
     summary = {
         "classification": {"val_errors_after_bn_recompute": cls_metrics.get("after_bn_recompute"),
                            "train_time_s": cls_metrics["train_time_s"]},
@@ -49,6 +55,7 @@ def run_demo(out: str | Path, *, data_root: str | Path = "data_toy", repo_root: 
                       "voc_per_class": det_metrics["voc"]["per_class"], "train_time_s": det_metrics["train_time_s"]},
         "ablation": None if rows is None else {"rows": [{k: r[k] for k in ABLATION_KEYS} for r in rows],
                                                "json": str(out / "ablation.json")},
+        "localization": loc,
         "total_time_s": round(time.time() - started, 1),
         "outputs": {"cls": str(out / "cls"), "det": str(out / "det"),
                     "detection_pngs": str(out / "det" / "test" / "vis"), "pr_curves": str(pr_png)},
@@ -63,3 +70,15 @@ def demo_ablation(det_cfg: Any, out: Path) -> list[dict[str, Any]]:
                         device=resolve_device(det_cfg.device))
     write_json_atomic(out / "ablation.json", rows)
     return rows
+
+
+def demo_localization(repo_root: Path, out: Path, loc_root: Path, seed: int) -> dict[str, Any]:
+    """The RPN stage of the localizer on the shapes world's LOC split, from the demo's classifier; returns the
+    Table-13 rows (LOC error fractions) and the whole-image-box baseline."""
+    cfg = load_config(repo_root / LOC_CONFIG, [
+        f"output_dir={out / 'loc'}", f"model.weights={out / 'cls' / 'model_final.pt'}", f"data.root={loc_root}",
+        f"test.classifier={out / 'cls' / 'model_final.pt'}", f"seed={seed}"])
+    report = train_localizer(cfg)
+    errors = ("gt_known_loc_err", "top1_loc_err", "top5_loc_err")
+    return {"rows": {name: {k: row[k] for k in errors if k in row} for name, row in report["rows"].items()},
+            "box_baseline": report["box_baseline"], "report": str(out / "loc" / "metrics.json")}

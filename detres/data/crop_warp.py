@@ -82,20 +82,22 @@ def crop_and_warp(image: np.ndarray | Tensor, boxes: Tensor, size: int = 224, co
 def warped_to_image(boxes_in_crop: Tensor, rois: Tensor, size: int = 224, context_padding: float = 0.0) -> Tensor:
     """Boxes [N,4] in the warped crop of ``rois[i]`` (continuous warped pixels) -> image pixels [N,4]."""
     boxes_in_crop = torch.as_tensor(boxes_in_crop, dtype=torch.float32)
-    windows = context_boxes(rois, int(size), context_padding)
-    if boxes_in_crop.shape != windows.shape:
-        raise ValueError(f"warped_to_image: boxes {tuple(boxes_in_crop.shape)} and rois {tuple(windows.shape)} differ")
-    origin = windows[:, :2].repeat(1, 2)
-    scale = ((windows[:, 2:] - windows[:, :2]) / float(size)).repeat(1, 2)
+    origin, scale = _warp_frame(boxes_in_crop, rois, size, context_padding, "warped_to_image")
     return origin + boxes_in_crop * scale
 
 
 def image_to_warped(boxes: Tensor, rois: Tensor, size: int = 224, context_padding: float = 0.0) -> Tensor:
     """Image-pixel boxes [N,4] -> the warped-crop pixels of ``rois[i]`` (the inverse of :func:`warped_to_image`)."""
     boxes = torch.as_tensor(boxes, dtype=torch.float32)
+    origin, scale = _warp_frame(boxes, rois, size, context_padding, "image_to_warped")
+    return (boxes - origin) / scale
+
+
+def _warp_frame(boxes: Tensor, rois: Tensor, size: int, context_padding: float, who: str) -> tuple[Tensor, Tensor]:
+    """Per RoI, the image position of the warped crop's origin and the image pixels per crop pixel ([N,4] each,
+    xyxy layout) — the affine map between a warped crop and its image."""
     windows = context_boxes(rois, int(size), context_padding)
     if boxes.shape != windows.shape:
-        raise ValueError(f"image_to_warped: boxes {tuple(boxes.shape)} and rois {tuple(windows.shape)} differ")
+        raise ValueError(f"{who}: boxes {tuple(boxes.shape)} and rois {tuple(windows.shape)} differ")
     origin = windows[:, :2].repeat(1, 2)
-    scale = ((windows[:, 2:] - windows[:, :2]) / float(size)).repeat(1, 2)
-    return (boxes - origin) / scale
+    return origin, ((windows[:, 2:] - windows[:, :2]) / float(size)).repeat(1, 2)

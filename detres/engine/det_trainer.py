@@ -80,6 +80,21 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict, source: 
                          f"{ours} (solver options or trainable layers changed?); cannot resume: {exc}") from None
 
 
+
+def build_step_solver(model: torch.nn.Module, solver: Any, state: dict | None, source: Path
+                      ) -> tuple[torch.optim.Optimizer, LRSchedule, int]:
+    """SGD with the detection parameter groups and the step schedule of ``solver``; with a checkpoint ``state``
+    (read from ``source``) the model weights, momentum buffers and iteration are restored.
+    Returns (optimizer, schedule, start iteration)."""
+    optimizer = build_detection_optimizer(model, solver)
+    schedule = LRSchedule(optimizer, base_lr=solver.base_lr, mode="step", steps=solver.steps, gamma=solver.gamma,
+                          warmup_iters=solver.warmup_iters, warmup_lr=solver.warmup_lr)
+    if state is None:
+        return optimizer, schedule, 0
+    model.load_state_dict(state["model"])
+    load_optimizer_state(optimizer, state["optimizer"], source)
+    return optimizer, schedule, int(state["iter"])
+
 class DetRun:
     """What one training run shares between its loop(s): config, output paths, data, logging, checkpoints.
 
@@ -220,14 +235,7 @@ def _train_joint(run: DetRun, model_args: dict[str, Any], state: dict | None
     saved_args = dict(model_args, weights_path=None)  # rebuilding for inference needs no backbone file
 
     solver = cfg.solver
-    optimizer = build_detection_optimizer(model, solver)
-    schedule = LRSchedule(optimizer, base_lr=solver.base_lr, mode="step", steps=solver.steps, gamma=solver.gamma,
-                          warmup_iters=solver.warmup_iters, warmup_lr=solver.warmup_lr)
-    start_iter = 0
-    if state is not None:
-        model.load_state_dict(state["model"])
-        load_optimizer_state(optimizer, state["optimizer"], run.last_path)
-        start_iter = int(state["iter"])
+    optimizer, schedule, start_iter = build_step_solver(model, solver, state, run.last_path)
 
     iteration = start_iter
     window = LossWindow()

@@ -14,10 +14,9 @@ from detres.config.load import Config
 from detres.data.image_io import read_image_rgb
 from detres.data.loc_dataset import LocRecord
 from detres.data.loc_transforms import LocTestTransform
-from detres.engine.det_trainer import LossWindow, load_optimizer_state
+from detres.engine.det_trainer import LossWindow, build_step_solver
 from detres.engine.logging import JsonLinesLogger, read_json_lines
-from detres.engine.lr_schedule import LRSchedule
-from detres.engine.optimizer import build_detection_optimizer, set_lr
+from detres.engine.optimizer import set_lr
 from detres.engine.plots import plot_curves
 from detres.engine.run_setup import start_run
 from detres.models.loc_rpn import RPNLocalizer, load_localizer
@@ -156,14 +155,7 @@ def train_rcnn_stage(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
     model_args = dict(state["model_args"]) if state else rcnn_localizer_kwargs_from_config(cfg.model,
                                                                                           num_classes=len(synsets))
     model = build_rcnn_localizer(**model_args).to(device)
-    optimizer = build_detection_optimizer(model, solver)
-    schedule = LRSchedule(optimizer, base_lr=solver.base_lr, mode="step", steps=solver.steps, gamma=solver.gamma,
-                          warmup_iters=solver.warmup_iters, warmup_lr=solver.warmup_lr)
-    iteration = 0
-    if state is not None:
-        model.load_state_dict(state["model"])
-        load_optimizer_state(optimizer, state["optimizer"], last_path)
-        iteration = int(state["iter"])
+    optimizer, schedule, iteration = build_step_solver(model, solver, state, last_path)
     meta = {"synsets": synsets, "rpn_checkpoint": str(rcnn_cfg.rpn_checkpoint), "test_scale": int(cfg.test.scale)}
     logger = JsonLinesLogger(out / "metrics.jsonl", resume_from_iter=iteration if state is not None else None)
     started, cpu_started, window = time.time(), time.process_time(), LossWindow()

@@ -17,11 +17,10 @@ from detres.data.loc_dataset import (LocDataset, LocRecord, collate_loc, read_il
                                      read_tiny_imagenet_val_records, tiny_imagenet_synsets)
 from detres.data.loc_transforms import LocTrainTransform
 from detres.data.samplers import InfiniteSampler
-from detres.engine.det_trainer import LossWindow, load_optimizer_state
+from detres.engine.det_trainer import LossWindow, build_step_solver
 from detres.engine.logging import JsonLinesLogger, read_json_lines
 from detres.engine.loc_eval import classifier_label_map, format_table, predict_classes, test_localizer
-from detres.engine.lr_schedule import LRSchedule
-from detres.engine.optimizer import build_detection_optimizer, set_lr
+from detres.engine.optimizer import set_lr
 from detres.engine.plots import plot_curves
 from detres.engine.run_setup import start_run
 from detres.models.loc_rpn import build_rpn_localizer, rpn_localizer_kwargs_from_config
@@ -112,14 +111,7 @@ def train_localizer(cfg: Config, *, resume: bool = False, stage: str = "rpn") ->
     model = build_rpn_localizer(**model_args).to(device)
     meta = {"synsets": synsets, "crop": int(cfg.input.crop), "test_scale": int(cfg.test.scale)}
     solver = cfg.solver
-    optimizer = build_detection_optimizer(model, solver)
-    schedule = LRSchedule(optimizer, base_lr=solver.base_lr, mode="step", steps=solver.steps, gamma=solver.gamma,
-                          warmup_iters=solver.warmup_iters, warmup_lr=solver.warmup_lr)
-    start_iter = 0
-    if state is not None:
-        model.load_state_dict(state["model"])
-        load_optimizer_state(optimizer, state["optimizer"], last_path)
-        start_iter = int(state["iter"])
+    optimizer, schedule, start_iter = build_step_solver(model, solver, state, last_path)
     logger = JsonLinesLogger(out / "metrics.jsonl", resume_from_iter=start_iter if state is not None else None)
     started, cpu_started = time.time(), time.process_time()
     iteration, window = start_iter, LossWindow()

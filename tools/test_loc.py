@@ -2,7 +2,8 @@
 """Test a localizer (RPN stage, or RPN + R-CNN): tools/test_loc.py --config C.yaml --checkpoint M.pt [--classifier CLS.pt] [--mode 1crop|dense|both] [--json-out F] [key=value ...].
 
 A ``--checkpoint`` of the R-CNN stage is tested with the RPN-stage checkpoint it was trained on (its
-``rpn_checkpoint``), as the "RPN+R-CNN" rows (dense only). Prints Table 13's rows: LOC error on the ground-truth class (1-crop and/or dense) and, with a classifier
+``rpn_checkpoint``): the whole of Table 13 in one report, the RPN's own rows (``--mode``) and the "RPN+R-CNN" rows
+(dense), on the same images and predicted classes. Prints Table 13's rows: LOC error on the ground-truth class (1-crop and/or dense) and, with a classifier
 (``--classifier`` or ``test.classifier``), top-1/top-5 LOC error of dense testing on its top-5 predicted classes.
 Writes devkit prediction files and loc_test.json to --out-dir (default <output_dir>/test). Bad input exits 2.
 """
@@ -50,10 +51,10 @@ def main(argv: list[str] | None = None) -> int:
         stage = load_checkpoint(args.checkpoint, mmap=True).get("stage")
         if stage == "rcnn":
             model, meta = load_rpn_rcnn_localizer(args.checkpoint, score_fusion=cfg.test.rcnn_score_fusion)
-            modes, prefix = ("dense",), "rpn_rcnn"
+            modes, prefix, rpn_modes = ("dense",), "rpn_rcnn", MODES[args.mode]
         else:
             model, meta = load_localizer(args.checkpoint)
-            modes, prefix = MODES[args.mode], "rpn"
+            modes, prefix, rpn_modes = MODES[args.mode], "rpn", ()
         _, val, synsets = load_loc_records(cfg.data)
         if synsets != meta["synsets"]:
             raise ValueError(f"{args.checkpoint}: trained on {len(meta['synsets'])} synsets that differ from "
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
             raise FileNotFoundError(f"--classifier: file not found: {args.classifier}")
         out_dir = Path(args.out_dir) if args.out_dir else Path(cfg.output_dir) / "test"
         report = test_from_config(model, cfg, val, synsets, out_dir=out_dir, modes=modes, row_prefix=prefix,
-                                  classifier=args.classifier, classifier_mode=args.classifier_mode)
+                                  classifier=args.classifier, classifier_mode=args.classifier_mode, rpn_modes=rpn_modes)
     except (ConfigError, FileNotFoundError, ValueError, KeyError) as exc:
         print(f"test_loc: error: {exc}", file=sys.stderr)
         return 2

@@ -27,6 +27,9 @@ LOC_DEFAULTS: dict = {
         "rcnn": {  # the R-CNN stage (detres/models/rcnn_loc.py)
             "crop_size": 224,  # "warped to 224 x 224 pixels"
             "context_padding": 0,  # warped pixels of context around a proposal (R-CNN's p; not given here)
+            # "image": crop regions from the image at its own resolution (RoI-centric: the point of the stage);
+            # "view": from the RPN's test view (shorter side test.scale)
+            "crop_source": "image",
             "fg_iou_thresh": 0.5,  # R-CNN / Fast R-CNN: IoU >= 0.5 with a gt box of the class = that class
             "bbox_reg_weights": [10.0, 10.0, 5.0, 5.0],
             "smooth_l1_beta": 1.0,

@@ -52,8 +52,10 @@ def localize(model: torch.nn.Module, records: Sequence[LocRecord], classes: Mapp
         for transform in views:
             pixels, view = transform(image)
             tensor = torch.from_numpy(pixels.transpose(2, 0, 1).copy()).to(device)
+            # an R-CNN stage crops its regions from the image at its own resolution, not from the view
+            source = {"source": (image, view)} if getattr(model, "wants_source_image", False) else {}
             for c, (boxes, scores) in model.class_boxes(tensor, classes[record.image_id], top_n=top_n,
-                                                         nms_thresh=nms).items():
+                                                         nms_thresh=nms, **source).items():
                 box, score = _pick_box(boxes.cpu(), scores.cpu(), box_mode, average_top)
                 if c not in best or score > best[c][1]:
                     best[c] = (view.to_original(box[None], w, h)[0], score)
@@ -174,14 +176,20 @@ ROW_TITLES = {"rpn_1crop_gt_class": "RPN 1-crop, ground-truth class", "rpn_dense
 
 
 def format_table(report: Mapping[str, Any]) -> str:
-    """Table-13-style text: per row the GT-class LOC error, top-1 and top-5 LOC error (percent)."""
-    lines = [f"{'method':34s} {'GT-class LOC err':>16s} {'top-1 LOC err':>14s} {'top-5 LOC err':>14s}"]
+    """Table-13-style text: per row the GT-class LOC error, top-1 and top-5 LOC error (percent) and the row's test CPU
+    seconds; then the whole-image-box baseline and the classifier's own errors (when classes were predicted)."""
+    lines = [f"{'method':34s} {'GT-class LOC err':>16s} {'top-1 LOC err':>14s} {'top-5 LOC err':>14s} {'CPU s':>8s}"]
+    classifier = None
     for name, row in report["rows"].items():
         predicted = name.endswith("predicted")
+        classifier = row if predicted else classifier
         cells = ["-" if predicted else f"{100 * row['gt_known_loc_err']:.2f}",
                  f"{100 * row['top1_loc_err']:.2f}" if predicted else "-",
-                 f"{100 * row['top5_loc_err']:.2f}" if predicted else "-"]
-        lines.append(f"{ROW_TITLES.get(name, name):34s} {cells[0]:>16s} {cells[1]:>14s} {cells[2]:>14s}")
+                 f"{100 * row['top5_loc_err']:.2f}" if predicted else "-", f"{row.get('cpu_s', float('nan')):.1f}"]
+        lines.append(f"{ROW_TITLES.get(name, name):34s} {cells[0]:>16s} {cells[1]:>14s} {cells[2]:>14s} {cells[3]:>8s}")
     lines.append(f"{'whole-image box, ground-truth class':34s} {100 * report['box_baseline']:>16.2f} "
                  f"{'-':>14s} {'-':>14s}   ({report['num_images']} images)")
+    if classifier is not None:
+        lines.append(f"classifier: top-1 / top-5 classification error {100 * classifier['top1_cls_err']:.2f} / "
+                     f"{100 * classifier['top5_cls_err']:.2f} %")
     return "\n".join(lines)

@@ -2,6 +2,7 @@
 mini-batches drawn across images, and one SGD step on their warped crops."""
 from __future__ import annotations
 
+import logging
 import time
 from collections import defaultdict
 from typing import Any, Iterable, Iterator, Mapping, Sequence
@@ -16,6 +17,7 @@ from detres.data.loc_dataset import LocRecord
 from detres.data.loc_transforms import LocTestTransform
 from detres.engine.det_trainer import LossWindow, build_step_solver
 from detres.engine.logging import JsonLinesLogger, read_json_lines
+from detres.engine.loc_eval import format_table
 from detres.engine.optimizer import set_lr
 from detres.engine.plots import plot_curves
 from detres.engine.run_setup import start_run
@@ -25,8 +27,10 @@ from detres.models.rcnn_loc import (RCNNLocalizer, RPNRCNNLocalizer, assign_rcnn
 from detres.utils.atomic import write_json_atomic
 from detres.utils.checkpoint import load_checkpoint, save_checkpoint
 
-__all__ = ["RegionCache", "cache_proposals", "rcnn_train_step", "sample_regions", "train_rcnn_stage"]
+__all__ = ["RegionCache", "cache_proposals", "rcnn_train_step", "sample_regions", "to_image_frame",
+           "train_rcnn_stage"]
 
+log = logging.getLogger(__name__)
 # Per training image: rois [n,4], their proposal classes [n] (1..K), R-CNN labels [n] (0..K), matched gt boxes [n,4].
 RegionCache = list[dict[str, Tensor]]
 
@@ -111,24 +115,40 @@ def rcnn_train_step(model: RCNNLocalizer, optimizer: torch.optim.Optimizer,
     return {"loss": total.item(), **{key: value.item() for key, value in losses.items()}}
 
 
-def _view_samples(records: Sequence[LocRecord], view: LocTestTransform) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
-    """(dense test view [3,h,w] 0..255, gt boxes in its pixels, gt labels) per record: the RPN's test view."""
+def _view_samples(records: Sequence[LocRecord], view: LocTestTransform, scales: list[tuple[float, float]]
+                  ) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+    """(dense test view [3,h,w] 0..255, gt boxes in its pixels, gt labels) per record: the RPN's test view. Appends
+    each view's (sx, sy) (view pixels per image pixel) to ``scales``."""
     for record in records:
         image = read_image_rgb(record.path)
         pixels, where = view(image)
+        scales.append((where.sx, where.sy))
         boxes = np.asarray(record.boxes, np.float64).reshape(-1, 4) * [where.sx, where.sy, where.sx, where.sy]
         yield (torch.from_numpy(pixels.transpose(2, 0, 1).copy()), torch.from_numpy(boxes).float(),
                torch.as_tensor(record.labels, dtype=torch.long))
 
 
-def _view_image(record: LocRecord, view: LocTestTransform) -> Tensor:
-    return torch.from_numpy(view(read_image_rgb(record.path))[0].transpose(2, 0, 1).copy())
+def to_image_frame(cache: RegionCache, scales: Sequence[tuple[float, float]]) -> RegionCache:
+    """The cache's boxes (RPN test-view pixels) in each image's own pixels: divided by the view's (sx, sy). Labels
+    are unchanged: IoU is invariant under per-axis scaling."""
+    out = []
+    for entry, (sx, sy) in zip(cache, scales, strict=True):
+        factor = torch.tensor([sx, sy, sx, sy], dtype=torch.float32)
+        out.append(dict(entry, rois=entry["rois"] / factor, matched=entry["matched"] / factor))
+    return out
+
+
+def _crop_image(record: LocRecord, view: LocTestTransform, crop_source: str) -> Tensor | np.ndarray:
+    """What the R-CNN crops regions from: the image itself ([H,W,3] uint8) or the RPN's test view ([3,h,w])."""
+    image = read_image_rgb(record.path)
+    return image if crop_source == "image" else torch.from_numpy(view(image)[0].transpose(2, 0, 1).copy())
 
 
 def train_rcnn_stage(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
     """The R-CNN stage: proposals of the trained RPN (``model.rcnn.rpn_checkpoint``) on the training images' dense
     test views (shorter side ``test.scale``), cached once in ``proposals.pt``; RoI-centric SGD on their warped crops;
-    then the RPN+R-CNN rows of Table 13 on the validation set. Same outputs and resuming as the RPN stage."""
+    then the RPN+R-CNN rows of Table 13 on the validation set. Same outputs and resuming as the RPN stage.
+    With ``model.rcnn.crop_source: image`` the regions are cropped from each image at its own resolution."""
     from detres.engine.loc_trainer import load_loc_records, test_from_config  # loc_trainer imports this lazily
 
     rcnn_cfg, solver = cfg.model.rcnn, cfg.solver
@@ -145,16 +165,20 @@ def train_rcnn_stage(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
                  "scale": int(cfg.test.scale), "nms": float(cfg.test.nms_thresh),
                  "fg_iou": float(rcnn_cfg.fg_iou_thresh)}
     saved = load_checkpoint(cache_path) if cache_path.exists() else {}
-    if saved.get("made_with") == made_with:  # other options (e.g. another RPN): the proposals are recomputed
-        cache = saved["regions"]
+    if saved.get("made_with") == made_with and "view_scales" in saved:  # else (e.g. another RPN): recomputed
+        cache, scales = saved["regions"], [tuple(s) for s in saved["view_scales"]]
     else:
-        cache = cache_proposals(rpn.to(device), _view_samples(train, view), top_n=int(rcnn_cfg.proposals_per_class),
-                                nms_thresh=float(cfg.test.nms_thresh), fg_iou_thresh=float(rcnn_cfg.fg_iou_thresh))
-        save_checkpoint(cache_path, {"regions": cache, "made_with": made_with})
+        scales = []
+        cache = cache_proposals(rpn.to(device), _view_samples(train, view, scales),
+                                top_n=int(rcnn_cfg.proposals_per_class), nms_thresh=float(cfg.test.nms_thresh),
+                                fg_iou_thresh=float(rcnn_cfg.fg_iou_thresh))
+        save_checkpoint(cache_path, {"regions": cache, "made_with": made_with, "view_scales": scales})
     state = load_checkpoint(last_path) if resume and last_path.exists() else None
     model_args = dict(state["model_args"]) if state else rcnn_localizer_kwargs_from_config(cfg.model,
                                                                                           num_classes=len(synsets))
     model = build_rcnn_localizer(**model_args).to(device)
+    if model.crop_source == "image":
+        cache = to_image_frame(cache, scales)
     optimizer, schedule, iteration = build_step_solver(model, solver, state, last_path)
     meta = {"synsets": synsets, "rpn_checkpoint": str(rcnn_cfg.rpn_checkpoint), "test_scale": int(cfg.test.scale)}
     logger = JsonLinesLogger(out / "metrics.jsonl", resume_from_iter=iteration if state is not None else None)
@@ -164,7 +188,7 @@ def train_rcnn_stage(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
         # seeded per iteration, so a resumed run draws the batches it would have drawn
         gen = torch.Generator().manual_seed(int(cfg.seed) * 1_000_003 + iteration)
         batch = sample_regions(cache, int(rcnn_cfg.regions_per_batch), generator=gen, fg_fraction=fg_fraction)
-        images = {i: _view_image(train[i], view) for i in {i for i, _ in batch}}
+        images = {i: _crop_image(train[i], view, model.crop_source) for i in {i for i, _ in batch}}
         lr = schedule.lr_at(iteration)
         set_lr(optimizer, lr)
         losses = rcnn_train_step(model, optimizer, images, cache, batch)
@@ -181,7 +205,10 @@ def train_rcnn_stage(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
                 series=[("loss", "total"), ("loss_rcnn_cls", "loss_rcnn_cls"), ("loss_rcnn_box", "loss_rcnn_box")],
                 title="R-CNN stage training losses", ylabel="loss")
     pair = RPNRCNNLocalizer(rpn, model, score_fusion=cfg.test.rcnn_score_fusion).to(device).eval()
-    report = test_from_config(pair, cfg, val, synsets, out_dir=out / "test", modes=("dense",), row_prefix="rpn_rcnn")
+    # the whole Table 13 in one report: the RPN alone (1-crop, dense) and RPN+R-CNN (dense) on the same images
+    report = test_from_config(pair, cfg, val, synsets, out_dir=out / "test", modes=("dense",), row_prefix="rpn_rcnn",
+                              rpn_modes=("1crop", "dense"))
     report.update(iterations=iteration, train_cpu_s=round(train_cpu, 1), train_wall_s=round(time.time() - started, 1))
     write_json_atomic(out / "metrics.json", report)
+    log.info("localization (%d val images):\n%s", len(val), format_table(report))
     return report

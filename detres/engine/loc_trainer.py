@@ -154,8 +154,12 @@ def train_localizer(cfg: Config, *, resume: bool = False, stage: str = "rpn") ->
 def test_from_config(model: torch.nn.Module, cfg: Config, val: list[LocRecord], synsets: list[str], *,
                      out_dir: Path | None, modes: tuple[str, ...] = ("1crop", "dense"),
                      classifier: str | None = None, classifier_mode: str | None = None,
-                     row_prefix: str = "rpn") -> dict[str, Any]:
-    """Table 13's RPN rows on ``val`` with the ``test`` options; predicted classes need a classifier checkpoint."""
+                     row_prefix: str = "rpn", rpn_modes: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Table 13's rows on ``val`` with the ``test`` options; predicted classes need a classifier checkpoint.
+
+    For an RPN + R-CNN pair (``model.rpn``), ``rpn_modes`` adds the rows of its RPN alone, tested on the same
+    images and predicted classes, so that one report holds the whole table.
+    """
     predicted = None
     classifier = classifier or cfg.test.classifier
     if classifier:
@@ -165,8 +169,15 @@ def test_from_config(model: torch.nn.Module, cfg: Config, val: list[LocRecord], 
         names = loaded.class_names or []
         label_map = classifier_label_map(names, synsets, synset_words(cfg.data))
         predicted = predict_classes(loaded, val, label_map, mode=classifier_mode or cfg.test.classifier_mode)
-    return test_localizer(model, val, crop=int(cfg.input.crop), scale=int(cfg.test.scale), scales=list(cfg.test.scales),
-                          modes=modes, predicted=predicted, out_dir=out_dir, row_prefix=row_prefix,
-                          top_n=int(cfg.test.top_n),
-                          nms_thresh=float(cfg.test.nms_thresh), box_mode=cfg.test.box_mode,
-                          average_top=int(cfg.test.average_top))
+    options = {"crop": int(cfg.input.crop), "scale": int(cfg.test.scale), "scales": list(cfg.test.scales),
+               "predicted": predicted, "out_dir": out_dir, "top_n": int(cfg.test.top_n),
+               "nms_thresh": float(cfg.test.nms_thresh), "box_mode": cfg.test.box_mode,
+               "average_top": int(cfg.test.average_top)}
+    rows: dict[str, Any] = {}
+    if rpn_modes:
+        rows.update(test_localizer(model.rpn, val, modes=rpn_modes, row_prefix="rpn", **options)["rows"])
+    report = test_localizer(model, val, modes=modes, row_prefix=row_prefix, **options)
+    report["rows"] = {**rows, **report["rows"]}
+    if out_dir is not None and rpn_modes:
+        write_json_atomic(Path(out_dir) / "loc_test.json", report)
+    return report

@@ -61,6 +61,9 @@ def rcnn_losses(cls_logits: Tensor, deltas: Tensor, rois: Tensor, labels: Tensor
 
 
 SCORE_FUSIONS = ("rcnn", "product")  # how the test-time box score combines the R-CNN and RPN scores
+# where the R-CNN crops its regions: the image at its own resolution (the paper's RoI-centric crops), or the RPN's
+# (usually smaller) test view of it
+CROP_SOURCES = ("image", "view")
 
 class RCNNLocalizer(nn.Module):
     """conv1..conv5 + global average pool of an ImageNet ResNet, then two sibling fc layers in per-class form:
@@ -71,16 +74,22 @@ class RCNNLocalizer(nn.Module):
     * reg: 4K outputs, a box regressor per class (class-major, BoxCoder weights (10, 10, 5, 5), relative to the RoI;
       the parameterisation is scale-invariant, so deltas in warped-crop pixels are deltas in image pixels).
 
+    ``crop_source`` "image": regions are cropped from the image at its own resolution (the RPN's proposals are mapped
+    there from its test view); "view": from the RPN's test view itself.
+
     ``forward(crops [N,3,S,S], normalised by :meth:`warp`) -> (cls_logits [N,K+1], deltas [N,4K])``.
     """
 
     def __init__(self, body: nn.Module, *, feature_dim: int, num_classes: int, pixel_mean: Sequence[float],
                  pixel_std: Sequence[float] = (1.0, 1.0, 1.0), crop_size: int = 224, context_padding: float = 0.0,
                  fg_iou_thresh: float = 0.5, bbox_reg_weights: Sequence[float] = RCNN_BOX_WEIGHTS,
-                 smooth_l1_beta: float = 1.0) -> None:
+                 smooth_l1_beta: float = 1.0, crop_source: str = "image") -> None:
         super().__init__()
         if int(num_classes) < 1:
             raise ValueError(f"RCNNLocalizer: num_classes must be >= 1, got {num_classes}")
+        if crop_source not in CROP_SOURCES:
+            raise ValueError(f"RCNNLocalizer: crop_source must be one of {CROP_SOURCES}, got {crop_source!r}")
+        self.crop_source = crop_source
         self.body = body
         self.num_classes = int(num_classes)
         self.cls_score = nn.Linear(int(feature_dim), self.num_classes + 1)
@@ -170,11 +179,27 @@ class RPNRCNNLocalizer(nn.Module):
             raise ValueError(f"score_fusion must be one of {SCORE_FUSIONS}, got {score_fusion!r}")
         self.rpn, self.rcnn, self.score_fusion = rpn, rcnn, score_fusion
 
+    @property
+    def wants_source_image(self) -> bool:
+        """True when :meth:`class_boxes` should be given the full-resolution image (``source``)."""
+        return self.rcnn.crop_source == "image"
+
     @torch.no_grad()
     def class_boxes(self, image: Tensor, classes: Sequence[int], *, top_n: int = 200,
-                    nms_thresh: float | None = None) -> dict[int, tuple[Tensor, Tensor]]:
+                    nms_thresh: float | None = None, source: tuple[np.ndarray, Any] | None = None
+                    ) -> dict[int, tuple[Tensor, Tensor]]:
+        """Boxes and scores per class, in the pixels of ``image`` (the RPN's test view). ``source`` = (the image at
+        its own resolution [H,W,3], the view's mapping: view x = x * sx - left, y = y * sy - top): the R-CNN then
+        crops the proposals from it (``crop_source: image``)."""
         proposals = self.rpn.class_boxes(image, classes, top_n=top_n, nms_thresh=nms_thresh)
-        return self.rcnn.refine_class_boxes(image, proposals, score_fusion=self.score_fusion)
+        if source is None or not self.wants_source_image:
+            return self.rcnn.refine_class_boxes(image, proposals, score_fusion=self.score_fusion)
+        original, view = source
+        scale = torch.tensor([view.sx, view.sy, view.sx, view.sy], dtype=torch.float32)
+        offset = torch.tensor([view.left, view.top, view.left, view.top], dtype=torch.float32)
+        in_image = {c: ((b.cpu().float() + offset) / scale, s) for c, (b, s) in proposals.items()}
+        refined = self.rcnn.refine_class_boxes(original, in_image, score_fusion=self.score_fusion)
+        return {c: (b * scale - offset, s) for c, (b, s) in refined.items()}
 
 
 def _resnet_body(depth: int, *, base_width: int, stride_in_1x1: bool, weights_path: str | os.PathLike | None,
@@ -214,6 +239,7 @@ def build_rcnn_localizer(
     fg_iou_thresh: float = 0.5,
     bbox_reg_weights: Sequence[float] = RCNN_BOX_WEIGHTS,
     smooth_l1_beta: float = 1.0,
+    crop_source: str = "image",
 ) -> RCNNLocalizer:
     """An :class:`RCNNLocalizer` from explicit arguments; ``weights_path`` is a train_cls checkpoint (fc unused)."""
     body = _resnet_body(depth, base_width=base_width, stride_in_1x1=stride_in_1x1, weights_path=weights_path,
@@ -221,7 +247,7 @@ def build_rcnn_localizer(
     return RCNNLocalizer(body, feature_dim=body.out_channels, num_classes=num_classes, pixel_mean=pixel_mean,
                          pixel_std=pixel_std, crop_size=crop_size, context_padding=context_padding,
                          fg_iou_thresh=fg_iou_thresh, bbox_reg_weights=bbox_reg_weights,
-                         smooth_l1_beta=smooth_l1_beta)
+                         smooth_l1_beta=smooth_l1_beta, crop_source=crop_source)
 
 
 def rcnn_localizer_kwargs_from_config(model_cfg: Mapping[str, Any], *, num_classes: int) -> dict[str, Any]:
@@ -232,7 +258,7 @@ def rcnn_localizer_kwargs_from_config(model_cfg: Mapping[str, Any], *, num_class
         "crop_size": int(rcnn["crop_size"]), "context_padding": float(rcnn["context_padding"]),
         "fg_iou_thresh": float(rcnn["fg_iou_thresh"]),
         "bbox_reg_weights": [float(w) for w in rcnn["bbox_reg_weights"]],
-        "smooth_l1_beta": float(rcnn["smooth_l1_beta"]),
+        "smooth_l1_beta": float(rcnn["smooth_l1_beta"]), "crop_source": str(rcnn["crop_source"]),
     }
 
 

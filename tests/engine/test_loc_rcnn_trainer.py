@@ -70,3 +70,15 @@ def test_repeated_steps_fit_a_fixed_region_batch():
     batch = [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1)]
     losses = [rcnn_train_step(model, optimizer, images, cache, batch)["loss_rcnn_cls"] for _ in range(15)]
     assert losses[-1] < 0.5 * losses[0]
+
+
+def test_to_image_frame_divides_boxes_by_the_view_scale_and_keeps_labels():
+    from detres.engine.loc_rcnn_trainer import to_image_frame
+
+    cache = _cache()
+    moved = to_image_frame(cache, [(0.5, 0.25), (2.0, 2.0)])
+    torch.testing.assert_close(moved[0]["rois"], cache[0]["rois"] / torch.tensor([0.5, 0.25, 0.5, 0.25]))
+    torch.testing.assert_close(moved[0]["matched"], cache[0]["matched"] / torch.tensor([0.5, 0.25, 0.5, 0.25]))
+    assert torch.equal(moved[1]["labels"], cache[1]["labels"]) and torch.equal(moved[0]["classes"], cache[0]["classes"])
+    with pytest.raises(ValueError):
+        to_image_frame(cache, [(1.0, 1.0)])

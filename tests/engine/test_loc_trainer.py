@@ -47,7 +47,8 @@ def test_tiny_run_saves_resumes_and_tests(shapes_loc, tmp_path):
         train_localizer(cfg)
     longer = _config(shapes_loc, out, "solver.max_iter=6", "solver.steps=[3]", "solver.checkpoint_period=2",
                      "data.max_val_images=4", "solver.log_period=2", "solver.warmup_iters=0")
-    assert train_localizer(longer, resume=True)["iterations"] == 6
+    rpn_report = train_localizer(longer, resume=True)
+    assert rpn_report["iterations"] == 6
     iters = [json.loads(line)["iter"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert iters == [2, 4, 6]
     model, meta = load_localizer(out / "last.pt")
@@ -58,7 +59,12 @@ def test_tiny_run_saves_resumes_and_tests(shapes_loc, tmp_path):
                  "model.rcnn.regions_per_batch=8", "model.rcnn.proposals_per_class=4", "solver.steps=[3]",
                  "solver.checkpoint_period=2", "data.max_val_images=4", "solver.log_period=2", "solver.warmup_iters=0"]
     report = train_localizer(_config(shapes_loc, rcnn_out, "solver.max_iter=2", *rcnn_args), stage="rcnn")
-    assert report["iterations"] == 2 and set(report["rows"]) == {"rpn_rcnn_dense_gt_class"}
+    # one report holds Table 13: the RPN's own rows (the same numbers as its stage's test) and RPN+R-CNN's
+    assert report["iterations"] == 2
+    assert list(report["rows"]) == ["rpn_1crop_gt_class", "rpn_dense_gt_class", "rpn_rcnn_dense_gt_class"]
+    for row in ("rpn_1crop_gt_class", "rpn_dense_gt_class"):
+        assert report["rows"][row]["gt_known_loc_err"] == rpn_report["rows"][row]["gt_known_loc_err"]
+    assert "RPN+R-CNN dense, GT class" in format_table(report)
     assert (rcnn_out / "proposals.pt").is_file() and (rcnn_out / "test" / "rpn_rcnn_dense_gt_class.txt").is_file()
     resumed = train_localizer(_config(shapes_loc, rcnn_out, "solver.max_iter=4", *rcnn_args), stage="rcnn",
                               resume=True)

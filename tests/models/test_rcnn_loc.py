@@ -137,3 +137,41 @@ def test_product_score_fusion_multiplies_by_the_rpn_score():
     torch.testing.assert_close(out[2][1], (scores * rpn_scores).sort(descending=True).values)
     with pytest.raises(ValueError, match="score_fusion"):
         model.refine_class_boxes(image, {2: (rois, rpn_scores)}, score_fusion="sum")
+
+
+class _FixedRPN(torch.nn.Module):
+    """Stands in for the RPN stage: the same proposals (view pixels) for every requested class."""
+
+    def __init__(self, boxes: torch.Tensor, scores: torch.Tensor) -> None:
+        super().__init__()
+        self.boxes, self.scores = boxes, scores
+
+    def class_boxes(self, image, classes, *, top_n=200, nms_thresh=None):
+        return {c: (self.boxes.clone(), self.scores.clone()) for c in classes}
+
+
+def test_crop_source_image_crops_the_full_resolution_image_and_answers_in_view_pixels():
+    from types import SimpleNamespace
+
+    from detres.models.rcnn_loc import RPNRCNNLocalizer
+
+    model = _model().eval()
+    original = (torch.rand(96, 128, 3) * 255).to(torch.uint8).numpy()
+    view = SimpleNamespace(sx=0.5, sy=0.5, left=4, top=2)  # view x = x * 0.5 - 4 (a half-size crop)
+    view_rois = torch.tensor([[1.0, 3.0, 21.0, 30.0], [10.0, 0.0, 40.0, 20.0]])
+    pair = RPNRCNNLocalizer(_FixedRPN(view_rois, torch.tensor([0.8, 0.4])), model).eval()
+    assert pair.wants_source_image
+    view_image = torch.rand(3, 44, 60) * 255  # deliberately not the original's content: it must not be cropped
+    out = pair.class_boxes(view_image, [2], source=(original, view))
+    image_rois = (view_rois + torch.tensor([4.0, 2.0, 4.0, 2.0])) / 0.5
+    expected = model.refine_class_boxes(original, {2: (image_rois, torch.tensor([0.8, 0.4]))})
+    torch.testing.assert_close(out[2][1], expected[2][1])
+    torch.testing.assert_close(out[2][0], expected[2][0] * 0.5 - torch.tensor([4.0, 2.0, 4.0, 2.0]))
+    # "view": the R-CNN crops the view itself, whatever source is given
+    viewer = RPNRCNNLocalizer(_FixedRPN(view_rois, torch.tensor([0.8, 0.4])), _model(crop_source="view")).eval()
+    assert not viewer.wants_source_image
+    from_view = viewer.class_boxes(view_image, [2], source=(original, view))
+    torch.testing.assert_close(from_view[2][1], viewer.rcnn.refine_class_boxes(
+        view_image, {2: (view_rois, torch.tensor([0.8, 0.4]))})[2][1])
+    with pytest.raises(ValueError, match="crop_source"):
+        _model(crop_source="original")

@@ -63,7 +63,11 @@ def test_train_then_test_prints_the_table(setup, capsys):
                                        str(setup["root"] / "rcnn" / "model_final.pt"), "--json-out", str(rcnn_json),
                                        "--out-dir", str(setup["root"] / "t2")])
     assert code == 0, capsys.readouterr().err
-    tested = json.loads(rcnn_json.read_text())["rows"]["rpn_rcnn_dense_gt_class"]
+    printed = capsys.readouterr().out
+    rows = json.loads(rcnn_json.read_text())["rows"]
+    assert {"rpn_1crop_gt_class", "rpn_dense_gt_class", "rpn_rcnn_dense_gt_class"} <= set(rows)  # all of Table 13
+    assert "RPN 1-crop, ground-truth class" in printed and "RPN+R-CNN dense, GT class" in printed
+    tested = rows["rpn_rcnn_dense_gt_class"]
     trained_row = json.loads((setup["root"] / "rcnn" / "metrics.json").read_text())["rows"]["rpn_rcnn_dense_gt_class"]
     assert tested["gt_known_loc_err"] == trained_row["gt_known_loc_err"]
 

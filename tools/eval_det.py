@@ -1,4 +1,4 @@
-"""Evaluate saved detection results: COCO (pycocotools, 12 numbers + per-category AP) or PASCAL VOC devkit mAP."""
+"""Evaluate saved detection results: COCO (12 numbers + per-category AP) or PASCAL VOC devkit mAP."""
 from __future__ import annotations
 
 import argparse
@@ -22,7 +22,7 @@ def _fmt(value: float) -> str:
 def run_coco(args: argparse.Namespace) -> dict[str, Any]:
     from detres.evaluation.coco import evaluate_coco
 
-    result = evaluate_coco(args.gt, args.results, iou_type=args.iou_type)
+    result = evaluate_coco(args.gt, args.results, iou_type=args.iou_type, backend=args.backend)
     print(result["summary_text"], end="")
     print(f"\nper-category AP ({args.iou_type}, IoU=0.50:0.95, -1 = no ground truth):")
     for cat in result["per_category"]:
@@ -52,13 +52,18 @@ def run_voc(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from detres.evaluation.coco_backend import BACKENDS, DEFAULT_BACKEND
+
     parser = argparse.ArgumentParser(description=__doc__)
     sub = parser.add_subparsers(dest="format", required=True)
 
-    coco = sub.add_parser("coco", help="COCO AP/AR with pycocotools")
+    coco = sub.add_parser("coco", help="COCO AP/AR with pycocotools (or faster-coco-eval)")
     coco.add_argument("--gt", required=True, help="COCO ground-truth JSON")
     coco.add_argument("--results", required=True, help="results JSON: a list, or a dict with an 'annotations' list")
     coco.add_argument("--iou-type", choices=("bbox", "segm"), default="bbox")
+    coco.add_argument("--backend", choices=BACKENDS, default=DEFAULT_BACKEND,
+                      help="library computing the metrics: pycocotools (the reference) or faster_coco_eval "
+                           "(same AP within 1e-6, faster on large sets; pip install faster-coco-eval)")
     coco.add_argument("--json-out", help="write the metrics to this JSON file")
     coco.set_defaults(func=run_coco)
 
@@ -86,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.json_out:
             write_json_atomic(args.json_out, result)
             print(f"metrics written to {args.json_out}")
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, ImportError) as exc:
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -213,6 +213,9 @@ DET_DEFAULTS: dict = {
     "test": {
         "iou_thresh_voc": 0.5,
         "use_07_metric": True,
+        # library computing COCO AP: "pycocotools" (the reference) or "faster_coco_eval" (same AP within 1e-6,
+        # 4.6x faster on 5k images / 35k detections; pip install -e '.[fast-eval]')
+        "coco_backend": "pycocotools",
         "vis_images": 8,  # example detection PNGs written after evaluation
         "vis_score_thresh": 0.5,
         # Appendix-B box refinement: a second RoI pass on each proposal's regressed box, NMS on the union of

@@ -24,6 +24,7 @@ from detres.engine.lr_schedule import LRSchedule
 from detres.engine.optimizer import build_detection_optimizer, set_lr
 from detres.engine.plots import plot_curves
 from detres.data.worker_errors import readable
+from detres.evaluation.coco_backend import coco_classes
 from detres.evaluation.det_eval import evaluate_detection_dataset
 from detres.evaluation.results_io import detections_to_coco_results, write_coco_results, write_voc_results
 from detres.inference.visualize import save_detection_pngs
@@ -125,7 +126,7 @@ class DetRun:
         dets = run_inference(model, self.val_set, device=self.device, batch_size=cfg.solver.images_per_batch,
                              num_workers=cfg.data.num_workers)
         result = evaluate_detection_dataset(self.val_set, dets, iou_thresh_voc=cfg.test.iou_thresh_voc,
-                                            use_07_metric=cfg.test.use_07_metric)
+                                            use_07_metric=cfg.test.use_07_metric, coco_backend=cfg.test.coco_backend)
         self.logger.log(iter=iteration, AP=result["coco"]["summary"]["AP"], AP50=result["coco"]["summary"]["AP50"],
                         voc_mAP=result["voc"]["mAP"])
         return result
@@ -186,6 +187,7 @@ def train_detector(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
         from detres.engine.alternating import alternating_plan
 
         alternating_plan(cfg.solver)  # bad per-step options fail before any work
+    coco_classes(cfg.test.coco_backend)  # an unknown or uninstalled COCO backend fails now, not at the first evaluation
     out, last_path, device = start_run(cfg, resume=resume)
 
     train_set = build_detection_dataset(cfg, "train", train=True)
@@ -285,7 +287,7 @@ def test_detector(model: torch.nn.Module | Sequence[torch.nn.Module], dataset, m
                          num_workers=cfg.data.num_workers,
                          options=options_from_config(cfg.test, cfg.input) if options is None else options)
     metrics = evaluate_detection_dataset(dataset, dets, iou_thresh_voc=cfg.test.iou_thresh_voc,
-                                         use_07_metric=cfg.test.use_07_metric)
+                                         use_07_metric=cfg.test.use_07_metric, coco_backend=cfg.test.coco_backend)
     write_coco_results(detections_to_coco_results(dets, meta["label_to_category_id"]),
                        out_dir / "coco_results.json")
     write_json_atomic(out_dir / "coco_gt.json", dataset_to_coco_gt(dataset), indent=None)

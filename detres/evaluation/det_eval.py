@@ -77,14 +77,17 @@ def evaluate_detection_dataset(
     *,
     iou_thresh_voc: float = 0.5,
     use_07_metric: bool = True,
+    coco_backend: str = "pycocotools",
 ) -> dict[str, Any]:
     """{"coco": 12 summary numbers + per-category AP, "voc": mAP + per-class AP} for ``detections``.
 
     ``detections``: per image ``{"image_id", "boxes", "scores", "labels"}`` in original image pixels.
     Both metrics score against the same ground truth, the dataset's loaded boxes and crowd/difficult
     regions (:func:`dataset_to_coco_gt`, :func:`dataset_ground_truth`), not the raw annotation file.
+    ``coco_backend``: the library computing COCO AP ("pycocotools" or "faster_coco_eval", config ``test.coco_backend``).
     """
-    coco = evaluate_coco_detections(dataset_to_coco_gt(dataset), detections, dataset_label_to_category_id(dataset))
+    coco = evaluate_coco_detections(dataset_to_coco_gt(dataset), detections, dataset_label_to_category_id(dataset),
+                                    backend=coco_backend)
     voc = evaluate_voc_detections(detections, dataset_ground_truth(dataset), dataset_class_names(dataset),
                                   iou_thresh=iou_thresh_voc, use_07_metric=use_07_metric)
     coco.pop("summary_text", None)

@@ -22,8 +22,8 @@ from detres.engine.optimizer import set_lr
 from detres.engine.plots import plot_curves
 from detres.engine.run_setup import start_run
 from detres.models.loc_rpn import RPNLocalizer, load_localizer
-from detres.models.rcnn_loc import (RCNNLocalizer, RPNRCNNLocalizer, assign_rcnn_targets, build_rcnn_localizer,
-                                    rcnn_localizer_kwargs_from_config, save_rcnn_localizer)
+from detres.models.rcnn_loc import (CROP_SOURCES, RCNNLocalizer, RPNRCNNLocalizer, assign_rcnn_targets,
+                                    build_rcnn_localizer, rcnn_localizer_kwargs_from_config, save_rcnn_localizer)
 from detres.utils.atomic import write_json_atomic
 from detres.utils.checkpoint import load_checkpoint, save_checkpoint
 
@@ -154,11 +154,16 @@ def train_rcnn_stage(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
     rcnn_cfg, solver = cfg.model.rcnn, cfg.solver
     if not rcnn_cfg.rpn_checkpoint:
         raise ValueError("model.rcnn.rpn_checkpoint: the R-CNN stage needs the RPN stage's model_final.pt")
+    if rcnn_cfg.crop_source not in CROP_SOURCES:  # before minutes of proposal caching
+        raise ValueError(f"model.rcnn.crop_source: must be one of {CROP_SOURCES}, got {rcnn_cfg.crop_source!r}")
     train, val, synsets = load_loc_records(cfg.data)
     rpn, rpn_meta = load_localizer(rcnn_cfg.rpn_checkpoint)
     if list(rpn_meta["synsets"]) != list(synsets):
         raise ValueError(f"{rcnn_cfg.rpn_checkpoint}: its classes differ from data's {len(synsets)} synsets")
     out, last_path, device = start_run(cfg, resume=resume)
+    state = load_checkpoint(last_path) if resume and last_path.exists() else None
+    model_args = dict(state["model_args"]) if state else rcnn_localizer_kwargs_from_config(cfg.model,
+                                                                                          num_classes=len(synsets))
     view = LocTestTransform(mode="dense", scale=int(cfg.test.scale))
     cache_path = out / "proposals.pt"
     made_with = {"rpn_checkpoint": str(rcnn_cfg.rpn_checkpoint), "top_n": int(rcnn_cfg.proposals_per_class),
@@ -173,9 +178,6 @@ def train_rcnn_stage(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
                                 top_n=int(rcnn_cfg.proposals_per_class), nms_thresh=float(cfg.test.nms_thresh),
                                 fg_iou_thresh=float(rcnn_cfg.fg_iou_thresh))
         save_checkpoint(cache_path, {"regions": cache, "made_with": made_with, "view_scales": scales})
-    state = load_checkpoint(last_path) if resume and last_path.exists() else None
-    model_args = dict(state["model_args"]) if state else rcnn_localizer_kwargs_from_config(cfg.model,
-                                                                                          num_classes=len(synsets))
     model = build_rcnn_localizer(**model_args).to(device)
     if model.crop_source == "image":
         cache = to_image_frame(cache, scales)

@@ -18,7 +18,7 @@ from detres.models.loc_rpn import IMAGENET_MEAN_255, RPNLocalizer, loc_backbone_
 from detres.structures.boxes import clip_boxes
 from detres.utils.checkpoint import load_checkpoint, save_checkpoint
 
-__all__ = ["RCNNLocalizer", "RPNRCNNLocalizer", "assign_rcnn_targets", "build_rcnn_localizer", "load_rcnn_localizer",
+__all__ = ["CROP_SOURCES", "RCNNLocalizer", "RPNRCNNLocalizer", "assign_rcnn_targets", "build_rcnn_localizer", "load_rcnn_localizer",
            "load_rpn_rcnn_localizer", "rcnn_localizer_kwargs_from_config", "rcnn_losses", "save_rcnn_localizer"]
 
 RCNN_BOX_WEIGHTS = (10.0, 10.0, 5.0, 5.0)  # Fast R-CNN's per-class regression weights
@@ -253,6 +253,8 @@ def build_rcnn_localizer(
 def rcnn_localizer_kwargs_from_config(model_cfg: Mapping[str, Any], *, num_classes: int) -> dict[str, Any]:
     """Explicit arguments of :func:`build_rcnn_localizer` from a ``task: loc`` config's ``model`` tree."""
     rcnn = model_cfg["rcnn"]
+    if rcnn["crop_source"] not in CROP_SOURCES:
+        raise ValueError(f"model.rcnn.crop_source: must be one of {CROP_SOURCES}, got {rcnn['crop_source']!r}")
     return {
         "num_classes": int(num_classes), **loc_backbone_kwargs(model_cfg),
         "crop_size": int(rcnn["crop_size"]), "context_padding": float(rcnn["context_padding"]),

@@ -74,6 +74,8 @@ def test_train_then_test_prints_the_table(setup, capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["--stage", "rcnn"], "model.rcnn.rpn_checkpoint"),
+    (["--stage", "rcnn", "model.rcnn.rpn_checkpoint=rpn.pt", "model.rcnn.crop_source=original"],
+     "model.rcnn.crop_source"),
     (["model.nonsense=1"], "model.nonsense"),
     (["data.root=/nonexistent/loc"], "data.root"),
     (["model.weights=/nonexistent/cls.pt"], "model.weights"),

@@ -7,6 +7,8 @@ import torch
 from torch import nn
 from torchvision.ops import roi_align, roi_pool
 
+from detres.models.fast_roi_pool import fast_roi_pool
+
 __all__ = ["RoIPooler"]
 
 _POOLER_TYPES = ("roi_pool", "roi_align")
@@ -21,6 +23,9 @@ class RoIPooler(nn.Module):
         pooler_type: "roi_pool" (max pooling over quantised bins, the paper) or "roi_align".
         sampling_ratio: roi_align samples per bin (<= 0: adaptive); ignored by roi_pool.
         aligned: roi_align half-pixel offset; ignored by roi_pool.
+        fast_max_pool: roi_pool only: use :func:`fast_roi_pool` (same values, several times faster
+            on CPU, rows in channels-last memory format); it hands autograd and GPU inputs to
+            torchvision's kernel itself.
     """
 
     def __init__(
@@ -31,6 +36,7 @@ class RoIPooler(nn.Module):
         pooler_type: str = "roi_pool",
         sampling_ratio: int = 0,
         aligned: bool = False,
+        fast_max_pool: bool = True,
     ) -> None:
         super().__init__()
         if pooler_type not in _POOLER_TYPES:
@@ -44,6 +50,7 @@ class RoIPooler(nn.Module):
         self.pooler_type = pooler_type
         self.sampling_ratio = int(sampling_ratio)
         self.aligned = bool(aligned)
+        self.fast_max_pool = bool(fast_max_pool)
 
     def forward(self, features: torch.Tensor, boxes: Sequence[torch.Tensor]) -> torch.Tensor:
         """features [B,C,H,W], boxes: B tensors [Ni,4] (input-image xyxy) -> [sum Ni, C, S, S]."""
@@ -59,5 +66,8 @@ class RoIPooler(nn.Module):
         boxes = [b.to(features.dtype) for b in boxes]
         size = (self.output_size, self.output_size)
         if self.pooler_type == "roi_pool":
+            if self.fast_max_pool:
+                # Channels-last rows: ResNet-50's conv5 head ran ~10% faster on them (CPU, 1 thread), same values.
+                return fast_roi_pool(features, boxes, size, self.spatial_scale, channels_last=True)
             return roi_pool(features, boxes, size, self.spatial_scale)
         return roi_align(features, boxes, size, self.spatial_scale, self.sampling_ratio, self.aligned)

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from detres.models.conv_norm import apply_conv_norm
 from detres.models.frozen_bn import convert_frozen_batchnorm
 
 __all__ = ["ResNetC4Trunk", "ResNetC5Head", "build_resnet_c4", "stage_out_channels"]
@@ -82,7 +83,7 @@ class ResNetC4Trunk(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[B,3,H,W] normalised images -> C4 feature map [B, out_channels, ~H/16, ~W/16]."""
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.maxpool(self.relu(apply_conv_norm(self.conv1, self.bn1, x)))
         return self.layer3(self.layer2(self.layer1(x)))
 
 

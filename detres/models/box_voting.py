@@ -49,5 +49,8 @@ def box_voting(
     )
     weights = voters.to(kept_boxes.dtype) * all_scores.to(kept_boxes.dtype)[None, :]  # [D, N]
     total = weights.sum(dim=1, keepdim=True)
-    voted = (weights @ all_boxes.to(kept_boxes.dtype)) / total.clamp(min=torch.finfo(total.dtype).tiny)
+    all_boxes = all_boxes.to(kept_boxes.dtype)
+    voted = (weights @ all_boxes) / total.clamp(min=torch.finfo(total.dtype).tiny)
+    # a weighted mean can round one ulp past its inputs (x2 = 96.00001 on a 96 px image): keep it inside their range
+    voted = torch.minimum(torch.maximum(voted, all_boxes.amin(dim=0)), all_boxes.amax(dim=0))
     return torch.where(total > 0, voted, kept_boxes), kept_scores

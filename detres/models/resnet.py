@@ -11,6 +11,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
+from detres.models.conv_norm import apply_conv_norm
 from detres.models.resnet_blocks import (
     BLOCK_TYPES,
     SHORTCUT_OPTIONS,
@@ -153,7 +154,7 @@ class ResNet(nn.Module):
 
     def forward_features(self, x: Tensor) -> Tensor:
         """conv5_x feature map [B, C, H/32, W/32], before global pooling."""
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.maxpool(self.relu(apply_conv_norm(self.conv1, self.bn1, x)))
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
     def forward(self, x: Tensor) -> Tensor:

@@ -7,6 +7,8 @@ from typing import Callable
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from detres.models.conv_norm import apply_conv_norm, apply_shortcut
+
 NormLayer = Callable[[int], nn.Module]
 
 SHORTCUT_OPTIONS = ("A", "B", "C")
@@ -86,10 +88,10 @@ class BasicBlock(nn.Module):
         return self.bn2
 
     def forward(self, x: Tensor) -> Tensor:
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
+        out = self.relu(apply_conv_norm(self.conv1, self.bn1, x))
+        out = apply_conv_norm(self.conv2, self.bn2, out)
         if self.residual:
-            out += x if self.downsample is None else self.downsample(x)  # in place: no extra tensor
+            out += apply_shortcut(self.downsample, x)  # in place: no extra tensor
         return self.relu(out)
 
 
@@ -131,11 +133,11 @@ class Bottleneck(nn.Module):
         return self.bn3
 
     def forward(self, x: Tensor) -> Tensor:
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
+        out = self.relu(apply_conv_norm(self.conv1, self.bn1, x))
+        out = self.relu(apply_conv_norm(self.conv2, self.bn2, out))
+        out = apply_conv_norm(self.conv3, self.bn3, out)
         if self.residual:
-            out += x if self.downsample is None else self.downsample(x)  # in place: no extra tensor
+            out += apply_shortcut(self.downsample, x)  # in place: no extra tensor
         return self.relu(out)
 
 

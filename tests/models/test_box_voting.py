@@ -98,3 +98,17 @@ def test_empty_inputs_and_shape_errors():
     assert torch.equal(boxes, KEPT)
     with pytest.raises(ValueError, match="all boxes"):
         box_voting(KEPT, torch.tensor([0.9]), torch.tensor([1]), ALL, ALL_SCORES[:2], ALL_LABELS)
+
+
+def test_voted_boxes_never_round_past_the_voters_range():
+    """Boxes that all end at the image border (x2 = y2 = 96) vote with arbitrary scores: the weighted mean must stay
+    <= 96 (float32 rounding of sum(w * 96) / sum(w) exceeds it for some weights, e.g. through box refinement)."""
+    g = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        n = 7
+        x1 = torch.rand(n, generator=g) * 3 + 80
+        boxes = torch.stack([x1, x1, torch.full((n,), 96.0), torch.full((n,), 96.0)], dim=1)
+        scores = torch.rand(n, generator=g) * torch.rand(n, generator=g)
+        labels = torch.ones(n, dtype=torch.long)
+        voted, _ = box_voting(boxes[:1], scores[:1], labels[:1], boxes, scores, labels, iou_thresh=0.5)
+        assert float(voted[:, 2:].max()) <= 96.0

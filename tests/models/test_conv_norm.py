@@ -66,3 +66,16 @@ def test_bottleneck_with_frozen_bn_matches_the_layer_by_layer_computation():
     expected = block.relu(block.bn2(block.conv2(expected)))
     expected = block.relu(block.bn3(block.conv3(expected)) + down[1](down[0](x)))
     torch.testing.assert_close(block(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_hooked_conv_still_runs_its_hooks():
+    """FLOP counters (detres.models.complexity) and feature probes hook the conv module: the fold must not bypass it."""
+    from detres.models.complexity import count_multiply_adds
+
+    block = Bottleneck(16, 4, norm_layer=_frozen).eval()
+    seen = []
+    handle = block.conv2.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    block(torch.randn(1, 16, 6, 6))
+    handle.remove()
+    assert seen == [torch.Size([1, 4, 6, 6])]
+    assert count_multiply_adds(block, (1, 16, 6, 6)) == 36 * (16 * 4 + 4 * 4 * 9 + 4 * 16)

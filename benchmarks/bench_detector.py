@@ -695,6 +695,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--skip-curves", action="store_true", help="no cost curves (and no PNG)")
     p.add_argument("--skip-rss", action="store_true", help="no peak-RSS subprocesses")
     p.add_argument("--skip-data", action="store_true", help="no data-pipeline timing")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cuda: GPU inference / training-step times only (gpu_timing.py); exits 0 without a GPU")
+    p.add_argument("--amp", action="store_true",
+                   help="with --device cuda: also time float16 autocast inference, and train with autocast + "
+                        "GradScaler (CPU runs stay fp32)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json-out", type=Path, default=None, help="write every figure to this JSON file")
     p.add_argument("--png", type=Path, default=None, help="cost-curve plot (default: the JSON path with .png)")
@@ -712,6 +717,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.size_points = list(QUICK_SIZE_POINTS if quick else SIZE_POINTS)
     if min(args.threads + [args.rounds, args.train_steps, args.curve_repeats, args.proposals, args.size]) < 1:
         p.error("--threads, --rounds, --train-steps, --curve-repeats, --proposals and --size must be >= 1")
+    if args.amp and args.device != "cuda":
+        p.error("--amp needs --device cuda (CPU runs stay fp32)")
     if args.png is None and args.json_out is not None:
         args.png = args.json_out.with_suffix(".png")
     return args
@@ -803,8 +810,34 @@ def summarise(res: dict[str, Any]) -> None:
         res["train_speedup_vs_torchvision"] = {t: v["speedup_vs_torchvision"] for t, v in res["train"].items()}
 
 
+def run_cuda(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``--device cuda`` path: the same two models on the GPU (no CPU-only sections: threads, FLOP floor, RSS)."""
+    if not torch.cuda.is_available():
+        print("no CUDA device: skipping the --device cuda benchmark", flush=True)
+        return {"skipped": "no CUDA device"}
+    from gpu_timing import print_cuda_report, time_on_cuda
+
+    start = time.perf_counter()
+    image, target = make_image(args.size, args.seed), make_targets(args.size, args.seed)
+    models = build_pair(args, image, target["boxes"])  # built and calibrated on the CPU, as in the CPU path
+    res = {"config": {"depth": args.depth, "image_hw": list(image.shape[1:]), "proposals": args.proposals,
+                      "num_classes": NUM_CLASSES},
+           "cuda": time_on_cuda(models, image, target, rounds=args.rounds, train_steps=args.train_steps, amp=args.amp,
+                                train=not args.skip_train, seed=args.seed),
+           "machine": machine_info(), "wall_time_s": time.perf_counter() - start,
+           "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
+    print_cuda_report(res["cuda"])
+    if args.json_out is not None:
+        args.json_out.parent.mkdir(parents=True, exist_ok=True)
+        args.json_out.write_text(json.dumps(res, indent=2))
+        print(f"wrote {args.json_out}")
+    return res
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.device == "cuda":
+        return run_cuda(args)
     if args.rss_child:
         print(json.dumps(peak_rss_child(args)))
         return {}

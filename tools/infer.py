@@ -63,13 +63,15 @@ def output_png_paths(images: list[Path], out_dir: Path) -> list[Path]:
 
 
 def run(checkpoints: Path | list[Path], source: Path, out_dir: Path, *, score_thresh: float, device: str,
-        postprocess: dict[str, Any] | None = None, args: argparse.Namespace | None = None) -> dict[str, Any]:
+        postprocess: dict[str, Any] | None = None, args: argparse.Namespace | None = None,
+        amp: bool = False) -> dict[str, Any]:
     """Detect on every input image, write the drawn PNGs and detections.json; returns the JSON content.
 
     ``checkpoints``: one train_det checkpoint or the members of an ensemble. ``postprocess``: overrides of
     the checkpoints' test-time post-processing (see :func:`detres.models.build.configure_postprocess`; None
     values leave the checkpoint's setting). ``args``: parsed test-time flags (``add_test_time_arguments``)
-    over all-off options whose pyramid keeps the checkpoint's test aspect cap.
+    over all-off options whose pyramid keeps the checkpoint's test aspect cap. ``amp``: float16 CUDA autocast
+    (ignored on CPU, which stays fp32).
     """
     checkpoints = [checkpoints] if isinstance(checkpoints, Path) else list(checkpoints)
     images = list_images(source)
@@ -83,7 +85,7 @@ def run(checkpoints: Path | list[Path], source: Path, out_dir: Path, *, score_th
     models, meta = load_ensemble(checkpoints, device=torch_device)
     for model in models:
         configure_postprocess(model, **(postprocess or {}))
-    predictor = Predictor.from_model(models[0], meta, device=torch_device)
+    predictor = Predictor.from_model(models[0], meta, device=torch_device, amp=amp)
     predictor.ensemble = models[1:]
     base = TestTimeOptions(max_size_ratio=meta["max_size_test"] / meta["min_size_test"])
     predictor.options = base if args is None else test_time_options(args, base)
@@ -116,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("runs/infer"), help="output folder (default runs/infer)")
     parser.add_argument("--score-thresh", type=float, default=0.5, help="keep and draw detections scoring >= this")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    parser.add_argument("--amp", action="store_true", help="float16 autocast forward passes on CUDA (CPU stays fp32)")
     add_postprocess_arguments(parser)
     add_test_time_arguments(parser, defaults="all off")
     args = parser.parse_args(argv)
@@ -124,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         postprocess = postprocess_options(args)
         result = run(args.checkpoint, args.input, args.out, score_thresh=args.score_thresh, device=args.device,
-                     postprocess=postprocess, args=args)
+                     postprocess=postprocess, args=args, amp=args.amp)
     except (FileNotFoundError, ValueError) as exc:
         print(f"infer: error: {exc}", file=sys.stderr)
         return 2

@@ -74,6 +74,10 @@ CLS_DEFAULTS: dict = {
         "eval_period": 1000,  # iterations between validation runs (also drives the plateau rule)
         "checkpoint_period": 1000,
         "log_period": 20,
+        # mixed precision (CUDA only): forward + loss under torch.autocast, float16 with a GradScaler (its state is
+        # saved in last.pt); on a CPU device it warns once and trains in fp32 (bf16 matmuls crash some CPUs)
+        "amp": False,
+        "amp_dtype": "float16",  # "float16" or "bfloat16" (no loss scaling needed)
     },
     "test": {
         "resize": 256,  # 1-crop / 10-crop: shorter side resized to this, then crop `augment.crop`
@@ -209,8 +213,15 @@ DET_DEFAULTS: dict = {
         # step and scale with each step's length; warm-up, if any, restarts every step
         "alternating_iters": [],
         "alternating_images_per_batch": [],  # per step; [] = images_per_batch (Appendix A COCO: [8, 16, 8, 16])
+        # mixed precision (CUDA only): forward + loss under torch.autocast, float16 with a GradScaler (its state is
+        # saved in last.pt); on a CPU device it warns once and trains in fp32 (bf16 matmuls crash some CPUs)
+        "amp": False,
+        "amp_dtype": "float16",  # "float16" or "bfloat16" (no loss scaling needed)
     },
     "test": {
+        # detection forward passes (evaluation, test_det, Predictor) under float16 CUDA autocast; detections are
+        # returned as float32. Ignored (fp32) on CPU
+        "amp": False,
         "iou_thresh_voc": 0.5,
         "use_07_metric": True,
         # library computing COCO AP: "pycocotools" (the reference) or "faster_coco_eval" (same AP within 1e-6,

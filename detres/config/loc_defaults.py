@@ -71,6 +71,10 @@ LOC_DEFAULTS: dict = {
         "warmup_lr": 0.0001,
         "checkpoint_period": 2000,
         "log_period": 20,
+        # mixed precision (CUDA only): forward + loss under torch.autocast, float16 with a GradScaler (its state is
+        # saved in last.pt); on a CPU device it warns once and trains in fp32 (bf16 matmuls crash some CPUs)
+        "amp": False,
+        "amp_dtype": "float16",  # "float16" or "bfloat16" (no loss scaling needed)
     },
     "test": {
         "scale": 256,  # dense: whole image at this shorter side; 1crop: centre `input.crop` crop of it

@@ -189,13 +189,14 @@ def train_alternating(run: DetRun, model_args: dict[str, Any], state: dict | Non
             lr = schedule.lr_at(step_iter)
             set_lr(optimizer, lr)
             images, targets, sizes = batch["images"].to(device), batch["targets"], batch["image_sizes"]
-            if step in (0, 2):
-                losses = model.rpn_losses(images, targets, sizes)
-            elif step == 1:
-                losses = model.detector_losses(images, targets, sizes,
-                                               proposals=proposal_net.propose(images, sizes, mode="train"))
-            else:
-                losses = model.detector_losses(images, targets, sizes)  # its own frozen RPN's proposals
+            with run.amp.autocast():
+                if step in (0, 2):
+                    losses = model.rpn_losses(images, targets, sizes)
+                elif step == 1:
+                    losses = model.detector_losses(images, targets, sizes,
+                                                   proposals=proposal_net.propose(images, sizes, mode="train"))
+                else:
+                    losses = model.detector_losses(images, targets, sizes)  # its own frozen RPN's proposals
             total = run.sgd_step(optimizer, losses, iteration)
             step_iter += 1
             iteration += 1

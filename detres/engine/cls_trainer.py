@@ -17,6 +17,8 @@ from detres.data.cls_pipeline import ClsDataStats, build_eval_transform, build_t
 from detres.data.cls_pipeline import compute_data_stats
 from detres.data.imagefolder import ImageFolderDataset
 from detres.data.worker_errors import readable_worker_errors
+from detres.engine.amp import SCALER_KEY, MixedPrecision, check_amp_dtype, mixed_precision_from_config
+from detres.engine.amp import scaler_state_into
 from detres.engine.logging import JsonLinesLogger, read_json_lines
 from detres.engine.lr_schedule import LRSchedule, epochs_to_iters
 from detres.engine.plots import plot_curves
@@ -44,21 +46,22 @@ def _evaluate(model, dataset, cfg: Config, stats: ClsDataStats, mode: str, devic
     )
 
 
-def _sgd_step(model, optimizer, images, targets, *, iteration: int, lr: float) -> tuple[float, float]:
-    """One SGD step on a batch; returns (loss, top-1 error) of the batch."""
-    logits = model(images)
-    loss = F.cross_entropy(logits, targets)
+def _sgd_step(model, optimizer, images, targets, *, iteration: int, lr: float,
+              amp: MixedPrecision) -> tuple[float, float]:
+    """One SGD step on a batch (forward + loss under ``amp``'s autocast); returns (loss, top-1 error) of the batch."""
+    with amp.autocast():
+        logits = model(images)
+        loss = F.cross_entropy(logits, targets)
     if not math.isfinite(loss.item()):
         raise FloatingPointError(f"iteration {iteration}: loss is {loss.item()} (lr {lr}); lower solver.base_lr")
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
+    amp.backward_and_step(loss, optimizer)
     return loss.item(), (logits.argmax(1) != targets).float().mean().item()
 
 
 def _checkpoint_payload(model, optimizer, schedule, iteration: int, model_args, stats, class_names, cfg,
-                        log_window: list[tuple[float, float]]) -> dict:
-    return {
+                        log_window: list[tuple[float, float]], amp: MixedPrecision | None = None) -> dict:
+    return scaler_state_into({
         "model": model.state_dict(),
         "model_args": model_args,
         "class_names": class_names,
@@ -70,7 +73,7 @@ def _checkpoint_payload(model, optimizer, schedule, iteration: int, model_args, 
         "bn_recomputed": False,
         # Per-iteration (loss, error) not yet averaged into a log line, so a resumed run logs the same values.
         "log_window": [list(w) for w in log_window],
-    }
+    }, amp)
 
 
 def train_classifier(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
@@ -87,6 +90,7 @@ def train_classifier(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
 
 
 def _train_classifier(cfg: Config, *, resume: bool) -> dict[str, Any]:
+    check_amp_dtype(cfg.solver.amp_dtype)  # before any output is written
     out, last_path, device = start_run(cfg, resume=resume)
 
     train_set = ImageFolderDataset(cfg.data.train_dir)
@@ -118,11 +122,13 @@ def _train_classifier(cfg: Config, *, resume: bool) -> dict[str, Any]:
         warmup_iters=solver.warmup_iters, warmup_lr=solver.warmup_lr,
         min_iters_between_drops=_plateau_min_iters(solver, len(train_set)),
     )
+    amp = mixed_precision_from_config(solver, device)
     start_iter = 0
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
+        amp.load_state_dict(state.get(SCALER_KEY))  # absent in fp32 / older checkpoints: a fresh scaler
         start_iter = int(state["iter"])
     logger = JsonLinesLogger(out / "metrics.jsonl", resume_from_iter=start_iter if state is not None else None)
     if state is None and getattr(val_set, "num_skipped", 0):
@@ -131,7 +137,7 @@ def _train_classifier(cfg: Config, *, resume: bool) -> dict[str, Any]:
 
     def save(iteration: int) -> None:
         save_checkpoint(last_path, _checkpoint_payload(model, optimizer, schedule, iteration, model_args,
-                                                      stats, train_set.class_names, cfg, window))
+                                                      stats, train_set.class_names, cfg, window, amp))
 
     seeded = EpochSeededDataset(train_set, seed=cfg.seed)
     iteration = start_iter
@@ -147,7 +153,7 @@ def _train_classifier(cfg: Config, *, resume: bool) -> dict[str, Any]:
             for images, targets in _loader(seeded, sampler, cfg.data.num_workers):
                 lr = schedule.apply(iteration)
                 window.append(_sgd_step(model, optimizer, images.to(device), targets.to(device),
-                                        iteration=iteration, lr=lr))
+                                        iteration=iteration, lr=lr, amp=amp))
                 iteration += 1
                 progress.update(1)
                 if iteration % solver.log_period == 0 or iteration == solver.max_iter:

@@ -16,6 +16,7 @@ from detres.data.collate import collate_detection
 from detres.data.samplers import AspectRatioGroupedBatchSampler, InfiniteSampler, compute_aspect_ratio_groups
 from detres.utils.atomic import write_json_atomic
 from detres.utils.checkpoint import load_checkpoint, save_checkpoint
+from detres.engine.amp import SCALER_KEY, check_amp_dtype, mixed_precision_from_config, scaler_state_into
 from detres.engine.run_setup import start_run
 from detres.inference.detect import run_inference
 from detres.inference.test_time import TestTimeOptions, options_from_config
@@ -107,6 +108,7 @@ class DetRun:
                  meta: dict[str, Any], logger: JsonLinesLogger) -> None:
         self.cfg, self.out, self.last_path, self.device = cfg, out, last_path, device
         self.train_set, self.val_set, self.meta, self.logger = train_set, val_set, meta, logger
+        self.amp = mixed_precision_from_config(cfg.solver, device)  # one per run: warns once, one scaler
         self.started = time.time()
 
     def loader(self, start_iter: int, *, images_per_batch: int | None = None, seed: int | None = None) -> DataLoader:
@@ -119,12 +121,13 @@ class DetRun:
                    "config": self.cfg.to_dict(), "scheme": self.cfg.solver.training_scheme, **extra}
         if optimizer is not None:
             payload["optimizer"] = optimizer.state_dict()
+            scaler_state_into(payload, self.amp)
         save_checkpoint(path, payload)
 
     def evaluate(self, model: torch.nn.Module, iteration: int) -> dict[str, Any]:
         cfg = self.cfg
         dets = run_inference(model, self.val_set, device=self.device, batch_size=cfg.solver.images_per_batch,
-                             num_workers=cfg.data.num_workers)
+                             num_workers=cfg.data.num_workers, amp=cfg.test.amp)
         result = evaluate_detection_dataset(self.val_set, dets, iou_thresh_voc=cfg.test.iou_thresh_voc,
                                             use_07_metric=cfg.test.use_07_metric, coco_backend=cfg.test.coco_backend)
         self.logger.log(iter=iteration, AP=result["coco"]["summary"]["AP"], AP50=result["coco"]["summary"]["AP50"],
@@ -132,14 +135,13 @@ class DetRun:
         return result
 
     def sgd_step(self, optimizer: torch.optim.Optimizer, losses: dict[str, torch.Tensor], iteration: int) -> float:
-        """Sum the losses, refuse a non-finite total, backward, step; returns the total."""
+        """Sum the losses, refuse a non-finite total, backward, step (scaled under float16 AMP); returns the total."""
         total = sum(losses.values())
         if not math.isfinite(total.item()):
             raise FloatingPointError(f"iteration {iteration}: loss is {total.item()} "
                                      f"({ {k: round(v.item(), 4) for k, v in losses.items()} }); lower solver.base_lr")
         optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        optimizer.step()
+        self.amp.backward_and_step(total, optimizer)
         return total.item()
 
 
@@ -183,6 +185,7 @@ def train_detector(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
     scheme = cfg.solver.training_scheme
     if scheme not in TRAINING_SCHEMES:
         raise ValueError(f"solver.training_scheme must be one of {list(TRAINING_SCHEMES)}, got {scheme!r}")
+    check_amp_dtype(cfg.solver.amp_dtype)  # before any output is written
     if scheme == "alternating":
         from detres.engine.alternating import alternating_plan
 
@@ -204,6 +207,8 @@ def train_detector(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
     start_iter = int(state["iter"]) if state is not None else 0
     logger = JsonLinesLogger(out / "metrics.jsonl", resume_from_iter=start_iter if state is not None else None)
     run = DetRun(cfg, out, last_path, device, train_set, val_set, meta, logger)
+    if state is not None:
+        run.amp.load_state_dict(state.get(SCALER_KEY))  # absent in fp32 / older checkpoints: a fresh scaler
 
     if scheme == "joint":
         model, iteration, saved_args = _train_joint(run, model_args, state)
@@ -249,7 +254,8 @@ def _train_joint(run: DetRun, model_args: dict[str, Any], state: dict | None
             break
         lr = schedule.lr_at(iteration)
         set_lr(optimizer, lr)  # each group: lr x its lr_factor (biases: bias_lr_factor)
-        losses = model(batch["images"].to(device), batch["targets"], image_sizes=batch["image_sizes"])
+        with run.amp.autocast():
+            losses = model(batch["images"].to(device), batch["targets"], image_sizes=batch["image_sizes"])
         total = run.sgd_step(optimizer, losses, iteration)
         iteration += 1
         progress.update(1)
@@ -284,7 +290,7 @@ def test_detector(model: torch.nn.Module | Sequence[torch.nn.Module], dataset, m
 
     out_dir = Path(out_dir)
     dets = run_inference(model, dataset, device=device, batch_size=cfg.solver.images_per_batch,
-                         num_workers=cfg.data.num_workers,
+                         num_workers=cfg.data.num_workers, amp=cfg.test.amp,
                          options=options_from_config(cfg.test, cfg.input) if options is None else options)
     metrics = evaluate_detection_dataset(dataset, dets, iou_thresh_voc=cfg.test.iou_thresh_voc,
                                          use_07_metric=cfg.test.use_07_metric, coco_backend=cfg.test.coco_backend)

@@ -15,6 +15,7 @@ from detres.config.load import Config
 from detres.data.image_io import read_image_rgb
 from detres.data.loc_dataset import LocRecord
 from detres.data.loc_transforms import LocTestTransform
+from detres.engine.amp import SCALER_KEY, MixedPrecision, mixed_precision_from_config, scaler_state_into
 from detres.engine.det_trainer import LossWindow, build_step_solver
 from detres.engine.logging import JsonLinesLogger, read_json_lines
 from detres.engine.loc_eval import format_table
@@ -88,9 +89,11 @@ def _draw(population: int, count: int, generator: torch.Generator | None) -> lis
 
 def rcnn_train_step(model: RCNNLocalizer, optimizer: torch.optim.Optimizer,
                     images: Mapping[int, Tensor] | Sequence[Tensor],
-                    cache: RegionCache, batch: Sequence[tuple[int, int]]) -> dict[str, float]:
+                    cache: RegionCache, batch: Sequence[tuple[int, int]], *,
+                    amp: MixedPrecision | None = None) -> dict[str, float]:
     """One SGD step on a region mini-batch (from :func:`sample_regions`): crop and warp each region from its image
-    (``images[i]`` is the image the cache's boxes of entry i refer to), then the cls + reg losses; returns them."""
+    (``images[i]`` is the image the cache's boxes of entry i refer to), then the cls + reg losses; returns them.
+    ``amp``: the losses under its CUDA autocast and a scaled step (None = fp32, as on CPU)."""
     if not batch:
         raise ValueError("rcnn_train_step: empty region batch")
     by_image: dict[int, list[int]] = defaultdict(list)
@@ -105,13 +108,14 @@ def rcnn_train_step(model: RCNNLocalizer, optimizer: torch.optim.Optimizer,
         labels.append(entry["labels"][index])
         matched.append(entry["matched"][index])
     model.train()
-    losses = model.losses(torch.cat(crops), torch.cat(rois), torch.cat(labels), torch.cat(matched))
+    amp = amp or MixedPrecision(enabled=False, device="cpu")
+    with amp.autocast():  # the warped crops are made in fp32 above; the network runs under autocast
+        losses = model.losses(torch.cat(crops), torch.cat(rois), torch.cat(labels), torch.cat(matched))
     total = sum(losses.values())
     if not torch.isfinite(total):
         raise FloatingPointError(f"R-CNN stage: loss is {total.item()}; lower solver.base_lr")
     optimizer.zero_grad(set_to_none=True)
-    total.backward()
-    optimizer.step()
+    amp.backward_and_step(total, optimizer)
     return {"loss": total.item(), **{key: value.item() for key, value in losses.items()}}
 
 
@@ -182,6 +186,9 @@ def train_rcnn_stage(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
     if model.crop_source == "image":
         cache = to_image_frame(cache, scales)
     optimizer, schedule, iteration = build_step_solver(model, solver, state, last_path)
+    amp = mixed_precision_from_config(solver, device)
+    if state is not None:
+        amp.load_state_dict(state.get(SCALER_KEY))  # absent in fp32 / older checkpoints: a fresh scaler
     meta = {"synsets": synsets, "rpn_checkpoint": str(rcnn_cfg.rpn_checkpoint), "test_scale": int(cfg.test.scale)}
     logger = JsonLinesLogger(out / "metrics.jsonl", resume_from_iter=iteration if state is not None else None)
     started, cpu_started, window = time.time(), time.process_time(), LossWindow()
@@ -193,14 +200,14 @@ def train_rcnn_stage(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
         images = {i: _crop_image(train[i], view, model.crop_source) for i in {i for i, _ in batch}}
         lr = schedule.lr_at(iteration)
         set_lr(optimizer, lr)
-        losses = rcnn_train_step(model, optimizer, images, cache, batch)
+        losses = rcnn_train_step(model, optimizer, images, cache, batch, amp=amp)
         iteration += 1
         window.add(losses.pop("loss"), {k: torch.tensor(v) for k, v in losses.items()})
         if iteration % solver.log_period == 0 or iteration == solver.max_iter:
             logger.log(iter=iteration, lr=lr, time=time.time() - started, **window.flush())
         if iteration % solver.checkpoint_period == 0 or iteration == solver.max_iter:
             save_rcnn_localizer(last_path, model, model_args, meta, iter=iteration, config=cfg.to_dict(),
-                                optimizer=optimizer.state_dict())
+                                optimizer=optimizer.state_dict(), **scaler_state_into({}, amp))
     train_cpu = time.process_time() - cpu_started
     save_rcnn_localizer(out / "model_final.pt", model, model_args, meta, iter=iteration, config=cfg.to_dict())
     plot_curves(read_json_lines(out / "metrics.jsonl"), out / "loss_curves.png",

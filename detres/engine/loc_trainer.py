@@ -17,6 +17,8 @@ from detres.data.loc_dataset import (LocDataset, LocRecord, collate_loc, read_il
                                      read_tiny_imagenet_val_records, tiny_imagenet_synsets)
 from detres.data.loc_transforms import LocTrainTransform
 from detres.data.samplers import InfiniteSampler
+from detres.engine.amp import SCALER_KEY, MixedPrecision, check_amp_dtype, mixed_precision_from_config
+from detres.engine.amp import scaler_state_into
 from detres.engine.det_trainer import LossWindow, build_step_solver
 from detres.engine.logging import JsonLinesLogger, read_json_lines
 from detres.engine.loc_eval import classifier_label_map, format_table, predict_classes, test_localizer
@@ -74,11 +76,12 @@ def _loader(dataset: LocDataset, cfg: Config, start_iter: int) -> DataLoader:
 
 
 def _save(path: Path, model: torch.nn.Module, model_args: dict, meta: dict, iteration: int, cfg: Config,
-          optimizer: torch.optim.Optimizer | None = None) -> None:
+          optimizer: torch.optim.Optimizer | None = None, amp: MixedPrecision | None = None) -> None:
     payload = {"model": model.state_dict(), "model_args": dict(model_args, weights_path=None), "meta": meta,
                "iter": iteration, "stage": "rpn", "config": cfg.to_dict()}
     if optimizer is not None:
         payload["optimizer"] = optimizer.state_dict()
+        scaler_state_into(payload, amp)
     save_checkpoint(path, payload)
 
 
@@ -92,6 +95,7 @@ def train_localizer(cfg: Config, *, resume: bool = False, stage: str = "rpn") ->
     """
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+    check_amp_dtype(cfg.solver.amp_dtype)  # before any output is written
     if stage == "rcnn":
         from detres.engine.loc_rcnn_trainer import train_rcnn_stage  # it reuses this module's helpers
 
@@ -112,6 +116,9 @@ def train_localizer(cfg: Config, *, resume: bool = False, stage: str = "rpn") ->
     meta = {"synsets": synsets, "crop": int(cfg.input.crop), "test_scale": int(cfg.test.scale)}
     solver = cfg.solver
     optimizer, schedule, start_iter = build_step_solver(model, solver, state, last_path)
+    amp = mixed_precision_from_config(solver, device)
+    if state is not None:
+        amp.load_state_dict(state.get(SCALER_KEY))  # absent in fp32 / older checkpoints: a fresh scaler
     logger = JsonLinesLogger(out / "metrics.jsonl", resume_from_iter=start_iter if state is not None else None)
     started, cpu_started = time.time(), time.process_time()
     iteration, window = start_iter, LossWindow()
@@ -122,13 +129,13 @@ def train_localizer(cfg: Config, *, resume: bool = False, stage: str = "rpn") ->
             break
         lr = schedule.lr_at(iteration)
         set_lr(optimizer, lr)
-        losses = model(batch["images"].to(device), batch["targets"])
+        with amp.autocast():
+            losses = model(batch["images"].to(device), batch["targets"])
         total = sum(losses.values())
         if not math.isfinite(total.item()):
             raise FloatingPointError(f"iteration {iteration}: loss is {total.item()}; lower solver.base_lr")
         optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        optimizer.step()
+        amp.backward_and_step(total, optimizer)
         iteration += 1
         progress.update(1)
         window.add(total.item(), losses)
@@ -137,7 +144,7 @@ def train_localizer(cfg: Config, *, resume: bool = False, stage: str = "rpn") ->
             logger.log(iter=iteration, lr=lr, time=time.time() - started, **means)
             progress.set_postfix(loss=f"{means['loss']:.3f}")
         if iteration % solver.checkpoint_period == 0 or iteration == solver.max_iter:
-            _save(last_path, model, model_args, meta, iteration, cfg, optimizer)
+            _save(last_path, model, model_args, meta, iteration, cfg, optimizer, amp)
     progress.close()
     train_cpu = time.process_time() - cpu_started
     _save(out / "model_final.pt", model, model_args, meta, iteration, cfg)

@@ -1,7 +1,8 @@
 """Run a detector over a dataset: batched forward passes, detections mapped back to original pixels."""
 from __future__ import annotations
 
-from typing import Any, Sequence
+import contextlib
+from typing import Any, ContextManager, Sequence
 
 import torch
 from torch.utils.data import DataLoader
@@ -13,26 +14,36 @@ from detres.inference.test_time import TestTimeOptions, detect_test_time
 from detres.models.postprocess import rescale_detections
 
 
+def inference_autocast(device: torch.device | str, amp: bool) -> ContextManager:
+    """float16 CUDA autocast when ``amp`` and ``device`` is CUDA; otherwise nothing changes (CPU stays fp32:
+    bf16 matmuls crash some CPUs and CPU autocast would change the detections)."""
+    if amp and torch.device(device).type == "cuda":
+        return torch.autocast("cuda", dtype=torch.float16)
+    return contextlib.nullcontext()
+
+
 def detect_batch(
     model: torch.nn.Module | Sequence[torch.nn.Module], batch: dict[str, Any], device: torch.device, *,
-    options: TestTimeOptions | None = None,
+    options: TestTimeOptions | None = None, amp: bool = False,
 ) -> list[dict[str, Any]]:
     """Detections of one collated batch, in each image's original pixel coordinates (CPU tensors).
 
     ``model``: one detector or the members of an ensemble. ``options``: the Appendix-B test-time
     extras (:func:`detres.inference.test_time.detect_test_time`); None, or all off with one model = the
-    model's own forward.
+    model's own forward. ``amp``: forward passes under float16 CUDA autocast (ignored off CUDA); the
+    detections come back as float32 either way.
     """
     images = batch["images"].to(device, non_blocking=True)
     models = [model] if isinstance(model, torch.nn.Module) else list(model)
-    with torch.inference_mode():
+    with torch.inference_mode(), inference_autocast(device, amp):
         if len(models) == 1 and (options is None or options.plain):
             outputs = models[0](images, image_sizes=batch["image_sizes"])
         else:
             outputs = detect_test_time(models, images, batch["image_sizes"], options=options or TestTimeOptions())
     results = []
     for det, image_id, (sx, sy), orig in zip(outputs, batch["image_ids"], batch["scales_xy"], batch["orig_sizes"]):
-        det = {k: v.cpu() for k, v in det.items()}
+        # under autocast boxes / scores can be float16: back to float32 before rescaling and evaluation
+        det = {k: (v.float() if v.is_floating_point() else v).cpu() for k, v in det.items()}
         det = rescale_detections(det, (sy, sx), orig)
         det["image_id"] = image_id
         results.append(det)
@@ -48,10 +59,11 @@ def run_inference(
     num_workers: int = 0,
     progress: bool = True,
     options: TestTimeOptions | None = None,
+    amp: bool = False,
 ) -> list[dict[str, Any]]:
     """Per-image ``{"image_id", "boxes", "scores", "labels"}`` for every image of ``dataset`` (eval mode).
 
-    ``model`` / ``options``: see :func:`detect_batch`.
+    ``model`` / ``options`` / ``amp``: see :func:`detect_batch`.
     """
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         collate_fn=collate_detection)
@@ -62,7 +74,7 @@ def run_inference(
     detections: list[dict[str, Any]] = []
     try:
         for batch in tqdm(readable(loader), desc="detect", disable=not progress, dynamic_ncols=True, leave=False):
-            detections.extend(detect_batch(models, batch, device, options=options))
+            detections.extend(detect_batch(models, batch, device, options=options, amp=amp))
     finally:
         for m, mode in zip(models, was_training):
             m.train(mode)

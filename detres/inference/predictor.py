@@ -25,26 +25,29 @@ class Predictor:
     Args:
         checkpoint: a train_det checkpoint (``model_final.pt`` or ``last.pt``).
         device: torch device for the forward pass.
+        amp: forward passes under float16 CUDA autocast (ignored off CUDA; results stay float32).
     """
 
-    def __init__(self, checkpoint: str | Path, device: torch.device | str = "cpu") -> None:
+    def __init__(self, checkpoint: str | Path, device: torch.device | str = "cpu", *, amp: bool = False) -> None:
         model, meta = load_detector(checkpoint, device=device)
-        self._setup(model, meta, torch.device(device))
+        self._setup(model, meta, torch.device(device), amp)
 
     @classmethod
-    def from_model(cls, model: torch.nn.Module, meta: dict[str, Any], device: torch.device | str = "cpu") -> "Predictor":
+    def from_model(cls, model: torch.nn.Module, meta: dict[str, Any], device: torch.device | str = "cpu", *,
+                   amp: bool = False) -> "Predictor":
         """A predictor around an already built detector and its metadata (as returned by ``load_detector``)."""
         missing = [k for k in ("class_names", "min_size_test", "max_size_test") if k not in meta]
         if missing:
             raise ValueError(f"Predictor: detector metadata lacks {missing}")
         predictor = cls.__new__(cls)
-        predictor._setup(model.to(device), meta, torch.device(device))
+        predictor._setup(model.to(device), meta, torch.device(device), amp)
         return predictor
 
-    def _setup(self, model: torch.nn.Module, meta: dict[str, Any], device: torch.device) -> None:
+    def _setup(self, model: torch.nn.Module, meta: dict[str, Any], device: torch.device, amp: bool) -> None:
         self.model = model.eval()
         self.meta = meta
         self.device = device
+        self.amp = bool(amp)  # float16 CUDA autocast in predict / predict_batch (no-op off CUDA)
         # Appendix-B test-time extras used by predict / predict_batch (see detres.inference.test_time)
         self.options = TestTimeOptions()
         self.ensemble: list[torch.nn.Module] = []  # further members besides self.model (an ensemble)
@@ -66,7 +69,7 @@ class Predictor:
             return []
         samples = [self._sample(i, image) for i, image in enumerate(images_rgb)]
         outputs = detect_batch([self.model, *self.ensemble], collate_detection(samples), self.device,
-                               options=self.options)
+                               options=self.options, amp=self.amp)
         return [self._to_result(det, score_thresh) for det in outputs]
 
     def _sample(self, index: int, image: Any) -> dict[str, Any]:

@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -77,3 +78,32 @@ def test_cost_curves_and_png(tiny_run):
     assert 0 < curves["shorter_side"][0]["detres_actual_proposals"] <= 50
     png = out.with_suffix(".png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ------------------------------------------------------------------------------------------- --device cuda
+def test_amp_without_cuda_device_is_refused():
+    with pytest.raises(SystemExit) as exc:
+        _load_bench().parse_args(["--amp"])  # CPU runs stay fp32
+    assert exc.value.code == 2
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the skip on a machine without CUDA")
+def test_device_cuda_without_a_gpu_skips_cleanly(tmp_path, capsys):
+    out = tmp_path / "cuda.json"
+    assert _load_bench().main(["--device", "cuda", "--amp", "--quick", "--json-out", str(out)]) == \
+        {"skipped": "no CUDA device"}
+    assert "no CUDA device" in capsys.readouterr().out and not out.exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_device_cuda_with_amp_times_autocast_inference_and_training(tmp_path):
+    out = tmp_path / "cuda.json"
+    _load_bench().main(["--device", "cuda", "--amp", "--depth", "18", "--size", "128", "--proposals", "50",
+                        "--rounds", "2", "--train-steps", "1", "--json-out", str(out)])
+    res = json.loads(out.read_text())["cuda"]
+    for name in ("detres", "torchvision"):
+        entry = res[name]
+        for key in ("inference_fp32", "inference_amp", "train_step"):
+            assert _positive_finite(entry[key]["median_s"]), (name, key)
+        assert entry["amp_vs_fp32"]["detections_amp"] > 0
+    assert _positive_finite(res["inference_speedup_vs_torchvision"])

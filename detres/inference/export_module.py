@@ -9,33 +9,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import batched_nms, nms, roi_align, roi_pool
 
+from detres.models.box_coder import decode_deltas
 from detres.models.context import ContextRoIHeads
 from detres.models.faster_rcnn import FasterRCNN
 from detres.models.rpn import RegionProposalNetwork
 
-__all__ = ["ExportableDetector", "decode_deltas"]
-
-
-def decode_deltas(deltas: Tensor, boxes: Tensor, weights: List[float], clip: float) -> Tensor:
-    """:meth:`detres.models.box_coder.BoxCoder.decode` in TorchScript-compilable form, the same ops in the same
-    order (so the same fp32 results): deltas [N,4C] on boxes [N,4] -> [N,C,4] ([N,4] when C == 1)."""
-    num_classes = deltas.shape[1] // 4
-    d = deltas.float().reshape(-1, num_classes, 4)
-    ref = boxes.float()
-    widths = (ref[:, 2] - ref[:, 0])[:, None]
-    heights = (ref[:, 3] - ref[:, 1])[:, None]
-    cx = (ref[:, 0] + 0.5 * (ref[:, 2] - ref[:, 0]))[:, None]
-    cy = (ref[:, 1] + 0.5 * (ref[:, 3] - ref[:, 1]))[:, None]
-    dx = d[:, :, 0] / weights[0]
-    dy = d[:, :, 1] / weights[1]
-    dw = (d[:, :, 2] / weights[2]).clamp(max=clip)
-    dh = (d[:, :, 3] / weights[3]).clamp(max=clip)
-    pred_cx = dx * widths + cx
-    pred_cy = dy * heights + cy
-    half_w = 0.5 * torch.exp(dw) * widths
-    half_h = 0.5 * torch.exp(dh) * heights
-    pred = torch.stack((pred_cx - half_w, pred_cy - half_h, pred_cx + half_w, pred_cy + half_h), dim=-1)
-    return pred[:, 0] if num_classes == 1 else pred
+__all__ = ["ExportableDetector"]
 
 
 def clip_to_image(boxes: Tensor, height: int, width: int) -> Tensor:

@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import List, Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["BoxCoder"]
+__all__ = ["BoxCoder", "decode_deltas"]
 
 
 def _widths_heights_centres(boxes: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -15,6 +15,27 @@ def _widths_heights_centres(boxes: Tensor) -> tuple[Tensor, Tensor, Tensor, Tens
     widths = boxes[:, 2] - boxes[:, 0]
     heights = boxes[:, 3] - boxes[:, 1]
     return widths, heights, boxes[:, 0] + 0.5 * widths, boxes[:, 1] + 0.5 * heights
+
+
+def decode_deltas(deltas: Tensor, boxes: Tensor, weights: List[float], clip: float) -> Tensor:
+    """deltas [N,4C] applied to boxes [N,4] (both in the output dtype) -> [N,C,4] ([N,4] when C == 1), unclipped.
+    Plain tensor ops so that TorchScript compiles it (the exported detector decodes with this same function)."""
+    num_classes = deltas.shape[1] // 4
+    d = deltas.reshape(-1, num_classes, 4)
+    widths = (boxes[:, 2] - boxes[:, 0])[:, None]  # continuous coordinates: width = x2 - x1 (no +1)
+    heights = (boxes[:, 3] - boxes[:, 1])[:, None]
+    cx = boxes[:, 0:1] + 0.5 * widths
+    cy = boxes[:, 1:2] + 0.5 * heights
+    dx = d[:, :, 0] / weights[0]
+    dy = d[:, :, 1] / weights[1]
+    dw = (d[:, :, 2] / weights[2]).clamp(max=clip)
+    dh = (d[:, :, 3] / weights[3]).clamp(max=clip)
+    pred_cx = dx * widths + cx
+    pred_cy = dy * heights + cy
+    half_w = 0.5 * torch.exp(dw) * widths
+    half_h = 0.5 * torch.exp(dh) * heights
+    pred = torch.stack((pred_cx - half_w, pred_cy - half_h, pred_cx + half_w, pred_cy + half_h), dim=-1)
+    return pred[:, 0] if num_classes == 1 else pred
 
 
 class BoxCoder:
@@ -75,20 +96,5 @@ class BoxCoder:
             raise ValueError(
                 f"BoxCoder.decode: boxes must have shape [{deltas.shape[0]}, 4], got {tuple(boxes.shape)}"
             )
-        num_classes = deltas.shape[1] // 4
         dtype = torch.promote_types(deltas.dtype, torch.float32)
-        d = deltas.to(dtype).reshape(-1, num_classes, 4)
-        widths, heights, cx, cy = (t[:, None] for t in _widths_heights_centres(boxes.to(dtype)))
-
-        wx, wy, ww, wh = self.weights
-        dx = d[..., 0] / wx
-        dy = d[..., 1] / wy
-        dw = (d[..., 2] / ww).clamp(max=self.bbox_xform_clip)
-        dh = (d[..., 3] / wh).clamp(max=self.bbox_xform_clip)
-
-        pred_cx = dx * widths + cx
-        pred_cy = dy * heights + cy
-        half_w = 0.5 * torch.exp(dw) * widths
-        half_h = 0.5 * torch.exp(dh) * heights
-        pred = torch.stack((pred_cx - half_w, pred_cy - half_h, pred_cx + half_w, pred_cy + half_h), dim=-1)
-        return pred[:, 0] if num_classes == 1 else pred
+        return decode_deltas(deltas.to(dtype), boxes.to(dtype), list(self.weights), float(self.bbox_xform_clip))

@@ -88,7 +88,8 @@ def evaluate_row(plan: RowPlan, models: Sequence[torch.nn.Module], dataset: Any,
     dets = run_inference(models, dataset, device=device, batch_size=1, num_workers=0, progress=False,
                          options=plan.options)
     seconds = (time.perf_counter() - started) / len(dataset)
-    metrics = evaluate_detection_dataset(dataset, dets, iou_thresh_voc=cfg.test.iou_thresh_voc, use_07_metric=True)
+    metrics = evaluate_detection_dataset(dataset, dets, iou_thresh_voc=cfg.test.iou_thresh_voc, use_07_metric=True,
+                                         coco_backend=cfg.test.coco_backend)
     if out_dir is not None:
         results = detections_to_coco_results(dets, dataset_label_to_category_id(dataset))
         write_coco_results(results, Path(out_dir) / f"{plan.name}_coco_results.json")

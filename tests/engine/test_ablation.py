@@ -58,3 +58,23 @@ def test_demo_ablation_writes_its_three_rows(tmp_path, write_tiny_det_config, ti
     written = json.loads((tmp_path / "ablation.json").read_text())
     assert [(r["row"], r["mAP"], r["checkpoints"]) for r in written] == [(r["row"], r["mAP"], r["checkpoints"])
                                                                         for r in rows]
+
+
+def test_rows_follow_test_coco_backend(tmp_path, write_tiny_det_config, tiny_det_checkpoint):
+    """tools/ablate_det's COCO numbers come from the configured backend; faster-coco-eval equals pycocotools."""
+    import warnings
+
+    from detres.engine.ablation import run_ablation
+
+    rows = {}
+    for backend in ("pycocotools", "faster_coco_eval"):
+        cfg = load_config(write_tiny_det_config(tmp_path / f"{backend}.yaml", tmp_path / backend,
+                                                test={"coco_backend": backend}))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # an untrained model: classes without detections
+            rows[backend] = run_ablation(cfg, baseline=tiny_det_checkpoint, rows="baseline")[0]
+    assert rows["faster_coco_eval"]["mAP"] == pytest.approx(rows["pycocotools"]["mAP"], abs=1e-6)
+    assert rows["faster_coco_eval"]["mAP50"] == pytest.approx(rows["pycocotools"]["mAP50"], abs=1e-6)
+    bad = load_config(write_tiny_det_config(tmp_path / "bad.yaml", tmp_path / "bad", test={"coco_backend": "nope"}))
+    with pytest.raises(ValueError, match="faster_coco_eval"):  # the key reaches the evaluator
+        run_ablation(bad, baseline=tiny_det_checkpoint, rows="baseline")

@@ -82,7 +82,6 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict, source: 
                          f"{ours} (solver options or trainable layers changed?); cannot resume: {exc}") from None
 
 
-
 def build_step_solver(model: torch.nn.Module, solver: Any, state: dict | None, source: Path
                       ) -> tuple[torch.optim.Optimizer, LRSchedule, int]:
     """SGD with the detection parameter groups and the step schedule of ``solver``; with a checkpoint ``state``
@@ -96,6 +95,7 @@ def build_step_solver(model: torch.nn.Module, solver: Any, state: dict | None, s
     model.load_state_dict(state["model"])
     load_optimizer_state(optimizer, state["optimizer"], source)
     return optimizer, schedule, int(state["iter"])
+
 
 class DetRun:
     """What one training run shares between its loop(s): config, output paths, data, logging, checkpoints.

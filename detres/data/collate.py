@@ -37,9 +37,10 @@ def collate_detection(batch: Sequence[dict[str, Any]], size_divisibility: int = 
     """Collate detection samples (the dataset contract) into one batch dict.
 
     Returns ``{"images": Tensor[B, 3, Hmax, Wmax], "image_sizes": [(h, w)], "targets": [dict(boxes,
-    labels, difficult, crowd_boxes)], "image_ids", "orig_sizes", "scales", "scales_xy", "file_names"}``
+    labels, difficult, crowd_boxes[, seed])], "image_ids", "orig_sizes", "scales", "scales_xy", "file_names"}``
     (lists in batch order). ``crowd_boxes`` [C, 4] float32 are the sample's crowd regions (COCO), which
-    the RPN and RoI heads ignore in training; [0, 4] for a sample without any.
+    the RPN and RoI heads ignore in training; [0, 4] for a sample without any. ``seed`` is there only when
+    the sample has one (training: its RPN / RoI sampling seed, see ``detres.engine.seeded_data``).
 
     ``images`` holds the un-normalised 0..255 images, top-left aligned, padded with 0 at the bottom and
     right up to a multiple of ``size_divisibility``; ``image_sizes`` are the real (unpadded) sizes. This
@@ -70,7 +71,10 @@ def collate_detection(batch: Sequence[dict[str, Any]], size_divisibility: int = 
             crowd = torch.zeros((0, 4), dtype=torch.float32)
         else:
             crowd = torch.as_tensor(crowd, dtype=torch.float32).reshape(-1, 4)
-        targets.append({"boxes": boxes, "labels": s["labels"], "difficult": difficult, "crowd_boxes": crowd})
+        target = {"boxes": boxes, "labels": s["labels"], "difficult": difficult, "crowd_boxes": crowd}
+        if s.get("seed") is not None:
+            target["seed"] = int(s["seed"])  # the image's sampling seed (RPN / RoI sampling), see seeded_data
+        targets.append(target)
     scales = [float(s.get("scale", 1.0)) for s in batch]
     return {
         "images": pad_images(images, size_divisibility),

@@ -142,10 +142,17 @@ class DetectionTransform:
             seed=seed,
         )
         self._worker_seeded: tuple[int, int] | None = None
+        self._seeded_per_sample = False
+
+    def set_random_seed(self, seed: int) -> None:
+        """Reseed the draws (scale choice, flip) for the next sample; from then on the caller seeds every
+        sample (e.g. from (run seed, iteration, image)) and the per-worker reseeding is off."""
+        self._compose.set_random_seed(int(seed) % 2**32)
+        self._seeded_per_sample = True
 
     def _reseed_for_worker(self) -> None:
         info = get_worker_info()
-        if info is None:
+        if info is None or self._seeded_per_sample:
             return
         key = (info.id, info.seed)
         if key != self._worker_seeded:

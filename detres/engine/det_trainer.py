@@ -18,6 +18,7 @@ from detres.utils.atomic import write_json_atomic
 from detres.utils.checkpoint import load_checkpoint, save_checkpoint
 from detres.engine.amp import SCALER_KEY, check_amp_dtype, mixed_precision_from_config, scaler_state_into
 from detres.engine.run_setup import start_run
+from detres.engine.seeded_data import IterationKeyedBatches, IterationSeededDataset
 from detres.inference.detect import run_inference
 from detres.inference.test_time import TestTimeOptions, options_from_config
 from detres.engine.logging import JsonLinesLogger, read_json_lines
@@ -50,8 +51,11 @@ def _train_loader(dataset, cfg: Config, start_iter: int, *, images_per_batch: in
     else:
         batches = BatchSampler(InfiniteSampler(len(dataset), seed=seed, start=start_iter * batch), batch,
                                drop_last=True)
-    return DataLoader(dataset, batch_sampler=batches, collate_fn=collate_detection,
-                      num_workers=cfg.data.num_workers, persistent_workers=cfg.data.num_workers > 0)
+    # Every draw (scale, flip, RPN / RoI sampling) of image i at iteration t is seeded by (seed, t, i).
+    return DataLoader(IterationSeededDataset(dataset, seed=seed),
+                      batch_sampler=IterationKeyedBatches(batches, start_iter=start_iter),
+                      collate_fn=collate_detection, num_workers=cfg.data.num_workers,
+                      persistent_workers=cfg.data.num_workers > 0)
 
 
 def _check_same_classes(train_set, val_set) -> None:
@@ -177,10 +181,9 @@ def train_detector(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
 
     Resuming restores the weights, the optimizer state (momentum buffers) and the iteration from
     ``last.pt``; the LR schedule is a function of the iteration, and the batch stream is seeded and
-    skips to the same batch, so the run sees the same images in the same order as an uninterrupted
-    one. It is not bit-identical to one: the random horizontal flips and the RPN / RoI sampling
-    draws are not part of the checkpoint and are drawn afresh after a resume. A checkpoint of the
-    other training scheme is refused.
+    skips to the same batch, and every random draw (scale choice, flip, RPN / RoI sampling) of an image
+    is seeded by (seed, iteration, image), so on one device and thread count a resumed run repeats the
+    uninterrupted run's losses bit for bit. A checkpoint of the other training scheme is refused.
     """
     scheme = cfg.solver.training_scheme
     if scheme not in TRAINING_SCHEMES:

@@ -1,14 +1,16 @@
-"""Reproducible iteration-based data order: per-epoch permutations and per-(epoch, image) random seeds.
+"""Reproducible training data: per-epoch permutations and per-(epoch or iteration, image) random seeds.
 
-Every random choice of the input pipeline (the permutation, scale, crop, flip, PCA colour noise)
-is a function of (seed, epoch, index), so a run resumed at any iteration sees exactly the batches
-an uninterrupted run would have seen, whatever the number of loader workers. Also here: turning
-an error raised inside a DataLoader worker back into the one-line message of the original error.
+Classification: every random choice of the input pipeline (the permutation, scale, crop, flip, PCA
+colour noise) is a function of (seed, epoch, index). Detection: every random draw (scale choice,
+flip, and the model's RPN / RoI sampling, through the ``seed`` each sample carries into its target)
+is a function of (seed, iteration, index). So a run resumed at any iteration sees exactly the
+batches and draws an uninterrupted run would have seen, whatever the number of loader workers or
+(for detection) data-parallel processes.
 """
 from __future__ import annotations
 
 import random
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -86,3 +88,55 @@ class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
         for b in range(self.start_batch, self._num_batches()):
             chunk = order[b * self.batch_size : (b + 1) * self.batch_size]
             yield [(self.epoch, i) for i in chunk]
+
+
+class IterationKeyedBatches(Sampler[list[tuple[int, int]]]):
+    """Batch ``k`` of ``batches`` (counting from ``start_iter``) as keys ``(start_iter + k, index)``.
+
+    ``batches`` is a batch sampler already positioned at iteration ``start_iter`` (e.g. one built
+    with ``start_batch=start_iter``); the keys tell :class:`IterationSeededDataset` which iteration
+    each image is drawn for.
+    """
+
+    def __init__(self, batches: Iterable[list[int]], *, start_iter: int = 0) -> None:
+        self.batches = batches
+        self.start_iter = int(start_iter)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for iteration, batch in enumerate(self.batches, start=self.start_iter):
+            yield [(iteration, int(index)) for index in batch]
+
+
+class IterationSeededDataset(Dataset):
+    """Wraps a detection dataset: key ``(iteration, index)`` reads ``index`` with its transform reseeded
+    by ``item_seed(seed, iteration, index)`` and stores that seed in the sample (``"seed"``), which the
+    collate function passes on to the model's samplers.
+
+    Only the transform's own generator is reseeded (its ``set_random_seed`` hook), never the global
+    ones, so the training loop's process state is untouched.
+    """
+
+    def __init__(self, dataset: Dataset, *, seed: int) -> None:
+        self.dataset = dataset
+        self.seed = int(seed)
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getattr__(self, name: str) -> Any:
+        # Dataset metadata (class names, image_hw, ...) is the wrapped dataset's.
+        if name == "dataset":
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
+        iteration, index = key
+        seed = item_seed(self.seed, iteration, index)
+        transform = getattr(self.dataset, "transforms", None) or getattr(self.dataset, "transform", None)
+        if transform is not None and hasattr(transform, "set_random_seed"):
+            transform.set_random_seed(seed)
+        sample = self.dataset[index]
+        if not isinstance(sample, dict):
+            raise TypeError(f"IterationSeededDataset: {type(self.dataset).__name__}[{index}] is a "
+                            f"{type(sample).__name__}, expected a detection sample dict")
+        return {**sample, "seed": seed}

@@ -22,6 +22,7 @@ from torch import Tensor
 from torchvision.ops import batched_nms
 
 from detres.models.rpn import RegionProposalNetwork
+from detres.models.sampler import target_seeds
 from detres.structures.boxes import clip_boxes
 
 __all__ = ["PerClassRPN"]
@@ -42,14 +43,14 @@ class PerClassRPN(RegionProposalNetwork):
 
     def compute_class_loss(
         self, logits: Tensor, deltas: Tensor, anchors: Tensor, labels: list[Tensor], matched_boxes: list[Tensor],
-        classes: list[Tensor],
+        classes: list[Tensor], seeds: Sequence[int | None] | None = None,
     ) -> dict[str, Tensor]:
         """logits [B,N,K], deltas [B,N,K,4], per image anchor labels / matched boxes / class channels (0-based)."""
         # Each anchor's own class channel, then the RPN's sampling and losses on those outputs.
         channel = torch.stack(classes).clamp(min=0)  # [B, N]; anchors without a class are labelled -1 (unused)
         class_logits = logits.gather(2, channel[..., None])[..., 0]  # [B, N]
         class_deltas = deltas.gather(2, channel[..., None, None].expand(-1, -1, 1, 4))[:, :, 0]  # [B, N, 4]
-        return self.compute_loss(class_logits, class_deltas, anchors, labels, matched_boxes)
+        return self.compute_loss(class_logits, class_deltas, anchors, labels, matched_boxes, seeds)
 
     def forward(self, features: Tensor, image_sizes: Sequence[Sequence[int]], targets: Sequence[dict] | None = None,
                 **_: object) -> tuple[list[Tensor], dict[str, Tensor]]:
@@ -77,7 +78,8 @@ class PerClassRPN(RegionProposalNetwork):
                 classes.append(torch.where(index >= 0, gt_labels[index.clamp(min=0)] - 1, torch.full_like(index, -1)))
             # An image without boxes has no class channel to train: its anchors are left out.
             labels[i] = torch.where(classes[i] >= 0, labels[i], torch.full_like(labels[i], -1))
-        return [], self.compute_class_loss(logits, deltas, anchors, labels, matched, classes)
+        return [], self.compute_class_loss(logits, deltas, anchors, labels, matched, classes,
+                                           target_seeds(targets))
 
     @torch.no_grad()
     def dense(self, features: Tensor, image_sizes: Sequence[Sequence[int]]) -> tuple[Tensor, Tensor]:

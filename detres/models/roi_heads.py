@@ -12,7 +12,7 @@ from detres.models.box_coder import BoxCoder
 from detres.models.matcher import Matcher, crowd_ignore_mask
 from detres.models.postprocess import check_postprocess_options, postprocess_boxes
 from detres.models.roi_pooler import RoIPooler
-from detres.models.sampler import BalancedSampler
+from detres.models.sampler import BalancedSampler, target_seeds
 
 __all__ = ["RoIPooler", "BoxHead", "FastRCNNPredictor", "RoIHeads"]
 
@@ -188,7 +188,7 @@ class RoIHeads(nn.Module):
             allow_low_quality_matches=False,
         )
         self.sampler = BalancedSampler(
-            batch_size_per_image=self.batch_size_per_image, positive_fraction=self.positive_fraction
+            batch_size_per_image=self.batch_size_per_image, positive_fraction=self.positive_fraction, stream=2
         )
 
     # ----------------------------------------------------------------------------------- training
@@ -241,7 +241,7 @@ class RoIHeads(nn.Module):
             all_labels.append(labels)
             all_matched.append(matched_boxes)
         # Sampler convention: >= 1 positive, 0 negative, -1 ignored.
-        pos_masks, neg_masks = self.sampler(all_labels)
+        pos_masks, neg_masks = self.sampler(all_labels, target_seeds(targets))
 
         out_props, out_labels, out_targets = [], [], []
         for props, labels, matched_boxes, pos, neg in zip(all_props, all_labels, all_matched, pos_masks, neg_masks):

@@ -11,7 +11,7 @@ from torchvision.ops import batched_nms, box_iou
 from detres.models.anchors import AnchorGenerator
 from detres.models.box_coder import BoxCoder
 from detres.models.matcher import Matcher, crowd_ignore_mask
-from detres.models.sampler import BalancedSampler
+from detres.models.sampler import BalancedSampler, target_seeds
 from detres.structures.boxes import boxes_inside_image, check_image_hw, clip_boxes, nonempty_mask
 
 __all__ = ["RPNHead", "RegionProposalNetwork"]
@@ -132,7 +132,7 @@ class RegionProposalNetwork(nn.Module):
         self.head = head
         self.box_coder = BoxCoder(weights=box_coder_weights)
         self.matcher = Matcher(fg_iou_thresh, bg_iou_thresh, allow_low_quality_matches=True)
-        self.sampler = BalancedSampler(batch_size_per_image, positive_fraction)
+        self.sampler = BalancedSampler(batch_size_per_image, positive_fraction, stream=1)
         self._pre_nms_top_n = {"train": int(pre_nms_top_n_train), "test": int(pre_nms_top_n_test)}
         self._post_nms_top_n = {"train": int(post_nms_top_n_train), "test": int(post_nms_top_n_test)}
         self.nms_thresh = float(nms_thresh)
@@ -246,9 +246,12 @@ class RegionProposalNetwork(nn.Module):
         anchors: Tensor,
         labels: list[Tensor],
         matched_gt_boxes: list[Tensor],
+        seeds: Sequence[int | None] | None = None,
     ) -> dict[str, Tensor]:
-        """objectness [B, N] logits, pred_deltas [B, N, 4], anchors [N, 4] -> {"loss_rpn_cls", "loss_rpn_box"}."""
-        pos_masks, neg_masks = self.sampler(labels)
+        """objectness [B, N] logits, pred_deltas [B, N, 4], anchors [N, 4] -> {"loss_rpn_cls", "loss_rpn_box"}.
+
+        seeds: per-image sampling seeds (see :class:`BalancedSampler`), None = torch's global generator."""
+        pos_masks, neg_masks = self.sampler(labels, seeds)
         pos = torch.stack(pos_masks)
         sampled = pos | torch.stack(neg_masks)
         # Guard against an empty sample (e.g. every anchor cross-boundary): losses are then 0, not NaN.
@@ -363,7 +366,7 @@ class RegionProposalNetwork(nn.Module):
         losses: dict[str, Tensor] = {}
         if self.training:
             labels, matched = self.assign_targets(anchors, image_sizes, targets)
-            losses = self.compute_loss(objectness, pred_deltas, anchors, labels, matched)
+            losses = self.compute_loss(objectness, pred_deltas, anchors, labels, matched, target_seeds(targets))
         return proposals, losses
 
 

@@ -176,6 +176,23 @@ def test_each_dataloader_worker_gets_its_own_augmentation_stream(monkeypatch) ->
     assert flips(0, 1000) == a  # a worker's stream depends only on its seed
 
 
+def test_a_per_sample_seed_fixes_that_samples_draws_whatever_came_before(monkeypatch) -> None:
+    t = build_det_transforms(train=True, min_size=(20, 30, 40), max_size=1000, flip_prob=0.5, seed=0)
+
+    def draw(seed: int) -> tuple:
+        t.set_random_seed(seed)
+        out = t(_sample(50, 60, [[1, 1, 9, 9]]))
+        return out["image"].shape[:2], tuple(out["boxes"][0].tolist())
+
+    first = [draw(s) for s in range(16)]
+    for _ in range(5):
+        t(_sample(50, 60, [[1, 1, 9, 9]]))  # unseeded draws in between change nothing
+    # inside a DataLoader worker the per-worker reseeding must not override the per-sample seed
+    monkeypatch.setattr(det_transforms, "get_worker_info", lambda: SimpleNamespace(id=1, seed=777))
+    assert [draw(s) for s in reversed(range(16))] == first[::-1]
+    assert len({shape for shape, _ in first}) == 3 and len({box[0] for _, box in first}) > 1  # scales and flips vary
+
+
 def test_invalid_inputs_raise_clear_errors() -> None:
     with pytest.raises(ValueError, match="min_size"):
         build_det_transforms(train=False, min_size=(600, 800))

@@ -135,8 +135,8 @@ def test_r18_train_losses_and_gradients_with_zeroed_logits(monkeypatch) -> None:
         sampled_rois.append(out)
         return out
 
-    def spy_sampler(labels):
-        out = real_sampler(labels)
+    def spy_sampler(labels, seeds=None):
+        out = real_sampler(labels, seeds)
         rpn_masks.append(out)
         return out
 

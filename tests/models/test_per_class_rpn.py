@@ -61,8 +61,8 @@ def test_eight_anchors_sampled_half_positive_and_the_loss_of_a_zero_head_is_ln2(
     seen = []
     real = rpn.sampler
 
-    def spy(labels):
-        pos, neg = real(labels)
+    def spy(labels, seeds=None):
+        pos, neg = real(labels, seeds)
         seen.append((int(pos[0].sum()), int(neg[0].sum())))
         return pos, neg
 

@@ -110,8 +110,8 @@ def _spy_on_sampler(rpn: RegionProposalNetwork, monkeypatch) -> list:
     calls = []
     real = rpn.sampler
 
-    def spy(labels):
-        out = real(labels)
+    def spy(labels, seeds=None):
+        out = real(labels, seeds)
         calls.append(out)
         return out
 

@@ -70,3 +70,22 @@ def test_invalid_arguments_raise():
         BalancedSampler(256, 1.5)
     with pytest.raises(ValueError, match="matched_labels\\[0\\]"):
         BalancedSampler(256, 0.5)([torch.zeros(2, 2)])
+
+
+def test_a_seeded_image_draws_the_same_sample_whatever_the_batch_and_global_state():
+    labels = [torch.tensor([1] * 30 + [0] * 70), torch.tensor([1] * 5 + [0] * 200)]
+    rpn, roi = BalancedSampler(16, 0.5, stream=1), BalancedSampler(16, 0.5, stream=2)
+    torch.manual_seed(0)
+    pos, neg = rpn(labels, seeds=[11, 12])
+    torch.manual_seed(99)
+    pos_alone, neg_alone = rpn(labels[1:], seeds=[12])  # image 1 alone, another global state
+    assert torch.equal(pos[1], pos_alone[0]) and torch.equal(neg[1], neg_alone[0])
+    again = rpn(labels, seeds=[11, 12])
+    assert all(torch.equal(a, b) for a, b in zip(again[0] + again[1], pos + neg))
+    other = rpn(labels, seeds=[13, 12])
+    assert not torch.equal(other[0][0], pos[0]) and torch.equal(other[0][1], pos[1])
+    # the RoI head's stream draws differently from the same image seed
+    assert not torch.equal(roi(labels, seeds=[11, 12])[0][0], pos[0])
+    assert int(pos[0].sum()) == 8 and int(neg[0].sum()) == 8 and int(pos[1].sum()) == 5 and int(neg[1].sum()) == 11
+    with pytest.raises(ValueError, match="2 seeds for 1 images"):
+        rpn(labels[:1], seeds=[1, 2])

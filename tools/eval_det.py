@@ -41,6 +41,7 @@ def run_voc(args: argparse.Namespace) -> dict[str, Any]:
         classes=args.classes,
         iou_thresh=args.iou,
         use_07_metric=args.use_07_metric,
+        strict_classes=True,  # a misspelt --classes name is an error listing the valid ones, not an AP of nan
     )
     metric = "VOC07 11-point" if args.use_07_metric else "VOC2010+ area"
     print(f"VOC AP ({metric}, IoU >= {args.iou}), {result['num_images']} images:")

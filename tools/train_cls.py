@@ -9,6 +9,10 @@ LR: solver.lr_schedule=plateau (divide by 10 when the val error plateaus, not so
 solver.plateau_min_epochs after the start / the last drop) or solver.lr_schedule=step "solver.steps=[...]".
 Bad input (unknown config key, missing folder, empty class folder, unreadable image) exits with
 status 2 and a one-line message naming the key or file.
+Resume: --resume continues <output_dir>/last.pt (an error when there is none), --resume-or-start starts fresh
+when there is none, --resume-from PATH continues an older <output_dir>/checkpoints/iter_*.pt; changed model.*
+options are refused on resume unless --allow-model-change. SIGINT / SIGTERM save last.pt and exit 130 / 143; a
+NaN / Inf loss or state exits 1 naming the last good checkpoint; a second run in the same folder exits 2.
 """
 from __future__ import annotations
 
@@ -21,25 +25,37 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from detres.config.load import ConfigError, load_config  # noqa: E402
 from detres.engine.cls_trainer import train_classifier  # noqa: E402
+from detres.engine.distributed import is_main_process  # noqa: E402
+from detres.engine.run_setup import TrainingInterrupted  # noqa: E402
+from detres.engine.resume_args import add_resume_arguments, resume_kwargs  # noqa: E402
 from detres.utils.atomic import dumps_json  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML config (task: cls)")
-    parser.add_argument("--resume", action="store_true", help="continue exactly from <output_dir>/last.pt")
+    add_resume_arguments(parser)
     parser.add_argument("overrides", nargs="*", help="config overrides such as solver.max_iter=100")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may sit before or after the options
     try:
         cfg = load_config(args.config, args.overrides)
         if cfg.task != "cls":
             raise ConfigError(f"{args.config}: task is {cfg.task!r}; train_cls needs a 'cls' config")
-        metrics = train_classifier(cfg, resume=args.resume)
-    except (ConfigError, FileNotFoundError, NotADirectoryError, FileExistsError, ValueError,
-            FloatingPointError) as exc:
+        metrics = train_classifier(cfg, **resume_kwargs(args))
+    except (ConfigError, FileNotFoundError, NotADirectoryError, FileExistsError, ValueError) as exc:
         print(f"train_cls: error: {exc}", file=sys.stderr)
         return 2
-    print(dumps_json(metrics))
+    except FloatingPointError as exc:  # diverged: not bad input; the message names the last good checkpoint
+        print(f"train_cls: error: {exc}", file=sys.stderr)
+        return 1
+    except TrainingInterrupted as exc:  # SIGINT / SIGTERM: last.pt saved; 128 + signal, as shells report it
+        print(f"train_cls: {exc}", file=sys.stderr)
+        return exc.exit_status
+    except KeyboardInterrupt:  # a second Ctrl-C: stopped at once
+        print("train_cls: interrupted", file=sys.stderr)
+        return 130
+    if is_main_process():  # torchrun: rank 0 prints the metrics
+        print(dumps_json(metrics))
     return 0
 
 

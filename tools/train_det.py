@@ -4,6 +4,10 @@
 Writes <output_dir>/{config.yaml, metrics.jsonl, last.pt, model_final.pt, metrics.json,
 loss_curves.png, val_curves.png, test/}. Bad input (unknown config key, missing annotation or
 image file, an existing run without --resume) exits with status 2 and a message naming it.
+Resume: --resume continues <output_dir>/last.pt (an error when there is none), --resume-or-start starts fresh
+when there is none, --resume-from PATH continues an older <output_dir>/checkpoints/iter_*.pt; changed model.*
+options are refused on resume unless --allow-model-change. SIGINT / SIGTERM save last.pt and exit 130 / 143; a
+NaN / Inf loss or state exits 1 naming the last good checkpoint; a second run in the same folder exits 2.
 """
 from __future__ import annotations
 
@@ -18,24 +22,35 @@ except ImportError:  # running from a source checkout without `pip install -e .`
 
 from detres.config.load import ConfigError, load_config  # noqa: E402
 from detres.engine.det_trainer import train_detector  # noqa: E402
+from detres.engine.distributed import is_main_process  # noqa: E402
+from detres.engine.resume_args import add_resume_arguments, resume_kwargs  # noqa: E402
+from detres.engine.run_setup import TrainingInterrupted  # noqa: E402
 from detres.utils.atomic import dumps_json  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML config (task: det)")
-    parser.add_argument("--resume", action="store_true", help="continue from <output_dir>/last.pt")
+    add_resume_arguments(parser)
     parser.add_argument("overrides", nargs="*", help="config overrides such as solver.max_iter=100")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may sit before or after the options
     try:
         cfg = load_config(args.config, args.overrides)
-        metrics = train_detector(cfg, resume=args.resume)
+        metrics = train_detector(cfg, **resume_kwargs(args))
     except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as exc:
         print(f"train_det: error: {exc}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as exc:  # SIGINT / SIGTERM: last.pt saved; 128 + signal, as shells report it
+        print(f"train_det: {exc}", file=sys.stderr)
+        return exc.exit_status
+    except KeyboardInterrupt:  # a second Ctrl-C: stopped at once
+        print("train_det: interrupted", file=sys.stderr)
+        return 130
     except FloatingPointError as exc:  # diverged: not bad input, but a clear message beats a traceback
         print(f"train_det: error: {exc}", file=sys.stderr)
         return 1
+    if not is_main_process():
+        return 0  # torchrun: rank 0 prints the summary
     summary = {"COCO": metrics["coco"]["summary"], "VOC mAP": metrics["voc"]["mAP"],
                "iterations": metrics["iterations"], "train_time_s": metrics["train_time_s"]}
     print(dumps_json(summary))

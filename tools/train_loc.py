@@ -5,6 +5,10 @@ Stage rpn: the per-class RPN on a train_cls backbone; writes <output_dir>/{confi
 model_final.pt, loss_curves.png, metrics.json, test/} and prints the Table-13-style report. Stage rcnn: the
 RoI-centric R-CNN on the proposals of the RPN stage's model.rcnn.rpn_checkpoint (also proposals.pt), then the
 RPN+R-CNN dense rows. Bad input exits with status 2 and a message naming the file/field.
+Resume: --resume continues <output_dir>/last.pt (an error when there is none), --resume-or-start starts fresh
+when there is none, --resume-from PATH continues an older <output_dir>/checkpoints/iter_*.pt; changed model.*
+options are refused on resume unless --allow-model-change. SIGINT / SIGTERM save last.pt and exit 130 / 143; a
+NaN / Inf loss or state exits 1 naming the last good checkpoint; a second run in the same folder exits 2.
 """
 from __future__ import annotations
 
@@ -21,13 +25,16 @@ except ImportError:  # running from a source checkout without `pip install -e .`
 from detres.config.load import ConfigError, load_config  # noqa: E402
 from detres.engine.loc_eval import format_table  # noqa: E402
 from detres.engine.loc_trainer import STAGES, train_localizer  # noqa: E402
+from detres.engine.distributed import is_main_process  # noqa: E402
+from detres.engine.resume_args import add_resume_arguments, resume_kwargs  # noqa: E402
+from detres.engine.run_setup import TrainingInterrupted  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML config (task: loc)")
     parser.add_argument("--stage", default="rpn", choices=STAGES, help="rpn (default) or rcnn (needs model.rcnn.rpn_checkpoint)")
-    parser.add_argument("--resume", action="store_true", help="continue from <output_dir>/last.pt")
+    add_resume_arguments(parser)
     parser.add_argument("overrides", nargs="*", help="config overrides such as solver.max_iter=100")
     args = parser.parse_intermixed_args(argv)  # overrides may sit before or after the options
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
@@ -35,13 +42,21 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         if cfg.task != "loc":
             raise ConfigError(f"{args.config}: task is {cfg.task!r}; train_loc needs a 'task: loc' config")
-        report = train_localizer(cfg, resume=args.resume, stage=args.stage)
+        report = train_localizer(cfg, **resume_kwargs(args), stage=args.stage)
     except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as exc:
         print(f"train_loc: error: {exc}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as exc:  # SIGINT / SIGTERM: last.pt saved; 128 + signal, as shells report it
+        print(f"train_loc: {exc}", file=sys.stderr)
+        return exc.exit_status
+    except KeyboardInterrupt:  # a second Ctrl-C: stopped at once
+        print("train_loc: interrupted", file=sys.stderr)
+        return 130
     except FloatingPointError as exc:
         print(f"train_loc: error: {exc}", file=sys.stderr)
         return 1
+    if not is_main_process():
+        return 0  # torchrun: rank 0 tests and prints the report
     print(format_table(report))
     print(f"iterations {report['iterations']}, training CPU time {report['train_cpu_s']} s")
     return 0

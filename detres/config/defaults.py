@@ -43,6 +43,10 @@ CLS_DEFAULTS: dict = {
         "mean": None,  # fixed per-channel RGB mean (0..255); None = computed over the training set
         "std": None,  # per-channel RGB std to divide by; None = no division (the papers)
         "stats_max_images": None,  # cap on images used for mean / PCA statistics (None = all)
+        # a bad sample (unreadable or missing image, malformed annotation or box, annotation on an unknown image):
+        # "error" stops before training with a one-line message naming the file and field; "skip" drops it, counts
+        # it, logs one summary line and lists (file, reason) in <output_dir>/skipped_samples.json
+        "on_bad_sample": "error",
     },
     "augment": {
         "mode": "imagenet",  # "imagenet": scale aug + crop + flip; "cifar": pad 4, crop, flip (Sec. 4.2)
@@ -55,7 +59,7 @@ CLS_DEFAULTS: dict = {
         "cifar_pad": 4,
     },
     "solver": {
-        "batch_size": 256,
+        "batch_size": 256,  # the global batch under torchrun: each of N processes trains on batch_size / N
         "base_lr": 0.1,
         "momentum": 0.9,
         "weight_decay": 0.0001,
@@ -73,11 +77,17 @@ CLS_DEFAULTS: dict = {
         "warmup_lr": 0.01,
         "eval_period": 1000,  # iterations between validation runs (also drives the plateau rule)
         "checkpoint_period": 1000,
+        # besides last.pt, keep the last N saves as checkpoints/iter_<iteration>.pt (for --resume-from, and the
+        # good state last.pt is set back to when training diverges); 0 = last.pt only
+        "keep_checkpoints": 3,
         "log_period": 20,
         # mixed precision (CUDA only): forward + loss under torch.autocast, float16 with a GradScaler (its state is
         # saved in last.pt); on a CPU device it warns once and trains in fp32 (bf16 matmuls crash some CPUs)
         "amp": False,
         "amp_dtype": "float16",  # "float16" or "bfloat16" (no loss scaling needed)
+        # under torchrun (batch_size is the global batch, split over the ranks): BatchNorm statistics over the
+        # whole global batch (SyncBatchNorm) instead of each rank's share; no effect in a single process
+        "sync_bn": False,
     },
     "test": {
         "resize": 256,  # 1-crop / 10-crop: shorter side resized to this, then crop `augment.crop`
@@ -178,6 +188,10 @@ DET_DEFAULTS: dict = {
         "class_names": [],  # voc: fixed class order; empty = sorted names found in the XMLs
         "use_difficult_in_training": False,
         "num_workers": 2,
+        # a bad sample (unreadable or missing image, malformed annotation or box, annotation on an unknown image):
+        # "error" stops before training with a one-line message naming the file and field; "skip" drops it, counts
+        # it, logs one summary line and lists (file, reason) in <output_dir>/skipped_samples.json
+        "on_bad_sample": "error",
     },
     "input": {
         "min_size_train": [600],  # shorter side s; several values = random choice per image
@@ -188,6 +202,7 @@ DET_DEFAULTS: dict = {
     },
     "solver": {
         "images_per_batch": 8,  # Appendix A (COCO): 8 images per mini-batch
+        # (under torchrun the global batch: each of N processes trains on images_per_batch / N images)
         "base_lr": 0.001,
         "momentum": 0.9,
         # Ren et al.'s solver (py-faster-rcnn, whose hyper-parameters Appendix A keeps): weight decay 5e-4 on
@@ -202,6 +217,9 @@ DET_DEFAULTS: dict = {
         "warmup_lr": 0.0001,
         "eval_period": 20000,
         "checkpoint_period": 5000,
+        # besides last.pt, keep the last N saves as checkpoints/iter_<iteration>.pt (for --resume-from, and the
+        # good state last.pt is set back to when training diverges); 0 = last.pt only
+        "keep_checkpoints": 3,
         "log_period": 20,
         "aspect_ratio_grouping": True,
         # "joint": approximate joint training of RPN + Fast R-CNN in one net (py-faster-rcnn end2end);

@@ -9,10 +9,9 @@ from typing import Any, Iterable, Mapping
 import yaml
 
 from detres.config.defaults import defaults_for_task
+from detres.config.validate import ConfigError, validate_config
 
-
-class ConfigError(ValueError):
-    """A config file or override names an unknown key or gives a value of the wrong type."""
+__all__ = ["Config", "ConfigError", "dump_config", "load_config", "parse_overrides"]
 
 
 class Config(dict):
@@ -106,7 +105,7 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
+        raise ConfigError(f"{path}: invalid YAML{_yaml_problem(exc)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
     base_ref = data.pop("_base_", None)
@@ -114,6 +113,19 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
         return data
     base = _read_yaml((path.parent / base_ref).resolve(), seen + (path,))
     return _deep_update(base, data)
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """One line from a PyYAML error: where and what (its str() spans several lines with a source excerpt).
+
+    safe_load refuses tags such as ``!!python/object/apply`` with "could not determine a constructor".
+    """
+    mark = getattr(exc, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    problem = getattr(exc, "problem", None) or str(exc)
+    refused_tag = "constructor" in problem
+    hint = " (only plain YAML values are allowed; tags such as !!python/... are refused)" if refused_tag else ""
+    return f"{where}: {' '.join(str(problem).split())}{hint}"
 
 
 def _deep_update(base: dict, update: Mapping) -> dict:
@@ -133,7 +145,10 @@ def parse_overrides(overrides: Iterable[str]) -> dict:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key.sub=value")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw.strip() else None
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {item!r}: invalid YAML value{_yaml_problem(exc)}") from None
         node = nested
         parts = key.strip().split(".")
         for part in parts[:-1]:
@@ -154,6 +169,7 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = (), *
     try:
         _merge(tree, data, "")
         _merge(tree, over, "")
+        validate_config(tree, defaults_for_task(chosen))  # types and ranges, before any tool writes output
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from None
     return _to_config(tree)

@@ -50,6 +50,10 @@ LOC_DEFAULTS: dict = {
         "synsets": None,  # ilsvrc: synset list (None = root/LOC_synset_mapping.txt)
         "max_val_images": None,  # None = all; an int scores the first n (quick checks)
         "num_workers": 2,
+        # a bad sample (unreadable or missing image, malformed annotation or box, annotation on an unknown image):
+        # "error" stops before training with a one-line message naming the file and field; "skip" drops it, counts
+        # it, logs one summary line and lists (file, reason) in <output_dir>/skipped_samples.json
+        "on_bad_sample": "error",
     },
     "input": {
         "scale_min": 256,  # classification scale augmentation: shorter side ~ U[256, 480]
@@ -70,6 +74,9 @@ LOC_DEFAULTS: dict = {
         "warmup_iters": 0,
         "warmup_lr": 0.0001,
         "checkpoint_period": 2000,
+        # besides last.pt, keep the last N saves as checkpoints/iter_<iteration>.pt (for --resume-from, and the
+        # good state last.pt is set back to when training diverges); 0 = last.pt only
+        "keep_checkpoints": 3,
         "log_period": 20,
         # mixed precision (CUDA only): forward + loss under torch.autocast, float16 with a GradScaler (its state is
         # saved in last.pt); on a CPU device it warns once and trains in fp32 (bf16 matmuls crash some CPUs)

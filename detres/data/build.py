@@ -5,18 +5,21 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
+from detres.data.bad_samples import BadSamples
 from detres.data.coco import CocoDetection
 from detres.data.det_transforms import build_det_transforms
 from detres.data.voc import VocDetection
 
 
-def build_detection_dataset(cfg: Any, split: str, *, train: bool, class_names: list[str] | None = None) -> Dataset:
+def build_detection_dataset(cfg: Any, split: str, *, train: bool, class_names: list[str] | None = None,
+                            bad_samples: BadSamples | None = None) -> Dataset:
     """The ``split`` ("train" or "val") set of ``cfg.data``; ``train`` picks augmentation and targets.
 
     COCO: ``<split>_images`` is the image folder and ``<split>_ann`` the instances JSON.
     VOC: ``<split>_images`` is the dataset root and ``<split>_ann`` the ImageSets/Main list name.
     Training sets leave out crowd boxes (COCO) and difficult objects (VOC, unless
-    ``data.use_difficult_in_training``); evaluation sets keep difficult objects flagged.
+    ``data.use_difficult_in_training``); evaluation sets keep difficult objects flagged. Bad samples follow
+    ``bad_samples`` (default: the ``data.on_bad_sample`` policy) and stay listed in the dataset's ``bad_samples``.
     """
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
@@ -27,12 +30,14 @@ def build_detection_dataset(cfg: Any, split: str, *, train: bool, class_names: l
     else:
         transforms = build_det_transforms(train=False, min_size=inp.min_size_test, max_size=inp.max_size_test)
     images, ann = data[f"{split}_images"], data[f"{split}_ann"]
+    bad = bad_samples if bad_samples is not None else BadSamples.from_config(cfg)
     if data.format == "coco":
-        return CocoDetection(images, ann, transforms=transforms, skip_crowd=True)
+        return CocoDetection(images, ann, transforms=transforms, skip_crowd=True, bad_samples=bad)
     if data.format == "voc":
         names = class_names or (list(data.class_names) if data.class_names else None)
         keep_difficult = (not train) or data.use_difficult_in_training
-        return VocDetection(images, ann, class_names=names, transforms=transforms, keep_difficult=keep_difficult)
+        return VocDetection(images, ann, class_names=names, transforms=transforms, keep_difficult=keep_difficult,
+                            bad_samples=bad)
     raise ValueError(f"data.format must be 'coco' or 'voc', got {data.format!r}")
 
 

@@ -1,4 +1,4 @@
-"""COCO instances-JSON detection dataset (pycocotools): contiguous labels, crowd regions apart, bad boxes dropped."""
+"""COCO instances-JSON detection dataset (pycocotools): contiguous labels, crowd regions apart, bad-sample policy."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import torch
 from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 
+from detres.data.bad_samples import BOX_TOLERANCE_PX, BadSamples
 from detres.data.det_transforms import load_sample
 from detres.structures.boxes import clip_boxes, xywh_to_xyxy
 
@@ -67,9 +68,14 @@ class CocoDetection(Dataset):
     xyxy and clipped to the image. Crowd annotations are left out of the targets when ``skip_crowd``
     (counted in ``num_crowd``; with ``skip_crowd=False`` they are kept as ordinary boxes); they stay, clipped,
     in the samples' ``crowd_boxes`` (the regions whose anchors and proposals training ignores, as in Detectron)
-    and in ``evaluation_ground_truth`` as the regions COCO AP ignores. Boxes with zero width or height after
-    clipping, or non-finite numbers, are dropped with one warning per dataset (``num_degenerate``); boxes
-    narrower or lower than ``min_box_size`` pixels likewise (``num_small``). Evaluation scores the boxes
+    and in ``evaluation_ground_truth`` as the regions COCO AP ignores. Boxes with zero width or height (in the
+    file or after clipping) are dropped with one warning per dataset (``num_degenerate``); boxes narrower or
+    lower than ``min_box_size`` pixels likewise (``num_small``). Bad samples go to ``bad_samples`` (the
+    ``data.on_bad_sample`` policy: error at the first, or skip and record): an image entry without a
+    ``file_name`` or a positive integer ``height``/``width``, an annotation on an image id that is not in
+    ``images``, and a malformed annotation (unknown category, bbox not 4 numbers, non-finite, negative
+    width/height, a non-crowd box outside the image by more than a pixel), which makes its whole image bad
+    (dropping only the box would teach the object as background). Evaluation scores the boxes
     as loaded, never the raw JSON (see ``evaluation_ground_truth``). ``image_id`` in samples is the COCO
     image id, as COCO results need it. Image ids must be unique in the file (ValueError otherwise).
 
@@ -82,6 +88,7 @@ class CocoDetection(Dataset):
         min_box_size: minimum width and height in original pixels of a kept box (0 = any positive size).
         image_ids: keep only these COCO image ids, in this order (e.g. a train/val split); None = all,
             sorted by id.
+        bad_samples: the policy collecting bad samples; None = "error" (stop at the first).
     """
 
     def __init__(
@@ -94,6 +101,7 @@ class CocoDetection(Dataset):
         remove_images_without_boxes: bool = False,
         min_box_size: float = 0.0,
         image_ids: Sequence[int] | None = None,
+        bad_samples: BadSamples | None = None,
     ):
         self.image_dir = Path(image_dir)
         self.ann_file = Path(ann_file)
@@ -102,6 +110,7 @@ class CocoDetection(Dataset):
         if min_box_size < 0:
             raise ValueError(f"min_box_size: expected >= 0, got {min_box_size!r}")
         self.min_box_size = float(min_box_size)
+        self.bad_samples = bad_samples if bad_samples is not None else BadSamples("error")
 
         self.coco = load_coco_api(self.ann_file)
         cat_ids = sorted(int(c["id"]) for c in self.coco.dataset["categories"])
@@ -128,8 +137,15 @@ class CocoDetection(Dataset):
         degenerate_ann_ids: list[int] = []
         small_ann_ids: list[int] = []
         self._targets: dict[int, dict[str, np.ndarray]] = {}
-        for img_id in ids:
-            target, n_crowd, degenerate, small = self._load_targets(img_id)
+        self._report_orphan_annotations()
+        ids = [i for i in ids if self._image_entry_ok(i)]
+        for img_id in list(ids):
+            try:
+                target, n_crowd, degenerate, small = self._load_targets(img_id)
+            except _BadAnnotation as bad:
+                self.bad_samples.report(self.ann_file, str(bad))
+                ids.remove(img_id)
+                continue
             self._targets[img_id] = target
             self.num_crowd += n_crowd
             degenerate_ann_ids += degenerate
@@ -138,8 +154,8 @@ class CocoDetection(Dataset):
         self.num_small = len(small_ann_ids)
         if degenerate_ann_ids:
             warnings.warn(
-                f"dropped {self.num_degenerate} degenerate boxes (zero width/height after clipping, or "
-                f"non-finite) in {self.ann_file}: annotation ids {_preview(degenerate_ann_ids)}",
+                f"dropped {self.num_degenerate} degenerate boxes (zero width/height, in the file or after "
+                f"clipping) in {self.ann_file}: annotation ids {_preview(degenerate_ann_ids)}",
                 stacklevel=2,
             )
         if small_ann_ids:
@@ -153,6 +169,28 @@ class CocoDetection(Dataset):
         self.ids: list[int] = ids
         self.num_boxes = sum(len(self._targets[i]["labels"]) for i in ids)
 
+    def _report_orphan_annotations(self) -> None:
+        """Annotations whose image_id names no image: a merge slip; nothing to train them on."""
+        for ann in self.coco.dataset.get("annotations") or []:
+            if isinstance(ann, dict) and ann.get("image_id") not in self.coco.imgs:
+                self.bad_samples.report(self.ann_file, f"annotation {ann.get('id')} has image_id "
+                                        f"{ann.get('image_id')!r}, which is not an id in 'images'")
+
+    def _image_entry_ok(self, img_id: int) -> bool:
+        """False (after reporting it) for an image entry without a usable file name or size."""
+        info = self.coco.imgs[img_id]
+        name = info.get("file_name")
+        if not isinstance(name, str) or not name.strip():
+            self.bad_samples.report(self.ann_file, f"image {img_id} has file_name {name!r}; expected the image's "
+                                    "path relative to the image folder", kind="image")
+            return False
+        try:
+            self._hw_of(info)
+        except ValueError as exc:
+            self.bad_samples.report(self.ann_file, str(exc).split(": ", 1)[-1], kind="image")
+            return False
+        return True
+
     def _load_targets(self, img_id: int) -> tuple[dict[str, np.ndarray], int, list[int], list[int]]:
         """The cleaned targets of one image (boxes in float64 original pixels, labels, COCO areas) and its
         crowd regions, with the crowd count and the ids of the degenerate and too-small annotations."""
@@ -161,18 +199,14 @@ class CocoDetection(Dataset):
         boxes, labels, ann_ids, crowd, areas = [], [], [], [], []
         for ann in self.coco.imgToAnns.get(img_id, []):
             cat = ann.get("category_id")
+            where = f"annotation {ann.get('id')} (image {img_id} '{info.get('file_name')}')"
             if cat not in self.category_id_to_label:
-                raise ValueError(
-                    f"COCO annotation file '{self.ann_file}': annotation {ann.get('id')} has category_id "
-                    f"{cat!r}, which is not in 'categories'"
-                )
-            bbox = ann.get("bbox")
-            if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
-                raise ValueError(
-                    f"COCO annotation file '{self.ann_file}': annotation {ann.get('id')} has bbox {bbox!r}; "
-                    "expected [x, y, width, height]"
-                )
-            boxes.append([float(v) for v in bbox])
+                raise _BadAnnotation(f"{where} has category_id {cat!r}, which is not in 'categories'")
+            # A crowd region only marks what to ignore: one sticking out of the image is clipped, not refused.
+            problem = _bbox_problem(ann.get("bbox"), height, width, inside=not ann.get("iscrowd", 0))
+            if problem:
+                raise _BadAnnotation(f"{where}: {problem}")
+            boxes.append([float(v) for v in ann["bbox"]])
             labels.append(self.category_id_to_label[cat])
             ann_ids.append(int(ann.get("id", -1)))
             crowd.append(bool(self.skip_crowd and ann.get("iscrowd", 0)))
@@ -180,12 +214,10 @@ class CocoDetection(Dataset):
             areas.append(float(area) if isinstance(area, (int, float)) and not isinstance(area, bool) else math.nan)
         n_crowd = sum(crowd)
         xywh = torch.tensor(boxes, dtype=torch.float64).reshape(-1, 4)
-        finite = torch.isfinite(xywh).all(dim=1)
-        # Non-finite rows are zeroed so that clipping cannot turn them into a plausible box.
-        raw_xyxy = xywh_to_xyxy(torch.where(finite[:, None], xywh, torch.zeros_like(xywh)))
+        raw_xyxy = xywh_to_xyxy(xywh)
         xyxy = clip_boxes(raw_xyxy, (height, width))
         wh = xyxy[:, 2:] - xyxy[:, :2]
-        valid = finite & (wh > 0).all(dim=1)
+        valid = (wh > 0).all(dim=1)  # zero width or height (in the file, or after clipping): degenerate
         big_enough = (wh >= self.min_box_size).all(dim=1)
         is_crowd = torch.tensor(crowd, dtype=torch.bool).reshape(-1)
         # Crowd regions are not targets: they are kept (clipped) only as regions COCO AP ignores, whatever
@@ -226,6 +258,11 @@ class CocoDetection(Dataset):
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def keep_images(self, indices: Sequence[int]) -> None:
+        """Keep only the images at these positions (e.g. those whose file passed the up-front checks)."""
+        self.ids = [self.ids[i] for i in indices]
+        self.num_boxes = sum(len(self._targets[i]["labels"]) for i in self.ids)
 
     def image_hw(self, index: int) -> tuple[int, int]:
         """(H0, W0) of image ``index`` from the JSON, without decoding the image."""
@@ -274,6 +311,26 @@ class CocoDetection(Dataset):
             f"{type(self).__name__}(images={len(self)}, boxes={self.num_boxes}, classes={len(self.categories)}, "
             f"crowd_skipped={self.num_crowd}, degenerate_dropped={self.num_degenerate}, ann_file='{self.ann_file}')"
         )
+
+
+class _BadAnnotation(ValueError):
+    """A malformed annotation; its image becomes a bad sample."""
+
+
+def _bbox_problem(bbox: Any, height: int, width: int, *, inside: bool = True) -> str | None:
+    """Why a COCO ``[x, y, w, h]`` is malformed, or None. Zero width/height is degenerate, not malformed."""
+    if not isinstance(bbox, (list, tuple)) or len(bbox) != 4 or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox):
+        return f"bbox {bbox!r}; expected [x, y, width, height] (4 numbers)"
+    x, y, w, h = (float(v) for v in bbox)
+    if not all(math.isfinite(v) for v in (x, y, w, h)):
+        return f"bbox {list(bbox)} has a non-finite number"
+    if w < 0 or h < 0:
+        return f"bbox {list(bbox)} has a negative width or height; expected [x, y, width >= 0, height >= 0]"
+    tol = BOX_TOLERANCE_PX
+    if inside and (x < -tol or y < -tol or x + w > width + tol or y + h > height + tol):
+        return f"bbox {list(bbox)} lies outside the {width}x{height} image by more than {tol:g} pixel"
+    return None
 
 
 def _preview(ids: list[Any], limit: int = 10) -> str:

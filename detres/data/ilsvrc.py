@@ -11,6 +11,7 @@ import csv
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from detres.data.voc_xml import parse_voc_xml
 
@@ -96,12 +97,14 @@ def _label(wnid: str, labels: dict[str, int], where: str) -> int:
 
 
 def read_loc_xml_folder(
-    folder: str | os.PathLike, image_ids: Sequence[str], synsets: Sequence[str]
+    folder: str | os.PathLike, image_ids: Sequence[str], synsets: Sequence[str], *, bad_samples: Any = None
 ) -> dict[str, list[tuple[int, Box]]]:
     """Ground truth of ``image_ids`` from ``<folder>/<image_id>.xml`` (ILSVRC CLS-LOC / VOC annotation XML).
 
     Raises FileNotFoundError for a missing folder or XML file (naming the image id), ValueError
-    (naming the file) for a malformed XML, an image without objects or a wnid not in ``synsets``.
+    (naming the file) for a malformed XML, an image without objects or a wnid not in ``synsets``. With
+    ``bad_samples`` (a :class:`~detres.data.bad_samples.BadSamples`) each such image is reported there instead
+    (which raises under "error") and left out of the result.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -110,15 +113,22 @@ def read_loc_xml_folder(
     out: dict[str, list[tuple[int, Box]]] = {}
     for image_id in image_ids:
         path = folder / f"{image_id}.xml"
-        if not path.is_file():
-            raise FileNotFoundError(f"annotation of image {image_id!r} not found: {path}")
-        objects = parse_voc_xml(path)["objects"]
-        if not objects:
-            raise ValueError(f"{path}: no <object> (a localization image needs at least one box)")
-        out[image_id] = [
-            (_label(o["name"], labels, f"{path}: object #{k}"), o["bbox"]) for k, o in enumerate(objects)
-        ]
+        try:
+            out[image_id] = _xml_ground_truth(path, image_id, labels)
+        except (FileNotFoundError, ValueError) as exc:
+            if bad_samples is None:
+                raise
+            bad_samples.report(path, str(exc).removeprefix(f"{path}: "))
     return out
+
+
+def _xml_ground_truth(path: Path, image_id: str, labels: dict[str, int]) -> list[tuple[int, Box]]:
+    if not path.is_file():
+        raise FileNotFoundError(f"annotation of image {image_id!r} not found: {path}")
+    objects = parse_voc_xml(path)["objects"]
+    if not objects:
+        raise ValueError(f"{path}: no <object> (a localization image needs at least one box)")
+    return [(_label(o["name"], labels, f"{path}: object #{k}"), o["bbox"]) for k, o in enumerate(objects)]
 
 
 def _csv_boxes(text: str, labels: dict[str, int], where: str) -> list[tuple[int, Box]]:

@@ -16,6 +16,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from detres.data.bad_samples import BadSamples
 from detres.data.ilsvrc import read_loc_xml_folder, read_synsets, synset_labels
 from detres.data.image_io import read_image_rgb
 from detres.data.tiny_imagenet import parse_tiny_box, read_tiny_imagenet_val
@@ -45,10 +46,12 @@ def _image_path(folder: Path, image_id: str) -> Path:
 
 
 def read_ilsvrc_loc(root: str | os.PathLike, split: str, synsets: list[str] | None = None, *,
-                    synsets_file: str | os.PathLike | None = None) -> tuple[list[LocRecord], list[str]]:
+                    synsets_file: str | os.PathLike | None = None,
+                    bad_samples: BadSamples | None = None) -> tuple[list[LocRecord], list[str]]:
     """``root/Annotations/<split>/**/*.xml`` + ``root/Data/<split>/<same sub-folder>/<id>.*`` -> (records sorted by
     path, synsets). ``split`` may be nested (ILSVRC's ``CLS-LOC/train``, whose XML sit in one folder per wnid).
-    Synsets: ``synsets``, else ``synsets_file``, else ``root/LOC_synset_mapping.txt``.
+    Synsets: ``synsets``, else ``synsets_file``, else ``root/LOC_synset_mapping.txt``. With ``bad_samples`` a
+    malformed XML or a missing image is reported there (an error under "error") and its image left out.
     """
     root = Path(root)
     if synsets is None:
@@ -63,11 +66,18 @@ def read_ilsvrc_loc(root: str | os.PathLike, split: str, synsets: list[str] | No
         raise ValueError(f"{ann}: no *.xml annotation")
     records = []
     for folder, ids in by_folder.items():
-        gt = read_loc_xml_folder(folder, ids, synsets)
+        gt = read_loc_xml_folder(folder, ids, synsets, bad_samples=bad_samples)
         images = root / "Data" / split / folder.relative_to(ann)
-        records += [LocRecord(i, str(_image_path(images, i)),
-                              tuple((b[0] - 1.0, b[1] - 1.0, float(b[2]), float(b[3])) for _, b in gt[i]),
-                              tuple(int(lab) for lab, _ in gt[i])) for i in ids]
+        for i in (i for i in ids if i in gt):
+            try:
+                path = _image_path(images, i)
+            except FileNotFoundError as exc:
+                if bad_samples is None:
+                    raise
+                bad_samples.report(images / i, str(exc), kind="missing image")
+                continue
+            records.append(LocRecord(i, str(path), tuple((b[0] - 1.0, b[1] - 1.0, float(b[2]), float(b[3]))
+                                                         for _, b in gt[i]), tuple(int(lab) for lab, _ in gt[i])))
     return records, list(synsets)
 
 
@@ -94,8 +104,12 @@ def _tiny_box(fields: list[str], where: str) -> tuple[float, float, float, float
     return float(x0 - 1), float(y0 - 1), float(x1), float(y1)
 
 
-def read_tiny_imagenet_train(root: str | os.PathLike, synsets: list[str]) -> list[LocRecord]:
-    """``train/<wnid>/<wnid>_boxes.txt`` (``<file> x0 y0 x1 y1``, 0-based inclusive) for every wnid of ``synsets``."""
+def read_tiny_imagenet_train(root: str | os.PathLike, synsets: list[str], *,
+                             bad_samples: BadSamples | None = None) -> list[LocRecord]:
+    """``train/<wnid>/<wnid>_boxes.txt`` (``<file> x0 y0 x1 y1``, 0-based inclusive) for every wnid of ``synsets``.
+
+    A malformed line is an error naming ``file:line``, or, with ``bad_samples``, reported there (an error under
+    "error") and its image left out."""
     root = Path(root)
     records: list[LocRecord] = []
     for label, wnid in enumerate(synsets, start=1):
@@ -106,9 +120,15 @@ def read_tiny_imagenet_train(root: str | os.PathLike, synsets: list[str]) -> lis
             fields = line.split()
             if not fields:
                 continue
-            if len(fields) != 5:
-                raise ValueError(f"{path}:{number}: expected '<file> x0 y0 x1 y1', got {len(fields)} fields")
-            box = _tiny_box(fields[1:], f"{path}:{number}")
+            try:
+                if len(fields) != 5:
+                    raise ValueError(f"{path}:{number}: expected '<file> x0 y0 x1 y1', got {len(fields)} fields")
+                box = _tiny_box(fields[1:], f"{path}:{number}")
+            except ValueError as exc:
+                if bad_samples is None:
+                    raise
+                bad_samples.report(f"{path}:{number}", str(exc).removeprefix(f"{path}:{number}: "))
+                continue
             records.append(LocRecord(Path(fields[0]).stem, str(root / "train" / wnid / "images" / fields[0]),
                                      (box,), (label,)))
     return records

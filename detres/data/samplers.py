@@ -1,4 +1,5 @@
-"""Samplers for detection training: aspect-ratio grouped batches and a resumable infinite shuffled stream."""
+"""Samplers for detection training: aspect-ratio grouped batches, a resumable infinite shuffled stream, and
+their data-parallel split (each rank takes a disjoint slice of every global batch)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 from torch.utils.data import Sampler
 
-__all__ = ["compute_aspect_ratio_groups", "AspectRatioGroupedBatchSampler", "InfiniteSampler"]
+__all__ = ["compute_aspect_ratio_groups", "AspectRatioGroupedBatchSampler", "InfiniteSampler", "RankSlicedBatchSampler"]
 
 
 def compute_aspect_ratio_groups(dataset: Any) -> list[int]:
@@ -163,3 +164,34 @@ class InfiniteSampler(Sampler[int]):
                 offset += self.world_size
             epoch += 1
             offset -= self.size
+
+
+class RankSlicedBatchSampler(Sampler[list[int]]):
+    """One rank's share of a stream of *global* batches: rank ``r`` of ``W`` takes slice ``r`` of ``W`` equal,
+    contiguous slices of every batch ``batch_sampler`` yields.
+
+    Every rank builds the same global ``batch_sampler`` (same seed; it only computes indices), so the ranks'
+    slices of one batch are disjoint and together are exactly the batch a single process would train on:
+    aspect-ratio grouping, seeding and resuming (``start_batch`` / ``start`` of the wrapped samplers) carry
+    over unchanged. This is detectron2's convention: the configured batch size is the global one and each
+    rank trains on ``batch / W`` images. A global batch that does not split evenly is an error.
+    """
+
+    def __init__(self, batch_sampler: Iterable[list[int]], rank: int, world_size: int) -> None:
+        if world_size <= 0 or not 0 <= rank < world_size:
+            raise ValueError(f"rank/world_size: expected 0 <= rank < world_size, got {rank=}, {world_size=}")
+        self.batch_sampler = batch_sampler
+        self.rank = rank
+        self.world_size = world_size
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for batch in self.batch_sampler:
+            batch = list(batch)
+            if len(batch) % self.world_size:
+                raise ValueError(f"a global batch of {len(batch)} images does not split over {self.world_size} "
+                                 f"processes: the batch size must be a multiple of the world size")
+            share = len(batch) // self.world_size
+            yield batch[self.rank * share:(self.rank + 1) * share]
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler)  # type: ignore[arg-type]

@@ -11,9 +11,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from detres.data.bad_samples import BOX_TOLERANCE_PX, BadSamples
 from detres.data.det_transforms import load_sample
 from detres.data.image_io import read_image_rgb
-from detres.data.voc_xml import parse_voc_xml
+from detres.data.voc_xml import VOCAnnotationError, parse_voc_xml
 from detres.structures.boxes import clip_boxes, voc_to_xyxy
 
 __all__ = ["VOC_CLASSES", "VocDetection", "read_image_set"]
@@ -44,7 +45,13 @@ class VocDetection(Dataset):
     or ``ymax <= ymin`` in the file is a point or a line, not an object (BCCD has two such
     annotation slips): it is dropped, with one warning per dataset (``num_degenerate``). Read as an
     inclusive pixel box such an entry would be 1 pixel wide; it is dropped because its extent in the
-    file's own numbers is zero, i.e. the annotator clicked instead of dragging.
+    file's own numbers is zero, i.e. the annotator clicked instead of dragging. Boxes left with zero area
+    by clipping are dropped and counted the same way.
+
+    Bad samples go to ``bad_samples`` (the ``data.on_bad_sample`` policy: error at the first, or skip and
+    record) and leave their whole image out: a missing or malformed XML (including an inverted box,
+    ``xmax < xmin``, and non-finite numbers), an object of a class not in ``class_names``, and a box
+    outside the annotated image by more than a pixel; the same cases as COCO's negative width.
 
     ``image_id`` in samples is the position of the image in the set; ``image_ids[image_id]`` is
     its string id (file stem), which VOC devkit result files need.
@@ -60,6 +67,7 @@ class VocDetection(Dataset):
             (evaluation needs them: the VOC metric ignores them); False leaves them out, the usual
             choice for a training set (Faster R-CNN trains without VOC's difficult objects).
         min_box_size: minimum width and height in original pixels of a kept box (0 = any).
+        bad_samples: the policy collecting bad samples; None = "error" (stop at the first).
     """
 
     def __init__(
@@ -71,6 +79,7 @@ class VocDetection(Dataset):
         transforms: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
         keep_difficult: bool = True,
         min_box_size: float = 0.0,
+        bad_samples: BadSamples | None = None,
     ):
         self.root = Path(root)
         self.image_set = image_set
@@ -79,9 +88,12 @@ class VocDetection(Dataset):
         if min_box_size < 0:
             raise ValueError(f"min_box_size: expected >= 0, got {min_box_size!r}")
         self.min_box_size = float(min_box_size)
+        self.bad_samples = bad_samples if bad_samples is not None else BadSamples("error")
 
-        self.image_ids: list[str] = read_image_set(self.root, image_set)
-        records = [self._parse(image_id) for image_id in self.image_ids]
+        listed = read_image_set(self.root, image_set)
+        parsed = [(image_id, self._parse(image_id)) for image_id in listed]
+        parsed = [(image_id, rec) for image_id, rec in parsed if rec is not None]
+        records = [rec for _, rec in parsed]
         if class_names is None:
             class_names = sorted({obj["name"] for rec in records for obj in rec["objects"]})
         class_names = [str(n) for n in class_names]
@@ -97,8 +109,14 @@ class VocDetection(Dataset):
         degenerate: list[str] = []
         small: list[str] = []
         self._records: list[dict[str, Any]] = []
-        for image_id, rec in zip(self.image_ids, records):
-            target, dropped, too_small = self._build_target(image_id, rec)
+        self.image_ids: list[str] = []
+        for image_id, rec in parsed:
+            try:
+                target, dropped, too_small = self._build_target(image_id, rec)
+            except _BadObject as bad:
+                self.bad_samples.report(self._xml_path(image_id), str(bad))
+                continue
+            self.image_ids.append(image_id)
             self._records.append(target)
             degenerate += dropped
             small += too_small
@@ -107,7 +125,8 @@ class VocDetection(Dataset):
         self.num_small = len(small)
         if degenerate:
             warnings.warn(
-                f"dropped {self.num_degenerate} degenerate boxes (xmax <= xmin or ymax <= ymin) in "
+                f"dropped {self.num_degenerate} degenerate boxes (xmax == xmin or ymax == ymin, or zero area once "
+                f"clipped) in "
                 f"{self.root} ({image_set}): {_preview(degenerate)}",
                 stacklevel=2,
             )
@@ -122,11 +141,17 @@ class VocDetection(Dataset):
     def _xml_path(self, image_id: str) -> Path:
         return self.root / "Annotations" / f"{image_id}.xml"
 
-    def _parse(self, image_id: str) -> dict[str, Any]:
+    def _parse(self, image_id: str) -> dict[str, Any] | None:
+        """The XML's record, or None once a missing or malformed file has been reported as a bad sample."""
         path = self._xml_path(image_id)
         if not path.is_file():
-            raise FileNotFoundError(f"VOC annotation '{path}' does not exist (listed in image set '{self.image_set}')")
-        return parse_voc_xml(path)
+            self.bad_samples.report(path, f"VOC annotation does not exist (listed in image set '{self.image_set}')")
+            return None
+        try:
+            return parse_voc_xml(path)
+        except VOCAnnotationError as exc:
+            self.bad_samples.report(path, str(exc).removeprefix(f"{path}: "))
+            return None
 
     def _build_target(self, image_id: str, rec: dict[str, Any]) -> tuple[dict[str, Any], list[str], list[str]]:
         xml = self._xml_path(image_id)
@@ -134,17 +159,24 @@ class VocDetection(Dataset):
         image_path = self.root / "JPEGImages" / filename
         if rec.get("height") is None or rec.get("width") is None:
             # Rare XMLs without <size>: the image itself is the only source of its size.
-            height, width = read_image_rgb(image_path).shape[:2]
+            try:
+                height, width = read_image_rgb(image_path).shape[:2]
+            except (OSError, ValueError) as exc:
+                raise _BadObject(f"no <size> and the image cannot be read: {exc}") from None
         else:
             height, width = int(rec["height"]), int(rec["width"])
         boxes, labels, difficult, degenerate, small = [], [], [], [], []
         for k, obj in enumerate(rec["objects"]):
             name = obj["name"]
             if name not in self._label_of:
-                raise ValueError(f"VOC annotation '{xml}': object {k} has class '{name}', not in {self.class_names}")
+                raise _BadObject(f"object {k} has class '{name}', not in {self.class_names}")
+            x1, y1, x2, y2 = (float(v) for v in obj["bbox"])
+            tol = BOX_TOLERANCE_PX  # 1-based inclusive: the continuous box is (x1 - 1, y1 - 1, x2, y2)
+            if x1 - 1 < -tol or y1 - 1 < -tol or x2 > width + tol or y2 > height + tol:
+                raise _BadObject(f"object {k} ({name}): bndbox {list(obj['bbox'])} lies outside the "
+                                 f"{width}x{height} image by more than {tol:g} pixel")
             if obj["difficult"] and not self.keep_difficult:
                 continue
-            x1, y1, x2, y2 = (float(v) for v in obj["bbox"])
             if not (x2 > x1 and y2 > y1):
                 degenerate.append(f"{image_id} object {k} {list(obj['bbox'])}")
                 continue
@@ -171,6 +203,12 @@ class VocDetection(Dataset):
 
     def __len__(self) -> int:
         return len(self.image_ids)
+
+    def keep_images(self, indices: Sequence[int]) -> None:
+        """Keep only the images at these positions (e.g. those whose file passed the up-front checks)."""
+        self.image_ids = [self.image_ids[i] for i in indices]
+        self._records = [self._records[i] for i in indices]
+        self.num_boxes = sum(len(r["labels"]) for r in self._records)
 
     def image_hw(self, index: int) -> tuple[int, int]:
         """(H0, W0) of image ``index`` from its XML, without decoding the image."""
@@ -200,6 +238,10 @@ class VocDetection(Dataset):
             f"{type(self).__name__}(root='{self.root}', image_set='{self.image_set}', images={len(self)}, "
             f"boxes={self.num_boxes}, classes={self.class_names}, degenerate_dropped={self.num_degenerate})"
         )
+
+
+class _BadObject(ValueError):
+    """An object (or size) of one XML that makes its image a bad sample."""
 
 
 def _preview(items: list[str], limit: int = 10) -> str:

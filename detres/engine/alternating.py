@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Mapping
 
 from torch import nn
@@ -45,7 +46,9 @@ from detres.data.worker_errors import readable
 from detres.engine.det_trainer import DetRun, LossWindow, load_optimizer_state
 from detres.engine.lr_schedule import LRSchedule
 from detres.engine.optimizer import build_detection_optimizer, set_lr
+from detres.engine.run_setup import stop_if_signalled
 from detres.models.build import build_detector
+from detres.engine.distributed import MethodCall, is_main_process, mean_over_ranks, wrap_ddp
 
 __all__ = ["STEP_NAMES", "STEP_TRAINABLE", "AlternatingPlan", "alternating_plan", "set_step_trainable",
            "train_alternating"]
@@ -133,7 +136,9 @@ def train_alternating(run: DetRun, model_args: dict[str, Any], state: dict | Non
         if alt["plan"] != plan.to_dict():
             raise ValueError(f"{run.last_path}: written with the alternating plan {alt['plan']}, but the config now "
                              f"gives {plan.to_dict()}; resume with the same solver options")
-        fresh_args = dict(state["model_args"], weights_path=alt["backbone_weights"])
+        # the checkpoint's network, or the config's with --allow-model-change (weights from the checkpoint)
+        fresh_args = dict(model_args if run.model_changed else state["model_args"],
+                          weights_path=alt["backbone_weights"])
         step0, step_iter0 = int(alt["step"]), int(alt["step_iter"])
     saved_args = dict(fresh_args, weights_path=None)
 
@@ -144,7 +149,8 @@ def train_alternating(run: DetRun, model_args: dict[str, Any], state: dict | Non
     model: nn.Module | None = None
     proposal_net: nn.Module | None = None
     iteration = sum(plan.iters[:step0]) + step_iter0
-    progress = tqdm(total=sum(plan.iters), initial=iteration, desc="train_det (4-step)", dynamic_ncols=True)
+    progress = tqdm(total=sum(plan.iters), initial=iteration, desc="train_det (4-step)", dynamic_ncols=True,
+                    disable=not is_main_process())
     for step in range(step0, 4):
         resumed = state is not None and step == step0
         if resumed:
@@ -164,46 +170,50 @@ def train_alternating(run: DetRun, model_args: dict[str, Any], state: dict | Non
         set_step_trainable(model, step, base_flags)
         _set_step_modes(model, step)
         optimizer = build_detection_optimizer(model, solver, modules=STEP_TRAINABLE[step])
+        # torchrun: the step's loss method runs inside DDP (built after the step's requires_grad flags are set)
+        losses_of = wrap_ddp(MethodCall(model), device, find_unused_parameters=True)
         schedule = LRSchedule(optimizer, base_lr=solver.base_lr, mode="step", steps=plan.lr_steps[step],
                               gamma=solver.gamma, warmup_iters=solver.warmup_iters, warmup_lr=solver.warmup_lr)
         step_iter = step_iter0 if resumed else 0
         if resumed and step_iter > 0:
             load_optimizer_state(optimizer, state["optimizer"], run.last_path)
 
-        def save_last(with_optimizer: bool) -> None:
+        def save_last(with_optimizer: bool) -> Path:
             extra: dict[str, Any] = {"alternating": {"step": step, "step_iter": step_iter, "plan": plan.to_dict(),
                                                      "backbone_weights": fresh_args.get("weights_path")}}
             if step == 1:
                 extra["proposal_model"] = proposal_net.state_dict()
-            run.save(run.last_path, model, saved_args, iteration, optimizer if with_optimizer else None, **extra)
+            return run.save(run.last_path, model, saved_args, iteration, optimizer if with_optimizer else None,
+                            **extra)
 
         if step_iter == 0:
             save_last(with_optimizer=False)  # step boundary
         num_iters = plan.iters[step]
         step_started = time.time()
         window = LossWindow()
-        loader = run.loader(step_iter, images_per_batch=plan.images_per_batch[step], seed=int(cfg.seed) + step)
-        for batch in readable(loader):
-            if step_iter >= num_iters:
-                break
+        # Created only when the step has iterations left, read one batch per step: never a batch past the step.
+        batches = (readable(run.loader(step_iter, images_per_batch=plan.images_per_batch[step],
+                                       seed=int(cfg.seed) + step)) if step_iter < num_iters else iter(()))
+        while step_iter < num_iters:
+            batch = next(batches)
             lr = schedule.lr_at(step_iter)
             set_lr(optimizer, lr)
             images, targets, sizes = batch["images"].to(device), batch["targets"], batch["image_sizes"]
             with run.amp.autocast():
                 if step in (0, 2):
-                    losses = model.rpn_losses(images, targets, sizes)
+                    losses = losses_of("rpn_losses", images, targets, sizes)
                 elif step == 1:
-                    losses = model.detector_losses(images, targets, sizes,
-                                                   proposals=proposal_net.propose(images, sizes, mode="train"))
+                    losses = losses_of("detector_losses", images, targets, sizes,
+                                       proposals=proposal_net.propose(images, sizes, mode="train"))
                 else:
-                    losses = model.detector_losses(images, targets, sizes)  # its own frozen RPN's proposals
+                    losses = losses_of("detector_losses", images, targets, sizes)  # its own frozen RPN's proposals
             total = run.sgd_step(optimizer, losses, iteration)
             step_iter += 1
             iteration += 1
             progress.update(1)
             window.add(total, losses)
             if step_iter % solver.log_period == 0 or step_iter == num_iters:
-                means = window.flush()
+                means = mean_over_ranks(window.flush())  # the global batch's losses (collective)
                 run.logger.log(iter=iteration, step=step + 1, step_iter=step_iter, lr=lr,
                                time=time.time() - run.started, **means)
                 progress.set_postfix(step=step + 1, loss=f"{means['loss']:.3f}", lr=f"{lr:.2g}")
@@ -212,7 +222,8 @@ def train_alternating(run: DetRun, model_args: dict[str, Any], state: dict | Non
             if step == 3 and solver.eval_period > 0 and step_iter % solver.eval_period == 0 and step_iter < num_iters:
                 run.evaluate(model, iteration)  # only the step-4 network is a complete detector
                 _set_step_modes(model, step)
-        del loader
+            stop_if_signalled(iteration, lambda: save_last(with_optimizer=True))
+        del batches
         run.save(run.out / f"{STEP_NAMES[step]}.pt", model, saved_args, iteration,
                  alternating={"step": step, "seconds": round(time.time() - step_started, 1)})
         if step == 1:

@@ -1,7 +1,6 @@
 """Faster R-CNN training (approximate joint or 4-step alternating training, Appendix A) and dataset-level testing."""
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -15,9 +14,13 @@ from detres.data.build import build_detection_dataset, dataset_class_names, data
 from detres.data.collate import collate_detection
 from detres.data.samplers import AspectRatioGroupedBatchSampler, InfiniteSampler, compute_aspect_ratio_groups
 from detres.utils.atomic import write_json_atomic
-from detres.utils.checkpoint import load_checkpoint, save_checkpoint
+from detres.utils.checkpoint import save_checkpoint
 from detres.engine.amp import SCALER_KEY, check_amp_dtype, mixed_precision_from_config, scaler_state_into
-from detres.engine.run_setup import start_run
+from detres.engine.checkpoint import CheckpointManager, Diverged, check_finite_payload
+from detres.engine.run_setup import load_model_state, stop_if_signalled
+from detres.utils.dist import finite_on_all_ranks
+from detres.engine.distributed import distributed_run_guard, is_main_process, mean_over_ranks, shard_batches
+from detres.engine.distributed import start_distributed_run, wrap_ddp
 from detres.engine.seeded_data import IterationKeyedBatches, IterationSeededDataset
 from detres.inference.detect import run_inference
 from detres.inference.test_time import TestTimeOptions, options_from_config
@@ -25,7 +28,8 @@ from detres.engine.logging import JsonLinesLogger, read_json_lines
 from detres.engine.lr_schedule import LRSchedule
 from detres.engine.optimizer import build_detection_optimizer, set_lr
 from detres.engine.plots import plot_curves
-from detres.data.worker_errors import readable
+from detres.data.worker_errors import readable, readable_worker_errors
+from detres.data.validate import check_detection_sets
 from detres.evaluation.coco_backend import coco_classes
 from detres.evaluation.det_eval import evaluate_detection_dataset
 from detres.evaluation.results_io import detections_to_coco_results, write_coco_results, write_voc_results
@@ -53,7 +57,7 @@ def _train_loader(dataset, cfg: Config, start_iter: int, *, images_per_batch: in
                                drop_last=True)
     # Every draw (scale, flip, RPN / RoI sampling) of image i at iteration t is seeded by (seed, t, i).
     return DataLoader(IterationSeededDataset(dataset, seed=seed),
-                      batch_sampler=IterationKeyedBatches(batches, start_iter=start_iter),
+                      batch_sampler=IterationKeyedBatches(shard_batches(batches), start_iter=start_iter),
                       collate_fn=collate_detection, num_workers=cfg.data.num_workers,
                       persistent_workers=cfg.data.num_workers > 0)
 
@@ -96,7 +100,7 @@ def build_step_solver(model: torch.nn.Module, solver: Any, state: dict | None, s
                           warmup_iters=solver.warmup_iters, warmup_lr=solver.warmup_lr)
     if state is None:
         return optimizer, schedule, 0
-    model.load_state_dict(state["model"])
+    load_model_state(model, state["model"], source)
     load_optimizer_state(optimizer, state["optimizer"], source)
     return optimizer, schedule, int(state["iter"])
 
@@ -109,9 +113,13 @@ class DetRun:
     """
 
     def __init__(self, cfg: Config, out: Path, last_path: Path, device: torch.device, train_set, val_set,
-                 meta: dict[str, Any], logger: JsonLinesLogger) -> None:
+                 meta: dict[str, Any], logger: JsonLinesLogger, *, checkpoints: CheckpointManager | None = None,
+                 model_changed: bool = False) -> None:
         self.cfg, self.out, self.last_path, self.device = cfg, out, last_path, device
         self.train_set, self.val_set, self.meta, self.logger = train_set, val_set, meta, logger
+        # writes last.pt (+ the kept copies), knows the last good one
+        self.checkpoints = checkpoints or CheckpointManager(out, keep=cfg.solver.get("keep_checkpoints", 3))
+        self.model_changed = model_changed  # resumed with --allow-model-change: build the model from the config
         self.amp = mixed_precision_from_config(cfg.solver, device)  # one per run: warns once, one scaler
         self.started = time.time()
 
@@ -119,19 +127,30 @@ class DetRun:
         return _train_loader(self.train_set, self.cfg, start_iter, images_per_batch=images_per_batch, seed=seed)
 
     def save(self, path: Path, model: torch.nn.Module, model_args: dict[str, Any], iteration: int,
-             optimizer: torch.optim.Optimizer | None = None, **extra: Any) -> None:
-        """A train_det checkpoint: model weights + the arguments to rebuild it, metadata, iteration, config."""
+             optimizer: torch.optim.Optimizer | None = None, **extra: Any) -> Path:
+        """A train_det checkpoint: model weights + the arguments to rebuild it, metadata, iteration, config.
+        The one place a detection run writes checkpoints; a non-finite state is refused (Diverged).
+        Only rank 0 of a distributed run writes (the others' weights are the same)."""
+        if not is_main_process():
+            return Path(path)
         payload = {"model": model.state_dict(), "model_args": model_args, "meta": self.meta, "iter": iteration,
                    "config": self.cfg.to_dict(), "scheme": self.cfg.solver.training_scheme, **extra}
         if optimizer is not None:
             payload["optimizer"] = optimizer.state_dict()
             scaler_state_into(payload, self.amp)
+        if Path(path) == self.last_path:
+            return self.checkpoints.save(payload, iteration)
+        check_finite_payload(payload, iteration, Path(path))
         save_checkpoint(path, payload)
+        return Path(path)
 
     def evaluate(self, model: torch.nn.Module, iteration: int) -> dict[str, Any]:
         cfg = self.cfg
-        dets = run_inference(model, self.val_set, device=self.device, batch_size=cfg.solver.images_per_batch,
-                             num_workers=cfg.data.num_workers, amp=cfg.test.amp)
+        with readable_worker_errors():  # a bad val image: one line naming it, not a worker traceback
+            dets = run_inference(model, self.val_set, device=self.device, batch_size=cfg.solver.images_per_batch,
+                                 num_workers=cfg.data.num_workers, amp=cfg.test.amp)
+        if not is_main_process():
+            return {}  # every rank detected on its shard; rank 0 scores the gathered detections
         result = evaluate_detection_dataset(self.val_set, dets, iou_thresh_voc=cfg.test.iou_thresh_voc,
                                             use_07_metric=cfg.test.use_07_metric, coco_backend=cfg.test.coco_backend)
         self.logger.log(iter=iteration, AP=result["coco"]["summary"]["AP"], AP50=result["coco"]["summary"]["AP50"],
@@ -141,9 +160,11 @@ class DetRun:
     def sgd_step(self, optimizer: torch.optim.Optimizer, losses: dict[str, torch.Tensor], iteration: int) -> float:
         """Sum the losses, refuse a non-finite total, backward, step (scaled under float16 AMP); returns the total."""
         total = sum(losses.values())
-        if not math.isfinite(total.item()):
-            raise FloatingPointError(f"iteration {iteration}: loss is {total.item()} "
-                                     f"({ {k: round(v.item(), 4) for k, v in losses.items()} }); lower solver.base_lr")
+        if not finite_on_all_ranks(total.item()):
+            raise Diverged(f"iteration {iteration}: loss is {total.item()} "
+                           f"({ {k: round(v.item(), 4) for k, v in losses.items()} }); lower solver.base_lr",
+                           failed_from=iteration)
+        self.checkpoints.note_loss(iteration, total.item())
         optimizer.zero_grad(set_to_none=True)
         self.amp.backward_and_step(total, optimizer)
         return total.item()
@@ -166,7 +187,17 @@ class LossWindow:
         return means
 
 
-def train_detector(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
+def train_detector(cfg: Config, *, resume: bool | str = False, resume_from: str | Path | None = None,
+                   allow_model_change: bool = False) -> dict[str, Any]:
+    """:func:`_train_detector` holding ``output_dir``'s run lock, with SIGINT / SIGTERM saving ``last.pt`` and
+    stopping (TrainingInterrupted). ``resume``: False, True or "auto" (continue last.pt if any, else start);
+    ``resume_from``: an older kept checkpoint; see :func:`detres.engine.run_setup.start_run`."""
+    with distributed_run_guard(cfg):  # torchrun: rank 0 holds the lock
+        return _train_detector(cfg, resume=resume, resume_from=resume_from, allow_model_change=allow_model_change)
+
+
+def _train_detector(cfg: Config, *, resume: bool | str = False, resume_from: str | Path | None = None,
+                    allow_model_change: bool = False) -> dict[str, Any]:
     """Train on ``data.train_*``, evaluate periodically and at the end on ``data.val_*``; returns metrics.
 
     Writes ``config.yaml``, ``metrics.jsonl`` (losses every ``log_period``, AP at each evaluation),
@@ -194,34 +225,39 @@ def train_detector(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
 
         alternating_plan(cfg.solver)  # bad per-step options fail before any work
     coco_classes(cfg.test.coco_backend)  # an unknown or uninstalled COCO backend fails now, not at the first evaluation
-    out, last_path, device = start_run(cfg, resume=resume)
+    start = start_distributed_run(cfg, resume=resume, resume_from=resume_from, allow_model_change=allow_model_change)
+    out, last_path, device, state = start.out, start.last_path, start.device, start.state
 
     train_set = build_detection_dataset(cfg, "train", train=True)
     val_set = build_detection_dataset(cfg, "val", train=False, class_names=dataset_class_names(train_set))
     _check_same_classes(train_set, val_set)
+    check_detection_sets(train_set, val_set, cfg, out)  # image files, boxes, unseen classes; skipped_samples.json
     if len(train_set) == 0:
         raise ValueError(f"{cfg.data.train_ann}: the training set has no images")
     model_args = detector_kwargs_from_config(cfg.model, num_classes=len(train_set.categories))
-    state = load_checkpoint(last_path) if resume and last_path.exists() else None
     if state is not None and state.get("scheme", "joint") != scheme:
         raise ValueError(f"{last_path} was written by solver.training_scheme={state.get('scheme', 'joint')!r}; "
                          f"the config asks for {scheme!r}")
     meta = detector_metadata(train_set, cfg)
     start_iter = int(state["iter"]) if state is not None else 0
     logger = JsonLinesLogger(out / "metrics.jsonl", resume_from_iter=start_iter if state is not None else None)
-    run = DetRun(cfg, out, last_path, device, train_set, val_set, meta, logger)
+    run = DetRun(cfg, out, last_path, device, train_set, val_set, meta, logger, checkpoints=start.checkpoints,
+                 model_changed=start.model_changed)
     if state is not None:
         run.amp.load_state_dict(state.get(SCALER_KEY))  # absent in fp32 / older checkpoints: a fresh scaler
 
-    if scheme == "joint":
-        model, iteration, saved_args = _train_joint(run, model_args, state)
-    else:
-        from detres.engine.alternating import train_alternating
+    with run.checkpoints.stop_on_divergence():  # a NaN / Inf: stop naming the last good checkpoint
+        if scheme == "joint":
+            model, iteration, saved_args = _train_joint(run, model_args, state)
+        else:
+            from detres.engine.alternating import train_alternating
 
-        model, iteration, saved_args = train_alternating(run, model_args, state)
+            model, iteration, saved_args = train_alternating(run, model_args, state)
     train_time = time.time() - run.started
     run.save(out / "model_final.pt", model, saved_args, iteration)
     metrics = test_detector(model, val_set, meta, cfg, out_dir=out / "test", device=device)
+    if not is_main_process():
+        return metrics  # the other ranks only helped with the sharded test pass
     metrics.update(iterations=iteration, train_time_s=round(train_time, 1))
     logger.log(iter=iteration, AP=metrics["coco"]["summary"]["AP"], AP50=metrics["coco"]["summary"]["AP50"],
                voc_mAP=metrics["voc"]["mAP"])
@@ -239,8 +275,8 @@ def _train_joint(run: DetRun, model_args: dict[str, Any], state: dict | None
                  ) -> tuple[torch.nn.Module, int, dict[str, Any]]:
     """Approximate joint training (py-faster-rcnn end2end): one SGD step on the sum of the 4 losses."""
     cfg, device = run.cfg, run.device
-    if state is not None:
-        model_args = dict(state["model_args"], weights_path=None)  # weights come from the checkpoint
+    if state is not None:  # weights come from the checkpoint (the config's model with --allow-model-change)
+        model_args = dict(model_args if run.model_changed else state["model_args"], weights_path=None)
     model = build_detector(**model_args).to(device)
     saved_args = dict(model_args, weights_path=None)  # rebuilding for inference needs no backbone file
 
@@ -250,30 +286,43 @@ def _train_joint(run: DetRun, model_args: dict[str, Any], state: dict | None
     iteration = start_iter
     window = LossWindow()
     model.train()
-    progress = tqdm(total=solver.max_iter, initial=start_iter, desc="train_det", dynamic_ncols=True)
-    loader = run.loader(start_iter)
-    for batch in readable(loader):
-        if iteration >= solver.max_iter:
-            break
-        lr = schedule.lr_at(iteration)
-        set_lr(optimizer, lr)  # each group: lr x its lr_factor (biases: bias_lr_factor)
-        with run.amp.autocast():
-            losses = model(batch["images"].to(device), batch["targets"], image_sizes=batch["image_sizes"])
-        total = run.sgd_step(optimizer, losses, iteration)
-        iteration += 1
-        progress.update(1)
-        window.add(total, losses)
-        if iteration % solver.log_period == 0 or iteration == solver.max_iter:
-            means = window.flush()
-            run.logger.log(iter=iteration, lr=lr, time=time.time() - run.started, **means)
-            progress.set_postfix(loss=f"{means['loss']:.3f}", lr=f"{lr:.2g}")
-        if iteration % solver.checkpoint_period == 0 or iteration == solver.max_iter:
-            run.save(run.last_path, model, saved_args, iteration, optimizer)
-        if solver.eval_period > 0 and iteration % solver.eval_period == 0 and iteration < solver.max_iter:
-            run.evaluate(model, iteration)
-            model.train()
+    progress = tqdm(total=solver.max_iter, initial=start_iter, desc="train_det", dynamic_ncols=True,
+                    disable=not is_main_process())
+    train_model = wrap_ddp(model, device)  # torchrun: DDP averages the gradients; `model` stays the plain module
+    # Created only when there is training left, and read one batch per step: never a batch past max_iter.
+    batches = readable(run.loader(start_iter)) if start_iter < solver.max_iter else iter(())
+    while iteration < solver.max_iter:
+        iteration = _joint_step(run, model, optimizer, schedule, next(batches), iteration, window, saved_args,
+                                progress, train_model=train_model)
+        stop_if_signalled(iteration, lambda: run.save(run.last_path, model, saved_args, iteration, optimizer))
     progress.close()
     return model, iteration, saved_args
+
+
+def _joint_step(run: DetRun, model: torch.nn.Module, optimizer: torch.optim.Optimizer, schedule: LRSchedule,
+                batch: dict[str, Any], iteration: int, window: LossWindow, saved_args: dict[str, Any],
+                progress: tqdm, train_model: torch.nn.Module | None = None) -> int:
+    """One joint SGD step on ``batch``, then the log line / checkpoint / evaluation due; returns the iteration.
+    ``train_model``: what runs the training forward pass (``model`` in its DDP wrapper under torchrun)."""
+    solver, device = run.cfg.solver, run.device
+    lr = schedule.lr_at(iteration)
+    set_lr(optimizer, lr)  # each group: lr x its lr_factor (biases: bias_lr_factor)
+    with run.amp.autocast():
+        losses = (train_model or model)(batch["images"].to(device), batch["targets"], image_sizes=batch["image_sizes"])
+    total = run.sgd_step(optimizer, losses, iteration)
+    iteration += 1
+    progress.update(1)
+    window.add(total, losses)
+    if iteration % solver.log_period == 0 or iteration == solver.max_iter:
+        means = mean_over_ranks(window.flush())  # the global batch's losses (collective: every rank logs here)
+        run.logger.log(iter=iteration, lr=lr, time=time.time() - run.started, **means)
+        progress.set_postfix(loss=f"{means['loss']:.3f}", lr=f"{lr:.2g}")
+    if iteration % solver.checkpoint_period == 0 or iteration == solver.max_iter:
+        run.save(run.last_path, model, saved_args, iteration, optimizer)
+    if solver.eval_period > 0 and iteration % solver.eval_period == 0 and iteration < solver.max_iter:
+        run.evaluate(model, iteration)
+        model.train()
+    return iteration
 
 
 def test_detector(model: torch.nn.Module | Sequence[torch.nn.Module], dataset, meta: dict[str, Any], cfg: Config, *,
@@ -295,6 +344,8 @@ def test_detector(model: torch.nn.Module | Sequence[torch.nn.Module], dataset, m
     dets = run_inference(model, dataset, device=device, batch_size=cfg.solver.images_per_batch,
                          num_workers=cfg.data.num_workers, amp=cfg.test.amp,
                          options=options_from_config(cfg.test, cfg.input) if options is None else options)
+    if not is_main_process():
+        return {}  # sharded detection done; rank 0 scores the gathered detections and writes the files
     metrics = evaluate_detection_dataset(dataset, dets, iou_thresh_voc=cfg.test.iou_thresh_voc,
                                          use_07_metric=cfg.test.use_07_metric, coco_backend=cfg.test.coco_backend)
     write_coco_results(detections_to_coco_results(dets, meta["label_to_category_id"]),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
+from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -21,7 +22,8 @@ from detres.engine.logging import JsonLinesLogger, read_json_lines
 from detres.engine.loc_eval import format_table
 from detres.engine.optimizer import set_lr
 from detres.engine.plots import plot_curves
-from detres.engine.run_setup import start_run
+from detres.engine.checkpoint import CheckpointManager, Diverged, check_finite_payload
+from detres.engine.run_setup import start_run, stop_if_signalled
 from detres.models.loc_rpn import RPNLocalizer, load_localizer
 from detres.models.rcnn_loc import (CROP_SOURCES, RCNNLocalizer, RPNRCNNLocalizer, assign_rcnn_targets,
                                     build_rcnn_localizer, rcnn_localizer_kwargs_from_config, save_rcnn_localizer)
@@ -148,7 +150,8 @@ def _crop_image(record: LocRecord, view: LocTestTransform, crop_source: str) -> 
     return image if crop_source == "image" else torch.from_numpy(view(image)[0].transpose(2, 0, 1).copy())
 
 
-def train_rcnn_stage(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
+def train_rcnn_stage(cfg: Config, *, resume: bool | str = False, resume_from: str | Path | None = None,
+                     allow_model_change: bool = False) -> dict[str, Any]:
     """The R-CNN stage: proposals of the trained RPN (``model.rcnn.rpn_checkpoint``) on the training images' dense
     test views (shorter side ``test.scale``), cached once in ``proposals.pt``; RoI-centric SGD on their warped crops;
     then the RPN+R-CNN rows of Table 13 on the validation set. Same outputs and resuming as the RPN stage.
@@ -164,10 +167,12 @@ def train_rcnn_stage(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
     rpn, rpn_meta = load_localizer(rcnn_cfg.rpn_checkpoint)
     if list(rpn_meta["synsets"]) != list(synsets):
         raise ValueError(f"{rcnn_cfg.rpn_checkpoint}: its classes differ from data's {len(synsets)} synsets")
-    out, last_path, device = start_run(cfg, resume=resume)
-    state = load_checkpoint(last_path) if resume and last_path.exists() else None
-    model_args = dict(state["model_args"]) if state else rcnn_localizer_kwargs_from_config(cfg.model,
-                                                                                          num_classes=len(synsets))
+    start = start_run(cfg, resume=resume, resume_from=resume_from, allow_model_change=allow_model_change)
+    out, last_path, device, state = start.out, start.last_path, start.device, start.state
+    if state is not None and not start.model_changed:
+        model_args = dict(state["model_args"])
+    else:
+        model_args = rcnn_localizer_kwargs_from_config(cfg.model, num_classes=len(synsets))
     view = LocTestTransform(mode="dense", scale=int(cfg.test.scale))
     cache_path = out / "proposals.pt"
     made_with = {"rpn_checkpoint": str(rcnn_cfg.rpn_checkpoint), "top_n": int(rcnn_cfg.proposals_per_class),
@@ -192,23 +197,19 @@ def train_rcnn_stage(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
     meta = {"synsets": synsets, "rpn_checkpoint": str(rcnn_cfg.rpn_checkpoint), "test_scale": int(cfg.test.scale)}
     logger = JsonLinesLogger(out / "metrics.jsonl", resume_from_iter=iteration if state is not None else None)
     started, cpu_started, window = time.time(), time.process_time(), LossWindow()
-    fg_fraction = None if rcnn_cfg.fg_fraction is None else float(rcnn_cfg.fg_fraction)
-    while iteration < solver.max_iter:
-        # seeded per iteration, so a resumed run draws the batches it would have drawn
-        gen = torch.Generator().manual_seed(int(cfg.seed) * 1_000_003 + iteration)
-        batch = sample_regions(cache, int(rcnn_cfg.regions_per_batch), generator=gen, fg_fraction=fg_fraction)
-        images = {i: _crop_image(train[i], view, model.crop_source) for i in {i for i, _ in batch}}
-        lr = schedule.lr_at(iteration)
-        set_lr(optimizer, lr)
-        losses = rcnn_train_step(model, optimizer, images, cache, batch, amp=amp)
-        iteration += 1
-        window.add(losses.pop("loss"), {k: torch.tensor(v) for k, v in losses.items()})
-        if iteration % solver.log_period == 0 or iteration == solver.max_iter:
-            logger.log(iter=iteration, lr=lr, time=time.time() - started, **window.flush())
-        if iteration % solver.checkpoint_period == 0 or iteration == solver.max_iter:
-            save_rcnn_localizer(last_path, model, model_args, meta, iter=iteration, config=cfg.to_dict(),
-                                optimizer=optimizer.state_dict(), **scaler_state_into({}, amp))
+
+    def save_last(at: int) -> Path:
+        """The stage's one writer of last.pt: kept copies, never a non-finite state."""
+        payload = _rcnn_payload(model, model_args, meta, at, cfg, optimizer, amp)
+        return start.checkpoints.save(payload, at)
+
+    with start.checkpoints.stop_on_divergence():  # a NaN / Inf: stop naming the last good checkpoint
+        while iteration < solver.max_iter:
+            iteration = _rcnn_iteration(model, optimizer, schedule, amp, cache, train, view, iteration, window,
+                                        logger, cfg, started, save_last, start.checkpoints)
+            stop_if_signalled(iteration, lambda: save_last(iteration))
     train_cpu = time.process_time() - cpu_started
+    check_finite_payload({"model": model.state_dict()}, iteration, out / "model_final.pt")
     save_rcnn_localizer(out / "model_final.pt", model, model_args, meta, iter=iteration, config=cfg.to_dict())
     plot_curves(read_json_lines(out / "metrics.jsonl"), out / "loss_curves.png",
                 series=[("loss", "total"), ("loss_rcnn_cls", "loss_rcnn_cls"), ("loss_rcnn_box", "loss_rcnn_box")],
@@ -221,3 +222,38 @@ def train_rcnn_stage(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
     write_json_atomic(out / "metrics.json", report)
     log.info("localization (%d val images):\n%s", len(val), format_table(report))
     return report
+
+
+def _rcnn_payload(model: RCNNLocalizer, model_args: dict[str, Any], meta: dict[str, Any], iteration: int, cfg: Config,
+                  optimizer: torch.optim.Optimizer, amp: MixedPrecision) -> dict[str, Any]:
+    """What :func:`detres.models.rcnn_loc.save_rcnn_localizer` writes, plus the optimizer and scaler state."""
+    return scaler_state_into({"model": model.state_dict(), "model_args": dict(model_args, weights_path=None),
+                              "meta": dict(meta), "stage": "rcnn", "iter": iteration, "config": cfg.to_dict(),
+                              "optimizer": optimizer.state_dict()}, amp)
+
+
+def _rcnn_iteration(model: RCNNLocalizer, optimizer: torch.optim.Optimizer, schedule, amp: MixedPrecision,
+                    cache: RegionCache, train: Sequence[LocRecord], view: LocTestTransform, iteration: int,
+                    window: LossWindow, logger: JsonLinesLogger, cfg: Config, started: float, save_last,
+                    checkpoints: CheckpointManager) -> int:
+    """One RoI-centric SGD step, then the log line / checkpoint due; returns the iteration."""
+    solver, rcnn_cfg = cfg.solver, cfg.model.rcnn
+    fg_fraction = None if rcnn_cfg.fg_fraction is None else float(rcnn_cfg.fg_fraction)
+    # seeded per iteration, so a resumed run draws the batches it would have drawn
+    gen = torch.Generator().manual_seed(int(cfg.seed) * 1_000_003 + iteration)
+    batch = sample_regions(cache, int(rcnn_cfg.regions_per_batch), generator=gen, fg_fraction=fg_fraction)
+    images = {i: _crop_image(train[i], view, model.crop_source) for i in {i for i, _ in batch}}
+    lr = schedule.lr_at(iteration)
+    set_lr(optimizer, lr)
+    try:
+        losses = rcnn_train_step(model, optimizer, images, cache, batch, amp=amp)
+    except FloatingPointError as exc:
+        raise Diverged(f"iteration {iteration}: {exc}", failed_from=iteration) from None
+    checkpoints.note_loss(iteration, losses["loss"])
+    iteration += 1
+    window.add(losses.pop("loss"), {k: torch.tensor(v) for k, v in losses.items()})
+    if iteration % solver.log_period == 0 or iteration == solver.max_iter:
+        logger.log(iter=iteration, lr=lr, time=time.time() - started, **window.flush())
+    if iteration % solver.checkpoint_period == 0 or iteration == solver.max_iter:
+        save_last(iteration)
+    return iteration

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,8 @@ from detres.data.loc_dataset import (LocDataset, LocRecord, collate_loc, read_il
                                      read_tiny_imagenet_val_records, tiny_imagenet_synsets)
 from detres.data.loc_transforms import LocTrainTransform
 from detres.data.samplers import InfiniteSampler
+from detres.data.bad_samples import BadSamples
+from detres.data.validate import check_loc_sets
 from detres.engine.amp import SCALER_KEY, MixedPrecision, check_amp_dtype, mixed_precision_from_config
 from detres.engine.amp import scaler_state_into
 from detres.engine.det_trainer import LossWindow, build_step_solver
@@ -24,10 +25,14 @@ from detres.engine.logging import JsonLinesLogger, read_json_lines
 from detres.engine.loc_eval import classifier_label_map, format_table, predict_classes, test_localizer
 from detres.engine.optimizer import set_lr
 from detres.engine.plots import plot_curves
-from detres.engine.run_setup import start_run
+from detres.engine.checkpoint import CheckpointManager, Diverged, check_finite_payload
+from detres.engine.run_setup import stop_if_signalled
+from detres.utils.dist import finite_on_all_ranks
+from detres.engine.distributed import distributed_run_guard, env_world_size, is_main_process, mean_over_ranks
+from detres.engine.distributed import shard_batches, start_distributed_run, wrap_ddp
 from detres.models.loc_rpn import build_rpn_localizer, rpn_localizer_kwargs_from_config
 from detres.utils.atomic import write_json_atomic
-from detres.utils.checkpoint import load_checkpoint, save_checkpoint
+from detres.utils.checkpoint import save_checkpoint
 
 __all__ = ["STAGES", "load_loc_records", "synset_words", "test_from_config", "train_localizer"]
 
@@ -43,14 +48,18 @@ def load_loc_records(data_cfg: Any) -> tuple[list[LocRecord], list[LocRecord], l
         raise ValueError(f"data.format must be one of {DATA_FORMATS}, got {fmt!r}")
     if not root.is_dir():
         raise FileNotFoundError(f"data.root: folder not found: {root}")
+    bad = BadSamples(data_cfg.get("on_bad_sample", "error"))  # annotations and image files, before training
     if fmt == "ilsvrc":
-        train, synsets = read_ilsvrc_loc(root, data_cfg["train_split"], synsets_file=data_cfg["synsets"])
-        val, _ = read_ilsvrc_loc(root, data_cfg["val_split"], synsets)
+        train, synsets = read_ilsvrc_loc(root, data_cfg["train_split"], synsets_file=data_cfg["synsets"],
+                                         bad_samples=bad)
+        val, _ = read_ilsvrc_loc(root, data_cfg["val_split"], synsets, bad_samples=bad)
     else:
         synsets = tiny_imagenet_synsets(root)
-        train, val = read_tiny_imagenet_train(root, synsets), read_tiny_imagenet_val_records(root, synsets)
+        train = read_tiny_imagenet_train(root, synsets, bad_samples=bad)
+        val = read_tiny_imagenet_val_records(root, synsets)
     if data_cfg["max_val_images"] is not None:
         val = val[: int(data_cfg["max_val_images"])]
+    train, val = check_loc_sets(train, val, bad)
     return train, val, synsets
 
 
@@ -71,44 +80,67 @@ def _loader(dataset: LocDataset, cfg: Config, start_iter: int) -> DataLoader:
     batch = int(cfg.solver.images_per_batch)
     sampler = BatchSampler(InfiniteSampler(len(dataset), seed=int(cfg.seed), start=start_iter * batch), batch,
                            drop_last=True)
-    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_loc, num_workers=cfg.data.num_workers,
+    return DataLoader(dataset, batch_sampler=shard_batches(sampler), collate_fn=collate_loc,
+                      num_workers=cfg.data.num_workers,
                       persistent_workers=cfg.data.num_workers > 0)
 
 
 def _save(path: Path, model: torch.nn.Module, model_args: dict, meta: dict, iteration: int, cfg: Config,
-          optimizer: torch.optim.Optimizer | None = None, amp: MixedPrecision | None = None) -> None:
+          optimizer: torch.optim.Optimizer | None = None, amp: MixedPrecision | None = None, *,
+          checkpoints: CheckpointManager | None = None) -> Path:
+    """The RPN stage's one checkpoint writer: ``last.pt`` through ``checkpoints`` (kept copies, finite check);
+    rank 0 alone writes under torchrun."""
+    if not is_main_process():
+        return path
     payload = {"model": model.state_dict(), "model_args": dict(model_args, weights_path=None), "meta": meta,
                "iter": iteration, "stage": "rpn", "config": cfg.to_dict()}
     if optimizer is not None:
         payload["optimizer"] = optimizer.state_dict()
         scaler_state_into(payload, amp)
+    if checkpoints is not None and path == checkpoints.last_path:
+        return checkpoints.save(payload, iteration)
+    check_finite_payload(payload, iteration, path)
     save_checkpoint(path, payload)
+    return path
 
 
-def train_localizer(cfg: Config, *, resume: bool = False, stage: str = "rpn") -> dict[str, Any]:
+def train_localizer(cfg: Config, *, resume: bool | str = False, stage: str = "rpn",
+                    resume_from: str | Path | None = None, allow_model_change: bool = False) -> dict[str, Any]:
     """Train the per-class RPN on ``data`` and test it on the validation set; returns the test report.
 
     Writes ``config.yaml``, ``metrics.jsonl``, ``last.pt`` (every ``checkpoint_period``, atomic),
     ``model_final.pt``, ``loss_curves.png`` and ``test/`` (devkit prediction files, ``loc_test.json``) under
     ``output_dir``; ``resume`` continues ``last.pt`` (weights, momentum, iteration, the same batch stream).
     ``stage="rcnn"``: the R-CNN on a trained RPN's proposals (:func:`detres.engine.loc_rcnn_trainer.train_rcnn_stage`).
+    Holds ``output_dir``'s run lock; ``resume`` / ``resume_from`` / ``allow_model_change`` and the stop signals:
+    :func:`detres.engine.run_setup.start_run`, :func:`detres.engine.run_setup.run_guard`.
     """
+    with distributed_run_guard(cfg):  # torchrun: rank 0 holds the lock
+        return _train_localizer(cfg, resume=resume, stage=stage, resume_from=resume_from,
+                                allow_model_change=allow_model_change)
+
+
+def _train_localizer(cfg: Config, *, resume: bool | str, stage: str, resume_from: str | Path | None,
+                     allow_model_change: bool) -> dict[str, Any]:
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
     check_amp_dtype(cfg.solver.amp_dtype)  # before any output is written
     if stage == "rcnn":
+        if env_world_size() > 1:
+            raise ValueError(f"train_loc --stage rcnn runs in one process (torchrun gave WORLD_SIZE="
+                             f"{env_world_size()}); only the RPN stage trains data-parallel")
         from detres.engine.loc_rcnn_trainer import train_rcnn_stage  # it reuses this module's helpers
 
-        return train_rcnn_stage(cfg, resume=resume)
+        return train_rcnn_stage(cfg, resume=resume, resume_from=resume_from, allow_model_change=allow_model_change)
     if cfg.input.scale_min < cfg.input.crop:
         raise ValueError(f"input.scale_min ({cfg.input.scale_min}) must be >= input.crop ({cfg.input.crop})")
     train, val, synsets = load_loc_records(cfg.data)
-    out, last_path, device = start_run(cfg, resume=resume)
+    start = start_distributed_run(cfg, resume=resume, resume_from=resume_from, allow_model_change=allow_model_change)
+    out, last_path, device, state = start.out, start.last_path, start.device, start.state
     transform = LocTrainTransform(scale_min=cfg.input.scale_min, scale_max=cfg.input.scale_max, crop=cfg.input.crop,
                                   hflip_prob=cfg.input.flip_prob, seed=cfg.seed)
     train_set = LocDataset(train, synsets, transform=transform)
-    state = load_checkpoint(last_path) if resume and last_path.exists() else None
-    if state is not None:
+    if state is not None and not start.model_changed:
         model_args = dict(state["model_args"])
     else:
         model_args = rpn_localizer_kwargs_from_config(cfg.model, num_classes=len(synsets))
@@ -123,30 +155,24 @@ def train_localizer(cfg: Config, *, resume: bool = False, stage: str = "rpn") ->
     started, cpu_started = time.time(), time.process_time()
     iteration, window = start_iter, LossWindow()
     model.train()
-    progress = tqdm(total=solver.max_iter, initial=start_iter, desc="train_loc", dynamic_ncols=True)
-    for batch in (_loader(train_set, cfg, start_iter) if start_iter < solver.max_iter else []):
-        if iteration >= solver.max_iter:
-            break
-        lr = schedule.lr_at(iteration)
-        set_lr(optimizer, lr)
-        with amp.autocast():
-            losses = model(batch["images"].to(device), batch["targets"])
-        total = sum(losses.values())
-        if not math.isfinite(total.item()):
-            raise FloatingPointError(f"iteration {iteration}: loss is {total.item()}; lower solver.base_lr")
-        optimizer.zero_grad(set_to_none=True)
-        amp.backward_and_step(total, optimizer)
-        iteration += 1
-        progress.update(1)
-        window.add(total.item(), losses)
-        if iteration % solver.log_period == 0 or iteration == solver.max_iter:
-            means = window.flush()
-            logger.log(iter=iteration, lr=lr, time=time.time() - started, **means)
-            progress.set_postfix(loss=f"{means['loss']:.3f}")
-        if iteration % solver.checkpoint_period == 0 or iteration == solver.max_iter:
-            _save(last_path, model, model_args, meta, iteration, cfg, optimizer, amp)
+    progress = tqdm(total=solver.max_iter, initial=start_iter, desc="train_loc", dynamic_ncols=True,
+                    disable=not is_main_process())
+    train_model = wrap_ddp(model, device)  # torchrun: DDP averages the gradients; `model` stays the plain module
+
+    def save_last(at: int) -> Path:
+        return _save(last_path, model, model_args, meta, at, cfg, optimizer, amp, checkpoints=start.checkpoints)
+
+    # Created only when there is training left, read one batch per step: never a batch past max_iter.
+    batches = iter(_loader(train_set, cfg, start_iter)) if start_iter < solver.max_iter else iter(())
+    with start.checkpoints.stop_on_divergence():  # a NaN / Inf: stop naming the last good checkpoint
+        while iteration < solver.max_iter:
+            iteration = _rpn_step(train_model, optimizer, schedule, amp, next(batches), iteration, window, logger,
+                                  progress, cfg, started, save_last, start.checkpoints)
+            stop_if_signalled(iteration, lambda: save_last(iteration))
     progress.close()
     train_cpu = time.process_time() - cpu_started
+    if not is_main_process():
+        return {}  # rank 0 tests and writes (the ranks' weights are the same)
     _save(out / "model_final.pt", model, model_args, meta, iteration, cfg)
     plot_curves(read_json_lines(out / "metrics.jsonl"), out / "loss_curves.png",
                 series=[("loss", "total"), ("loss_rpn_cls", "loss_rpn_cls"), ("loss_rpn_box", "loss_rpn_box")],
@@ -156,6 +182,33 @@ def train_localizer(cfg: Config, *, resume: bool = False, stage: str = "rpn") ->
     write_json_atomic(out / "metrics.json", report)
     log.info("localization (%d val images):\n%s", len(val), format_table(report))
     return report
+
+
+def _rpn_step(model, optimizer, schedule, amp: MixedPrecision, batch: dict[str, Any], iteration: int,
+              window: LossWindow, logger: JsonLinesLogger, progress: tqdm, cfg: Config, started: float,
+              save_last, checkpoints: CheckpointManager) -> int:
+    """One SGD step of the per-class RPN, then the log line / checkpoint due; returns the iteration."""
+    solver, device = cfg.solver, next(model.parameters()).device
+    lr = schedule.lr_at(iteration)
+    set_lr(optimizer, lr)
+    with amp.autocast():
+        losses = model(batch["images"].to(device), batch["targets"])
+    total = sum(losses.values())
+    if not finite_on_all_ranks(total.item()):
+        raise Diverged(f"iteration {iteration}: loss is {total.item()}; lower solver.base_lr", failed_from=iteration)
+    checkpoints.note_loss(iteration, total.item())
+    optimizer.zero_grad(set_to_none=True)
+    amp.backward_and_step(total, optimizer)
+    iteration += 1
+    progress.update(1)
+    window.add(total.item(), losses)
+    if iteration % solver.log_period == 0 or iteration == solver.max_iter:
+        means = mean_over_ranks(window.flush())  # the global batch's losses (collective)
+        logger.log(iter=iteration, lr=lr, time=time.time() - started, **means)
+        progress.set_postfix(loss=f"{means['loss']:.3f}")
+    if iteration % solver.checkpoint_period == 0 or iteration == solver.max_iter:
+        save_last(iteration)
+    return iteration
 
 
 def test_from_config(model: torch.nn.Module, cfg: Config, val: list[LocRecord], synsets: list[str], *,

@@ -336,22 +336,31 @@ def evaluate_voc(
     classes: Sequence[str] | None = None,
     iou_thresh: float = 0.5,
     use_07_metric: bool = False,
+    *,
+    strict_classes: bool = False,
 ) -> dict[str, Any]:
     """Evaluate devkit result files ``results_pattern.replace("{cls}", name)`` against VOC XML files.
 
     ``image_set``: ImageSets file, list of ids, or None for every XML in ``annotations_dir``. The class
     list is ``classes`` or the sorted object names found in the image set's XMLs. A missing result file
     gives that class AP 0 with a warning; a result line for an image outside the image set is an error
-    (as in the devkit). Returns the evaluate_voc_detections dict plus ``missing_results`` and ``classes``.
+    (as in the devkit). ``strict_classes``: a given class with no object in the image set is an error listing
+    the valid classes (else its AP is nan). Returns the evaluate_voc_detections dict plus ``missing_results`` and
+    ``classes``.
     """
     if CLASS_PLACEHOLDER not in results_pattern:
         raise ValueError(f"results pattern {results_pattern!r} must contain {CLASS_PLACEHOLDER!r}")
     records = load_voc_annotations(annotations_dir, image_set)
+    found = sorted({o["name"] for r in records.values() for o in r["objects"]})
     if classes is None:
-        classes = sorted({o["name"] for r in records.values() for o in r["objects"]})
+        classes = found
         if not classes:
             raise ValueError(f"no objects in the annotations under {annotations_dir}; pass the class list explicitly")
     classes = list(classes)
+    unknown = [c for c in classes if c not in found]
+    if strict_classes and unknown:  # its AP would be nan (no positives) and drag mAP to nan
+        raise ValueError(f"classes {unknown} have no object in the annotations under {annotations_dir}; "
+                         f"valid classes: {', '.join(found) or '(none)'}")
     gts = _class_gts(voc_ground_truth(records, classes), len(classes))
     results, missing = [], []
     for name, class_gts in zip(classes, gts):

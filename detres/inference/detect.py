@@ -1,17 +1,20 @@
-"""Run a detector over a dataset: batched forward passes, detections mapped back to original pixels."""
+"""Run a detector over a dataset: batched forward passes, detections mapped back to original pixels, and the
+images split over the ranks of a distributed run (results gathered back in dataset order)."""
 from __future__ import annotations
 
 import contextlib
 from typing import Any, ContextManager, Sequence
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from detres.data.collate import collate_detection
 from detres.data.worker_errors import readable
 from detres.inference.test_time import TestTimeOptions, detect_test_time
 from detres.models.postprocess import rescale_detections
+from detres.utils.dist import all_gather_objects, is_distributed, is_main_process, shard_indices
+from detres.utils.dist import unshard
 
 
 def inference_autocast(device: torch.device | str, amp: bool) -> ContextManager:
@@ -60,11 +63,20 @@ def run_inference(
     progress: bool = True,
     options: TestTimeOptions | None = None,
     amp: bool = False,
+    shard: bool | None = None,
 ) -> list[dict[str, Any]]:
     """Per-image ``{"image_id", "boxes", "scores", "labels"}`` for every image of ``dataset`` (eval mode).
 
-    ``model`` / ``options`` / ``amp``: see :func:`detect_batch`.
+    ``model`` / ``options`` / ``amp``: see :func:`detect_batch`. ``shard`` (None = whenever a distributed
+    process group of more than one rank is up): each rank detects on every ``world_size``-th image and the
+    results are gathered, so every rank returns all detections in dataset order; all ranks must call it.
+    (Batches then group other images than in one process; images of different sizes are padded
+    differently, which moves border features and scores slightly.)
     """
+    shard = is_distributed() if shard is None else (shard and is_distributed())
+    if shard:
+        dataset = Subset(dataset, shard_indices(len(dataset)))
+    progress = progress and is_main_process()
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         collate_fn=collate_detection)
     models = [model] if isinstance(model, torch.nn.Module) else list(model)
@@ -78,4 +90,6 @@ def run_inference(
     finally:
         for m, mode in zip(models, was_training):
             m.train(mode)
+    if shard:
+        detections = unshard(all_gather_objects(detections))
     return detections

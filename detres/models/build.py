@@ -220,6 +220,37 @@ def load_detector(path: str | os.PathLike, *, device: torch.device | str = "cpu"
     if missing:
         hint = " (a train_cls checkpoint? use it as model.weights)" if "data_stats" in state else ""
         raise ValueError(f"{path}: not a train_det checkpoint (missing {missing}){hint}")
+    _check_detector_record(path, state["model_args"], state["meta"])
     model = build_detector(**dict(state["model_args"], weights_path=None))
-    model.load_state_dict(state["model"])
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as exc:  # torch lists every mismatched tensor over many lines
+        first = " ".join(str(exc).split())[:300]
+        raise ValueError(f"{path}: 'model' weights do not fit its 'model_args': {first}") from None
     return model.to(device).eval(), dict(state["meta"], config=state.get("config"))
+
+
+def _check_detector_record(path: str | os.PathLike, model_args: Any, meta: Any) -> None:
+    """One-line errors for a hand-edited checkpoint: unknown or missing ``model_args``, ``meta`` without class names."""
+    import inspect
+
+    from detres.models.faster_rcnn import build_faster_rcnn
+
+    if not isinstance(model_args, Mapping) or not isinstance(meta, Mapping):
+        raise ValueError(f"{path}: 'model_args' and 'meta' must be mappings")
+    params = inspect.signature(build_faster_rcnn).parameters
+    known = set(params) | set(POSTPROCESS_KEYS)
+    unknown = sorted(set(model_args) - known)
+    if unknown:
+        raise ValueError(f"{path}: unknown model_args {unknown}; valid keys: {', '.join(sorted(known))}")
+    required = sorted(k for k, p in params.items() if p.default is inspect.Parameter.empty and k not in model_args)
+    if required:
+        raise ValueError(f"{path}: model_args lacks {required}")
+    names = meta.get("class_names")
+    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"{path}: meta.class_names is missing or not a list of class names (got {names!r}); "
+                         f"a train_det checkpoint records them")
+    num_classes = model_args.get("num_classes")
+    if isinstance(num_classes, int) and len(names) != num_classes:  # object classes; background is not counted
+        raise ValueError(f"{path}: meta.class_names has {len(names)} names but model_args.num_classes={num_classes}; "
+                         "they must agree")

@@ -56,7 +56,10 @@ def test_training_sets_flip_and_drop_difficult(world):
 
 
 def test_unknown_format_is_named(world):
-    cfg = _cfg("coco", world, "data.format=yolo")
+    with pytest.raises(ValueError, match="data.format: expected one of coco, voc"):  # refused when loaded
+        _cfg("coco", world, "data.format=yolo")
+    cfg = _cfg("coco", world)
+    cfg.data.format = "yolo"  # set after loading: the builder still names the key
     with pytest.raises(ValueError, match="data.format"):
         build_detection_dataset(cfg, "train", train=True)
     with pytest.raises(ValueError, match="split"):

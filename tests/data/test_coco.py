@@ -161,11 +161,11 @@ def test_degenerate_boxes_dropped_with_one_counted_warning(tmp_path: Path) -> No
     anns = [
         _ann(1, 11, [1, 2, 10, 5], cat=7),  # fine
         _ann(2, 11, [5, 5, 0, 8]),  # zero width
-        _ann(3, 11, [60, 5, 4, 4]),  # wholly right of the 48-wide image: zero width once clipped
-        _ann(4, 11, [40, 30, 20, 20], cat=3),  # partly outside: clipped to (40, 30, 48, 32)
-        _ann(5, 11, [1, 1, math.nan, 3]),  # NaN width
+        _ann(3, 11, [48, 5, 0.5, 4]),  # right of the 48-wide image, within the 1 px tolerance: zero width clipped
+        _ann(4, 11, [40, 30, 8.5, 2.5], cat=3),  # partly outside (by 0.5 px): clipped to (40, 30, 48, 32)
+        _ann(5, 11, [1, 1, 3, 0]),  # zero height
         _ann(6, 11, [2, 2, 6, 6], iscrowd=1),  # crowd: excluded, counted separately
-        _ann(7, 11, [-4, -4, 10, 10], cat=3),  # starts outside: clipped to (0, 0, 6, 6)
+        _ann(7, 11, [-0.5, -1, 6.5, 7], cat=3),  # starts outside (within 1 px): clipped to (0, 0, 6, 6)
     ]
     image_dir, ann_file = _write_tiny_coco(tmp_path, anns)
     with warnings.catch_warnings(record=True) as caught:
@@ -247,9 +247,9 @@ def test_evaluation_ground_truth_is_the_loaded_boxes_plus_clipped_crowd_regions(
     anns = [
         _ann(1, 11, [1, 2, 10, 5], cat=7),  # kept as it is: the file's area (1.0) is kept
         _ann(2, 11, [5, 5, 0, 8]),  # zero width: dropped from targets and evaluation alike
-        _ann(3, 11, [40, 30, 20, 20], cat=3),  # clipped to (40, 30, 48, 32): area becomes 8 * 2
-        _ann(4, 11, [30, 20, 40, 40], cat=3, iscrowd=1),  # crowd, clipped to (30, 20, 48, 32)
-        _ann(5, 11, [60, 5, 4, 4], iscrowd=1),  # crowd wholly outside the image: nothing to ignore
+        _ann(3, 11, [40, 30, 8.5, 2.5], cat=3),  # clipped to (40, 30, 48, 32): area becomes 8 * 2
+        _ann(4, 11, [30, 20, 18.5, 12.5], cat=3, iscrowd=1),  # crowd, clipped to (30, 20, 48, 32)
+        _ann(5, 11, [48, 5, 0.5, 4], iscrowd=1),  # crowd outside the image (within 1 px): nothing to ignore
         _ann(6, 12, [2, 2, 6, 6], iscrowd=1),  # crowd only: the image has no targets
     ]
     image_dir, ann_file = _write_tiny_coco(tmp_path, anns)

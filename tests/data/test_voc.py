@@ -144,7 +144,9 @@ def test_voc_classes_constant_and_unknown_class(tmp_path: Path) -> None:
 
 
 def test_boxes_beyond_the_image_are_clipped_and_points_dropped(tmp_path: Path) -> None:
-    _write_voc(tmp_path, {"a": [("x", 30, 20, 45, 35, 0), ("x", 7, 7, 7, 7, 0), ("x", 41, 1, 50, 9, 0)]}, size=(40, 30))
+    # Within the 1 px tolerance: (30, 20, 41, 31) is clipped; (41, 1, 41, 9) lies on the right border, zero area once
+    # clipped; (7, 7, 7, 7) is a point.
+    _write_voc(tmp_path, {"a": [("x", 30, 20, 41, 31, 0), ("x", 7, 7, 7, 7, 0), ("x", 41, 1, 41, 9, 0)]}, size=(40, 30))
     ds, messages = _load(tmp_path, "trainval")
     np.testing.assert_array_equal(ds.annotation(0)["boxes"], [[29, 19, 40, 30]])
     assert ds.num_degenerate == 2 and len(messages) == 1 and messages[0].startswith("dropped 2 degenerate boxes")
@@ -155,5 +157,5 @@ def test_missing_files_name_the_path(tmp_path: Path) -> None:
         VocDetection(tmp_path, "val")
     _write_voc(tmp_path, {"a": [("x", 1, 1, 5, 5, 0)]})
     (tmp_path / "ImageSets" / "Main" / "trainval.txt").write_text("a\nghost\n")
-    with pytest.raises(FileNotFoundError, match=r"ghost\.xml"):
+    with pytest.raises(ValueError, match=r"ghost\.xml: VOC annotation does not exist"):  # a bad sample
         VocDetection(tmp_path, "trainval")

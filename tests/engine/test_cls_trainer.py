@@ -196,7 +196,8 @@ def test_a_corrupt_image_met_in_a_loader_worker_is_named_in_one_line(tmp_path):
             for i in range(n):
                 cv2.imwrite(str(split / cls / f"{i}.png"), rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
     bad = train / "b" / "9.png"
-    bad.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    # Cut short after a valid header: the up-front header check (data/validate.py) passes, decoding fails.
+    bad.write_bytes(cv2.imencode(".png", rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))[1].tobytes()[:1500])
     # The statistics read every training image first (main process): clean error before training.
     with pytest.raises(ImageReadError, match="9.png"):
         train_classifier(_cfg(tmp_path / "data", tmp_path / "a", "data.num_workers=1", "solver.max_iter=1"))

@@ -179,10 +179,11 @@ def test_coco_and_voc_score_the_loaded_ground_truth_not_the_raw_file(shapes_worl
     img = doc["images"][0]
     h, w = img["height"], img["width"]
     cat = doc["categories"][0]["id"]
-    extra = [[w - 10, h - 8, 30, 20],  # out of the image on two sides: clipped to 10 x 8
+    # Outside by at most the 1 px tolerance (further is a malformed box, a bad sample: tests/data/test_bad_samples.py).
+    extra = [[w - 10, h - 8, 10.5, 8.5],  # out of the image on two sides: clipped to 10 x 8
              [5, 5, 0, 12],  # zero width: dropped
-             [w + 5, 3, 10, 10],  # wholly outside: dropped
-             [-6, -4, 20, 16]]  # starts outside: clipped to (0, 0, 14, 12)
+             [w + 0.5, 3, 0.5, 10],  # wholly outside: zero width once clipped, dropped
+             [-0.5, -1, 14.5, 13]]  # starts outside: clipped to (0, 0, 14, 12)
     next_id = max(a["id"] for a in doc["annotations"]) + 1
     for k, box in enumerate(extra):
         doc["annotations"].append({"id": next_id + k, "image_id": img["id"], "category_id": cat, "bbox": box,

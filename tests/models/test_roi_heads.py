@@ -75,6 +75,28 @@ def test_pool_then_conv5_gives_7x7_and_region_vectors() -> None:
     assert vectors.shape == (2, 512)
 
 
+@pytest.mark.parametrize("size, channels_last", [(14, True), (8, True), (7, True), (4, False)])
+def test_box_head_runs_conv5_channels_last_on_large_maps_with_the_same_values_and_gradients(size, channels_last):
+    torch.manual_seed(0)
+    head = ResNetC5Head(build_resnet(18))
+    seen = []
+    hook = head.layer4.register_forward_pre_hook(
+        lambda _m, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+    pooled = torch.randn(5, 256, size, size)
+    fast_in, ref_in = pooled.clone().requires_grad_(True), pooled.clone().requires_grad_(True)
+    fast = BoxHead(head)(fast_in)
+    hook.remove()
+    ref = head.avgpool(head.layer4(ref_in)).flatten(1)  # conv5 straight on the contiguous maps
+    assert seen == [channels_last]
+    torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-5)
+    weights = torch.randn_like(ref)
+    grads_fast = torch.autograd.grad((fast * weights).sum(), [fast_in, *head.parameters()])
+    grads_ref = torch.autograd.grad((ref * weights).sum(), [ref_in, *head.parameters()])
+    for a, b in zip(grads_fast, grads_ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert grads_fast[0].shape == pooled.shape
+
+
 def test_pooler_rejects_bad_input() -> None:
     with pytest.raises(ValueError, match="pooler_type"):
         RoIPooler(pooler_type="psroi")

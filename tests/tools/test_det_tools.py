@@ -238,7 +238,8 @@ def _val_with_repeated_ids_and_bad_boxes(small_det_world: Path, out: Path) -> Pa
     img = coco["images"][0]
     cat = coco["categories"][0]["id"]
     w, h = img["width"], img["height"]
-    for k, box in enumerate([[3, 3, 0, 9], [w + 4, 2, 6, 6], [w - 12, h - 9, 30, 30]]):
+    # (Within the 1 px tolerance: a box further outside is malformed, a bad sample, see tests/data/test_bad_samples.py.)
+    for k, box in enumerate([[3, 3, 0, 9], [w + 0.5, 2, 0.5, 6], [w - 12, h - 9, 12.5, 9.5]]):
         coco["annotations"].append({"id": 100 + k, "image_id": img["id"], "category_id": cat, "bbox": box,
                                     "area": box[2] * box[3], "iscrowd": 0})
     assert len({a["id"] for a in coco["annotations"]}) < len(coco["annotations"])

@@ -86,8 +86,10 @@ def test_an_empty_class_folder_is_named(config, tmp_path, capsys):
 def test_a_corrupt_validation_image_is_named_in_one_line(config, tmp_path):
     bad = tmp_path / "data" / "val" / "b" / "zz_broken.png"
     bad.write_bytes(b"not an image at all")
-    # Validation images are first read at the first evaluation, inside a DataLoader worker.
+    # Issue 10 case 5: every image header is checked before the first iteration, the validation set's too.
     proc = run_tool("--config", config, cwd=tmp_path)
     assert proc.returncode == 2
-    assert last_line(proc.stderr) == f"train_cls: error: image file '{bad}' is corrupt or not an image format OpenCV can decode"
+    assert last_line(proc.stderr) == (f"train_cls: error: {bad}: image header cannot be read: empty, corrupt or not an "
+                                      "image format (data.on_bad_sample=skip drops such samples and lists them)")
     assert "Traceback" not in proc.stderr and "DataLoader worker" not in proc.stderr
+    assert not list((tmp_path / "run").glob("*.jsonl"))  # stopped before training: no log, no checkpoint

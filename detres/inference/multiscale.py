@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from detres.models.cpu_execution import cpu_roi_chunk
 from detres.inference.proposal_merge import merge_proposal_sets
 from detres.inference.region_scorer import Scored, SingleScaleScorer
 
@@ -202,7 +203,7 @@ class MultiScaleScorer:
 
 def _box_head_in_chunks(heads, pooled: Tensor) -> Tensor:
     """The post-RoI layers on all pooled RoIs, in the heads' CPU inference chunks (same rows, less memory)."""
-    chunk = heads.inference_roi_chunk
+    chunk = cpu_roi_chunk(heads.inference_roi_chunk)
     if chunk <= 0 or pooled.device.type != "cpu" or pooled.shape[0] <= chunk:
         return heads.box_head(pooled)
     return torch.cat([heads.box_head(part) for part in pooled.split(chunk)])

@@ -12,13 +12,10 @@ from detres.models.box_coder import BoxCoder
 from detres.models.matcher import Matcher, crowd_ignore_mask
 from detres.models.postprocess import check_postprocess_options, postprocess_boxes
 from detres.models.roi_pooler import RoIPooler
+from detres.models.cpu_execution import CHANNELS_LAST_MIN_SIZE, cpu_roi_chunk
 from detres.models.sampler import BalancedSampler, target_seeds
 
 __all__ = ["RoIPooler", "BoxHead", "FastRCNNPredictor", "RoIHeads"]
-
-# Pooled maps at least this large go through conv5 channels-last on CPU (at 4x4 it was 0.65x, slower).
-CHANNELS_LAST_MIN_SIZE = 7
-
 
 class BoxHead(nn.Module):
     """Post-RoI layers: run the per-region network (conv5_x + pooling) and return one vector per RoI.
@@ -122,10 +119,11 @@ class RoIHeads(nn.Module):
     images without objects are background; otherwise such images contribute no RoIs.
 
     ``inference_roi_chunk``: on CPU outside training, pool and run the box head on at most this
-    many RoIs of one image at a time (<= 0: all at once). Each RoI is processed independently,
-    so the outputs are the same up to fp32 rounding, while the peak memory of a 300-RoI
-    ResNet-50 head drops from ~0.8 GB to ~0.1 GB, which measured ~25% faster on CPU
-    (benchmarks/README.md). GPUs keep the one-shot call (they need the large batch).
+    many RoIs of one image at a time (<= 0: all at once); with several threads the chunk grows
+    (:func:`cpu_roi_chunk`). Each RoI is processed independently, so the outputs are the same up
+    to fp32 rounding, while the peak memory of a 300-RoI ResNet-50 head drops from ~0.8 GB to
+    ~0.1 GB, which measured ~25% faster on CPU at 1 thread (benchmarks/README.md). GPUs keep the
+    one-shot call (they need the large batch).
     """
 
     def __init__(
@@ -293,7 +291,7 @@ class RoIHeads(nn.Module):
     ) -> torch.Tensor:
         """Pool every proposal and run the box head: [sum Ni, D]. ``image_sizes`` is for subclasses (context:
         :class:`detres.models.context.ContextRoIHeads`)."""
-        chunk = self.inference_roi_chunk
+        chunk = cpu_roi_chunk(self.inference_roi_chunk)
         if (
             self.training
             or chunk <= 0

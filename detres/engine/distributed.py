@@ -23,6 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from detres.config.load import Config
 from detres.data.samplers import RankSlicedBatchSampler
+from detres.models.roi_heads import BoxHead
 from detres.engine.run_setup import TrainingInterrupted, resolve_device, run_guard, start_run
 from detres.engine.seeded_data import seed_everything
 from detres.utils.dist import (all_gather_objects, barrier, broadcast_object, get_rank, get_world_size,
@@ -157,7 +158,18 @@ def wrap_ddp(model: nn.Module, device: torch.device, *, find_unused_parameters: 
     if not is_distributed() or not any(p.requires_grad for p in model.parameters()):
         return model
     device_ids = [device.index] if device.type == "cuda" else None
+    if device.type == "cpu":
+        _match_box_head_gradient_layout(model)
     return DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=find_unused_parameters)
+
+
+def _match_box_head_gradient_layout(model: nn.Module) -> None:
+    """On a CPU the box head runs conv5 channels-last, so its weight gradients come out channels-last; DDP
+    copies (and warns about) every gradient whose strides differ from its bucket view, which follows the
+    parameter: give those weights the same layout (values unchanged)."""
+    for module in model.modules():
+        if isinstance(module, BoxHead):
+            module.to(memory_format=torch.channels_last)
 
 
 class MethodCall(nn.Module):

@@ -26,9 +26,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from detres.config.load import ConfigError, load_config  # noqa: E402
 from detres.engine.cls_trainer import train_classifier  # noqa: E402
 from detres.engine.distributed import is_main_process  # noqa: E402
-from detres.engine.run_setup import TrainingInterrupted  # noqa: E402
+from detres.engine.exit_status import run_training  # noqa: E402
 from detres.engine.resume_args import add_resume_arguments, resume_kwargs  # noqa: E402
 from detres.utils.atomic import dumps_json  # noqa: E402
+
+
+def _train(args: argparse.Namespace) -> dict:
+    cfg = load_config(args.config, args.overrides)
+    if cfg.task != "cls":
+        raise ConfigError(f"{args.config}: task is {cfg.task!r}; train_cls needs a 'cls' config")
+    return train_classifier(cfg, **resume_kwargs(args))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,23 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     add_resume_arguments(parser)
     parser.add_argument("overrides", nargs="*", help="config overrides such as solver.max_iter=100")
     args = parser.parse_intermixed_args(argv)  # overrides may sit before or after the options
-    try:
-        cfg = load_config(args.config, args.overrides)
-        if cfg.task != "cls":
-            raise ConfigError(f"{args.config}: task is {cfg.task!r}; train_cls needs a 'cls' config")
-        metrics = train_classifier(cfg, **resume_kwargs(args))
-    except (ConfigError, FileNotFoundError, NotADirectoryError, FileExistsError, ValueError) as exc:
-        print(f"train_cls: error: {exc}", file=sys.stderr)
-        return 2
-    except FloatingPointError as exc:  # diverged: not bad input; the message names the last good checkpoint
-        print(f"train_cls: error: {exc}", file=sys.stderr)
-        return 1
-    except TrainingInterrupted as exc:  # SIGINT / SIGTERM: last.pt saved; 128 + signal, as shells report it
-        print(f"train_cls: {exc}", file=sys.stderr)
-        return exc.exit_status
-    except KeyboardInterrupt:  # a second Ctrl-C: stopped at once
-        print("train_cls: interrupted", file=sys.stderr)
-        return 130
+    status, metrics = run_training("train_cls", lambda: _train(args))
+    if status:
+        return status
     if is_main_process():  # torchrun: rank 0 prints the metrics
         print(dumps_json(metrics))
     return 0

@@ -20,11 +20,11 @@ try:
 except ImportError:  # running from a source checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from detres.config.load import ConfigError, load_config  # noqa: E402
+from detres.config.load import load_config  # noqa: E402
 from detres.engine.det_trainer import train_detector  # noqa: E402
 from detres.engine.distributed import is_main_process  # noqa: E402
 from detres.engine.resume_args import add_resume_arguments, resume_kwargs  # noqa: E402
-from detres.engine.run_setup import TrainingInterrupted  # noqa: E402
+from detres.engine.exit_status import run_training  # noqa: E402
 from detres.utils.atomic import dumps_json  # noqa: E402
 
 
@@ -34,21 +34,10 @@ def main(argv: list[str] | None = None) -> int:
     add_resume_arguments(parser)
     parser.add_argument("overrides", nargs="*", help="config overrides such as solver.max_iter=100")
     args = parser.parse_intermixed_args(argv)  # overrides may sit before or after the options
-    try:
-        cfg = load_config(args.config, args.overrides)
-        metrics = train_detector(cfg, **resume_kwargs(args))
-    except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as exc:
-        print(f"train_det: error: {exc}", file=sys.stderr)
-        return 2
-    except TrainingInterrupted as exc:  # SIGINT / SIGTERM: last.pt saved; 128 + signal, as shells report it
-        print(f"train_det: {exc}", file=sys.stderr)
-        return exc.exit_status
-    except KeyboardInterrupt:  # a second Ctrl-C: stopped at once
-        print("train_det: interrupted", file=sys.stderr)
-        return 130
-    except FloatingPointError as exc:  # diverged: not bad input, but a clear message beats a traceback
-        print(f"train_det: error: {exc}", file=sys.stderr)
-        return 1
+    status, metrics = run_training(
+        "train_det", lambda: train_detector(load_config(args.config, args.overrides), **resume_kwargs(args)))
+    if status:
+        return status
     if not is_main_process():
         return 0  # torchrun: rank 0 prints the summary
     summary = {"COCO": metrics["coco"]["summary"], "VOC mAP": metrics["voc"]["mAP"],

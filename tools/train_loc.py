@@ -9,6 +9,8 @@ Resume: --resume continues <output_dir>/last.pt (an error when there is none), -
 when there is none, --resume-from PATH continues an older <output_dir>/checkpoints/iter_*.pt; changed model.*
 options are refused on resume unless --allow-model-change. SIGINT / SIGTERM save last.pt and exit 130 / 143; a
 NaN / Inf loss or state exits 1 naming the last good checkpoint; a second run in the same folder exits 2.
+Both stages run data-parallel under torchrun (solver.images_per_batch / model.rcnn.regions_per_batch are the
+global batches, split over the processes; rank 0 writes the files and tests) and equal a one-process run.
 """
 from __future__ import annotations
 
@@ -27,7 +29,14 @@ from detres.engine.loc_eval import format_table  # noqa: E402
 from detres.engine.loc_trainer import STAGES, train_localizer  # noqa: E402
 from detres.engine.distributed import is_main_process  # noqa: E402
 from detres.engine.resume_args import add_resume_arguments, resume_kwargs  # noqa: E402
-from detres.engine.run_setup import TrainingInterrupted  # noqa: E402
+from detres.engine.exit_status import run_training  # noqa: E402
+
+
+def _train(args: argparse.Namespace) -> dict:
+    cfg = load_config(args.config, args.overrides)
+    if cfg.task != "loc":
+        raise ConfigError(f"{args.config}: task is {cfg.task!r}; train_loc needs a 'task: loc' config")
+    return train_localizer(cfg, **resume_kwargs(args), stage=args.stage)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,23 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="config overrides such as solver.max_iter=100")
     args = parser.parse_intermixed_args(argv)  # overrides may sit before or after the options
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
-    try:
-        cfg = load_config(args.config, args.overrides)
-        if cfg.task != "loc":
-            raise ConfigError(f"{args.config}: task is {cfg.task!r}; train_loc needs a 'task: loc' config")
-        report = train_localizer(cfg, **resume_kwargs(args), stage=args.stage)
-    except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as exc:
-        print(f"train_loc: error: {exc}", file=sys.stderr)
-        return 2
-    except TrainingInterrupted as exc:  # SIGINT / SIGTERM: last.pt saved; 128 + signal, as shells report it
-        print(f"train_loc: {exc}", file=sys.stderr)
-        return exc.exit_status
-    except KeyboardInterrupt:  # a second Ctrl-C: stopped at once
-        print("train_loc: interrupted", file=sys.stderr)
-        return 130
-    except FloatingPointError as exc:
-        print(f"train_loc: error: {exc}", file=sys.stderr)
-        return 1
+    status, report = run_training("train_loc", lambda: _train(args))
+    if status:
+        return status
     if not is_main_process():
         return 0  # torchrun: rank 0 tests and prints the report
     print(format_table(report))

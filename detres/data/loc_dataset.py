@@ -189,10 +189,15 @@ class LocDataset(torch.utils.data.Dataset):
 
 
 def collate_loc(batch: list[dict[str, Any]]) -> dict[str, Any]:
-    """Same-size training crops -> {images [B,3,H,W], targets [{boxes, labels}], image_ids}; test views stay a list."""
+    """Same-size training crops -> {images [B,3,H,W], targets [{boxes, labels[, seed]}], image_ids}; test views stay
+    a list. A sample's ``seed`` (training: see ``detres.engine.seeded_data``) goes into its target, where the
+    per-class RPN's anchor sampler reads it."""
     images = [s["image"] for s in batch]
     same = all(im.shape == images[0].shape for im in images)
-    return {"images": torch.stack(images) if same else images,
-            "targets": [{"boxes": s["boxes"], "labels": s["labels"]} for s in batch],
+    targets = [{"boxes": s["boxes"], "labels": s["labels"]} for s in batch]
+    for target, sample in zip(targets, batch):
+        if sample.get("seed") is not None:
+            target["seed"] = int(sample["seed"])
+    return {"images": torch.stack(images) if same else images, "targets": targets,
             "image_ids": [s["image_id"] for s in batch], "orig_sizes": [s["orig_size"] for s in batch],
             "views": [s.get("view") for s in batch]}

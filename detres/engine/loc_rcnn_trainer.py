@@ -1,12 +1,16 @@
 """The localizer's R-CNN stage, RoI-centric training pieces (Appendix C): cached per-class RPN proposals, region
-mini-batches drawn across images, and one SGD step on their warped crops."""
+mini-batches drawn across images, and one SGD step on their warped crops.
+
+Under torchrun the stage is data-parallel: every rank builds the proposals of its shard of the training images
+(gathered into one cache, which rank 0 saves), draws the same global region batch from the (seed, iteration)
+generator and trains on its slice of it, DDP averaging the gradients; rank 0 alone writes files and tests."""
 from __future__ import annotations
 
 import logging
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -23,15 +27,18 @@ from detres.engine.loc_eval import format_table
 from detres.engine.optimizer import set_lr
 from detres.engine.plots import plot_curves
 from detres.engine.checkpoint import CheckpointManager, Diverged, check_finite_payload
-from detres.engine.run_setup import start_run, stop_if_signalled
+from detres.engine.distributed import (MethodCall, all_gather_objects, broadcast_object, get_rank, get_world_size,
+                                      is_main_process, mean_over_ranks, on_main, start_distributed_run, wrap_ddp)
+from detres.engine.run_setup import stop_if_signalled
 from detres.models.loc_rpn import RPNLocalizer, load_localizer
 from detres.models.rcnn_loc import (CROP_SOURCES, RCNNLocalizer, RPNRCNNLocalizer, assign_rcnn_targets,
                                     build_rcnn_localizer, rcnn_localizer_kwargs_from_config, save_rcnn_localizer)
 from detres.utils.atomic import write_json_atomic
 from detres.utils.checkpoint import load_checkpoint, save_checkpoint
+from detres.utils.dist import finite_on_all_ranks, shard_indices, unshard
 
-__all__ = ["RegionCache", "cache_proposals", "rcnn_train_step", "sample_regions", "to_image_frame",
-           "train_rcnn_stage"]
+__all__ = ["RegionCache", "cache_proposals", "proposal_cache", "rank_slice", "rcnn_train_step", "sample_regions",
+           "to_image_frame", "train_rcnn_stage"]
 
 log = logging.getLogger(__name__)
 # Per training image: rois [n,4], their proposal classes [n] (1..K), R-CNN labels [n] (0..K), matched gt boxes [n,4].
@@ -92,10 +99,13 @@ def _draw(population: int, count: int, generator: torch.Generator | None) -> lis
 def rcnn_train_step(model: RCNNLocalizer, optimizer: torch.optim.Optimizer,
                     images: Mapping[int, Tensor] | Sequence[Tensor],
                     cache: RegionCache, batch: Sequence[tuple[int, int]], *,
-                    amp: MixedPrecision | None = None) -> dict[str, float]:
+                    amp: MixedPrecision | None = None, losses_of: Callable[..., Any] | None = None) -> dict[str, float]:
     """One SGD step on a region mini-batch (from :func:`sample_regions`): crop and warp each region from its image
     (``images[i]`` is the image the cache's boxes of entry i refer to), then the cls + reg losses; returns them.
-    ``amp``: the losses under its CUDA autocast and a scaled step (None = fp32, as on CPU)."""
+    ``amp``: the losses under its CUDA autocast and a scaled step (None = fp32, as on CPU). ``losses_of``: what
+    computes the losses, called as ``losses_of("losses", crops, rois, labels, matched)`` (under torchrun the DDP
+    wrapper of :class:`~detres.engine.distributed.MethodCall` ``(model)``, whose backward averages the gradients);
+    None calls ``model.losses``. A non-finite loss on any rank raises on every rank."""
     if not batch:
         raise ValueError("rcnn_train_step: empty region batch")
     by_image: dict[int, list[int]] = defaultdict(list)
@@ -111,10 +121,11 @@ def rcnn_train_step(model: RCNNLocalizer, optimizer: torch.optim.Optimizer,
         matched.append(entry["matched"][index])
     model.train()
     amp = amp or MixedPrecision(enabled=False, device="cpu")
+    inputs = (torch.cat(crops), torch.cat(rois), torch.cat(labels), torch.cat(matched))
     with amp.autocast():  # the warped crops are made in fp32 above; the network runs under autocast
-        losses = model.losses(torch.cat(crops), torch.cat(rois), torch.cat(labels), torch.cat(matched))
+        losses = model.losses(*inputs) if losses_of is None else losses_of("losses", *inputs)
     total = sum(losses.values())
-    if not torch.isfinite(total):
+    if not finite_on_all_ranks(total.item()):  # collective: no rank waits alone in the gradient all-reduce
         raise FloatingPointError(f"R-CNN stage: loss is {total.item()}; lower solver.base_lr")
     optimizer.zero_grad(set_to_none=True)
     amp.backward_and_step(total, optimizer)
@@ -150,12 +161,46 @@ def _crop_image(record: LocRecord, view: LocTestTransform, crop_source: str) -> 
     return image if crop_source == "image" else torch.from_numpy(view(image)[0].transpose(2, 0, 1).copy())
 
 
+def _saved_cache(path: Path, made_with: dict[str, Any]) -> tuple[RegionCache, list[tuple[float, float]]] | None:
+    """The regions and view scales of ``path`` if it was made with ``made_with`` (else None: e.g. another RPN)."""
+    saved = load_checkpoint(path) if path.exists() else {}
+    if saved.get("made_with") != made_with or "view_scales" not in saved:
+        return None
+    return saved["regions"], [tuple(s) for s in saved["view_scales"]]
+
+
+def proposal_cache(rpn: RPNLocalizer, train: Sequence[LocRecord], view: LocTestTransform, path: Path,
+                   made_with: dict[str, Any], *, fg_iou_thresh: float) -> tuple[RegionCache, list[tuple[float, float]]]:
+    """(:func:`cache_proposals` of every training image, each dense view's (sx, sy)): read from ``path`` when it was
+    made with ``made_with``, else computed and saved there. Under torchrun rank 0 reads the file and sends it to
+    the others; a computation is split over the ranks (strided shards) and gathered in image order everywhere."""
+    saved = broadcast_object(on_main(_saved_cache, path, made_with))
+    if saved is not None:
+        return saved
+    mine = shard_indices(len(train))
+    scales: list[tuple[float, float]] = []
+    part = cache_proposals(rpn, _view_samples([train[i] for i in mine], view, scales), top_n=made_with["top_n"],
+                           nms_thresh=made_with["nms"], fg_iou_thresh=fg_iou_thresh)
+    parts = all_gather_objects((part, scales))
+    cache, scales = unshard([p[0] for p in parts]), unshard([p[1] for p in parts])
+    if is_main_process():
+        save_checkpoint(path, {"regions": cache, "made_with": made_with, "view_scales": scales})
+    return cache, scales
+
+
+def rank_slice(batch: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """This rank's consecutive share of a global region batch (the whole batch in a single process)."""
+    share = len(batch) // get_world_size()
+    return list(batch[get_rank() * share: (get_rank() + 1) * share])
+
+
 def train_rcnn_stage(cfg: Config, *, resume: bool | str = False, resume_from: str | Path | None = None,
                      allow_model_change: bool = False) -> dict[str, Any]:
     """The R-CNN stage: proposals of the trained RPN (``model.rcnn.rpn_checkpoint``) on the training images' dense
     test views (shorter side ``test.scale``), cached once in ``proposals.pt``; RoI-centric SGD on their warped crops;
     then the RPN+R-CNN rows of Table 13 on the validation set. Same outputs and resuming as the RPN stage.
-    With ``model.rcnn.crop_source: image`` the regions are cropped from each image at its own resolution."""
+    With ``model.rcnn.crop_source: image`` the regions are cropped from each image at its own resolution.
+    Data-parallel under torchrun (see the module docstring); ``model.rcnn.regions_per_batch`` is the global batch."""
     from detres.engine.loc_trainer import load_loc_records, test_from_config  # loc_trainer imports this lazily
 
     rcnn_cfg, solver = cfg.model.rcnn, cfg.solver
@@ -163,11 +208,15 @@ def train_rcnn_stage(cfg: Config, *, resume: bool | str = False, resume_from: st
         raise ValueError("model.rcnn.rpn_checkpoint: the R-CNN stage needs the RPN stage's model_final.pt")
     if rcnn_cfg.crop_source not in CROP_SOURCES:  # before minutes of proposal caching
         raise ValueError(f"model.rcnn.crop_source: must be one of {CROP_SOURCES}, got {rcnn_cfg.crop_source!r}")
+    world = get_world_size()
+    if int(rcnn_cfg.regions_per_batch) % world:
+        raise ValueError(f"model.rcnn.regions_per_batch ({rcnn_cfg.regions_per_batch}) must be a multiple of the "
+                         f"number of processes ({world}): each takes an equal slice of the global region batch")
     train, val, synsets = load_loc_records(cfg.data)
     rpn, rpn_meta = load_localizer(rcnn_cfg.rpn_checkpoint)
     if list(rpn_meta["synsets"]) != list(synsets):
         raise ValueError(f"{rcnn_cfg.rpn_checkpoint}: its classes differ from data's {len(synsets)} synsets")
-    start = start_run(cfg, resume=resume, resume_from=resume_from, allow_model_change=allow_model_change)
+    start = start_distributed_run(cfg, resume=resume, resume_from=resume_from, allow_model_change=allow_model_change)
     out, last_path, device, state = start.out, start.last_path, start.device, start.state
     if state is not None and not start.model_changed:
         model_args = dict(state["model_args"])
@@ -178,15 +227,8 @@ def train_rcnn_stage(cfg: Config, *, resume: bool | str = False, resume_from: st
     made_with = {"rpn_checkpoint": str(rcnn_cfg.rpn_checkpoint), "top_n": int(rcnn_cfg.proposals_per_class),
                  "scale": int(cfg.test.scale), "nms": float(cfg.test.nms_thresh),
                  "fg_iou": float(rcnn_cfg.fg_iou_thresh)}
-    saved = load_checkpoint(cache_path) if cache_path.exists() else {}
-    if saved.get("made_with") == made_with and "view_scales" in saved:  # else (e.g. another RPN): recomputed
-        cache, scales = saved["regions"], [tuple(s) for s in saved["view_scales"]]
-    else:
-        scales = []
-        cache = cache_proposals(rpn.to(device), _view_samples(train, view, scales),
-                                top_n=int(rcnn_cfg.proposals_per_class), nms_thresh=float(cfg.test.nms_thresh),
-                                fg_iou_thresh=float(rcnn_cfg.fg_iou_thresh))
-        save_checkpoint(cache_path, {"regions": cache, "made_with": made_with, "view_scales": scales})
+    cache, scales = proposal_cache(rpn.to(device), train, view, cache_path, made_with,
+                                   fg_iou_thresh=float(rcnn_cfg.fg_iou_thresh))
     model = build_rcnn_localizer(**model_args).to(device)
     if model.crop_source == "image":
         cache = to_image_frame(cache, scales)
@@ -197,18 +239,23 @@ def train_rcnn_stage(cfg: Config, *, resume: bool | str = False, resume_from: st
     meta = {"synsets": synsets, "rpn_checkpoint": str(rcnn_cfg.rpn_checkpoint), "test_scale": int(cfg.test.scale)}
     logger = JsonLinesLogger(out / "metrics.jsonl", resume_from_iter=iteration if state is not None else None)
     started, cpu_started, window = time.time(), time.process_time(), LossWindow()
+    train_model = wrap_ddp(MethodCall(model), device)  # torchrun: DDP averages the gradients of model.losses
 
     def save_last(at: int) -> Path:
-        """The stage's one writer of last.pt: kept copies, never a non-finite state."""
+        """The stage's one writer of last.pt: kept copies, never a non-finite state; rank 0 alone under torchrun."""
+        if not is_main_process():
+            return last_path
         payload = _rcnn_payload(model, model_args, meta, at, cfg, optimizer, amp)
         return start.checkpoints.save(payload, at)
 
     with start.checkpoints.stop_on_divergence():  # a NaN / Inf: stop naming the last good checkpoint
         while iteration < solver.max_iter:
-            iteration = _rcnn_iteration(model, optimizer, schedule, amp, cache, train, view, iteration, window,
-                                        logger, cfg, started, save_last, start.checkpoints)
+            iteration = _rcnn_iteration((model, train_model), optimizer, schedule, amp, cache, train, view,
+                                        iteration, window, logger, cfg, started, save_last, start.checkpoints)
             stop_if_signalled(iteration, lambda: save_last(iteration))
     train_cpu = time.process_time() - cpu_started
+    if not is_main_process():
+        return {}  # rank 0 saves and tests (the ranks' weights are the same)
     check_finite_payload({"model": model.state_dict()}, iteration, out / "model_final.pt")
     save_rcnn_localizer(out / "model_final.pt", model, model_args, meta, iter=iteration, config=cfg.to_dict())
     plot_curves(read_json_lines(out / "metrics.jsonl"), out / "loss_curves.png",
@@ -232,28 +279,31 @@ def _rcnn_payload(model: RCNNLocalizer, model_args: dict[str, Any], meta: dict[s
                               "optimizer": optimizer.state_dict()}, amp)
 
 
-def _rcnn_iteration(model: RCNNLocalizer, optimizer: torch.optim.Optimizer, schedule, amp: MixedPrecision,
-                    cache: RegionCache, train: Sequence[LocRecord], view: LocTestTransform, iteration: int,
-                    window: LossWindow, logger: JsonLinesLogger, cfg: Config, started: float, save_last,
-                    checkpoints: CheckpointManager) -> int:
-    """One RoI-centric SGD step, then the log line / checkpoint due; returns the iteration."""
+def _rcnn_iteration(models: tuple[RCNNLocalizer, Any], optimizer: torch.optim.Optimizer, schedule,
+                    amp: MixedPrecision, cache: RegionCache, train: Sequence[LocRecord], view: LocTestTransform,
+                    iteration: int, window: LossWindow, logger: JsonLinesLogger, cfg: Config, started: float,
+                    save_last, checkpoints: CheckpointManager) -> int:
+    """One RoI-centric SGD step on this rank's slice of the global region batch, then the log line / checkpoint
+    due; returns the iteration. ``models``: the plain model and what trains it (its DDP wrapper under torchrun)."""
+    model, train_model = models
     solver, rcnn_cfg = cfg.solver, cfg.model.rcnn
     fg_fraction = None if rcnn_cfg.fg_fraction is None else float(rcnn_cfg.fg_fraction)
     # seeded per iteration, so a resumed run draws the batches it would have drawn
     gen = torch.Generator().manual_seed(int(cfg.seed) * 1_000_003 + iteration)
     batch = sample_regions(cache, int(rcnn_cfg.regions_per_batch), generator=gen, fg_fraction=fg_fraction)
+    batch = rank_slice(batch)  # the same global batch on every rank; each trains on its slice
     images = {i: _crop_image(train[i], view, model.crop_source) for i in {i for i, _ in batch}}
     lr = schedule.lr_at(iteration)
     set_lr(optimizer, lr)
     try:
-        losses = rcnn_train_step(model, optimizer, images, cache, batch, amp=amp)
+        losses = rcnn_train_step(model, optimizer, images, cache, batch, amp=amp, losses_of=train_model)
     except FloatingPointError as exc:
         raise Diverged(f"iteration {iteration}: {exc}", failed_from=iteration) from None
     checkpoints.note_loss(iteration, losses["loss"])
     iteration += 1
     window.add(losses.pop("loss"), {k: torch.tensor(v) for k, v in losses.items()})
     if iteration % solver.log_period == 0 or iteration == solver.max_iter:
-        logger.log(iter=iteration, lr=lr, time=time.time() - started, **window.flush())
+        logger.log(iter=iteration, lr=lr, time=time.time() - started, **mean_over_ranks(window.flush()))
     if iteration % solver.checkpoint_period == 0 or iteration == solver.max_iter:
         save_last(iteration)
     return iteration

@@ -27,8 +27,9 @@ from detres.engine.optimizer import set_lr
 from detres.engine.plots import plot_curves
 from detres.engine.checkpoint import CheckpointManager, Diverged, check_finite_payload
 from detres.engine.run_setup import stop_if_signalled
+from detres.engine.seeded_data import IterationKeyedBatches, IterationSeededDataset
 from detres.utils.dist import finite_on_all_ranks
-from detres.engine.distributed import distributed_run_guard, env_world_size, is_main_process, mean_over_ranks
+from detres.engine.distributed import distributed_run_guard, is_main_process, mean_over_ranks
 from detres.engine.distributed import shard_batches, start_distributed_run, wrap_ddp
 from detres.models.loc_rpn import build_rpn_localizer, rpn_localizer_kwargs_from_config
 from detres.utils.atomic import write_json_atomic
@@ -76,11 +77,17 @@ def synset_words(data_cfg: Any) -> dict[str, str]:
 
 
 def _loader(dataset: LocDataset, cfg: Config, start_iter: int) -> DataLoader:
-    """Endless seeded batches of crops that resume at batch ``start_iter``."""
+    """Endless seeded batches of crops that resume at batch ``start_iter`` exactly.
+
+    Every draw of image i at iteration t (scale, crop window, flip, and the RPN's anchor sampling through the
+    ``seed`` its target carries) is seeded by (seed, t, i): a resumed run and a torchrun run (each rank taking its
+    slice of the global batch) draw what one uninterrupted process draws."""
     batch = int(cfg.solver.images_per_batch)
     sampler = BatchSampler(InfiniteSampler(len(dataset), seed=int(cfg.seed), start=start_iter * batch), batch,
                            drop_last=True)
-    return DataLoader(dataset, batch_sampler=shard_batches(sampler), collate_fn=collate_loc,
+    return DataLoader(IterationSeededDataset(dataset, seed=int(cfg.seed)),
+                      batch_sampler=IterationKeyedBatches(shard_batches(sampler), start_iter=start_iter),
+                      collate_fn=collate_loc,
                       num_workers=cfg.data.num_workers,
                       persistent_workers=cfg.data.num_workers > 0)
 
@@ -125,10 +132,7 @@ def _train_localizer(cfg: Config, *, resume: bool | str, stage: str, resume_from
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
     check_amp_dtype(cfg.solver.amp_dtype)  # before any output is written
-    if stage == "rcnn":
-        if env_world_size() > 1:
-            raise ValueError(f"train_loc --stage rcnn runs in one process (torchrun gave WORLD_SIZE="
-                             f"{env_world_size()}); only the RPN stage trains data-parallel")
+    if stage == "rcnn":  # data-parallel under torchrun too: proposals sharded, region batches sliced
         from detres.engine.loc_rcnn_trainer import train_rcnn_stage  # it reuses this module's helpers
 
         return train_rcnn_stage(cfg, resume=resume, resume_from=resume_from, allow_model_change=allow_model_change)

@@ -3,9 +3,10 @@
 Classification: every random choice of the input pipeline (the permutation, scale, crop, flip, PCA
 colour noise) is a function of (seed, epoch, index). Detection: every random draw (scale choice,
 flip, and the model's RPN / RoI sampling, through the ``seed`` each sample carries into its target)
-is a function of (seed, iteration, index). So a run resumed at any iteration sees exactly the
-batches and draws an uninterrupted run would have seen, whatever the number of loader workers or
-(for detection) data-parallel processes.
+is a function of (seed, iteration, index); the localizer's RPN stage uses the same wrappers (scale,
+crop window, flip, anchor sampling). So a run resumed at any iteration sees exactly the batches and
+draws an uninterrupted run would have seen, whatever the number of loader workers or (for detection
+and localization) data-parallel processes.
 """
 from __future__ import annotations
 

@@ -318,3 +318,73 @@ def test_a_diverging_run_under_torchrun_stops_every_rank_with_the_one_line_error
     if (out / "last.pt").exists():
         state = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
         assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+# ------------------------------------------------------------------------------------------- train_loc under torchrun
+# The tiny localizer on 80x80 square images: crops of 56² from a 64..72 resize cut at most 16 pixels off a side, and
+# the main object is at least 25 pixels wide there, so every crop keeps a box and every image samples its 8 anchors;
+# the mean of the ranks' losses is then the global one. Scale, crop, flip and anchor sampling are all seeded by
+# (seed, iteration, image), so the two ranks draw what one process draws.
+LOC = ["model.weights=null", "model.depth=18", "model.base_width=16", "model.freeze_at=0",
+       "model.anchor_sizes=[16,32,64]", "input.scale_min=64", "input.scale_max=72", "input.crop=56",
+       "input.flip_prob=0.5", "test.scale=64", "test.top_n=20", "data.num_workers=0", "device=cpu",
+       "solver.images_per_batch=4", "solver.base_lr=0.02", "solver.warmup_iters=0", "solver.max_iter=3",
+       "solver.log_period=1", "solver.checkpoint_period=100", "data.max_val_images=2"]
+RCNN = ["model.rcnn.crop_size=32", "model.rcnn.regions_per_batch=8", "model.rcnn.proposals_per_class=4"]
+
+
+@pytest.fixture(scope="module")
+def loc_world(tmp_path_factory) -> Path:
+    from detres.data.shapes_writers import write_loc_task
+
+    root = tmp_path_factory.mktemp("ddp_loc")
+    write_loc_task(root, 0, {"train": 8, "val": 2}, (80, 80))
+    return root / "loc"
+
+
+def _loc_args(world: Path, out: Path, config: Path, *extra: str) -> list[str]:
+    config.write_text("task: loc\n")
+    return [str(REPO / "tools" / "train_loc.py"), "--config", str(config), f"output_dir={out}", f"data.root={world}",
+            *LOC, *extra]
+
+
+def _losses_of(*runs: Path) -> list[list[float]]:
+    return [[r["loss"] for r in read_json_lines(run / "metrics.jsonl") if "loss" in r] for run in runs]
+
+
+def test_train_loc_rpn_stage_in_two_processes_equals_one_process(loc_world, tmp_path):
+    for name, nproc in (("single", 1), ("ddp", 2)):
+        result = torchrun(_loc_args(loc_world, tmp_path / name, tmp_path / "c.yaml"), nproc=nproc)
+        assert result.stdout.count("iterations 3,") == 1  # rank 0 alone tests and prints the report
+    single = _weights(tmp_path / "single" / "model_final.pt")
+    _assert_same_weights(single, _weights(tmp_path / "ddp" / "model_final.pt"))
+    losses = _losses_of(tmp_path / "single", tmp_path / "ddp")
+    assert len(losses[0]) == 3 and losses[1] == pytest.approx(losses[0], rel=1e-4)
+    assert losses[0][0] != losses[0][2]  # the weights moved
+
+
+def test_train_loc_rcnn_stage_in_two_processes_equals_one_process_and_resumes(loc_world, tmp_path):
+    from detres.config.load import load_config
+    from detres.engine.loc_trainer import train_localizer
+
+    rpn = tmp_path / "rpn"  # the RPN stage in this process: a checkpoint to take proposals from
+    train_localizer(load_config(None, ["task=loc", f"output_dir={rpn}", f"data.root={loc_world}", *LOC]))
+    rcnn = [*RCNN, f"model.rcnn.rpn_checkpoint={rpn / 'model_final.pt'}"]
+    for name, nproc in (("single", 1), ("ddp", 2)):
+        result = torchrun([*_loc_args(loc_world, tmp_path / name, tmp_path / "c.yaml", *rcnn), "--stage", "rcnn"],
+                          nproc=nproc)
+        assert result.stdout.count("iterations 3,") == 1
+    # the proposals were computed on the ranks' shards and gathered in image order: the one-process cache
+    caches = [torch.load(tmp_path / name / "proposals.pt", weights_only=True) for name in ("single", "ddp")]
+    assert caches[0]["view_scales"] == caches[1]["view_scales"] and len(caches[0]["regions"]) == 8
+    for a, b in zip(caches[0]["regions"], caches[1]["regions"]):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    single = _weights(tmp_path / "single" / "model_final.pt")
+    _assert_same_weights(single, _weights(tmp_path / "ddp" / "model_final.pt"))
+    losses = _losses_of(tmp_path / "single", tmp_path / "ddp")
+    assert len(losses[0]) == 3 and losses[1] == pytest.approx(losses[0], rel=1e-4) and losses[0][0] != losses[0][2]
+    # --resume under torchrun: 2 steps, then on to 3 from rank 0's last.pt (and its proposals.pt)
+    resumed = [*_loc_args(loc_world, tmp_path / "resumed", tmp_path / "c.yaml", *rcnn), "--stage", "rcnn"]
+    torchrun([*resumed, "solver.max_iter=2"])
+    torchrun([*resumed[:3], "--resume", *resumed[3:]])
+    _assert_same_weights(single, _weights(tmp_path / "resumed" / "model_final.pt"))

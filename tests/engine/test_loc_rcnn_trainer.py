@@ -82,3 +82,28 @@ def test_to_image_frame_divides_boxes_by_the_view_scale_and_keeps_labels():
     assert torch.equal(moved[1]["labels"], cache[1]["labels"]) and torch.equal(moved[0]["classes"], cache[0]["classes"])
     with pytest.raises(ValueError):
         to_image_frame(cache, [(1.0, 1.0)])
+
+
+def test_ranks_take_equal_disjoint_slices_of_the_global_region_batch(monkeypatch):
+    from detres.engine import loc_rcnn_trainer
+
+    batch = [(i % 3, i) for i in range(12)]
+    assert loc_rcnn_trainer.rank_slice(batch) == batch  # one process: the whole batch
+    slices = []
+    for rank in range(3):
+        monkeypatch.setattr(loc_rcnn_trainer, "get_rank", lambda rank=rank: rank)
+        monkeypatch.setattr(loc_rcnn_trainer, "get_world_size", lambda: 3)
+        slices.append(loc_rcnn_trainer.rank_slice(batch))
+    assert [len(s) for s in slices] == [4, 4, 4] and [p for s in slices for p in s] == batch
+
+
+def test_a_region_batch_that_does_not_split_over_the_ranks_is_a_one_line_error(monkeypatch, tmp_path):
+    from detres.config.load import load_config
+    from detres.engine import loc_rcnn_trainer
+
+    monkeypatch.setattr(loc_rcnn_trainer, "get_world_size", lambda: 2)  # as under torchrun --nproc_per_node=2
+    cfg = load_config(None, ["task=loc", f"output_dir={tmp_path}", "model.rcnn.rpn_checkpoint=rpn.pt",
+                             "model.rcnn.regions_per_batch=7"])
+    with pytest.raises(ValueError, match=r"model.rcnn.regions_per_batch \(7\) must be a multiple .* processes \(2\)"):
+        loc_rcnn_trainer.train_rcnn_stage(cfg)
+    assert not any(tmp_path.iterdir())  # refused before anything was written

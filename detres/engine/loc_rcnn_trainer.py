@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from detres.config.load import Config
+from detres.data.bad_samples import BadSamples, write_skipped
 from detres.data.image_io import read_image_rgb
 from detres.data.loc_dataset import LocRecord
 from detres.data.loc_transforms import LocTestTransform
@@ -212,12 +213,15 @@ def train_rcnn_stage(cfg: Config, *, resume: bool | str = False, resume_from: st
     if int(rcnn_cfg.regions_per_batch) % world:
         raise ValueError(f"model.rcnn.regions_per_batch ({rcnn_cfg.regions_per_batch}) must be a multiple of the "
                          f"number of processes ({world}): each takes an equal slice of the global region batch")
-    train, val, synsets = load_loc_records(cfg.data)
+    bad = BadSamples.from_config(cfg)
+    train, val, synsets = load_loc_records(cfg.data, bad_samples=bad)
     rpn, rpn_meta = load_localizer(rcnn_cfg.rpn_checkpoint)
     if list(rpn_meta["synsets"]) != list(synsets):
         raise ValueError(f"{rcnn_cfg.rpn_checkpoint}: its classes differ from data's {len(synsets)} synsets")
     start = start_distributed_run(cfg, resume=resume, resume_from=resume_from, allow_model_change=allow_model_change)
     out, last_path, device, state = start.out, start.last_path, start.device, start.state
+    if is_main_process():
+        write_skipped(out, bad)  # data.on_bad_sample=skip: the dropped samples, listed in the run folder
     if state is not None and not start.model_changed:
         model_args = dict(state["model_args"])
     else:

@@ -16,7 +16,7 @@ from detres.data.loc_dataset import (LocDataset, LocRecord, collate_loc, read_il
                                      read_tiny_imagenet_val_records, tiny_imagenet_synsets)
 from detres.data.loc_transforms import LocTrainTransform
 from detres.data.samplers import InfiniteSampler
-from detres.data.bad_samples import BadSamples
+from detres.data.bad_samples import BadSamples, write_skipped
 from detres.data.validate import check_loc_sets
 from detres.engine.amp import SCALER_KEY, MixedPrecision, check_amp_dtype, mixed_precision_from_config
 from detres.engine.amp import scaler_state_into
@@ -42,14 +42,18 @@ STAGES = ("rpn", "rcnn")
 DATA_FORMATS = ("ilsvrc", "tiny_imagenet")
 
 
-def load_loc_records(data_cfg: Any) -> tuple[list[LocRecord], list[LocRecord], list[str]]:
-    """(training records, validation records, synsets) of ``data.format`` under ``data.root``."""
+def load_loc_records(data_cfg: Any, *, bad_samples: BadSamples | None = None
+                     ) -> tuple[list[LocRecord], list[LocRecord], list[str]]:
+    """(training records, validation records, synsets) of ``data.format`` under ``data.root``.
+
+    ``bad_samples`` collects what ``data.on_bad_sample=skip`` drops (a fresh collector by default), for the
+    trainers to list in their run folder (:func:`detres.data.bad_samples.write_skipped`)."""
     fmt, root = data_cfg["format"], Path(data_cfg["root"])
     if fmt not in DATA_FORMATS:
         raise ValueError(f"data.format must be one of {DATA_FORMATS}, got {fmt!r}")
     if not root.is_dir():
         raise FileNotFoundError(f"data.root: folder not found: {root}")
-    bad = BadSamples(data_cfg.get("on_bad_sample", "error"))  # annotations and image files, before training
+    bad = bad_samples if bad_samples is not None else BadSamples(data_cfg.get("on_bad_sample", "error"))
     if fmt == "ilsvrc":
         train, synsets = read_ilsvrc_loc(root, data_cfg["train_split"], synsets_file=data_cfg["synsets"],
                                          bad_samples=bad)
@@ -138,9 +142,12 @@ def _train_localizer(cfg: Config, *, resume: bool | str, stage: str, resume_from
         return train_rcnn_stage(cfg, resume=resume, resume_from=resume_from, allow_model_change=allow_model_change)
     if cfg.input.scale_min < cfg.input.crop:
         raise ValueError(f"input.scale_min ({cfg.input.scale_min}) must be >= input.crop ({cfg.input.crop})")
-    train, val, synsets = load_loc_records(cfg.data)
+    bad = BadSamples.from_config(cfg)
+    train, val, synsets = load_loc_records(cfg.data, bad_samples=bad)
     start = start_distributed_run(cfg, resume=resume, resume_from=resume_from, allow_model_change=allow_model_change)
     out, last_path, device, state = start.out, start.last_path, start.device, start.state
+    if is_main_process():
+        write_skipped(out, bad)  # data.on_bad_sample=skip: the dropped samples, listed in the run folder
     transform = LocTrainTransform(scale_min=cfg.input.scale_min, scale_max=cfg.input.scale_max, crop=cfg.input.crop,
                                   hflip_prob=cfg.input.flip_prob, seed=cfg.seed)
     train_set = LocDataset(train, synsets, transform=transform)

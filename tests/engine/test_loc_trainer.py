@@ -92,3 +92,18 @@ def test_classifier_names_map_to_synset_labels():
     assert classifier_label_map(["cross", "circle"], synsets, {"n1": "circle", "n2": "cross, plus sign"}) == [2, 1]
     with pytest.raises(ValueError, match="neither wnids nor names"):
         classifier_label_map(["dog"], synsets, {})
+
+
+def test_skipped_training_images_are_listed_in_the_run_folder(tmp_path):
+    root = tmp_path / "shapes"
+    write_loc_task(root, 0, {"train": 30, "val": 4}, (96, 160))
+    missing = sorted((root / "loc" / "Data" / "train").rglob("*.*"))[0]
+    missing.unlink()
+    out = tmp_path / "run"
+    args = ["solver.max_iter=1", "solver.steps=[]", "solver.warmup_iters=0", "data.max_val_images=2",
+            "solver.images_per_batch=4"]
+    with pytest.raises(ValueError, match=f"{missing.stem}.* not found"):  # the default policy: stop, naming it
+        train_localizer(_config(root / "loc", out, *args))
+    train_localizer(_config(root / "loc", tmp_path / "skip", *args, "data.on_bad_sample=skip"))
+    listed = json.loads((tmp_path / "skip" / "skipped_samples.json").read_text())
+    assert listed["count"] == 1 and missing.stem in listed["samples"][0]["file"]

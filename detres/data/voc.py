@@ -154,7 +154,6 @@ class VocDetection(Dataset):
             return None
 
     def _build_target(self, image_id: str, rec: dict[str, Any]) -> tuple[dict[str, Any], list[str], list[str]]:
-        xml = self._xml_path(image_id)
         filename = rec.get("filename") or f"{image_id}.jpg"
         image_path = self.root / "JPEGImages" / filename
         if rec.get("height") is None or rec.get("width") is None:

@@ -11,7 +11,6 @@ from torch.utils.data import BatchSampler, DataLoader
 from tqdm import tqdm
 
 from detres.config.load import Config
-from detres.data.ilsvrc import read_synsets
 from detres.data.loc_dataset import (LocDataset, LocRecord, collate_loc, read_ilsvrc_loc, read_tiny_imagenet_train,
                                      read_tiny_imagenet_val_records, tiny_imagenet_synsets)
 from detres.data.loc_transforms import LocTrainTransform

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import warnings
-from typing import List, Tuple
+from typing import Tuple
 
 import torch
 import torch.nn.functional as F

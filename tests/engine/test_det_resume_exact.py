@@ -1,7 +1,6 @@
 """Detection resume is exact: a run stopped at a checkpoint and resumed repeats the uninterrupted run bit for bit."""
 from __future__ import annotations
 
-import shutil
 import warnings
 from pathlib import Path
 

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from detres.config.load import load_config
 from detres.data.image_io import ImageReadError
@@ -24,6 +23,7 @@ from detres.data.synthetic import generate_shapes_world
 from detres.engine import cls_trainer, det_trainer, loc_rcnn_trainer, loc_trainer
 from detres.engine.logging import read_json_lines
 from detres.utils.checkpoint import load_checkpoint
+from tests.tiny_configs import tiny_train_det_config, write_yaml
 from tests.tool_loader import load_tool
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -48,23 +48,8 @@ def _cls_overrides(world: Path, out: Path, *extra: str) -> list[str]:
 
 
 def _det_config(world: Path, path: Path, **solver) -> Path:
-    det = world / "det"
-    cfg = {
-        "task": "det", "device": "cpu",
-        "model": {"depth": 18, "base_width": 16, "freeze_at": 0, "anchor_sizes": [16, 32, 64],
-                  "rpn": {"pre_nms_top_n_train": 300, "post_nms_top_n_train": 50, "pre_nms_top_n_test": 300,
-                          "post_nms_top_n_test": 50, "batch_size_per_image": 64},
-                  "roi_heads": {"batch_size_per_image": 16, "pooler_resolution": 8}},
-        "data": {"format": "coco", "train_images": str(det / "images"),
-                 "train_ann": str(det / "annotations" / "instances_train.json"), "val_images": str(det / "images"),
-                 "val_ann": str(det / "annotations" / "instances_val.json"), "num_workers": 0},
-        "input": {"min_size_train": [128], "max_size_train": 192, "min_size_test": 128, "max_size_test": 192},
-        "solver": {"images_per_batch": 2, "base_lr": 0.005, "max_iter": 2, "steps": [], "eval_period": 0,
-                   "checkpoint_period": 1, "log_period": 1, **solver},
-        "test": {"vis_images": 0},
-    }
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    return write_yaml(path, tiny_train_det_config(world / "det", model={"freeze_at": 0}, test={"vis_images": 0},
+                                                  solver={"checkpoint_period": 1, **solver}))
 
 
 def _run_main(tool: str, *args: str) -> tuple[int, str]:

@@ -12,6 +12,7 @@ import pytest
 import torch
 import yaml
 
+from tests.tiny_configs import tiny_train_det_config, write_yaml
 from tests.tool_loader import load_tool
 from detres.data.image_io import read_image_rgb
 from detres.inference.predictor import Predictor
@@ -29,22 +30,7 @@ train_det, test_det, infer = load_tool("train_det"), load_tool("test_det"), load
 
 def _config(det: Path, out: Path, path: Path, **data_overrides: str) -> Path:
     """A CPU-test-sized detector config (quarter-width ResNet-18, ~128 px inputs, few RoIs) as a YAML file."""
-    cfg = {
-        "task": "det", "output_dir": str(out), "device": "cpu",
-        "model": {"depth": 18, "base_width": 16, "anchor_sizes": [16, 32, 64],
-                  "rpn": {"pre_nms_top_n_train": 300, "post_nms_top_n_train": 50, "pre_nms_top_n_test": 300,
-                          "post_nms_top_n_test": 50, "batch_size_per_image": 64},
-                  "roi_heads": {"batch_size_per_image": 16, "pooler_resolution": 8}},
-        "data": {"format": "coco", "train_images": str(det / "images"),
-                 "train_ann": str(det / "annotations" / "instances_train.json"), "val_images": str(det / "images"),
-                 "val_ann": str(det / "annotations" / "instances_val.json"), "num_workers": 0, **data_overrides},
-        "input": {"min_size_train": [128], "max_size_train": 192, "min_size_test": 128, "max_size_test": 192},
-        "solver": {"images_per_batch": 2, "base_lr": 0.005, "max_iter": 2, "steps": [], "eval_period": 0,
-                   "checkpoint_period": 2, "log_period": 1},
-        "test": {"vis_images": 2},
-    }
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    return write_yaml(path, tiny_train_det_config(det, out, data=data_overrides))
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import pytest
-import yaml
+
+from tests.tiny_configs import tiny_train_det_config, write_yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -60,22 +60,8 @@ def test_the_guard_sees_a_connection_attempt(tmp_path):
 
 
 def _det_config(det: Path, out: Path, path: Path) -> Path:
-    cfg = {
-        "task": "det", "output_dir": str(out), "device": "cpu",
-        "model": {"depth": 18, "base_width": 16, "anchor_sizes": [16, 32, 64],
-                  "rpn": {"pre_nms_top_n_train": 200, "post_nms_top_n_train": 30, "pre_nms_top_n_test": 200,
-                          "post_nms_top_n_test": 30, "batch_size_per_image": 32},
-                  "roi_heads": {"batch_size_per_image": 8, "pooler_resolution": 8}},
-        "data": {"format": "coco", "train_images": str(det / "images"),
-                 "train_ann": str(det / "annotations" / "instances_train.json"), "val_images": str(det / "images"),
-                 "val_ann": str(det / "annotations" / "instances_val.json"), "num_workers": 1},
-        "input": {"min_size_train": [96], "max_size_train": 160, "min_size_test": 96, "max_size_test": 160},
-        "solver": {"images_per_batch": 2, "base_lr": 0.005, "max_iter": 2, "steps": [], "eval_period": 0,
-                   "checkpoint_period": 2, "log_period": 1},
-        "test": {"vis_images": 1},
-    }
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    """The tool tests' tiny detector, with a loader worker (a worker process must not connect either)."""
+    return write_yaml(path, tiny_train_det_config(det, out, data={"num_workers": 1}, test={"vis_images": 1}))
 
 
 def test_detection_tools_make_no_network_attempt(small_det_world, tmp_path):

@@ -71,6 +71,7 @@ COMMON_RULES: dict[str, Rule] = {
     "solver.warmup_lr": NON_NEGATIVE_FLOAT,
     "solver.checkpoint_period": POSITIVE_INT,
     "solver.log_period": POSITIVE_INT,
+    "solver.keep_checkpoints": NON_NEGATIVE_INT,  # 0 = last.pt only
     "solver.amp_dtype": Rule("str", choices=("float16", "bfloat16")),
 }
 

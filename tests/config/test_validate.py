@@ -25,6 +25,8 @@ def _cfg(tmp_path, task: str, overrides: list[str]):
     ("det", "output_dir=''", "output_dir"),
     ("cls", "solver.checkpoint_period=0", "solver.checkpoint_period"),
     ("det", "solver.log_period=0", "solver.log_period"),
+    ("det", "solver.keep_checkpoints=-1", "solver.keep_checkpoints"),
+    ("loc", "solver.keep_checkpoints=null", "solver.keep_checkpoints"),
     ("cls", "solver.batch_size=0", "solver.batch_size"),
     ("det", "solver.images_per_batch=0", "solver.images_per_batch"),
     ("loc", "solver.images_per_batch=-1", "solver.images_per_batch"),

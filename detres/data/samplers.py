@@ -9,7 +9,8 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 from torch.utils.data import Sampler
 
-__all__ = ["compute_aspect_ratio_groups", "AspectRatioGroupedBatchSampler", "InfiniteSampler", "RankSlicedBatchSampler"]
+__all__ = ["compute_aspect_ratio_groups", "AspectRatioGroupedBatchSampler", "InfiniteSampler", "RankSlicedBatchSampler",
+           "rank_share"]
 
 
 def compute_aspect_ratio_groups(dataset: Any) -> list[int]:
@@ -166,6 +167,15 @@ class InfiniteSampler(Sampler[int]):
             offset -= self.size
 
 
+def rank_share(batch: Sequence[Any], rank: int, world_size: int) -> list[Any]:
+    """Slice ``rank`` of ``world_size`` equal, contiguous slices of a global ``batch`` (an error if it does not split)."""
+    if len(batch) % world_size:
+        raise ValueError(f"a global batch of {len(batch)} does not split over {world_size} processes: the batch "
+                         f"size must be a multiple of the world size")
+    share = len(batch) // world_size
+    return list(batch[rank * share:(rank + 1) * share])
+
+
 class RankSlicedBatchSampler(Sampler[list[int]]):
     """One rank's share of a stream of *global* batches: rank ``r`` of ``W`` takes slice ``r`` of ``W`` equal,
     contiguous slices of every batch ``batch_sampler`` yields.
@@ -186,12 +196,7 @@ class RankSlicedBatchSampler(Sampler[list[int]]):
 
     def __iter__(self) -> Iterator[list[int]]:
         for batch in self.batch_sampler:
-            batch = list(batch)
-            if len(batch) % self.world_size:
-                raise ValueError(f"a global batch of {len(batch)} images does not split over {self.world_size} "
-                                 f"processes: the batch size must be a multiple of the world size")
-            share = len(batch) // self.world_size
-            yield batch[self.rank * share:(self.rank + 1) * share]
+            yield rank_share(batch, self.rank, self.world_size)
 
     def __len__(self) -> int:
         return len(self.batch_sampler)  # type: ignore[arg-type]

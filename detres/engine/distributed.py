@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from detres.config.load import Config
 from detres.data.samplers import RankSlicedBatchSampler
 from detres.models.roi_heads import BoxHead
-from detres.engine.run_setup import TrainingInterrupted, resolve_device, run_guard, start_run
+from detres.engine.run_setup import RunStart, TrainingInterrupted, resolve_device, run_guard, start_run
 from detres.engine.seeded_data import seed_everything
 from detres.utils.dist import (all_gather_objects, barrier, broadcast_object, get_rank, get_world_size,
                                is_distributed, is_main_process)
@@ -104,7 +104,7 @@ def on_main(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T | None:
     return result
 
 
-def start_distributed_run(cfg: Config, **kwargs: Any) -> Any:
+def start_distributed_run(cfg: Config, **kwargs: Any) -> RunStart:
     """:func:`detres.engine.run_setup.start_run` (same arguments, same result) for any world size: rank 0 alone
     prepares the folder (resume guard, checkpoint choice, ``config.yaml``) and its result, the resumed
     checkpoint included, is sent to every rank, so all ranks start from the same weights without reading
@@ -115,16 +115,7 @@ def start_distributed_run(cfg: Config, **kwargs: Any) -> Any:
     device = init_distributed(resolve_device(cfg.device))
     result = broadcast_object(on_main(start_run, cfg, **kwargs))
     seed_everything(cfg.seed)  # rank 0 was seeded inside start_run
-    return _with_device(result, device)
-
-
-def _with_device(result: Any, device: torch.device) -> Any:
-    """start_run's result with this rank's device (a RunStart-like dataclass or an (out, last, device) tuple)."""
-    if dataclasses.is_dataclass(result) and hasattr(result, "device"):
-        return dataclasses.replace(result, device=device)
-    if isinstance(result, tuple) and len(result) >= 3 and isinstance(result[2], torch.device):
-        return (*result[:2], device, *result[3:])
-    return result
+    return dataclasses.replace(result, device=device)  # a RunStart, on this rank's device
 
 
 @contextmanager
@@ -208,7 +199,5 @@ def sum_over_ranks(values: Mapping[str, float]) -> dict[str, float]:
 def mean_over_ranks(values: Mapping[str, float]) -> dict[str, float]:
     """Each value averaged over the ranks (every rank must call it at the same point; equal shard sizes,
     so the mean of the ranks' means is the mean over the global batch)."""
-    if not is_distributed():
-        return dict(values)
-    gathered = all_gather_objects(dict(values))
-    return {key: sum(g[key] for g in gathered) / len(gathered) for key in values}
+    totals = sum_over_ranks(values)
+    return {key: total / get_world_size() for key, total in totals.items()}

@@ -20,6 +20,7 @@ from detres.config.load import Config
 from detres.data.bad_samples import BadSamples, write_skipped
 from detres.data.image_io import read_image_rgb
 from detres.data.loc_dataset import LocRecord
+from detres.data.samplers import rank_share
 from detres.data.loc_transforms import LocTestTransform
 from detres.engine.amp import SCALER_KEY, MixedPrecision, mixed_precision_from_config, scaler_state_into
 from detres.engine.det_trainer import LossWindow, build_step_solver
@@ -33,7 +34,8 @@ from detres.engine.distributed import (MethodCall, all_gather_objects, broadcast
 from detres.engine.run_setup import stop_if_signalled
 from detres.models.loc_rpn import RPNLocalizer, load_localizer
 from detres.models.rcnn_loc import (CROP_SOURCES, RCNNLocalizer, RPNRCNNLocalizer, assign_rcnn_targets,
-                                    build_rcnn_localizer, rcnn_localizer_kwargs_from_config, save_rcnn_localizer)
+                                    build_rcnn_localizer, rcnn_localizer_kwargs_from_config, rcnn_localizer_payload,
+                                    save_rcnn_localizer)
 from detres.utils.atomic import write_json_atomic
 from detres.utils.checkpoint import load_checkpoint, save_checkpoint
 from detres.utils.dist import finite_on_all_ranks, shard_indices, unshard
@@ -191,8 +193,7 @@ def proposal_cache(rpn: RPNLocalizer, train: Sequence[LocRecord], view: LocTestT
 
 def rank_slice(batch: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
     """This rank's consecutive share of a global region batch (the whole batch in a single process)."""
-    share = len(batch) // get_world_size()
-    return list(batch[get_rank() * share: (get_rank() + 1) * share])
+    return rank_share(batch, get_rank(), get_world_size())
 
 
 def train_rcnn_stage(cfg: Config, *, resume: bool | str = False, resume_from: str | Path | None = None,
@@ -249,8 +250,9 @@ def train_rcnn_stage(cfg: Config, *, resume: bool | str = False, resume_from: st
         """The stage's one writer of last.pt: kept copies, never a non-finite state; rank 0 alone under torchrun."""
         if not is_main_process():
             return last_path
-        payload = _rcnn_payload(model, model_args, meta, at, cfg, optimizer, amp)
-        return start.checkpoints.save(payload, at)
+        payload = rcnn_localizer_payload(model, model_args, meta, iter=at, config=cfg.to_dict(),
+                                         optimizer=optimizer.state_dict())
+        return start.checkpoints.save(scaler_state_into(payload, amp), at)
 
     with start.checkpoints.stop_on_divergence():  # a NaN / Inf: stop naming the last good checkpoint
         while iteration < solver.max_iter:
@@ -273,14 +275,6 @@ def train_rcnn_stage(cfg: Config, *, resume: bool | str = False, resume_from: st
     write_json_atomic(out / "metrics.json", report)
     log.info("localization (%d val images):\n%s", len(val), format_table(report))
     return report
-
-
-def _rcnn_payload(model: RCNNLocalizer, model_args: dict[str, Any], meta: dict[str, Any], iteration: int, cfg: Config,
-                  optimizer: torch.optim.Optimizer, amp: MixedPrecision) -> dict[str, Any]:
-    """What :func:`detres.models.rcnn_loc.save_rcnn_localizer` writes, plus the optimizer and scaler state."""
-    return scaler_state_into({"model": model.state_dict(), "model_args": dict(model_args, weights_path=None),
-                              "meta": dict(meta), "stage": "rcnn", "iter": iteration, "config": cfg.to_dict(),
-                              "optimizer": optimizer.state_dict()}, amp)
 
 
 def _rcnn_iteration(models: tuple[RCNNLocalizer, Any], optimizer: torch.optim.Optimizer, schedule,

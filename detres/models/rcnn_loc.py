@@ -264,11 +264,17 @@ def rcnn_localizer_kwargs_from_config(model_cfg: Mapping[str, Any], *, num_class
     }
 
 
+def rcnn_localizer_payload(model: RCNNLocalizer, model_args: Mapping[str, Any], meta: Mapping[str, Any],
+                           **extra: Any) -> dict[str, Any]:
+    """The contents of an R-CNN-stage checkpoint (``stage: rcnn``); ``extra`` adds e.g. iter, config, optimizer."""
+    return {"model": model.state_dict(), "model_args": dict(model_args, weights_path=None), "meta": dict(meta),
+            "stage": "rcnn", **extra}
+
+
 def save_rcnn_localizer(path: str | os.PathLike, model: RCNNLocalizer, model_args: Mapping[str, Any],
                         meta: Mapping[str, Any], **extra: Any) -> None:
-    """An R-CNN-stage checkpoint (``stage: rcnn``); ``extra`` adds e.g. iter, config, optimizer."""
-    save_checkpoint(path, {"model": model.state_dict(), "model_args": dict(model_args, weights_path=None),
-                           "meta": dict(meta), "stage": "rcnn", **extra})
+    """Write :func:`rcnn_localizer_payload` to ``path`` (atomically)."""
+    save_checkpoint(path, rcnn_localizer_payload(model, model_args, meta, **extra))
 
 
 def load_rcnn_localizer(path: str | os.PathLike, *, device: torch.device | str = "cpu"

@@ -34,3 +34,26 @@ def tiny_train_det_config(det: Path, output_dir: Path | None = None, **sections:
 def write_yaml(path: Path, cfg: dict[str, Any]) -> Path:
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+def write_tiny_cls_run(folder: Path, *, max_iter: int = 1) -> Path:
+    """Random 32 px PNGs in ``folder/data/{train,val}/{a,b}`` (3 / 2 per class) and ``folder/cfg.yaml``: a CIFAR
+    ResNet-8 trained on them into ``folder/run`` with one loader worker. Returns the config path."""
+    import cv2
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 3), ("val", 2)):
+        for cls in ("a", "b"):
+            images = folder / "data" / split / cls
+            images.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                cv2.imwrite(str(images / f"{i}.png"), rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    cfg = {"task": "cls", "output_dir": str(folder / "run"), "device": "cpu",
+           "model": {"arch": "cifar", "depth": 8, "shortcut": "A"},
+           "data": {"train_dir": str(folder / "data" / "train"), "val_dir": str(folder / "data" / "val"),
+                    "num_workers": 1},
+           "augment": {"scale_min": 32, "scale_max": 36, "crop": 32, "color_pca": False},
+           "solver": {"batch_size": 2, "max_iter": max_iter, "log_period": 1},
+           "test": {"resize": 32, "scales": [32], "modes": ["1crop"]}}
+    return write_yaml(folder / "cfg.yaml", cfg)

@@ -7,10 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import cv2
-import numpy as np
 
-from tests.tiny_configs import tiny_train_det_config, write_yaml
+from tests.tiny_configs import tiny_train_det_config, write_tiny_cls_run, write_yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -81,23 +79,6 @@ def test_detection_tools_make_no_network_attempt(small_det_world, tmp_path):
 
 
 def test_classification_training_makes_no_network_attempt(tmp_path):
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 3), ("val", 2)):
-        for cls in ("a", "b"):
-            folder = tmp_path / "data" / split / cls
-            folder.mkdir(parents=True)
-            for i in range(n):
-                cv2.imwrite(str(folder / f"{i}.png"), rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
-    cfg = tmp_path / "cls.yaml"
-    cfg.write_text(
-        "task: cls\n"
-        f"output_dir: {tmp_path / 'run'}\n"
-        "device: cpu\n"
-        "model: {arch: cifar, depth: 8, shortcut: A}\n"
-        f"data: {{train_dir: {tmp_path / 'data' / 'train'}, val_dir: {tmp_path / 'data' / 'val'}, num_workers: 1}}\n"
-        "augment: {scale_min: 32, scale_max: 36, crop: 32, color_pca: false}\n"
-        "solver: {batch_size: 2, max_iter: 2, log_period: 1}\n"
-        "test: {resize: 32, scales: [32], modes: [1crop]}\n"
-    )
+    cfg = write_tiny_cls_run(tmp_path, max_iter=2)
     assert _offline("train_cls", "--config", cfg, cwd=tmp_path)["attempts"] == []
     assert (tmp_path / "run" / "last.pt").is_file()

@@ -11,9 +11,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import cv2
-import numpy as np
 import pytest
+
+from tests.tiny_configs import write_tiny_cls_run
 
 ROOT = Path(__file__).resolve().parents[2]
 TOOL = ROOT / "tools" / "train_cls.py"
@@ -37,30 +37,9 @@ def last_line(stderr: str) -> str:
     return stderr.strip().splitlines()[-1].split("\r")[-1]
 
 
-def _write_images(folder: Path, n: int, rng: np.random.Generator) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    for i in range(n):
-        cv2.imwrite(str(folder / f"{i}.png"), rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
-
-
 @pytest.fixture()
 def config(tmp_path) -> Path:
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 3), ("val", 2)):
-        for cls in ("a", "b"):
-            _write_images(tmp_path / "data" / split / cls, n, rng)
-    path = tmp_path / "cfg.yaml"
-    path.write_text(
-        "task: cls\n"
-        f"output_dir: {tmp_path / 'run'}\n"
-        "device: cpu\n"
-        "model: {arch: cifar, depth: 8, shortcut: A}\n"
-        f"data: {{train_dir: {tmp_path / 'data' / 'train'}, val_dir: {tmp_path / 'data' / 'val'}, num_workers: 1}}\n"
-        "augment: {scale_min: 32, scale_max: 36, crop: 32, color_pca: false}\n"
-        "solver: {batch_size: 2, max_iter: 1, log_period: 1}\n"
-        "test: {resize: 32, scales: [32], modes: [1crop]}\n"
-    )
-    return path
+    return write_tiny_cls_run(tmp_path)
 
 
 def test_unknown_config_keys_are_named(config, tmp_path, capsys):

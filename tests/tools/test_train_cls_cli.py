@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.tiny_configs import write_tiny_cls_run
 
@@ -48,7 +49,9 @@ def test_unknown_config_keys_are_named(config, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "unknown config key 'solver.bogus_rate'" in last_line(err) and "Traceback" not in err
     typo = tmp_path / "typo.yaml"
-    typo.write_text(config.read_text().replace("model: {arch: cifar", "model: {acrh: cifar"))
+    written = yaml.safe_load(config.read_text())
+    written["model"]["acrh"] = written["model"].pop("arch")
+    typo.write_text(yaml.safe_dump(written))
     assert main(["--config", str(typo)]) == 2
     err = capsys.readouterr().err
     assert "unknown config key 'model.acrh'" in last_line(err) and str(typo) in last_line(err)

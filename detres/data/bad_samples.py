@@ -7,6 +7,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from detres.utils.dist import is_main_process
+
 __all__ = ["BOX_TOLERANCE_PX", "BadSampleError", "BadSamples", "POLICIES", "SKIPPED_FILE", "write_skipped"]
 
 log = logging.getLogger(__name__)
@@ -62,6 +64,8 @@ def write_skipped(out_dir: str | os.PathLike, *collections: BadSamples) -> Path 
 
     if not collections or all(c.policy == "error" for c in collections):
         return None
+    if not is_main_process():  # torchrun: every rank checked the same data; rank 0 writes the list
+        return Path(out_dir) / SKIPPED_FILE
     merged = BadSamples("skip")
     for c in {id(c): c for c in collections}.values():  # train and val may share one collection
         merged.skipped += c.skipped

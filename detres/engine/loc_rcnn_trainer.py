@@ -221,8 +221,7 @@ def train_rcnn_stage(cfg: Config, *, resume: bool | str = False, resume_from: st
         raise ValueError(f"{rcnn_cfg.rpn_checkpoint}: its classes differ from data's {len(synsets)} synsets")
     start = start_distributed_run(cfg, resume=resume, resume_from=resume_from, allow_model_change=allow_model_change)
     out, last_path, device, state = start.out, start.last_path, start.device, start.state
-    if is_main_process():
-        write_skipped(out, bad)  # data.on_bad_sample=skip: the dropped samples, listed in the run folder
+    write_skipped(out, bad)  # data.on_bad_sample=skip: the dropped samples, listed in the run folder (rank 0)
     if state is not None and not start.model_changed:
         model_args = dict(state["model_args"])
     else:

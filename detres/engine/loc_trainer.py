@@ -145,8 +145,7 @@ def _train_localizer(cfg: Config, *, resume: bool | str, stage: str, resume_from
     train, val, synsets = load_loc_records(cfg.data, bad_samples=bad)
     start = start_distributed_run(cfg, resume=resume, resume_from=resume_from, allow_model_change=allow_model_change)
     out, last_path, device, state = start.out, start.last_path, start.device, start.state
-    if is_main_process():
-        write_skipped(out, bad)  # data.on_bad_sample=skip: the dropped samples, listed in the run folder
+    write_skipped(out, bad)  # data.on_bad_sample=skip: the dropped samples, listed in the run folder (rank 0)
     transform = LocTrainTransform(scale_min=cfg.input.scale_min, scale_max=cfg.input.scale_max, crop=cfg.input.crop,
                                   hflip_prob=cfg.input.flip_prob, seed=cfg.seed)
     train_set = LocDataset(train, synsets, transform=transform)

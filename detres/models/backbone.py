@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from detres.models.conv_norm import apply_conv_norm
+from detres.models.cpu_execution import trunk_input_layout, trunk_output_layout
 from detres.models.frozen_bn import convert_frozen_batchnorm
 
 __all__ = ["ResNetC4Trunk", "ResNetC5Head", "build_resnet_c4", "stage_out_channels"]
@@ -83,8 +84,9 @@ class ResNetC4Trunk(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[B,3,H,W] normalised images -> C4 feature map [B, out_channels, ~H/16, ~W/16]."""
+        x = trunk_input_layout(x)
         x = self.maxpool(self.relu(apply_conv_norm(self.conv1, self.bn1, x)))
-        return self.layer3(self.layer2(self.layer1(x)))
+        return trunk_output_layout(self.layer3(self.layer2(self.layer1(x))))
 
 
 class ResNetC5Head(nn.Module):

@@ -1,10 +1,21 @@
 """conv -> norm with a frozen BatchNorm folded into the conv on the fly: one pass over the activations, no BN graph."""
 from __future__ import annotations
 
+import torch.nn.functional as F
 import torchvision.ops
 from torch import Tensor, nn
 
-__all__ = ["apply_conv_norm", "apply_shortcut"]
+from detres.models.cpu_execution import POINTWISE_CPU_DILATION, routes_pointwise_to_onednn
+
+__all__ = ["apply_conv_norm", "apply_shortcut", "conv_forward"]
+
+
+def conv_forward(conv: nn.Conv2d, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``conv``'s function of ``x`` with ``weight`` and ``bias`` in place of its own (float32 1x1 stride-1 convs
+    on CPU through oneDNN: :data:`detres.models.cpu_execution.POINTWISE_CPU_DILATION`)."""
+    if routes_pointwise_to_onednn(conv, x):
+        return F.conv2d(x, weight, bias, 1, 0, POINTWISE_CPU_DILATION, 1)
+    return conv._conv_forward(x, weight, bias)
 
 
 def apply_conv_norm(conv: nn.Conv2d, norm: nn.Module, x: Tensor) -> Tensor:
@@ -12,11 +23,13 @@ def apply_conv_norm(conv: nn.Conv2d, norm: nn.Module, x: Tensor) -> Tensor:
     weight * s and bias t, so the activations are written once and autograd records only the conv (the weight's
     gradient flows through the cheap weight * s). Other norms (training BN, Identity after
     ``prepare_for_inference``) run as usual. Same function of x up to float rounding (~1e-6 relative)."""
-    if not isinstance(norm, torchvision.ops.FrozenBatchNorm2d) or conv.bias is not None or _hooked(conv):
+    if _hooked(conv) or type(conv) is not nn.Conv2d:
         return norm(conv(x))
+    if not isinstance(norm, torchvision.ops.FrozenBatchNorm2d) or conv.bias is not None:
+        return norm(conv_forward(conv, x, conv.weight, conv.bias))
     scale = norm.weight * (norm.running_var + norm.eps).rsqrt()
     shift = norm.bias - norm.running_mean * scale
-    return conv._conv_forward(x, conv.weight * scale.reshape(-1, 1, 1, 1), shift)
+    return conv_forward(conv, x, conv.weight * scale.reshape(-1, 1, 1, 1), shift)
 
 
 def apply_shortcut(downsample: nn.Module | None, x: Tensor) -> Tensor:

@@ -60,6 +60,29 @@ def test_trunk_and_head_reproduce_the_eval_mode_classifier() -> None:
         torch.testing.assert_close(head(c4), pooled, rtol=1e-4, atol=1e-4)
 
 
+def test_cpu_trunk_runs_channels_last_and_hands_training_a_contiguous_map() -> None:
+    """Channels-last inside on CPU (a speed choice), the same values as the eval-mode classifier in NCHW; the C4
+    map stays channels-last for inference and is contiguous when autograd records (the RPN / roi_pool prefer it)."""
+    torch.manual_seed(0)
+    resnet = build_resnet(50)
+    _randomise_bn(resnet)
+    reference = copy.deepcopy(resnet).double().eval()  # float64: the float32 routes differ in rounding only
+    trunk = ResNetC4Trunk(resnet, freeze_at=0).train()
+    x = torch.randn(1, 3, 96, 128)
+    seen = []
+    hook = trunk.layer2.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+    with torch.no_grad():
+        ref = reference.stage_outputs(x.double())["conv4"]
+        inference = trunk(x)
+    training = trunk(x)
+    hook.remove()
+    assert all(t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous() for t in seen)
+    assert inference.is_contiguous(memory_format=torch.channels_last) and not inference.is_contiguous()
+    assert training.is_contiguous() and training.requires_grad
+    for out in (inference, training):
+        torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()))
+
+
 @pytest.mark.parametrize(
     "freeze_at,frozen_prefixes",
     [(0, ()), (1, ("conv1.",)), (2, ("conv1.", "layer1."))],

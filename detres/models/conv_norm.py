@@ -5,7 +5,7 @@ import torch.nn.functional as F
 import torchvision.ops
 from torch import Tensor, nn
 
-from detres.models.cpu_execution import POINTWISE_CPU_DILATION, routes_pointwise_to_onednn
+from detres.models import cpu_execution
 
 __all__ = ["apply_conv_norm", "apply_shortcut", "conv_forward"]
 
@@ -13,8 +13,9 @@ __all__ = ["apply_conv_norm", "apply_shortcut", "conv_forward"]
 def conv_forward(conv: nn.Conv2d, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """``conv``'s function of ``x`` with ``weight`` and ``bias`` in place of its own (float32 1x1 stride-1 convs
     on CPU through oneDNN: :data:`detres.models.cpu_execution.POINTWISE_CPU_DILATION`)."""
-    if routes_pointwise_to_onednn(conv, x):
-        return F.conv2d(x, weight, bias, 1, 0, POINTWISE_CPU_DILATION, 1)
+    if cpu_execution.routes_pointwise_to_onednn(conv, x):
+        # read at call time, so that setting cpu_execution.POINTWISE_CPU_DILATION = 1 restores PyTorch's route
+        return F.conv2d(x, weight, bias, 1, 0, cpu_execution.POINTWISE_CPU_DILATION, 1)
     return conv._conv_forward(x, weight, bias)
 
 

@@ -106,6 +106,15 @@ def test_other_convs_keep_their_own_route(conv, dtype, one_thread):
     assert torch.equal(conv_forward(conv, x, conv.weight, conv.bias), conv(x))
 
 
+def test_the_route_can_be_switched_back(one_thread, monkeypatch):
+    from detres.models import cpu_execution
+
+    conv, norm = nn.Conv2d(32, 16, 1, bias=False), _frozen(16)
+    x = torch.randn(1, 32, 24, 30)
+    monkeypatch.setattr(cpu_execution, "POINTWISE_CPU_DILATION", 1)
+    assert "aten::_slow_conv2d_forward" in _kernels_run(lambda: apply_conv_norm(conv, norm, x))
+
+
 def test_only_the_gemm_bound_cases_are_rerouted(one_thread):
     """Small single-image maps would go to ATen's slow dilated kernel; 16+ images or several threads are oneDNN's
     already (and stay bit for bit as they were)."""

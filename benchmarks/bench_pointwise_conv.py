@@ -74,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     print(f"threads={args.threads} layout={'NCHW' if args.contiguous else 'channels-last'} "
           f"cpu={platform.processor() or platform.machine()} torch={torch.__version__}")
-    print(f"{'shape (Cin,Cout,H,W)':>24} | GFLOP/s fwd: default  oneDNN | fwd+bwd: default  oneDNN | speed-up fwd / fwd+bwd")
+    print(f"{'shape (Cin,Cout,H,W)':>24} | GFLOP/s fwd: default  oneDNN | fwd+bwd: default  oneDNN | "
+          "speed-up fwd / fwd+bwd")
     for shape in SHAPES:
         r = measure(shape, not args.contiguous, args.repeats, args.seed)
         rows.append({"shape": list(shape), **r})

@@ -107,3 +107,30 @@ def test_device_cuda_with_amp_times_autocast_inference_and_training(tmp_path):
             assert _positive_finite(entry[key]["median_s"]), (name, key)
         assert entry["amp_vs_fp32"]["detections_amp"] > 0
     assert _positive_finite(res["inference_speedup_vs_torchvision"])
+
+
+@pytest.fixture()
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_resnet50_fast_paths_agree_with_torchvision_at_one_thread(one_thread):
+    """ResNet-50 is where the CPU fast paths act together: channels-last trunk, 1x1 convs on oneDNN (1 thread),
+    frozen BN folded, fast RoI pool, chunked conv5. Its detections must still equal the torchvision assembly's."""
+    bench = _load_bench()
+    args = bench.parse_args(["--depth", "50", "--size", "160", "--proposals", "40"])
+    image, target = bench.make_image(args.size, args.seed), bench.make_targets(args.size, args.seed)
+    models = bench.build_pair(args, image, target["boxes"])
+    for fold_bn in (False, True):
+        agreement = bench.check_agreement(bench.for_inference(models, fold_bn), image)
+        assert agreement["passed"] and agreement["proposals_equal"], agreement
+        assert agreement["max_abs_box_diff"] < 1e-3 and agreement["labels_equal"]
+        assert agreement["full_pipeline"]["detections_detres"] > 0
+    # and the trunk really took the oneDNN route: no conv on ATen's GEMM path
+    with torch.inference_mode(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        models["detres"].trunk(models["detres"].preprocess([image])[0])
+    names = {e.name for e in prof.events()}
+    assert "aten::mkldnn_convolution" in names and "aten::_slow_conv2d_forward" not in names

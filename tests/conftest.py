@@ -24,6 +24,15 @@ def repo_root() -> Path:
     return REPO_ROOT
 
 
+@pytest.fixture()
+def one_thread():
+    """Exactly 1 intra-op thread for the test (PyTorch's conv routing depends on it), restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 # ------------------------------------------------------------------ tiny detection world + untrained checkpoints
 def _shapes_det_world(tmp_path_factory, name: str, *, train: int, val: int) -> Path:
     """The detection part of a shapes world of 64x96 px images (its ``det`` folder)."""

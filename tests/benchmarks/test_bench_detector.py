@@ -109,14 +109,6 @@ def test_device_cuda_with_amp_times_autocast_inference_and_training(tmp_path):
     assert _positive_finite(res["inference_speedup_vs_torchvision"])
 
 
-@pytest.fixture()
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_resnet50_fast_paths_agree_with_torchvision_at_one_thread(one_thread):
     """ResNet-50 is where the CPU fast paths act together: channels-last trunk, 1x1 convs on oneDNN (1 thread),
     frozen BN folded, fast RoI pool, chunked conv5. Its detections must still equal the torchvision assembly's."""

@@ -57,14 +57,6 @@ def _kernels_run(fn) -> set[str]:
     return {e.name for e in prof.events()}
 
 
-@pytest.fixture()
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_pointwise_convs_go_through_onednn_with_the_same_values_and_gradients(one_thread):
     """A 1x1 stride-1 conv on one image at 1 thread: ATen's default is its GEMM path; conv_forward takes oneDNN."""
     torch.manual_seed(0)

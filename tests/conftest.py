@@ -36,12 +36,9 @@ def one_thread():
 # ------------------------------------------------------------------ tiny detection world + untrained checkpoints
 def _shapes_det_world(tmp_path_factory, name: str, *, train: int, val: int) -> Path:
     """The detection part of a shapes world of 64x96 px images (its ``det`` folder)."""
-    from detres.data.synthetic import generate_shapes_world
+    from tests.tiny_configs import write_det_world
 
-    root = tmp_path_factory.mktemp(name)
-    generate_shapes_world(root, num_cls_train_per_class=0, num_cls_val_per_class=0, num_det_train=train,
-                          num_det_val=val, num_loc_train=0, num_loc_val=0, det_size=(64, 96))
-    return root / "det"
+    return write_det_world(tmp_path_factory.mktemp(name), train=train, val=val)
 
 
 @pytest.fixture(scope="session")

@@ -7,6 +7,15 @@ from typing import Any
 import yaml
 
 
+
+def write_det_world(root: Path, *, train: int, val: int, size: tuple[int, int] = (64, 96), seed: int = 0) -> Path:
+    """The detection part only of a shapes world (COCO format) under ``root``, images of ``size``: its ``det`` folder."""
+    from detres.data.synthetic import generate_shapes_world
+
+    generate_shapes_world(root, seed=seed, num_cls_train_per_class=0, num_cls_val_per_class=0, num_det_train=train,
+                          num_det_val=val, num_loc_train=0, num_loc_val=0, det_size=size)
+    return root / "det"
+
 def tiny_train_det_config(det: Path, output_dir: Path | None = None, **sections: dict[str, Any]) -> dict[str, Any]:
     """A det config training on ``det``'s COCO train split and testing on its val split; each keyword is a
     top-level section whose keys override the defaults here (``solver={"max_iter": 20}``)."""

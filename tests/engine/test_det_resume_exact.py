@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from detres.config.load import load_config
-from detres.data.synthetic import generate_shapes_world
 from detres.engine import det_trainer
 from detres.engine.logging import read_json_lines
 from detres.utils.checkpoint import load_checkpoint
+from tests.tiny_configs import write_det_world
 
 # Tiny ResNet-18 C4 (quarter width), two training scales and flips on, so every kind of random draw
 # (scale choice, flip, RPN anchor sampling, RoI sampling) happens at every iteration.
@@ -29,10 +29,7 @@ TINY = [
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("world")
-    generate_shapes_world(root, num_cls_train_per_class=0, num_cls_val_per_class=0, num_det_train=6, num_det_val=1,
-                          num_loc_train=0, num_loc_val=0, det_size=(64, 96))
-    return root / "det"
+    return write_det_world(tmp_path_factory.mktemp("world"), train=6, val=1)
 
 
 def _cfg(det: Path, out: Path, *overrides: str):

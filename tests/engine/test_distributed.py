@@ -182,12 +182,9 @@ DET = [
 
 @pytest.fixture(scope="module")
 def det_world(tmp_path_factory) -> Path:
-    from detres.data.synthetic import generate_shapes_world
+    from tests.tiny_configs import write_det_world
 
-    root = tmp_path_factory.mktemp("ddp_world")
-    generate_shapes_world(root, num_cls_train_per_class=0, num_cls_val_per_class=0, num_det_train=8, num_det_val=3,
-                          num_loc_train=0, num_loc_val=0, det_size=(80, 80))
-    return root / "det"
+    return write_det_world(tmp_path_factory.mktemp("ddp_world"), train=8, val=3, size=(80, 80))
 
 
 def _det_args(world: Path, out: Path, config: Path) -> list[str]:

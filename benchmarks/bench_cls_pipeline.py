@@ -9,6 +9,7 @@ colour noise, per-pixel mean, tensor. Images: BCCD's 640x480 photos from ``../sh
 JPEGs), or synthetic 500x375 JPEGs when it is absent. Both rates are per core (process CPU time, 1 thread), so
 with N loader workers and T training threads the pipeline keeps up while N x data rate > model rate.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -88,13 +89,17 @@ def main(argv: list[str] | None = None) -> None:
         stats = compute_data_stats(files, cfg)
         transform = build_train_transform(cfg, stats)
         data_rate = data_images_per_s(files, transform)
-    print(f"{args.config}: crop {cfg.augment.crop}, scale [{cfg.augment.scale_min}, {cfg.augment.scale_max}], "
-          f"PCA colour noise {cfg.augment.color_pca}; {len(files)} {source}")
+    print(
+        f"{args.config}: crop {cfg.augment.crop}, scale [{cfg.augment.scale_min}, {cfg.augment.scale_max}], "
+        f"PCA colour noise {cfg.augment.color_pca}; {len(files)} {source}"
+    )
     print(f"data pipeline (1 core):          {data_rate:8.1f} images/s")
     for depth in sorted({18, int(cfg.model.depth)}):
         rate = train_images_per_s(depth, 1000, cfg.augment.crop, args.batch, args.steps)  # ImageNet-1k head
-        print(f"ResNet-{depth} training step (1 thread, batch {args.batch}): {rate:6.2f} images/s  "
-              f"(data / model = {data_rate / rate:.0f}x)")
+        print(
+            f"ResNet-{depth} training step (1 thread, batch {args.batch}): {rate:6.2f} images/s  "
+            f"(data / model = {data_rate / rate:.0f}x)"
+        )
 
 
 if __name__ == "__main__":

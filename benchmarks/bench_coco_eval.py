@@ -1,4 +1,5 @@
 """Time detres.evaluation.coco.evaluate_coco with each COCO backend (pycocotools, faster_coco_eval), synthetic set."""
+
 from __future__ import annotations
 
 import argparse
@@ -39,17 +40,27 @@ def synthetic_coco(
     ``images * dets_per_image`` detections: jittered ground-truth boxes (sometimes of the wrong category)
     and random false positives, with scores higher on average for the better boxes."""
     rng = np.random.default_rng(seed)
-    gt: dict[str, Any] = {"images": [], "annotations": [],
-                          "categories": [{"id": c + 1, "name": f"cat{c + 1}"} for c in range(num_categories)]}
+    gt: dict[str, Any] = {
+        "images": [],
+        "annotations": [],
+        "categories": [{"id": c + 1, "name": f"cat{c + 1}"} for c in range(num_categories)],
+    }
     results: list[dict[str, Any]] = []
     for image_id in range(1, images + 1):
         gt["images"].append({"id": image_id, "width": IMAGE_W, "height": IMAGE_H, "file_name": f"{image_id:06d}.jpg"})
         n_obj = int(rng.integers(0, 9)) if image_id % 25 else 0
         boxes, cats = _random_boxes(rng, n_obj), rng.integers(1, num_categories + 1, n_obj)
         for box, cat in zip(boxes, cats):
-            gt["annotations"].append({"id": len(gt["annotations"]) + 1, "image_id": image_id,
-                                      "category_id": int(cat), "bbox": [float(v) for v in box],
-                                      "area": float(box[2] * box[3]), "iscrowd": int(rng.random() < 0.03)})
+            gt["annotations"].append(
+                {
+                    "id": len(gt["annotations"]) + 1,
+                    "image_id": image_id,
+                    "category_id": int(cat),
+                    "bbox": [float(v) for v in box],
+                    "area": float(box[2] * box[3]),
+                    "iscrowd": int(rng.random() < 0.03),
+                }
+            )
         n_tp = min(n_obj, int(rng.integers(0, dets_per_image + 1)))
         det_boxes = _random_boxes(rng, dets_per_image)
         det_cats = rng.integers(1, num_categories + 1, dets_per_image)
@@ -61,8 +72,14 @@ def synthetic_coco(
             det_cats[k] = cats[k] if rng.random() < 0.85 else det_cats[k]
             scores[k] = rng.uniform(0.3, 1.0)
         for box, cat, score in zip(det_boxes, det_cats, scores):
-            results.append({"image_id": image_id, "category_id": int(cat), "bbox": [round(float(v), 2) for v in box],
-                            "score": round(float(score), 4)})
+            results.append(
+                {
+                    "image_id": image_id,
+                    "category_id": int(cat),
+                    "bbox": [round(float(v), 2) for v in box],
+                    "score": round(float(score), 4),
+                }
+            )
     return gt, results
 
 
@@ -96,8 +113,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--backends must start with pycocotools, the reference the others are compared with")
 
     gt, results = synthetic_coco(args.images, args.dets_per_image, args.seed)
-    print(f"synthetic set: {len(gt['images'])} images, {len(gt['annotations'])} ground-truth boxes, "
-          f"{len(results)} detections (seed {args.seed}); OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}")
+    print(
+        f"synthetic set: {len(gt['images'])} images, {len(gt['annotations'])} ground-truth boxes, "
+        f"{len(results)} detections (seed {args.seed}); OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}"
+    )
     warm_gt, warm_results = synthetic_coco(20, args.dets_per_image, args.seed + 1)
     for backend in args.backends:  # warm-up: imports, first-call costs
         evaluate_coco(warm_gt, warm_results, backend=backend)
@@ -105,8 +124,14 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for backend in args.backends:
         seconds, result = time_backend(gt, results, backend, args.repeats)
-        rows.append({"backend": backend, "seconds": seconds, "summary": result["summary"],
-                     "per_category_AP": [c["AP"] for c in result["per_category"]]})
+        rows.append(
+            {
+                "backend": backend,
+                "seconds": seconds,
+                "summary": result["summary"],
+                "per_category_AP": [c["AP"] for c in result["per_category"]],
+            }
+        )
     reference = rows[0]
     worst = 0.0
     for row in rows:
@@ -118,19 +143,33 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"\n{'backend':<18} {'seconds':>8} {'AP':>8} {'AP50':>8} {'speed-up':>9} {'max |diff|':>11}")
     for row in rows:
-        print(f"{row['backend']:<18} {row['seconds']:8.2f} {row['summary']['AP']:8.4f} {row['summary']['AP50']:8.4f} "
-              f"{row['speedup']:8.2f}x {row['max_abs_diff_vs_pycocotools']:11.1e}")
+        print(
+            f"{row['backend']:<18} {row['seconds']:8.2f} {row['summary']['AP']:8.4f} {row['summary']['AP50']:8.4f} "
+            f"{row['speedup']:8.2f}x {row['max_abs_diff_vs_pycocotools']:11.1e}"
+        )
     agree = worst <= 1e-6
     print(f"\nall 12 summary numbers and per-category AP agree within 1e-6: {agree}")
 
     if args.json_out:
-        write_json_atomic(args.json_out, {
-            "args": vars(args), "num_images": len(gt["images"]), "num_gt": len(gt["annotations"]),
-            "num_detections": len(results), "rows": rows, "agree_within_1e-6": agree,
-            "machine": {"platform": platform.platform(), "python": platform.python_version(),
-                        "cpu_count": os.cpu_count(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
-                        "pycocotools": _version("pycocotools"), "faster-coco-eval": _version("faster-coco-eval")},
-        })
+        write_json_atomic(
+            args.json_out,
+            {
+                "args": vars(args),
+                "num_images": len(gt["images"]),
+                "num_gt": len(gt["annotations"]),
+                "num_detections": len(results),
+                "rows": rows,
+                "agree_within_1e-6": agree,
+                "machine": {
+                    "platform": platform.platform(),
+                    "python": platform.python_version(),
+                    "cpu_count": os.cpu_count(),
+                    "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+                    "pycocotools": _version("pycocotools"),
+                    "faster-coco-eval": _version("faster-coco-eval"),
+                },
+            },
+        )
         print(f"written to {args.json_out}")
     return 0 if agree else 1
 

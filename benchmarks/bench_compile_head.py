@@ -4,6 +4,7 @@
 
 Prints the compile time, the largest output difference and the per-call CPU time of each (two rounds).
 """
+
 from __future__ import annotations
 
 import argparse

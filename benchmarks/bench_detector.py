@@ -1,4 +1,6 @@
-"""Benchmark the whole detres C4 Faster R-CNN against torchvision's FasterRCNN built from torchvision parts, same weights."""
+"""Benchmark the whole detres C4 Faster R-CNN against torchvision's FasterRCNN built from torchvision parts, same
+weights."""
+
 from __future__ import annotations
 
 import argparse
@@ -15,8 +17,9 @@ import tempfile
 import time
 import types
 import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -79,9 +82,13 @@ def make_targets(size: int, seed: int, count: int = 6) -> Target:
 # ------------------------------------------------------------------------------------------- models
 def detres_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """build_faster_rcnn arguments from the config (defaults: Appendix A VOC settings) at the requested depth."""
-    overrides = [f"model.depth={args.depth}", "model.weights=null", f"model.rpn.post_nms_top_n_test={args.proposals}",
-                 # torchvision's sampler has no lower background bound: sample both from IoU [0, 0.5).
-                 "model.roi_heads.bg_iou_thresh_lo=0.0"]
+    overrides = [
+        f"model.depth={args.depth}",
+        "model.weights=null",
+        f"model.rpn.post_nms_top_n_test={args.proposals}",
+        # torchvision's sampler has no lower background bound: sample both from IoU [0, 0.5).
+        "model.roi_heads.bg_iou_thresh_lo=0.0",
+    ]
     cfg = load_config(args.config, overrides, task="det")
     return detector_kwargs_from_config(cfg.model, num_classes=NUM_CLASSES)
 
@@ -114,8 +121,11 @@ def _heads_view(model: nn.Module) -> Any:
     if _is_detres(model):
         return model.roi_heads
     heads = model.roi_heads
-    return types.SimpleNamespace(box_head=heads.box_head, predictor=heads.box_predictor,
-                                 pooler=lambda f, boxes: heads.box_roi_pool({"0": f}, boxes, None))
+    return types.SimpleNamespace(
+        box_head=heads.box_head,
+        predictor=heads.box_predictor,
+        pooler=lambda f, boxes: heads.box_roi_pool({"0": f}, boxes, None),
+    )
 
 
 def randomise(model: nn.Module, image: Image, boxes: torch.Tensor, seed: int) -> nn.Module:
@@ -182,8 +192,13 @@ def _roi_inputs(model: nn.Module) -> tuple[list, Callable[[], None]]:
 
 def _compare(det: dict, ref: dict) -> dict[str, Any]:
     """Count / label / score / box differences of detres's detections ``det`` against torchvision's ``ref``."""
-    entry = {"detections_detres": int(det["scores"].numel()), "detections_torchvision": int(ref["scores"].numel()),
-             "labels_equal": False, "max_abs_score_diff": math.inf, "max_abs_box_diff": math.inf}
+    entry = {
+        "detections_detres": int(det["scores"].numel()),
+        "detections_torchvision": int(ref["scores"].numel()),
+        "labels_equal": False,
+        "max_abs_score_diff": math.inf,
+        "max_abs_box_diff": math.inf,
+    }
     if det["scores"].shape == ref["scores"].shape:
         entry["labels_equal"] = bool(torch.equal(det["labels"], ref["labels"]))
         if det["scores"].numel():
@@ -205,18 +220,25 @@ def check_agreement(models: dict[str, nn.Module], image: Image) -> dict[str, Any
         remove()
     props = {name: store[0][0] for name, (store, _) in hooks.items()}
     same_props = props["detres"].shape == props["torchvision"].shape and (
-        props["detres"].numel() == 0 or float((props["detres"] - props["torchvision"]).abs().max()) <= AGREE_PX)
-    report = {"proposals_detres": int(props["detres"].shape[0]),
-              "proposals_torchvision": int(props["torchvision"].shape[0]),
-              "proposals_equal": bool(same_props),
-              "full_pipeline": _compare(outs["detres"], outs["torchvision"]),
-              "mode": "full pipeline"}
+        props["detres"].numel() == 0 or float((props["detres"] - props["torchvision"]).abs().max()) <= AGREE_PX
+    )
+    report = {
+        "proposals_detres": int(props["detres"].shape[0]),
+        "proposals_torchvision": int(props["torchvision"].shape[0]),
+        "proposals_equal": bool(same_props),
+        "full_pipeline": _compare(outs["detres"], outs["torchvision"]),
+        "mode": "full pipeline",
+    }
     if not same_props:
         report["same_proposals"] = _heads_on_same_proposals(models, image, props["detres"])
         report["mode"] = "same proposals fed to both RoI heads (the RPNs differ)"
     final = report["same_proposals"] if not same_props else report["full_pipeline"]
-    report.update(passed=final["passed"], max_abs_box_diff=final["max_abs_box_diff"],
-                  max_abs_score_diff=final["max_abs_score_diff"], labels_equal=final["labels_equal"])
+    report.update(
+        passed=final["passed"],
+        max_abs_box_diff=final["max_abs_box_diff"],
+        max_abs_score_diff=final["max_abs_score_diff"],
+        labels_equal=final["labels_equal"],
+    )
     return report
 
 
@@ -241,11 +263,21 @@ def stage_modules(model: nn.Module) -> dict[str, nn.Module]:
     """The sub-modules whose forward calls make up the stages (RoI heads = pool + head + predictor/postprocess)."""
     if _is_detres(model):
         heads = model.roi_heads
-        return {"trunk": model.trunk, "rpn": model.rpn, "roi_heads": heads, "roi_pool": heads.pooler,
-                "conv5_head": heads.box_head}
+        return {
+            "trunk": model.trunk,
+            "rpn": model.rpn,
+            "roi_heads": heads,
+            "roi_pool": heads.pooler,
+            "conv5_head": heads.box_head,
+        }
     heads = model.roi_heads
-    return {"trunk": model.backbone, "rpn": model.rpn, "roi_heads": heads, "roi_pool": heads.box_roi_pool,
-            "conv5_head": heads.box_head}
+    return {
+        "trunk": model.backbone,
+        "rpn": model.rpn,
+        "roi_heads": heads,
+        "roi_pool": heads.box_roi_pool,
+        "conv5_head": heads.box_head,
+    }
 
 
 class StageClock:
@@ -258,8 +290,9 @@ class StageClock:
         for stage, module in stage_modules(model).items():
             starts: list[float] = []
             self.handles.append(module.register_forward_pre_hook(lambda *_a, s=starts: s.append(self.clock())))
-            self.handles.append(module.register_forward_hook(
-                lambda *_a, s=starts, k=stage: self._add(k, self.clock() - s.pop())))
+            self.handles.append(
+                module.register_forward_hook(lambda *_a, s=starts, k=stage: self._add(k, self.clock() - s.pop()))
+            )
 
     def _add(self, stage: str, seconds: float) -> None:
         self.spent[stage] = self.spent.get(stage, 0.0) + seconds
@@ -268,9 +301,14 @@ class StageClock:
         """The reported stages of one call: preprocess (normalise/pad/resize, the rest) and heads' remainder derived."""
         s = self.spent
         get = lambda k: s.get(k, 0.0)  # noqa: E731
-        return {"preprocess": total - get("trunk") - get("rpn") - get("roi_heads"), "trunk": get("trunk"),
-                "rpn": get("rpn"), "roi_pool": get("roi_pool"), "conv5_head": get("conv5_head"),
-                "predictor_postprocess": get("roi_heads") - get("roi_pool") - get("conv5_head")}
+        return {
+            "preprocess": total - get("trunk") - get("rpn") - get("roi_heads"),
+            "trunk": get("trunk"),
+            "rpn": get("rpn"),
+            "roi_pool": get("roi_pool"),
+            "conv5_head": get("conv5_head"),
+            "predictor_postprocess": get("roi_heads") - get("roi_pool") - get("conv5_head"),
+        }
 
     def remove(self) -> None:
         for h in self.handles:
@@ -283,15 +321,19 @@ def timed_call(fn: Callable[[], object], clock: Callable[[], float]) -> float:
     return clock() - start
 
 
-def interleaved(fns: dict[str, Callable[[], object]], clock: Callable[[], float], rounds: int,
-                on_call: Callable[[str, float], None] | None = None) -> dict[str, list[float]]:
+def interleaved(
+    fns: dict[str, Callable[[], object]],
+    clock: Callable[[], float],
+    rounds: int,
+    on_call: Callable[[str, float], None] | None = None,
+) -> dict[str, list[float]]:
     """One warm-up call each, then ``rounds`` rounds calling every fn once, order reversed every other round so
     that load drifting in from other jobs hits both alike."""
     for fn in fns.values():
         fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
     for r in range(rounds):
-        for name in (list(fns) if r % 2 == 0 else list(reversed(list(fns)))):
+        for name in list(fns) if r % 2 == 0 else list(reversed(list(fns))):
             times[name].append(timed_call(fns[name], clock))
             if on_call is not None:
                 on_call(name, times[name][-1])
@@ -315,6 +357,7 @@ def time_inference(models: dict[str, nn.Module], image: Image, threads: int, rou
             clocks[name].spent = {}
             with torch.inference_mode():
                 return models[name]([image])
+
         return call
 
     def record(name: str, total: float) -> None:
@@ -326,13 +369,20 @@ def time_inference(models: dict[str, nn.Module], image: Image, threads: int, rou
         for c in clocks.values():
             c.remove()
     speedup, ratios = paired_speedup(times)
-    result: dict[str, Any] = {"speedup_vs_torchvision": speedup, "round_ratios": ratios,
-                              "clock": "process" if threads == 1 else "wall"}
+    result: dict[str, Any] = {
+        "speedup_vs_torchvision": speedup,
+        "round_ratios": ratios,
+        "clock": "process" if threads == 1 else "wall",
+    }
     for name in models:
         med = statistics.median(times[name])
         st = {k: statistics.median(s[k] for s in stages[name]) for k in STAGES}
-        result[name] = {"median_s": med, "round_s": times[name],
-                        "stages_s": st, "stage_fraction": {k: v / med for k, v in st.items()}}
+        result[name] = {
+            "median_s": med,
+            "round_s": times[name],
+            "stages_s": st,
+            "stage_fraction": {k: v / med for k, v in st.items()},
+        }
     return result
 
 
@@ -346,7 +396,7 @@ def matmul_peak_gflops(threads: int, n: int, repeats: int) -> float:
     """Best fp32 GFLOP/s of an n x n x n torch.mm at the current thread count (the issue's floor denominator)."""
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
-    return _best_gflops(lambda: torch.mm(a, b), 2.0 * n ** 3, threads, repeats)
+    return _best_gflops(lambda: torch.mm(a, b), 2.0 * n**3, threads, repeats)
 
 
 def conv_peak_gflops(threads: int, repeats: int) -> float:
@@ -370,8 +420,11 @@ def count_flops(model: nn.Module, image: Image) -> dict[str, Any]:
     with torch.inference_mode(), FlopCounterMode(display=False) as counter:
         model([image])
     per_module = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
-    names = ({"trunk": "trunk", "predictor": "roi_heads.predictor"} if _is_detres(model)
-             else {"trunk": "backbone", "predictor": "roi_heads.box_predictor"})
+    names = (
+        {"trunk": "trunk", "predictor": "roi_heads.predictor"}
+        if _is_detres(model)
+        else {"trunk": "backbone", "predictor": "roi_heads.box_predictor"}
+    )
     names.update(rpn="rpn", conv5_head="roi_heads.box_head")
     total = int(counter.get_total_flops())
     by_stage = {stage: int(per_module.get(f"FasterRCNN.{name}", 0)) for stage, name in names.items()}
@@ -399,11 +452,13 @@ def train_step_fn(model: nn.Module, image: Image, target: Target, seed: int, los
         loss.backward()
         optimizer.step()
         losses.append(float(loss.detach()))
+
     return step
 
 
-def time_training(models: dict[str, nn.Module], image: Image, target: Target, threads: int, steps: int,
-                  seed: int) -> dict[str, Any]:
+def time_training(
+    models: dict[str, nn.Module], image: Image, target: Target, threads: int, steps: int, seed: int
+) -> dict[str, Any]:
     """Median training-step time per model over interleaved steps (frozen BN: train mode changes nothing there)."""
     clock = clock_for(threads)
     losses: dict[str, list[float]] = {name: [] for name in models}
@@ -419,12 +474,18 @@ def time_training(models: dict[str, nn.Module], image: Image, target: Target, th
         for _, remove in seen.values():
             remove()
     speedup, ratios = paired_speedup(times)
-    result: dict[str, Any] = {"speedup_vs_torchvision": speedup, "round_ratios": ratios,
-                              "clock": "process" if threads == 1 else "wall"}
+    result: dict[str, Any] = {
+        "speedup_vs_torchvision": speedup,
+        "round_ratios": ratios,
+        "clock": "process" if threads == 1 else "wall",
+    }
     for name in models:
-        result[name] = {"median_s": statistics.median(times[name]), "step_s": times[name],
-                        "rois_per_step": seen[name][0][-1] if seen[name][0] else 0,
-                        "losses_finite": all(math.isfinite(x) for x in losses[name])}
+        result[name] = {
+            "median_s": statistics.median(times[name]),
+            "step_s": times[name],
+            "rois_per_step": seen[name][0][-1] if seen[name][0] else 0,
+            "losses_finite": all(math.isfinite(x) for x in losses[name]),
+        }
     return result
 
 
@@ -479,8 +540,20 @@ def measure_peak_rss(args: argparse.Namespace) -> dict[str, Any]:
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     children = {}
     for name in MODELS:
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--rss-child", name, "--depth", str(args.depth),
-               "--size", str(args.size), "--proposals", str(args.proposals), "--seed", str(args.seed)]
+        cmd = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--rss-child",
+            name,
+            "--depth",
+            str(args.depth),
+            "--size",
+            str(args.size),
+            "--proposals",
+            str(args.proposals),
+            "--seed",
+            str(args.seed),
+        ]
         cmd += ["--skip-train"] if args.skip_train else []
         cmd += ["--config", str(args.config)] if args.config else []
         children[name] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
@@ -511,8 +584,15 @@ def _pipeline_samples(num: int, tmp: Path, seed: int) -> tuple[list[dict[str, An
         path = tmp / f"synthetic_{i}.jpg"
         pixels = cv2.resize(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8), (640, 480))
         cv2.imwrite(str(path), pixels, [cv2.IMWRITE_JPEG_QUALITY, 90])
-        samples.append({"boxes": np.array([[40.0, 30.0, 300.0, 260.0]], dtype=np.float32),
-                        "labels": np.array([1]), "file_name": str(path), "orig_size": (480, 640), "image_id": i})
+        samples.append(
+            {
+                "boxes": np.array([[40.0, 30.0, 300.0, 260.0]], dtype=np.float32),
+                "labels": np.array([1]),
+                "file_name": str(path),
+                "orig_size": (480, 640),
+                "image_id": i,
+            }
+        )
     return samples, "synthetic 640x480 JPEGs"
 
 
@@ -535,8 +615,12 @@ def measure_data_pipeline(size: int, num: int, seed: int) -> dict[str, Any]:
         for sample in samples:
             one(sample)
         cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
-    return {"source": source, "images": len(samples), "images_per_cpu_s": len(samples) / cpu,
-            "images_per_wall_s": len(samples) / wall}
+    return {
+        "source": source,
+        "images": len(samples),
+        "images_per_cpu_s": len(samples) / cpu,
+        "images_per_wall_s": len(samples) / wall,
+    }
 
 
 # ------------------------------------------------------------------------------------------- cost curves
@@ -569,14 +653,25 @@ def cost_curves(models: dict[str, nn.Module], args: argparse.Namespace) -> dict[
     for size in args.size_points:
         img = make_image(size, args.seed)
         store, remove = _roi_inputs(models["detres"])
-        size_rows.append({"shorter_side": size, "image_hw": list(img.shape[1:]),
-                          "detres_s": _seconds_per_image(models["detres"], img, args.curve_repeats)})
+        size_rows.append(
+            {
+                "shorter_side": size,
+                "image_hw": list(img.shape[1:]),
+                "detres_s": _seconds_per_image(models["detres"], img, args.curve_repeats),
+            }
+        )
         remove()
         # Small images have fewer anchors: fewer than --proposals may survive the RPN's NMS.
         size_rows[-1]["detres_actual_proposals"] = int(store[-1][0].shape[0])
         print(f"  curve shorter side={size}: detres {size_rows[-1]['detres_s']:.3f} s", flush=True)
-    return {"clock": "process", "threads": 1, "proposals": prop_rows, "shorter_side": size_rows,
-            "proposals_image_hw": list(image.shape[1:]), "shorter_side_proposals": args.proposals}
+    return {
+        "clock": "process",
+        "threads": 1,
+        "proposals": prop_rows,
+        "shorter_side": size_rows,
+        "proposals_image_hw": list(image.shape[1:]),
+        "shorter_side_proposals": args.proposals,
+    }
 
 
 def plot_curves(curves: dict[str, Any], path: Path, title: str) -> None:
@@ -594,8 +689,11 @@ def plot_curves(curves: dict[str, Any], path: Path, title: str) -> None:
     left.legend()
     rows = curves["shorter_side"]
     right.plot([r["shorter_side"] for r in rows], [r["detres_s"] for r in rows], marker="o", label="detres")
-    right.set(xlabel="shorter image side (px, 4:3)", ylabel="seconds per image",
-              title=f"vs input size ({curves['shorter_side_proposals']} proposals)")
+    right.set(
+        xlabel="shorter image side (px, 4:3)",
+        ylabel="seconds per image",
+        title=f"vs input size ({curves['shorter_side_proposals']} proposals)",
+    )
     right.legend()
     fig.suptitle(title)
     fig.tight_layout()
@@ -616,40 +714,62 @@ def _row(label: str, detres_s: float, torchvision_s: float | None = None, rest: 
 
 def _print_agreement(a: dict[str, Any]) -> None:
     full = a["full_pipeline"]
-    print(f"{'agreement':<34}{a['mode']}: proposals {a['proposals_detres']}/{a['proposals_torchvision']} "
-          f"(equal: {a['proposals_equal']}), detections {full['detections_detres']}/{full['detections_torchvision']}, "
-          f"|dbox| {a['max_abs_box_diff']:.1e} px, |dscore| {a['max_abs_score_diff']:.1e}, "
-          f"labels equal {a['labels_equal']}")
+    print(
+        f"{'agreement':<34}{a['mode']}: proposals {a['proposals_detres']}/{a['proposals_torchvision']} "
+        f"(equal: {a['proposals_equal']}), detections {full['detections_detres']}/{full['detections_torchvision']}, "
+        f"|dbox| {a['max_abs_box_diff']:.1e} px, |dscore| {a['max_abs_score_diff']:.1e}, "
+        f"labels equal {a['labels_equal']}"
+    )
 
 
 def _print_inference(threads: str, inf: dict[str, Any]) -> None:
     d, v = inf["detres"], inf["torchvision"]
     rounds = " ".join(f"{x:.2f}" for x in inf["round_ratios"])
-    print(_row(f"inference, {threads} thread(s) ({inf['clock']})", d["median_s"], v["median_s"],
-               f"{inf['speedup_vs_torchvision']:>9.2f}  {rounds}"))
+    print(
+        _row(
+            f"inference, {threads} thread(s) ({inf['clock']})",
+            d["median_s"],
+            v["median_s"],
+            f"{inf['speedup_vs_torchvision']:>9.2f}  {rounds}",
+        )
+    )
     for stage in STAGES:
         share = f"   ({d['stage_fraction'][stage] * 100:4.1f}% / {v['stage_fraction'][stage] * 100:4.1f}%)"
         print(_row(f"  {stage}", d["stages_s"][stage], v["stages_s"][stage], share))
-    for label, peak, floor, key in (("matmul", "matmul_peak_gflops", "floor_s", "floor_ratio"),
-                                    ("1x1-conv", "conv1x1_peak_gflops", "floor_s_best_peak", "floor_ratio_best_peak")):
-        print(f"{'  ' + label + ' peak GFLOP/s, floor ms':<34}{inf[peak]:10.1f}{_ms(inf[floor]):>16}   "
-              f"{key} detres {inf[key + '_detres']:.2f}, torchvision {inf[key + '_torchvision']:.2f}")
+    for label, peak, floor, key in (
+        ("matmul", "matmul_peak_gflops", "floor_s", "floor_ratio"),
+        ("1x1-conv", "conv1x1_peak_gflops", "floor_s_best_peak", "floor_ratio_best_peak"),
+    ):
+        print(
+            f"{'  ' + label + ' peak GFLOP/s, floor ms':<34}{inf[peak]:10.1f}{_ms(inf[floor]):>16}   "
+            f"{key} detres {inf[key + '_detres']:.2f}, torchvision {inf[key + '_torchvision']:.2f}"
+        )
 
 
 def _print_extras(res: dict[str, Any]) -> None:
     """Training, peak RSS, data pipeline and curve rows."""
     for t, tr in res.get("train", {}).items():
-        print(_row(f"train step, {t} thread(s) ({tr['clock']})", tr["detres"]["median_s"],
-                   tr["torchvision"]["median_s"], f"{tr['speedup_vs_torchvision']:>9.2f}  RoIs/step "
-                   f"{tr['detres']['rois_per_step']}/{tr['torchvision']['rois_per_step']}"))
+        print(
+            _row(
+                f"train step, {t} thread(s) ({tr['clock']})",
+                tr["detres"]["median_s"],
+                tr["torchvision"]["median_s"],
+                f"{tr['speedup_vs_torchvision']:>9.2f}  RoIs/step "
+                f"{tr['detres']['rois_per_step']}/{tr['torchvision']['rois_per_step']}",
+            )
+        )
     for name, rss in res.get("peak_rss_mb", {}).items():
-        print(f"{'peak RSS MB, ' + name:<34}" + "  ".join(f"{k[:-3]} {v:.0f}" for k, v in rss.items()
-                                                         if k.endswith("_mb")))
+        print(
+            f"{'peak RSS MB, ' + name:<34}"
+            + "  ".join(f"{k[:-3]} {v:.0f}" for k, v in rss.items() if k.endswith("_mb"))
+        )
     if "data_pipeline" in res:
         dp = res["data_pipeline"]
-        print(f"{'data pipeline images/s (1 core)':<34}{dp['images_per_cpu_s']:10.1f}   detres "
-              f"({dp['model_threads']} thread(s)): inference {dp['model_inference_images_per_s']:.2f}, training "
-              f"{dp.get('model_train_images_per_s', math.nan):.2f} images/s ({dp['source']})")
+        print(
+            f"{'data pipeline images/s (1 core)':<34}{dp['images_per_cpu_s']:10.1f}   detres "
+            f"({dp['model_threads']} thread(s)): inference {dp['model_inference_images_per_s']:.2f}, training "
+            f"{dp.get('model_train_images_per_s', math.nan):.2f} images/s ({dp['source']})"
+        )
     for row in res.get("curves", {}).get("proposals", []):
         print(_row(f"curve, {row['proposals']} proposals", row["detres_s"], row["torchvision_s"]))
     for row in res.get("curves", {}).get("shorter_side", []):
@@ -666,8 +786,10 @@ def print_report(res: dict[str, Any]) -> None:
     for threads, inf in res["inference"].items():
         _print_inference(threads, inf)
     fl = res["flops"]
-    print(f"{'GFLOP per image':<34}{fl['detres']['total'] / 1e9:10.1f}{fl['torchvision']['total'] / 1e9:16.1f}   "
-          + ", ".join(f"{k} {v / 1e9:.1f}" for k, v in fl["detres"]["by_stage"].items()))
+    print(
+        f"{'GFLOP per image':<34}{fl['detres']['total'] / 1e9:10.1f}{fl['torchvision']['total'] / 1e9:16.1f}   "
+        + ", ".join(f"{k} {v / 1e9:.1f}" for k, v in fl["detres"]["by_stage"].items())
+    )
     _print_extras(res)
 
 
@@ -682,32 +804,58 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=None, help="interleaved inference rounds (3; 2 with --quick)")
     p.add_argument("--train-steps", type=int, default=None, help="timed training steps per model (3; 2 with --quick)")
     p.add_argument("--curve-repeats", type=int, default=1, help="timed calls per curve point (after a warm-up)")
-    p.add_argument("--proposal-points", type=int, nargs="+", default=None,
-                   help="proposals curve points (100 300 600 1000; 50 100 with --quick)")
-    p.add_argument("--size-points", type=int, nargs="+", default=None,
-                   help="shorter-side curve points (200 400 600 800 1000; 200 320 with --quick)")
+    p.add_argument(
+        "--proposal-points",
+        type=int,
+        nargs="+",
+        default=None,
+        help="proposals curve points (100 300 600 1000; 50 100 with --quick)",
+    )
+    p.add_argument(
+        "--size-points",
+        type=int,
+        nargs="+",
+        default=None,
+        help="shorter-side curve points (200 400 600 800 1000; 200 320 with --quick)",
+    )
     p.add_argument("--matmul-size", type=int, default=2048, help="n of the n^3 fp32 matmul giving the peak")
     p.add_argument("--data-images", type=int, default=None, help="images through the data pipeline (30; 8 quick)")
     p.add_argument("--quick", action="store_true", help="ResNet-18, 320 px, 100 proposals, fewer repeats: < 2 min")
-    p.add_argument("--fold-bn", action="store_true",
-                   help="time detres's inference after detres.inference.fast_path (frozen BN folded into the convs)")
+    p.add_argument(
+        "--fold-bn",
+        action="store_true",
+        help="time detres's inference after detres.inference.fast_path (frozen BN folded into the convs)",
+    )
     p.add_argument("--skip-train", action="store_true", help="no training-step timing")
     p.add_argument("--skip-curves", action="store_true", help="no cost curves (and no PNG)")
     p.add_argument("--skip-rss", action="store_true", help="no peak-RSS subprocesses")
     p.add_argument("--skip-data", action="store_true", help="no data-pipeline timing")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
-                   help="cuda: GPU inference / training-step times only (gpu_timing.py); exits 0 without a GPU")
-    p.add_argument("--amp", action="store_true",
-                   help="with --device cuda: also time float16 autocast inference, and train with autocast + "
-                        "GradScaler (CPU runs stay fp32)")
+    p.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="cuda: GPU inference / training-step times only (gpu_timing.py); exits 0 without a GPU",
+    )
+    p.add_argument(
+        "--amp",
+        action="store_true",
+        help="with --device cuda: also time float16 autocast inference, and train with autocast + "
+        "GradScaler (CPU runs stay fp32)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json-out", type=Path, default=None, help="write every figure to this JSON file")
     p.add_argument("--png", type=Path, default=None, help="cost-curve plot (default: the JSON path with .png)")
     p.add_argument("--rss-child", choices=MODELS, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     quick = args.quick
-    defaults = {"depth": (18, 50), "size": (320, 600), "proposals": (100, 300), "rounds": (2, 3),
-                "train_steps": (2, 3), "data_images": (8, 30)}
+    defaults = {
+        "depth": (18, 50),
+        "size": (320, 600),
+        "proposals": (100, 300),
+        "rounds": (2, 3),
+        "train_steps": (2, 3),
+        "data_images": (8, 30),
+    }
     for key, (q, full) in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, q if quick else full)
@@ -725,13 +873,24 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def machine_info() -> dict[str, Any]:
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "os_cpu_count": os.cpu_count(), "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "load_avg_1m_at_start": os.getloadavg()[0]}
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "os_cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "load_avg_1m_at_start": os.getloadavg()[0],
+    }
 
 
-def run_timings(models: dict[str, nn.Module], trainable: dict[str, nn.Module], args: argparse.Namespace,
-                image: Image, target: Target, flops: int) -> tuple[dict, dict]:
+def run_timings(
+    models: dict[str, nn.Module],
+    trainable: dict[str, nn.Module],
+    args: argparse.Namespace,
+    image: Image,
+    target: Target,
+    flops: int,
+) -> tuple[dict, dict]:
     """Inference (with floor) and training at every requested thread count."""
     inference, train = {}, {}
     for threads in args.threads:
@@ -770,9 +929,16 @@ def data_vs_model(args: argparse.Namespace, res: dict[str, Any]) -> dict[str, An
 
 def measure_all(args: argparse.Namespace, image: Image, target: Target) -> dict[str, Any]:
     """Every section in turn; ``section_wall_s`` records how long each took."""
-    res: dict[str, Any] = {"config": {"depth": args.depth, "image_hw": list(image.shape[1:]),
-                                      "proposals": args.proposals, "num_classes": NUM_CLASSES,
-                                      "detres_bn_folded": args.fold_bn}, "section_wall_s": {}}
+    res: dict[str, Any] = {
+        "config": {
+            "depth": args.depth,
+            "image_hw": list(image.shape[1:]),
+            "proposals": args.proposals,
+            "num_classes": NUM_CLASSES,
+            "detres_bn_folded": args.fold_bn,
+        },
+        "section_wall_s": {},
+    }
 
     def section(name: str, fn: Callable[[], Any]) -> Any:
         start = time.perf_counter()
@@ -784,15 +950,20 @@ def measure_all(args: argparse.Namespace, image: Image, target: Target) -> dict[
     models = for_inference(trainable, args.fold_bn)
     res["agreement"] = section("agreement", lambda: check_agreement(models, image))
     if not res["agreement"]["passed"]:
-        print(f"WARNING: detres and torchvision detections differ (> {AGREE_PX} px or labels): "
-              f"{json.dumps(res['agreement'])}", file=sys.stderr, flush=True)
+        print(
+            f"WARNING: detres and torchvision detections differ (> {AGREE_PX} px or labels): "
+            f"{json.dumps(res['agreement'])}",
+            file=sys.stderr,
+            flush=True,
+        )
     res["flops"] = section("flops", lambda: {name: count_flops(m, image) for name, m in models.items()})
     if not args.skip_curves:
         print("cost curves (1 thread) ...", flush=True)
         res["curves"] = section("curves", lambda: cost_curves(models, args))
     res["inference"], res["train"] = section(
-        "timings", lambda: run_timings(models, trainable, args, image, target, res["flops"]["detres"]["total"]))
-    del models, trainable  # the peak-RSS children and the data pipeline need neither
+        "timings", lambda: run_timings(models, trainable, args, image, target, res["flops"]["detres"]["total"])
+    )
+    models.clear(), trainable.clear()  # the peak-RSS children and the data pipeline need neither
     if not args.skip_rss:
         print("peak RSS (one subprocess per model) ...", flush=True)
         res["peak_rss_mb"] = section("peak_rss", lambda: measure_peak_rss(args))
@@ -820,12 +991,27 @@ def run_cuda(args: argparse.Namespace) -> dict[str, Any]:
     start = time.perf_counter()
     image, target = make_image(args.size, args.seed), make_targets(args.size, args.seed)
     models = build_pair(args, image, target["boxes"])  # built and calibrated on the CPU, as in the CPU path
-    res = {"config": {"depth": args.depth, "image_hw": list(image.shape[1:]), "proposals": args.proposals,
-                      "num_classes": NUM_CLASSES},
-           "cuda": time_on_cuda(models, image, target, rounds=args.rounds, train_steps=args.train_steps, amp=args.amp,
-                                train=not args.skip_train, seed=args.seed),
-           "machine": machine_info(), "wall_time_s": time.perf_counter() - start,
-           "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
+    res = {
+        "config": {
+            "depth": args.depth,
+            "image_hw": list(image.shape[1:]),
+            "proposals": args.proposals,
+            "num_classes": NUM_CLASSES,
+        },
+        "cuda": time_on_cuda(
+            models,
+            image,
+            target,
+            rounds=args.rounds,
+            train_steps=args.train_steps,
+            amp=args.amp,
+            train=not args.skip_train,
+            seed=args.seed,
+        ),
+        "machine": machine_info(),
+        "wall_time_s": time.perf_counter() - start,
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+    }
     print_cuda_report(res["cuda"])
     if args.json_out is not None:
         args.json_out.parent.mkdir(parents=True, exist_ok=True)
@@ -845,9 +1031,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     machine = machine_info()
     torch.set_num_threads(1)
     image, target = make_image(args.size, args.seed), make_targets(args.size, args.seed)
-    print(f"torch {torch.__version__}  torchvision {torchvision.__version__}  cpus={os.cpu_count()}  "
-          f"load(1m)={machine['load_avg_1m_at_start']:.2f}  ResNet-{args.depth}  image {tuple(image.shape[1:])}  "
-          f"{args.proposals} proposals", flush=True)
+    print(
+        f"torch {torch.__version__}  torchvision {torchvision.__version__}  cpus={os.cpu_count()}  "
+        f"load(1m)={machine['load_avg_1m_at_start']:.2f}  ResNet-{args.depth}  image {tuple(image.shape[1:])}  "
+        f"{args.proposals} proposals",
+        flush=True,
+    )
     res = measure_all(args, image, target)
     summarise(res)
     res["machine"] = dict(machine, load_avg_1m_at_end=os.getloadavg()[0])
@@ -857,13 +1046,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if "curves" in res and args.png is not None:
         plot_curves(res["curves"], args.png, f"ResNet-{args.depth} C4 Faster R-CNN, 1 thread, fp32 CPU")
         print(f"wrote {args.png}")
-    print(f"\ntotal wall time {res['wall_time_s']:.1f} s  (" + ", ".join(
-        f"{k} {v:.1f}" for k, v in res["section_wall_s"].items()) + ")")
+    print(
+        f"\ntotal wall time {res['wall_time_s']:.1f} s  ("
+        + ", ".join(f"{k} {v:.1f}" for k, v in res["section_wall_s"].items())
+        + ")"
+    )
     if args.json_out is not None:
         args.json_out.parent.mkdir(parents=True, exist_ok=True)
         args.json_out.write_text(json.dumps(res, indent=2))
         print(f"wrote {args.json_out}")
     return res
+
 
 if __name__ == "__main__":
     main()

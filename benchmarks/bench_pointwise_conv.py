@@ -1,5 +1,6 @@
 """Benchmark 1x1 stride-1 convs on CPU: ATen's default route (its GEMM path at 1 thread, batch < 16) against the
 oneDNN route detres takes (dilation 2, the same function), on the ResNet C4 trunk's shapes, forward and backward."""
+
 from __future__ import annotations
 
 import argparse
@@ -7,8 +8,8 @@ import json
 import platform
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -20,8 +21,14 @@ if str(REPO_ROOT) not in sys.path:
 from detres.models.cpu_execution import POINTWISE_CPU_DILATION  # noqa: E402
 
 # (in channels, out channels, height, width): ResNet-50 C4 trunk at 600x800 (conv2_x, conv3_x, conv4_x 1x1 convs)
-SHAPES = ((64, 256, 152, 200), (256, 64, 152, 200), (128, 512, 76, 100), (512, 128, 76, 100),
-          (256, 1024, 38, 50), (1024, 256, 38, 50))
+SHAPES = (
+    (64, 256, 152, 200),
+    (256, 64, 152, 200),
+    (128, 512, 76, 100),
+    (512, 128, 76, 100),
+    (256, 1024, 38, 50),
+    (1024, 256, 38, 50),
+)
 
 
 def best_seconds(fn: Callable[[], object], repeats: int) -> float:
@@ -50,6 +57,7 @@ def measure(shape: tuple[int, int, int, int], channels_last: bool, repeats: int,
     flop = 2.0 * cin * cout * h * w
     result: dict[str, float] = {}
     for name, d in routes.items():
+
         def forward(d: int = d) -> torch.Tensor:
             return F.conv2d(x, weight, bias, dilation=d)
 
@@ -72,17 +80,23 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     rows = []
-    print(f"threads={args.threads} layout={'NCHW' if args.contiguous else 'channels-last'} "
-          f"cpu={platform.processor() or platform.machine()} torch={torch.__version__}")
-    print(f"{'shape (Cin,Cout,H,W)':>24} | GFLOP/s fwd: default  oneDNN | fwd+bwd: default  oneDNN | "
-          "speed-up fwd / fwd+bwd")
+    print(
+        f"threads={args.threads} layout={'NCHW' if args.contiguous else 'channels-last'} "
+        f"cpu={platform.processor() or platform.machine()} torch={torch.__version__}"
+    )
+    print(
+        f"{'shape (Cin,Cout,H,W)':>24} | GFLOP/s fwd: default  oneDNN | fwd+bwd: default  oneDNN | "
+        "speed-up fwd / fwd+bwd"
+    )
     for shape in SHAPES:
         r = measure(shape, not args.contiguous, args.repeats, args.seed)
         rows.append({"shape": list(shape), **r})
-        print(f"{str(shape):>24} | {r['aten_default_forward_gflops']:15.0f} {r['onednn_forward_gflops']:7.0f} | "
-              f"{r['aten_default_train_gflops']:16.0f} {r['onednn_train_gflops']:7.0f} | "
-              f"{r['onednn_forward_gflops'] / r['aten_default_forward_gflops']:.2f}x / "
-              f"{r['onednn_train_gflops'] / r['aten_default_train_gflops']:.2f}x")
+        print(
+            f"{str(shape):>24} | {r['aten_default_forward_gflops']:15.0f} {r['onednn_forward_gflops']:7.0f} | "
+            f"{r['aten_default_train_gflops']:16.0f} {r['onednn_train_gflops']:7.0f} | "
+            f"{r['onednn_forward_gflops'] / r['aten_default_forward_gflops']:.2f}x / "
+            f"{r['onednn_train_gflops'] / r['aten_default_train_gflops']:.2f}x"
+        )
     if args.json_out:
         args.json_out.write_text(json.dumps({"threads": args.threads, "rows": rows}, indent=2))
     return 0

@@ -1,4 +1,6 @@
-"""Benchmark the per-region pipeline (RoI pool -> conv5 head -> predictor -> postprocess) against a torchvision-built equivalent."""
+"""Benchmark the per-region pipeline (RoI pool -> conv5 head -> predictor -> postprocess) against a torchvision-built
+equivalent."""
+
 from __future__ import annotations
 
 import argparse
@@ -10,8 +12,8 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -98,16 +100,28 @@ class TorchvisionRegionPipeline(nn.Module):
 
     def __init__(self, depth: int, num_classes: int) -> None:
         super().__init__()
-        arch = {18: torchvision.models.resnet18, 34: torchvision.models.resnet34, 50: torchvision.models.resnet50,
-                101: torchvision.models.resnet101, 152: torchvision.models.resnet152}[depth]
+        arch = {
+            18: torchvision.models.resnet18,
+            34: torchvision.models.resnet34,
+            50: torchvision.models.resnet50,
+            101: torchvision.models.resnet101,
+            152: torchvision.models.resnet152,
+        }[depth]
         self.layer4 = arch(weights=None, norm_layer=tv_misc.FrozenBatchNorm2d).layer4
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         dim = 2048 if depth >= 50 else 512  # bottleneck vs basic-block conv5 width
         self.predictor = TvPredictor(dim, num_classes + 1)
         self.post = TvRoIHeads(
-            None, None, None,
-            fg_iou_thresh=0.5, bg_iou_thresh=0.5, batch_size_per_image=128, positive_fraction=0.25,
-            bbox_reg_weights=BBOX_REG_WEIGHTS, score_thresh=SCORE_THRESH, nms_thresh=NMS_THRESH,
+            None,
+            None,
+            None,
+            fg_iou_thresh=0.5,
+            bg_iou_thresh=0.5,
+            batch_size_per_image=128,
+            positive_fraction=0.25,
+            bbox_reg_weights=BBOX_REG_WEIGHTS,
+            score_thresh=SCORE_THRESH,
+            nms_thresh=NMS_THRESH,
             detections_per_img=DETS_PER_IMG,
         )
 
@@ -228,14 +242,20 @@ def build_variants(
 
 
 def check_agreement(models: dict[str, nn.Module], features, proposals, sizes) -> dict[str, dict[str, float]]:
-    """Every variant must give the torchvision detections (same count, boxes/scores within fp32 noise), image by image."""
+    """Every variant must give the torchvision detections (same count, boxes/scores within fp32 noise), image by
+    image."""
     with torch.inference_mode():
         outs = {n: end_to_end_fn(m, features, proposals, sizes)() for n, m in models.items()}
     ref_name = "torchvision" if "torchvision" in outs else next(iter(outs))
     report = {}
     for name, out in outs.items():
-        entry = {"num_detections": 0, "reference": ref_name, "max_abs_score_diff": 0.0, "max_abs_box_diff": 0.0,
-                 "labels_equal": True}
+        entry = {
+            "num_detections": 0,
+            "reference": ref_name,
+            "max_abs_score_diff": 0.0,
+            "max_abs_box_diff": 0.0,
+            "labels_equal": True,
+        }
         for o, r in zip(out, outs[ref_name]):
             entry["num_detections"] += int(o["scores"].numel())
             if o["scores"].shape != r["scores"].shape:
@@ -243,7 +263,9 @@ def check_agreement(models: dict[str, nn.Module], features, proposals, sizes) ->
                 entry["max_abs_score_diff"] = entry["max_abs_box_diff"] = float("inf")
                 continue
             if o["scores"].numel():
-                entry["max_abs_score_diff"] = max(entry["max_abs_score_diff"], float((o["scores"] - r["scores"]).abs().max()))
+                entry["max_abs_score_diff"] = max(
+                    entry["max_abs_score_diff"], float((o["scores"] - r["scores"]).abs().max())
+                )
                 entry["max_abs_box_diff"] = max(entry["max_abs_box_diff"], float((o["boxes"] - r["boxes"]).abs().max()))
                 entry["labels_equal"] &= bool(torch.equal(o["labels"], r["labels"]))
         if not entry["labels_equal"] or entry["max_abs_score_diff"] > 1e-4:
@@ -262,6 +284,7 @@ def candidate_count(model: RoIHeads, features, proposals) -> int:
 # ------------------------------------------------------------------------------------------ timing
 def measure(fn: Callable[[], object], args: argparse.Namespace, *, label: str) -> list[float]:
     """Per-call times (s) from torch.utils.benchmark (warm-up and thread count handled by Timer)."""
+
     def wrapped():
         with torch.inference_mode():
             return fn()
@@ -276,8 +299,12 @@ def measure(fn: Callable[[], object], args: argparse.Namespace, *, label: str) -
 def bench_config(args, device: torch.device, depth: int) -> dict:
     channels = 1024 if depth >= 50 else 256
     features, proposals, sizes = make_inputs(
-        num_images=args.images, rois=args.rois, channels=channels, image_hw=tuple(args.image_size),
-        device=device, seed=args.seed,
+        num_images=args.images,
+        rois=args.rois,
+        channels=channels,
+        image_hw=tuple(args.image_size),
+        device=device,
+        seed=args.seed,
     )
     models = build_variants(
         args.variants, depth, args.num_classes, args.seed, args.roi_chunk, features, proposals, device
@@ -285,8 +312,12 @@ def bench_config(args, device: torch.device, depth: int) -> dict:
     agreement = check_agreement(models, features, proposals, sizes)
     ours_any = next(m for n, m in models.items() if n.startswith("ours"))
     info = {
-        "device": str(device), "depth": depth, "rois_per_image": args.rois, "images": args.images,
-        "c4_map": list(features.shape), "pooled_shape": [args.rois * args.images, channels, POOL_SIZE, POOL_SIZE],
+        "device": str(device),
+        "depth": depth,
+        "rois_per_image": args.rois,
+        "images": args.images,
+        "c4_map": list(features.shape),
+        "pooled_shape": [args.rois * args.images, channels, POOL_SIZE, POOL_SIZE],
         "nms_candidates_image0": candidate_count(ours_any, features, proposals),
         "batchnorm_layers": {n: count_batchnorm(m) for n, m in models.items()},
         "agreement": agreement,
@@ -304,8 +335,12 @@ def bench_config(args, device: torch.device, depth: int) -> dict:
     rows = []
     ref = "torchvision" if "torchvision" in models else None
     for name in models:
-        row = {"variant": name, "median_s": statistics.median(times[name]), "calls": len(times[name]),
-               "round_medians_s": round_medians[name]}
+        row = {
+            "variant": name,
+            "median_s": statistics.median(times[name]),
+            "calls": len(times[name]),
+            "round_medians_s": round_medians[name],
+        }
         if ref:
             # Paired per-round ratios are robust to load changes between rounds.
             ratios = [a / b for a, b in zip(round_medians[name], round_medians[ref])]
@@ -316,8 +351,7 @@ def bench_config(args, device: torch.device, depth: int) -> dict:
     if not args.no_breakdown:
         for name, model in models.items():
             fns = stage_fns(model, features, proposals, sizes)
-            st = {s: statistics.median(measure(f, args, label=s))
-                  for s, f in fns.items()}
+            st = {s: statistics.median(measure(f, args, label=s)) for s, f in fns.items()}
             total = sum(st.values())
             breakdown[name] = {s: {"median_s": v, "fraction": v / total} for s, v in st.items()}
     return {"info": info, "end_to_end": rows, "breakdown": breakdown}
@@ -325,8 +359,11 @@ def bench_config(args, device: torch.device, depth: int) -> dict:
 
 def print_report(result: dict) -> None:
     info = result["info"]
-    print(f"\n== {info['device']}  ResNet-{info['depth']} C4 head  {info['rois_per_image']} RoIs x {info['images']} image(s)"
-          f"  C4 map {info['c4_map']}  NMS candidates {info['nms_candidates_image0']}")
+    print(
+        f"\n== {info['device']}  ResNet-{info['depth']} C4 head  "
+        f"{info['rois_per_image']} RoIs x {info['images']} image(s)"
+        f"  C4 map {info['c4_map']}  NMS candidates {info['nms_candidates_image0']}"
+    )
     print(f"{'variant':<26}{'median ms':>12}{'ours/tv':>10}   per-round ratios")
     for row in result["end_to_end"]:
         ratio = row.get("ratio_vs_torchvision")
@@ -349,21 +386,33 @@ def print_report(result: dict) -> None:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--rois", type=int, default=None, help="RoIs per image (default 300; 32 with --quick)")
-    p.add_argument("--quick", action="store_true", help="32 RoIs in chunks of 16, 2 rounds, no stage breakdown: finishes in < 60 s")
+    p.add_argument(
+        "--quick", action="store_true", help="32 RoIs in chunks of 16, 2 rounds, no stage breakdown: finishes in < 60 s"
+    )
     p.add_argument("--depths", type=int, nargs="+", default=[50, 18], help="ResNet depths of the C4 head")
     p.add_argument("--images", type=int, default=1, help="images per batch")
     p.add_argument("--num-classes", type=int, default=20, help="object classes K (the predictor adds background)")
     p.add_argument("--image-size", type=int, nargs=2, default=[600, 800], metavar=("H", "W"))
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (fixed for every measurement)")
-    p.add_argument("--rounds", type=int, default=None, help="interleaved measurement rounds per variant (3; 2 with --quick)")
+    p.add_argument(
+        "--rounds", type=int, default=None, help="interleaved measurement rounds per variant (3; 2 with --quick)"
+    )
     p.add_argument("--min-run-time", type=float, default=None, help="Timer.blocked_autorange window per round (s)")
     p.add_argument("--devices", nargs="+", default=None, help="cpu and/or cuda (default: cpu, plus cuda if available)")
     p.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), choices=ALL_VARIANTS)
     p.add_argument("--no-breakdown", action="store_true", help="skip the per-stage timings")
-    p.add_argument("--roi-chunk", type=int, default=None,
-                   help="inference_roi_chunk of the ours/ours_fast variants (default: the RoIHeads default)")
-    p.add_argument("--clock", choices=("auto", "wall", "process"), default="auto",
-                   help="auto: process CPU time for CPU runs with --threads 1, wall time otherwise")
+    p.add_argument(
+        "--roi-chunk",
+        type=int,
+        default=None,
+        help="inference_roi_chunk of the ours/ours_fast variants (default: the RoIHeads default)",
+    )
+    p.add_argument(
+        "--clock",
+        choices=("auto", "wall", "process"),
+        default="auto",
+        help="auto: process CPU time for CPU runs with --threads 1, wall time otherwise",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json-out", type=Path, default=None, help="write all measurements to this JSON file")
     args = p.parse_args(argv)
@@ -398,13 +447,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     machine = {
-        "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-        "os_cpu_count": os.cpu_count(), "torch": torch.__version__, "torchvision": torchvision.__version__,
-        "threads": args.threads, "load_avg_1m_at_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "os_cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "threads": args.threads,
+        "load_avg_1m_at_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
     }
     machine["clock"] = args.clock
-    print(f"torch {torch.__version__}  torchvision {torchvision.__version__}  threads={args.threads}  clock={args.clock}  "
-          f"cpus={os.cpu_count()}  load(1m)={machine['load_avg_1m_at_start']}")
+    print(
+        f"torch {torch.__version__}  torchvision {torchvision.__version__}  "
+        f"threads={args.threads}  clock={args.clock}  "
+        f"cpus={os.cpu_count()}  load(1m)={machine['load_avg_1m_at_start']}"
+    )
     results = []
     for dev in args.devices:
         for depth in args.depths:
@@ -416,8 +472,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"\ntotal wall time {elapsed:.1f} s")
     if args.json_out is not None:
         args.json_out.parent.mkdir(parents=True, exist_ok=True)
-        payload = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-                   "machine": machine, "wall_time_s": elapsed, "results": results}
+        payload = {
+            "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+            "machine": machine,
+            "wall_time_s": elapsed,
+            "results": results,
+        }
         args.json_out.write_text(json.dumps(payload, indent=2))
         print(f"wrote {args.json_out}")
     return 0

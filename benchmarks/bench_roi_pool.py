@@ -3,6 +3,7 @@
 Variants: ``torchvision``; ``fast`` (contiguous output); ``fast_channels_last`` (channels-last output, what
 RoIPooler asks for). Every variant's output is checked equal to torchvision's before timing.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -12,8 +13,8 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 from torchvision.ops import roi_pool
@@ -88,8 +89,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output-size", type=int, default=14, help="pooled side")
     p.add_argument("--chunk", type=int, default=0, help="RoIs per call (0: all at once; RoIHeads uses 32 on CPU)")
     p.add_argument("--repeat", type=int, default=5, help="timed repeats (median), after one warm-up call")
-    p.add_argument("--clock", choices=("auto", "wall", "process"), default="auto",
-                   help="auto: process CPU time with 1 thread, else wall time")
+    p.add_argument(
+        "--clock",
+        choices=("auto", "wall", "process"),
+        default="auto",
+        help="auto: process CPU time with 1 thread, else wall time",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json-out", type=Path, default=None, help="write the measurements to this JSON file")
     return p.parse_args(argv)
@@ -109,9 +114,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         times = measure(fns, args.repeat, clock(args.clock, args.threads))
     median = {name: statistics.median(ts) for name, ts in times.items()}
     ratio = {name: median["torchvision"] / median[name] for name in VARIANTS if name != "torchvision"}
-    print(f"roi_pool {args.rois} RoIs, {args.channels}x{args.height}x{args.width}, "
-          f"{args.output_size}x{args.output_size}, "
-          f"chunk {args.chunk or 'all'}, {args.threads} thread(s): outputs equal")
+    print(
+        f"roi_pool {args.rois} RoIs, {args.channels}x{args.height}x{args.width}, "
+        f"{args.output_size}x{args.output_size}, "
+        f"chunk {args.chunk or 'all'}, {args.threads} thread(s): outputs equal"
+    )
     for name, value in median.items():
         runs = [round(t * 1e3, 2) for t in times[name]]
         print(f"  {name:18s} {value * 1e3:9.2f} ms  (median of {args.repeat}: {runs})")
@@ -119,9 +126,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"  speed-up torchvision / {name} = {value:.2f}x")
     if args.json_out is not None:
         args.json_out.parent.mkdir(parents=True, exist_ok=True)
-        payload = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-                   "torch": torch.__version__, "platform": platform.platform(),
-                   "seconds": times, "median_seconds": median, "speedup": ratio, "outputs_equal": True}
+        payload = {
+            "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+            "torch": torch.__version__,
+            "platform": platform.platform(),
+            "seconds": times,
+            "median_seconds": median,
+            "speedup": ratio,
+            "outputs_equal": True,
+        }
         args.json_out.write_text(json.dumps(payload, indent=2))
         print(f"wrote {args.json_out}")
     return 0

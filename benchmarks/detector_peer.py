@@ -1,8 +1,11 @@
-"""torchvision's FasterRCNN assembled from torchvision parts only, configured like a detres C4 detector and able to carry its weights."""
+"""torchvision's FasterRCNN assembled from torchvision parts only, configured like a detres C4 detector and able to
+carry its weights."""
+
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torchvision
@@ -10,12 +13,18 @@ from torch import nn
 from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.models.detection.rpn import AnchorGenerator, RPNHead
-from torchvision.ops import MultiScaleRoIAlign, misc as tv_misc, roi_pool
+from torchvision.ops import MultiScaleRoIAlign, roi_pool
+from torchvision.ops import misc as tv_misc
 
 __all__ = ["TorchvisionRoIPool", "build_torchvision_c4", "load_detres_weights"]
 
-_ARCHS = {18: torchvision.models.resnet18, 34: torchvision.models.resnet34, 50: torchvision.models.resnet50,
-          101: torchvision.models.resnet101, 152: torchvision.models.resnet152}
+_ARCHS = {
+    18: torchvision.models.resnet18,
+    34: torchvision.models.resnet34,
+    50: torchvision.models.resnet50,
+    101: torchvision.models.resnet101,
+    152: torchvision.models.resnet152,
+}
 _TRUNK_PARTS = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3")
 
 
@@ -31,8 +40,9 @@ class TorchvisionRoIPool(nn.Module):
         self.output_size = (int(output_size), int(output_size))
         self.spatial_scale = float(spatial_scale)
 
-    def forward(self, features: Mapping[str, torch.Tensor], proposals: list[torch.Tensor],
-                image_shapes: list[tuple[int, int]]) -> torch.Tensor:
+    def forward(
+        self, features: Mapping[str, torch.Tensor], proposals: list[torch.Tensor], image_shapes: list[tuple[int, int]]
+    ) -> torch.Tensor:
         return roi_pool(features["0"], proposals, self.output_size, self.spatial_scale)
 
 
@@ -62,13 +72,17 @@ def build_torchvision_c4(kwargs: Mapping[str, Any], *, min_size: int, max_size: 
     """
     depth = int(kwargs["depth"])
     trunk, head, head_dim = _trunk_and_head(depth, int(kwargs.get("freeze_at", 2)))
-    anchors = AnchorGenerator(sizes=(tuple(int(s) for s in kwargs["anchor_sizes"]),),
-                              aspect_ratios=(tuple(float(r) for r in kwargs["aspect_ratios"]),))
+    anchors = AnchorGenerator(
+        sizes=(tuple(int(s) for s in kwargs["anchor_sizes"]),),
+        aspect_ratios=(tuple(float(r) for r in kwargs["aspect_ratios"]),),
+    )
     resolution = int(kwargs["pooler_resolution"])
     peer = FasterRCNN(
         trunk,
-        min_size=int(min_size), max_size=int(max_size),
-        image_mean=list(kwargs["pixel_mean"]), image_std=list(kwargs["pixel_std"]),  # 0..255 inputs, as detres
+        min_size=int(min_size),
+        max_size=int(max_size),
+        image_mean=list(kwargs["pixel_mean"]),
+        image_std=list(kwargs["pixel_std"]),  # 0..255 inputs, as detres
         size_divisible=16,  # detres pads to the trunk stride
         rpn_anchor_generator=anchors,
         rpn_head=RPNHead(trunk.out_channels, anchors.num_anchors_per_location()[0]),
@@ -77,15 +91,18 @@ def build_torchvision_c4(kwargs: Mapping[str, Any], *, min_size: int, max_size: 
         rpn_pre_nms_top_n_test=int(kwargs["rpn_pre_nms_top_n_test"]),
         rpn_post_nms_top_n_test=int(kwargs["rpn_post_nms_top_n_test"]),
         rpn_nms_thresh=float(kwargs["rpn_nms_thresh"]),
-        rpn_fg_iou_thresh=float(kwargs["rpn_fg_iou_thresh"]), rpn_bg_iou_thresh=float(kwargs["rpn_bg_iou_thresh"]),
+        rpn_fg_iou_thresh=float(kwargs["rpn_fg_iou_thresh"]),
+        rpn_bg_iou_thresh=float(kwargs["rpn_bg_iou_thresh"]),
         rpn_batch_size_per_image=int(kwargs["rpn_batch_size_per_image"]),
         rpn_positive_fraction=float(kwargs["rpn_positive_fraction"]),
         box_roi_pool=MultiScaleRoIAlign(["0"], output_size=resolution, sampling_ratio=int(kwargs["sampling_ratio"])),
         box_head=head,
         box_predictor=FastRCNNPredictor(head_dim, int(kwargs["num_classes"]) + 1),
-        box_score_thresh=float(kwargs["score_thresh"]), box_nms_thresh=float(kwargs["nms_thresh"]),
+        box_score_thresh=float(kwargs["score_thresh"]),
+        box_nms_thresh=float(kwargs["nms_thresh"]),
         box_detections_per_img=int(kwargs["detections_per_img"]),
-        box_fg_iou_thresh=float(kwargs["roi_fg_iou_thresh"]), box_bg_iou_thresh=float(kwargs["roi_bg_iou_thresh_hi"]),
+        box_fg_iou_thresh=float(kwargs["roi_fg_iou_thresh"]),
+        box_bg_iou_thresh=float(kwargs["roi_bg_iou_thresh_hi"]),
         box_batch_size_per_image=int(kwargs["roi_batch_size_per_image"]),
         box_positive_fraction=float(kwargs["roi_positive_fraction"]),
         bbox_reg_weights=tuple(float(w) for w in kwargs["bbox_reg_weights"]),
@@ -99,8 +116,10 @@ def build_torchvision_c4(kwargs: Mapping[str, Any], *, min_size: int, max_size: 
 def load_detres_weights(peer: FasterRCNN, detres_model: nn.Module) -> FasterRCNN:
     """Copy a detres ResNet-C4 FasterRCNN's weights into ``peer`` (strict, key for key per part)."""
     peer.backbone.load_state_dict(detres_model.trunk.state_dict(), strict=True)
-    rpn_state = {("conv.0.0." + k[len("conv."):] if k.startswith("conv.") else k): v
-                 for k, v in detres_model.rpn.head.state_dict().items()}  # Conv2dNormActivation nesting
+    rpn_state = {
+        ("conv.0.0." + k[len("conv.") :] if k.startswith("conv.") else k): v
+        for k, v in detres_model.rpn.head.state_dict().items()
+    }  # Conv2dNormActivation nesting
     peer.rpn.head.load_state_dict(rpn_state, strict=True)
     heads = detres_model.roi_heads
     peer.roi_heads.box_head.load_state_dict(heads.box_head.conv5_head.state_dict(), strict=True)

@@ -1,4 +1,5 @@
 """detres: ResNet classification pre-training and Faster R-CNN detection/localization (He et al. 2016)."""
+
 import os as _os
 
 # Nothing in detres may reach the network at run time. albumentations (imported by the detection

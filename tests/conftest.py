@@ -1,4 +1,5 @@
 """Shared pytest fixtures: the ../shared folder (skip when absent) and single-threaded torch."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -69,16 +70,30 @@ def make_tiny_checkpoint(tiny_det_world, tmp_path_factory):
     def make(name: str = "det.pt", *, seed: int = 0, class_names: list[str] | None = None, **model_args) -> Path:
         names = sorted(ids) if class_names is None else list(class_names)
         torch.manual_seed(seed)
-        args = dict(depth=18, base_width=16, num_classes=len(names), anchor_sizes=[16, 32], aspect_ratios=[1.0],
-                    rpn_pre_nms_top_n_test=100, rpn_post_nms_top_n_test=20, pooler_resolution=8, score_thresh=0.0,
-                    box_voting=True)
+        args = dict(
+            depth=18,
+            base_width=16,
+            num_classes=len(names),
+            anchor_sizes=[16, 32],
+            aspect_ratios=[1.0],
+            rpn_pre_nms_top_n_test=100,
+            rpn_post_nms_top_n_test=20,
+            pooler_resolution=8,
+            score_thresh=0.0,
+            box_voting=True,
+        )
         args.update(model_args)
         model = build_detector(**args)
-        meta = {"class_names": names, "min_size_test": 64, "max_size_test": 96,
-                "label_to_category_id": {i + 1: ids.get(n, i + 1) for i, n in enumerate(names)}}
+        meta = {
+            "class_names": names,
+            "min_size_test": 64,
+            "max_size_test": 96,
+            "label_to_category_id": {i + 1: ids.get(n, i + 1) for i, n in enumerate(names)},
+        }
         path = folder / name
-        save_checkpoint(path, {"model": model.state_dict(), "model_args": dict(args, weights_path=None),
-                               "meta": meta, "iter": 0})
+        save_checkpoint(
+            path, {"model": model.state_dict(), "model_args": dict(args, weights_path=None), "meta": meta, "iter": 0}
+        )
         return path
 
     return make
@@ -98,10 +113,19 @@ def write_tiny_det_config(tiny_det_world):
 
     def write(path: Path, output_dir: Path, **sections) -> Path:
         det = tiny_det_world
-        cfg = {"task": "det", "output_dir": str(output_dir), "device": "cpu",
-               "data": {"format": "coco", "val_images": str(det / "images"),
-                        "val_ann": str(det / "annotations" / "instances_val.json"), "num_workers": 0},
-               "input": {"min_size_test": 64, "max_size_test": 96}, "test": {"vis_images": 0}}
+        cfg = {
+            "task": "det",
+            "output_dir": str(output_dir),
+            "device": "cpu",
+            "data": {
+                "format": "coco",
+                "val_images": str(det / "images"),
+                "val_ann": str(det / "annotations" / "instances_val.json"),
+                "num_workers": 0,
+            },
+            "input": {"min_size_test": 64, "max_size_test": 96},
+            "test": {"vis_images": 0},
+        }
         for key, value in sections.items():
             cfg[key] = {**cfg.get(key, {}), **value} if isinstance(value, dict) else value
         path.write_text(yaml.safe_dump(cfg))

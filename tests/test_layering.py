@@ -4,6 +4,7 @@ Every module under detres/ is parsed with ``ast``; each import of ``detres.<pkg>
 relative, at module level or inside a function) is mapped to the floor of ``<pkg>``. Imports within
 one floor (e.g. models <-> evaluation) and downwards are allowed.
 """
+
 from __future__ import annotations
 
 import ast
@@ -15,9 +16,12 @@ PACKAGE_ROOT = Path(__file__).resolve().parents[1] / "detres"
 
 # DESIGN.md: floor 6 is tools/ and benchmarks/, outside the package.
 FLOORS: dict[str, int] = {
-    "structures": 1, "config": 1, "utils": 1,
+    "structures": 1,
+    "config": 1,
+    "utils": 1,
     "data": 2,
-    "models": 3, "evaluation": 3,
+    "models": 3,
+    "evaluation": 3,
     "inference": 4,
     "engine": 5,
 }

@@ -1,4 +1,5 @@
 """Nothing in detres may reach the network at run time: albumentations' import-time update check is off."""
+
 from __future__ import annotations
 
 import json

@@ -1,4 +1,5 @@
 """Config dicts for tool tests: a quarter-width ResNet-18 detector on ~128 px shapes-world images (CPU-test sized)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,30 +8,62 @@ from typing import Any
 import yaml
 
 
-
 def write_det_world(root: Path, *, train: int, val: int, size: tuple[int, int] = (64, 96), seed: int = 0) -> Path:
-    """The detection part only of a shapes world (COCO format) under ``root``, images of ``size``: its ``det`` folder."""
+    """The detection part only of a shapes world (COCO format) under ``root``, images of ``size``: its ``det``
+    folder."""
     from detres.data.synthetic import generate_shapes_world
 
-    generate_shapes_world(root, seed=seed, num_cls_train_per_class=0, num_cls_val_per_class=0, num_det_train=train,
-                          num_det_val=val, num_loc_train=0, num_loc_val=0, det_size=size)
+    generate_shapes_world(
+        root,
+        seed=seed,
+        num_cls_train_per_class=0,
+        num_cls_val_per_class=0,
+        num_det_train=train,
+        num_det_val=val,
+        num_loc_train=0,
+        num_loc_val=0,
+        det_size=size,
+    )
     return root / "det"
+
 
 def tiny_train_det_config(det: Path, output_dir: Path | None = None, **sections: dict[str, Any]) -> dict[str, Any]:
     """A det config training on ``det``'s COCO train split and testing on its val split; each keyword is a
     top-level section whose keys override the defaults here (``solver={"max_iter": 20}``)."""
     cfg: dict[str, Any] = {
-        "task": "det", "device": "cpu",
-        "model": {"depth": 18, "base_width": 16, "anchor_sizes": [16, 32, 64],
-                  "rpn": {"pre_nms_top_n_train": 300, "post_nms_top_n_train": 50, "pre_nms_top_n_test": 300,
-                          "post_nms_top_n_test": 50, "batch_size_per_image": 64},
-                  "roi_heads": {"batch_size_per_image": 16, "pooler_resolution": 8}},
-        "data": {"format": "coco", "train_images": str(det / "images"),
-                 "train_ann": str(det / "annotations" / "instances_train.json"), "val_images": str(det / "images"),
-                 "val_ann": str(det / "annotations" / "instances_val.json"), "num_workers": 0},
+        "task": "det",
+        "device": "cpu",
+        "model": {
+            "depth": 18,
+            "base_width": 16,
+            "anchor_sizes": [16, 32, 64],
+            "rpn": {
+                "pre_nms_top_n_train": 300,
+                "post_nms_top_n_train": 50,
+                "pre_nms_top_n_test": 300,
+                "post_nms_top_n_test": 50,
+                "batch_size_per_image": 64,
+            },
+            "roi_heads": {"batch_size_per_image": 16, "pooler_resolution": 8},
+        },
+        "data": {
+            "format": "coco",
+            "train_images": str(det / "images"),
+            "train_ann": str(det / "annotations" / "instances_train.json"),
+            "val_images": str(det / "images"),
+            "val_ann": str(det / "annotations" / "instances_val.json"),
+            "num_workers": 0,
+        },
         "input": {"min_size_train": [128], "max_size_train": 192, "min_size_test": 128, "max_size_test": 192},
-        "solver": {"images_per_batch": 2, "base_lr": 0.005, "max_iter": 2, "steps": [], "eval_period": 0,
-                   "checkpoint_period": 2, "log_period": 1},
+        "solver": {
+            "images_per_batch": 2,
+            "base_lr": 0.005,
+            "max_iter": 2,
+            "steps": [],
+            "eval_period": 0,
+            "checkpoint_period": 2,
+            "log_period": 1,
+        },
         "test": {"vis_images": 2},
     }
     if output_dir is not None:
@@ -58,11 +91,18 @@ def write_tiny_cls_run(folder: Path, *, max_iter: int = 1) -> Path:
             images.mkdir(parents=True, exist_ok=True)
             for i in range(n):
                 cv2.imwrite(str(images / f"{i}.png"), rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
-    cfg = {"task": "cls", "output_dir": str(folder / "run"), "device": "cpu",
-           "model": {"arch": "cifar", "depth": 8, "shortcut": "A"},
-           "data": {"train_dir": str(folder / "data" / "train"), "val_dir": str(folder / "data" / "val"),
-                    "num_workers": 1},
-           "augment": {"scale_min": 32, "scale_max": 36, "crop": 32, "color_pca": False},
-           "solver": {"batch_size": 2, "max_iter": max_iter, "log_period": 1},
-           "test": {"resize": 32, "scales": [32], "modes": ["1crop"]}}
+    cfg = {
+        "task": "cls",
+        "output_dir": str(folder / "run"),
+        "device": "cpu",
+        "model": {"arch": "cifar", "depth": 8, "shortcut": "A"},
+        "data": {
+            "train_dir": str(folder / "data" / "train"),
+            "val_dir": str(folder / "data" / "val"),
+            "num_workers": 1,
+        },
+        "augment": {"scale_min": 32, "scale_max": 36, "crop": 32, "color_pca": False},
+        "solver": {"batch_size": 2, "max_iter": max_iter, "log_period": 1},
+        "test": {"resize": 32, "scales": [32], "modes": ["1crop"]},
+    }
     return write_yaml(folder / "cfg.yaml", cfg)

@@ -1,4 +1,5 @@
 """Import a script of tools/ as a module in tests (tools/ is not a package)."""
+
 from __future__ import annotations
 
 import importlib.util

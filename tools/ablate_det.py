@@ -8,6 +8,7 @@ Rows, each adding to the row above: baseline (all extras off), +box refinement (
 --ensemble). Prints a markdown table (COCO mAP@.5 and mAP@[.5:.95], VOC07 mAP, seconds and GFLOPs per image,
 cost vs FLOPs); --json-out writes the rows as JSON, --out the per-row COCO results files.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,8 +34,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline", required=True, help="baseline train_det checkpoint")
     parser.add_argument("--context", default=None, help="global-context checkpoint (the +context row)")
     parser.add_argument("--ensemble", nargs="+", default=[], help="further ensemble members (the ensemble row)")
-    parser.add_argument("--rows", default=None, help=f"comma-separated subset of {','.join(ROW_NAMES)} "
-                                                     "(default: every row the checkpoints allow)")
+    parser.add_argument(
+        "--rows",
+        default=None,
+        help=f"comma-separated subset of {','.join(ROW_NAMES)} (default: every row the checkpoints allow)",
+    )
     parser.add_argument("--max-images", type=int, default=None, help="evaluate the first N val images only")
     parser.add_argument("--out", type=Path, default=None, help="folder for per-row COCO results files")
     parser.add_argument("--json-out", type=Path, default=None, help="write the rows as a JSON list here")
@@ -45,9 +49,17 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--max-images must be >= 1, got {args.max_images}")
     try:
         cfg = load_config(args.config, args.overrides)
-        rows = run_ablation(cfg, baseline=args.baseline, context=args.context, ensemble=args.ensemble,
-                            rows=args.rows, max_images=args.max_images, out_dir=args.out,
-                            device=resolve_device(cfg.device), log=lambda line: print(line, file=sys.stderr))
+        rows = run_ablation(
+            cfg,
+            baseline=args.baseline,
+            context=args.context,
+            ensemble=args.ensemble,
+            rows=args.rows,
+            max_images=args.max_images,
+            out_dir=args.out,
+            device=resolve_device(cfg.device),
+            log=lambda line: print(line, file=sys.stderr),
+        )
     except (ConfigError, FileNotFoundError, ValueError) as exc:
         print(f"ablate_det: error: {exc}", file=sys.stderr)
         return 2

@@ -1,5 +1,9 @@
 #!/usr/bin/env python
-"""Run the main job end-to-end on the built-in shapes world: tools/demo.py --out runs/demo [--overwrite] [--no-ablation] [--no-localization]."""
+"""Run the main job end-to-end on the built-in shapes world.
+
+tools/demo.py --out runs/demo [--overwrite] [--no-ablation] [--no-localization]
+"""
+
 from __future__ import annotations
 
 import argparse
@@ -17,15 +21,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", default="data_toy", help="where the shapes world is generated (reused if there)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-ablation", action="store_true",
-                        help="skip the Table-9 rows (baseline, +box refinement, +multi-scale) after testing")
-    parser.add_argument("--no-localization", action="store_true",
-                        help="skip the localizer's RPN stage (Appendix C) on the shapes world's LOC split")
+    parser.add_argument(
+        "--no-ablation",
+        action="store_true",
+        help="skip the Table-9 rows (baseline, +box refinement, +multi-scale) after testing",
+    )
+    parser.add_argument(
+        "--no-localization",
+        action="store_true",
+        help="skip the localizer's RPN stage (Appendix C) on the shapes world's LOC split",
+    )
     args = parser.parse_args(argv)
     try:
-        summary = run_demo(args.out, data_root=args.data, repo_root=Path(__file__).resolve().parents[1],
-                           overwrite=args.overwrite, seed=args.seed, ablation=not args.no_ablation,
-                           localization=not args.no_localization)
+        summary = run_demo(
+            args.out,
+            data_root=args.data,
+            repo_root=Path(__file__).resolve().parents[1],
+            overwrite=args.overwrite,
+            seed=args.seed,
+            ablation=not args.no_ablation,
+            localization=not args.no_localization,
+        )
     except (FileNotFoundError, FileExistsError, ValueError) as exc:
         print(f"demo: error: {exc}", file=sys.stderr)
         return 2

@@ -1,4 +1,5 @@
 """Evaluate saved detection results: COCO (12 numbers + per-category AP) or PASCAL VOC devkit mAP."""
+
 from __future__ import annotations
 
 import argparse
@@ -62,9 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
     coco.add_argument("--gt", required=True, help="COCO ground-truth JSON")
     coco.add_argument("--results", required=True, help="results JSON: a list, or a dict with an 'annotations' list")
     coco.add_argument("--iou-type", choices=("bbox", "segm"), default="bbox")
-    coco.add_argument("--backend", choices=BACKENDS, default=DEFAULT_BACKEND,
-                      help="library computing the metrics: pycocotools (the reference) or faster_coco_eval "
-                           "(same AP within 1e-6, faster on large sets; pip install faster-coco-eval)")
+    coco.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default=DEFAULT_BACKEND,
+        help="library computing the metrics: pycocotools (the reference) or faster_coco_eval "
+        "(same AP within 1e-6, faster on large sets; pip install faster-coco-eval)",
+    )
     coco.add_argument("--json-out", help="write the metrics to this JSON file")
     coco.set_defaults(func=run_coco)
 

@@ -8,6 +8,7 @@ val_annotations.txt (images in file order unless --image-set is given). Line i o
 to 5 groups "label xmin ymin xmax ymax" for image i (labels 1-based in --synsets order, boxes 1-based
 inclusive pixels). Exit status 0 on success, 2 on a usage or input error (the message names file:line).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,8 +52,9 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     image_ids, ground_truth = load_ground_truth(args, synsets)
     missing = [i for i in image_ids if i not in ground_truth]
     if missing:
-        raise ValueError(f"{args.annotations}: no ground truth for {len(missing)} image(s) of the image set, "
-                         f"first {missing[0]!r}")
+        raise ValueError(
+            f"{args.annotations}: no ground truth for {len(missing)} image(s) of the image set, first {missing[0]!r}"
+        )
     predictions = read_loc_predictions(args.predictions, image_ids, len(synsets))
     blacklist = read_blacklist(args.blacklist, image_ids) if args.blacklist else []
     return evaluate_localization(ground_truth, predictions, image_ids=image_ids, blacklist=blacklist)
@@ -60,11 +62,11 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--annotations", required=True,
-                        help="folder of ILSVRC XML files, or Tiny-ImageNet val_annotations.txt")
+    parser.add_argument(
+        "--annotations", required=True, help="folder of ILSVRC XML files, or Tiny-ImageNet val_annotations.txt"
+    )
     parser.add_argument("--image-set", help="image ids, one per line, in prediction-line order")
-    parser.add_argument("--synsets", required=True,
-                        help="LOC_synset_mapping.txt or a wnid list (line k = label k)")
+    parser.add_argument("--synsets", required=True, help="LOC_synset_mapping.txt or a wnid list (line k = label k)")
     parser.add_argument("--predictions", required=True, help="devkit prediction file, one line per image")
     parser.add_argument("--blacklist", help="images to leave out: image ids or 1-based indices into the image set")
     parser.add_argument("--json-out", help="write the metrics to this JSON file")
@@ -76,8 +78,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         result = evaluate(args)
-        print(f"ILSVRC localization (IoU >= {result['iou_thresh']}, up to {result['max_guesses']} guesses): "
-              f"{result['num_images']} images, {result['num_blacklisted']} blacklisted")
+        print(
+            f"ILSVRC localization (IoU >= {result['iou_thresh']}, up to {result['max_guesses']} guesses): "
+            f"{result['num_images']} images, {result['num_blacklisted']} blacklisted"
+        )
         for key, name in ROWS:
             print(f"  {name:<40s} {100 * result[key]:6.2f} %")
         if args.json_out:

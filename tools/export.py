@@ -7,6 +7,7 @@ opset, the input contract (float32 [3,H,W] RGB 0..255, resized as tools/infer.py
 labels out) and the class names. A missing or foreign checkpoint or an unknown format exits with status 2
 and a one-line message.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,11 +27,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, type=Path, help="train_det checkpoint (model_final.pt)")
     parser.add_argument("--out", required=True, type=Path, help="output folder")
-    parser.add_argument("--format", nargs="+", default=list(EXPORT_FORMATS), metavar="FORMAT",
-                        help=f"one or more of {', '.join(EXPORT_FORMATS)} (default: both)")
-    parser.add_argument("--size", type=int, default=None,
-                        help="shorter side of the traced example image (default: the checkpoint's min_size_test, "
-                             "else 320); the exported models take any size")
+    parser.add_argument(
+        "--format",
+        nargs="+",
+        default=list(EXPORT_FORMATS),
+        metavar="FORMAT",
+        help=f"one or more of {', '.join(EXPORT_FORMATS)} (default: both)",
+    )
+    parser.add_argument(
+        "--size",
+        type=int,
+        default=None,
+        help="shorter side of the traced example image (default: the checkpoint's min_size_test, "
+        "else 320); the exported models take any size",
+    )
     parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the installed torch's)")
     parser.add_argument("--no-fast-path", action="store_true", help="keep BatchNorm unfolded")
     return parser.parse_args(argv)
@@ -46,8 +56,16 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--size must be >= 16, got {args.size}")
         model, meta = load_detector(args.checkpoint)
         size = args.size or int(meta.get("min_size_test") or 320)
-        info = export_detector(model, args.out, formats=args.format, meta=meta, example_hw=(size, size * 5 // 4),
-                               fast_path=not args.no_fast_path, opset=args.opset, source=str(args.checkpoint))
+        info = export_detector(
+            model,
+            args.out,
+            formats=args.format,
+            meta=meta,
+            example_hw=(size, size * 5 // 4),
+            fast_path=not args.no_fast_path,
+            opset=args.opset,
+            source=str(args.checkpoint),
+        )
     except (FileNotFoundError, ValueError) as exc:
         print(f"export: error: {exc}", file=sys.stderr)
         return 2

@@ -8,6 +8,7 @@ the Appendix-B extras (--box-refinement, --multiscale, --flip, ...) are off unle
 Bad input (missing or foreign checkpoint, unreadable image, empty folder) exits with status 2
 and a one-line message naming the file.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,12 +26,16 @@ except ImportError:  # running from a source checkout without `pip install -e .`
 
 from detres.data.image_io import read_image_rgb  # noqa: E402
 from detres.engine.run_setup import resolve_device  # noqa: E402
-from detres.inference.predictor import Predictor  # noqa: E402
-from detres.inference.visualize import draw_detections, write_png  # noqa: E402
 from detres.inference.ensemble import load_ensemble  # noqa: E402
 from detres.inference.postprocess_args import (  # noqa: E402
-    add_postprocess_arguments, add_test_time_arguments, postprocess_options, test_time_options)
+    add_postprocess_arguments,
+    add_test_time_arguments,
+    postprocess_options,
+    test_time_options,
+)
+from detres.inference.predictor import Predictor  # noqa: E402
 from detres.inference.test_time import TestTimeOptions  # noqa: E402
+from detres.inference.visualize import draw_detections, write_png  # noqa: E402
 from detres.models.build import configure_postprocess  # noqa: E402
 from detres.utils.atomic import write_json_atomic  # noqa: E402
 
@@ -62,9 +67,17 @@ def output_png_paths(images: list[Path], out_dir: Path) -> list[Path]:
     return paths
 
 
-def run(checkpoints: Path | list[Path], source: Path, out_dir: Path, *, score_thresh: float, device: str,
-        postprocess: dict[str, Any] | None = None, args: argparse.Namespace | None = None,
-        amp: bool = False) -> dict[str, Any]:
+def run(
+    checkpoints: Path | list[Path],
+    source: Path,
+    out_dir: Path,
+    *,
+    score_thresh: float,
+    device: str,
+    postprocess: dict[str, Any] | None = None,
+    args: argparse.Namespace | None = None,
+    amp: bool = False,
+) -> dict[str, Any]:
     """Detect on every input image, write the drawn PNGs and detections.json; returns the JSON content.
 
     ``checkpoints``: one train_det checkpoint or the members of an ensemble. ``postprocess``: overrides of
@@ -93,27 +106,47 @@ def run(checkpoints: Path | list[Path], source: Path, out_dir: Path, *, score_th
     for path, png in zip(images, pngs):
         image = read_image_rgb(path)
         det = predictor.predict(image, score_thresh=score_thresh)
-        write_png(png, draw_detections(image, det["boxes"], det["labels"], det["scores"], predictor.class_names,
-                                       score_thresh=score_thresh))
-        records.append({
-            "file": str(path), "height": int(image.shape[0]), "width": int(image.shape[1]), "visualization": str(png),
-            "boxes": [[float(v) for v in box] for box in det["boxes"]],
-            "scores": [float(s) for s in det["scores"]],
-            "labels": [int(label) for label in det["labels"]],
-            "class_names": det["class_names"],
-        })
+        write_png(
+            png,
+            draw_detections(
+                image, det["boxes"], det["labels"], det["scores"], predictor.class_names, score_thresh=score_thresh
+            ),
+        )
+        records.append(
+            {
+                "file": str(path),
+                "height": int(image.shape[0]),
+                "width": int(image.shape[1]),
+                "visualization": str(png),
+                "boxes": [[float(v) for v in box] for box in det["boxes"]],
+                "scores": [float(s) for s in det["scores"]],
+                "labels": [int(label) for label in det["labels"]],
+                "class_names": det["class_names"],
+            }
+        )
         print(f"{path}: {len(det['scores'])} detections >= {score_thresh}")
-    result = {"checkpoint": str(checkpoints[0]), "checkpoints": [str(p) for p in checkpoints],
-              "options": dataclasses.asdict(predictor.options), "score_thresh": score_thresh, "class_names": predictor.class_names,
-              "box_format": "xyxy, 0-based continuous pixels of the original image", "images": records}
+    result = {
+        "checkpoint": str(checkpoints[0]),
+        "checkpoints": [str(p) for p in checkpoints],
+        "options": dataclasses.asdict(predictor.options),
+        "score_thresh": score_thresh,
+        "class_names": predictor.class_names,
+        "box_format": "xyxy, 0-based continuous pixels of the original image",
+        "images": records,
+    }
     write_json_atomic(out_dir / "detections.json", result)
     return result
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, type=Path, nargs="+",
-                        help="train_det checkpoint(s) (model_final.pt); several = an ensemble")
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        type=Path,
+        nargs="+",
+        help="train_det checkpoint(s) (model_final.pt); several = an ensemble",
+    )
     parser.add_argument("--input", required=True, type=Path, help="an image file or a folder of images")
     parser.add_argument("--out", type=Path, default=Path("runs/infer"), help="output folder (default runs/infer)")
     parser.add_argument("--score-thresh", type=float, default=0.5, help="keep and draw detections scoring >= this")
@@ -126,8 +159,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--score-thresh must be in [0, 1], got {args.score_thresh}")
     try:
         postprocess = postprocess_options(args)
-        result = run(args.checkpoint, args.input, args.out, score_thresh=args.score_thresh, device=args.device,
-                     postprocess=postprocess, args=args, amp=args.amp)
+        result = run(
+            args.checkpoint,
+            args.input,
+            args.out,
+            score_thresh=args.score_thresh,
+            device=args.device,
+            postprocess=postprocess,
+            args=args,
+            amp=args.amp,
+        )
     except (FileNotFoundError, ValueError) as exc:
         print(f"infer: error: {exc}", file=sys.stderr)
         return 2

@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 # Run from a source checkout without installing the package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -27,13 +28,23 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, default=Path("data_toy"), help="output folder (default: data_toy)")
     parser.add_argument("--seed", type=int, default=0, help="random seed; same seed gives byte-identical files")
-    parser.add_argument("--small", action="store_true",
-                        help="tiny counts for smoke tests: " + ", ".join(f"{k}={v}" for k, v in SMALL_COUNTS.items()))
+    parser.add_argument(
+        "--small",
+        action="store_true",
+        help="tiny counts for smoke tests: " + ", ".join(f"{k}={v}" for k, v in SMALL_COUNTS.items()),
+    )
     for key, flag in _COUNT_FLAGS.items():
         parser.add_argument(flag, dest=key, type=int, default=None, help=f"override {key}")
     for task in ("cls", "det", "loc"):
-        parser.add_argument(f"--{task}-size", dest=f"{task}_size", type=int, nargs=2, metavar=("MIN", "MAX"),
-                            default=None, help=f"{task} image side range in pixels")
+        parser.add_argument(
+            f"--{task}-size",
+            dest=f"{task}_size",
+            type=int,
+            nargs=2,
+            metavar=("MIN", "MAX"),
+            default=None,
+            help=f"{task} image side range in pixels",
+        )
     return parser.parse_args(argv)
 
 
@@ -43,14 +54,23 @@ def _print_summary(summary: dict[str, Any]) -> None:
     print(header)
     print("-" * len(header))
     for name in CATEGORIES:
-        cells = [summary["cls"]["train"][name], summary["cls"]["val"][name],
-                 summary["det"]["train"]["objects"][name], summary["det"]["val"]["objects"][name],
-                 summary["loc"]["train"]["images"][name], summary["loc"]["val"]["images"][name]]
-        print(f"{name:<{width}}  {cells[0]:>9}  {cells[1]:>7}  {cells[2]:>9}  {cells[3]:>7}  {cells[4]:>9}  {cells[5]:>7}")
+        cells = [
+            summary["cls"]["train"][name],
+            summary["cls"]["val"][name],
+            summary["det"]["train"]["objects"][name],
+            summary["det"]["val"]["objects"][name],
+            summary["loc"]["train"]["images"][name],
+            summary["loc"]["val"]["images"][name],
+        ]
+        print(
+            f"{name:<{width}}  {cells[0]:>9}  {cells[1]:>7}  {cells[2]:>9}  {cells[3]:>7}  {cells[4]:>9}  {cells[5]:>7}"
+        )
     for split in ("train", "val"):
-        print(f"det/{split}: {summary['det'][split]['images']} images; "
-              f"loc/{split}: {sum(summary['loc'][split]['images'].values())} images, "
-              f"{summary['loc'][split]['objects']} objects")
+        print(
+            f"det/{split}: {summary['det'][split]['images']} images; "
+            f"loc/{split}: {sum(summary['loc'][split]['images'].values())} images, "
+            f"{summary['loc'][split]['objects']} objects"
+        )
     print("(det columns count objects; cls and loc columns count images)")
 
 

@@ -1,12 +1,15 @@
 #!/usr/bin/env python
-"""Evaluate a trained detector on a dataset: tools/test_det.py --config C.yaml --checkpoint M.pt [M2.pt ...] [key=value ...].
+"""Evaluate a trained detector on a dataset: tools/test_det.py --config C.yaml --checkpoint M.pt [M2.pt ...] [key=value
+...].
 
 Several checkpoints are evaluated as one ensemble (Appendix B: union of proposals, averaged scores and
 boxes; the class lists must agree). The Appendix-B test-time extras come from the config's test section,
-overridden by the flags (--box-refinement, --multiscale --scales ..., --flip, ...). Writes COCO results JSON, the ground truth it scored (coco_gt.json), VOC devkit result files,
+overridden by the flags (--box-refinement, --multiscale --scales ..., --flip, ...). Writes COCO results JSON,
+the ground truth it scored (coco_gt.json), VOC devkit result files,
 metrics.json, a per-class precision-recall plot (pr_curves.png) and example PNGs under --out
 (default <output_dir>/test) and prints the COCO and VOC metrics.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,7 +27,12 @@ from detres.engine.det_trainer import test_detector  # noqa: E402
 from detres.engine.run_setup import resolve_device  # noqa: E402
 from detres.inference.ensemble import load_ensemble  # noqa: E402
 from detres.inference.postprocess_args import (  # noqa: E402
-    add_postprocess_arguments, add_test_time_arguments, postprocess_options, split_overrides, test_time_options)
+    add_postprocess_arguments,
+    add_test_time_arguments,
+    postprocess_options,
+    split_overrides,
+    test_time_options,
+)
 from detres.inference.test_time import options_from_config  # noqa: E402
 from detres.models.build import configure_postprocess  # noqa: E402
 from detres.utils.atomic import dumps_json  # noqa: E402
@@ -33,8 +41,12 @@ from detres.utils.atomic import dumps_json  # noqa: E402
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML config (task: det); data.val_* is the test set")
-    parser.add_argument("--checkpoint", required=True, nargs="+",
-                        help="train_det checkpoint(s) (model_final.pt or last.pt); several = an ensemble")
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        nargs="+",
+        help="train_det checkpoint(s) (model_final.pt or last.pt); several = an ensemble",
+    )
     parser.add_argument("--out", default=None, help="output folder (default <output_dir>/test)")
     add_postprocess_arguments(parser)
     add_test_time_arguments(parser)
@@ -52,15 +64,24 @@ def main(argv: list[str] | None = None) -> int:
         dataset = build_detection_dataset(cfg, "val", train=False, class_names=meta["class_names"])
         names = [c["name"] for c in dataset.categories]
         if names != meta["class_names"]:
-            raise ValueError(f"{args.checkpoint[0]} was trained on classes {meta['class_names']}, "
-                             f"the test set has {names}")
+            raise ValueError(
+                f"{args.checkpoint[0]} was trained on classes {meta['class_names']}, the test set has {names}"
+            )
         out = Path(args.out) if args.out else Path(cfg.output_dir) / "test"
         metrics = test_detector(models, dataset, meta, cfg, out_dir=out, device=device, options=options)
     except (ConfigError, FileNotFoundError, ValueError) as exc:
         print(f"test_det: error: {exc}", file=sys.stderr)
         return 2
-    print(dumps_json({"COCO": metrics["coco"]["summary"], "VOC mAP": metrics["voc"]["mAP"],
-                      "VOC per class": metrics["voc"]["per_class"], "out": str(out)}))
+    print(
+        dumps_json(
+            {
+                "COCO": metrics["coco"]["summary"],
+                "VOC mAP": metrics["voc"]["mAP"],
+                "VOC per class": metrics["voc"]["per_class"],
+                "out": str(out),
+            }
+        )
+    )
     return 0
 
 

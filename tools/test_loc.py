@@ -1,12 +1,15 @@
 #!/usr/bin/env python
-"""Test a localizer (RPN stage, or RPN + R-CNN): tools/test_loc.py --config C.yaml --checkpoint M.pt [--classifier CLS.pt] [--mode 1crop|dense|both] [--json-out F] [key=value ...].
+"""Test a localizer (RPN stage, or RPN + R-CNN): tools/test_loc.py --config C.yaml --checkpoint M.pt [--classifier
+CLS.pt] [--mode 1crop|dense|both] [--json-out F] [key=value ...].
 
 A ``--checkpoint`` of the R-CNN stage is tested with the RPN-stage checkpoint it was trained on (its
 ``rpn_checkpoint``): the whole of Table 13 in one report, the RPN's own rows (``--mode``) and the "RPN+R-CNN" rows
-(dense), on the same images and predicted classes. Prints Table 13's rows: LOC error on the ground-truth class (1-crop and/or dense) and, with a classifier
+(dense), on the same images and predicted classes. Prints Table 13's rows: LOC error on the ground-truth class
+(1-crop and/or dense) and, with a classifier
 (``--classifier`` or ``test.classifier``), top-1/top-5 LOC error of dense testing on its top-5 predicted classes.
 Writes devkit prediction files and loc_test.json to --out-dir (default <output_dir>/test). Bad input exits 2.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,8 +27,8 @@ from detres.engine.loc_eval import format_table  # noqa: E402
 from detres.engine.loc_trainer import load_loc_records, test_from_config  # noqa: E402
 from detres.models.loc_rpn import load_localizer  # noqa: E402
 from detres.models.rcnn_loc import load_rpn_rcnn_localizer  # noqa: E402
-from detres.utils.checkpoint import load_checkpoint  # noqa: E402
 from detres.utils.atomic import write_json_atomic  # noqa: E402
+from detres.utils.checkpoint import load_checkpoint  # noqa: E402
 
 MODES = {"1crop": ("1crop",), "dense": ("dense",), "both": ("1crop", "dense")}
 
@@ -57,13 +60,25 @@ def main(argv: list[str] | None = None) -> int:
             modes, prefix, rpn_modes = MODES[args.mode], "rpn", ()
         _, val, synsets = load_loc_records(cfg.data)
         if synsets != meta["synsets"]:
-            raise ValueError(f"{args.checkpoint}: trained on {len(meta['synsets'])} synsets that differ from "
-                             f"data.root's {len(synsets)}")
+            raise ValueError(
+                f"{args.checkpoint}: trained on {len(meta['synsets'])} synsets that differ from "
+                f"data.root's {len(synsets)}"
+            )
         if args.classifier is not None and not Path(args.classifier).is_file():
             raise FileNotFoundError(f"--classifier: file not found: {args.classifier}")
         out_dir = Path(args.out_dir) if args.out_dir else Path(cfg.output_dir) / "test"
-        report = test_from_config(model, cfg, val, synsets, out_dir=out_dir, modes=modes, row_prefix=prefix,
-                                  classifier=args.classifier, classifier_mode=args.classifier_mode, rpn_modes=rpn_modes)
+        report = test_from_config(
+            model,
+            cfg,
+            val,
+            synsets,
+            out_dir=out_dir,
+            modes=modes,
+            row_prefix=prefix,
+            classifier=args.classifier,
+            classifier_mode=args.classifier_mode,
+            rpn_modes=rpn_modes,
+        )
     except (ConfigError, FileNotFoundError, ValueError, KeyError) as exc:
         print(f"test_loc: error: {exc}", file=sys.stderr)
         return 2

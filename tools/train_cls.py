@@ -14,6 +14,7 @@ when there is none, --resume-from PATH continues an older <output_dir>/checkpoin
 options are refused on resume unless --allow-model-change. SIGINT / SIGTERM save last.pt and exit 130 / 143; a
 NaN / Inf loss or state exits 1 naming the last good checkpoint; a second run in the same folder exits 2.
 """
+
 from __future__ import annotations
 
 import argparse

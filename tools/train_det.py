@@ -9,6 +9,7 @@ when there is none, --resume-from PATH continues an older <output_dir>/checkpoin
 options are refused on resume unless --allow-model-change. SIGINT / SIGTERM save last.pt and exit 130 / 143; a
 NaN / Inf loss or state exits 1 naming the last good checkpoint; a second run in the same folder exits 2.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,8 +24,8 @@ except ImportError:  # running from a source checkout without `pip install -e .`
 from detres.config.load import load_config  # noqa: E402
 from detres.engine.det_trainer import train_detector  # noqa: E402
 from detres.engine.distributed import is_main_process  # noqa: E402
-from detres.engine.resume_args import add_resume_arguments, resume_kwargs  # noqa: E402
 from detres.engine.exit_status import run_training  # noqa: E402
+from detres.engine.resume_args import add_resume_arguments, resume_kwargs  # noqa: E402
 from detres.utils.atomic import dumps_json  # noqa: E402
 
 
@@ -35,13 +36,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="config overrides such as solver.max_iter=100")
     args = parser.parse_intermixed_args(argv)  # overrides may sit before or after the options
     status, metrics = run_training(
-        "train_det", lambda: train_detector(load_config(args.config, args.overrides), **resume_kwargs(args)))
+        "train_det", lambda: train_detector(load_config(args.config, args.overrides), **resume_kwargs(args))
+    )
     if status:
         return status
     if not is_main_process():
         return 0  # torchrun: rank 0 prints the summary
-    summary = {"COCO": metrics["coco"]["summary"], "VOC mAP": metrics["voc"]["mAP"],
-               "iterations": metrics["iterations"], "train_time_s": metrics["train_time_s"]}
+    summary = {
+        "COCO": metrics["coco"]["summary"],
+        "VOC mAP": metrics["voc"]["mAP"],
+        "iterations": metrics["iterations"],
+        "train_time_s": metrics["train_time_s"],
+    }
     print(dumps_json(summary))
     return 0
 

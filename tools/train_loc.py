@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Train the ImageNet-style localizer (Appendix C): tools/train_loc.py --config configs/loc/X.yaml [--stage rpn] [--resume] [key=value ...].
+"""Train the ImageNet-style localizer (Appendix C): tools/train_loc.py --config configs/loc/X.yaml [--stage rpn]
+[--resume] [key=value ...].
 
 Stage rpn: the per-class RPN on a train_cls backbone; writes <output_dir>/{config.yaml, metrics.jsonl, last.pt,
 model_final.pt, loss_curves.png, metrics.json, test/} and prints the Table-13-style report. Stage rcnn: the
@@ -12,6 +13,7 @@ NaN / Inf loss or state exits 1 naming the last good checkpoint; a second run in
 Both stages run data-parallel under torchrun (solver.images_per_batch / model.rcnn.regions_per_batch are the
 global batches, split over the processes; rank 0 writes the files and tests) and equal a one-process run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,11 +27,11 @@ except ImportError:  # running from a source checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from detres.config.load import ConfigError, load_config  # noqa: E402
+from detres.engine.distributed import is_main_process  # noqa: E402
+from detres.engine.exit_status import run_training  # noqa: E402
 from detres.engine.loc_eval import format_table  # noqa: E402
 from detres.engine.loc_trainer import STAGES, train_localizer  # noqa: E402
-from detres.engine.distributed import is_main_process  # noqa: E402
 from detres.engine.resume_args import add_resume_arguments, resume_kwargs  # noqa: E402
-from detres.engine.exit_status import run_training  # noqa: E402
 
 
 def _train(args: argparse.Namespace) -> dict:
@@ -42,7 +44,9 @@ def _train(args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML config (task: loc)")
-    parser.add_argument("--stage", default="rpn", choices=STAGES, help="rpn (default) or rcnn (needs model.rcnn.rpn_checkpoint)")
+    parser.add_argument(
+        "--stage", default="rpn", choices=STAGES, help="rpn (default) or rcnn (needs model.rcnn.rpn_checkpoint)"
+    )
     add_resume_arguments(parser)
     parser.add_argument("overrides", nargs="*", help="config overrides such as solver.max_iter=100")
     args = parser.parse_intermixed_args(argv)  # overrides may sit before or after the options

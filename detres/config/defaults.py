@@ -3,6 +3,7 @@
 A YAML config names its ``task`` and overrides only what differs; unknown keys are errors.
 Small-data configs (shapes world, CIFAR-10, BCCD) change sizes and schedules, never the algorithm.
 """
+
 from __future__ import annotations
 
 import copy

@@ -1,10 +1,12 @@
 """Load a YAML config over the defaults tree, apply key=value overrides, reject unknown keys."""
+
 from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import yaml
 

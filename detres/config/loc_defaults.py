@@ -1,4 +1,6 @@
-"""Default options of ``task: loc`` (ResNet paper, Appendix C: ImageNet localization), the paper's values where it gives them."""
+"""Default options of ``task: loc`` (ResNet paper, Appendix C: ImageNet localization), the paper's values where it gives
+them."""
+
 from __future__ import annotations
 
 LOC_DEFAULTS: dict = {

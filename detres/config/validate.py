@@ -1,9 +1,11 @@
 """Typed and ranged checks of config values, driven by one table of key -> rule, run when a config is loaded."""
+
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 __all__ = ["COMMON_RULES", "ConfigError", "Rule", "TASK_RULES", "check_device", "rules_for_task", "validate_config"]
 
@@ -28,11 +30,17 @@ class Rule:
         if self.choices is not None:
             text = "one of " + ", ".join(self.choices)
         else:
-            text = {"int": "an integer", "float": "a number", "str": "a non-empty string",
-                    "ints": "a list of integers"}[self.kind]
-            bounds = [f">= {self.minimum:g}" if self.minimum is not None else "",
-                      f"> {self.above:g}" if self.above is not None else "",
-                      f"<= {self.maximum:g}" if self.maximum is not None else ""]
+            text = {
+                "int": "an integer",
+                "float": "a number",
+                "str": "a non-empty string",
+                "ints": "a list of integers",
+            }[self.kind]
+            bounds = [
+                f">= {self.minimum:g}" if self.minimum is not None else "",
+                f"> {self.above:g}" if self.above is not None else "",
+                f"<= {self.maximum:g}" if self.maximum is not None else "",
+            ]
             bounds = [b for b in bounds if b]
             if bounds:
                 joined = " and ".join(bounds)
@@ -155,8 +163,11 @@ def _is_number(value: Any) -> bool:
 
 
 def _in_range(rule: Rule, value: float) -> bool:
-    return ((rule.minimum is None or value >= rule.minimum) and (rule.maximum is None or value <= rule.maximum)
-            and (rule.above is None or value > rule.above))
+    return (
+        (rule.minimum is None or value >= rule.minimum)
+        and (rule.maximum is None or value <= rule.maximum)
+        and (rule.above is None or value > rule.above)
+    )
 
 
 def check_value(rule: Rule, value: Any) -> bool:

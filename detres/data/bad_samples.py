@@ -1,4 +1,5 @@
 """The bad-sample policy (``data.on_bad_sample``): stop at the first bad sample, or drop, count and list them."""
+
 from __future__ import annotations
 
 import logging
@@ -37,7 +38,7 @@ class BadSamples:
         self.skipped: list[dict[str, str]] = []
 
     @classmethod
-    def from_config(cls, cfg: Any) -> "BadSamples":
+    def from_config(cls, cfg: Any) -> BadSamples:
         """The policy of ``cfg.data.on_bad_sample`` ("error" for configs written before the option)."""
         return cls(str(cfg.data.get("on_bad_sample", "error")))
 

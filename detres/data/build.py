@@ -1,4 +1,5 @@
 """Config → detection datasets (COCO JSON or PASCAL VOC folders) with the Faster R-CNN transforms."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -11,8 +12,9 @@ from detres.data.det_transforms import build_det_transforms
 from detres.data.voc import VocDetection
 
 
-def build_detection_dataset(cfg: Any, split: str, *, train: bool, class_names: list[str] | None = None,
-                            bad_samples: BadSamples | None = None) -> Dataset:
+def build_detection_dataset(
+    cfg: Any, split: str, *, train: bool, class_names: list[str] | None = None, bad_samples: BadSamples | None = None
+) -> Dataset:
     """The ``split`` ("train" or "val") set of ``cfg.data``; ``train`` picks augmentation and targets.
 
     COCO: ``<split>_images`` is the image folder and ``<split>_ann`` the instances JSON.
@@ -25,8 +27,13 @@ def build_detection_dataset(cfg: Any, split: str, *, train: bool, class_names: l
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     data, inp = cfg.data, cfg.input
     if train:
-        transforms = build_det_transforms(train=True, min_size=tuple(inp.min_size_train), max_size=inp.max_size_train,
-                                          flip_prob=inp.flip_prob, seed=cfg.seed)
+        transforms = build_det_transforms(
+            train=True,
+            min_size=tuple(inp.min_size_train),
+            max_size=inp.max_size_train,
+            flip_prob=inp.flip_prob,
+            seed=cfg.seed,
+        )
     else:
         transforms = build_det_transforms(train=False, min_size=inp.min_size_test, max_size=inp.max_size_test)
     images, ann = data[f"{split}_images"], data[f"{split}_ann"]
@@ -36,8 +43,9 @@ def build_detection_dataset(cfg: Any, split: str, *, train: bool, class_names: l
     if data.format == "voc":
         names = class_names or (list(data.class_names) if data.class_names else None)
         keep_difficult = (not train) or data.use_difficult_in_training
-        return VocDetection(images, ann, class_names=names, transforms=transforms, keep_difficult=keep_difficult,
-                            bad_samples=bad)
+        return VocDetection(
+            images, ann, class_names=names, transforms=transforms, keep_difficult=keep_difficult, bad_samples=bad
+        )
     raise ValueError(f"data.format must be 'coco' or 'voc', got {data.format!r}")
 
 

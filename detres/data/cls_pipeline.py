@@ -1,13 +1,16 @@
 """Config → classification input pipeline: training-set statistics and the train / test transforms."""
+
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
-from detres.data.cls_transforms import Normalize, build_eval_transform as _eval_transform
+from detres.data.cls_transforms import Normalize
+from detres.data.cls_transforms import build_eval_transform as _eval_transform
 from detres.data.cls_transforms import build_train_transform as _train_transform
 from detres.data.color_pca import ColorPCA, PCAColorNoise, compute_color_pca
 from detres.data.imagefolder import ImageFolderDataset, ImageListDataset
@@ -41,7 +44,7 @@ class ClsDataStats:
         return out
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ClsDataStats":
+    def from_dict(cls, data: dict[str, Any]) -> ClsDataStats:
         pixels = PixelStats(
             mean_image=np.asarray(data["mean_image"], dtype=np.float32),
             channel_mean=np.asarray(data["channel_mean"], dtype=np.float32),
@@ -50,13 +53,20 @@ class ClsDataStats:
         )
         pca = None
         if "pca_eigvals" in data:
-            pca = ColorPCA(eigvals=np.asarray(data["pca_eigvals"], dtype=np.float64),
-                           eigvecs=np.asarray(data["pca_eigvecs"], dtype=np.float64),
-                           value_scale=float(data["pca_value_scale"]))
+            pca = ColorPCA(
+                eigvals=np.asarray(data["pca_eigvals"], dtype=np.float64),
+                eigvecs=np.asarray(data["pca_eigvecs"], dtype=np.float64),
+                value_scale=float(data["pca_value_scale"]),
+            )
         fixed = data.get("fixed_mean")
         std = data.get("std")
-        return cls(pixels=pixels, color_pca=pca, mean_mode=str(data["mean_mode"]),
-                   fixed_mean=tuple(fixed) if fixed else None, std=tuple(std) if std else None)
+        return cls(
+            pixels=pixels,
+            color_pca=pca,
+            mean_mode=str(data["mean_mode"]),
+            fixed_mean=tuple(fixed) if fixed else None,
+            std=tuple(std) if std else None,
+        )
 
     def channel_mean(self) -> tuple[float, float, float]:
         """The per-channel RGB mean the model was trained with (what detection normalises with)."""
@@ -93,7 +103,9 @@ def compute_data_stats(image_paths: Sequence[str], cfg) -> ClsDataStats:
     if cfg.augment.color_pca:
         pca = compute_color_pca(image_paths, max_images=cfg.data.stats_max_images, seed=cfg.seed)
     return ClsDataStats(
-        pixels=pixels, color_pca=pca, mean_mode=cfg.data.mean_mode,
+        pixels=pixels,
+        color_pca=pca,
+        mean_mode=cfg.data.mean_mode,
         fixed_mean=tuple(cfg.data.mean) if cfg.data.mean is not None else None,
         std=tuple(cfg.data.std) if cfg.data.std is not None else None,
     )
@@ -105,8 +117,13 @@ def build_train_transform(cfg, stats: ClsDataStats):
     noise = None
     if aug.color_pca and stats.color_pca is not None:
         noise = PCAColorNoise.from_pca(stats.color_pca, alphastd=aug.pca_alphastd)
-    common = dict(normalize=stats.normalize(dense=False), crop=aug.crop, hflip_prob=0.5 if aug.flip else 0.0,
-                  color_noise=noise, seed=cfg.seed)
+    common = dict(
+        normalize=stats.normalize(dense=False),
+        crop=aug.crop,
+        hflip_prob=0.5 if aug.flip else 0.0,
+        color_noise=noise,
+        seed=cfg.seed,
+    )
     if aug.mode == "cifar":
         return _train_transform("cifar", pad=aug.cifar_pad, **common)
     return _train_transform("imagenet", scale_min=aug.scale_min, scale_max=aug.scale_max, **common)

@@ -14,7 +14,7 @@ the shared CIFAR ResNets: ``mean=IMAGENET_MEAN_RGB, std=IMAGENET_STD_RGB``).
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import cv2
 import numpy as np
@@ -79,7 +79,7 @@ def ten_crop(image: np.ndarray, size: int) -> np.ndarray:
     if h < size or w < size:
         raise ValueError(f"ten_crop: image {h}x{w} is smaller than the crop {size}x{size}")
     corners = [(0, 0), (0, w - size), (h - size, 0), (h - size, w - size), ((h - size) // 2, (w - size) // 2)]
-    crops = np.stack([image[t : t + size, l : l + size] for t, l in corners])
+    crops = np.stack([image[top : top + size, left : left + size] for top, left in corners])
     return np.concatenate([crops, crops[:, :, ::-1]], axis=0)
 
 

@@ -9,8 +9,9 @@ import math
 import os
 import warnings
 from collections import Counter
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -173,16 +174,21 @@ class CocoDetection(Dataset):
         """Annotations whose image_id names no image: a merge slip; nothing to train them on."""
         for ann in self.coco.dataset.get("annotations") or []:
             if isinstance(ann, dict) and ann.get("image_id") not in self.coco.imgs:
-                self.bad_samples.report(self.ann_file, f"annotation {ann.get('id')} has image_id "
-                                        f"{ann.get('image_id')!r}, which is not an id in 'images'")
+                self.bad_samples.report(
+                    self.ann_file,
+                    f"annotation {ann.get('id')} has image_id {ann.get('image_id')!r}, which is not an id in 'images'",
+                )
 
     def _image_entry_ok(self, img_id: int) -> bool:
         """False (after reporting it) for an image entry without a usable file name or size."""
         info = self.coco.imgs[img_id]
         name = info.get("file_name")
         if not isinstance(name, str) or not name.strip():
-            self.bad_samples.report(self.ann_file, f"image {img_id} has file_name {name!r}; expected the image's "
-                                    "path relative to the image folder", kind="image")
+            self.bad_samples.report(
+                self.ann_file,
+                f"image {img_id} has file_name {name!r}; expected the image's path relative to the image folder",
+                kind="image",
+            )
             return False
         try:
             self._hw_of(info)
@@ -319,8 +325,11 @@ class _BadAnnotation(ValueError):
 
 def _bbox_problem(bbox: Any, height: int, width: int, *, inside: bool = True) -> str | None:
     """Why a COCO ``[x, y, w, h]`` is malformed, or None. Zero width/height is degenerate, not malformed."""
-    if not isinstance(bbox, (list, tuple)) or len(bbox) != 4 or not all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox):
+    if (
+        not isinstance(bbox, (list, tuple))
+        or len(bbox) != 4
+        or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox)
+    ):
         return f"bbox {bbox!r}; expected [x, y, width, height] (4 numbers)"
     x, y, w, h = (float(v) for v in bbox)
     if not all(math.isfinite(v) for v in (x, y, w, h)):

@@ -11,8 +11,8 @@ must be fixed: with 0..255 eigenvalues the offsets would be ~100 grey levels.)
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -207,7 +207,7 @@ class PCAColorNoise:
         self.rng = WorkerSeededRNG(seed)
 
     @classmethod
-    def from_pca(cls, pca: ColorPCA, *, alphastd: float = 0.1, seed: int | None = None) -> "PCAColorNoise":
+    def from_pca(cls, pca: ColorPCA, *, alphastd: float = 0.1, seed: int | None = None) -> PCAColorNoise:
         return cls(pca.eigvals, pca.eigvecs, alphastd=alphastd, value_scale=pca.value_scale, seed=seed)
 
     def set_random_seed(self, seed: int) -> None:
@@ -228,4 +228,7 @@ class PCAColorNoise:
         return image.astype(np.float32) + offset
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(eigvals={self.eigvals.tolist()}, alphastd={self.alphastd}, value_scale={self.value_scale})"
+        return (
+            f"{type(self).__name__}(eigvals={self.eigvals.tolist()}, alphastd={self.alphastd}, "
+            f"value_scale={self.value_scale})"
+        )

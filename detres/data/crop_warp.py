@@ -1,7 +1,8 @@
 """R-CNN region crops: crop each box of an image and warp it to size x size pixels, and map warped boxes back."""
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -22,8 +23,9 @@ def _as_chw_float(image: np.ndarray | Tensor) -> Tensor:
         raise ValueError(f"crop_and_warp: expected a 3-d image, got shape {tuple(image.shape)}")
     image = image.permute(2, 0, 1) if hwc else image
     if image.shape[0] != 3:
-        raise ValueError(f"crop_and_warp: expected 3 channels ([H,W,3] uint8 or [3,H,W] float), "
-                         f"got {tuple(image.shape)}")
+        raise ValueError(
+            f"crop_and_warp: expected 3 channels ([H,W,3] uint8 or [3,H,W] float), got {tuple(image.shape)}"
+        )
     return image.to(torch.float32)
 
 
@@ -53,9 +55,16 @@ def context_boxes(rois: Tensor, size: int, context_padding: float = 0.0) -> Tens
     return torch.cat((centres - half, centres + half), dim=1)
 
 
-def crop_and_warp(image: np.ndarray | Tensor, boxes: Tensor, size: int = 224, context_padding: float = 0.0, *,
-                  pixel_mean: Sequence[float] | None = None, pixel_std: Sequence[float] | None = None,
-                  sampling_ratio: int = 0) -> Tensor:
+def crop_and_warp(
+    image: np.ndarray | Tensor,
+    boxes: Tensor,
+    size: int = 224,
+    context_padding: float = 0.0,
+    *,
+    pixel_mean: Sequence[float] | None = None,
+    pixel_std: Sequence[float] | None = None,
+    sampling_ratio: int = 0,
+) -> Tensor:
     """Crop ``boxes`` [N,4] (0-based continuous xyxy image pixels) and warp each to [3,size,size] -> [N,3,size,size].
 
     The image is first normalised ((x - pixel_mean) / pixel_std, per channel, when given). Warped pixel (i, j)
@@ -75,8 +84,9 @@ def crop_and_warp(image: np.ndarray | Tensor, boxes: Tensor, size: int = 224, co
     if windows.shape[0] == 0:
         return chw.new_zeros((0, 3, int(size), int(size)))
     rois = torch.cat((windows.new_zeros((windows.shape[0], 1)), windows), dim=1)
-    return roi_align(chw[None], rois, (int(size), int(size)), spatial_scale=1.0, sampling_ratio=int(sampling_ratio),
-                     aligned=True)
+    return roi_align(
+        chw[None], rois, (int(size), int(size)), spatial_scale=1.0, sampling_ratio=int(sampling_ratio), aligned=True
+    )
 
 
 def warped_to_image(boxes_in_crop: Tensor, rois: Tensor, size: int = 224, context_padding: float = 0.0) -> Tensor:

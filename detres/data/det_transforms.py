@@ -19,7 +19,8 @@ than half a pixel over the image, so ``boxes / scale`` is a close inverse and
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import albumentations as A
 import cv2

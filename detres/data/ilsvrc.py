@@ -5,6 +5,7 @@ Every ground-truth reader returns ``{image_id: [(label, (xmin, ymin, xmax, ymax)
 numbering) and boxes exactly as written: 1-based inclusive pixels. A wnid that is not in the
 synset list is an error naming the file (and line), never a silently dropped object.
 """
+
 from __future__ import annotations
 
 import csv
@@ -16,7 +17,11 @@ from typing import Any
 from detres.data.voc_xml import parse_voc_xml
 
 __all__ = [
-    "read_blacklist", "read_image_set", "read_loc_solution_csv", "read_loc_xml_folder", "read_synsets",
+    "read_blacklist",
+    "read_image_set",
+    "read_loc_solution_csv",
+    "read_loc_xml_folder",
+    "read_synsets",
     "synset_labels",
 ]
 

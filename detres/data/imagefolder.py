@@ -6,8 +6,9 @@ from __future__ import annotations
 import os
 import warnings
 from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from torch.utils.data import Dataset
@@ -158,7 +159,7 @@ class ImageFolderDataset(_LabelledImages):
         if class_to_idx is None:
             return {name: i for i, name in enumerate(wanted)}
         mapping = {str(name): int(label) for name, label in class_to_idx.items()}
-        bad = {n: l for n, l in mapping.items() if l < 0}
+        bad = {name: label for name, label in mapping.items() if label < 0}
         if bad:
             raise ValueError(f"class_to_idx: labels must be >= 0, got {bad}")
         if len(set(mapping.values())) != len(mapping):

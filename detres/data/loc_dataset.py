@@ -5,13 +5,15 @@ Every reader gives :class:`LocRecord` s with boxes in detres's in-memory convent
 0-based inclusive one is ``(x0, y0, x1 + 1, y1 + 1)``) and labels 1..K in synset-list order.
 :class:`LocDataset` turns them into samples {image, boxes, labels, image_id, orig_size (h, w)}.
 """
+
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,8 +24,14 @@ from detres.data.image_io import read_image_rgb
 from detres.data.tiny_imagenet import parse_tiny_box, read_tiny_imagenet_val
 
 __all__ = [
-    "LocDataset", "LocRecord", "devkit_ground_truth", "read_ilsvrc_loc", "read_tiny_imagenet_train",
-    "collate_loc", "read_tiny_imagenet_val_records", "tiny_imagenet_synsets",
+    "LocDataset",
+    "LocRecord",
+    "devkit_ground_truth",
+    "read_ilsvrc_loc",
+    "read_tiny_imagenet_train",
+    "collate_loc",
+    "read_tiny_imagenet_val_records",
+    "tiny_imagenet_synsets",
 ]
 
 log = logging.getLogger(__name__)
@@ -45,9 +53,14 @@ def _image_path(folder: Path, image_id: str) -> Path:
     raise FileNotFoundError(f"image of {image_id!r} not found in {folder} (tried {', '.join(IMAGE_EXTENSIONS)})")
 
 
-def read_ilsvrc_loc(root: str | os.PathLike, split: str, synsets: list[str] | None = None, *,
-                    synsets_file: str | os.PathLike | None = None,
-                    bad_samples: BadSamples | None = None) -> tuple[list[LocRecord], list[str]]:
+def read_ilsvrc_loc(
+    root: str | os.PathLike,
+    split: str,
+    synsets: list[str] | None = None,
+    *,
+    synsets_file: str | os.PathLike | None = None,
+    bad_samples: BadSamples | None = None,
+) -> tuple[list[LocRecord], list[str]]:
     """``root/Annotations/<split>/**/*.xml`` + ``root/Data/<split>/<same sub-folder>/<id>.*`` -> (records sorted by
     path, synsets). ``split`` may be nested (ILSVRC's ``CLS-LOC/train``, whose XML sit in one folder per wnid).
     Synsets: ``synsets``, else ``synsets_file``, else ``root/LOC_synset_mapping.txt``. With ``bad_samples`` a
@@ -76,8 +89,14 @@ def read_ilsvrc_loc(root: str | os.PathLike, split: str, synsets: list[str] | No
                     raise
                 bad_samples.report(images / i, str(exc), kind="missing image")
                 continue
-            records.append(LocRecord(i, str(path), tuple((b[0] - 1.0, b[1] - 1.0, float(b[2]), float(b[3]))
-                                                         for _, b in gt[i]), tuple(int(lab) for lab, _ in gt[i])))
+            records.append(
+                LocRecord(
+                    i,
+                    str(path),
+                    tuple((b[0] - 1.0, b[1] - 1.0, float(b[2]), float(b[3])) for _, b in gt[i]),
+                    tuple(int(lab) for lab, _ in gt[i]),
+                )
+            )
     return records, list(synsets)
 
 
@@ -91,8 +110,13 @@ def tiny_imagenet_synsets(root: str | os.PathLike) -> list[str]:
     trained = [w for w in listed if (root / "train" / w).is_dir()]
     missing = [w for w in listed if w not in trained]
     if missing:
-        log.warning("Tiny-ImageNet: %d of %d wnids in %s have no training images and are not classes of the "
-                    "localizer: %s", len(missing), len(listed), root / "wnids.txt", ", ".join(missing))
+        log.warning(
+            "Tiny-ImageNet: %d of %d wnids in %s have no training images and are not classes of the localizer: %s",
+            len(missing),
+            len(listed),
+            root / "wnids.txt",
+            ", ".join(missing),
+        )
     if not trained:
         raise ValueError(f"{root}: no wnid of wnids.txt has a train/<wnid> folder")
     return trained
@@ -104,8 +128,9 @@ def _tiny_box(fields: list[str], where: str) -> tuple[float, float, float, float
     return float(x0 - 1), float(y0 - 1), float(x1), float(y1)
 
 
-def read_tiny_imagenet_train(root: str | os.PathLike, synsets: list[str], *,
-                             bad_samples: BadSamples | None = None) -> list[LocRecord]:
+def read_tiny_imagenet_train(
+    root: str | os.PathLike, synsets: list[str], *, bad_samples: BadSamples | None = None
+) -> list[LocRecord]:
     """``train/<wnid>/<wnid>_boxes.txt`` (``<file> x0 y0 x1 y1``, 0-based inclusive) for every wnid of ``synsets``.
 
     A malformed line is an error naming ``file:line``, or, with ``bad_samples``, reported there (an error under
@@ -129,8 +154,9 @@ def read_tiny_imagenet_train(root: str | os.PathLike, synsets: list[str], *,
                     raise
                 bad_samples.report(f"{path}:{number}", str(exc).removeprefix(f"{path}:{number}: "))
                 continue
-            records.append(LocRecord(Path(fields[0]).stem, str(root / "train" / wnid / "images" / fields[0]),
-                                     (box,), (label,)))
+            records.append(
+                LocRecord(Path(fields[0]).stem, str(root / "train" / wnid / "images" / fields[0]), (box,), (label,))
+            )
     return records
 
 
@@ -139,19 +165,30 @@ def read_tiny_imagenet_val_records(root: str | os.PathLike, synsets: list[str]) 
     root = Path(root)
     val = read_tiny_imagenet_val(root / "val" / "val_annotations.txt", synsets, unknown="skip")
     if val.skipped:
-        log.warning("Tiny-ImageNet val: skipped %d images of %d wnids without training images (%s); %d images kept",
-                    sum(val.skipped.values()), len(val.skipped),
-                    ", ".join(f"{w}: {n}" for w, n in sorted(val.skipped.items())), len(val.image_ids))
+        log.warning(
+            "Tiny-ImageNet val: skipped %d images of %d wnids without training images (%s); %d images kept",
+            sum(val.skipped.values()),
+            len(val.skipped),
+            ", ".join(f"{w}: {n}" for w, n in sorted(val.skipped.items())),
+            len(val.image_ids),
+        )
     images = root / "val" / "images"
-    return [LocRecord(i, str(_image_path(images, i)),
-                      tuple((b[0] - 1.0, b[1] - 1.0, float(b[2]), float(b[3])) for _, b in val.ground_truth[i]),
-                      tuple(int(lab) for lab, _ in val.ground_truth[i])) for i in val.image_ids]
+    return [
+        LocRecord(
+            i,
+            str(_image_path(images, i)),
+            tuple((b[0] - 1.0, b[1] - 1.0, float(b[2]), float(b[3])) for _, b in val.ground_truth[i]),
+            tuple(int(lab) for lab, _ in val.ground_truth[i]),
+        )
+        for i in val.image_ids
+    ]
 
 
 def devkit_ground_truth(records: list[LocRecord]) -> dict[str, list[tuple[int, tuple[float, float, float, float]]]]:
     """Ground truth in the metric's convention: 1-based inclusive boxes ``(x0 + 1, y0 + 1, x1, y1)``."""
-    return {r.image_id: [(lab, (b[0] + 1.0, b[1] + 1.0, b[2], b[3])) for lab, b in zip(r.labels, r.boxes)]
-            for r in records}
+    return {
+        r.image_id: [(lab, (b[0] + 1.0, b[1] + 1.0, b[2], b[3])) for lab, b in zip(r.labels, r.boxes)] for r in records
+    }
 
 
 class LocDataset(torch.utils.data.Dataset):
@@ -162,8 +199,14 @@ class LocDataset(torch.utils.data.Dataset):
     and the original boxes).
     """
 
-    def __init__(self, records: list[LocRecord], synsets: list[str], *, transform: Callable | None = None,
-                 view_transform: Callable | None = None) -> None:
+    def __init__(
+        self,
+        records: list[LocRecord],
+        synsets: list[str],
+        *,
+        transform: Callable | None = None,
+        view_transform: Callable | None = None,
+    ) -> None:
         if transform is not None and view_transform is not None:
             raise ValueError("LocDataset: give transform (training) or view_transform (testing), not both")
         self.records, self.synsets = list(records), list(synsets)
@@ -183,8 +226,11 @@ class LocDataset(torch.utils.data.Dataset):
             image, boxes, labels = self.transform(image, boxes, labels)
         if self.view_transform is not None:
             image, sample["view"] = self.view_transform(image)
-        sample.update(image=torch.from_numpy(np.ascontiguousarray(np.asarray(image, np.float32).transpose(2, 0, 1))),
-                      boxes=torch.from_numpy(boxes), labels=torch.from_numpy(labels))
+        sample.update(
+            image=torch.from_numpy(np.ascontiguousarray(np.asarray(image, np.float32).transpose(2, 0, 1))),
+            boxes=torch.from_numpy(boxes),
+            labels=torch.from_numpy(labels),
+        )
         return sample
 
 
@@ -198,6 +244,10 @@ def collate_loc(batch: list[dict[str, Any]]) -> dict[str, Any]:
     for target, sample in zip(targets, batch):
         if sample.get("seed") is not None:
             target["seed"] = int(sample["seed"])
-    return {"images": torch.stack(images) if same else images, "targets": targets,
-            "image_ids": [s["image_id"] for s in batch], "orig_sizes": [s["orig_size"] for s in batch],
-            "views": [s.get("view") for s in batch]}
+    return {
+        "images": torch.stack(images) if same else images,
+        "targets": targets,
+        "image_ids": [s["image_id"] for s in batch],
+        "orig_sizes": [s["orig_size"] for s in batch],
+        "views": [s.get("view") for s in batch],
+    }

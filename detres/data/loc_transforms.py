@@ -1,9 +1,11 @@
-"""Localization transforms (ResNet paper, Appendix C): classification scale augmentation with boxes, 1-crop and dense test views.
+"""Localization transforms (ResNet paper, Appendix C): classification scale augmentation with boxes, 1-crop and dense
+test views.
 
 Boxes are 0-based continuous ``xyxy`` in pixels. Resizing maps ``x -> x * new_w / w`` (pixel
 corners, the convention of cv2's half-pixel-centred resize), so mapping back divides by the same
 factors and is exact up to float rounding.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -35,24 +37,33 @@ class LocTrainTransform:
     normalisation is the model's (its pixel mean comes from the backbone checkpoint).
     """
 
-    def __init__(self, *, scale_min: int, scale_max: int, crop: int, hflip_prob: float = 0.5,
-                 seed: int | None = None) -> None:
+    def __init__(
+        self, *, scale_min: int, scale_max: int, crop: int, hflip_prob: float = 0.5, seed: int | None = None
+    ) -> None:
         # The per-channel mean here is a placeholder: only the geometry of this transform is used.
-        self.geometry = ScaleAugmentTrainTransform(normalize=Normalize(mean=(0.0, 0.0, 0.0)), scale_min=scale_min,
-                                                   scale_max=scale_max, crop=crop, hflip_prob=hflip_prob, seed=seed)
+        self.geometry = ScaleAugmentTrainTransform(
+            normalize=Normalize(mean=(0.0, 0.0, 0.0)),
+            scale_min=scale_min,
+            scale_max=scale_max,
+            crop=crop,
+            hflip_prob=hflip_prob,
+            seed=seed,
+        )
         self.crop = int(crop)
 
     def set_random_seed(self, seed: int) -> None:
         self.geometry.set_random_seed(seed)
 
-    def __call__(self, image: np.ndarray, boxes: np.ndarray, labels: np.ndarray
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def __call__(
+        self, image: np.ndarray, boxes: np.ndarray, labels: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         h, w = image.shape[:2]
         params = self.geometry.sample_params(h, w)
         out = self.geometry.crop_and_flip(image, **params)
         new_h, new_w = shorter_side_size(h, w, params["scale"])  # the size crop_and_flip resized to
         boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4) * np.array(
-            [new_w / w, new_h / h, new_w / w, new_h / h], dtype=np.float32)
+            [new_w / w, new_h / h, new_w / w, new_h / h], dtype=np.float32
+        )
         boxes -= np.array([params["left"], params["top"], params["left"], params["top"]], dtype=np.float32)
         boxes, labels = clip_and_keep(boxes, labels, self.crop, self.crop)
         if params["flip"]:
@@ -98,5 +109,5 @@ class LocTestTransform:
         top = left = 0
         if self.mode == "1crop":
             top, left = (new_h - self.crop) // 2, (new_w - self.crop) // 2  # as cls_transforms.center_crop
-            resized = resized[top: top + self.crop, left: left + self.crop]
+            resized = resized[top : top + self.crop, left : left + self.crop]
         return np.ascontiguousarray(resized, dtype=np.float32), LocView(new_w / w, new_h / h, left, top)

@@ -9,8 +9,8 @@ accumulated in float64 one image at a time, so memory does not grow with the dat
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import numpy as np
 

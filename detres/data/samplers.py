@@ -4,13 +4,19 @@ their data-parallel split (each rank takes a disjoint slice of every global batc
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 from torch.utils.data import Sampler
 
-__all__ = ["compute_aspect_ratio_groups", "AspectRatioGroupedBatchSampler", "InfiniteSampler", "RankSlicedBatchSampler",
-           "rank_share"]
+__all__ = [
+    "compute_aspect_ratio_groups",
+    "AspectRatioGroupedBatchSampler",
+    "InfiniteSampler",
+    "RankSlicedBatchSampler",
+    "rank_share",
+]
 
 
 def compute_aspect_ratio_groups(dataset: Any) -> list[int]:
@@ -168,12 +174,15 @@ class InfiniteSampler(Sampler[int]):
 
 
 def rank_share(batch: Sequence[Any], rank: int, world_size: int) -> list[Any]:
-    """Slice ``rank`` of ``world_size`` equal, contiguous slices of a global ``batch`` (an error if it does not split)."""
+    """Slice ``rank`` of ``world_size`` equal, contiguous slices of a global ``batch`` (an error if it does not
+    split)."""
     if len(batch) % world_size:
-        raise ValueError(f"a global batch of {len(batch)} does not split over {world_size} processes: the batch "
-                         f"size must be a multiple of the world size")
+        raise ValueError(
+            f"a global batch of {len(batch)} does not split over {world_size} processes: the batch "
+            f"size must be a multiple of the world size"
+        )
     share = len(batch) // world_size
-    return list(batch[rank * share:(rank + 1) * share])
+    return list(batch[rank * share : (rank + 1) * share])
 
 
 class RankSlicedBatchSampler(Sampler[list[int]]):

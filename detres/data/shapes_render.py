@@ -10,11 +10,28 @@ import numpy as np
 # Alphabetical, so that ImageFolder's sorted-folder labels (0..K-1) equal ``CATEGORIES`` indices and
 # the detection label of category ``CATEGORIES[l - 1]`` is ``l`` (COCO category id ``l``).
 CATEGORIES: tuple[str, ...] = (
-    "circle", "cross", "diamond", "ellipse", "heart", "hexagon", "ring", "square", "star", "triangle",
+    "circle",
+    "cross",
+    "diamond",
+    "ellipse",
+    "heart",
+    "hexagon",
+    "ring",
+    "square",
+    "star",
+    "triangle",
 )
 # Texture of each category (same order); shape and texture both identify the class.
 TEXTURES: tuple[str, ...] = (
-    "solid", "diagonal_stripes", "gradient", "concentric", "outline", "grid", "speckle", "checker", "dots",
+    "solid",
+    "diagonal_stripes",
+    "gradient",
+    "concentric",
+    "outline",
+    "grid",
+    "speckle",
+    "checker",
+    "dots",
     "stripes",
 )
 # WordNet-like ids for the ILSVRC-style files ("n" + 8 digits, like n01440764).
@@ -58,8 +75,9 @@ def _polygon_vertices(name: str, rng: np.random.Generator, radius: float) -> np.
         return np.array([[0.0, -r], [0.55 * r, 0.0], [0.0, r], [-0.55 * r, 0.0]])
     if name == "cross":
         a = 0.3 * r
-        return np.array([[-a, -r], [a, -r], [a, -a], [r, -a], [r, a], [a, a], [a, r], [-a, r], [-a, a],
-                         [-r, a], [-r, -a], [-a, -a]])
+        return np.array(
+            [[-a, -r], [a, -r], [a, -a], [r, -a], [r, a], [a, a], [a, r], [-a, r], [-a, a], [-r, a], [-r, -a], [-a, -a]]
+        )
     if name == "heart":
         t = np.linspace(0.0, 2.0 * np.pi, 48, endpoint=False)
         x = 16.0 * np.sin(t) ** 3
@@ -113,7 +131,7 @@ def _texture(name: str, rng: np.random.Generator, mask: np.ndarray, radius: floa
         return (((u + v) / (1.41 * period)) % 1.0 < 0.5).astype(np.float32)
     if name == "dots":
         fu, fv = (u / period) % 1.0 - 0.5, (v / period) % 1.0 - 0.5
-        return (fu * fu + fv * fv < 0.32 ** 2).astype(np.float32)
+        return (fu * fu + fv * fv < 0.32**2).astype(np.float32)
     if name == "grid":
         return (((u / period) % 1.0 < 0.3) | ((v / period) % 1.0 < 0.3)).astype(np.float32)
     if name == "concentric":

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import cv2
 import numpy as np
@@ -24,7 +25,6 @@ class Scene(NamedTuple):
     masks: np.ndarray  # bool [N, H, W], visible pixels of each object (disjoint)
     difficult: np.ndarray  # bool [N]
     truncated: np.ndarray  # bool [N], part of the object lies outside the image
-
 
 
 def render_background(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
@@ -104,7 +104,7 @@ def compose_scene(
             ix0, iy0, ix1, iy1 = max(x0, 0), max(y0, 0), min(x0 + w, width), min(y0 + h, height)
             if ix1 <= ix0 or iy1 <= iy0:
                 continue
-            local = mask[iy0 - y0:iy1 - y0, ix0 - x0:ix1 - x0]
+            local = mask[iy0 - y0 : iy1 - y0, ix0 - x0 : ix1 - x0]
             if int(local.sum()) < min_pixels:
                 continue
             new = np.zeros((height, width), bool)
@@ -114,15 +114,17 @@ def compose_scene(
             for k in range(len(kept_labels)):
                 current = owner == k + 1
                 remaining = current & ~new
-                if (remaining.sum() < max(min_pixels, min_kept_fraction * current.sum())
-                        or _iou(new_box, _tight_box(current)) > max_iou):
+                if (
+                    remaining.sum() < max(min_pixels, min_kept_fraction * current.sum())
+                    or _iou(new_box, _tight_box(current)) > max_iou
+                ):
                     ok = False
                     break
             if not ok:
                 continue
             kept_labels.append(int(label))
             owner[new] = len(kept_labels)
-            image[iy0:iy1, ix0:ix1][local] = patch[iy0 - y0:iy1 - y0, ix0 - x0:ix1 - x0][local]
+            image[iy0:iy1, ix0:ix1][local] = patch[iy0 - y0 : iy1 - y0, ix0 - x0 : ix1 - x0][local]
             full_pixels.append(int(mask.sum()))
             truncated.append(bool(local.sum() < mask.sum()))
             break
@@ -136,14 +138,16 @@ def compose_scene(
     visible_fraction = np.array([m.sum() / f for m, f in zip(masks, full_pixels)], np.float64)
     sides = np.minimum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
     difficult = (sides < DIFFICULT_MIN_SIDE) | (visible_fraction < DIFFICULT_MIN_VISIBLE_FRACTION)
-    return Scene(image, boxes, np.array(kept_labels, np.int64), masks, difficult.astype(bool),
-                 np.array(truncated, bool))
+    return Scene(
+        image, boxes, np.array(kept_labels, np.int64), masks, difficult.astype(bool), np.array(truncated, bool)
+    )
 
 
 def check_size_range(name: str, size_range: Sequence[int]) -> tuple[int, int]:
     """Validated ``(min_px, max_px)`` image side range; ``name`` is the argument named in the error."""
-    if (len(size_range) != 2 or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-                                        for v in size_range)):
+    if len(size_range) != 2 or not all(
+        isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in size_range
+    ):
         raise ValueError(f"{name}: expected (min_px, max_px) integers, got {size_range!r}")
     lo, hi = int(size_range[0]), int(size_range[1])
     if not 32 <= lo <= hi <= 4096:

@@ -9,8 +9,9 @@ from __future__ import annotations
 import json
 import os
 import xml.etree.ElementTree as ET
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import cv2
 import numpy as np
@@ -115,8 +116,9 @@ def write_cls_task(root: Path, seed: int, counts: dict[str, int], size_range: tu
             folder = root / "cls" / split / name
             folder.mkdir(parents=True, exist_ok=True)
             for i in range(n):
-                scene = render_classification_image(image_rng(seed, "cls", split, label, i), label,
-                                                    size_range=size_range)
+                scene = render_classification_image(
+                    image_rng(seed, "cls", split, label, i), label, size_range=size_range
+                )
                 _write_file(folder / f"{name}_{i:05d}.png", _png_bytes(scene.image))
 
 
@@ -124,8 +126,13 @@ def write_det_task(root: Path, seed: int, counts: dict[str, int], size_range: tu
     """``<root>/det``: images + COCO ``instances_<split>.json`` and the same boxes as a PASCAL VOC tree."""
     det = root / "det"
     voc = det / "voc"
-    for sub in (det / "images", det / "annotations", voc / "Annotations", voc / "JPEGImages",
-                voc / "ImageSets" / "Main"):
+    for sub in (
+        det / "images",
+        det / "annotations",
+        voc / "Annotations",
+        voc / "JPEGImages",
+        voc / "ImageSets" / "Main",
+    ):
         sub.mkdir(parents=True, exist_ok=True)
     image_id, ann_id = 0, 0
     stems: dict[str, list[str]] = {}
@@ -144,23 +151,36 @@ def write_det_task(root: Path, seed: int, counts: dict[str, int], size_range: tu
             for box, label, mask in zip(scene.boxes, scene.labels, scene.masks):
                 ann_id += 1
                 x1, y1, x2, y2 = (float(v) for v in box)
-                annotations.append({
-                    "id": ann_id, "image_id": image_id, "category_id": int(label),
-                    "bbox": [x1, y1, x2 - x1, y2 - y1], "area": float(mask.sum()), "iscrowd": 0,
-                    "segmentation": _coco_polygons(mask, box),
-                })
-            _write_file(voc / "Annotations" / f"{stem}.xml",
-                        _xml_text("voc", file_name, scene, CATEGORIES, "detres shapes world").encode("utf-8"))
+                annotations.append(
+                    {
+                        "id": ann_id,
+                        "image_id": image_id,
+                        "category_id": int(label),
+                        "bbox": [x1, y1, x2 - x1, y2 - y1],
+                        "area": float(mask.sum()),
+                        "iscrowd": 0,
+                        "segmentation": _coco_polygons(mask, box),
+                    }
+                )
+            _write_file(
+                voc / "Annotations" / f"{stem}.xml",
+                _xml_text("voc", file_name, scene, CATEGORIES, "detres shapes world").encode("utf-8"),
+            )
             stems[split].append(stem)
         coco = {
             "info": {"description": f"detres shapes world detection ({split})", "version": str(GENERATOR_VERSION)},
-            "licenses": [], "images": images, "annotations": annotations, "categories": _coco_categories(),
+            "licenses": [],
+            "images": images,
+            "annotations": annotations,
+            "categories": _coco_categories(),
         }
         atomic_write_text(det / "annotations" / f"instances_{split}.json", json_text(coco))
     for split in counts:
         atomic_write_text(voc / "ImageSets" / "Main" / f"{split}.txt", "".join(s + "\n" for s in stems[split]))
-    atomic_write_text(voc / "ImageSets" / "Main" / "trainval.txt",
-                      "".join(s + "\n" for split in ("train", "val") for s in stems.get(split, [])))
+    atomic_write_text(
+        voc / "ImageSets" / "Main" / "trainval.txt",
+        "".join(s + "\n" for split in ("train", "val") for s in stems.get(split, [])),
+    )
 
 
 def write_loc_task(root: Path, seed: int, counts: dict[str, int], size_range: tuple[int, int]) -> None:
@@ -179,10 +199,13 @@ def write_loc_task(root: Path, seed: int, counts: dict[str, int], size_range: tu
             stem = f"{wnid}_{i + 1}" if split == "train" else f"SHAPES_{split}_{i + 1:08d}"
             file_name = f"{stem}.png"
             _write_file(loc / "Data" / split / file_name, _png_bytes(scene.image))
-            _write_file(loc / "Annotations" / split / f"{stem}.xml",
-                        _xml_text(split, file_name, scene, WNIDS, "detres shapes world (ILSVRC style)").encode("utf-8"))
+            _write_file(
+                loc / "Annotations" / split / f"{stem}.xml",
+                _xml_text(split, file_name, scene, WNIDS, "detres shapes world (ILSVRC style)").encode("utf-8"),
+            )
             preds = " ".join(f"{wnid} {' '.join(str(v) for v in _voc_box(b))}" for b in scene.boxes)
             rows.append(f"{stem},{preds}\n")
         atomic_write_text(loc / f"LOC_{split}_solution.csv", "ImageId,PredictionString\n" + "".join(rows))
-    atomic_write_text(loc / "LOC_synset_mapping.txt",
-                      "".join(f"{wnid} {name}\n" for wnid, name in zip(WNIDS, CATEGORIES)))
+    atomic_write_text(
+        loc / "LOC_synset_mapping.txt", "".join(f"{wnid} {name}\n" for wnid, name in zip(WNIDS, CATEGORIES))
+    )

@@ -1,4 +1,5 @@
 """The first images of a detection dataset as a dataset the detection evaluation accepts (Subset + metadata)."""
+
 from __future__ import annotations
 
 from typing import Any

@@ -50,6 +50,7 @@ from detres.data.shapes_scene import (
     render_localization_image,
 )
 from detres.data.shapes_writers import GENERATOR_VERSION, image_rng, json_text
+
 # Bound as module globals so that generate_shapes_world looks them up here (tests patch them).
 from detres.data.shapes_writers import write_cls_task as _generate_cls
 from detres.data.shapes_writers import write_det_task as _generate_det
@@ -57,10 +58,25 @@ from detres.data.shapes_writers import write_loc_task as _generate_loc
 from detres.utils.atomic import atomic_write_text
 
 __all__ = [
-    "CATEGORIES", "DIFFICULT_MIN_SIDE", "DIFFICULT_MIN_VISIBLE_FRACTION", "GENERATOR_VERSION", "MARKER_NAME",
-    "SMALL_COUNTS", "Scene", "TEXTURES", "WNIDS", "compose_scene", "generate_shapes_world", "image_rng",
-    "render_background", "render_classification_image", "render_detection_image", "render_localization_image",
-    "render_object", "shapes_world_paths", "summarize_shapes_world",
+    "CATEGORIES",
+    "DIFFICULT_MIN_SIDE",
+    "DIFFICULT_MIN_VISIBLE_FRACTION",
+    "GENERATOR_VERSION",
+    "MARKER_NAME",
+    "SMALL_COUNTS",
+    "Scene",
+    "TEXTURES",
+    "WNIDS",
+    "compose_scene",
+    "generate_shapes_world",
+    "image_rng",
+    "render_background",
+    "render_classification_image",
+    "render_detection_image",
+    "render_localization_image",
+    "render_object",
+    "shapes_world_paths",
+    "summarize_shapes_world",
 ]
 
 MARKER_NAME = ".shapes_world.json"
@@ -68,10 +84,13 @@ _OWNED_SUBDIRS = ("cls", "det", "loc")
 
 # Counts for ``--small`` / quick experiments (the function defaults are the README demo sizes).
 SMALL_COUNTS: dict[str, int] = dict(
-    num_cls_train_per_class=10, num_cls_val_per_class=4, num_det_train=40, num_det_val=16,
-    num_loc_train=30, num_loc_val=10,
+    num_cls_train_per_class=10,
+    num_cls_val_per_class=4,
+    num_det_train=40,
+    num_det_val=16,
+    num_loc_train=30,
+    num_loc_val=10,
 )
-
 
 
 def _check_count(name: str, value: int) -> int:
@@ -151,14 +170,19 @@ def generate_shapes_world(
     if root.exists() and not root.is_dir():
         raise NotADirectoryError(f"shapes world root {root} exists and is not a directory")
     marker = _read_marker(paths["marker"])
-    if marker is not None and marker.get("status") == "complete" and marker.get("params") == params \
-            and marker.get("version") == GENERATOR_VERSION:
+    if (
+        marker is not None
+        and marker.get("status") == "complete"
+        and marker.get("params") == params
+        and marker.get("version") == GENERATOR_VERSION
+    ):
         return paths
     owned = [root / d for d in _OWNED_SUBDIRS]
     if marker is None and any(p.exists() for p in owned):
         raise FileExistsError(
             f"{root} already has {', '.join(p.name for p in owned if p.exists())}/ but no {MARKER_NAME}; "
-            "it was not written by generate_shapes_world, refusing to overwrite (choose an empty folder)")
+            "it was not written by generate_shapes_world, refusing to overwrite (choose an empty folder)"
+        )
     for p in owned:
         if p.exists():
             shutil.rmtree(p)
@@ -166,8 +190,12 @@ def generate_shapes_world(
     atomic_write_text(paths["marker"], json_text({**header, "status": "incomplete"}))
 
     p = params
-    _generate_cls(root, p["seed"], {"train": p["num_cls_train_per_class"], "val": p["num_cls_val_per_class"]},
-                  tuple(p["cls_size"]))
+    _generate_cls(
+        root,
+        p["seed"],
+        {"train": p["num_cls_train_per_class"], "val": p["num_cls_val_per_class"]},
+        tuple(p["cls_size"]),
+    )
     _generate_det(root, p["seed"], {"train": p["num_det_train"], "val": p["num_det_val"]}, tuple(p["det_size"]))
     _generate_loc(root, p["seed"], {"train": p["num_loc_train"], "val": p["num_loc_val"]}, tuple(p["loc_size"]))
     atomic_write_text(paths["marker"], json_text({**header, "status": "complete"}))

@@ -12,6 +12,7 @@ own ``wnids.txt`` every image is kept: in ``../shared/data/tiny_imagenet_loc`` t
 wnids, two of which (n02480855, n10148035) have validation images but no training images, so a
 model trained on ``train/`` cannot get them right; they are scored, not hidden.
 """
+
 from __future__ import annotations
 
 import os

@@ -1,17 +1,25 @@
 """Up-front checks of training and validation data, before the first iteration: every image file exists and its
 header reads (no decoding), declared sizes match, the training set has boxes; bad samples follow the policy."""
+
 from __future__ import annotations
 
 import logging
 import os
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from detres.data.bad_samples import BadSamples, write_skipped
 
-__all__ = ["check_cls_sets", "check_detection_sets", "check_image_files", "check_loc_records", "check_loc_sets",
-           "image_problem"]
+__all__ = [
+    "check_cls_sets",
+    "check_detection_sets",
+    "check_image_files",
+    "check_loc_records",
+    "check_loc_sets",
+    "image_problem",
+]
 
 log = logging.getLogger(__name__)
 PROGRESS_MIN_IMAGES = 2000  # a progress bar only where the check takes noticeable time
@@ -35,13 +43,19 @@ def image_problem(path: str | os.PathLike, declared_hw: tuple[int, int] | None =
     except (OSError, ValueError) as exc:
         return "unreadable image", f"image header cannot be read ({' '.join(str(exc).split())})"
     if declared_hw is not None and (height, width) != tuple(declared_hw):
-        return "size mismatch", (f"image is {width}x{height} (WxH) but its annotation declares "
-                                 f"{declared_hw[1]}x{declared_hw[0]}")
+        return "size mismatch", (
+            f"image is {width}x{height} (WxH) but its annotation declares {declared_hw[1]}x{declared_hw[0]}"
+        )
     return None
 
 
-def check_image_files(paths: Sequence[str | os.PathLike], bad: BadSamples, *,
-                      declared_hw: Sequence[tuple[int, int] | None] | None = None, what: str = "images") -> list[int]:
+def check_image_files(
+    paths: Sequence[str | os.PathLike],
+    bad: BadSamples,
+    *,
+    declared_hw: Sequence[tuple[int, int] | None] | None = None,
+    what: str = "images",
+) -> list[int]:
     """Indices of ``paths`` whose image is usable; each other one is reported to ``bad`` (which raises under
     "error", naming the file)."""
     from tqdm import tqdm
@@ -89,14 +103,18 @@ def check_detection_sets(train_set: Any, val_set: Any, cfg: Any, out_dir: str | 
         raise ValueError(f"data.train_ann {data.train_ann}: the training set has no usable images")
     trained = _classes_with_boxes(train_set)
     if not trained:
-        raise ValueError(f"data.train_ann {data.train_ann}: the training set has {len(train_set)} images but no "
-                         "boxes (all missing, crowd, difficult or dropped); a detector cannot learn from it")
+        raise ValueError(
+            f"data.train_ann {data.train_ann}: the training set has {len(train_set)} images but no "
+            "boxes (all missing, crowd, difficult or dropped); a detector cannot learn from it"
+        )
     names = [str(c["name"]) for c in val_set.categories]
     unseen = sorted(_classes_with_boxes(val_set) - trained)
     if unseen:
         listed = ", ".join(names[label - 1] for label in unseen)
-        message = (f"classes with validation boxes but no training box (their AP will stay near 0): {listed} "
-                   f"(data.train_ann {data.train_ann})")
+        message = (
+            f"classes with validation boxes but no training box (their AP will stay near 0): {listed} "
+            f"(data.train_ann {data.train_ann})"
+        )
         warnings.warn(message, stacklevel=2)  # like the loaders' counted drops: once, in one line
 
 

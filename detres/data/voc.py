@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -172,8 +173,10 @@ class VocDetection(Dataset):
             x1, y1, x2, y2 = (float(v) for v in obj["bbox"])
             tol = BOX_TOLERANCE_PX  # 1-based inclusive: the continuous box is (x1 - 1, y1 - 1, x2, y2)
             if x1 - 1 < -tol or y1 - 1 < -tol or x2 > width + tol or y2 > height + tol:
-                raise _BadObject(f"object {k} ({name}): bndbox {list(obj['bbox'])} lies outside the "
-                                 f"{width}x{height} image by more than {tol:g} pixel")
+                raise _BadObject(
+                    f"object {k} ({name}): bndbox {list(obj['bbox'])} lies outside the "
+                    f"{width}x{height} image by more than {tol:g} pixel"
+                )
             if obj["difficult"] and not self.keep_difficult:
                 continue
             if not (x2 > x1 and y2 > y1):
@@ -229,8 +232,9 @@ class VocDetection(Dataset):
         if not -len(self) <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} images")
         index = index % len(self)
-        return load_sample(self.annotation(index), self.transforms,
-                           annotation_source=self._xml_path(self.image_ids[index]))
+        return load_sample(
+            self.annotation(index), self.transforms, annotation_source=self._xml_path(self.image_ids[index])
+        )
 
     def __repr__(self) -> str:
         return (

@@ -1,4 +1,5 @@
 """Parse one PASCAL VOC annotation XML file into a plain record (shared by the VOC loader and VOC evaluation)."""
+
 from __future__ import annotations
 
 import math

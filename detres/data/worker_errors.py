@@ -1,9 +1,11 @@
 """Readable data errors from DataLoader workers: the one line that names the bad file, not a traceback."""
+
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from typing import Iterable, Iterator, TypeVar
+from typing import TypeVar
 
 T = TypeVar("T")
 
@@ -22,7 +24,7 @@ def original_worker_message(exc: BaseException) -> str | None:
     for start in range(len(lines) - 1, 0, -1):
         match = pattern.match(lines[start])
         if match:
-            return "\n".join([match.group(1), *lines[start + 1:]]).strip()
+            return "\n".join([match.group(1), *lines[start + 1 :]]).strip()
     return None
 
 

@@ -1,11 +1,13 @@
 """Table 9 of the ResNet paper: evaluate the Appendix-B test-time extras row by row (accuracy, time, FLOPs)."""
+
 from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -39,17 +41,28 @@ def ladder_options(cfg: Config) -> dict[str, TestTimeOptions]:
     Flip is not a row of Table 9 and stays off."""
     test = dict(cfg.test, multiscale=dict(cfg.test.multiscale, enabled=True))
     full = options_from_config(test, cfg.input)
-    plain = dataclasses.replace(full, box_refinement=False, box_voting=None, multiscale=False,
-                                pyramid_proposals=False, flip=False)
+    plain = dataclasses.replace(
+        full, box_refinement=False, box_voting=None, multiscale=False, pyramid_proposals=False, flip=False
+    )
     refined = dataclasses.replace(plain, box_refinement=True, box_voting=True)
     multiscale = dataclasses.replace(refined, multiscale=True, pyramid_proposals=full.pyramid_proposals)
-    return {"baseline": plain, "refinement": refined, "context": refined, "multiscale": multiscale,
-            "ensemble": multiscale}
+    return {
+        "baseline": plain,
+        "refinement": refined,
+        "context": refined,
+        "multiscale": multiscale,
+        "ensemble": multiscale,
+    }
 
 
-def plan_rows(options: dict[str, TestTimeOptions], *, baseline: str, context: str | None = None,
-              ensemble: Sequence[str] = (), rows: Sequence[str] | str | None = None
-              ) -> tuple[list[RowPlan], list[str]]:
+def plan_rows(
+    options: dict[str, TestTimeOptions],
+    *,
+    baseline: str,
+    context: str | None = None,
+    ensemble: Sequence[str] = (),
+    rows: Sequence[str] | str | None = None,
+) -> tuple[list[RowPlan], list[str]]:
     """The rows to evaluate and notes on the rows skipped for want of a checkpoint.
 
     Without ``context`` the context row is skipped and later rows run the baseline model; without
@@ -57,8 +70,13 @@ def plan_rows(options: dict[str, TestTimeOptions], *, baseline: str, context: st
     """
     wanted = parse_rows(rows)
     main = context or baseline
-    members = {"baseline": (baseline,), "refinement": (baseline,), "context": (context,) if context else (),
-               "multiscale": (main,), "ensemble": (main, *ensemble) if ensemble else ()}
+    members = {
+        "baseline": (baseline,),
+        "refinement": (baseline,),
+        "context": (context,) if context else (),
+        "multiscale": (main,),
+        "ensemble": (main, *ensemble) if ensemble else (),
+    }
     plans, notes = [], []
     for name in wanted:
         if not members[name]:
@@ -71,8 +89,9 @@ def plan_rows(options: dict[str, TestTimeOptions], *, baseline: str, context: st
     return plans, notes
 
 
-def count_gflops(models: Sequence[torch.nn.Module], dataset: Any, options: TestTimeOptions, *,
-                 device: torch.device, images: int = 5) -> float:
+def count_gflops(
+    models: Sequence[torch.nn.Module], dataset: Any, options: TestTimeOptions, *, device: torch.device, images: int = 5
+) -> float:
     """GFLOPs per image of detecting the first ``images`` images one at a time (torch's FLOP counter)."""
     subset = first_images(dataset, images)
     with FlopCounterMode(display=False) as counter:
@@ -80,23 +99,42 @@ def count_gflops(models: Sequence[torch.nn.Module], dataset: Any, options: TestT
     return counter.get_total_flops() / len(subset) / 1e9
 
 
-def evaluate_row(plan: RowPlan, models: Sequence[torch.nn.Module], dataset: Any, cfg: Config, *,
-                 device: torch.device, out_dir: Path | None = None, flop_images: int = 5) -> dict[str, Any]:
+def evaluate_row(
+    plan: RowPlan,
+    models: Sequence[torch.nn.Module],
+    dataset: Any,
+    cfg: Config,
+    *,
+    device: torch.device,
+    out_dir: Path | None = None,
+    flop_images: int = 5,
+) -> dict[str, Any]:
     """Accuracy (COCO AP50 / AP, VOC07 mAP), seconds per image (batch 1, no workers) and GFLOPs per image."""
     gflops = count_gflops(models, dataset, plan.options, device=device, images=flop_images)  # also warms up
     started = time.perf_counter()
-    dets = run_inference(models, dataset, device=device, batch_size=1, num_workers=0, progress=False,
-                         options=plan.options)
+    dets = run_inference(
+        models, dataset, device=device, batch_size=1, num_workers=0, progress=False, options=plan.options
+    )
     seconds = (time.perf_counter() - started) / len(dataset)
-    metrics = evaluate_detection_dataset(dataset, dets, iou_thresh_voc=cfg.test.iou_thresh_voc, use_07_metric=True,
-                                         coco_backend=cfg.test.coco_backend)
+    metrics = evaluate_detection_dataset(
+        dataset, dets, iou_thresh_voc=cfg.test.iou_thresh_voc, use_07_metric=True, coco_backend=cfg.test.coco_backend
+    )
     if out_dir is not None:
         results = detections_to_coco_results(dets, dataset_label_to_category_id(dataset))
         write_coco_results(results, Path(out_dir) / f"{plan.name}_coco_results.json")
     summary = metrics["coco"]["summary"]
-    return {"row": plan.name, "label": ROW_LABELS[plan.name], "mAP50": summary["AP50"], "mAP": summary["AP"],
-            "voc07_mAP": metrics["voc"]["mAP"], "sec_per_img": seconds, "gflops_per_img": gflops,
-            "images": len(dataset), "checkpoints": list(plan.checkpoints), "options": dataclasses.asdict(plan.options)}
+    return {
+        "row": plan.name,
+        "label": ROW_LABELS[plan.name],
+        "mAP50": summary["AP50"],
+        "mAP": summary["AP"],
+        "voc07_mAP": metrics["voc"]["mAP"],
+        "sec_per_img": seconds,
+        "gflops_per_img": gflops,
+        "images": len(dataset),
+        "checkpoints": list(plan.checkpoints),
+        "options": dataclasses.asdict(plan.options),
+    }
 
 
 def _val_set(cfg: Config, class_names: list[str], source: str, max_images: int | None) -> Any:
@@ -107,18 +145,31 @@ def _val_set(cfg: Config, class_names: list[str], source: str, max_images: int |
     return first_images(dataset, max_images)
 
 
-def run_ablation(cfg: Config, *, baseline: str | Path, context: str | Path | None = None,
-                 ensemble: Sequence[str | Path] = (), rows: Sequence[str] | str | None = None,
-                 max_images: int | None = None, out_dir: str | Path | None = None, device: torch.device | str = "cpu",
-                 log: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+def run_ablation(
+    cfg: Config,
+    *,
+    baseline: str | Path,
+    context: str | Path | None = None,
+    ensemble: Sequence[str | Path] = (),
+    rows: Sequence[str] | str | None = None,
+    max_images: int | None = None,
+    out_dir: str | Path | None = None,
+    device: torch.device | str = "cpu",
+    log: Callable[[str], None] | None = None,
+) -> list[dict[str, Any]]:
     """Evaluate the rows of Table 9 on ``data.val_*`` (its first ``max_images`` images); one dict per row.
 
     ``cost_ratio`` is relative to the first row evaluated (the baseline unless ``rows`` leaves it out).
     Every checkpoint is loaded up front: a missing file or a different class list fails before any row runs.
     """
     log = log or (lambda line: None)
-    plans, notes = plan_rows(ladder_options(cfg), baseline=str(baseline), context=None if context is None
-                             else str(context), ensemble=[str(p) for p in ensemble], rows=rows)
+    plans, notes = plan_rows(
+        ladder_options(cfg),
+        baseline=str(baseline),
+        context=None if context is None else str(context),
+        ensemble=[str(p) for p in ensemble],
+        rows=rows,
+    )
     for note in notes:
         log(note)
     device = torch.device(device)
@@ -132,10 +183,17 @@ def run_ablation(cfg: Config, *, baseline: str | Path, context: str | Path | Non
     results: list[dict[str, Any]] = []
     for plan in plans:
         log(f"row {ROW_LABELS[plan.name]!r}: {len(plan.checkpoints)} model(s), {len(dataset)} images")
-        row = evaluate_row(plan, [by_path[p] for p in plan.checkpoints], dataset, cfg, device=device,
-                           out_dir=None if out_dir is None else Path(out_dir))
+        row = evaluate_row(
+            plan,
+            [by_path[p] for p in plan.checkpoints],
+            dataset,
+            cfg,
+            device=device,
+            out_dir=None if out_dir is None else Path(out_dir),
+        )
         first = results[0] if results else row
-        row["cost_ratio"] = cost_ratio(row["sec_per_img"], row["gflops_per_img"], first["sec_per_img"],
-                                       first["gflops_per_img"])
+        row["cost_ratio"] = cost_ratio(
+            row["sec_per_img"], row["gflops_per_img"], first["sec_per_img"], first["gflops_per_img"]
+        )
         results.append(row)
     return results

@@ -32,26 +32,34 @@ unchanged on resume. After each step ``stepN_<name>.pt`` holds that step's netwo
 checkpoint; steps 1-3 are intermediate networks, not finished detectors). Periodic evaluation
 (``eval_period``, counted within the step) runs in step 4 only, the first complete detector.
 """
+
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from torch import nn
 from tqdm import tqdm
 
 from detres.data.worker_errors import readable
 from detres.engine.det_trainer import DetRun, LossWindow, load_optimizer_state
+from detres.engine.distributed import MethodCall, is_main_process, mean_over_ranks, wrap_ddp
 from detres.engine.lr_schedule import LRSchedule
 from detres.engine.optimizer import build_detection_optimizer, set_lr
 from detres.engine.run_setup import stop_if_signalled
 from detres.models.build import build_detector
-from detres.engine.distributed import MethodCall, is_main_process, mean_over_ranks, wrap_ddp
 
-__all__ = ["STEP_NAMES", "STEP_TRAINABLE", "AlternatingPlan", "alternating_plan", "set_step_trainable",
-           "train_alternating"]
+__all__ = [
+    "STEP_NAMES",
+    "STEP_TRAINABLE",
+    "AlternatingPlan",
+    "alternating_plan",
+    "set_step_trainable",
+    "train_alternating",
+]
 
 STEP_NAMES = ("step1_rpn", "step2_fast_rcnn", "step3_rpn", "step4_fast_rcnn")
 # Top-level FasterRCNN children trained in each step (within them, freeze_at still holds).
@@ -121,8 +129,9 @@ def _frozen_copy(model: nn.Module) -> nn.Module:
     return model.eval()
 
 
-def train_alternating(run: DetRun, model_args: dict[str, Any], state: dict | None
-                      ) -> tuple[nn.Module, int, dict[str, Any]]:
+def train_alternating(
+    run: DetRun, model_args: dict[str, Any], state: dict | None
+) -> tuple[nn.Module, int, dict[str, Any]]:
     """Run the 4 steps (resuming from ``state`` = a ``last.pt`` dict, if given); returns
     (final network, total iterations, model_args to rebuild it without the backbone file)."""
     cfg, device, solver = run.cfg, run.device, run.cfg.solver
@@ -134,11 +143,14 @@ def train_alternating(run: DetRun, model_args: dict[str, Any], state: dict | Non
         if not isinstance(alt, dict):
             raise ValueError(f"{run.last_path}: no 'alternating' record; not an alternating-training checkpoint")
         if alt["plan"] != plan.to_dict():
-            raise ValueError(f"{run.last_path}: written with the alternating plan {alt['plan']}, but the config now "
-                             f"gives {plan.to_dict()}; resume with the same solver options")
+            raise ValueError(
+                f"{run.last_path}: written with the alternating plan {alt['plan']}, but the config now "
+                f"gives {plan.to_dict()}; resume with the same solver options"
+            )
         # the checkpoint's network, or the config's with --allow-model-change (weights from the checkpoint)
-        fresh_args = dict(model_args if run.model_changed else state["model_args"],
-                          weights_path=alt["backbone_weights"])
+        fresh_args = dict(
+            model_args if run.model_changed else state["model_args"], weights_path=alt["backbone_weights"]
+        )
         step0, step_iter0 = int(alt["step"]), int(alt["step_iter"])
     saved_args = dict(fresh_args, weights_path=None)
 
@@ -149,8 +161,13 @@ def train_alternating(run: DetRun, model_args: dict[str, Any], state: dict | Non
     model: nn.Module | None = None
     proposal_net: nn.Module | None = None
     iteration = sum(plan.iters[:step0]) + step_iter0
-    progress = tqdm(total=sum(plan.iters), initial=iteration, desc="train_det (4-step)", dynamic_ncols=True,
-                    disable=not is_main_process())
+    progress = tqdm(
+        total=sum(plan.iters),
+        initial=iteration,
+        desc="train_det (4-step)",
+        dynamic_ncols=True,
+        disable=not is_main_process(),
+    )
     for step in range(step0, 4):
         resumed = state is not None and step == step0
         if resumed:
@@ -172,19 +189,31 @@ def train_alternating(run: DetRun, model_args: dict[str, Any], state: dict | Non
         optimizer = build_detection_optimizer(model, solver, modules=STEP_TRAINABLE[step])
         # torchrun: the step's loss method runs inside DDP (built after the step's requires_grad flags are set)
         losses_of = wrap_ddp(MethodCall(model), device, find_unused_parameters=True)
-        schedule = LRSchedule(optimizer, base_lr=solver.base_lr, mode="step", steps=plan.lr_steps[step],
-                              gamma=solver.gamma, warmup_iters=solver.warmup_iters, warmup_lr=solver.warmup_lr)
+        schedule = LRSchedule(
+            optimizer,
+            base_lr=solver.base_lr,
+            mode="step",
+            steps=plan.lr_steps[step],
+            gamma=solver.gamma,
+            warmup_iters=solver.warmup_iters,
+            warmup_lr=solver.warmup_lr,
+        )
         step_iter = step_iter0 if resumed else 0
         if resumed and step_iter > 0:
             load_optimizer_state(optimizer, state["optimizer"], run.last_path)
 
         def save_last(with_optimizer: bool) -> Path:
-            extra: dict[str, Any] = {"alternating": {"step": step, "step_iter": step_iter, "plan": plan.to_dict(),
-                                                     "backbone_weights": fresh_args.get("weights_path")}}
-            if step == 1:
-                extra["proposal_model"] = proposal_net.state_dict()
-            return run.save(run.last_path, model, saved_args, iteration, optimizer if with_optimizer else None,
-                            **extra)
+            extra: dict[str, Any] = {
+                "alternating": {
+                    "step": step,  # noqa: B023
+                    "step_iter": step_iter,  # noqa: B023
+                    "plan": plan.to_dict(),
+                    "backbone_weights": fresh_args.get("weights_path"),
+                }
+            }
+            if step == 1:  # noqa: B023
+                extra["proposal_model"] = proposal_net.state_dict()  # noqa: B023
+            return run.save(run.last_path, model, saved_args, iteration, optimizer if with_optimizer else None, **extra)  # noqa: B023
 
         if step_iter == 0:
             save_last(with_optimizer=False)  # step boundary
@@ -192,8 +221,11 @@ def train_alternating(run: DetRun, model_args: dict[str, Any], state: dict | Non
         step_started = time.time()
         window = LossWindow()
         # Created only when the step has iterations left, read one batch per step: never a batch past the step.
-        batches = (readable(run.loader(step_iter, images_per_batch=plan.images_per_batch[step],
-                                       seed=int(cfg.seed) + step)) if step_iter < num_iters else iter(()))
+        batches = (
+            readable(run.loader(step_iter, images_per_batch=plan.images_per_batch[step], seed=int(cfg.seed) + step))
+            if step_iter < num_iters
+            else iter(())
+        )
         while step_iter < num_iters:
             batch = next(batches)
             lr = schedule.lr_at(step_iter)
@@ -203,8 +235,13 @@ def train_alternating(run: DetRun, model_args: dict[str, Any], state: dict | Non
                 if step in (0, 2):
                     losses = losses_of("rpn_losses", images, targets, sizes)
                 elif step == 1:
-                    losses = losses_of("detector_losses", images, targets, sizes,
-                                       proposals=proposal_net.propose(images, sizes, mode="train"))
+                    losses = losses_of(
+                        "detector_losses",
+                        images,
+                        targets,
+                        sizes,
+                        proposals=proposal_net.propose(images, sizes, mode="train"),
+                    )
                 else:
                     losses = losses_of("detector_losses", images, targets, sizes)  # its own frozen RPN's proposals
             total = run.sgd_step(optimizer, losses, iteration)
@@ -214,8 +251,9 @@ def train_alternating(run: DetRun, model_args: dict[str, Any], state: dict | Non
             window.add(total, losses)
             if step_iter % solver.log_period == 0 or step_iter == num_iters:
                 means = mean_over_ranks(window.flush())  # the global batch's losses (collective)
-                run.logger.log(iter=iteration, step=step + 1, step_iter=step_iter, lr=lr,
-                               time=time.time() - run.started, **means)
+                run.logger.log(
+                    iter=iteration, step=step + 1, step_iter=step_iter, lr=lr, time=time.time() - run.started, **means
+                )
                 progress.set_postfix(step=step + 1, loss=f"{means['loss']:.3f}", lr=f"{lr:.2g}")
             if step_iter % solver.checkpoint_period == 0 or step_iter == num_iters:
                 save_last(with_optimizer=True)
@@ -224,8 +262,13 @@ def train_alternating(run: DetRun, model_args: dict[str, Any], state: dict | Non
                 _set_step_modes(model, step)
             stop_if_signalled(iteration, lambda: save_last(with_optimizer=True))
         del batches
-        run.save(run.out / f"{STEP_NAMES[step]}.pt", model, saved_args, iteration,
-                 alternating={"step": step, "seconds": round(time.time() - step_started, 1)})
+        run.save(
+            run.out / f"{STEP_NAMES[step]}.pt",
+            model,
+            saved_args,
+            iteration,
+            alternating={"step": step, "seconds": round(time.time() - step_started, 1)},
+        )
         if step == 1:
             proposal_net = None  # the step-1 network is no longer needed
     progress.close()

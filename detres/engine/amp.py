@@ -1,14 +1,22 @@
 """Mixed precision on CUDA (autocast + GradScaler) for the training loops; CPU runs always stay fp32."""
+
 from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Any, ContextManager, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
-__all__ = ["AMP_DTYPES", "SCALER_KEY", "MixedPrecision", "check_amp_dtype", "mixed_precision_from_config",
-           "scaler_state_into"]
+__all__ = [
+    "AMP_DTYPES",
+    "SCALER_KEY",
+    "MixedPrecision",
+    "check_amp_dtype",
+    "mixed_precision_from_config",
+    "scaler_state_into",
+]
 
 log = logging.getLogger(__name__)
 AMP_DTYPES: dict[str, torch.dtype] = {"float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -49,7 +57,7 @@ class MixedPrecision:
     def dtype(self) -> torch.dtype:
         return AMP_DTYPES[self.dtype_name]
 
-    def autocast(self) -> ContextManager:
+    def autocast(self) -> contextlib.AbstractContextManager:
         """CUDA autocast when active; otherwise a context that changes nothing."""
         if not self._active:
             return contextlib.nullcontext()

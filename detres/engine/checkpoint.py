@@ -6,6 +6,7 @@ Layout: ``<output_dir>/last.pt`` (what ``--resume`` continues) and ``<output_dir
 Writes are atomic (:mod:`detres.utils.atomic`); temp files of a write killed mid-way are removed at the next
 start (:func:`remove_stale_temp_files`, called once the run holds the folder's lock).
 """
+
 from __future__ import annotations
 
 import logging
@@ -59,8 +60,11 @@ def check_finite_payload(payload: Mapping[str, Any], iteration: int, path: Path)
     bad = [n for key in STATE_KEYS if key in payload for n in non_finite_entries(payload[key], key)]
     if bad:
         shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
-        raise Diverged(f"iteration {iteration}: the training state is not finite ({shown}); it was not saved to "
-                       f"{path.name}; lower solver.base_lr", failed_from=iteration - 1)
+        raise Diverged(
+            f"iteration {iteration}: the training state is not finite ({shown}); it was not saved to "
+            f"{path.name}; lower solver.base_lr",
+            failed_from=iteration - 1,
+        )
 
 
 def remove_stale_temp_files(folder: Path) -> list[Path]:
@@ -70,8 +74,12 @@ def remove_stale_temp_files(folder: Path) -> list[Path]:
     for path in stale:
         path.unlink(missing_ok=True)
     if stale:
-        log.warning("removed %d temp file(s) of an interrupted write in %s: %s", len(stale), folder,
-                    ", ".join(str(p.relative_to(folder)) for p in stale[:5]))
+        log.warning(
+            "removed %d temp file(s) of an interrupted write in %s: %s",
+            len(stale),
+            folder,
+            ", ".join(str(p.relative_to(folder)) for p in stale[:5]),
+        )
     return stale
 
 
@@ -112,7 +120,7 @@ class CheckpointManager:
         if self.keep > 0:
             link_or_copy(self.last_path, self.kept_path(iteration))
             sane = self._newest_sane()
-            for old in list(self.kept())[:-self.keep]:
+            for old in list(self.kept())[: -self.keep]:
                 if old != sane:  # while the loss is blowing up, the last sane state is what a resume needs
                     self.kept_path(old).unlink(missing_ok=True)
         return self.last_path
@@ -128,8 +136,11 @@ class CheckpointManager:
         for it in newer:
             self.kept_path(it).unlink(missing_ok=True)
         if newer:
-            log.warning("resuming from iteration %d: removed the newer kept checkpoints of iterations %s",
-                        iteration, ", ".join(map(str, newer)))
+            log.warning(
+                "resuming from iteration %d: removed the newer kept checkpoints of iterations %s",
+                iteration,
+                ", ".join(map(str, newer)),
+            )
 
     def note_loss(self, iteration: int, loss: float) -> None:
         """Record the loss of the step that started from state ``iteration`` (used to tell a blown-up but finite
@@ -147,10 +158,14 @@ class CheckpointManager:
 
     def good_description(self) -> str:
         if self.last_iter is None or not self.last_path.is_file():
-            return (f"no good checkpoint is left (the diverged ones are {self.kept_dir}/diverged_iter_*.pt): start "
-                    f"again (without --resume) with a lower solver.base_lr")
-        return (f"the last good checkpoint is {self.last_path} (iteration {self.last_iter}): continue it with a "
-                f"lower LR, e.g. --resume solver.base_lr=<lower>")
+            return (
+                f"no good checkpoint is left (the diverged ones are {self.kept_dir}/diverged_iter_*.pt): start "
+                f"again (without --resume) with a lower solver.base_lr"
+            )
+        return (
+            f"the last good checkpoint is {self.last_path} (iteration {self.last_iter}): continue it with a "
+            f"lower LR, e.g. --resume solver.base_lr=<lower>"
+        )
 
     def diverged(self, exc: FloatingPointError) -> Diverged:
         """The error to stop with after ``exc``; ``last.pt`` is first set back to the newest checkpoint older than
@@ -166,8 +181,10 @@ class CheckpointManager:
             # under torchrun only rank 0 touches the files (the other ranks hold a copy of its manager)
             if self.last_iter is not None and self.last_iter >= bad_from and is_main_process():
                 self._restore_before(bad_from)
-        return Diverged(f"{str(exc).removesuffix('; lower solver.base_lr')}; training stopped; "
-                        f"{self.good_description()}", failed_from=failed_from)
+        return Diverged(
+            f"{str(exc).removesuffix('; lower solver.base_lr')}; training stopped; {self.good_description()}",
+            failed_from=failed_from,
+        )
 
     @contextmanager
     def stop_on_divergence(self) -> Iterator[None]:

@@ -12,19 +12,26 @@ The checkpoint format is detected from its contents (``detect_checkpoint_format`
   from the keys, classes are the sorted class folders (torchvision's CIFAR-10 and ImageNet orders),
   and the normalisation defaults to torchvision's ImageNet mean/std on RGB, which those were trained with.
 """
+
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from torch import Tensor, nn
 from torch.utils.data import Subset
 
 from detres.data.cls_pipeline import ClsDataStats
-from detres.data.cls_transforms import IMAGENET_MEAN_RGB, IMAGENET_STD_RGB, PAPER_TEST_SCALES, Normalize
-from detres.data.cls_transforms import build_eval_transform
+from detres.data.cls_transforms import (
+    IMAGENET_MEAN_RGB,
+    IMAGENET_STD_RGB,
+    PAPER_TEST_SCALES,
+    Normalize,
+    build_eval_transform,
+)
 from detres.data.imagefolder import ImageFolderDataset, ImageListDataset
 from detres.data.worker_errors import readable_worker_errors
 from detres.evaluation.classification import MODES, evaluate_classifier
@@ -83,8 +90,9 @@ def infer_resnet_layout(state_dict: Mapping[str, Tensor]) -> dict[str, Any]:
     return {"arch": "cifar", "depth": 6 * counts[0] + 2, "shortcut": shortcut}
 
 
-def _external_model_args(state_dict: Mapping[str, Tensor], arch: str | None, depth: int | None,
-                         source: str) -> dict[str, Any]:
+def _external_model_args(
+    state_dict: Mapping[str, Tensor], arch: str | None, depth: int | None, source: str
+) -> dict[str, Any]:
     try:
         inferred = infer_resnet_layout(state_dict)
     except ValueError as exc:
@@ -97,7 +105,8 @@ def _external_model_args(state_dict: Mapping[str, Tensor], arch: str | None, dep
         "num_classes": int(state_dict["fc.weight"].shape[0]) if "fc.weight" in state_dict else 1000,
         # Keep the file's own shortcut layout when the user names the same family; otherwise the
         # family's usual one (A for CIFAR as in Sec. 4.2, B for torchvision's ImageNet nets).
-        "shortcut": inferred["shortcut"] if (arch or inferred["arch"]) == inferred["arch"]
+        "shortcut": inferred["shortcut"]
+        if (arch or inferred["arch"]) == inferred["arch"]
         else ("A" if arch == "cifar" else "B"),
     }
     return args
@@ -122,13 +131,18 @@ def load_classifier(path: str | Path, *, arch: str | None = None, depth: int | N
             raise ValueError(f"{source}: has no classifier 'model_args' (arch, depth); is it a detection checkpoint?")
         for name, given in (("arch", arch), ("depth", depth)):
             if given is not None and given != model_args[name]:
-                raise ValueError(f"{source}: {name}={given!r} was given but the checkpoint holds "
-                                 f"{name}={model_args[name]!r} (model_args {model_args})")
+                raise ValueError(
+                    f"{source}: {name}={given!r} was given but the checkpoint holds "
+                    f"{name}={model_args[name]!r} (model_args {model_args})"
+                )
     else:
         model_args = _external_model_args(state_dict, arch, depth, source)
     model = build_classifier(**model_args)
-    load_state_dict_strict(model, state_dict, source=f"{source} ({fmt} checkpoint, "
-                                                     f"built as {model_args['arch']} ResNet-{model_args['depth']})")
+    load_state_dict_strict(
+        model,
+        state_dict,
+        source=f"{source} ({fmt} checkpoint, built as {model_args['arch']} ResNet-{model_args['depth']})",
+    )
     model.eval()
     loaded = LoadedClassifier(model=model, format=fmt, model_args=model_args)
     if fmt == "detres":
@@ -149,8 +163,12 @@ def default_geometry(loaded: LoadedClassifier) -> dict[str, Any]:
     if cfg is not None:
         cifar_mode = cfg["augment"]["mode"] == "cifar"
         crop = cfg["augment"]["crop"]
-        return {"resize": None if cifar_mode else cfg["test"]["resize"], "crop": crop,
-                "scales": list(cfg["test"]["scales"]), "train_crop": crop}
+        return {
+            "resize": None if cifar_mode else cfg["test"]["resize"],
+            "crop": crop,
+            "scales": list(cfg["test"]["scales"]),
+            "train_crop": crop,
+        }
     if loaded.model_args["arch"] == "cifar":
         return {"resize": None, "crop": 32, "scales": list(CIFAR_TEST_SCALES), "train_crop": 32}
     return {"resize": 256, "crop": 224, "scales": list(PAPER_TEST_SCALES), "train_crop": 224}
@@ -164,16 +182,19 @@ def build_normalize(loaded: LoadedClassifier, kind: str, *, dense: bool) -> Norm
         kind = "checkpoint" if loaded.data_stats is not None else "imagenet"
     if kind == "checkpoint":
         if loaded.data_stats is None:
-            raise ValueError(f"a {loaded.format} checkpoint stores no data statistics; "
-                             "use normalize='imagenet' (torchvision / legacy CIFAR weights) or 'none'")
+            raise ValueError(
+                f"a {loaded.format} checkpoint stores no data statistics; "
+                "use normalize='imagenet' (torchvision / legacy CIFAR weights) or 'none'"
+            )
         return loaded.data_stats.normalize(dense=dense)
     if kind == "imagenet":
         return Normalize(mean=IMAGENET_MEAN_RGB, std=IMAGENET_STD_RGB)
     return Normalize(mean=(0.0, 0.0, 0.0))
 
 
-def _eval_dataset(loaded: LoadedClassifier, data_dir: str | Path,
-                  val_labels: str | Path | None = None) -> ImageFolderDataset | ImageListDataset:
+def _eval_dataset(
+    loaded: LoadedClassifier, data_dir: str | Path, val_labels: str | Path | None = None
+) -> ImageFolderDataset | ImageListDataset:
     num_outputs = loaded.model_args["num_classes"]
     if loaded.class_names is not None:
         class_to_idx = {name: i for i, name in enumerate(loaded.class_names)}
@@ -254,19 +275,36 @@ def evaluate_checkpoint(
         if mode == "multiscale":
             dataset.transform = build_eval_transform(mode, normalize=norm, scales=tuple(geometry["scales"]))
         else:
-            dataset.transform = build_eval_transform(mode, normalize=norm, resize=geometry["resize"],
-                                                     crop=geometry["crop"])
+            dataset.transform = build_eval_transform(
+                mode, normalize=norm, resize=geometry["resize"], crop=geometry["crop"]
+            )
         with readable_worker_errors():
-            errors = evaluate_classifier(loaded.model, data, mode=mode, scales=tuple(geometry["scales"]),
-                                         device=device, batch_size=batch_size, num_workers=num_workers,
-                                         crop=geometry["train_crop"])
+            errors = evaluate_classifier(
+                loaded.model,
+                data,
+                mode=mode,
+                scales=tuple(geometry["scales"]),
+                device=device,
+                batch_size=batch_size,
+                num_workers=num_workers,
+                crop=geometry["train_crop"],
+            )
         results[mode] = {**errors, "top1_acc": 1.0 - errors["top1_err"], "top5_acc": 1.0 - errors["top5_err"]}
     skipped = {}
     if val_labels is not None:
         skipped = {"val_labels": str(val_labels), "val_skipped_unknown_class": dataset.num_skipped}
     return {
-        "checkpoint": str(checkpoint), "format": loaded.format, "model_args": loaded.model_args,
-        "data": str(data_dir), "num_images": len(data), **skipped, "normalize": normalize if normalize != "auto" else
-        ("checkpoint" if loaded.data_stats is not None else "imagenet"),
-        "geometry": geometry, "bn_recomputed": loaded.bn_recomputed, "results": results, **loaded.extra,
+        "checkpoint": str(checkpoint),
+        "format": loaded.format,
+        "model_args": loaded.model_args,
+        "data": str(data_dir),
+        "num_images": len(data),
+        **skipped,
+        "normalize": normalize
+        if normalize != "auto"
+        else ("checkpoint" if loaded.data_stats is not None else "imagenet"),
+        "geometry": geometry,
+        "bn_recomputed": loaded.bn_recomputed,
+        "results": results,
+        **loaded.extra,
     }

@@ -8,13 +8,15 @@ CPU), wrap the model in DistributedDataParallel (gradients averaged over ranks e
 global batch over the ranks (:class:`detres.data.samplers.RankSlicedBatchSampler`) and leave logging,
 files and checkpoints to rank 0.
 """
+
 from __future__ import annotations
 
 import atexit
 import dataclasses
 import os
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any, Callable, Iterable, Iterator, Mapping, TypeVar
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -23,18 +25,43 @@ from torch.nn.parallel import DistributedDataParallel
 
 from detres.config.load import Config
 from detres.data.samplers import RankSlicedBatchSampler
-from detres.models.roi_heads import BoxHead
 from detres.engine.run_setup import RunStart, TrainingInterrupted, resolve_device, run_guard, start_run
 from detres.engine.seeded_data import seed_everything
-from detres.utils.dist import (all_gather_objects, barrier, broadcast_object, get_rank, get_world_size,
-                               is_distributed, is_main_process)
+from detres.models.roi_heads import BoxHead
+from detres.utils.dist import (
+    all_gather_objects,
+    barrier,
+    broadcast_object,
+    get_rank,
+    get_world_size,
+    is_distributed,
+    is_main_process,
+)
 
 T = TypeVar("T")
 
-__all__ = ["ENV_KEYS", "env_world_size", "init_distributed", "start_distributed_run", "distributed_run_guard",
-           "on_main", "wrap_ddp", "MethodCall", "unwrap", "shard_batches", "sum_over_ranks", "mean_over_ranks",
-           "cleanup", "is_distributed", "is_main_process", "get_rank", "get_world_size", "barrier",
-           "all_gather_objects", "broadcast_object"]
+__all__ = [
+    "ENV_KEYS",
+    "env_world_size",
+    "init_distributed",
+    "start_distributed_run",
+    "distributed_run_guard",
+    "on_main",
+    "wrap_ddp",
+    "MethodCall",
+    "unwrap",
+    "shard_batches",
+    "sum_over_ranks",
+    "mean_over_ranks",
+    "cleanup",
+    "is_distributed",
+    "is_main_process",
+    "get_rank",
+    "get_world_size",
+    "barrier",
+    "all_gather_objects",
+    "broadcast_object",
+]
 
 ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -66,15 +93,19 @@ def init_distributed(device: torch.device) -> torch.device:
     local_rank = _env_int("LOCAL_RANK", 0)
     if device.type == "cuda":
         if local_rank >= torch.cuda.device_count():
-            raise ValueError(f"LOCAL_RANK={local_rank} but this node has {torch.cuda.device_count()} CUDA "
-                             f"device(s): start at most that many processes per node (--nproc_per_node)")
+            raise ValueError(
+                f"LOCAL_RANK={local_rank} but this node has {torch.cuda.device_count()} CUDA "
+                f"device(s): start at most that many processes per node (--nproc_per_node)"
+            )
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         missing = [key for key in ENV_KEYS if key not in os.environ]
         if missing:
-            raise ValueError(f"WORLD_SIZE={world} but the environment lacks {missing}: start the tool with "
-                             f"torchrun (python -m torch.distributed.run), which sets them")
+            raise ValueError(
+                f"WORLD_SIZE={world} but the environment lacks {missing}: start the tool with "
+                f"torchrun (python -m torch.distributed.run), which sets them"
+            )
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", init_method="env://")
         atexit.register(cleanup)
     return device

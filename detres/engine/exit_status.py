@@ -4,10 +4,12 @@
 refused request (config, data, resume); 128 + signal when SIGINT / SIGTERM stopped the run after saving last.pt
 (as shells report it), 130 for a second Ctrl-C that stopped it at once.
 """
+
 from __future__ import annotations
 
 import sys
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 from detres.config.load import ConfigError
 from detres.engine.run_setup import TrainingInterrupted

@@ -1,9 +1,12 @@
-"""Testing the RPN-stage localizer (Appendix C, Table 13): per-class best boxes, 1-crop / dense, GT or predicted classes."""
+"""Testing the RPN-stage localizer (Appendix C, Table 13): per-class best boxes, 1-crop / dense, GT or predicted
+classes."""
+
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,9 +33,19 @@ def _pick_box(boxes: torch.Tensor, scores: torch.Tensor, box_mode: str, average_
     return ((boxes[: int(average_top)].double() * w[:, None]).sum(0) / w.sum()).numpy(), float(scores[0])
 
 
-def localize(model: torch.nn.Module, records: Sequence[LocRecord], classes: Mapping[str, Sequence[int]], *,
-             mode: str, scales: Sequence[int], crop: int, top_n: int = 200, nms_thresh: float = 0.7,
-             box_mode: str = "best", average_top: int = 10) -> Found:
+def localize(
+    model: torch.nn.Module,
+    records: Sequence[LocRecord],
+    classes: Mapping[str, Sequence[int]],
+    *,
+    mode: str,
+    scales: Sequence[int],
+    crop: int,
+    top_n: int = 200,
+    nms_thresh: float = 0.7,
+    box_mode: str = "best",
+    average_top: int = 10,
+) -> Found:
     """For each image and each of its ``classes``: the box (original pixels, 0-based xyxy) and its score.
 
     ``mode`` "dense": the whole image at every shorter side of ``scales``, the best-scoring box over scales;
@@ -54,8 +67,9 @@ def localize(model: torch.nn.Module, records: Sequence[LocRecord], classes: Mapp
             tensor = torch.from_numpy(pixels.transpose(2, 0, 1).copy()).to(device)
             # an R-CNN stage crops its regions from the image at its own resolution, not from the view
             source = {"source": (image, view)} if getattr(model, "wants_source_image", False) else {}
-            for c, (boxes, scores) in model.class_boxes(tensor, classes[record.image_id], top_n=top_n,
-                                                         nms_thresh=nms, **source).items():
+            for c, (boxes, scores) in model.class_boxes(
+                tensor, classes[record.image_id], top_n=top_n, nms_thresh=nms, **source
+            ).items():
                 box, score = _pick_box(boxes.cpu(), scores.cpu(), box_mode, average_top)
                 if c not in best or score > best[c][1]:
                     best[c] = (view.to_original(box[None], w, h)[0], score)
@@ -87,8 +101,9 @@ def classifier_label_map(class_names: Sequence[str], synsets: Sequence[str], wor
 
 
 @torch.no_grad()
-def predict_classes(loaded: Any, records: Sequence[LocRecord], label_map: Sequence[int], *, mode: str = "1crop",
-                    top_k: int = 5) -> dict[str, list[int]]:
+def predict_classes(
+    loaded: Any, records: Sequence[LocRecord], label_map: Sequence[int], *, mode: str = "1crop", top_k: int = 5
+) -> dict[str, list[int]]:
     """Top-k synset labels per image from a train_cls classifier (a ``LoadedClassifier``): its 1-crop test
     (per-pixel mean) or its dense multi-scale test (average of the softmax over windows and scales)."""
     from detres.engine.cls_eval import build_normalize, default_geometry
@@ -101,8 +116,10 @@ def predict_classes(loaded: Any, records: Sequence[LocRecord], label_map: Sequen
     for record in records:
         image = read_image_rgb(record.path)
         if mode == "dense":
-            probs = sum(dense_probs(model, _chw(normalize(resize_shorter_side(image, s).astype(np.float32))), window)
-                        for s in geometry["scales"])
+            probs = sum(
+                dense_probs(model, _chw(normalize(resize_shorter_side(image, s).astype(np.float32))), window)
+                for s in geometry["scales"]
+            )
         else:
             view = center_crop(resize_shorter_side(image, geometry["resize"]), geometry["crop"]).astype(np.float32)
             probs = model(_chw(normalize(view))).softmax(1)
@@ -115,10 +132,19 @@ def _chw(image: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))[None]
 
 
-def test_localizer(model: torch.nn.Module, records: Sequence[LocRecord], *, crop: int, scale: int,
-                   scales: Sequence[int] = (), modes: Sequence[str] = ("1crop", "dense"),
-                   predicted: Mapping[str, Sequence[int]] | None = None, out_dir: str | Path | None = None,
-                   row_prefix: str = "rpn", **box_options: Any) -> dict[str, Any]:
+def test_localizer(
+    model: torch.nn.Module,
+    records: Sequence[LocRecord],
+    *,
+    crop: int,
+    scale: int,
+    scales: Sequence[int] = (),
+    modes: Sequence[str] = ("1crop", "dense"),
+    predicted: Mapping[str, Sequence[int]] | None = None,
+    out_dir: str | Path | None = None,
+    row_prefix: str = "rpn",
+    **box_options: Any,
+) -> dict[str, Any]:
     """Table 13's RPN rows: LOC error on the ground-truth class for each of ``modes`` and, with ``predicted``
     (image id -> top-5 labels), top-1/top-5 LOC error of dense testing on the predicted classes.
 
@@ -140,13 +166,15 @@ def test_localizer(model: torch.nn.Module, records: Sequence[LocRecord], *, crop
         found = localize(model, records, wanted, mode=mode, scales=views, crop=crop, **box_options)
         seconds = round(time.process_time() - started, 1)
         guesses = _guesses(found, gt_classes)
-        rows[f"{row_prefix}_{mode}_gt_class"] = dict(evaluate_localization(gt, guesses, image_ids=ids),
-                                                     cpu_s=seconds, predictions=guesses)
+        rows[f"{row_prefix}_{mode}_gt_class"] = dict(
+            evaluate_localization(gt, guesses, image_ids=ids), cpu_s=seconds, predictions=guesses
+        )
         if mode == "dense" and predicted is not None:
             top5 = {i: list(predicted[i])[:5] for i in ids}
             guesses = _guesses(found, top5)
-            rows[f"{row_prefix}_dense_predicted"] = dict(evaluate_localization(gt, guesses, image_ids=ids),
-                                                         cpu_s=seconds, predictions=guesses)
+            rows[f"{row_prefix}_dense_predicted"] = dict(
+                evaluate_localization(gt, guesses, image_ids=ids), cpu_s=seconds, predictions=guesses
+            )
     if out_dir is not None:
         out = Path(out_dir)
         for name, row in rows.items():
@@ -169,10 +197,14 @@ def whole_image_baseline(records: Sequence[LocRecord]) -> float:
     return float(evaluate_localization(gt, guesses)["gt_known_loc_err"])
 
 
-ROW_TITLES = {"rpn_1crop_gt_class": "RPN 1-crop, ground-truth class", "rpn_dense_gt_class": "RPN dense, ground-truth class",
-              "rpn_dense_predicted": "RPN dense, predicted classes",
-              "rpn_rcnn_1crop_gt_class": "RPN+R-CNN 1-crop, GT class", "rpn_rcnn_dense_gt_class":
-              "RPN+R-CNN dense, GT class", "rpn_rcnn_dense_predicted": "RPN+R-CNN dense, predicted classes"}
+ROW_TITLES = {
+    "rpn_1crop_gt_class": "RPN 1-crop, ground-truth class",
+    "rpn_dense_gt_class": "RPN dense, ground-truth class",
+    "rpn_dense_predicted": "RPN dense, predicted classes",
+    "rpn_rcnn_1crop_gt_class": "RPN+R-CNN 1-crop, GT class",
+    "rpn_rcnn_dense_gt_class": "RPN+R-CNN dense, GT class",
+    "rpn_rcnn_dense_predicted": "RPN+R-CNN dense, predicted classes",
+}
 
 
 def format_table(report: Mapping[str, Any]) -> str:
@@ -183,13 +215,20 @@ def format_table(report: Mapping[str, Any]) -> str:
     for name, row in report["rows"].items():
         predicted = name.endswith("predicted")
         classifier = row if predicted else classifier
-        cells = ["-" if predicted else f"{100 * row['gt_known_loc_err']:.2f}",
-                 f"{100 * row['top1_loc_err']:.2f}" if predicted else "-",
-                 f"{100 * row['top5_loc_err']:.2f}" if predicted else "-", f"{row.get('cpu_s', float('nan')):.1f}"]
+        cells = [
+            "-" if predicted else f"{100 * row['gt_known_loc_err']:.2f}",
+            f"{100 * row['top1_loc_err']:.2f}" if predicted else "-",
+            f"{100 * row['top5_loc_err']:.2f}" if predicted else "-",
+            f"{row.get('cpu_s', float('nan')):.1f}",
+        ]
         lines.append(f"{ROW_TITLES.get(name, name):34s} {cells[0]:>16s} {cells[1]:>14s} {cells[2]:>14s} {cells[3]:>8s}")
-    lines.append(f"{'whole-image box, ground-truth class':34s} {100 * report['box_baseline']:>16.2f} "
-                 f"{'-':>14s} {'-':>14s}   ({report['num_images']} images)")
+    lines.append(
+        f"{'whole-image box, ground-truth class':34s} {100 * report['box_baseline']:>16.2f} "
+        f"{'-':>14s} {'-':>14s}   ({report['num_images']} images)"
+    )
     if classifier is not None:
-        lines.append(f"classifier: top-1 / top-5 classification error {100 * classifier['top1_cls_err']:.2f} / "
-                     f"{100 * classifier['top5_cls_err']:.2f} %")
+        lines.append(
+            f"classifier: top-1 / top-5 classification error {100 * classifier['top1_cls_err']:.2f} / "
+            f"{100 * classifier['top5_cls_err']:.2f} %"
+        )
     return "\n".join(lines)

@@ -4,13 +4,15 @@ mini-batches drawn across images, and one SGD step on their warped crops.
 Under torchrun the stage is data-parallel: every rank builds the proposals of its shard of the training images
 (gathered into one cache, which rank 0 saves), draws the same global region batch from the (seed, iteration)
 generator and trains on its slice of it, DDP averaging the gradients; rank 0 alone writes files and tests."""
+
 from __future__ import annotations
 
 import logging
 import time
 from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,28 +22,53 @@ from detres.config.load import Config
 from detres.data.bad_samples import BadSamples, write_skipped
 from detres.data.image_io import read_image_rgb
 from detres.data.loc_dataset import LocRecord
-from detres.data.samplers import rank_share
 from detres.data.loc_transforms import LocTestTransform
+from detres.data.samplers import rank_share
 from detres.engine.amp import SCALER_KEY, MixedPrecision, mixed_precision_from_config, scaler_state_into
+from detres.engine.checkpoint import CheckpointManager, Diverged, check_finite_payload
 from detres.engine.det_trainer import LossWindow, build_step_solver
-from detres.engine.logging import JsonLinesLogger, read_json_lines
+from detres.engine.distributed import (
+    MethodCall,
+    all_gather_objects,
+    broadcast_object,
+    get_rank,
+    get_world_size,
+    is_main_process,
+    mean_over_ranks,
+    on_main,
+    start_distributed_run,
+    wrap_ddp,
+)
 from detres.engine.loc_eval import format_table
+from detres.engine.logging import JsonLinesLogger, read_json_lines
 from detres.engine.optimizer import set_lr
 from detres.engine.plots import plot_curves
-from detres.engine.checkpoint import CheckpointManager, Diverged, check_finite_payload
-from detres.engine.distributed import (MethodCall, all_gather_objects, broadcast_object, get_rank, get_world_size,
-                                      is_main_process, mean_over_ranks, on_main, start_distributed_run, wrap_ddp)
 from detres.engine.run_setup import stop_if_signalled
 from detres.models.loc_rpn import RPNLocalizer, load_localizer
-from detres.models.rcnn_loc import (CROP_SOURCES, RCNNLocalizer, RPNRCNNLocalizer, assign_rcnn_targets,
-                                    build_rcnn_localizer, rcnn_localizer_kwargs_from_config, rcnn_localizer_payload,
-                                    save_rcnn_localizer)
+from detres.models.rcnn_loc import (
+    CROP_SOURCES,
+    RCNNLocalizer,
+    RPNRCNNLocalizer,
+    assign_rcnn_targets,
+    build_rcnn_localizer,
+    rcnn_localizer_kwargs_from_config,
+    rcnn_localizer_payload,
+    save_rcnn_localizer,
+)
 from detres.utils.atomic import write_json_atomic
 from detres.utils.checkpoint import load_checkpoint, save_checkpoint
 from detres.utils.dist import finite_on_all_ranks, shard_indices, unshard
 
-__all__ = ["RegionCache", "cache_proposals", "proposal_cache", "rank_slice", "rcnn_train_step", "sample_regions",
-           "to_image_frame", "train_rcnn_stage"]
+__all__ = [
+    "RegionCache",
+    "cache_proposals",
+    "proposal_cache",
+    "rank_slice",
+    "rcnn_train_step",
+    "sample_regions",
+    "to_image_frame",
+    "train_rcnn_stage",
+]
 
 log = logging.getLogger(__name__)
 # Per training image: rois [n,4], their proposal classes [n] (1..K), R-CNN labels [n] (0..K), matched gt boxes [n,4].
@@ -49,8 +76,14 @@ RegionCache = list[dict[str, Tensor]]
 
 
 @torch.no_grad()
-def cache_proposals(rpn: RPNLocalizer, samples: Iterable[tuple[Tensor, Tensor, Tensor]], *, top_n: int = 200,
-                    nms_thresh: float | None = None, fg_iou_thresh: float = 0.5) -> RegionCache:
+def cache_proposals(
+    rpn: RPNLocalizer,
+    samples: Iterable[tuple[Tensor, Tensor, Tensor]],
+    *,
+    top_n: int = 200,
+    nms_thresh: float | None = None,
+    fg_iou_thresh: float = 0.5,
+) -> RegionCache:
     """Run the trained per-class RPN once per training image (``samples``: image [3,H,W] 0..255, gt boxes [G,4] in
     its pixels, gt labels [G] in 1..K) and keep, for each ground-truth class, its ``top_n`` best boxes (the paper's
     200) with their R-CNN targets. Computed once: the RPN is fixed during the R-CNN stage."""
@@ -65,14 +98,20 @@ def cache_proposals(rpn: RPNLocalizer, samples: Iterable[tuple[Tensor, Tensor, T
         owners_t = torch.cat(owners) if owners else torch.zeros(0, dtype=torch.long)
         keep = (rois_t[:, 2] > rois_t[:, 0]) & (rois_t[:, 3] > rois_t[:, 1])  # a clipped box can be empty
         rois_t, owners_t = rois_t[keep], owners_t[keep]
-        labels, matched = assign_rcnn_targets(rois_t, owners_t, gt_boxes.cpu(), gt_labels.cpu(),
-                                              fg_iou_thresh=fg_iou_thresh)
+        labels, matched = assign_rcnn_targets(
+            rois_t, owners_t, gt_boxes.cpu(), gt_labels.cpu(), fg_iou_thresh=fg_iou_thresh
+        )
         cache.append({"rois": rois_t, "classes": owners_t, "labels": labels, "matched": matched})
     return cache
 
 
-def sample_regions(cache: RegionCache, batch_size: int = 256, *, generator: torch.Generator | None = None,
-                   fg_fraction: float | None = None) -> list[tuple[int, int]]:
+def sample_regions(
+    cache: RegionCache,
+    batch_size: int = 256,
+    *,
+    generator: torch.Generator | None = None,
+    fg_fraction: float | None = None,
+) -> list[tuple[int, int]]:
     """One RoI-centric mini-batch: ``batch_size`` (image, region) pairs drawn from all cached regions of all images.
 
     ``fg_fraction`` None draws uniformly (the paper gives no ratio); a number caps the foreground share at that
@@ -99,10 +138,16 @@ def _draw(population: int, count: int, generator: torch.Generator | None) -> lis
     return torch.randint(population, (count,), generator=generator).tolist()
 
 
-def rcnn_train_step(model: RCNNLocalizer, optimizer: torch.optim.Optimizer,
-                    images: Mapping[int, Tensor] | Sequence[Tensor],
-                    cache: RegionCache, batch: Sequence[tuple[int, int]], *,
-                    amp: MixedPrecision | None = None, losses_of: Callable[..., Any] | None = None) -> dict[str, float]:
+def rcnn_train_step(
+    model: RCNNLocalizer,
+    optimizer: torch.optim.Optimizer,
+    images: Mapping[int, Tensor] | Sequence[Tensor],
+    cache: RegionCache,
+    batch: Sequence[tuple[int, int]],
+    *,
+    amp: MixedPrecision | None = None,
+    losses_of: Callable[..., Any] | None = None,
+) -> dict[str, float]:
     """One SGD step on a region mini-batch (from :func:`sample_regions`): crop and warp each region from its image
     (``images[i]`` is the image the cache's boxes of entry i refer to), then the cls + reg losses; returns them.
     ``amp``: the losses under its CUDA autocast and a scaled step (None = fp32, as on CPU). ``losses_of``: what
@@ -135,8 +180,9 @@ def rcnn_train_step(model: RCNNLocalizer, optimizer: torch.optim.Optimizer,
     return {"loss": total.item(), **{key: value.item() for key, value in losses.items()}}
 
 
-def _view_samples(records: Sequence[LocRecord], view: LocTestTransform, scales: list[tuple[float, float]]
-                  ) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+def _view_samples(
+    records: Sequence[LocRecord], view: LocTestTransform, scales: list[tuple[float, float]]
+) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
     """(dense test view [3,h,w] 0..255, gt boxes in its pixels, gt labels) per record: the RPN's test view. Appends
     each view's (sx, sy) (view pixels per image pixel) to ``scales``."""
     for record in records:
@@ -144,8 +190,11 @@ def _view_samples(records: Sequence[LocRecord], view: LocTestTransform, scales: 
         pixels, where = view(image)
         scales.append((where.sx, where.sy))
         boxes = np.asarray(record.boxes, np.float64).reshape(-1, 4) * [where.sx, where.sy, where.sx, where.sy]
-        yield (torch.from_numpy(pixels.transpose(2, 0, 1).copy()), torch.from_numpy(boxes).float(),
-               torch.as_tensor(record.labels, dtype=torch.long))
+        yield (
+            torch.from_numpy(pixels.transpose(2, 0, 1).copy()),
+            torch.from_numpy(boxes).float(),
+            torch.as_tensor(record.labels, dtype=torch.long),
+        )
 
 
 def to_image_frame(cache: RegionCache, scales: Sequence[tuple[float, float]]) -> RegionCache:
@@ -172,8 +221,15 @@ def _saved_cache(path: Path, made_with: dict[str, Any]) -> tuple[RegionCache, li
     return saved["regions"], [tuple(s) for s in saved["view_scales"]]
 
 
-def proposal_cache(rpn: RPNLocalizer, train: Sequence[LocRecord], view: LocTestTransform, path: Path,
-                   made_with: dict[str, Any], *, fg_iou_thresh: float) -> tuple[RegionCache, list[tuple[float, float]]]:
+def proposal_cache(
+    rpn: RPNLocalizer,
+    train: Sequence[LocRecord],
+    view: LocTestTransform,
+    path: Path,
+    made_with: dict[str, Any],
+    *,
+    fg_iou_thresh: float,
+) -> tuple[RegionCache, list[tuple[float, float]]]:
     """(:func:`cache_proposals` of every training image, each dense view's (sx, sy)): read from ``path`` when it was
     made with ``made_with``, else computed and saved there. Under torchrun rank 0 reads the file and sends it to
     the others; a computation is split over the ranks (strided shards) and gathered in image order everywhere."""
@@ -182,8 +238,13 @@ def proposal_cache(rpn: RPNLocalizer, train: Sequence[LocRecord], view: LocTestT
         return saved
     mine = shard_indices(len(train))
     scales: list[tuple[float, float]] = []
-    part = cache_proposals(rpn, _view_samples([train[i] for i in mine], view, scales), top_n=made_with["top_n"],
-                           nms_thresh=made_with["nms"], fg_iou_thresh=fg_iou_thresh)
+    part = cache_proposals(
+        rpn,
+        _view_samples([train[i] for i in mine], view, scales),
+        top_n=made_with["top_n"],
+        nms_thresh=made_with["nms"],
+        fg_iou_thresh=fg_iou_thresh,
+    )
     parts = all_gather_objects((part, scales))
     cache, scales = unshard([p[0] for p in parts]), unshard([p[1] for p in parts])
     if is_main_process():
@@ -196,8 +257,9 @@ def rank_slice(batch: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
     return rank_share(batch, get_rank(), get_world_size())
 
 
-def train_rcnn_stage(cfg: Config, *, resume: bool | str = False, resume_from: str | Path | None = None,
-                     allow_model_change: bool = False) -> dict[str, Any]:
+def train_rcnn_stage(
+    cfg: Config, *, resume: bool | str = False, resume_from: str | Path | None = None, allow_model_change: bool = False
+) -> dict[str, Any]:
     """The R-CNN stage: proposals of the trained RPN (``model.rcnn.rpn_checkpoint``) on the training images' dense
     test views (shorter side ``test.scale``), cached once in ``proposals.pt``; RoI-centric SGD on their warped crops;
     then the RPN+R-CNN rows of Table 13 on the validation set. Same outputs and resuming as the RPN stage.
@@ -212,8 +274,10 @@ def train_rcnn_stage(cfg: Config, *, resume: bool | str = False, resume_from: st
         raise ValueError(f"model.rcnn.crop_source: must be one of {CROP_SOURCES}, got {rcnn_cfg.crop_source!r}")
     world = get_world_size()
     if int(rcnn_cfg.regions_per_batch) % world:
-        raise ValueError(f"model.rcnn.regions_per_batch ({rcnn_cfg.regions_per_batch}) must be a multiple of the "
-                         f"number of processes ({world}): each takes an equal slice of the global region batch")
+        raise ValueError(
+            f"model.rcnn.regions_per_batch ({rcnn_cfg.regions_per_batch}) must be a multiple of the "
+            f"number of processes ({world}): each takes an equal slice of the global region batch"
+        )
     bad = BadSamples.from_config(cfg)
     train, val, synsets = load_loc_records(cfg.data, bad_samples=bad)
     rpn, rpn_meta = load_localizer(rcnn_cfg.rpn_checkpoint)
@@ -228,11 +292,16 @@ def train_rcnn_stage(cfg: Config, *, resume: bool | str = False, resume_from: st
         model_args = rcnn_localizer_kwargs_from_config(cfg.model, num_classes=len(synsets))
     view = LocTestTransform(mode="dense", scale=int(cfg.test.scale))
     cache_path = out / "proposals.pt"
-    made_with = {"rpn_checkpoint": str(rcnn_cfg.rpn_checkpoint), "top_n": int(rcnn_cfg.proposals_per_class),
-                 "scale": int(cfg.test.scale), "nms": float(cfg.test.nms_thresh),
-                 "fg_iou": float(rcnn_cfg.fg_iou_thresh)}
-    cache, scales = proposal_cache(rpn.to(device), train, view, cache_path, made_with,
-                                   fg_iou_thresh=float(rcnn_cfg.fg_iou_thresh))
+    made_with = {
+        "rpn_checkpoint": str(rcnn_cfg.rpn_checkpoint),
+        "top_n": int(rcnn_cfg.proposals_per_class),
+        "scale": int(cfg.test.scale),
+        "nms": float(cfg.test.nms_thresh),
+        "fg_iou": float(rcnn_cfg.fg_iou_thresh),
+    }
+    cache, scales = proposal_cache(
+        rpn.to(device), train, view, cache_path, made_with, fg_iou_thresh=float(rcnn_cfg.fg_iou_thresh)
+    )
     model = build_rcnn_localizer(**model_args).to(device)
     if model.crop_source == "image":
         cache = to_image_frame(cache, scales)
@@ -249,37 +318,76 @@ def train_rcnn_stage(cfg: Config, *, resume: bool | str = False, resume_from: st
         """The stage's one writer of last.pt: kept copies, never a non-finite state; rank 0 alone under torchrun."""
         if not is_main_process():
             return last_path
-        payload = rcnn_localizer_payload(model, model_args, meta, iter=at, config=cfg.to_dict(),
-                                         optimizer=optimizer.state_dict())
+        payload = rcnn_localizer_payload(
+            model, model_args, meta, iter=at, config=cfg.to_dict(), optimizer=optimizer.state_dict()
+        )
         return start.checkpoints.save(scaler_state_into(payload, amp), at)
 
     with start.checkpoints.stop_on_divergence():  # a NaN / Inf: stop naming the last good checkpoint
         while iteration < solver.max_iter:
-            iteration = _rcnn_iteration((model, train_model), optimizer, schedule, amp, cache, train, view,
-                                        iteration, window, logger, cfg, started, save_last, start.checkpoints)
-            stop_if_signalled(iteration, lambda: save_last(iteration))
+            iteration = _rcnn_iteration(
+                (model, train_model),
+                optimizer,
+                schedule,
+                amp,
+                cache,
+                train,
+                view,
+                iteration,
+                window,
+                logger,
+                cfg,
+                started,
+                save_last,
+                start.checkpoints,
+            )
+            stop_if_signalled(iteration, lambda: save_last(iteration))  # noqa: B023
     train_cpu = time.process_time() - cpu_started
     if not is_main_process():
         return {}  # rank 0 saves and tests (the ranks' weights are the same)
     check_finite_payload({"model": model.state_dict()}, iteration, out / "model_final.pt")
     save_rcnn_localizer(out / "model_final.pt", model, model_args, meta, iter=iteration, config=cfg.to_dict())
-    plot_curves(read_json_lines(out / "metrics.jsonl"), out / "loss_curves.png",
-                series=[("loss", "total"), ("loss_rcnn_cls", "loss_rcnn_cls"), ("loss_rcnn_box", "loss_rcnn_box")],
-                title="R-CNN stage training losses", ylabel="loss")
+    plot_curves(
+        read_json_lines(out / "metrics.jsonl"),
+        out / "loss_curves.png",
+        series=[("loss", "total"), ("loss_rcnn_cls", "loss_rcnn_cls"), ("loss_rcnn_box", "loss_rcnn_box")],
+        title="R-CNN stage training losses",
+        ylabel="loss",
+    )
     pair = RPNRCNNLocalizer(rpn, model, score_fusion=cfg.test.rcnn_score_fusion).to(device).eval()
     # the whole Table 13 in one report: the RPN alone (1-crop, dense) and RPN+R-CNN (dense) on the same images
-    report = test_from_config(pair, cfg, val, synsets, out_dir=out / "test", modes=("dense",), row_prefix="rpn_rcnn",
-                              rpn_modes=("1crop", "dense"))
+    report = test_from_config(
+        pair,
+        cfg,
+        val,
+        synsets,
+        out_dir=out / "test",
+        modes=("dense",),
+        row_prefix="rpn_rcnn",
+        rpn_modes=("1crop", "dense"),
+    )
     report.update(iterations=iteration, train_cpu_s=round(train_cpu, 1), train_wall_s=round(time.time() - started, 1))
     write_json_atomic(out / "metrics.json", report)
     log.info("localization (%d val images):\n%s", len(val), format_table(report))
     return report
 
 
-def _rcnn_iteration(models: tuple[RCNNLocalizer, Any], optimizer: torch.optim.Optimizer, schedule,
-                    amp: MixedPrecision, cache: RegionCache, train: Sequence[LocRecord], view: LocTestTransform,
-                    iteration: int, window: LossWindow, logger: JsonLinesLogger, cfg: Config, started: float,
-                    save_last, checkpoints: CheckpointManager) -> int:
+def _rcnn_iteration(
+    models: tuple[RCNNLocalizer, Any],
+    optimizer: torch.optim.Optimizer,
+    schedule,
+    amp: MixedPrecision,
+    cache: RegionCache,
+    train: Sequence[LocRecord],
+    view: LocTestTransform,
+    iteration: int,
+    window: LossWindow,
+    logger: JsonLinesLogger,
+    cfg: Config,
+    started: float,
+    save_last,
+    checkpoints: CheckpointManager,
+) -> int:
     """One RoI-centric SGD step on this rank's slice of the global region batch, then the log line / checkpoint
     due; returns the iteration. ``models``: the plain model and what trains it (its DDP wrapper under torchrun)."""
     model, train_model = models

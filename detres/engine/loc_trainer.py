@@ -1,4 +1,5 @@
 """Training the localizer's RPN stage (Appendix C): per-class RPN on scale-augmented crops, then its Table-13 test."""
+
 from __future__ import annotations
 
 import logging
@@ -11,28 +12,46 @@ from torch.utils.data import BatchSampler, DataLoader
 from tqdm import tqdm
 
 from detres.config.load import Config
-from detres.data.loc_dataset import (LocDataset, LocRecord, collate_loc, read_ilsvrc_loc, read_tiny_imagenet_train,
-                                     read_tiny_imagenet_val_records, tiny_imagenet_synsets)
+from detres.data.bad_samples import BadSamples, write_skipped
+from detres.data.loc_dataset import (
+    LocDataset,
+    LocRecord,
+    collate_loc,
+    read_ilsvrc_loc,
+    read_tiny_imagenet_train,
+    read_tiny_imagenet_val_records,
+    tiny_imagenet_synsets,
+)
 from detres.data.loc_transforms import LocTrainTransform
 from detres.data.samplers import InfiniteSampler
-from detres.data.bad_samples import BadSamples, write_skipped
 from detres.data.validate import check_loc_sets
-from detres.engine.amp import SCALER_KEY, MixedPrecision, check_amp_dtype, mixed_precision_from_config
-from detres.engine.amp import scaler_state_into
+from detres.engine.amp import (
+    SCALER_KEY,
+    MixedPrecision,
+    check_amp_dtype,
+    mixed_precision_from_config,
+    scaler_state_into,
+)
+from detres.engine.checkpoint import CheckpointManager, Diverged, check_finite_payload
 from detres.engine.det_trainer import LossWindow, build_step_solver
-from detres.engine.logging import JsonLinesLogger, read_json_lines
+from detres.engine.distributed import (
+    distributed_run_guard,
+    is_main_process,
+    mean_over_ranks,
+    shard_batches,
+    start_distributed_run,
+    wrap_ddp,
+)
 from detres.engine.loc_eval import classifier_label_map, format_table, predict_classes, test_localizer
+from detres.engine.logging import JsonLinesLogger, read_json_lines
 from detres.engine.optimizer import set_lr
 from detres.engine.plots import plot_curves
-from detres.engine.checkpoint import CheckpointManager, Diverged, check_finite_payload
 from detres.engine.run_setup import stop_if_signalled
 from detres.engine.seeded_data import IterationKeyedBatches, IterationSeededDataset
-from detres.utils.dist import finite_on_all_ranks
-from detres.engine.distributed import distributed_run_guard, is_main_process, mean_over_ranks
-from detres.engine.distributed import shard_batches, start_distributed_run, wrap_ddp
 from detres.models.loc_rpn import build_rpn_localizer, rpn_localizer_kwargs_from_config
 from detres.utils.atomic import write_json_atomic
 from detres.utils.checkpoint import save_checkpoint
+from detres.utils.dist import finite_on_all_ranks
 
 __all__ = ["STAGES", "load_loc_records", "synset_words", "test_from_config", "train_localizer"]
 
@@ -41,8 +60,9 @@ STAGES = ("rpn", "rcnn")
 DATA_FORMATS = ("ilsvrc", "tiny_imagenet")
 
 
-def load_loc_records(data_cfg: Any, *, bad_samples: BadSamples | None = None
-                     ) -> tuple[list[LocRecord], list[LocRecord], list[str]]:
+def load_loc_records(
+    data_cfg: Any, *, bad_samples: BadSamples | None = None
+) -> tuple[list[LocRecord], list[LocRecord], list[str]]:
     """(training records, validation records, synsets) of ``data.format`` under ``data.root``.
 
     ``bad_samples`` collects what ``data.on_bad_sample=skip`` drops (a fresh collector by default), for the
@@ -54,8 +74,9 @@ def load_loc_records(data_cfg: Any, *, bad_samples: BadSamples | None = None
         raise FileNotFoundError(f"data.root: folder not found: {root}")
     bad = bad_samples if bad_samples is not None else BadSamples(data_cfg.get("on_bad_sample", "error"))
     if fmt == "ilsvrc":
-        train, synsets = read_ilsvrc_loc(root, data_cfg["train_split"], synsets_file=data_cfg["synsets"],
-                                         bad_samples=bad)
+        train, synsets = read_ilsvrc_loc(
+            root, data_cfg["train_split"], synsets_file=data_cfg["synsets"], bad_samples=bad
+        )
         val, _ = read_ilsvrc_loc(root, data_cfg["val_split"], synsets, bad_samples=bad)
     else:
         synsets = tiny_imagenet_synsets(root)
@@ -86,24 +107,42 @@ def _loader(dataset: LocDataset, cfg: Config, start_iter: int) -> DataLoader:
     ``seed`` its target carries) is seeded by (seed, t, i): a resumed run and a torchrun run (each rank taking its
     slice of the global batch) draw what one uninterrupted process draws."""
     batch = int(cfg.solver.images_per_batch)
-    sampler = BatchSampler(InfiniteSampler(len(dataset), seed=int(cfg.seed), start=start_iter * batch), batch,
-                           drop_last=True)
-    return DataLoader(IterationSeededDataset(dataset, seed=int(cfg.seed)),
-                      batch_sampler=IterationKeyedBatches(shard_batches(sampler), start_iter=start_iter),
-                      collate_fn=collate_loc,
-                      num_workers=cfg.data.num_workers,
-                      persistent_workers=cfg.data.num_workers > 0)
+    sampler = BatchSampler(
+        InfiniteSampler(len(dataset), seed=int(cfg.seed), start=start_iter * batch), batch, drop_last=True
+    )
+    return DataLoader(
+        IterationSeededDataset(dataset, seed=int(cfg.seed)),
+        batch_sampler=IterationKeyedBatches(shard_batches(sampler), start_iter=start_iter),
+        collate_fn=collate_loc,
+        num_workers=cfg.data.num_workers,
+        persistent_workers=cfg.data.num_workers > 0,
+    )
 
 
-def _save(path: Path, model: torch.nn.Module, model_args: dict, meta: dict, iteration: int, cfg: Config,
-          optimizer: torch.optim.Optimizer | None = None, amp: MixedPrecision | None = None, *,
-          checkpoints: CheckpointManager | None = None) -> Path:
+def _save(
+    path: Path,
+    model: torch.nn.Module,
+    model_args: dict,
+    meta: dict,
+    iteration: int,
+    cfg: Config,
+    optimizer: torch.optim.Optimizer | None = None,
+    amp: MixedPrecision | None = None,
+    *,
+    checkpoints: CheckpointManager | None = None,
+) -> Path:
     """The RPN stage's one checkpoint writer: ``last.pt`` through ``checkpoints`` (kept copies, finite check);
     rank 0 alone writes under torchrun."""
     if not is_main_process():
         return path
-    payload = {"model": model.state_dict(), "model_args": dict(model_args, weights_path=None), "meta": meta,
-               "iter": iteration, "stage": "rpn", "config": cfg.to_dict()}
+    payload = {
+        "model": model.state_dict(),
+        "model_args": dict(model_args, weights_path=None),
+        "meta": meta,
+        "iter": iteration,
+        "stage": "rpn",
+        "config": cfg.to_dict(),
+    }
     if optimizer is not None:
         payload["optimizer"] = optimizer.state_dict()
         scaler_state_into(payload, amp)
@@ -114,8 +153,14 @@ def _save(path: Path, model: torch.nn.Module, model_args: dict, meta: dict, iter
     return path
 
 
-def train_localizer(cfg: Config, *, resume: bool | str = False, stage: str = "rpn",
-                    resume_from: str | Path | None = None, allow_model_change: bool = False) -> dict[str, Any]:
+def train_localizer(
+    cfg: Config,
+    *,
+    resume: bool | str = False,
+    stage: str = "rpn",
+    resume_from: str | Path | None = None,
+    allow_model_change: bool = False,
+) -> dict[str, Any]:
     """Train the per-class RPN on ``data`` and test it on the validation set; returns the test report.
 
     Writes ``config.yaml``, ``metrics.jsonl``, ``last.pt`` (every ``checkpoint_period``, atomic),
@@ -126,12 +171,14 @@ def train_localizer(cfg: Config, *, resume: bool | str = False, stage: str = "rp
     :func:`detres.engine.run_setup.start_run`, :func:`detres.engine.run_setup.run_guard`.
     """
     with distributed_run_guard(cfg):  # torchrun: rank 0 holds the lock
-        return _train_localizer(cfg, resume=resume, stage=stage, resume_from=resume_from,
-                                allow_model_change=allow_model_change)
+        return _train_localizer(
+            cfg, resume=resume, stage=stage, resume_from=resume_from, allow_model_change=allow_model_change
+        )
 
 
-def _train_localizer(cfg: Config, *, resume: bool | str, stage: str, resume_from: str | Path | None,
-                     allow_model_change: bool) -> dict[str, Any]:
+def _train_localizer(
+    cfg: Config, *, resume: bool | str, stage: str, resume_from: str | Path | None, allow_model_change: bool
+) -> dict[str, Any]:
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
     check_amp_dtype(cfg.solver.amp_dtype)  # before any output is written
@@ -146,8 +193,13 @@ def _train_localizer(cfg: Config, *, resume: bool | str, stage: str, resume_from
     start = start_distributed_run(cfg, resume=resume, resume_from=resume_from, allow_model_change=allow_model_change)
     out, last_path, device, state = start.out, start.last_path, start.device, start.state
     write_skipped(out, bad)  # data.on_bad_sample=skip: the dropped samples, listed in the run folder (rank 0)
-    transform = LocTrainTransform(scale_min=cfg.input.scale_min, scale_max=cfg.input.scale_max, crop=cfg.input.crop,
-                                  hflip_prob=cfg.input.flip_prob, seed=cfg.seed)
+    transform = LocTrainTransform(
+        scale_min=cfg.input.scale_min,
+        scale_max=cfg.input.scale_max,
+        crop=cfg.input.crop,
+        hflip_prob=cfg.input.flip_prob,
+        seed=cfg.seed,
+    )
     train_set = LocDataset(train, synsets, transform=transform)
     if state is not None and not start.model_changed:
         model_args = dict(state["model_args"])
@@ -164,8 +216,9 @@ def _train_localizer(cfg: Config, *, resume: bool | str, stage: str, resume_from
     started, cpu_started = time.time(), time.process_time()
     iteration, window = start_iter, LossWindow()
     model.train()
-    progress = tqdm(total=solver.max_iter, initial=start_iter, desc="train_loc", dynamic_ncols=True,
-                    disable=not is_main_process())
+    progress = tqdm(
+        total=solver.max_iter, initial=start_iter, desc="train_loc", dynamic_ncols=True, disable=not is_main_process()
+    )
     train_model = wrap_ddp(model, device)  # torchrun: DDP averages the gradients; `model` stays the plain module
 
     def save_last(at: int) -> Path:
@@ -175,17 +228,34 @@ def _train_localizer(cfg: Config, *, resume: bool | str, stage: str, resume_from
     batches = iter(_loader(train_set, cfg, start_iter)) if start_iter < solver.max_iter else iter(())
     with start.checkpoints.stop_on_divergence():  # a NaN / Inf: stop naming the last good checkpoint
         while iteration < solver.max_iter:
-            iteration = _rpn_step(train_model, optimizer, schedule, amp, next(batches), iteration, window, logger,
-                                  progress, cfg, started, save_last, start.checkpoints)
-            stop_if_signalled(iteration, lambda: save_last(iteration))
+            iteration = _rpn_step(
+                train_model,
+                optimizer,
+                schedule,
+                amp,
+                next(batches),
+                iteration,
+                window,
+                logger,
+                progress,
+                cfg,
+                started,
+                save_last,
+                start.checkpoints,
+            )
+            stop_if_signalled(iteration, lambda: save_last(iteration))  # noqa: B023
     progress.close()
     train_cpu = time.process_time() - cpu_started
     if not is_main_process():
         return {}  # rank 0 tests and writes (the ranks' weights are the same)
     _save(out / "model_final.pt", model, model_args, meta, iteration, cfg)
-    plot_curves(read_json_lines(out / "metrics.jsonl"), out / "loss_curves.png",
-                series=[("loss", "total"), ("loss_rpn_cls", "loss_rpn_cls"), ("loss_rpn_box", "loss_rpn_box")],
-                title="per-class RPN training losses", ylabel="loss")
+    plot_curves(
+        read_json_lines(out / "metrics.jsonl"),
+        out / "loss_curves.png",
+        series=[("loss", "total"), ("loss_rpn_cls", "loss_rpn_cls"), ("loss_rpn_box", "loss_rpn_box")],
+        title="per-class RPN training losses",
+        ylabel="loss",
+    )
     report = test_from_config(model, cfg, val, synsets, out_dir=out / "test")
     report.update(iterations=iteration, train_cpu_s=round(train_cpu, 1), train_wall_s=round(time.time() - started, 1))
     write_json_atomic(out / "metrics.json", report)
@@ -193,9 +263,21 @@ def _train_localizer(cfg: Config, *, resume: bool | str, stage: str, resume_from
     return report
 
 
-def _rpn_step(model, optimizer, schedule, amp: MixedPrecision, batch: dict[str, Any], iteration: int,
-              window: LossWindow, logger: JsonLinesLogger, progress: tqdm, cfg: Config, started: float,
-              save_last, checkpoints: CheckpointManager) -> int:
+def _rpn_step(
+    model,
+    optimizer,
+    schedule,
+    amp: MixedPrecision,
+    batch: dict[str, Any],
+    iteration: int,
+    window: LossWindow,
+    logger: JsonLinesLogger,
+    progress: tqdm,
+    cfg: Config,
+    started: float,
+    save_last,
+    checkpoints: CheckpointManager,
+) -> int:
     """One SGD step of the per-class RPN, then the log line / checkpoint due; returns the iteration."""
     solver, device = cfg.solver, next(model.parameters()).device
     lr = schedule.lr_at(iteration)
@@ -220,10 +302,19 @@ def _rpn_step(model, optimizer, schedule, amp: MixedPrecision, batch: dict[str, 
     return iteration
 
 
-def test_from_config(model: torch.nn.Module, cfg: Config, val: list[LocRecord], synsets: list[str], *,
-                     out_dir: Path | None, modes: tuple[str, ...] = ("1crop", "dense"),
-                     classifier: str | None = None, classifier_mode: str | None = None,
-                     row_prefix: str = "rpn", rpn_modes: tuple[str, ...] = ()) -> dict[str, Any]:
+def test_from_config(
+    model: torch.nn.Module,
+    cfg: Config,
+    val: list[LocRecord],
+    synsets: list[str],
+    *,
+    out_dir: Path | None,
+    modes: tuple[str, ...] = ("1crop", "dense"),
+    classifier: str | None = None,
+    classifier_mode: str | None = None,
+    row_prefix: str = "rpn",
+    rpn_modes: tuple[str, ...] = (),
+) -> dict[str, Any]:
     """Table 13's rows on ``val`` with the ``test`` options; predicted classes need a classifier checkpoint.
 
     For an RPN + R-CNN pair (``model.rpn``), ``rpn_modes`` adds the rows of its RPN alone, tested on the same
@@ -238,10 +329,17 @@ def test_from_config(model: torch.nn.Module, cfg: Config, val: list[LocRecord], 
         names = loaded.class_names or []
         label_map = classifier_label_map(names, synsets, synset_words(cfg.data))
         predicted = predict_classes(loaded, val, label_map, mode=classifier_mode or cfg.test.classifier_mode)
-    options = {"crop": int(cfg.input.crop), "scale": int(cfg.test.scale), "scales": list(cfg.test.scales),
-               "predicted": predicted, "out_dir": out_dir, "top_n": int(cfg.test.top_n),
-               "nms_thresh": float(cfg.test.nms_thresh), "box_mode": cfg.test.box_mode,
-               "average_top": int(cfg.test.average_top)}
+    options = {
+        "crop": int(cfg.input.crop),
+        "scale": int(cfg.test.scale),
+        "scales": list(cfg.test.scales),
+        "predicted": predicted,
+        "out_dir": out_dir,
+        "top_n": int(cfg.test.top_n),
+        "nms_thresh": float(cfg.test.nms_thresh),
+        "box_mode": cfg.test.box_mode,
+        "average_top": int(cfg.test.average_top),
+    }
     rows: dict[str, Any] = {}
     if rpn_modes:
         rows.update(test_localizer(model.rpn, val, modes=rpn_modes, row_prefix="rpn", **options)["rows"])

@@ -2,14 +2,16 @@
 
 Only rank 0 of a distributed run writes either; the other ranks' loggers do nothing.
 """
+
 from __future__ import annotations
 
 import json
 import logging
 import math
 import numbers
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from detres.utils.dist import is_main_process
 

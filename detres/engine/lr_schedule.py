@@ -3,10 +3,11 @@
 torch's ReduceLROnPlateau does not compose with warm-up and fixed steps in one resumable object,
 so this small schedule keeps the three rules together and exposes a ``state_dict`` for resume.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -58,7 +59,9 @@ class LRSchedule:
         if int(patience) < 1:
             raise ValueError(f"plateau patience must be >= 1 validation, got {patience!r}")
         if int(min_iters_between_drops) != min_iters_between_drops or min_iters_between_drops < 0:
-            raise ValueError(f"min_iters_between_drops: expected a non-negative integer, got {min_iters_between_drops!r}")
+            raise ValueError(
+                f"min_iters_between_drops: expected a non-negative integer, got {min_iters_between_drops!r}"
+            )
         self.optimizer = optimizer
         self.base_lr = base_lr
         self.mode = mode
@@ -110,8 +113,12 @@ class LRSchedule:
         return True
 
     def state_dict(self) -> dict:
-        return {"plateau_drops": self.plateau_drops, "best_error": self.best_error, "bad_evals": self.bad_evals,
-                "last_drop_iter": self.last_drop_iter}
+        return {
+            "plateau_drops": self.plateau_drops,
+            "best_error": self.best_error,
+            "bad_evals": self.bad_evals,
+            "last_drop_iter": self.last_drop_iter,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.plateau_drops = int(state["plateau_drops"])

@@ -9,9 +9,11 @@ optimizer; frozen BN has buffers, not parameters, so it is not optimised either.
 The LR schedule gives one LR per iteration; :func:`set_lr` scales it by each group's ``lr_factor``
 (so warm-up and steps scale biases and weights alike).
 """
+
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -60,8 +62,13 @@ def detection_param_groups(
         (biases if is_bias(name) else weights).append(param)
     groups = [
         {"name": "weights", "params": weights, "lr_factor": 1.0, "lr": base_lr, "weight_decay": float(weight_decay)},
-        {"name": "biases", "params": biases, "lr_factor": float(bias_lr_factor), "lr": base_lr * bias_lr_factor,
-         "weight_decay": float(decay_bias)},
+        {
+            "name": "biases",
+            "params": biases,
+            "lr_factor": float(bias_lr_factor),
+            "lr": base_lr * bias_lr_factor,
+            "weight_decay": float(decay_bias),
+        },
     ]
     groups = [g for g in groups if g["params"]]
     if not groups:

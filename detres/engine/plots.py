@@ -1,16 +1,17 @@
 """Result PNGs: training curves (error vs iterations as in the ResNet paper's Fig. 4, losses) and PR curves."""
+
 from __future__ import annotations
 
 import io
 import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import matplotlib
 
 matplotlib.use("Agg")  # headless: no display on training machines
 import matplotlib.pyplot as plt  # noqa: E402
-
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
@@ -68,8 +69,14 @@ def pr_curves_figure(curves: Mapping[str, Mapping[str, Any]], *, title: str = ""
             ax.plot([], [], color="none", label=f"{name} (no positives)")
             continue
         recall, precision = np.asarray(curve["recall"]), np.asarray(curve["precision"])
-        ax.plot(recall, precision, color=colors(k % colors.N), lw=1.5, label=f"{name} (AP {100 * ap:.1f}%)",
-                marker="." if len(recall) == 1 else None)
+        ax.plot(
+            recall,
+            precision,
+            color=colors(k % colors.N),
+            lw=1.5,
+            label=f"{name} (AP {100 * ap:.1f}%)",
+            marker="." if len(recall) == 1 else None,
+        )
     ax.set(xlim=(0, 1), ylim=(0, 1.02), xlabel="recall", ylabel="precision", title=title)
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")  # beside the axes
@@ -91,8 +98,13 @@ def save_pr_curves(
 ) -> dict[str, dict[str, Any]]:
     """VOC precision-recall curves of ``detections`` on ``dataset`` (the evaluator's own arrays, same
     ground truth as evaluate_detection_dataset) plotted into ``out_png``; returns the curves."""
-    curves = voc_pr_curves(detections, dataset_ground_truth(dataset), dataset_class_names(dataset),
-                           iou_thresh=iou_thresh, use_07_metric=use_07_metric)
+    curves = voc_pr_curves(
+        detections,
+        dataset_ground_truth(dataset),
+        dataset_class_names(dataset),
+        iou_thresh=iou_thresh,
+        use_07_metric=use_07_metric,
+    )
     rule = "VOC07 11-point" if use_07_metric else "area under the precision envelope"
     plot_pr_curves(curves, out_png, title=f"VOC precision-recall at IoU {iou_thresh:g} (AP: {rule})")
     return curves

@@ -3,6 +3,7 @@
 The kernel drops a ``flock`` when its process dies (also by ``kill -9``), so a crashed run never leaves a
 stale lock behind: the file may stay, but it is only locked while a live process holds it.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -27,7 +28,7 @@ class RunLock:
         self.path = self.folder / LOCK_NAME
         self._owner = False
 
-    def __enter__(self) -> "RunLock":
+    def __enter__(self) -> RunLock:
         if self.folder in RunLock._held:
             return self  # this process already holds it (e.g. a stage that calls another trainer)
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -37,16 +38,19 @@ class RunLock:
         except BlockingIOError:
             holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "unknown"
             os.close(fd)
-            raise RunLockedError(f"{self.folder} is in use by another training run (pid {holder}, lock file "
-                                 f"{self.path}); wait for it to finish or choose another output_dir") from None
+            raise RunLockedError(
+                f"{self.folder} is in use by another training run (pid {holder}, lock file "
+                f"{self.path}); wait for it to finish or choose another output_dir"
+            ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
         RunLock._held[self.folder] = fd
         self._owner = True
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         if not self._owner:
             return
         fd = RunLock._held.pop(self.folder)

@@ -1,4 +1,5 @@
 """Start of every training run: the folder's lock, stop signals, the resume guard, the saved config, seeds, device."""
+
 from __future__ import annotations
 
 import logging
@@ -21,8 +22,17 @@ from detres.engine.seeded_data import seed_everything
 from detres.utils.checkpoint import load_checkpoint
 from detres.utils.dist import max_over_ranks
 
-__all__ = ["RESUME_MODES", "RunStart", "TrainingInterrupted", "load_model_state", "model_changes", "resolve_device",
-           "run_guard", "start_run", "stop_if_signalled"]
+__all__ = [
+    "RESUME_MODES",
+    "RunStart",
+    "TrainingInterrupted",
+    "load_model_state",
+    "model_changes",
+    "resolve_device",
+    "run_guard",
+    "start_run",
+    "stop_if_signalled",
+]
 
 log = logging.getLogger(__name__)
 # resume: False = a fresh run (an existing last.pt is refused), True = continue last.pt (it must exist),
@@ -32,7 +42,7 @@ DEFAULT_KEEP = 3  # solver.keep_checkpoints when a config predates the key
 
 
 def resolve_device(name: str) -> torch.device:
-    """"auto" = CUDA when available, else CPU; else cpu, cuda, cuda:N or mps, refused (ConfigError) if absent here."""
+    """ "auto" = CUDA when available, else CPU; else cpu, cuda, cuda:N or mps, refused (ConfigError) if absent here."""
     check_device(name, need_available=True)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -59,8 +69,10 @@ def _on_signal(signum: int, frame: Any) -> None:
     if _pending:
         raise KeyboardInterrupt  # a second signal: stop now, without the checkpoint
     _pending.append(signum)
-    log.warning("%s received: saving last.pt after the current step, then stopping (send it again to stop "
-                "at once)", signal.Signals(signum).name)
+    log.warning(
+        "%s received: saving last.pt after the current step, then stopping (send it again to stop at once)",
+        signal.Signals(signum).name,
+    )
 
 
 _owner_pid = [0]
@@ -97,7 +109,7 @@ def stop_if_signalled(iteration: int, save: Callable[[], Path]) -> None:
 def run_guard(output_dir: str | os.PathLike, *, lock: bool = True) -> Iterator[None]:
     """Around a whole training run: the folder's lock (one run per folder) and the stop-signal handlers.
     ``lock=False``: the handlers only (torchrun's ranks other than 0, whose rank 0 holds the lock)."""
-    with (RunLock(output_dir) if lock else nullcontext()), _stop_signals():
+    with RunLock(output_dir) if lock else nullcontext(), _stop_signals():
         try:
             yield
         except BaseException:
@@ -135,11 +147,17 @@ def load_model_state(model: torch.nn.Module, state_dict: Mapping[str, torch.Tens
     ours = model.state_dict()
     missing = [k for k in ours if k not in state_dict]
     extra = [k for k in state_dict if k not in ours]
-    shapes = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}" for k, v in ours.items()
-              if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)]
+    shapes = [
+        f"{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}"
+        for k, v in ours.items()
+        if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)
+    ]
     if missing or extra or shapes:
-        parts = [f"{what} {', '.join(names[:4])}{' ...' if len(names) > 4 else ''}"
-                 for what, names in (("missing", missing), ("unexpected", extra), ("shape mismatch:", shapes)) if names]
+        parts = [
+            f"{what} {', '.join(names[:4])}{' ...' if len(names) > 4 else ''}"
+            for what, names in (("missing", missing), ("unexpected", extra), ("shape mismatch:", shapes))
+            if names
+        ]
         raise ValueError(f"{source}: its weights do not fit the model built from this config ({'; '.join(parts)})")
     model.load_state_dict(state_dict)
 
@@ -154,8 +172,10 @@ def _resume_source(out: Path, resume: bool | str, resume_from: str | os.PathLike
             raise FileNotFoundError(f"--resume-from: checkpoint not found: {source}")
         return source
     if resume is True and not last.is_file():
-        raise FileNotFoundError(f"--resume: no checkpoint to continue in {out} ({last} does not exist); check "
-                                f"output_dir, or pass --resume-or-start to start fresh when there is none")
+        raise FileNotFoundError(
+            f"--resume: no checkpoint to continue in {out} ({last} does not exist); check "
+            f"output_dir, or pass --resume-or-start to start fresh when there is none"
+        )
     if resume is False and last.exists():
         raise FileExistsError(f"{last} exists: pass --resume to continue it or choose another output_dir")
     return last if resume and last.is_file() else None
@@ -178,8 +198,13 @@ class RunStart:
         return int(self.state["iter"]) if self.state is not None else 0
 
 
-def start_run(cfg: Config, *, resume: bool | str = False, resume_from: str | os.PathLike | None = None,
-              allow_model_change: bool = False) -> RunStart:
+def start_run(
+    cfg: Config,
+    *,
+    resume: bool | str = False,
+    resume_from: str | os.PathLike | None = None,
+    allow_model_change: bool = False,
+) -> RunStart:
     """Create ``cfg.output_dir`` (call inside :func:`run_guard`), remove temp files of a killed write, pick and
     check the checkpoint to resume, save the config, seed.
 
@@ -195,9 +220,11 @@ def start_run(cfg: Config, *, resume: bool | str = False, resume_from: str | os.
     state = load_checkpoint(source) if source is not None else None
     changes = model_changes(state.get("config"), cfg) if state is not None else []
     if changes and not allow_model_change:
-        raise ValueError(f"{source}: resuming with changed model options ({'; '.join(changes)}); resume with the "
-                         f"checkpoint's values, or pass --allow-model-change to build the new model and load the "
-                         f"old weights into it")
+        raise ValueError(
+            f"{source}: resuming with changed model options ({'; '.join(changes)}); resume with the "
+            f"checkpoint's values, or pass --allow-model-change to build the new model and load the "
+            f"old weights into it"
+        )
     keep = cfg.solver.get("keep_checkpoints", DEFAULT_KEEP)
     checkpoints = CheckpointManager(out, keep=keep, last_iter=int(state["iter"]) if state is not None else None)
     last_path = out / "last.pt"

@@ -8,10 +8,12 @@ crop window, flip, anchor sampling). So a run resumed at any iteration sees exac
 draws an uninterrupted run would have seen, whatever the number of loader workers or (for detection
 and localization) data-parallel processes.
 """
+
 from __future__ import annotations
 
 import random
-from typing import Any, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -61,8 +63,9 @@ class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
     batch size; ``drop_last=False`` yields every index exactly once (e.g. BN statistics over the set).
     """
 
-    def __init__(self, size: int, batch_size: int, *, seed: int, epoch: int, start_batch: int = 0,
-                 drop_last: bool = True) -> None:
+    def __init__(
+        self, size: int, batch_size: int, *, seed: int, epoch: int, start_batch: int = 0, drop_last: bool = True
+    ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if drop_last and size < batch_size:
@@ -138,6 +141,8 @@ class IterationSeededDataset(Dataset):
             transform.set_random_seed(seed)
         sample = self.dataset[index]
         if not isinstance(sample, dict):
-            raise TypeError(f"IterationSeededDataset: {type(self.dataset).__name__}[{index}] is a "
-                            f"{type(sample).__name__}, expected a detection sample dict")
+            raise TypeError(
+                f"IterationSeededDataset: {type(self.dataset).__name__}[{index}] is a "
+                f"{type(sample).__name__}, expected a detection sample dict"
+            )
         return {**sample, "seed": seed}

@@ -4,6 +4,7 @@ torch's ``nn.SyncBatchNorm`` runs on GPUs only; :class:`GlooSyncBatchNorm` compu
 differentiable all-reduces (``torch.distributed.nn``), so CPU (gloo) runs and tests get it too.
 :func:`convert_sync_batchnorm` picks torch's layer on CUDA and ours elsewhere.
 """
+
 from __future__ import annotations
 
 import torch
@@ -37,7 +38,7 @@ class GlooSyncBatchNorm(nn.BatchNorm2d):
         if self.track_running_stats and self.running_mean is not None:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
-                momentum = (1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum)
+                momentum = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
                 unbiased = var.detach() * (count / (count - 1).clamp(min=1))
                 self.running_mean.mul_(1 - momentum).add_(mean.detach(), alpha=momentum)
                 self.running_var.mul_(1 - momentum).add_(unbiased, alpha=momentum)
@@ -49,8 +50,9 @@ class GlooSyncBatchNorm(nn.BatchNorm2d):
 
 def _convert_gloo(module: nn.Module) -> nn.Module:
     if isinstance(module, nn.BatchNorm2d) and not isinstance(module, GlooSyncBatchNorm):
-        new = GlooSyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
-                                module.track_running_stats)
+        new = GlooSyncBatchNorm(
+            module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats
+        )
         new.load_state_dict(module.state_dict())
         new.train(module.training)
         return new

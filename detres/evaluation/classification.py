@@ -15,7 +15,7 @@ logits, is averaged so every view contributes a distribution of the same scale.
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence, Tuple, Union
+from collections.abc import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -71,14 +71,16 @@ def topk_errors(logits: Tensor, targets: Tensor, ks: Sequence[int] = (1, 5)) -> 
 
 def _linear_head(model: nn.Module) -> nn.Linear:
     if not callable(getattr(model, "forward_features", None)):
-        raise TypeError(f"dense evaluation needs model.forward_features(x) -> [B, C, h, w] ({type(model).__name__} has none)")
+        raise TypeError(
+            f"dense evaluation needs model.forward_features(x) -> [B, C, h, w] ({type(model).__name__} has none)"
+        )
     fc = getattr(model, "fc", None)
     if not isinstance(fc, nn.Linear):
         raise TypeError(f"dense evaluation needs model.fc to be an nn.Linear, got {type(fc).__name__}")
     return fc
 
 
-Window = Union[int, Tuple[int, int], None]  # k or (kh, kw) in feature-map cells; None = whole map
+Window = int | tuple[int, int] | None  # k or (kh, kw) in feature-map cells; None = whole map
 
 
 def _window_size(window, h: int, w: int) -> tuple[int, int]:
@@ -174,8 +176,9 @@ def _per_sample_views(images, scales: Sequence[int] | None) -> list[list[Tensor]
     return [list(s) if isinstance(s, (list, tuple)) else resized(s) for s in images]
 
 
-def _multiscale_scores(model: nn.Module, images, scales: Sequence[int] | None, device: torch.device,
-                       window: Window) -> Tensor:
+def _multiscale_scores(
+    model: nn.Module, images, scales: Sequence[int] | None, device: torch.device, window: Window
+) -> Tensor:
     samples = _per_sample_views(images, scales)
     num_views = len(samples[0])
     if num_views == 0 or any(len(v) != num_views for v in samples):
@@ -186,7 +189,7 @@ def _multiscale_scores(model: nn.Module, images, scales: Sequence[int] | None, d
         groups: dict[tuple[int, ...], list[int]] = {}
         for i, views in enumerate(samples):
             groups.setdefault(tuple(views[j].shape), []).append(i)
-        for shape, members in groups.items():
+        for members in groups.values():
             probs = dense_probs(model, torch.stack([samples[i][j] for i in members]).to(device), window)
             if total is None:
                 total = probs.new_zeros((len(samples), probs.shape[1]))
@@ -206,7 +209,8 @@ def _batch_scores(model: nn.Module, images, mode: str, scales, device: torch.dev
         return model(images).softmax(dim=1)
     if images.ndim != 5:
         raise ValueError(
-            f"10crop: expected a batch [B, num_crops, 3, H, W] (use TenCropEvalTransform), got shape {tuple(images.shape)}"
+            f"10crop: expected a batch [B, num_crops, 3, H, W] (use TenCropEvalTransform), "
+            f"got shape {tuple(images.shape)}"
         )
     b, n = images.shape[:2]
     probs = model(images.flatten(0, 1)).softmax(dim=1)

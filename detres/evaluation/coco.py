@@ -1,4 +1,5 @@
 """COCO box/mask AP (pycocotools or faster-coco-eval): the 12 summary numbers, per-category AP, input checks."""
+
 from __future__ import annotations
 
 import contextlib

@@ -1,4 +1,5 @@
 """Which library runs COCO evaluation: pycocotools (the default and the reference) or faster-coco-eval (C++)."""
+
 from __future__ import annotations
 
 import numbers

@@ -1,7 +1,9 @@
 """Evaluate a detector's outputs on a detection dataset with both COCO AP (pycocotools) and VOC mAP."""
+
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -28,10 +30,15 @@ def evaluation_records(dataset: Any) -> list[dict[str, Any]]:
         else:
             ann = dataset.annotation(index)
             boxes = np.asarray(ann["boxes"], dtype=np.float64).reshape(-1, 4)
-            rec = {"image_id": ann["image_id"], "orig_size": ann["orig_size"], "file_name": ann["file_name"],
-                   "boxes": boxes, "labels": np.asarray(ann["labels"], dtype=np.int64).reshape(-1),
-                   "iscrowd": np.asarray(ann["difficult"], dtype=bool).reshape(-1),
-                   "area": (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])}
+            rec = {
+                "image_id": ann["image_id"],
+                "orig_size": ann["orig_size"],
+                "file_name": ann["file_name"],
+                "boxes": boxes,
+                "labels": np.asarray(ann["labels"], dtype=np.int64).reshape(-1),
+                "iscrowd": np.asarray(ann["difficult"], dtype=bool).reshape(-1),
+                "area": (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]),
+            }
         records.append(rec)
     return records
 
@@ -43,8 +50,10 @@ def dataset_ground_truth(dataset: Any) -> dict[Any, dict[str, np.ndarray]]:
     COCO crowd regions are included as difficult objects, so the VOC metric ignores detections on
     them exactly as COCOeval does (they are left out of the training targets).
     """
-    return {rec["image_id"]: {"boxes": rec["boxes"], "labels": rec["labels"], "difficult": rec["iscrowd"]}
-            for rec in evaluation_records(dataset)}
+    return {
+        rec["image_id"]: {"boxes": rec["boxes"], "labels": rec["labels"], "difficult": rec["iscrowd"]}
+        for rec in evaluation_records(dataset)
+    }
 
 
 def dataset_to_coco_gt(dataset: Any) -> dict[str, Any]:
@@ -64,9 +73,16 @@ def dataset_to_coco_gt(dataset: Any) -> dict[str, Any]:
         images.append({"id": rec["image_id"], "height": int(h), "width": int(w), "file_name": str(rec["file_name"])})
         for box, label, crowd, area in zip(rec["boxes"], rec["labels"], rec["iscrowd"], rec["area"]):
             x1, y1, x2, y2 = (float(v) for v in box)
-            annotations.append({"id": len(annotations) + 1, "image_id": rec["image_id"],
-                                "category_id": to_category[int(label)], "bbox": [x1, y1, x2 - x1, y2 - y1],
-                                "area": float(area), "iscrowd": int(bool(crowd))})
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": rec["image_id"],
+                    "category_id": to_category[int(label)],
+                    "bbox": [x1, y1, x2 - x1, y2 - y1],
+                    "area": float(area),
+                    "iscrowd": int(bool(crowd)),
+                }
+            )
     categories = [{"id": int(c["id"]), "name": str(c["name"])} for c in dataset.categories]
     return {"images": images, "annotations": annotations, "categories": categories}
 
@@ -86,9 +102,15 @@ def evaluate_detection_dataset(
     regions (:func:`dataset_to_coco_gt`, :func:`dataset_ground_truth`), not the raw annotation file.
     ``coco_backend``: the library computing COCO AP ("pycocotools" or "faster_coco_eval", config ``test.coco_backend``).
     """
-    coco = evaluate_coco_detections(dataset_to_coco_gt(dataset), detections, dataset_label_to_category_id(dataset),
-                                    backend=coco_backend)
-    voc = evaluate_voc_detections(detections, dataset_ground_truth(dataset), dataset_class_names(dataset),
-                                  iou_thresh=iou_thresh_voc, use_07_metric=use_07_metric)
+    coco = evaluate_coco_detections(
+        dataset_to_coco_gt(dataset), detections, dataset_label_to_category_id(dataset), backend=coco_backend
+    )
+    voc = evaluate_voc_detections(
+        detections,
+        dataset_ground_truth(dataset),
+        dataset_class_names(dataset),
+        iou_thresh=iou_thresh_voc,
+        use_07_metric=use_07_metric,
+    )
     coco.pop("summary_text", None)
     return {"coco": coco, "voc": voc}

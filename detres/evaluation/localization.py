@@ -20,6 +20,7 @@ The metric follows the ILSVRC devkit's ``eval_clsloc.m`` / ``compute_overlap.m``
 Differences from the devkit, on purpose: more than 5 guesses on a line is an error (the devkit
 silently drops the extra ones), and every malformed line is an error naming ``file:line``.
 """
+
 from __future__ import annotations
 
 import math
@@ -32,8 +33,17 @@ from typing import Any
 from detres.utils.atomic import atomic_write_text
 
 __all__ = [
-    "IOU_THRESH", "MAX_GUESSES", "Box", "Guess", "devkit_box", "evaluate_localization", "format_loc_predictions",
-    "guess_is_correct", "inclusive_iou", "read_loc_predictions", "write_loc_predictions",
+    "IOU_THRESH",
+    "MAX_GUESSES",
+    "Box",
+    "Guess",
+    "devkit_box",
+    "evaluate_localization",
+    "format_loc_predictions",
+    "guess_is_correct",
+    "inclusive_iou",
+    "read_loc_predictions",
+    "write_loc_predictions",
 ]
 
 IOU_THRESH = 0.5

@@ -1,4 +1,5 @@
 """Detection result files: COCO results JSON and PASCAL VOC devkit per-class text files (read and write)."""
+
 from __future__ import annotations
 
 import json

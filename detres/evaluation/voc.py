@@ -24,6 +24,7 @@ Devkit rules implemented here, checked against the MATLAB VOCdevkit ``VOCevaldet
 * A class without non-difficult ground truth has undefined AP (the devkit divides by npos = 0): reported
   as NaN with a warning and left out of the mAP.
 """
+
 from __future__ import annotations
 
 import os
@@ -359,8 +360,10 @@ def evaluate_voc(
     classes = list(classes)
     unknown = [c for c in classes if c not in found]
     if strict_classes and unknown:  # its AP would be nan (no positives) and drag mAP to nan
-        raise ValueError(f"classes {unknown} have no object in the annotations under {annotations_dir}; "
-                         f"valid classes: {', '.join(found) or '(none)'}")
+        raise ValueError(
+            f"classes {unknown} have no object in the annotations under {annotations_dir}; "
+            f"valid classes: {', '.join(found) or '(none)'}"
+        )
     gts = _class_gts(voc_ground_truth(records, classes), len(classes))
     results, missing = [], []
     for name, class_gts in zip(classes, gts):

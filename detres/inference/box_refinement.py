@@ -11,13 +11,14 @@ Composed from the model's public parts only (``preprocess``, ``trunk``, ``rpn``,
 ``roi_heads.region_features`` / ``predict`` / ``decode_predictions``) and the shared
 :meth:`RoIHeads.postprocess_decoded`, which the ordinary eval forward also uses.
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
-from detres.inference.region_scorer import Scored, SingleScaleScorer, RegionScorer
+from detres.inference.region_scorer import RegionScorer, Scored, SingleScaleScorer
 from detres.models.postprocess import check_postprocess_options
 
 __all__ = ["refined_rois", "refine", "detect_with_refinement"]
@@ -61,8 +62,10 @@ def refine(scorer: RegionScorer, probs: Sequence[torch.Tensor], boxes: Sequence[
     """
     rois = refined_rois(probs, boxes, scorer.image_sizes)
     new_probs, new_boxes = scorer.score(rois)
-    return ([torch.cat([p, q]) for p, q in zip(probs, new_probs)],
-            [torch.cat([b, c]) for b, c in zip(boxes, new_boxes)])
+    return (
+        [torch.cat([p, q]) for p, q in zip(probs, new_probs)],
+        [torch.cat([b, c]) for b, c in zip(boxes, new_boxes)],
+    )
 
 
 @torch.no_grad()
@@ -95,8 +98,12 @@ def detect_with_refinement(
     heads = model.roi_heads
     voting = bool(heads.box_voting if voting is None else voting)
     voting_iou = float(heads.box_voting_iou if voting_iou is None else voting_iou)
-    check_postprocess_options(nms_method=heads.nms_method, soft_nms_sigma=heads.soft_nms_sigma,
-                              soft_nms_score_thresh=heads.soft_nms_score_thresh, box_voting_iou=voting_iou)
+    check_postprocess_options(
+        nms_method=heads.nms_method,
+        soft_nms_sigma=heads.soft_nms_sigma,
+        soft_nms_score_thresh=heads.soft_nms_score_thresh,
+        box_voting_iou=voting_iou,
+    )
     scorer = SingleScaleScorer(model, images, image_sizes)
     proposals, _ = scorer.propose()
     probs, boxes = refine(scorer, *scorer.score(proposals))

@@ -1,9 +1,11 @@
 """Run a detector over a dataset: batched forward passes, detections mapped back to original pixels, and the
 images split over the ranks of a distributed run (results gathered back in dataset order)."""
+
 from __future__ import annotations
 
 import contextlib
-from typing import Any, ContextManager, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Subset
@@ -13,11 +15,10 @@ from detres.data.collate import collate_detection
 from detres.data.worker_errors import readable
 from detres.inference.test_time import TestTimeOptions, detect_test_time
 from detres.models.postprocess import rescale_detections
-from detres.utils.dist import all_gather_objects, is_distributed, is_main_process, shard_indices
-from detres.utils.dist import unshard
+from detres.utils.dist import all_gather_objects, is_distributed, is_main_process, shard_indices, unshard
 
 
-def inference_autocast(device: torch.device | str, amp: bool) -> ContextManager:
+def inference_autocast(device: torch.device | str, amp: bool) -> contextlib.AbstractContextManager:
     """float16 CUDA autocast when ``amp`` and ``device`` is CUDA; otherwise nothing changes (CPU stays fp32:
     bf16 matmuls crash some CPUs and CPU autocast would change the detections)."""
     if amp and torch.device(device).type == "cuda":
@@ -26,8 +27,12 @@ def inference_autocast(device: torch.device | str, amp: bool) -> ContextManager:
 
 
 def detect_batch(
-    model: torch.nn.Module | Sequence[torch.nn.Module], batch: dict[str, Any], device: torch.device, *,
-    options: TestTimeOptions | None = None, amp: bool = False,
+    model: torch.nn.Module | Sequence[torch.nn.Module],
+    batch: dict[str, Any],
+    device: torch.device,
+    *,
+    options: TestTimeOptions | None = None,
+    amp: bool = False,
 ) -> list[dict[str, Any]]:
     """Detections of one collated batch, in each image's original pixel coordinates (CPU tensors).
 
@@ -77,8 +82,9 @@ def run_inference(
     if shard:
         dataset = Subset(dataset, shard_indices(len(dataset)))
     progress = progress and is_main_process()
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        collate_fn=collate_detection)
+    loader = DataLoader(
+        dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate_detection
+    )
     models = [model] if isinstance(model, torch.nn.Module) else list(model)
     was_training = [m.training for m in models]
     for m in models:

@@ -5,10 +5,12 @@ classifier, class probabilities and class-specific boxes are averaged over model
 post-processing. Members may differ in depth, backbone and global context; they must share the class
 list. The averaging itself is :class:`detres.inference.region_scorer.AveragedScorer`.
 """
+
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -39,8 +41,10 @@ def load_ensemble(
     first = metas[0]["class_names"]
     for path, meta in zip(checkpoints[1:], metas[1:]):
         if meta["class_names"] != first:
-            raise ValueError(f"{path} was trained on classes {meta['class_names']}, but {checkpoints[0]} on {first}: "
-                             "ensemble members must share the class list")
+            raise ValueError(
+                f"{path} was trained on classes {meta['class_names']}, but {checkpoints[0]} on {first}: "
+                "ensemble members must share the class list"
+            )
     return models, dict(metas[0], ensemble_checkpoints=[str(p) for p in checkpoints])
 
 

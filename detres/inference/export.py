@@ -1,10 +1,12 @@
 """Export a trained detector: TorchScript and ONNX files of its single-image eval forward, plus export.json."""
+
 from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -16,8 +18,17 @@ from detres.inference.export_module import ExportableDetector, trace_parts
 from detres.inference.fast_path import prepare_for_inference
 from detres.utils.atomic import atomic_write_bytes, write_json_atomic
 
-__all__ = ["EXPORT_FORMATS", "FILE_NAMES", "default_onnx_opset", "example_image", "export_detector", "export_input",
-           "export_onnx", "export_torchscript", "input_contract"]
+__all__ = [
+    "EXPORT_FORMATS",
+    "FILE_NAMES",
+    "default_onnx_opset",
+    "example_image",
+    "export_detector",
+    "export_input",
+    "export_onnx",
+    "export_torchscript",
+    "input_contract",
+]
 
 EXPORT_FORMATS = ("torchscript", "onnx")
 FILE_NAMES = {"torchscript": "model.ts", "onnx": "model.onnx"}
@@ -50,8 +61,13 @@ def export_input(image_rgb: np.ndarray, min_size: int, max_size: int) -> tuple[T
     [3,H',W']. Also returns (sx, sy) = (W'/W, H'/H): divide the boxes' x by sx and y by sy to get back."""
     transform = build_det_transforms(train=False, min_size=int(min_size), max_size=int(max_size))
     image = image_rgb if image_rgb.dtype == np.uint8 else image_rgb.astype(np.float32)
-    sample = {"image": np.ascontiguousarray(image), "boxes": np.zeros((0, 4), np.float32),
-              "labels": np.zeros(0, np.int64), "image_id": 0, "orig_size": tuple(image.shape[:2])}
+    sample = {
+        "image": np.ascontiguousarray(image),
+        "boxes": np.zeros((0, 4), np.float32),
+        "labels": np.zeros(0, np.int64),
+        "image_id": 0,
+        "orig_size": tuple(image.shape[:2]),
+    }
     out = finalize_sample(sample, transform)
     sx, sy = out["scale_xy"]
     return out["image"], (float(sx), float(sy))
@@ -72,8 +88,12 @@ def _check_example(example: Tensor) -> None:
 
 def _same_detections(a: Sequence[Tensor], b: Sequence[Tensor]) -> bool:
     """Two (boxes, scores, labels) results agree: same count and labels, values to fp32 rounding."""
-    return (a[0].shape == b[0].shape and torch.equal(a[2], b[2]) and torch.allclose(a[0], b[0], atol=1e-4)
-            and torch.allclose(a[1], b[1], atol=1e-6))
+    return (
+        a[0].shape == b[0].shape
+        and torch.equal(a[2], b[2])
+        and torch.allclose(a[0], b[0], atol=1e-4)
+        and torch.allclose(a[1], b[1], atol=1e-6)
+    )
 
 
 def _second_size(example: Tensor) -> Tensor:
@@ -89,8 +109,10 @@ def _trace_checked(module: ExportableDetector, example: Tensor) -> torch.jit.Scr
         traced = torch.jit.trace(module, (example,), check_trace=False)
     second = _second_size(example)
     if not _same_detections(traced(second), module(second)):
-        raise RuntimeError(f"export: the traced model does not generalise from {tuple(example.shape[1:])} to "
-                           f"{tuple(second.shape[1:])}: tracing froze a size-dependent step")
+        raise RuntimeError(
+            f"export: the traced model does not generalise from {tuple(example.shape[1:])} to "
+            f"{tuple(second.shape[1:])}: tracing froze a size-dependent step"
+        )
     return traced
 
 
@@ -104,7 +126,9 @@ def export_torchscript(model: nn.Module, path: str | Path, example: Tensor) -> s
         try:
             compiled, method = torch.jit.script(trace_parts(_exportable(model), example)), "script"
         except (RuntimeError, torch.jit.frontend.FrontendError) as exc:  # TorchScript's compile errors
-            warnings.warn(f"export_torchscript: scripting failed ({str(exc).splitlines()[0]}); tracing instead")
+            warnings.warn(
+                f"export_torchscript: scripting failed ({str(exc).splitlines()[0]}); tracing instead", stacklevel=2
+            )
             compiled, method = _trace_checked(_exportable(model), example), "trace"
         buffer = io.BytesIO()
         torch.jit.save(compiled, buffer)
@@ -133,8 +157,17 @@ def export_onnx(model: nn.Module, path: str | Path, example: Tensor, opset: int 
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript-based exporter is "legacy"
         warnings.simplefilter("ignore", FutureWarning)  # and so is the torch.jit.script its tracer calls
-        torch.onnx.export(module, (example,), buffer, dynamo=False, opset_version=opset, input_names=INPUT_NAMES,
-                          output_names=OUTPUT_NAMES, dynamic_axes=dynamic_axes, do_constant_folding=True)
+        torch.onnx.export(
+            module,
+            (example,),
+            buffer,
+            dynamo=False,
+            opset_version=opset,
+            input_names=INPUT_NAMES,
+            output_names=OUTPUT_NAMES,
+            dynamic_axes=dynamic_axes,
+            do_constant_folding=True,
+        )
     atomic_write_bytes(path, buffer.getvalue())
     return opset
 
@@ -142,21 +175,37 @@ def export_onnx(model: nn.Module, path: str | Path, example: Tensor, opset: int 
 def input_contract(meta: dict[str, Any]) -> dict[str, Any]:
     """What the exported models take and return (written to export.json)."""
     return {
-        "input": {"name": "image", "dtype": "float32", "shape": [3, "H", "W"],
-                  "values": "RGB on the 0..255 scale, not normalised (the model subtracts its pixel mean itself)",
-                  "resize": (f"as detres Predictor / detres.inference.export.export_input: shorter side "
-                             f"{meta.get('min_size_test')}, longer side at most {meta.get('max_size_test')}, "
-                             "cv2 bilinear; any H, W are accepted")},
-        "outputs": {"boxes": "float32 [N,4] xyxy, 0-based continuous pixels of the input image, clipped to it",
-                    "scores": "float32 [N], decreasing", "labels": "int64 [N] in 1..K (class_names[label-1])"},
+        "input": {
+            "name": "image",
+            "dtype": "float32",
+            "shape": [3, "H", "W"],
+            "values": "RGB on the 0..255 scale, not normalised (the model subtracts its pixel mean itself)",
+            "resize": (
+                f"as detres Predictor / detres.inference.export.export_input: shorter side "
+                f"{meta.get('min_size_test')}, longer side at most {meta.get('max_size_test')}, "
+                "cv2 bilinear; any H, W are accepted"
+            ),
+        },
+        "outputs": {
+            "boxes": "float32 [N,4] xyxy, 0-based continuous pixels of the input image, clipped to it",
+            "scores": "float32 [N], decreasing",
+            "labels": "int64 [N] in 1..K (class_names[label-1])",
+        },
         "to_original_pixels": "divide x by W_input/W_original and y by H_input/H_original, then clip",
     }
 
 
-def export_detector(model: nn.Module, out_dir: str | Path, *, formats: Sequence[str] = EXPORT_FORMATS,
-                    meta: dict[str, Any] | None = None, example_hw: tuple[int, int] = (320, 400),
-                    fast_path: bool = True, opset: int | None = None,
-                    source: str | None = None) -> dict[str, Any]:
+def export_detector(
+    model: nn.Module,
+    out_dir: str | Path,
+    *,
+    formats: Sequence[str] = EXPORT_FORMATS,
+    meta: dict[str, Any] | None = None,
+    example_hw: tuple[int, int] = (320, 400),
+    fast_path: bool = True,
+    opset: int | None = None,
+    source: str | None = None,
+) -> dict[str, Any]:
     """Export ``model`` (eval mode) into ``out_dir``: model.ts / model.onnx for ``formats`` and export.json.
 
     ``fast_path``: export :func:`prepare_for_inference`'s copy (frozen BN folded into the convs; same
@@ -173,16 +222,31 @@ def export_detector(model: nn.Module, out_dir: str | Path, *, formats: Sequence[
     written: dict[str, Any] = {}
     if "torchscript" in formats:
         method = export_torchscript(model, out_dir / FILE_NAMES["torchscript"], example)
-        written["torchscript"] = {"file": FILE_NAMES["torchscript"], "method": method,
-                                  "load": "torch.jit.load(file); boxes, scores, labels = m(image)"}
+        written["torchscript"] = {
+            "file": FILE_NAMES["torchscript"],
+            "method": method,
+            "load": "torch.jit.load(file); boxes, scores, labels = m(image)",
+        }
     if "onnx" in formats:
         used = export_onnx(model, out_dir / FILE_NAMES["onnx"], example, opset)
-        written["onnx"] = {"file": FILE_NAMES["onnx"], "opset": used,
-                           "exporter": "torch.onnx.export(dynamo=False), dynamic H, W",
-                           "input_names": INPUT_NAMES, "output_names": OUTPUT_NAMES}
-    info = {"checkpoint": source, "formats": written, "fast_path": bool(fast_path),
-            "torch": torch.__version__, "torchvision": torchvision.__version__, "example_hw": list(example_hw),
-            **input_contract(meta), "class_names": [str(n) for n in meta.get("class_names", [])],
-            "min_size_test": meta.get("min_size_test"), "max_size_test": meta.get("max_size_test")}
+        written["onnx"] = {
+            "file": FILE_NAMES["onnx"],
+            "opset": used,
+            "exporter": "torch.onnx.export(dynamo=False), dynamic H, W",
+            "input_names": INPUT_NAMES,
+            "output_names": OUTPUT_NAMES,
+        }
+    info = {
+        "checkpoint": source,
+        "formats": written,
+        "fast_path": bool(fast_path),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "example_hw": list(example_hw),
+        **input_contract(meta),
+        "class_names": [str(n) for n in meta.get("class_names", [])],
+        "min_size_test": meta.get("min_size_test"),
+        "max_size_test": meta.get("max_size_test"),
+    }
     write_json_atomic(out_dir / "export.json", info)
     return info

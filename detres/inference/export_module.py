@@ -1,8 +1,8 @@
 """The detector's single-image eval forward as one export-friendly module: image [3,H,W] -> (boxes, scores, labels)."""
+
 from __future__ import annotations
 
 import warnings
-from typing import Tuple
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +26,7 @@ def clip_to_image(boxes: Tensor, height: int, width: int) -> Tensor:
 
 # Compiled even when traced (as torchvision's batched_nms helpers are): a trace would freeze the branch and k.
 @torch.jit._script_if_tracing
-def pre_nms_top_n(boxes: Tensor, scores: Tensor, top_n: int) -> Tuple[Tensor, Tensor]:
+def pre_nms_top_n(boxes: Tensor, scores: Tensor, top_n: int) -> tuple[Tensor, Tensor]:
     """The ``top_n`` highest-scoring boxes, best first, where there are more; otherwise all, in their order."""
     if scores.shape[0] > top_n:
         scores, order = scores.topk(top_n)
@@ -35,7 +35,7 @@ def pre_nms_top_n(boxes: Tensor, scores: Tensor, top_n: int) -> Tuple[Tensor, Te
 
 
 @torch.jit._script_if_tracing
-def context_region(features: Tensor, image: Tensor, stride: int) -> Tuple[Tensor, Tensor]:
+def context_region(features: Tensor, image: Tensor, stride: int) -> tuple[Tensor, Tensor]:
     """ContextRoIHeads.context_features' input for one image: the feature cells its pixels fall in and the
     whole-image box [1,4] (compiled when traced: the crop size depends on the image size)."""
     height, width = image.shape[1], image.shape[2]
@@ -57,8 +57,10 @@ def _check_supported(model: nn.Module) -> None:
         raise ValueError("export: only the Faster R-CNN RPN (one objectness per anchor) is supported")
     heads = model.roi_heads
     if heads.nms_method != "nms" or heads.box_voting:
-        raise ValueError(f"export: only hard NMS without box voting is supported, the detector has "
-                         f"nms_method={heads.nms_method!r}, box_voting={heads.box_voting}")
+        raise ValueError(
+            f"export: only hard NMS without box voting is supported, the detector has "
+            f"nms_method={heads.nms_method!r}, box_voting={heads.box_voting}"
+        )
 
 
 class ExportableDetector(nn.Module):
@@ -147,8 +149,9 @@ class ExportableDetector(nn.Module):
             return roi_align(features, rois, size, self.spatial_scale, self.sampling_ratio, self.aligned)
         return roi_pool(features, rois, size, self.spatial_scale)
 
-    def detections(self, logits: Tensor, deltas: Tensor, proposals: Tensor, height: int,
-                   width: int) -> Tuple[Tensor, Tensor, Tensor]:
+    def detections(
+        self, logits: Tensor, deltas: Tensor, proposals: Tensor, height: int, width: int
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """RoIHeads.postprocess_detections for one image with hard NMS."""
         probs = F.softmax(logits, dim=-1)
         num_rois, num_cols = probs.shape[0], probs.shape[1]
@@ -174,7 +177,7 @@ class ExportableDetector(nn.Module):
         context = self.box_head(self.pool(cells, box))
         return torch.cat([regions, context.expand(regions.shape[0], context.shape[1])], dim=1)
 
-    def forward(self, image: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    def forward(self, image: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         height, width = image.shape[1], image.shape[2]
         features = self.trunk(self.normalise(image))
         proposals = self.proposals(features, height, width)

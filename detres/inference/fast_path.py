@@ -1,4 +1,5 @@
 """Inference-time model rewrites: fold frozen/eval BatchNorm into the preceding conv (same detections, fewer passes)."""
+
 from __future__ import annotations
 
 import copy
@@ -41,7 +42,9 @@ def _fold_pair(conv: nn.Conv2d, norm: nn.Module, where: str) -> None:
     """Rewrite ``conv`` in place so that conv'(x) == norm(conv(x)) in eval mode."""
     if isinstance(norm, nn.BatchNorm2d):
         if norm.training:
-            raise ValueError(f"fold_frozen_batchnorm: {where} is a BatchNorm2d in training mode; call model.eval() first")
+            raise ValueError(
+                f"fold_frozen_batchnorm: {where} is a BatchNorm2d in training mode; call model.eval() first"
+            )
         if norm.running_mean is None or norm.running_var is None:
             raise ValueError(f"fold_frozen_batchnorm: {where} has no running statistics (track_running_stats=False)")
     num_features = norm.running_mean.numel()

@@ -1,7 +1,8 @@
 """Horizontal-flip test-time augmentation: score the same RoIs on the mirrored image, mirror the boxes back."""
+
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -37,8 +38,12 @@ class FlippedScorer:
     averaged with the unflipped scorer (:class:`detres.inference.region_scorer.AveragedScorer`).
     """
 
-    def __init__(self, make_scorer: Callable[..., RegionScorer], images: Sequence[Tensor] | Tensor,
-                 image_sizes: Sequence[Sequence[int]]) -> None:
+    def __init__(
+        self,
+        make_scorer: Callable[..., RegionScorer],
+        images: Sequence[Tensor] | Tensor,
+        image_sizes: Sequence[Sequence[int]],
+    ) -> None:
         sizes = [(int(h), int(w)) for h, w in image_sizes]
         self.inner = make_scorer(flip_images(images, sizes), None)
         self.image_sizes = list(self.inner.image_sizes)

@@ -10,18 +10,19 @@ Proposals come from the RPN at the network input's (training) scale; ``pyramid_p
 the RPN on every level and merges the sets (NMS 0.7 on the union). All RoIs of all levels go through
 the post-RoI layers (conv5) in one batched call.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from detres.models.cpu_execution import cpu_roi_chunk
 from detres.inference.proposal_merge import merge_proposal_sets
 from detres.inference.region_scorer import Scored, SingleScaleScorer
+from detres.models.cpu_execution import cpu_roi_chunk
 
 __all__ = ["pyramid_size", "select_levels", "MultiScaleScorer"]
 

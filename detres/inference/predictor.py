@@ -1,8 +1,10 @@
 """Single-image inference with a trained detector: test-scale resize, forward pass, boxes in original pixels."""
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,8 +35,9 @@ class Predictor:
         self._setup(model, meta, torch.device(device), amp)
 
     @classmethod
-    def from_model(cls, model: torch.nn.Module, meta: dict[str, Any], device: torch.device | str = "cpu", *,
-                   amp: bool = False) -> "Predictor":
+    def from_model(
+        cls, model: torch.nn.Module, meta: dict[str, Any], device: torch.device | str = "cpu", *, amp: bool = False
+    ) -> Predictor:
         """A predictor around an already built detector and its metadata (as returned by ``load_detector``)."""
         missing = [k for k in ("class_names", "min_size_test", "max_size_test") if k not in meta]
         if missing:
@@ -52,8 +55,9 @@ class Predictor:
         self.options = TestTimeOptions()
         self.ensemble: list[torch.nn.Module] = []  # further members besides self.model (an ensemble)
         self.class_names: list[str] = [str(n) for n in meta["class_names"]]
-        self.transform = build_det_transforms(train=False, min_size=int(meta["min_size_test"]),
-                                              max_size=int(meta["max_size_test"]))
+        self.transform = build_det_transforms(
+            train=False, min_size=int(meta["min_size_test"]), max_size=int(meta["max_size_test"])
+        )
 
     def predict(self, image_rgb: np.ndarray, *, score_thresh: float = 0.0) -> dict[str, Any]:
         """Detections on one RGB image (uint8 or 0..255 float, [H, W, 3]) scoring at least ``score_thresh``.
@@ -68,8 +72,9 @@ class Predictor:
         if len(images_rgb) == 0:
             return []
         samples = [self._sample(i, image) for i, image in enumerate(images_rgb)]
-        outputs = detect_batch([self.model, *self.ensemble], collate_detection(samples), self.device,
-                               options=self.options, amp=self.amp)
+        outputs = detect_batch(
+            [self.model, *self.ensemble], collate_detection(samples), self.device, options=self.options, amp=self.amp
+        )
         return [self._to_result(det, score_thresh) for det in outputs]
 
     def _sample(self, index: int, image: Any) -> dict[str, Any]:
@@ -81,9 +86,14 @@ class Predictor:
                 raise ValueError(f"Predictor: image {index} must be uint8 or finite float (0..255), got {image.dtype}")
             # cv2's resize keeps float images float; values stay on the 0..255 scale the model expects.
             image = image.astype(np.float32)
-        sample = {"image": np.ascontiguousarray(image), "boxes": np.zeros((0, 4), np.float32),
-                  "labels": np.zeros(0, np.int64), "image_id": index, "orig_size": tuple(image.shape[:2]),
-                  "file_name": f"<image {index}>"}
+        sample = {
+            "image": np.ascontiguousarray(image),
+            "boxes": np.zeros((0, 4), np.float32),
+            "labels": np.zeros(0, np.int64),
+            "image_id": index,
+            "orig_size": tuple(image.shape[:2]),
+            "file_name": f"<image {index}>",
+        }
         return finalize_sample(sample, self.transform)
 
     def _to_result(self, det: dict[str, Any], score_thresh: float) -> dict[str, Any]:
@@ -91,6 +101,8 @@ class Predictor:
         boxes = det["boxes"][keep].numpy().astype(np.float32).reshape(-1, 4)
         scores = det["scores"][keep].numpy().astype(np.float32)
         labels = det["labels"][keep].numpy().astype(np.int64)
-        names = [self.class_names[label - 1] if 1 <= label <= len(self.class_names) else str(label)
-                 for label in labels.tolist()]
+        names = [
+            self.class_names[label - 1] if 1 <= label <= len(self.class_names) else str(label)
+            for label in labels.tolist()
+        ]
         return {"boxes": boxes, "scores": scores, "labels": labels, "class_names": names}

@@ -1,7 +1,8 @@
 """Union of several proposal sets of the same images (ensemble members, pyramid levels): NMS on the union, capped."""
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor

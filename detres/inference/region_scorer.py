@@ -8,9 +8,11 @@ scorer. A scorer computes its features once, at construction, and can score any 
 
 Boxes and RoIs are in the network input's pixels (the test-scale image), per image.
 """
+
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+from collections.abc import Sequence
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -47,8 +49,12 @@ class SingleScaleScorer:
         image_sizes: valid (h, w) of each image of a padded batch.
     """
 
-    def __init__(self, model: torch.nn.Module, images: Sequence[Tensor] | Tensor,
-                 image_sizes: Sequence[Sequence[int]] | None = None) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        images: Sequence[Tensor] | Tensor,
+        image_sizes: Sequence[Sequence[int]] | None = None,
+    ) -> None:
         check_eval_mode(model, "SingleScaleScorer")
         self.model = model
         batch, self.image_sizes = model.preprocess(images, image_sizes)

@@ -10,10 +10,12 @@ two pyramid levels, averaged with the mirrored image) -> averaged over members -
 refinement (the regressed boxes scored again the same way, union with the first pass) -> the first
 model's post-processing (per-class NMS or soft-NMS, box voting, top-k).
 """
+
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -66,7 +68,9 @@ class TestTimeOptions:
         if self.pyramid_proposals and not self.multiscale:
             raise ValueError("test-time options: pyramid_proposals needs multiscale")
         if self.proposal_nms_thresh is not None and not 0 < self.proposal_nms_thresh <= 1:
-            raise ValueError(f"test-time options: proposal_nms_thresh must be in (0, 1], got {self.proposal_nms_thresh}")
+            raise ValueError(
+                f"test-time options: proposal_nms_thresh must be in (0, 1], got {self.proposal_nms_thresh}"
+            )
         if self.max_proposals is not None and self.max_proposals < 1:
             raise ValueError(f"test-time options: max_proposals must be >= 1, got {self.max_proposals}")
 
@@ -74,8 +78,11 @@ class TestTimeOptions:
     def plain(self) -> bool:
         """True when no extra is on and the voting settings are the model's own (the model's forward then
         computes exactly what the pipeline does)."""
-        return not (self.box_refinement or self.multiscale or self.flip) and self.box_voting is None \
+        return (
+            not (self.box_refinement or self.multiscale or self.flip)
+            and self.box_voting is None
             and self.box_voting_iou is None
+        )
 
 
 def options_from_config(test_cfg: Mapping[str, Any], input_cfg: Mapping[str, Any]) -> TestTimeOptions:
@@ -97,7 +104,9 @@ def options_from_config(test_cfg: Mapping[str, Any], input_cfg: Mapping[str, Any
 
 
 def build_scorer(
-    model: torch.nn.Module, images: Sequence[Tensor] | Tensor, image_sizes: Sequence[Sequence[int]] | None,
+    model: torch.nn.Module,
+    images: Sequence[Tensor] | Tensor,
+    image_sizes: Sequence[Sequence[int]] | None,
     options: TestTimeOptions,
 ) -> RegionScorer:
     """One model's scorer for a batch: single- or multi-scale, averaged with its mirror when ``options.flip``."""
@@ -106,9 +115,15 @@ def build_scorer(
         if not options.multiscale:
             return SingleScaleScorer(model, imgs, sizes)
         return MultiScaleScorer(
-            model, imgs, sizes, scales=options.scales, max_size_ratio=options.max_size_ratio,
-            reference_size=options.reference_size, pyramid_proposals=options.pyramid_proposals,
-            proposal_nms_thresh=options.proposal_nms_thresh, max_proposals=options.max_proposals,
+            model,
+            imgs,
+            sizes,
+            scales=options.scales,
+            max_size_ratio=options.max_size_ratio,
+            reference_size=options.reference_size,
+            pyramid_proposals=options.pyramid_proposals,
+            proposal_nms_thresh=options.proposal_nms_thresh,
+            max_proposals=options.max_proposals,
         )
 
     scorer = make(images, image_sizes)
@@ -144,8 +159,12 @@ def detect_test_time(
     heads = models[0].roi_heads
     voting = bool(heads.box_voting if options.box_voting is None else options.box_voting)
     voting_iou = float(heads.box_voting_iou if options.box_voting_iou is None else options.box_voting_iou)
-    check_postprocess_options(nms_method=heads.nms_method, soft_nms_sigma=heads.soft_nms_sigma,
-                              soft_nms_score_thresh=heads.soft_nms_score_thresh, box_voting_iou=voting_iou)
+    check_postprocess_options(
+        nms_method=heads.nms_method,
+        soft_nms_sigma=heads.soft_nms_sigma,
+        soft_nms_score_thresh=heads.soft_nms_score_thresh,
+        box_voting_iou=voting_iou,
+    )
 
     scorers = [build_scorer(m, images, image_sizes, options) for m in models]
     if len(scorers) == 1:

@@ -1,10 +1,12 @@
 """Draw detections (boxes, class names, scores) on images and write them as PNG files."""
+
 from __future__ import annotations
 
 import colorsys
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import cv2
 import numpy as np
@@ -44,8 +46,9 @@ def _pixel_corners(box: np.ndarray, factor: int) -> tuple[tuple[int, int], tuple
     return (int(round(x1)), int(round(y1))), (int(round(x2)) - 1, int(round(y2)) - 1)
 
 
-def _draw_dashed_rect(canvas: np.ndarray, p1: tuple[int, int], p2: tuple[int, int],
-                      color: tuple[int, int, int], thickness: int, dash: int) -> None:
+def _draw_dashed_rect(
+    canvas: np.ndarray, p1: tuple[int, int], p2: tuple[int, int], color: tuple[int, int, int], thickness: int, dash: int
+) -> None:
     """A dashed rectangle outline (ground truth): ``dash`` pixels on, ``dash`` pixels off."""
     (x1, y1), (x2, y2) = p1, p2
     for x in range(x1, x2 + 1, 2 * dash):
@@ -56,8 +59,14 @@ def _draw_dashed_rect(canvas: np.ndarray, p1: tuple[int, int], p2: tuple[int, in
             cv2.line(canvas, (x, y), (x, min(y + dash - 1, y2)), color, thickness)
 
 
-def _draw_label(canvas: np.ndarray, text: str, anchor: tuple[int, int], color: tuple[int, int, int],
-                font_scale: float, thickness: int) -> None:
+def _draw_label(
+    canvas: np.ndarray,
+    text: str,
+    anchor: tuple[int, int],
+    color: tuple[int, int, int],
+    font_scale: float,
+    thickness: int,
+) -> None:
     """``text`` on a filled ``color`` box just above ``anchor`` (inside the box top when there is no room)."""
     (tw, th), base = cv2.getTextSize(text, FONT, font_scale, thickness)
     pad = max(2, th // 4)
@@ -65,8 +74,9 @@ def _draw_label(canvas: np.ndarray, text: str, anchor: tuple[int, int], color: t
     left = min(max(anchor[0], 0), max(canvas.shape[1] - w, 0))
     top = anchor[1] - h if anchor[1] - h >= 0 else max(anchor[1], 0)
     cv2.rectangle(canvas, (left, top), (left + w - 1, top + h - 1), color, -1)
-    cv2.putText(canvas, text, (left + pad, top + pad + th), FONT, font_scale, _text_color(color), thickness,
-                cv2.LINE_AA)
+    cv2.putText(
+        canvas, text, (left + pad, top + pad + th), FONT, font_scale, _text_color(color), thickness, cv2.LINE_AA
+    )
 
 
 def draw_detections(
@@ -96,8 +106,13 @@ def draw_detections(
     thickness = max(1, int(round(2 * scale)))
     if gt_boxes is not None:
         for box, label in zip(np.asarray(gt_boxes, dtype=np.float32).reshape(-1, 4), np.asarray(gt_labels)):
-            _draw_dashed_rect(canvas, *_pixel_corners(box, factor), class_color(int(label)),
-                              max(1, thickness // 2), dash=max(3, 3 * thickness))
+            _draw_dashed_rect(
+                canvas,
+                *_pixel_corners(box, factor),
+                class_color(int(label)),
+                max(1, thickness // 2),
+                dash=max(3, 3 * thickness),
+            )
     font_scale, font_thickness = max(0.4, 0.75 * scale), max(1, int(round(scale)))
     for box, label, score in sorted(zip(boxes, labels, scores), key=lambda d: d[2]):
         if score < score_thresh:
@@ -105,8 +120,9 @@ def draw_detections(
         color = class_color(int(label))
         p1, p2 = _pixel_corners(box, factor)
         cv2.rectangle(canvas, p1, p2, color, thickness)
-        _draw_label(canvas, f"{_label_name(int(label), class_names)} {score:.2f}", p1, color, font_scale,
-                    font_thickness)
+        _draw_label(
+            canvas, f"{_label_name(int(label), class_names)} {score:.2f}", p1, color, font_scale, font_thickness
+        )
     return canvas
 
 
@@ -135,12 +151,22 @@ def save_detection_pngs(
     for index, det in enumerate(detections[:count]):
         ann = dataset.annotation(index)
         if ann["image_id"] != det["image_id"]:
-            raise ValueError(f"detections are not in dataset order: image {index} is {ann['image_id']!r}, "
-                             f"detection is for {det['image_id']!r}")
+            raise ValueError(
+                f"detections are not in dataset order: image {index} is {ann['image_id']!r}, "
+                f"detection is for {det['image_id']!r}"
+            )
         image = read_image_rgb(ann["file_name"])
         gt = dict(gt_boxes=ann["boxes"], gt_labels=ann["labels"]) if show_ground_truth else {}
-        drawn = draw_detections(image, det["boxes"], det["labels"], det["scores"], class_names,
-                                score_thresh=score_thresh, min_side=min_side, **gt)
+        drawn = draw_detections(
+            image,
+            det["boxes"],
+            det["labels"],
+            det["scores"],
+            class_names,
+            score_thresh=score_thresh,
+            min_side=min_side,
+            **gt,
+        )
         path = Path(out_dir) / f"{Path(ann['file_name']).stem}.png"
         write_png(path, drawn)
         written.append(path)

@@ -18,7 +18,7 @@ rather than their outputs, so its ``classifier.N`` indices differ from these.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -36,8 +36,9 @@ ALEXNET_MIN_INPUT = 63
 LRN_K, LRN_N, LRN_ALPHA, LRN_BETA = 2.0, 5, 1e-4, 0.75
 
 
-def paper_lrn(size: int = LRN_N, alpha: float = LRN_ALPHA, beta: float = LRN_BETA,
-              k: float = LRN_K) -> nn.LocalResponseNorm:
+def paper_lrn(
+    size: int = LRN_N, alpha: float = LRN_ALPHA, beta: float = LRN_BETA, k: float = LRN_K
+) -> nn.LocalResponseNorm:
     """The paper's response normalisation as ``nn.LocalResponseNorm``.
 
     PyTorch divides its ``alpha`` by ``size`` (b = a / (k + alpha/n * sum a^2)^beta), the paper does
@@ -62,8 +63,17 @@ class AlexNet(nn.Module):
             "kaiming" = He (fan_in) convs with zero biases, fc as "paper" with zero biases.
     """
 
-    def __init__(self, *, num_classes: int = 1000, dropout: float = 0.5, groups: int = 1, lrn: bool = True,
-                 channels: Sequence[int] = PAPER_CHANNELS, hidden: int = 4096, init: str = "paper") -> None:
+    def __init__(
+        self,
+        *,
+        num_classes: int = 1000,
+        dropout: float = 0.5,
+        groups: int = 1,
+        lrn: bool = True,
+        channels: Sequence[int] = PAPER_CHANNELS,
+        hidden: int = 4096,
+        init: str = "paper",
+    ) -> None:
         super().__init__()
         if groups not in (1, 2):
             raise ValueError(f"groups must be 1 (single GPU) or 2 (the paper's two GPUs), got {groups!r}")
@@ -84,16 +94,23 @@ class AlexNet(nn.Module):
         layers += [paper_lrn()] if lrn else []
         layers += [
             pool(),
-            nn.Conv2d(c2, c3, kernel_size=3, padding=1), nn.ReLU(inplace=True),  # conv3 sees both GPUs
-            nn.Conv2d(c3, c4, kernel_size=3, padding=1, groups=groups), nn.ReLU(inplace=True),
-            nn.Conv2d(c4, c5, kernel_size=3, padding=1, groups=groups), nn.ReLU(inplace=True),
+            nn.Conv2d(c2, c3, kernel_size=3, padding=1),
+            nn.ReLU(inplace=True),  # conv3 sees both GPUs
+            nn.Conv2d(c3, c4, kernel_size=3, padding=1, groups=groups),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(c4, c5, kernel_size=3, padding=1, groups=groups),
+            nn.ReLU(inplace=True),
             pool(),
         ]
         self.features = nn.Sequential(*layers)
         self.avgpool = nn.AdaptiveAvgPool2d((HEAD_GRID, HEAD_GRID))
         self.classifier = nn.Sequential(
-            nn.Linear(c5 * HEAD_GRID * HEAD_GRID, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout),  # fc6
-            nn.Linear(hidden, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout),  # fc7
+            nn.Linear(c5 * HEAD_GRID * HEAD_GRID, hidden),
+            nn.ReLU(inplace=True),
+            nn.Dropout(dropout),  # fc6
+            nn.Linear(hidden, hidden),
+            nn.ReLU(inplace=True),
+            nn.Dropout(dropout),  # fc7
             nn.Linear(hidden, num_classes),  # fc8
         )
         self.groups = groups
@@ -119,8 +136,12 @@ class AlexNet(nn.Module):
     def forward_features(self, x: Tensor) -> Tensor:
         """fc7 activations of every 224-px window, fully convolutional: [B, 4096, h, w] (1x1 at 224)."""
         check_min_input(x, self.min_input, "AlexNet")
-        return dense_head(self.features(x), HEAD_GRID, [self.classifier[0], self.classifier[3]],
-                          [self.classifier[2], self.classifier[5]])
+        return dense_head(
+            self.features(x),
+            HEAD_GRID,
+            [self.classifier[0], self.classifier[3]],
+            [self.classifier[2], self.classifier[5]],
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         check_min_input(x, self.min_input, "AlexNet")
@@ -128,8 +149,8 @@ class AlexNet(nn.Module):
         return self.classifier(torch.flatten(x, 1))
 
 
-def alexnet(*, num_classes: int = 1000, dropout: float = 0.5, groups: int = 1, lrn: bool = True,
-            init: str = "paper") -> AlexNet:
+def alexnet(
+    *, num_classes: int = 1000, dropout: float = 0.5, groups: int = 1, lrn: bool = True, init: str = "paper"
+) -> AlexNet:
     """The paper's AlexNet: 62,378,344 parameters at 1000 classes (groups=1), 60,965,224 with groups=2."""
-    return AlexNet(num_classes=num_classes, dropout=dropout, groups=groups, lrn=lrn, channels=PAPER_CHANNELS,
-                   init=init)
+    return AlexNet(num_classes=num_classes, dropout=dropout, groups=groups, lrn=lrn, channels=PAPER_CHANNELS, init=init)

@@ -1,8 +1,9 @@
 """Translation-invariant anchor boxes on one stride-16 feature map (the C4 map of Faster R-CNN)."""
+
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn

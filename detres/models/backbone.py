@@ -1,4 +1,5 @@
 """ResNet-C4 split for Faster R-CNN (ResNet paper, Appendix A): shared trunk conv1..conv4_x, per-region conv5_x head."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,8 +1,9 @@
 """Faster R-CNN box regression parameterisation (dx, dy, dw, dh) between boxes and reference boxes."""
+
 from __future__ import annotations
 
 import math
-from typing import List, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -17,7 +18,7 @@ def _widths_heights_centres(boxes: Tensor) -> tuple[Tensor, Tensor, Tensor, Tens
     return widths, heights, boxes[:, 0] + 0.5 * widths, boxes[:, 1] + 0.5 * heights
 
 
-def decode_deltas(deltas: Tensor, boxes: Tensor, weights: List[float], clip: float) -> Tensor:
+def decode_deltas(deltas: Tensor, boxes: Tensor, weights: list[float], clip: float) -> Tensor:
     """deltas [N,4C] applied to boxes [N,4] (both in the output dtype) -> [N,C,4] ([N,4] when C == 1), unclipped.
     Plain tensor ops so that TorchScript compiles it (the exported detector decodes with this same function)."""
     num_classes = deltas.shape[1] // 4
@@ -93,8 +94,6 @@ class BoxCoder:
         if deltas.ndim != 2 or deltas.shape[1] % 4 != 0 or deltas.shape[1] == 0:
             raise ValueError(f"BoxCoder.decode: deltas must have shape [N, 4*C], got {tuple(deltas.shape)}")
         if boxes.ndim != 2 or boxes.shape[1] != 4 or boxes.shape[0] != deltas.shape[0]:
-            raise ValueError(
-                f"BoxCoder.decode: boxes must have shape [{deltas.shape[0]}, 4], got {tuple(boxes.shape)}"
-            )
+            raise ValueError(f"BoxCoder.decode: boxes must have shape [{deltas.shape[0]}, 4], got {tuple(boxes.shape)}")
         dtype = torch.promote_types(deltas.dtype, torch.float32)
         return decode_deltas(deltas.to(dtype), boxes.to(dtype), list(self.weights), float(self.bbox_xform_clip))

@@ -1,4 +1,6 @@
-"""Box voting (ResNet App. B, after Gidaris & Komodakis); in models/, not inference/ as DESIGN.md lists, because the eval forward's postprocess uses it."""
+"""Box voting (ResNet App. B, after Gidaris & Komodakis); in models/, not inference/ as DESIGN.md lists, because the
+eval forward's postprocess uses it."""
+
 from __future__ import annotations
 
 import torch

@@ -1,9 +1,11 @@
 """Config → keyword arguments → models: the only place that reads model options from a Config; and back
 from a checkpoint's stored arguments to a trained model."""
+
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -33,8 +35,12 @@ def classifier_kwargs_from_config(model_cfg: Mapping[str, Any], *, num_classes: 
     """
     arch = model_cfg["arch"]
     if arch in FIXED_DEPTH:
-        kwargs = {"arch": arch, "depth": FIXED_DEPTH[arch], "num_classes": int(num_classes),
-                  "dropout": float(model_cfg["dropout"])}
+        kwargs = {
+            "arch": arch,
+            "depth": FIXED_DEPTH[arch],
+            "num_classes": int(num_classes),
+            "dropout": float(model_cfg["dropout"]),
+        }
         if arch == "vgg16":
             kwargs["batch_norm"] = bool(model_cfg["batch_norm"])
             kwargs.update(_vgg_size_kwargs(model_cfg))
@@ -87,26 +93,35 @@ def _check_backbone_args(saved: Mapping[str, Any] | None, model_cfg: Mapping[str
     backbone, arch = _backbone_name(model_cfg), saved.get("arch", "imagenet")
     if arch != DETECTOR_BACKBONES[backbone]:
         if arch not in DETECTOR_BACKBONES.values():
-            raise ValueError(f"{weights}: a model.arch={arch!r} network cannot be a detection backbone; "
-                             "pre-train with model.arch=imagenet (model.backbone=resnet) or vgg16 "
-                             "(model.backbone=vgg16)")
-        raise ValueError(f"{weights} holds a model.arch={arch!r} network but the config sets "
-                         f"model.backbone={backbone!r}; use model.backbone="
-                         f"{'vgg16' if arch == 'vgg16' else 'resnet'} or another checkpoint")
+            raise ValueError(
+                f"{weights}: a model.arch={arch!r} network cannot be a detection backbone; "
+                "pre-train with model.arch=imagenet (model.backbone=resnet) or vgg16 "
+                "(model.backbone=vgg16)"
+            )
+        raise ValueError(
+            f"{weights} holds a model.arch={arch!r} network but the config sets "
+            f"model.backbone={backbone!r}; use model.backbone="
+            f"{'vgg16' if arch == 'vgg16' else 'resnet'} or another checkpoint"
+        )
     if backbone == "vgg16":
         if saved.get("batch_norm"):
-            raise ValueError(f"{weights} holds a VGG-16 with batch_norm=True; the detection backbone is the "
-                             "paper's VGG-16 without BN (pre-train with model.batch_norm=false)")
+            raise ValueError(
+                f"{weights} holds a VGG-16 with batch_norm=True; the detection backbone is the "
+                "paper's VGG-16 without BN (pre-train with model.batch_norm=false)"
+            )
         for key, option in (("width", "vgg_width"), ("hidden", "vgg_hidden")):
             found, wanted = saved.get(key, DEFAULT_VGG_SIZE[key]), model_cfg.get(option, DEFAULT_VGG_SIZE[key])
             if int(found) != int(wanted):
-                raise ValueError(f"{weights} holds a VGG-16 with {key}={int(found)} but the config sets "
-                                 f"model.{option}={int(wanted)}")
+                raise ValueError(
+                    f"{weights} holds a VGG-16 with {key}={int(found)} but the config sets model.{option}={int(wanted)}"
+                )
         return  # depth / base_width / stride options are ResNet ones
     for key in ("depth", "base_width", "stride_in_1x1"):
         if key in saved and saved[key] != model_cfg[key]:
-            raise ValueError(f"{weights} holds a backbone with {key}={saved[key]!r} but the config sets "
-                             f"model.{key}={model_cfg[key]!r}")
+            raise ValueError(
+                f"{weights} holds a backbone with {key}={saved[key]!r} but the config sets "
+                f"model.{key}={model_cfg[key]!r}"
+            )
 
 
 def _backbone_normalisation(model_cfg: Mapping[str, Any]) -> tuple[list[float], list[float]]:
@@ -176,8 +191,14 @@ def detector_kwargs_from_config(model_cfg: Mapping[str, Any], *, num_classes: in
         "global_context": bool(roi["global_context"]),
     }
     kwargs.update({f"rpn_{key}": value for key, value in rpn.items()})
-    for key in ("fg_iou_thresh", "bg_iou_thresh_hi", "bg_iou_thresh_lo", "batch_size_per_image", "positive_fraction",
-                "crowd_iof_thresh"):
+    for key in (
+        "fg_iou_thresh",
+        "bg_iou_thresh_hi",
+        "bg_iou_thresh_lo",
+        "batch_size_per_image",
+        "positive_fraction",
+        "crowd_iof_thresh",
+    ):
         kwargs[f"roi_{key}"] = roi[key]
     return kwargs
 
@@ -198,8 +219,13 @@ def configure_postprocess(model: nn.Module, **options: Any) -> nn.Module:
     merged = {key: getattr(heads, key) for key in POSTPROCESS_KEYS}
     merged.update({key: value for key, value in options.items() if value is not None})
     check_postprocess_options(**{k: v for k, v in merged.items() if k != "box_voting"})
-    casts = {"nms_method": str, "soft_nms_sigma": float, "soft_nms_score_thresh": float, "box_voting": bool,
-             "box_voting_iou": float}
+    casts = {
+        "nms_method": str,
+        "soft_nms_sigma": float,
+        "soft_nms_score_thresh": float,
+        "box_voting": bool,
+        "box_voting_iou": float,
+    }
     for key, value in merged.items():
         setattr(heads, key, casts[key](value))
     return model
@@ -248,9 +274,12 @@ def _check_detector_record(path: str | os.PathLike, model_args: Any, meta: Any) 
         raise ValueError(f"{path}: model_args lacks {required}")
     names = meta.get("class_names")
     if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
-        raise ValueError(f"{path}: meta.class_names is missing or not a list of class names (got {names!r}); "
-                         f"a train_det checkpoint records them")
+        raise ValueError(
+            f"{path}: meta.class_names is missing or not a list of class names (got {names!r}); "
+            f"a train_det checkpoint records them"
+        )
     num_classes = model_args.get("num_classes")
     if isinstance(num_classes, int) and len(names) != num_classes:  # object classes; background is not counted
-        raise ValueError(f"{path}: meta.class_names has {len(names)} names but model_args.num_classes={num_classes}; "
-                         "they must agree")
+        raise ValueError(
+            f"{path}: meta.class_names has {len(names)} names but model_args.num_classes={num_classes}; they must agree"
+        )

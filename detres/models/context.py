@@ -6,10 +6,11 @@ fed into the post-RoI layers to obtain a global context feature. This global fea
 with the original per-region feature, followed by the sibling classification and box regression
 layers. This new structure is trained end-to-end."
 """
+
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

@@ -1,4 +1,5 @@
 """conv -> norm with a frozen BatchNorm folded into the conv on the fly: one pass over the activations, no BN graph."""
+
 from __future__ import annotations
 
 import torch.nn.functional as F

@@ -1,4 +1,5 @@
 """How the detector runs on a CPU: layouts of the trunk's and the head's maps, conv routes, RoI chunks (measured)."""
+
 from __future__ import annotations
 
 import torch

@@ -1,8 +1,9 @@
 """Fast CPU RoI max pooling: torchvision's ``roi_pool`` bins, reduced on a channels-last copy with torch ops."""
+
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor

@@ -1,8 +1,9 @@
 """Faster R-CNN assembly on a ResNet-C4 (Appendix A) or VGG-16 backbone: normalise, pad, trunk, RPN, RoI heads."""
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from torch import nn
@@ -139,7 +140,9 @@ class FasterRCNN(nn.Module):
         if targets is not None:
             if len(targets) != len(sizes):
                 raise ValueError(f"FasterRCNN: got {len(targets)} targets for {len(sizes)} images")
-            targets = [{k: (v.to(batch.device) if isinstance(v, torch.Tensor) else v) for k, v in t.items()} for t in targets]
+            targets = [
+                {k: (v.to(batch.device) if isinstance(v, torch.Tensor) else v) for k, v in t.items()} for t in targets
+            ]
         return batch, sizes, targets
 
     def forward(
@@ -292,7 +295,9 @@ def build_faster_rcnn(
     :func:`detres.models.weights.check_backbone_bn_statistics`.
     """
     if int(num_classes) < 1:
-        raise ValueError(f"build_faster_rcnn: num_classes (object classes, background excluded) must be >= 1, got {num_classes}")
+        raise ValueError(
+            f"build_faster_rcnn: num_classes (object classes, background excluded) must be >= 1, got {num_classes}"
+        )
     if backbone not in ("resnet", "vgg16"):
         raise ValueError(f"build_faster_rcnn: backbone must be 'resnet' or 'vgg16', got {backbone!r}")
     if backbone == "resnet" and weights_path is not None and frozen_bn and Path(weights_path).is_file():
@@ -301,12 +306,20 @@ def build_faster_rcnn(
         check_backbone_bn_statistics(weights_path, allow_unrecomputed_bn=allow_unrecomputed_bn)
     if backbone == "vgg16":
         trunk, conv5_head, head_dim = build_vgg16_c4(
-            weights_path=weights_path, freeze_at=freeze_at, pooler_resolution=pooler_resolution,
-            width=vgg_width, hidden=vgg_hidden)
+            weights_path=weights_path,
+            freeze_at=freeze_at,
+            pooler_resolution=pooler_resolution,
+            width=vgg_width,
+            hidden=vgg_hidden,
+        )
     else:
         trunk, conv5_head, head_dim = build_resnet_c4(
-            depth, weights_path=weights_path, freeze_at=freeze_at, stride_in_1x1=stride_in_1x1,
-            frozen_bn=frozen_bn, base_width=base_width,
+            depth,
+            weights_path=weights_path,
+            freeze_at=freeze_at,
+            stride_in_1x1=stride_in_1x1,
+            frozen_bn=frozen_bn,
+            base_width=base_width,
         )
     anchor_generator = AnchorGenerator(
         sizes=anchor_sizes, aspect_ratios=aspect_ratios, stride=trunk.stride, offset=anchor_offset

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 import torchvision.ops
@@ -26,12 +26,10 @@ class FrozenBatchNorm2d(torchvision.ops.FrozenBatchNorm2d):
         self.num_features = int(num_features)
 
     @classmethod
-    def from_batch_norm(cls, bn: _BatchNorm) -> "FrozenBatchNorm2d":
+    def from_batch_norm(cls, bn: _BatchNorm) -> FrozenBatchNorm2d:
         """A frozen copy of ``bn``'s current affine parameters and running statistics."""
         if bn.running_mean is None or bn.running_var is None:
-            raise ValueError(
-                f"cannot freeze {bn!r}: it has no running statistics (track_running_stats=False)"
-            )
+            raise ValueError(f"cannot freeze {bn!r}: it has no running statistics (track_running_stats=False)")
         frozen = cls(bn.num_features, eps=bn.eps)
         with torch.no_grad():
             if bn.affine:
@@ -89,9 +87,7 @@ class _StatsAccumulator:
         self.count = total
 
 
-def recompute_bn_statistics(
-    model: nn.Module, batches: Iterable[Tensor], num_batches: int | None = None
-) -> None:
+def recompute_bn_statistics(model: nn.Module, batches: Iterable[Tensor], num_batches: int | None = None) -> None:
     """Set every BatchNorm layer's running statistics to the exact population statistics of its input.
 
     The model is run on ``batches`` (tensors, or tuples/lists whose first item is the input
@@ -121,8 +117,7 @@ def recompute_bn_statistics(
     saved_buffers = {bn: {k: v.clone() for k, v in bn.named_buffers(recurse=False)} for bn in bn_layers}
     saved_modes = {m: m.training for m in model.modules()}
     handles = [
-        bn.register_forward_pre_hook(lambda mod, inputs, acc=accumulators[bn]: acc.add(inputs[0]))
-        for bn in bn_layers
+        bn.register_forward_pre_hook(lambda mod, inputs, acc=accumulators[bn]: acc.add(inputs[0])) for bn in bn_layers
     ]
     first = next(model.parameters(), None)
     device = first.device if first is not None else bn_layers[0].running_mean.device
@@ -137,9 +132,7 @@ def recompute_bn_statistics(
                     break
                 x = batch[0] if isinstance(batch, (tuple, list)) else batch
                 if not isinstance(x, Tensor):
-                    raise TypeError(
-                        f"recompute_bn_statistics: batch {seen} is {type(x).__name__}, expected a Tensor"
-                    )
+                    raise TypeError(f"recompute_bn_statistics: batch {seen} is {type(x).__name__}, expected a Tensor")
                 model(x.to(device))
                 seen += 1
     finally:

@@ -1,8 +1,10 @@
 """The RPN stage of the ImageNet localizer (Appendix C): a ResNet conv1..conv4 trunk + the per-class RPN."""
+
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -14,8 +16,14 @@ from detres.models.rpn import RPNHead
 from detres.models.weights import check_backbone_bn_statistics
 from detres.utils.checkpoint import load_checkpoint
 
-__all__ = ["RPNLocalizer", "backbone_normalisation", "build_rpn_localizer", "check_loc_backbone", "load_localizer",
-           "rpn_localizer_kwargs_from_config"]
+__all__ = [
+    "RPNLocalizer",
+    "backbone_normalisation",
+    "build_rpn_localizer",
+    "check_loc_backbone",
+    "load_localizer",
+    "rpn_localizer_kwargs_from_config",
+]
 
 IMAGENET_MEAN_255 = (123.675, 116.28, 103.53)
 IMAGENET_STD_255 = (58.395, 57.12, 57.375)
@@ -28,8 +36,14 @@ class RPNLocalizer(nn.Module):
     and requested class, the class's top regressed anchors (boxes in the input's pixels) and their scores.
     """
 
-    def __init__(self, trunk: nn.Module, rpn: PerClassRPN, *, pixel_mean: Sequence[float],
-                 pixel_std: Sequence[float] = (1.0, 1.0, 1.0)) -> None:
+    def __init__(
+        self,
+        trunk: nn.Module,
+        rpn: PerClassRPN,
+        *,
+        pixel_mean: Sequence[float],
+        pixel_std: Sequence[float] = (1.0, 1.0, 1.0),
+    ) -> None:
         super().__init__()
         self.trunk, self.rpn = trunk, rpn
         self.register_buffer("pixel_mean", torch.as_tensor(pixel_mean, dtype=torch.float32).view(1, 3, 1, 1))
@@ -48,12 +62,14 @@ class RPNLocalizer(nn.Module):
         return self.rpn(self.features(images), sizes, targets)[1]
 
     @torch.no_grad()
-    def class_boxes(self, image: Tensor, classes: Sequence[int], *, top_n: int = 200,
-                    nms_thresh: float | None = None) -> dict[int, tuple[Tensor, Tensor]]:
+    def class_boxes(
+        self, image: Tensor, classes: Sequence[int], *, top_n: int = 200, nms_thresh: float | None = None
+    ) -> dict[int, tuple[Tensor, Tensor]]:
         """One image [3,H,W] (fully convolutional: any size) -> {class: (boxes [n,4], scores [n])}, best first."""
         size = [tuple(image.shape[-2:])]
-        return self.rpn.class_boxes(self.features(image[None]), size, [list(classes)], top_n=top_n,
-                                    nms_thresh=nms_thresh)[0]
+        return self.rpn.class_boxes(
+            self.features(image[None]), size, [list(classes)], top_n=top_n, nms_thresh=nms_thresh
+        )[0]
 
 
 def build_rpn_localizer(
@@ -84,16 +100,29 @@ def build_rpn_localizer(
     ``allowed_border`` = -1 keeps cross-boundary anchors: in a 224 crop (or a 56 one) most objects touch the
     border, and ignoring the anchors that cross it would leave few positives for large objects.
     """
-    trunk, _head, _ = build_resnet_c4(int(depth), weights_path=weights_path, freeze_at=int(freeze_at),
-                                      stride_in_1x1=bool(stride_in_1x1), frozen_bn=bool(frozen_bn),
-                                      base_width=int(base_width))
-    anchors = AnchorGenerator(sizes=[float(s) for s in anchor_sizes], aspect_ratios=[float(r) for r in aspect_ratios],
-                              stride=trunk.stride)
+    trunk, _head, _ = build_resnet_c4(
+        int(depth),
+        weights_path=weights_path,
+        freeze_at=int(freeze_at),
+        stride_in_1x1=bool(stride_in_1x1),
+        frozen_bn=bool(frozen_bn),
+        base_width=int(base_width),
+    )
+    anchors = AnchorGenerator(
+        sizes=[float(s) for s in anchor_sizes], aspect_ratios=[float(r) for r in aspect_ratios], stride=trunk.stride
+    )
     head = RPNHead(trunk.out_channels, anchors.num_anchors_per_location(), num_classes=int(num_classes))
-    rpn = PerClassRPN(anchors, head, fg_iou_thresh=float(fg_iou_thresh), bg_iou_thresh=float(bg_iou_thresh),
-                      batch_size_per_image=int(batch_size_per_image), positive_fraction=float(positive_fraction),
-                      pre_nms_top_n_test=int(pre_nms_top_n_test), nms_thresh=float(nms_thresh),
-                      allowed_border=float(allowed_border))
+    rpn = PerClassRPN(
+        anchors,
+        head,
+        fg_iou_thresh=float(fg_iou_thresh),
+        bg_iou_thresh=float(bg_iou_thresh),
+        batch_size_per_image=int(batch_size_per_image),
+        positive_fraction=float(positive_fraction),
+        pre_nms_top_n_test=int(pre_nms_top_n_test),
+        nms_thresh=float(nms_thresh),
+        allowed_border=float(allowed_border),
+    )
     return RPNLocalizer(trunk, rpn, pixel_mean=pixel_mean, pixel_std=pixel_std)
 
 
@@ -118,12 +147,16 @@ def check_loc_backbone(weights: str, model_cfg: Mapping[str, Any]) -> None:
     """A train_cls checkpoint records its architecture: refuse a config asking for another one."""
     saved = load_checkpoint(weights, mmap=True).get("model_args") or {}
     if saved.get("arch", "imagenet") != "imagenet":
-        raise ValueError(f"{weights}: model.arch={saved['arch']!r}; the localizer needs an ImageNet ResNet "
-                         "(train_cls model.arch=imagenet)")
+        raise ValueError(
+            f"{weights}: model.arch={saved['arch']!r}; the localizer needs an ImageNet ResNet "
+            "(train_cls model.arch=imagenet)"
+        )
     for key in ("depth", "base_width", "stride_in_1x1"):
         if key in saved and saved[key] != model_cfg[key]:
-            raise ValueError(f"{weights} holds a backbone with {key}={saved[key]!r} but the config sets "
-                             f"model.{key}={model_cfg[key]!r}")
+            raise ValueError(
+                f"{weights} holds a backbone with {key}={saved[key]!r} but the config sets "
+                f"model.{key}={model_cfg[key]!r}"
+            )
 
 
 def loc_backbone_kwargs(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -138,9 +171,13 @@ def loc_backbone_kwargs(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
         check_backbone_bn_statistics(weights, allow_unrecomputed_bn=bool(model_cfg["allow_unrecomputed_bn"]))
     mean, std = backbone_normalisation(weights or None)
     return {
-        "depth": int(model_cfg["depth"]), "base_width": int(model_cfg["base_width"]),
-        "stride_in_1x1": bool(model_cfg["stride_in_1x1"]), "weights_path": weights or None,
-        "freeze_at": int(model_cfg["freeze_at"]), "pixel_mean": mean, "pixel_std": std,
+        "depth": int(model_cfg["depth"]),
+        "base_width": int(model_cfg["base_width"]),
+        "stride_in_1x1": bool(model_cfg["stride_in_1x1"]),
+        "weights_path": weights or None,
+        "freeze_at": int(model_cfg["freeze_at"]),
+        "pixel_mean": mean,
+        "pixel_std": std,
     }
 
 
@@ -148,16 +185,28 @@ def rpn_localizer_kwargs_from_config(model_cfg: Mapping[str, Any], *, num_classe
     """Explicit arguments of :func:`build_rpn_localizer` from a ``task: loc`` config's ``model`` tree."""
     rpn = model_cfg["rpn"]
     return {
-        "num_classes": int(num_classes), **loc_backbone_kwargs(model_cfg),
+        "num_classes": int(num_classes),
+        **loc_backbone_kwargs(model_cfg),
         "anchor_sizes": [float(s) for s in model_cfg["anchor_sizes"]],
         "aspect_ratios": [float(r) for r in model_cfg["aspect_ratios"]],
-        **{key: rpn[key] for key in ("fg_iou_thresh", "bg_iou_thresh", "batch_size_per_image", "positive_fraction",
-                                     "pre_nms_top_n_test", "nms_thresh", "allowed_border")},
+        **{
+            key: rpn[key]
+            for key in (
+                "fg_iou_thresh",
+                "bg_iou_thresh",
+                "batch_size_per_image",
+                "positive_fraction",
+                "pre_nms_top_n_test",
+                "nms_thresh",
+                "allowed_border",
+            )
+        },
     }
 
 
-def load_localizer(path: str | os.PathLike, *, device: torch.device | str = "cpu"
-                   ) -> tuple[RPNLocalizer, dict[str, Any]]:
+def load_localizer(
+    path: str | os.PathLike, *, device: torch.device | str = "cpu"
+) -> tuple[RPNLocalizer, dict[str, Any]]:
     """Rebuild a train_loc checkpoint's localizer (eval mode); returns (model, metadata incl. synsets, config)."""
     state = load_checkpoint(path)
     missing = [key for key in ("model", "model_args", "meta") if key not in state]

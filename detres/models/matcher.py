@@ -1,4 +1,5 @@
 """IoU-threshold matching of predictions (anchors / proposals) to ground-truth boxes."""
+
 from __future__ import annotations
 
 import torch

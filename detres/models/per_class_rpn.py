@@ -13,9 +13,10 @@ positive), the sampler, the box coding and the head are the Faster R-CNN RPN's
 (:class:`detres.models.rpn.RegionProposalNetwork`), whose head is built with ``num_classes = K``; only
 the losses (on the ground-truth class's outputs) and the per-class decoding are new here.
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -42,8 +43,14 @@ class PerClassRPN(RegionProposalNetwork):
     """
 
     def compute_class_loss(
-        self, logits: Tensor, deltas: Tensor, anchors: Tensor, labels: list[Tensor], matched_boxes: list[Tensor],
-        classes: list[Tensor], seeds: Sequence[int | None] | None = None,
+        self,
+        logits: Tensor,
+        deltas: Tensor,
+        anchors: Tensor,
+        labels: list[Tensor],
+        matched_boxes: list[Tensor],
+        classes: list[Tensor],
+        seeds: Sequence[int | None] | None = None,
     ) -> dict[str, Tensor]:
         """logits [B,N,K], deltas [B,N,K,4], per image anchor labels / matched boxes / class channels (0-based)."""
         # Each anchor's own class channel, then the RPN's sampling and losses on those outputs.
@@ -52,8 +59,9 @@ class PerClassRPN(RegionProposalNetwork):
         class_deltas = deltas.gather(2, channel[..., None, None].expand(-1, -1, 1, 4))[:, :, 0]  # [B, N, 4]
         return self.compute_loss(class_logits, class_deltas, anchors, labels, matched_boxes, seeds)
 
-    def forward(self, features: Tensor, image_sizes: Sequence[Sequence[int]], targets: Sequence[dict] | None = None,
-                **_: object) -> tuple[list[Tensor], dict[str, Tensor]]:
+    def forward(
+        self, features: Tensor, image_sizes: Sequence[Sequence[int]], targets: Sequence[dict] | None = None, **_: object
+    ) -> tuple[list[Tensor], dict[str, Tensor]]:
         """Training: ([], {"loss_rpn_cls", "loss_rpn_box"}). Eval: use :meth:`class_boxes` / :meth:`dense`."""
         image_sizes = self._check_inputs(features, image_sizes)
         if not self.training:
@@ -70,16 +78,16 @@ class PerClassRPN(RegionProposalNetwork):
                 raise ValueError(f"PerClassRPN: targets[{i}] needs 'labels' for each of its boxes")
             gt_labels = gt_labels.to(index.device)
             if gt_labels.numel() and (int(gt_labels.min()) < 1 or int(gt_labels.max()) > num_classes):
-                raise ValueError(f"PerClassRPN: targets[{i}]['labels'] must lie in 1..{num_classes}, "
-                                 f"got {gt_labels.tolist()}")
+                raise ValueError(
+                    f"PerClassRPN: targets[{i}]['labels'] must lie in 1..{num_classes}, got {gt_labels.tolist()}"
+                )
             if gt_labels.numel() == 0:
                 classes.append(torch.full_like(index, -1))
             else:
                 classes.append(torch.where(index >= 0, gt_labels[index.clamp(min=0)] - 1, torch.full_like(index, -1)))
             # An image without boxes has no class channel to train: its anchors are left out.
             labels[i] = torch.where(classes[i] >= 0, labels[i], torch.full_like(labels[i], -1))
-        return [], self.compute_class_loss(logits, deltas, anchors, labels, matched, classes,
-                                           target_seeds(targets))
+        return [], self.compute_class_loss(logits, deltas, anchors, labels, matched, classes, target_seeds(targets))
 
     @torch.no_grad()
     def dense(self, features: Tensor, image_sizes: Sequence[Sequence[int]]) -> tuple[Tensor, Tensor]:
@@ -87,15 +95,21 @@ class PerClassRPN(RegionProposalNetwork):
         image_sizes = self._check_inputs(features, image_sizes)
         logits, deltas, anchors = self.predict_per_class(features)
         batch, num, k = logits.shape
-        boxes = self.box_coder.decode(deltas.reshape(-1, 4), anchors[None, :, None, :].expand(batch, num, k, 4)
-                                      .reshape(-1, 4)).view(batch, num, k, 4)
+        boxes = self.box_coder.decode(
+            deltas.reshape(-1, 4), anchors[None, :, None, :].expand(batch, num, k, 4).reshape(-1, 4)
+        ).view(batch, num, k, 4)
         boxes = torch.stack([clip_boxes(b.view(-1, 4), hw).view(num, k, 4) for b, hw in zip(boxes, image_sizes)])
         return torch.sigmoid(logits), boxes
 
     @torch.no_grad()
     def class_boxes(
-        self, features: Tensor, image_sizes: Sequence[Sequence[int]], classes: Sequence[Sequence[int]], *,
-        top_n: int = 200, nms_thresh: float | None = None,
+        self,
+        features: Tensor,
+        image_sizes: Sequence[Sequence[int]],
+        classes: Sequence[Sequence[int]],
+        *,
+        top_n: int = 200,
+        nms_thresh: float | None = None,
     ) -> list[dict[int, tuple[Tensor, Tensor]]]:
         """Per image, for each class label c (1..K) of ``classes[i]``: (boxes [n,4], scores [n]) of the class's
         ``top_n`` best regressed anchors, best first; ``nms_thresh`` (None: the RPN's) removes duplicates first.

@@ -1,7 +1,9 @@
-"""Detection post-processing: per-class score threshold, clipping, per-class NMS (or soft-NMS), optional box voting, top-k, rescaling to the original image."""
+"""Detection post-processing: per-class score threshold, clipping, per-class NMS (or soft-NMS), optional box voting,
+top-k, rescaling to the original image."""
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torchvision.ops import batched_nms, clip_boxes_to_image
@@ -68,9 +70,7 @@ def postprocess_boxes(
         sorted by decreasing score.
     """
     if class_probs.dim() != 2 or class_probs.shape[1] < 2:
-        raise ValueError(
-            f"postprocess_boxes: class_probs must be [R, K+1] with K >= 1, got {tuple(class_probs.shape)}"
-        )
+        raise ValueError(f"postprocess_boxes: class_probs must be [R, K+1] with K >= 1, got {tuple(class_probs.shape)}")
     num_rois, num_cols = class_probs.shape
     if boxes.dim() == 2 and boxes.shape == (num_rois, 4):
         boxes = boxes[:, None, :].expand(num_rois, num_cols, 4)
@@ -89,8 +89,12 @@ def postprocess_boxes(
     cand_boxes = boxes[:, 1:, :].reshape(-1, 4)
     labels = torch.arange(1, num_cols, device=class_probs.device).repeat(num_rois)
 
-    check_postprocess_options(nms_method=nms_method, soft_nms_sigma=soft_nms_sigma,
-                              soft_nms_score_thresh=soft_nms_score_thresh, box_voting_iou=box_voting_iou)
+    check_postprocess_options(
+        nms_method=nms_method,
+        soft_nms_sigma=soft_nms_sigma,
+        soft_nms_score_thresh=soft_nms_score_thresh,
+        box_voting_iou=box_voting_iou,
+    )
 
     keep = torch.nonzero(scores > score_thresh).squeeze(1)
     scores, cand_boxes, labels = scores[keep], cand_boxes[keep], labels[keep]
@@ -100,8 +104,13 @@ def postprocess_boxes(
         kept_scores = scores[keep]
     else:
         keep, kept_scores = soft_nms(
-            cand_boxes, scores, labels, method=nms_method[len("soft_"):], iou_thresh=nms_thresh,
-            sigma=soft_nms_sigma, score_thresh=soft_nms_score_thresh,
+            cand_boxes,
+            scores,
+            labels,
+            method=nms_method[len("soft_") :],
+            iou_thresh=nms_thresh,
+            sigma=soft_nms_sigma,
+            score_thresh=soft_nms_score_thresh,
         )
     if detections_per_img > 0:
         keep, kept_scores = keep[:detections_per_img], kept_scores[:detections_per_img]

@@ -1,9 +1,11 @@
 """The R-CNN stage of the ImageNet localizer (Appendix C): a whole classification ResNet on warped region crops with
 two sibling per-class fc layers (cls, reg), trained RoI-centrically on the per-class RPN's proposals."""
+
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -18,14 +20,25 @@ from detres.models.loc_rpn import IMAGENET_MEAN_255, RPNLocalizer, loc_backbone_
 from detres.structures.boxes import clip_boxes
 from detres.utils.checkpoint import load_checkpoint, save_checkpoint
 
-__all__ = ["CROP_SOURCES", "RCNNLocalizer", "RPNRCNNLocalizer", "assign_rcnn_targets", "build_rcnn_localizer", "load_rcnn_localizer",
-           "load_rpn_rcnn_localizer", "rcnn_localizer_kwargs_from_config", "rcnn_losses", "save_rcnn_localizer"]
+__all__ = [
+    "CROP_SOURCES",
+    "RCNNLocalizer",
+    "RPNRCNNLocalizer",
+    "assign_rcnn_targets",
+    "build_rcnn_localizer",
+    "load_rcnn_localizer",
+    "load_rpn_rcnn_localizer",
+    "rcnn_localizer_kwargs_from_config",
+    "rcnn_losses",
+    "save_rcnn_localizer",
+]
 
 RCNN_BOX_WEIGHTS = (10.0, 10.0, 5.0, 5.0)  # Fast R-CNN's per-class regression weights
 
 
-def assign_rcnn_targets(proposals: Tensor, proposal_classes: Tensor, gt_boxes: Tensor, gt_labels: Tensor, *,
-                        fg_iou_thresh: float = 0.5) -> tuple[Tensor, Tensor]:
+def assign_rcnn_targets(
+    proposals: Tensor, proposal_classes: Tensor, gt_boxes: Tensor, gt_labels: Tensor, *, fg_iou_thresh: float = 0.5
+) -> tuple[Tensor, Tensor]:
     """R-CNN labels of class-dependent proposals: (labels [N] in 0..K, matched gt boxes [N,4]).
 
     A proposal of class c (1..K) is labelled c when its best IoU with a ground-truth box *of class c* is
@@ -46,8 +59,16 @@ def assign_rcnn_targets(proposals: Tensor, proposal_classes: Tensor, gt_boxes: T
     return labels, matched
 
 
-def rcnn_losses(cls_logits: Tensor, deltas: Tensor, rois: Tensor, labels: Tensor, matched_boxes: Tensor, *,
-                box_coder: BoxCoder, smooth_l1_beta: float = 1.0) -> dict[str, Tensor]:
+def rcnn_losses(
+    cls_logits: Tensor,
+    deltas: Tensor,
+    rois: Tensor,
+    labels: Tensor,
+    matched_boxes: Tensor,
+    *,
+    box_coder: BoxCoder,
+    smooth_l1_beta: float = 1.0,
+) -> dict[str, Tensor]:
     """Fast R-CNN losses of N regions: softmax cross-entropy over K+1 (mean) and smooth-L1 on the foreground rows'
     own-class deltas (sum / N, so a batch with few positives does not blow the box loss up)."""
     loss_cls = F.cross_entropy(cls_logits, labels)
@@ -65,6 +86,7 @@ SCORE_FUSIONS = ("rcnn", "product")  # how the test-time box score combines the 
 # (usually smaller) test view of it
 CROP_SOURCES = ("image", "view")
 
+
 class RCNNLocalizer(nn.Module):
     """conv1..conv5 + global average pool of an ImageNet ResNet, then two sibling fc layers in per-class form:
 
@@ -80,10 +102,21 @@ class RCNNLocalizer(nn.Module):
     ``forward(crops [N,3,S,S], normalised by :meth:`warp`) -> (cls_logits [N,K+1], deltas [N,4K])``.
     """
 
-    def __init__(self, body: nn.Module, *, feature_dim: int, num_classes: int, pixel_mean: Sequence[float],
-                 pixel_std: Sequence[float] = (1.0, 1.0, 1.0), crop_size: int = 224, context_padding: float = 0.0,
-                 fg_iou_thresh: float = 0.5, bbox_reg_weights: Sequence[float] = RCNN_BOX_WEIGHTS,
-                 smooth_l1_beta: float = 1.0, crop_source: str = "image") -> None:
+    def __init__(
+        self,
+        body: nn.Module,
+        *,
+        feature_dim: int,
+        num_classes: int,
+        pixel_mean: Sequence[float],
+        pixel_std: Sequence[float] = (1.0, 1.0, 1.0),
+        crop_size: int = 224,
+        context_padding: float = 0.0,
+        fg_iou_thresh: float = 0.5,
+        bbox_reg_weights: Sequence[float] = RCNN_BOX_WEIGHTS,
+        smooth_l1_beta: float = 1.0,
+        crop_source: str = "image",
+    ) -> None:
         super().__init__()
         if int(num_classes) < 1:
             raise ValueError(f"RCNNLocalizer: num_classes must be >= 1, got {num_classes}")
@@ -108,8 +141,14 @@ class RCNNLocalizer(nn.Module):
     def warp(self, image: np.ndarray | Tensor, rois: Tensor) -> Tensor:
         """The network's input for ``rois`` [N,4] of one image (0..255 RGB): normalised crops [N,3,S,S]."""
         device = self.cls_score.weight.device
-        return crop_and_warp(image, rois.detach().float().cpu(), self.crop_size, self.context_padding,
-                             pixel_mean=self.pixel_mean, pixel_std=self.pixel_std).to(device)
+        return crop_and_warp(
+            image,
+            rois.detach().float().cpu(),
+            self.crop_size,
+            self.context_padding,
+            pixel_mean=self.pixel_mean,
+            pixel_std=self.pixel_std,
+        ).to(device)
 
     def forward(self, crops: Tensor) -> tuple[Tensor, Tensor]:
         features = torch.flatten(self.body(crops), 1)
@@ -120,8 +159,15 @@ class RCNNLocalizer(nn.Module):
         (:func:`assign_rcnn_targets`)."""
         cls_logits, deltas = self(crops)
         device = cls_logits.device
-        return rcnn_losses(cls_logits, deltas, rois.to(device), labels.to(device), matched_boxes.to(device),
-                           box_coder=self.box_coder, smooth_l1_beta=self.smooth_l1_beta)
+        return rcnn_losses(
+            cls_logits,
+            deltas,
+            rois.to(device),
+            labels.to(device),
+            matched_boxes.to(device),
+            box_coder=self.box_coder,
+            smooth_l1_beta=self.smooth_l1_beta,
+        )
 
     @torch.no_grad()
     def score_and_refine(self, crops: Tensor, rois: Tensor, classes: Tensor) -> tuple[Tensor, Tensor]:
@@ -138,8 +184,14 @@ class RCNNLocalizer(nn.Module):
         return scores, self.box_coder.decode(deltas[rows[:, None], cols], rois)
 
     @torch.no_grad()
-    def refine_class_boxes(self, image: np.ndarray | Tensor, proposals: Mapping[int, tuple[Tensor, Tensor]], *,
-                           chunk: int = 256, score_fusion: str = "rcnn") -> dict[int, tuple[Tensor, Tensor]]:
+    def refine_class_boxes(
+        self,
+        image: np.ndarray | Tensor,
+        proposals: Mapping[int, tuple[Tensor, Tensor]],
+        *,
+        chunk: int = 256,
+        score_fusion: str = "rcnn",
+    ) -> dict[int, tuple[Tensor, Tensor]]:
         """Test time: each class's RPN proposals (class 1..K -> (boxes [n,4], RPN scores [n])) rescored by the
         R-CNN's probability of that class and moved by its regressor; per class (boxes [n,4] clipped to the image,
         scores [n]), best first. Regions go through the network ``chunk`` at a time (224² crops are large).
@@ -147,20 +199,24 @@ class RCNNLocalizer(nn.Module):
         if score_fusion not in SCORE_FUSIONS:
             raise ValueError(f"score_fusion must be one of {SCORE_FUSIONS}, got {score_fusion!r}")
         classes = sorted(proposals)
-        rois = torch.cat([proposals[c][0].detach().float().cpu().reshape(-1, 4) for c in classes]
-                         or [torch.zeros(0, 4)])
-        owners = torch.cat([torch.full((proposals[c][0].shape[0],), c, dtype=torch.long) for c in classes]
-                           or [torch.zeros(0, dtype=torch.long)])
+        rois = torch.cat(
+            [proposals[c][0].detach().float().cpu().reshape(-1, 4) for c in classes] or [torch.zeros(0, 4)]
+        )
+        owners = torch.cat(
+            [torch.full((proposals[c][0].shape[0],), c, dtype=torch.long) for c in classes]
+            or [torch.zeros(0, dtype=torch.long)]
+        )
         keep = (rois[:, 2] > rois[:, 0]) & (rois[:, 3] > rois[:, 1])  # a box clipped to nothing cannot be warped
         scores, boxes = torch.zeros(rois.shape[0]), rois.clone()
         for start in range(0, int(keep.sum()), max(int(chunk), 1)):
-            rows = torch.nonzero(keep).flatten()[start:start + max(int(chunk), 1)]
+            rows = torch.nonzero(keep).flatten()[start : start + max(int(chunk), 1)]
             s, b = self.score_and_refine(self.warp(image, rois[rows]), rois[rows], owners[rows])
             scores[rows], boxes[rows] = s.cpu(), b.cpu()
         boxes = clip_boxes(boxes, image_hw(image))
         if score_fusion == "product":
-            scores = scores * torch.cat([proposals[c][1].detach().float().cpu().reshape(-1) for c in classes]
-                                        or [torch.zeros(0)])
+            scores = scores * torch.cat(
+                [proposals[c][1].detach().float().cpu().reshape(-1) for c in classes] or [torch.zeros(0)]
+            )
         out = {}
         for c in classes:
             mine = torch.nonzero(owners == c).flatten()
@@ -185,9 +241,15 @@ class RPNRCNNLocalizer(nn.Module):
         return self.rcnn.crop_source == "image"
 
     @torch.no_grad()
-    def class_boxes(self, image: Tensor, classes: Sequence[int], *, top_n: int = 200,
-                    nms_thresh: float | None = None, source: tuple[np.ndarray, Any] | None = None
-                    ) -> dict[int, tuple[Tensor, Tensor]]:
+    def class_boxes(
+        self,
+        image: Tensor,
+        classes: Sequence[int],
+        *,
+        top_n: int = 200,
+        nms_thresh: float | None = None,
+        source: tuple[np.ndarray, Any] | None = None,
+    ) -> dict[int, tuple[Tensor, Tensor]]:
         """Boxes and scores per class, in the pixels of ``image`` (the RPN's test view). ``source`` = (the image at
         its own resolution [H,W,3], the view's mapping: view x = x * sx - left, y = y * sy - top): the R-CNN then
         crops the proposals from it (``crop_source: image``)."""
@@ -202,8 +264,15 @@ class RPNRCNNLocalizer(nn.Module):
         return {c: (b * scale - offset, s) for c, (b, s) in refined.items()}
 
 
-def _resnet_body(depth: int, *, base_width: int, stride_in_1x1: bool, weights_path: str | os.PathLike | None,
-                 freeze_at: int, frozen_bn: bool) -> nn.Module:
+def _resnet_body(
+    depth: int,
+    *,
+    base_width: int,
+    stride_in_1x1: bool,
+    weights_path: str | os.PathLike | None,
+    freeze_at: int,
+    frozen_bn: bool,
+) -> nn.Module:
     """An ImageNet ResNet whose ``forward`` ends at the global average pool (its fc is replaced by the heads)."""
     from detres.models.resnet import build_resnet
     from detres.models.weights import load_pretrained_backbone
@@ -242,12 +311,27 @@ def build_rcnn_localizer(
     crop_source: str = "image",
 ) -> RCNNLocalizer:
     """An :class:`RCNNLocalizer` from explicit arguments; ``weights_path`` is a train_cls checkpoint (fc unused)."""
-    body = _resnet_body(depth, base_width=base_width, stride_in_1x1=stride_in_1x1, weights_path=weights_path,
-                        freeze_at=int(freeze_at), frozen_bn=bool(frozen_bn))
-    return RCNNLocalizer(body, feature_dim=body.out_channels, num_classes=num_classes, pixel_mean=pixel_mean,
-                         pixel_std=pixel_std, crop_size=crop_size, context_padding=context_padding,
-                         fg_iou_thresh=fg_iou_thresh, bbox_reg_weights=bbox_reg_weights,
-                         smooth_l1_beta=smooth_l1_beta, crop_source=crop_source)
+    body = _resnet_body(
+        depth,
+        base_width=base_width,
+        stride_in_1x1=stride_in_1x1,
+        weights_path=weights_path,
+        freeze_at=int(freeze_at),
+        frozen_bn=bool(frozen_bn),
+    )
+    return RCNNLocalizer(
+        body,
+        feature_dim=body.out_channels,
+        num_classes=num_classes,
+        pixel_mean=pixel_mean,
+        pixel_std=pixel_std,
+        crop_size=crop_size,
+        context_padding=context_padding,
+        fg_iou_thresh=fg_iou_thresh,
+        bbox_reg_weights=bbox_reg_weights,
+        smooth_l1_beta=smooth_l1_beta,
+        crop_source=crop_source,
+    )
 
 
 def rcnn_localizer_kwargs_from_config(model_cfg: Mapping[str, Any], *, num_classes: int) -> dict[str, Any]:
@@ -256,29 +340,40 @@ def rcnn_localizer_kwargs_from_config(model_cfg: Mapping[str, Any], *, num_class
     if rcnn["crop_source"] not in CROP_SOURCES:
         raise ValueError(f"model.rcnn.crop_source: must be one of {CROP_SOURCES}, got {rcnn['crop_source']!r}")
     return {
-        "num_classes": int(num_classes), **loc_backbone_kwargs(model_cfg),
-        "crop_size": int(rcnn["crop_size"]), "context_padding": float(rcnn["context_padding"]),
+        "num_classes": int(num_classes),
+        **loc_backbone_kwargs(model_cfg),
+        "crop_size": int(rcnn["crop_size"]),
+        "context_padding": float(rcnn["context_padding"]),
         "fg_iou_thresh": float(rcnn["fg_iou_thresh"]),
         "bbox_reg_weights": [float(w) for w in rcnn["bbox_reg_weights"]],
-        "smooth_l1_beta": float(rcnn["smooth_l1_beta"]), "crop_source": str(rcnn["crop_source"]),
+        "smooth_l1_beta": float(rcnn["smooth_l1_beta"]),
+        "crop_source": str(rcnn["crop_source"]),
     }
 
 
-def rcnn_localizer_payload(model: RCNNLocalizer, model_args: Mapping[str, Any], meta: Mapping[str, Any],
-                           **extra: Any) -> dict[str, Any]:
+def rcnn_localizer_payload(
+    model: RCNNLocalizer, model_args: Mapping[str, Any], meta: Mapping[str, Any], **extra: Any
+) -> dict[str, Any]:
     """The contents of an R-CNN-stage checkpoint (``stage: rcnn``); ``extra`` adds e.g. iter, config, optimizer."""
-    return {"model": model.state_dict(), "model_args": dict(model_args, weights_path=None), "meta": dict(meta),
-            "stage": "rcnn", **extra}
+    return {
+        "model": model.state_dict(),
+        "model_args": dict(model_args, weights_path=None),
+        "meta": dict(meta),
+        "stage": "rcnn",
+        **extra,
+    }
 
 
-def save_rcnn_localizer(path: str | os.PathLike, model: RCNNLocalizer, model_args: Mapping[str, Any],
-                        meta: Mapping[str, Any], **extra: Any) -> None:
+def save_rcnn_localizer(
+    path: str | os.PathLike, model: RCNNLocalizer, model_args: Mapping[str, Any], meta: Mapping[str, Any], **extra: Any
+) -> None:
     """Write :func:`rcnn_localizer_payload` to ``path`` (atomically)."""
     save_checkpoint(path, rcnn_localizer_payload(model, model_args, meta, **extra))
 
 
-def load_rcnn_localizer(path: str | os.PathLike, *, device: torch.device | str = "cpu"
-                        ) -> tuple[RCNNLocalizer, dict[str, Any]]:
+def load_rcnn_localizer(
+    path: str | os.PathLike, *, device: torch.device | str = "cpu"
+) -> tuple[RCNNLocalizer, dict[str, Any]]:
     """Rebuild an R-CNN-stage checkpoint's network (eval mode); returns (model, metadata incl. config, iter)."""
     state = load_checkpoint(path)
     missing = [key for key in ("model", "model_args", "meta") if key not in state]
@@ -289,8 +384,9 @@ def load_rcnn_localizer(path: str | os.PathLike, *, device: torch.device | str =
     return model.to(device).eval(), dict(state["meta"], config=state.get("config"), iter=state.get("iter"))
 
 
-def load_rpn_rcnn_localizer(path: str | os.PathLike, *, score_fusion: str = "rcnn", device: torch.device | str = "cpu"
-                            ) -> tuple[RPNRCNNLocalizer, dict[str, Any]]:
+def load_rpn_rcnn_localizer(
+    path: str | os.PathLike, *, score_fusion: str = "rcnn", device: torch.device | str = "cpu"
+) -> tuple[RPNRCNNLocalizer, dict[str, Any]]:
     """An R-CNN-stage checkpoint with the RPN-stage checkpoint it was trained on (recorded as ``rpn_checkpoint``)
     as one :class:`RPNRCNNLocalizer` in eval mode; returns (model, the R-CNN checkpoint's metadata)."""
     from detres.models.loc_rpn import load_localizer

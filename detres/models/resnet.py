@@ -6,7 +6,7 @@ here, so ``from detres.models.resnet import BasicBlock, conv1x1, ...`` keeps wor
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -27,10 +27,31 @@ from detres.models.resnet_blocks import (
 )
 
 __all__ = [
-    "BLOCK_TYPES", "CIFAR_DEPTHS", "IMAGENET_DEPTHS", "SHORTCUT_OPTIONS", "BasicBlock", "Bottleneck",
-    "CifarResNet", "NormLayer", "ResNet", "ZeroPadShortcut", "build_cifar_resnet", "build_resnet",
-    "cifar_resnet20", "cifar_resnet32", "cifar_resnet44", "cifar_resnet56", "cifar_resnet110",
-    "cifar_resnet1202", "conv1x1", "conv3x3", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
+    "BLOCK_TYPES",
+    "CIFAR_DEPTHS",
+    "IMAGENET_DEPTHS",
+    "SHORTCUT_OPTIONS",
+    "BasicBlock",
+    "Bottleneck",
+    "CifarResNet",
+    "NormLayer",
+    "ResNet",
+    "ZeroPadShortcut",
+    "build_cifar_resnet",
+    "build_resnet",
+    "cifar_resnet20",
+    "cifar_resnet32",
+    "cifar_resnet44",
+    "cifar_resnet56",
+    "cifar_resnet110",
+    "cifar_resnet1202",
+    "conv1x1",
+    "conv3x3",
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "resnet101",
+    "resnet152",
 ]
 
 # Table 1: depth -> (block type, blocks per stage conv2_x..conv5_x).

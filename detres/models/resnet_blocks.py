@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -36,9 +36,7 @@ class ZeroPadShortcut(nn.Module):
     def __init__(self, *, in_channels: int, out_channels: int, stride: int = 1) -> None:
         super().__init__()
         if out_channels < in_channels:
-            raise ValueError(
-                f"ZeroPadShortcut: out_channels ({out_channels}) must be >= in_channels ({in_channels})"
-            )
+            raise ValueError(f"ZeroPadShortcut: out_channels ({out_channels}) must be >= in_channels ({in_channels})")
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.stride = stride

@@ -1,7 +1,9 @@
-"""Fast R-CNN RoI heads on a C4 feature map: RoI pooling, the conv5 box head, the sibling predictor, sampling, losses, inference."""
+"""Fast R-CNN RoI heads on a C4 feature map: RoI pooling, the conv5 box head, the sibling predictor, sampling, losses,
+inference."""
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -9,13 +11,14 @@ from torch import nn
 from torchvision.ops import box_iou
 
 from detres.models.box_coder import BoxCoder
+from detres.models.cpu_execution import CHANNELS_LAST_MIN_SIZE, cpu_roi_chunk
 from detres.models.matcher import Matcher, crowd_ignore_mask
 from detres.models.postprocess import check_postprocess_options, postprocess_boxes
 from detres.models.roi_pooler import RoIPooler
-from detres.models.cpu_execution import CHANNELS_LAST_MIN_SIZE, cpu_roi_chunk
 from detres.models.sampler import BalancedSampler, target_seeds
 
 __all__ = ["RoIPooler", "BoxHead", "FastRCNNPredictor", "RoIHeads"]
+
 
 class BoxHead(nn.Module):
     """Post-RoI layers: run the per-region network (conv5_x + pooling) and return one vector per RoI.
@@ -49,9 +52,7 @@ class BoxHead(nn.Module):
                 raise ValueError(f"BoxHead: conv5_head returned a spatial map {tuple(out.shape)}; pool it first")
             out = out.flatten(1)
         if out.dim() != 2 or out.shape[1] != self.out_features:
-            raise ValueError(
-                f"BoxHead: conv5_head output must be [R,{self.out_features}], got {tuple(out.shape)}"
-            )
+            raise ValueError(f"BoxHead: conv5_head output must be [R,{self.out_features}], got {tuple(out.shape)}")
         return out
 
 
@@ -94,10 +95,13 @@ def _check_targets(targets: Sequence[dict[str, torch.Tensor]], num_images: int) 
                 raise ValueError(f"RoIHeads: targets[{i}] has no '{key}' entry")
         boxes, labels = t["boxes"], t["labels"]
         if boxes.dim() != 2 or boxes.shape[1] != 4 or not boxes.is_floating_point():
-            raise ValueError(f"RoIHeads: targets[{i}]['boxes'] must be float [N,4], got {boxes.dtype} {tuple(boxes.shape)}")
+            raise ValueError(
+                f"RoIHeads: targets[{i}]['boxes'] must be float [N,4], got {boxes.dtype} {tuple(boxes.shape)}"
+            )
         if labels.dim() != 1 or labels.shape[0] != boxes.shape[0] or labels.dtype != torch.int64:
             raise ValueError(
-                f"RoIHeads: targets[{i}]['labels'] must be int64 [{boxes.shape[0]}], got {labels.dtype} {tuple(labels.shape)}"
+                f"RoIHeads: targets[{i}]['labels'] must be int64 [{boxes.shape[0]}], "
+                f"got {labels.dtype} {tuple(labels.shape)}"
             )
         crowd = t.get("crowd_boxes")
         if crowd is not None and (not isinstance(crowd, torch.Tensor) or crowd.dim() != 2 or crowd.shape[1] != 4):
@@ -152,8 +156,12 @@ class RoIHeads(nn.Module):
         box_voting_iou: float = 0.5,
     ) -> None:
         super().__init__()
-        check_postprocess_options(nms_method=nms_method, soft_nms_sigma=soft_nms_sigma,
-                                  soft_nms_score_thresh=soft_nms_score_thresh, box_voting_iou=box_voting_iou)
+        check_postprocess_options(
+            nms_method=nms_method,
+            soft_nms_sigma=soft_nms_sigma,
+            soft_nms_score_thresh=soft_nms_score_thresh,
+            box_voting_iou=box_voting_iou,
+        )
         if not 0.0 <= bg_iou_thresh_lo <= bg_iou_thresh_hi <= fg_iou_thresh <= 1.0:
             raise ValueError(
                 "RoIHeads: need 0 <= bg_iou_thresh_lo <= bg_iou_thresh_hi <= fg_iou_thresh <= 1, got "
@@ -280,9 +288,7 @@ class RoIHeads(nn.Module):
         fg = torch.nonzero(labels > 0).squeeze(1)
         deltas = box_deltas.reshape(num_rois, -1, 4)
         cols = labels[fg] if deltas.shape[1] > 1 else torch.zeros_like(fg)
-        loss_box = F.smooth_l1_loss(
-            deltas[fg, cols], regression_targets[fg], beta=self.smooth_l1_beta, reduction="sum"
-        )
+        loss_box = F.smooth_l1_loss(deltas[fg, cols], regression_targets[fg], beta=self.smooth_l1_beta, reduction="sum")
         return {"loss_cls": loss_cls, "loss_box_reg": loss_box / num_rois}
 
     # ------------------------------------------------------------------------------------ shared
@@ -292,12 +298,7 @@ class RoIHeads(nn.Module):
         """Pool every proposal and run the box head: [sum Ni, D]. ``image_sizes`` is for subclasses (context:
         :class:`detres.models.context.ContextRoIHeads`)."""
         chunk = cpu_roi_chunk(self.inference_roi_chunk)
-        if (
-            self.training
-            or chunk <= 0
-            or features.device.type != "cpu"
-            or sum(p.shape[0] for p in proposals) <= chunk
-        ):
+        if self.training or chunk <= 0 or features.device.type != "cpu" or sum(p.shape[0] for p in proposals) <= chunk:
             return self.box_head(self.pooler(features, proposals))
         # Image by image, chunk by chunk: the same rows in the same order as the one-shot call.
         parts = [

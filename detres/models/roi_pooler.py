@@ -1,7 +1,8 @@
 """RoI pooling (Fast R-CNN): a fixed-size feature for every box from one feature map, roi_pool or roi_align."""
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -57,9 +58,7 @@ class RoIPooler(nn.Module):
         if features.dim() != 4:
             raise ValueError(f"RoIPooler: features must be [B,C,H,W], got {tuple(features.shape)}")
         if len(boxes) != features.shape[0]:
-            raise ValueError(
-                f"RoIPooler: got {len(boxes)} box tensors for a batch of {features.shape[0]} feature maps"
-            )
+            raise ValueError(f"RoIPooler: got {len(boxes)} box tensors for a batch of {features.shape[0]} feature maps")
         for i, b in enumerate(boxes):
             if b.dim() != 2 or b.shape[1] != 4:
                 raise ValueError(f"RoIPooler: boxes[{i}] must be [N,4], got {tuple(b.shape)}")

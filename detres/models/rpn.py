@@ -1,7 +1,8 @@
 """Region Proposal Network (Ren et al. 2015) on a single C4 feature map: head, target assignment, losses, proposals."""
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -30,8 +31,9 @@ class RPNHead(nn.Module):
     them into per-anchor rows.
     """
 
-    def __init__(self, in_channels: int, num_anchors: int, conv_channels: int | None = None, *,
-                 num_classes: int = 1) -> None:
+    def __init__(
+        self, in_channels: int, num_anchors: int, conv_channels: int | None = None, *, num_classes: int = 1
+    ) -> None:
         super().__init__()
         if int(in_channels) <= 0 or int(num_anchors) <= 0 or int(num_classes) <= 0:
             raise ValueError(
@@ -257,17 +259,14 @@ class RegionProposalNetwork(nn.Module):
         # Guard against an empty sample (e.g. every anchor cross-boundary): losses are then 0, not NaN.
         num_sampled = sampled.sum().clamp(min=1).to(objectness.dtype)
         loss_cls = (
-            F.binary_cross_entropy_with_logits(
-                objectness[sampled], pos[sampled].to(objectness.dtype), reduction="sum"
-            )
+            F.binary_cross_entropy_with_logits(objectness[sampled], pos[sampled].to(objectness.dtype), reduction="sum")
             / num_sampled
         )
         reg_targets = self.box_coder.encode(
             torch.stack(matched_gt_boxes)[pos], anchors.expand(pos.shape[0], -1, -1)[pos]
         )
         loss_box = (
-            F.smooth_l1_loss(pred_deltas[pos], reg_targets, beta=self.smooth_l1_beta, reduction="sum")
-            / num_sampled
+            F.smooth_l1_loss(pred_deltas[pos], reg_targets, beta=self.smooth_l1_beta, reduction="sum") / num_sampled
         )
         return {"loss_rpn_cls": loss_cls, "loss_rpn_box": loss_box}
 
@@ -287,8 +286,10 @@ class RegionProposalNetwork(nn.Module):
         """features [B, C, h, w] -> (objectness logits [B, N], deltas [B, N, 4], anchors [N, 4]), N = h * w * A."""
         logits, deltas, anchors = self.predict_per_class(features)
         if logits.shape[2] != 1:
-            raise ValueError(f"RegionProposalNetwork: the head is in per-class form ({logits.shape[2]} classes); "
-                             "use detres.models.per_class_rpn.PerClassRPN")
+            raise ValueError(
+                f"RegionProposalNetwork: the head is in per-class form ({logits.shape[2]} classes); "
+                "use detres.models.per_class_rpn.PerClassRPN"
+            )
         return logits[:, :, 0], deltas[:, :, 0], anchors
 
     def predict_per_class(self, features: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -300,7 +301,11 @@ class RegionProposalNetwork(nn.Module):
 
     @torch.no_grad()
     def _proposals(
-        self, objectness: Tensor, pred_deltas: Tensor, anchors: Tensor, image_sizes: Sequence[Sequence[int]],
+        self,
+        objectness: Tensor,
+        pred_deltas: Tensor,
+        anchors: Tensor,
+        image_sizes: Sequence[Sequence[int]],
         mode: str | None,
     ) -> list[Tensor]:
         batch = objectness.shape[0]

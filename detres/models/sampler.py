@@ -1,7 +1,8 @@
 """Per-image random sampling of a fixed-size mini-batch with a capped fraction of positives."""
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -65,8 +66,9 @@ class BalancedSampler:
         mask[idx] = True
         return mask
 
-    def __call__(self, matched_labels: list[Tensor], seeds: Sequence[int | None] | None = None
-                 ) -> tuple[list[Tensor], list[Tensor]]:
+    def __call__(
+        self, matched_labels: list[Tensor], seeds: Sequence[int | None] | None = None
+    ) -> tuple[list[Tensor], list[Tensor]]:
         """matched_labels: one 1-D LongTensor per image -> (pos_masks, neg_masks), BoolTensors of the same shapes.
 
         seeds: optional per-image seeds (None entries use ``generator``), see the class docstring."""

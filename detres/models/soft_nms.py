@@ -1,4 +1,6 @@
-"""Soft-NMS (Bodla et al. 2017), per class, all classes at once; in models/, not inference/ as DESIGN.md lists, because the eval forward's postprocess uses it."""
+"""Soft-NMS (Bodla et al. 2017), per class, all classes at once; in models/, not inference/ as DESIGN.md lists, because
+the eval forward's postprocess uses it."""
+
 from __future__ import annotations
 
 import torch

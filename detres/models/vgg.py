@@ -18,15 +18,33 @@ as a 1x1 convolution, leaving fc8 as :attr:`VGG.fc` for the dense multi-scale te
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 # Configuration D: channels of each conv, "M" = 2x2 max-pool of stride 2.
-VGG16_CFG: tuple[int | str, ...] = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M",
-                                    512, 512, 512, "M", 512, 512, 512, "M")
+VGG16_CFG: tuple[int | str, ...] = (
+    64,
+    64,
+    "M",
+    128,
+    128,
+    "M",
+    256,
+    256,
+    256,
+    "M",
+    512,
+    512,
+    512,
+    "M",
+    512,
+    512,
+    512,
+    "M",
+)
 VGG_MIN_INPUT = 32  # five halvings (floor) must leave at least one cell: 32 -> 16 -> 8 -> 4 -> 2 -> 1
 HEAD_GRID = 7  # fc6 sees a 7x7x512 map (224 / 2**5)
 FC_INIT_STD = 0.01  # torchvision's N(0, 0.01) fc init of VGG-16
@@ -91,8 +109,16 @@ class VGG(nn.Module):
             as given; 16 = the same 16 layers at a quarter of the channels, for CPU runs).
     """
 
-    def __init__(self, *, cfg: Sequence[int | str] = VGG16_CFG, num_classes: int = 1000, dropout: float = 0.5,
-                 batch_norm: bool = False, hidden: int = 4096, width: int = 64) -> None:
+    def __init__(
+        self,
+        *,
+        cfg: Sequence[int | str] = VGG16_CFG,
+        num_classes: int = 1000,
+        dropout: float = 0.5,
+        batch_norm: bool = False,
+        hidden: int = 4096,
+        width: int = 64,
+    ) -> None:
         super().__init__()
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must lie in [0, 1), got {dropout!r}")
@@ -112,8 +138,12 @@ class VGG(nn.Module):
         self.features = nn.Sequential(*layers)
         self.avgpool = nn.AdaptiveAvgPool2d((HEAD_GRID, HEAD_GRID))
         self.classifier = nn.Sequential(
-            nn.Linear(channels * HEAD_GRID * HEAD_GRID, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout),  # fc6
-            nn.Linear(hidden, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout),  # fc7
+            nn.Linear(channels * HEAD_GRID * HEAD_GRID, hidden),
+            nn.ReLU(inplace=True),
+            nn.Dropout(dropout),  # fc6
+            nn.Linear(hidden, hidden),
+            nn.ReLU(inplace=True),
+            nn.Dropout(dropout),  # fc7
             nn.Linear(hidden, num_classes),  # fc8
         )
         self.min_input = VGG_MIN_INPUT
@@ -147,8 +177,12 @@ class VGG(nn.Module):
     def forward_features(self, x: Tensor) -> Tensor:
         """fc7 activations of every 224-px window, fully convolutional: [B, 4096, h, w] (1x1 at 224)."""
         check_min_input(x, self.min_input, "VGG")
-        return dense_head(self.features(x), HEAD_GRID, [self.classifier[0], self.classifier[3]],
-                          [self.classifier[2], self.classifier[5]])
+        return dense_head(
+            self.features(x),
+            HEAD_GRID,
+            [self.classifier[0], self.classifier[3]],
+            [self.classifier[2], self.classifier[5]],
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         check_min_input(x, self.min_input, "VGG")
@@ -156,9 +190,11 @@ class VGG(nn.Module):
         return self.classifier(torch.flatten(x, 1))
 
 
-def vgg16(*, num_classes: int = 1000, dropout: float = 0.5, batch_norm: bool = False, width: int = 64,
-          hidden: int = 4096) -> VGG:
+def vgg16(
+    *, num_classes: int = 1000, dropout: float = 0.5, batch_norm: bool = False, width: int = 64, hidden: int = 4096
+) -> VGG:
     """VGG-16 (configuration D): 138,357,544 parameters at 1000 classes and the defaults, as torchvision's
     ``vgg16``; ``width`` (conv1 channels, 64) and ``hidden`` (fc6/fc7 size, 4096) give narrower copies."""
-    return VGG(cfg=VGG16_CFG, num_classes=num_classes, dropout=dropout, batch_norm=batch_norm, width=width,
-               hidden=hidden)
+    return VGG(
+        cfg=VGG16_CFG, num_classes=num_classes, dropout=dropout, batch_norm=batch_norm, width=width, hidden=hidden
+    )

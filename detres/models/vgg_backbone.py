@@ -12,10 +12,12 @@ frozen, which nothing here does). Sizes quoted (512, 4096) are the paper's; ``wi
 :func:`build_vgg16_c4` give a narrower copy (conv5_3 with ``8 * width`` channels, ``hidden``-d region
 vectors) and must match what the checkpoint's ``model_args`` record.
 """
+
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -95,11 +97,15 @@ def _vgg_state_dict(path: Path) -> tuple[dict[str, Tensor], Mapping[str, Any]]:
     arch = saved.get("arch")
     if (arch is not None and arch != "vgg16") or "features.0.weight" not in state:
         found = arch if arch is not None else ", ".join(sorted(state)[:5])
-        raise ValueError(f"{path}: not a VGG-16 network (found {found}); a vgg16 backbone needs a train_cls "
-                         "checkpoint with model.arch=vgg16 or a torchvision vgg16 state_dict")
+        raise ValueError(
+            f"{path}: not a VGG-16 network (found {found}); a vgg16 backbone needs a train_cls "
+            "checkpoint with model.arch=vgg16 or a torchvision vgg16 state_dict"
+        )
     if saved.get("batch_norm") or any(k.endswith("running_mean") for k in state):
-        raise ValueError(f"{path}: holds a VGG-16 with batch normalisation (vgg16_bn); the detection backbone "
-                         "is the paper's VGG-16 without BN (model.batch_norm=false)")
+        raise ValueError(
+            f"{path}: holds a VGG-16 with batch normalisation (vgg16_bn); the detection backbone "
+            "is the paper's VGG-16 without BN (model.batch_norm=false)"
+        )
     return state, saved
 
 
@@ -109,8 +115,10 @@ def check_vgg_size(saved: Mapping[str, Any], *, width: int, hidden: int, source:
     for key, wanted, default, option in (("width", width, 64, "vgg_width"), ("hidden", hidden, 4096, "vgg_hidden")):
         found = saved.get(key, default) if saved else None
         if found is not None and int(found) != int(wanted):
-            raise ValueError(f"{source} holds a VGG-16 with {key}={int(found)} but the detector asks for "
-                             f"{key}={int(wanted)}: set model.{option}={int(found)} or use another checkpoint")
+            raise ValueError(
+                f"{source} holds a VGG-16 with {key}={int(found)} but the detector asks for "
+                f"{key}={int(wanted)}: set model.{option}={int(found)} or use another checkpoint"
+            )
 
 
 def build_vgg16_c4(
@@ -138,8 +146,10 @@ def build_vgg16_c4(
     from detres.models.weights import load_state_dict_strict
 
     if int(pooler_resolution) != HEAD_GRID:
-        raise ValueError(f"backbone='vgg16' needs pooler_resolution={HEAD_GRID} (fc6 takes a {HEAD_GRID}x{HEAD_GRID} "
-                         f"conv5_3 map), got {pooler_resolution}: set model.roi_heads.pooler_resolution={HEAD_GRID}")
+        raise ValueError(
+            f"backbone='vgg16' needs pooler_resolution={HEAD_GRID} (fc6 takes a {HEAD_GRID}x{HEAD_GRID} "
+            f"conv5_3 map), got {pooler_resolution}: set model.roi_heads.pooler_resolution={HEAD_GRID}"
+        )
     if weights_path is not None and not Path(weights_path).is_file():
         raise FileNotFoundError(
             f"build_vgg16_c4: pretrained backbone weights_path '{weights_path}' does not exist "

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Mapping
-from typing import Sequence
+from collections.abc import Mapping, Sequence
 
 from torch import Tensor, nn
 
@@ -35,13 +34,15 @@ def _read_weights(path: str | os.PathLike, *, mmap: bool = False) -> object:
 def _strip_prefix(state_dict: StateDict, prefix: str) -> dict[str, Tensor]:
     """Remove ``prefix`` (e.g. DataParallel's 'module.') when every key carries it."""
     if state_dict and all(k.startswith(prefix) for k in state_dict):
-        return {k[len(prefix):]: v for k, v in state_dict.items()}
+        return {k[len(prefix) :]: v for k, v in state_dict.items()}
     return dict(state_dict)
 
 
 def _as_state_dict(obj: object, source: str) -> dict[str, Tensor]:
     if not isinstance(obj, Mapping) or not obj:
-        raise ValueError(f"{source}: expected a non-empty mapping of parameter name -> tensor, got {type(obj).__name__}")
+        raise ValueError(
+            f"{source}: expected a non-empty mapping of parameter name -> tensor, got {type(obj).__name__}"
+        )
     bad = [k for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, Tensor)]
     if bad:
         raise ValueError(f"{source}: not a state_dict, entries that are not str -> Tensor: {bad[:_MAX_LISTED]}")
@@ -87,9 +88,7 @@ def load_state_dict_strict(
     model.load_state_dict(merged, strict=True)
 
 
-def load_torchvision_resnet_state_dict(
-    model: nn.Module, state_dict_or_path: StateDict | str | os.PathLike
-) -> None:
+def load_torchvision_resnet_state_dict(model: nn.Module, state_dict_or_path: StateDict | str | os.PathLike) -> None:
     """Load a torchvision ResNet state_dict (or a file holding one) into an option-B ResNet.
 
     Keys and shapes must match exactly (``num_batches_tracked`` aside); otherwise
@@ -108,7 +107,7 @@ def convert_cifar_checkpoint_keys(state_dict: StateDict) -> dict[str, Tensor]:
     """Legacy CIFAR ResNet keys -> ours: drop the DataParallel 'module.' prefix, 'linear.*' -> 'fc.*'."""
     out = {}
     for key, value in _strip_prefix(state_dict, "module.").items():
-        out["fc." + key[len("linear."):] if key.startswith("linear.") else key] = value
+        out["fc." + key[len("linear.") :] if key.startswith("linear.") else key] = value
     return out
 
 
@@ -161,9 +160,7 @@ def checkpoint_state_dict(obj: object, source: str) -> tuple[str, dict[str, Tens
     return fmt, _strip_prefix(_as_state_dict(obj, source), "module.")
 
 
-def load_pretrained_backbone(
-    model: nn.Module, path: str | os.PathLike, *, skip_prefixes: Sequence[str] = ()
-) -> str:
+def load_pretrained_backbone(model: nn.Module, path: str | os.PathLike, *, skip_prefixes: Sequence[str] = ()) -> str:
     """Load pretrained weights from ``path`` into ``model``, detecting the file format; returns it.
 
     Formats: our train_cls checkpoint (dict with "model"), a legacy CIFAR checkpoint (dict with

@@ -1,7 +1,8 @@
 """Box helpers (formats, clipping, validity masks) for float xyxy boxes in 0-based continuous pixels."""
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from torch import Tensor
 from torchvision.ops import box_area, box_convert, clip_boxes_to_image, remove_small_boxes
@@ -60,12 +61,7 @@ def boxes_inside_image(boxes: Tensor, image_hw: Sequence[int] | Tensor, allowed_
     check_boxes(boxes)
     h, w = check_image_hw(image_hw)
     b = float(allowed_border)
-    return (
-        (boxes[..., 0] >= -b)
-        & (boxes[..., 1] >= -b)
-        & (boxes[..., 2] <= w + b)
-        & (boxes[..., 3] <= h + b)
-    )
+    return (boxes[..., 0] >= -b) & (boxes[..., 1] >= -b) & (boxes[..., 2] <= w + b) & (boxes[..., 3] <= h + b)
 
 
 def nonempty_mask(boxes: Tensor, min_size: float = 0.0) -> Tensor:

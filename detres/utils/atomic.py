@@ -2,6 +2,7 @@
 
 No torch import here, so light command-line paths (e.g. COCO evaluation) stay fast to start.
 """
+
 from __future__ import annotations
 
 import json

@@ -1,4 +1,5 @@
 """Checkpoint files: atomic saving (temp file + os.replace) and safe loading (CPU, ``weights_only=True``)."""
+
 from __future__ import annotations
 
 import os

@@ -5,17 +5,30 @@ one, so library code can call them unconditionally. Joining a group is the engin
 (:mod:`detres.engine.distributed`); this module sits on the bottom floor so that data, inference
 and engine code can all ask "which rank am I?".
 """
+
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence, TypeVar
+from collections.abc import Sequence
+from typing import Any, TypeVar
 
 import torch.distributed as dist
 
 T = TypeVar("T")
 
-__all__ = ["is_distributed", "get_rank", "get_world_size", "is_main_process", "barrier", "all_gather_objects",
-           "broadcast_object", "max_over_ranks", "finite_on_all_ranks", "shard_indices", "unshard"]
+__all__ = [
+    "is_distributed",
+    "get_rank",
+    "get_world_size",
+    "is_main_process",
+    "barrier",
+    "all_gather_objects",
+    "broadcast_object",
+    "max_over_ranks",
+    "finite_on_all_ranks",
+    "shard_indices",
+    "unshard",
+]
 
 
 def is_distributed() -> bool:

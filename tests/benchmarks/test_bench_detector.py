@@ -1,4 +1,6 @@
-"""The whole-detector benchmark's machinery at the smallest settings: figures present and sane, detections agree (not speed)."""
+"""The whole-detector benchmark's machinery at the smallest settings: figures present and sane, detections agree (not
+speed)."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -29,10 +31,32 @@ def tiny_run(tmp_path_factory) -> tuple[dict, Path]:
     subprocesses."""
     out = tmp_path_factory.mktemp("bench_detector") / "bench.json"
     bench = _load_bench()
-    bench.main(["--depth", "18", "--size", "128", "--proposals", "50", "--threads", "1", "--rounds", "1",
-                "--train-steps", "1", "--data-images", "2", "--matmul-size", "512",
-                "--proposal-points", "20", "--size-points", "96",
-                "--json-out", str(out)])
+    bench.main(
+        [
+            "--depth",
+            "18",
+            "--size",
+            "128",
+            "--proposals",
+            "50",
+            "--threads",
+            "1",
+            "--rounds",
+            "1",
+            "--train-steps",
+            "1",
+            "--data-images",
+            "2",
+            "--matmul-size",
+            "512",
+            "--proposal-points",
+            "20",
+            "--size-points",
+            "96",
+            "--json-out",
+            str(out),
+        ]
+    )
     return json.loads(out.read_text()), out
 
 
@@ -44,8 +68,14 @@ def test_required_keys_are_positive_per_thread_count(tiny_run):
     inf = res["inference"]["1"]
     for name in ("detres", "torchvision"):
         assert _positive_finite(inf[name]["median_s"])
-        assert set(inf[name]["stages_s"]) == {"preprocess", "trunk", "rpn", "roi_pool", "conv5_head",
-                                              "predictor_postprocess"}
+        assert set(inf[name]["stages_s"]) == {
+            "preprocess",
+            "trunk",
+            "rpn",
+            "roi_pool",
+            "conv5_head",
+            "predictor_postprocess",
+        }
         assert _positive_finite(inf[name]["stages_s"]["conv5_head"])
         assert _positive_finite(res["train"]["1"][name]["median_s"])
         assert res["train"]["1"][name]["losses_finite"]
@@ -90,16 +120,34 @@ def test_amp_without_cuda_device_is_refused():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the skip on a machine without CUDA")
 def test_device_cuda_without_a_gpu_skips_cleanly(tmp_path, capsys):
     out = tmp_path / "cuda.json"
-    assert _load_bench().main(["--device", "cuda", "--amp", "--quick", "--json-out", str(out)]) == \
-        {"skipped": "no CUDA device"}
+    assert _load_bench().main(["--device", "cuda", "--amp", "--quick", "--json-out", str(out)]) == {
+        "skipped": "no CUDA device"
+    }
     assert "no CUDA device" in capsys.readouterr().out and not out.exists()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_device_cuda_with_amp_times_autocast_inference_and_training(tmp_path):
     out = tmp_path / "cuda.json"
-    _load_bench().main(["--device", "cuda", "--amp", "--depth", "18", "--size", "128", "--proposals", "50",
-                        "--rounds", "2", "--train-steps", "1", "--json-out", str(out)])
+    _load_bench().main(
+        [
+            "--device",
+            "cuda",
+            "--amp",
+            "--depth",
+            "18",
+            "--size",
+            "128",
+            "--proposals",
+            "50",
+            "--rounds",
+            "2",
+            "--train-steps",
+            "1",
+            "--json-out",
+            str(out),
+        ]
+    )
     res = json.loads(out.read_text())["cuda"]
     for name in ("detres", "torchvision"):
         entry = res[name]

@@ -1,4 +1,5 @@
 """Tests for config loading: defaults, YAML, _base_ inheritance, overrides and their errors."""
+
 from __future__ import annotations
 
 import pytest
@@ -76,8 +77,15 @@ def test_exponent_floats_without_a_dot_are_floats_in_files_and_overrides(tmp_pat
     cfg = load_config(path)
     assert (cfg.solver.base_lr, cfg.solver.weight_decay, cfg.solver.gamma) == (1e-4, 5e-4, 10.0)
     assert all(type(v) is float for v in (cfg.solver.base_lr, cfg.solver.weight_decay, cfg.solver.gamma))
-    cfg = load_config(path, ["solver.base_lr=1e-3", "solver.warmup_lr=2E-5", "model.roi_heads.score_thresh=5e-2",
-                             "model.roi_heads.bbox_reg_weights=[1e1, 10, 5.0, '5e0']"])
+    cfg = load_config(
+        path,
+        [
+            "solver.base_lr=1e-3",
+            "solver.warmup_lr=2E-5",
+            "model.roi_heads.score_thresh=5e-2",
+            "model.roi_heads.bbox_reg_weights=[1e1, 10, 5.0, '5e0']",
+        ],
+    )
     assert (cfg.solver.base_lr, cfg.solver.warmup_lr, cfg.model.roi_heads.score_thresh) == (1e-3, 2e-5, 0.05)
     assert cfg.model.roi_heads.bbox_reg_weights == [10.0, 10.0, 5.0, 5.0]
     assert all(type(v) is float for v in cfg.model.roi_heads.bbox_reg_weights)

@@ -1,4 +1,5 @@
 """Config values are checked against the key -> rule table when loaded: null, zero, bad choices, YAML tags, devices."""
+
 from __future__ import annotations
 
 import pytest
@@ -14,30 +15,33 @@ def _cfg(tmp_path, task: str, overrides: list[str]):
     return load_config(path, overrides)
 
 
-@pytest.mark.parametrize("task,override,key", [
-    ("cls", "solver.max_iter=null", "solver.max_iter"),
-    ("det", "solver.max_iter=null", "solver.max_iter"),
-    ("loc", "solver.max_iter=0", "solver.max_iter"),
-    ("det", "solver.max_iter=0", "solver.max_iter"),
-    ("cls", "solver.base_lr=null", "solver.base_lr"),
-    ("det", "solver.base_lr=0", "solver.base_lr"),
-    ("cls", "output_dir=null", "output_dir"),
-    ("det", "output_dir=''", "output_dir"),
-    ("cls", "solver.checkpoint_period=0", "solver.checkpoint_period"),
-    ("det", "solver.log_period=0", "solver.log_period"),
-    ("det", "solver.keep_checkpoints=-1", "solver.keep_checkpoints"),
-    ("loc", "solver.keep_checkpoints=null", "solver.keep_checkpoints"),
-    ("cls", "solver.batch_size=0", "solver.batch_size"),
-    ("det", "solver.images_per_batch=0", "solver.images_per_batch"),
-    ("loc", "solver.images_per_batch=-1", "solver.images_per_batch"),
-    ("cls", "solver.eval_period=0", "solver.eval_period"),
-    ("det", "data.on_bad_sample=ignore", "data.on_bad_sample"),
-    ("det", "data.format=yolo", "data.format"),
-    ("cls", "test.batch_size=0", "test.batch_size"),
-    ("det", "input.min_size_train=[0]", "input.min_size_train"),
-    ("det", "input.flip_prob=1.5", "input.flip_prob"),
-    ("cls", "model.depth=null", "model.depth"),
-])
+@pytest.mark.parametrize(
+    "task,override,key",
+    [
+        ("cls", "solver.max_iter=null", "solver.max_iter"),
+        ("det", "solver.max_iter=null", "solver.max_iter"),
+        ("loc", "solver.max_iter=0", "solver.max_iter"),
+        ("det", "solver.max_iter=0", "solver.max_iter"),
+        ("cls", "solver.base_lr=null", "solver.base_lr"),
+        ("det", "solver.base_lr=0", "solver.base_lr"),
+        ("cls", "output_dir=null", "output_dir"),
+        ("det", "output_dir=''", "output_dir"),
+        ("cls", "solver.checkpoint_period=0", "solver.checkpoint_period"),
+        ("det", "solver.log_period=0", "solver.log_period"),
+        ("det", "solver.keep_checkpoints=-1", "solver.keep_checkpoints"),
+        ("loc", "solver.keep_checkpoints=null", "solver.keep_checkpoints"),
+        ("cls", "solver.batch_size=0", "solver.batch_size"),
+        ("det", "solver.images_per_batch=0", "solver.images_per_batch"),
+        ("loc", "solver.images_per_batch=-1", "solver.images_per_batch"),
+        ("cls", "solver.eval_period=0", "solver.eval_period"),
+        ("det", "data.on_bad_sample=ignore", "data.on_bad_sample"),
+        ("det", "data.format=yolo", "data.format"),
+        ("cls", "test.batch_size=0", "test.batch_size"),
+        ("det", "input.min_size_train=[0]", "input.min_size_train"),
+        ("det", "input.flip_prob=1.5", "input.flip_prob"),
+        ("cls", "model.depth=null", "model.depth"),
+    ],
+)
 def test_out_of_range_or_null_value_is_one_line_error_naming_the_key(tmp_path, task, override, key):
     with pytest.raises(ConfigError) as info:
         _cfg(tmp_path, task, [override])
@@ -47,8 +51,18 @@ def test_out_of_range_or_null_value_is_one_line_error_naming_the_key(tmp_path, t
 
 
 def test_valid_edge_values_are_accepted(tmp_path):
-    cfg = _cfg(tmp_path, "det", ["solver.eval_period=0", "solver.max_iter=1", "solver.weight_decay_bias=null",
-                                 "data.on_bad_sample=skip", "input.flip_prob=0.0", "device=cuda:1"])
+    cfg = _cfg(
+        tmp_path,
+        "det",
+        [
+            "solver.eval_period=0",
+            "solver.max_iter=1",
+            "solver.weight_decay_bias=null",
+            "data.on_bad_sample=skip",
+            "input.flip_prob=0.0",
+            "device=cuda:1",
+        ],
+    )
     assert cfg.solver.eval_period == 0 and cfg.solver.weight_decay_bias is None and cfg.data.on_bad_sample == "skip"
     assert _cfg(tmp_path, "cls", []).data.on_bad_sample == "error"  # the safe default
     assert _cfg(tmp_path, "loc", []).data.on_bad_sample == "error"

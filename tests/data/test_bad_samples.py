@@ -1,5 +1,6 @@
 """Bad samples (data.on_bad_sample): COCO and VOC treat malformed boxes alike, degenerate ones are counted drops,
 unknown image ids, missing file names, unreadable images; "error" stops naming the file, "skip" drops and lists."""
+
 from __future__ import annotations
 
 import json
@@ -27,11 +28,14 @@ def _png(path: Path, h: int = H, w: int = W) -> Path:
     return path
 
 
-def _coco(tmp_path: Path, boxes: dict[int, list], *, images: list[dict] | None = None,
-          extra_anns=()) -> tuple[Path, Path]:
+def _coco(
+    tmp_path: Path, boxes: dict[int, list], *, images: list[dict] | None = None, extra_anns=()
+) -> tuple[Path, Path]:
     """Images 1 ('a.png') and 2 ('b.png') of 48x32 px, one category (id 5); ``boxes``: image id -> [bbox, ...]."""
-    images = images or [{"id": 1, "file_name": "a.png", "height": H, "width": W},
-                        {"id": 2, "file_name": "b.png", "height": H, "width": W}]
+    images = images or [
+        {"id": 1, "file_name": "a.png", "height": H, "width": W},
+        {"id": 2, "file_name": "b.png", "height": H, "width": W},
+    ]
     for im in images:
         if isinstance(im.get("file_name"), str):
             _png(tmp_path / "images" / im["file_name"])
@@ -53,20 +57,27 @@ def _voc(root: Path, boxes: dict[str, list[tuple[float, float, float, float]]], 
     (root / "ImageSets" / "Main" / "trainval.txt").write_text("\n".join(boxes) + "\n")
     for image_id, bbs in boxes.items():
         _png(root / "JPEGImages" / f"{image_id}.png")
-        objects = "".join(f"<object><name>{name}</name><difficult>0</difficult><bndbox><xmin>{b[0]}</xmin>"
-                          f"<ymin>{b[1]}</ymin><xmax>{b[2]}</xmax><ymax>{b[3]}</ymax></bndbox></object>" for b in bbs)
+        objects = "".join(
+            f"<object><name>{name}</name><difficult>0</difficult><bndbox><xmin>{b[0]}</xmin>"
+            f"<ymin>{b[1]}</ymin><xmax>{b[2]}</xmax><ymax>{b[3]}</ymax></bndbox></object>"
+            for b in bbs
+        )
         (root / "Annotations" / f"{image_id}.xml").write_text(
             f"<annotation><filename>{image_id}.png</filename><size><width>{W}</width><height>{H}</height>"
-            f"<depth>3</depth></size>{objects}</annotation>")
+            f"<depth>3</depth></size>{objects}</annotation>"
+        )
     return root
 
 
 # --------------------------------------------------------------------------- case 12: COCO and VOC alike
-@pytest.mark.parametrize("coco_box,voc_box,what", [
-    ([10, 5, -4, 6], (10, 5, 6, 11), "negative width / inverted x"),
-    ([10, 5, 4, -6], (10, 5, 14, 2), "negative height / inverted y"),
-    ([40, 5, 20, 6], (41, 6, 60, 11), "outside the image by more than a pixel"),
-])
+@pytest.mark.parametrize(
+    "coco_box,voc_box,what",
+    [
+        ([10, 5, -4, 6], (10, 5, 6, 11), "negative width / inverted x"),
+        ([10, 5, 4, -6], (10, 5, 14, 2), "negative height / inverted y"),
+        ([40, 5, 20, 6], (41, 6, 60, 11), "outside the image by more than a pixel"),
+    ],
+)
 def test_malformed_box_is_the_same_bad_sample_in_coco_and_voc(tmp_path, coco_box, voc_box, what):
     image_dir, ann_file = _coco(tmp_path / "coco", {1: [[1, 1, 5, 5], coco_box], 2: [[2, 2, 8, 8]]})
     root = _voc(tmp_path / "voc", {"a": [(2, 2, 6, 6), voc_box], "b": [(3, 3, 10, 10)]})
@@ -139,9 +150,18 @@ def test_image_problems_are_found_from_the_header(tmp_path):
 
 
 def _det_cfg(tmp_path: Path, image_dir: Path, train_ann: Path, val_ann: Path, policy: str = "error"):
-    return load_config(None, [f"data.train_images={image_dir}", f"data.train_ann={train_ann}",
-                              f"data.val_images={image_dir}", f"data.val_ann={val_ann}",
-                              f"data.on_bad_sample={policy}", f"output_dir={tmp_path / 'run'}"], task="det")
+    return load_config(
+        None,
+        [
+            f"data.train_images={image_dir}",
+            f"data.train_ann={train_ann}",
+            f"data.val_images={image_dir}",
+            f"data.val_ann={val_ann}",
+            f"data.on_bad_sample={policy}",
+            f"output_dir={tmp_path / 'run'}",
+        ],
+        task="det",
+    )
 
 
 def test_detection_sets_skip_a_missing_val_image_and_list_it_in_the_run_folder(tmp_path):
@@ -157,8 +177,12 @@ def test_detection_sets_skip_a_missing_val_image_and_list_it_in_the_run_folder(t
     listed = json.loads((out / SKIPPED_FILE).read_text())
     assert listed["count"] == 2 and all(s["file"].endswith("b.png") for s in listed["samples"])
     with pytest.raises(BadSampleError, match=r"b\.png: image file does not exist"):
-        check_detection_sets(CocoDetection(image_dir, ann_file), CocoDetection(image_dir, ann_file),
-                             _det_cfg(tmp_path, image_dir, ann_file, ann_file), out)
+        check_detection_sets(
+            CocoDetection(image_dir, ann_file),
+            CocoDetection(image_dir, ann_file),
+            _det_cfg(tmp_path, image_dir, ann_file, ann_file),
+            out,
+        )
 
 
 def test_training_set_without_boxes_is_an_error(tmp_path):
@@ -172,8 +196,11 @@ def test_val_class_absent_from_training_is_a_one_line_warning(tmp_path):
     images = [{"id": 1, "file_name": "a.png", "height": H, "width": W}]
     for sub, cat in (("train", 5), ("val", 6)):
         _png(tmp_path / "images" / "a.png")
-        doc = {"images": images, "categories": [{"id": 5, "name": "thing"}, {"id": 6, "name": "other"}],
-               "annotations": [{"id": 1, "image_id": 1, "category_id": cat, "bbox": [1, 1, 5, 5], "iscrowd": 0}]}
+        doc = {
+            "images": images,
+            "categories": [{"id": 5, "name": "thing"}, {"id": 6, "name": "other"}],
+            "annotations": [{"id": 1, "image_id": 1, "category_id": cat, "bbox": [1, 1, 5, 5], "iscrowd": 0}],
+        }
         (tmp_path / f"{sub}.json").write_text(json.dumps(doc))
     cfg = _det_cfg(tmp_path, tmp_path / "images", tmp_path / "train.json", tmp_path / "val.json")
     train = CocoDetection(tmp_path / "images", tmp_path / "train.json")
@@ -239,7 +266,8 @@ def test_ilsvrc_inverted_box_xml_follows_the_policy(tmp_path):
         _png(tmp_path / "Data" / "val" / f"{image_id}.png")
         (tmp_path / "Annotations" / "val" / f"{image_id}.xml").write_text(
             f"<annotation><object><name>n01</name><bndbox><xmin>{box[0]}</xmin><ymin>{box[1]}</ymin>"
-            f"<xmax>{box[2]}</xmax><ymax>{box[3]}</ymax></bndbox></object></annotation>")
+            f"<xmax>{box[2]}</xmax><ymax>{box[3]}</ymax></bndbox></object></annotation>"
+        )
     with pytest.raises(BadSampleError, match=r"v2\.xml: .*xmax < xmin"):
         read_ilsvrc_loc(tmp_path, "val", ["n01"], bad_samples=BadSamples("error"))
     bad = BadSamples("skip")

@@ -1,4 +1,5 @@
 """Tests for config → detection datasets (COCO and VOC formats of the same shapes-world images)."""
+
 from __future__ import annotations
 
 import pytest
@@ -12,19 +13,46 @@ from detres.data.synthetic import CATEGORIES, generate_shapes_world
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("shapes")
-    return generate_shapes_world(root, seed=3, num_cls_train_per_class=1, num_cls_val_per_class=1, num_det_train=6,
-                                 num_det_val=4, num_loc_train=1, num_loc_val=1)
+    return generate_shapes_world(
+        root,
+        seed=3,
+        num_cls_train_per_class=1,
+        num_cls_val_per_class=1,
+        num_det_train=6,
+        num_det_val=4,
+        num_loc_train=1,
+        num_loc_val=1,
+    )
 
 
 def _cfg(fmt, world, *extra):
     if fmt == "coco":
-        data = [f"data.train_images={world['det_images']}", f"data.train_ann={world['det_coco_train']}",
-                f"data.val_images={world['det_images']}", f"data.val_ann={world['det_coco_val']}"]
+        data = [
+            f"data.train_images={world['det_images']}",
+            f"data.train_ann={world['det_coco_train']}",
+            f"data.val_images={world['det_images']}",
+            f"data.val_ann={world['det_coco_val']}",
+        ]
     else:
-        data = [f"data.train_images={world['voc_root']}", "data.train_ann=train",
-                f"data.val_images={world['voc_root']}", "data.val_ann=val"]
-    return load_config(None, [f"data.format={fmt}", "input.min_size_train=[64]", "input.max_size_train=100",
-                              "input.min_size_test=64", "input.max_size_test=100", *data, *extra], task="det")
+        data = [
+            f"data.train_images={world['voc_root']}",
+            "data.train_ann=train",
+            f"data.val_images={world['voc_root']}",
+            "data.val_ann=val",
+        ]
+    return load_config(
+        None,
+        [
+            f"data.format={fmt}",
+            "input.min_size_train=[64]",
+            "input.max_size_train=100",
+            "input.min_size_test=64",
+            "input.max_size_test=100",
+            *data,
+            *extra,
+        ],
+        task="det",
+    )
 
 
 def test_coco_and_voc_give_the_same_boxes(world):
@@ -42,15 +70,17 @@ def test_coco_and_voc_give_the_same_boxes(world):
 
 
 def test_training_sets_flip_and_drop_difficult(world):
-    voc_train = build_detection_dataset(_cfg("voc", world, "input.flip_prob=1.0"), "train", train=True,
-                                        class_names=list(CATEGORIES))
+    voc_train = build_detection_dataset(
+        _cfg("voc", world, "input.flip_prob=1.0"), "train", train=True, class_names=list(CATEGORIES)
+    )
     voc_eval = build_detection_dataset(_cfg("voc", world), "train", train=False, class_names=list(CATEGORIES))
     flipped, plain = voc_train[0], voc_eval[0]
     width = plain["image"].shape[2]
     assert torch.equal(flipped["image"], plain["image"].flip(-1))
     kept = ~plain["difficult"]
     expected = plain["boxes"][kept][:, [2, 1, 0, 3]] * torch.tensor([-1.0, 1.0, -1.0, 1.0]) + torch.tensor(
-        [width, 0.0, width, 0.0])
+        [width, 0.0, width, 0.0]
+    )
     assert torch.allclose(flipped["boxes"], expected, atol=1e-4)
     assert not flipped["difficult"].any()
 

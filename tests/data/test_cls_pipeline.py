@@ -1,4 +1,5 @@
 """Tests for detres/data/cls_pipeline.py: training-set statistics, config-driven train/test transforms, stats I/O."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,8 +10,13 @@ import pytest
 import torch
 
 from detres.config.load import load_config
-from detres.data.cls_pipeline import ClsDataStats, build_eval_transform, build_train_transform, build_val_dataset
-from detres.data.cls_pipeline import compute_data_stats
+from detres.data.cls_pipeline import (
+    ClsDataStats,
+    build_eval_transform,
+    build_train_transform,
+    build_val_dataset,
+    compute_data_stats,
+)
 from detres.data.imagefolder import ImageFolderDataset, ImageListDataset
 from detres.utils.checkpoint import load_checkpoint, save_checkpoint
 
@@ -33,8 +39,13 @@ def images(tmp_path_factory) -> list[tuple[Path, np.ndarray]]:
 
 
 def _cfg(*overrides: str):
-    base = ["augment.scale_min=36", "augment.scale_max=40", f"augment.crop={CROP}", "test.resize=36",
-            "test.scales=[36, 48]"]
+    base = [
+        "augment.scale_min=36",
+        "augment.scale_max=40",
+        f"augment.crop={CROP}",
+        "test.resize=36",
+        "test.scales=[36, 48]",
+    ]
     return load_config(None, base + list(overrides), task="cls")
 
 
@@ -44,7 +55,7 @@ def _chw(array: np.ndarray) -> torch.Tensor:
 
 def _centre(rgb: np.ndarray) -> np.ndarray:
     top, left = (H - CROP) // 2, (W - CROP) // 2
-    return rgb[top:top + CROP, left:left + CROP].astype(np.float64)
+    return rgb[top : top + CROP, left : left + CROP].astype(np.float64)
 
 
 def test_statistics_are_the_training_set_means_and_colour_covariance(images):
@@ -103,11 +114,13 @@ def test_train_transform_follows_the_config(images):
     transform.set_random_seed(0)
     out = transform(rgb)
     # scale 36 is the image's own size: the output is a plain window minus the mean image.
-    window = rgb[params["top"]:params["top"] + CROP, params["left"]:params["left"] + CROP].astype(np.float64)
+    window = rgb[params["top"] : params["top"] + CROP, params["left"] : params["left"] + CROP].astype(np.float64)
     torch.testing.assert_close(out, _chw(window - stats.pixels.mean_image), atol=1e-4, rtol=0)
     cifar = _cfg("augment.mode=cifar", "augment.cifar_pad=2")
-    assert type(build_train_transform(cifar, compute_data_stats([p for p, _ in images], cifar))).__name__ == \
-        "PadCropTrainTransform"
+    assert (
+        type(build_train_transform(cifar, compute_data_stats([p for p, _ in images], cifar))).__name__
+        == "PadCropTrainTransform"
+    )
 
 
 def test_stats_round_trip_through_a_weights_only_checkpoint(images, tmp_path):

@@ -228,16 +228,19 @@ def test_image_size_mismatch_names_the_image(tmp_path: Path) -> None:
 def test_duplicate_image_ids_are_an_error_naming_the_file_ids_and_file_names(tmp_path: Path) -> None:
     # Issue #6: pycocotools keeps the last image of a repeated id and piles every annotation on it, so
     # id 11 loaded b.png with a.png's box and nothing said so.
-    images = [{"id": 11, "file_name": "a.png", "height": 32, "width": 48},
-              {"id": 11, "file_name": "b.png", "height": 32, "width": 48},
-              {"id": 12, "file_name": "c.png", "height": 32, "width": 48}]
+    images = [
+        {"id": 11, "file_name": "a.png", "height": 32, "width": 48},
+        {"id": 11, "file_name": "b.png", "height": 32, "width": 48},
+        {"id": 12, "file_name": "c.png", "height": 32, "width": 48},
+    ]
     image_dir, ann_file = _write_tiny_coco(tmp_path, [_ann(1, 11, [1, 2, 10, 5])], images=images)
     with pytest.raises(ValueError, match=r"ann\.json.*image id.*id 11: 'a\.png', 'b\.png'") as info:
         CocoDetection(image_dir, ann_file)
     assert "c.png" not in str(info.value)
     ids = [11, 12]
-    image_dir, ann_file = _write_tiny_coco(tmp_path, [], images=[{"id": i, "file_name": f"{i}.png", "height": 8,
-                                                                   "width": 8} for i in ids])
+    image_dir, ann_file = _write_tiny_coco(
+        tmp_path, [], images=[{"id": i, "file_name": f"{i}.png", "height": 8, "width": 8} for i in ids]
+    )
     with pytest.raises(ValueError, match=r"image_ids: \[12\] listed more than once"):
         CocoDetection(image_dir, ann_file, image_ids=[12, 11, 12])
 

@@ -1,4 +1,5 @@
 """R-CNN crop-and-warp: where image content lands in the warped crop, exact inverse mapping, outside pixels, N=0."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -43,8 +44,9 @@ def test_round_trip_is_exact_for_corners(padding):
     inner = torch.tensor([[padding, padding, 224 - padding, 224 - padding]]).repeat(3, 1)
     assert torch.allclose(warped_to_image(inner, rois, 224, padding), rois, atol=1e-4)
     boxes = torch.tensor([[10.0, 12.0, 40.0, 30.0], [1.0, 2.0, 3.0, 4.0], [0.0, 25.0, 15.0, 60.0]])
-    assert torch.allclose(warped_to_image(image_to_warped(boxes, rois, 224, padding), rois, 224, padding), boxes,
-                          atol=1e-4)
+    assert torch.allclose(
+        warped_to_image(image_to_warped(boxes, rois, 224, padding), rois, 224, padding), boxes, atol=1e-4
+    )
 
 
 def test_context_padding_grows_the_window():
@@ -54,14 +56,16 @@ def test_context_padding_grows_the_window():
 
 def test_outside_the_image_reads_the_mean():
     image = torch.full((3, 100, 100), 100.0)
-    crop = crop_and_warp(image, torch.tensor([[-50.0, 0.0, 50.0, 100.0]]), 100, pixel_mean=(50.0, 50.0, 50.0),
-                         sampling_ratio=1)[0]
+    crop = crop_and_warp(
+        image, torch.tensor([[-50.0, 0.0, 50.0, 100.0]]), 100, pixel_mean=(50.0, 50.0, 50.0), sampling_ratio=1
+    )[0]
     assert torch.all(crop[:, :, :49] == 0)  # left half outside: 0 after normalisation = the mean colour
     assert torch.all(crop[:, :, 50:] == 50)
     outside = crop_and_warp(image, torch.tensor([[200.0, 200.0, 260.0, 250.0]]), 8, pixel_mean=(50.0, 50.0, 50.0))
     assert torch.all(outside == 0)
-    scaled = crop_and_warp(image, torch.tensor([[0.0, 0.0, 50.0, 50.0]]), 4, pixel_mean=(50.0,) * 3,
-                           pixel_std=(25.0,) * 3)
+    scaled = crop_and_warp(
+        image, torch.tensor([[0.0, 0.0, 50.0, 50.0]]), 4, pixel_mean=(50.0,) * 3, pixel_std=(25.0,) * 3
+    )
     assert torch.allclose(scaled, torch.full_like(scaled, 2.0))
 
 

@@ -1,4 +1,5 @@
 """Tests for detres.data.ilsvrc: synset list, image set, blacklist, LOC XML folder and Kaggle solution CSV readers."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -24,8 +25,15 @@ def generated_loc(tmp_path_factory) -> Path:
     from detres.data.synthetic import generate_shapes_world
 
     root = tmp_path_factory.mktemp("loc_world")
-    generate_shapes_world(root, num_cls_train_per_class=0, num_cls_val_per_class=0, num_det_train=0, num_det_val=0,
-                          num_loc_train=0, num_loc_val=12)
+    generate_shapes_world(
+        root,
+        num_cls_train_per_class=0,
+        num_cls_val_per_class=0,
+        num_det_train=0,
+        num_det_val=0,
+        num_loc_train=0,
+        num_loc_val=12,
+    )
     return root / "loc"
 
 
@@ -49,8 +57,10 @@ def test_xml_folder_matches_the_solution_csv(generated_loc: Path):
 
 XML = """<annotation><filename>{stem}.JPEG</filename><size><width>500</width><height>375</height></size>
 {objects}</annotation>"""
-OBJECT = "<object><name>{name}</name><bndbox><xmin>{b[0]}</xmin><ymin>{b[1]}</ymin><xmax>{b[2]}</xmax>" \
-         "<ymax>{b[3]}</ymax></bndbox></object>"
+OBJECT = (
+    "<object><name>{name}</name><bndbox><xmin>{b[0]}</xmin><ymin>{b[1]}</ymin><xmax>{b[2]}</xmax>"
+    "<ymax>{b[3]}</ymax></bndbox></object>"
+)
 
 
 def write_xml(folder: Path, stem: str, objects: list[tuple[str, tuple]]) -> Path:
@@ -62,8 +72,11 @@ def write_xml(folder: Path, stem: str, objects: list[tuple[str, tuple]]) -> Path
 
 def test_hand_written_xml(tmp_path: Path):
     synsets = ["n01440764", "n01443537", "n01484850"]
-    write_xml(tmp_path / "ann", "ILSVRC2012_val_00000001", [("n01484850", (12, 20, 300, 200)),
-                                                            ("n01484850", (1, 1, 500, 375))])
+    write_xml(
+        tmp_path / "ann",
+        "ILSVRC2012_val_00000001",
+        [("n01484850", (12, 20, 300, 200)), ("n01484850", (1, 1, 500, 375))],
+    )
     write_xml(tmp_path / "ann", "ILSVRC2012_val_00000002", [("n01440764", (5, 6, 5, 6))])  # one-pixel box
     gt = read_loc_xml_folder(tmp_path / "ann", ["ILSVRC2012_val_00000002", "ILSVRC2012_val_00000001"], synsets)
     assert list(gt) == ["ILSVRC2012_val_00000002", "ILSVRC2012_val_00000001"]  # image-set order

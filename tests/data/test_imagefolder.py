@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import warnings
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -150,8 +149,9 @@ def test_image_list_uses_the_training_labels_and_counts_unknown_classes(flat: Pa
     image, label = ds[0]
     assert image.shape == (4, 5, 3) and image[0, 0].tolist() == [10, 0, 0] and label == 2
     with pytest.warns(UserWarning, match="okapi"):
-        with_transform = ImageListDataset(flat / "images", flat / "labels.txt", class_to_idx=train_map,
-                                          transform=lambda im: int(im[0, 0, 0]))
+        with_transform = ImageListDataset(
+            flat / "images", flat / "labels.txt", class_to_idx=train_map, transform=lambda im: int(im[0, 0, 0])
+        )
     assert with_transform[2] == (40, 1)
 
 

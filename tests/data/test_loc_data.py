@@ -1,4 +1,5 @@
 """Tests for detres.data.loc_transforms and detres.data.loc_dataset (Appendix C localization data)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,8 +7,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from detres.data.loc_dataset import (LocDataset, devkit_ground_truth, read_ilsvrc_loc, read_tiny_imagenet_train,
-                                     read_tiny_imagenet_val_records, tiny_imagenet_synsets)
+from detres.data.loc_dataset import (
+    LocDataset,
+    devkit_ground_truth,
+    read_ilsvrc_loc,
+    read_tiny_imagenet_train,
+    read_tiny_imagenet_val_records,
+    tiny_imagenet_synsets,
+)
 from detres.data.loc_transforms import LocTestTransform, LocTrainTransform, clip_and_keep
 from detres.data.shapes_writers import write_loc_task
 
@@ -39,8 +46,9 @@ def test_training_crop_box_follows_a_filled_rectangle(seed):
 
 
 def test_clip_and_keep_drops_boxes_without_area():
-    boxes, labels = clip_and_keep(np.array([[-5, -5, 10, 10], [60, 0, 80, 10], [0, 0, 0, 5]], np.float32),
-                                  np.array([1, 2, 3]), 56, 56)
+    boxes, labels = clip_and_keep(
+        np.array([[-5, -5, 10, 10], [60, 0, 80, 10], [0, 0, 0, 5]], np.float32), np.array([1, 2, 3]), 56, 56
+    )
     assert boxes.tolist() == [[0, 0, 10, 10]] and labels.tolist() == [1]
 
 
@@ -54,8 +62,9 @@ def test_test_view_maps_boxes_back_exactly(mode):
     forward = original * [view.sx, view.sy, view.sx, view.sy] - [view.left, view.top, view.left, view.top]
     np.testing.assert_allclose(forward, box, atol=1e-9)
     # the rectangle found in the view lands on the original rectangle (up to resampling blur)
-    np.testing.assert_allclose(view.to_original(np.array([_bright_extent(view_image)]), 156, 130)[0],
-                               (40, 30, 100, 90), atol=2.5)
+    np.testing.assert_allclose(
+        view.to_original(np.array([_bright_extent(view_image)]), 156, 130)[0], (40, 30, 100, 90), atol=2.5
+    )
 
 
 def test_one_crop_needs_a_crop_no_larger_than_the_scale():
@@ -103,8 +112,10 @@ def test_tiny_imagenet_layout(tmp_path):
     synsets = tiny_imagenet_synsets(root)
     assert synsets == ["n02", "n01"]  # wnids.txt order, n99 (no training images) left out
     train = read_tiny_imagenet_train(root, synsets)
-    assert [(r.image_id, r.boxes, r.labels) for r in train] == [("n02_0", ((0, 10, 64, 59),), (1,)),
-                                                                ("n01_0", ((0, 10, 64, 59),), (2,))]
+    assert [(r.image_id, r.boxes, r.labels) for r in train] == [
+        ("n02_0", ((0, 10, 64, 59),), (1,)),
+        ("n01_0", ((0, 10, 64, 59),), (2,)),
+    ]
     val = read_tiny_imagenet_val_records(root, synsets)
     assert [(r.image_id, r.boxes, r.labels) for r in val] == [("val_0", ((1, 2, 4, 5),), (2,))]
 
@@ -125,14 +136,17 @@ def test_ilsvrc_reader_walks_one_folder_per_wnid(shapes_loc, tmp_path):
     root = tmp_path / "ILSVRC"
     for r in records[:4]:
         wnid = synsets[r.labels[0] - 1]
-        for kind, src in (("Annotations", shapes_loc / "Annotations" / "train" / f"{r.image_id}.xml"),
-                          ("Data", Path(r.path))):
+        for kind, src in (
+            ("Annotations", shapes_loc / "Annotations" / "train" / f"{r.image_id}.xml"),
+            ("Data", Path(r.path)),
+        ):
             dst = root / kind / "CLS-LOC" / "train" / wnid / src.name
             dst.parent.mkdir(parents=True, exist_ok=True)
             dst.write_bytes(src.read_bytes())
     nested, _ = read_ilsvrc_loc(root, "CLS-LOC/train", synsets_file=shapes_loc / "LOC_synset_mapping.txt")
     assert sorted((r.image_id, r.boxes, r.labels) for r in nested) == sorted(
-        (r.image_id, r.boxes, r.labels) for r in records[:4])
+        (r.image_id, r.boxes, r.labels) for r in records[:4]
+    )
 
 
 @pytest.mark.parametrize("name", ["shapes_r18", "tinyimagenet_r18", "resnet101_imagenet"])

@@ -61,8 +61,12 @@ def test_full_conversion_counts_and_boxes(pennfudan: Path, tmp_path: Path) -> No
         name = Path(re.search(r'Image filename : "([^"]+)"', text).group(1)).name
         width, height = map(int, re.search(r"Image size \(X x Y x C\) : (\d+) x (\d+)", text).groups())
         assert (by_name[name]["width"], by_name[name]["height"]) == (width, height), name
-        expected[name] = [[x1 - 1, y1 - 1, x2 - x1 + 1, y2 - y1 + 1] for x1, y1, x2, y2 in (
-            map(int, m) for m in re.findall(r"Bounding box.*: \((\d+), (\d+)\) - \((\d+), (\d+)\)", text))]
+        expected[name] = [
+            [x1 - 1, y1 - 1, x2 - x1 + 1, y2 - y1 + 1]
+            for x1, y1, x2, y2 in (
+                map(int, m) for m in re.findall(r"Bounding box.*: \((\d+), (\d+)\) - \((\d+), (\d+)\)", text)
+            )
+        ]
     assert got == expected
     assert not [p for p in out.parent.iterdir() if p.name != "pennfudan.json"]  # no temp file left behind
 

@@ -85,8 +85,9 @@ def test_real_cifar10_channel_means(shared_dir: Path) -> None:
     paths = ImageFolderDataset(root).paths[::10]  # 500 of the 5000 images, 50 per class
     stats = compute_pixel_stats(paths, resize=None, crop=32)
     # Reference: the same images read by OpenCV directly, BGR flipped to RGB, statistics by numpy.
-    pixels = np.stack([cv2.imread(str(p), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)[..., ::-1]
-                       for p in paths]).astype(np.float64)
+    pixels = np.stack(
+        [cv2.imread(str(p), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)[..., ::-1] for p in paths]
+    ).astype(np.float64)
     assert pixels.shape == (500, 32, 32, 3)
     np.testing.assert_allclose(stats.mean_image, pixels.mean(axis=0), rtol=1e-6)
     np.testing.assert_allclose(stats.channel_mean, pixels.mean(axis=(0, 1, 2)), rtol=1e-6)

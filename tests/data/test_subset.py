@@ -1,4 +1,5 @@
 """detres.data.subset: the first N images of a detection dataset, scored against the ground truth of just those."""
+
 from __future__ import annotations
 
 import warnings
@@ -21,8 +22,14 @@ def _perfect(dataset, count: int) -> list[dict]:
     dets = []
     for index in range(count):
         ann = dataset.annotation(index)
-        dets.append({"image_id": ann["image_id"], "boxes": np.asarray(ann["boxes"], np.float32),
-                     "scores": np.ones(len(ann["labels"]), np.float32), "labels": np.asarray(ann["labels"])})
+        dets.append(
+            {
+                "image_id": ann["image_id"],
+                "boxes": np.asarray(ann["boxes"], np.float32),
+                "scores": np.ones(len(ann["labels"]), np.float32),
+                "labels": np.asarray(ann["labels"]),
+            }
+        )
     return dets
 
 

@@ -28,8 +28,14 @@ from detres.data.synthetic import (
 
 K = len(CATEGORIES)
 SEED = 7
-TINY = dict(num_cls_train_per_class=3, num_cls_val_per_class=2, num_det_train=12, num_det_val=6,
-            num_loc_train=20, num_loc_val=10)
+TINY = dict(
+    num_cls_train_per_class=3,
+    num_cls_val_per_class=2,
+    num_det_train=12,
+    num_det_val=6,
+    num_loc_train=20,
+    num_loc_val=10,
+)
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +46,11 @@ def world(tmp_path_factory) -> Path:
 
 
 def _hashes(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _read_rgb(path: Path) -> np.ndarray:
@@ -133,8 +142,10 @@ def test_written_images_and_coco_boxes_equal_the_rendered_scenes(world):
         scene = render_detection_image(image_rng(SEED, "det", "train", i), size_range=(96, 160))
         assert np.array_equal(_read_rgb(world / "det/images" / img["file_name"]), scene.image)  # PNG is lossless
         anns = by_image.get(img["id"], [])
-        boxes = np.array([[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]]
-                          for a in anns], np.float32).reshape(-1, 4)
+        boxes = np.array(
+            [[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]] for a in anns],
+            np.float32,
+        ).reshape(-1, 4)
         assert np.array_equal(boxes, scene.boxes)
         assert [a["category_id"] for a in anns] == scene.labels.tolist()
         assert [a["area"] for a in anns] == [float(m.sum()) for m in scene.masks]
@@ -158,11 +169,20 @@ def test_coco_and_voc_describe_the_same_boxes(world):
             stem = Path(img["file_name"]).stem
             root = ET.parse(voc / "Annotations" / f"{stem}.xml").getroot()
             assert root.findtext("filename") == img["file_name"]
-            assert (voc / "JPEGImages" / img["file_name"]).read_bytes() == (world / "det/images" / img["file_name"]).read_bytes()
-            assert (int(root.findtext("size/width")), int(root.findtext("size/height"))) == (img["width"], img["height"])
-            from_coco = [(CATEGORIES[a["category_id"] - 1],
-                          (a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]))
-                         for a in anns_by_image.get(img["id"], [])]
+            assert (voc / "JPEGImages" / img["file_name"]).read_bytes() == (
+                world / "det/images" / img["file_name"]
+            ).read_bytes()
+            assert (int(root.findtext("size/width")), int(root.findtext("size/height"))) == (
+                img["width"],
+                img["height"],
+            )
+            from_coco = [
+                (
+                    CATEGORIES[a["category_id"] - 1],
+                    (a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]),
+                )
+                for a in anns_by_image.get(img["id"], [])
+            ]
             from_voc = [(name, box) for name, box, _ in _xml_objects(voc / "Annotations" / f"{stem}.xml")]
             assert from_voc == from_coco
     assert main.joinpath("trainval.txt").read_text().split() == split_ids["train"] + split_ids["val"]
@@ -182,11 +202,15 @@ def test_cocoeval_of_ground_truth_as_detections_is_perfect(world):
         _quiet(lambda: (ev.evaluate(), ev.accumulate(), ev.summarize()))
         return ev.stats
 
-    exact = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 1.0} for a in anns]
+    exact = [
+        {"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 1.0} for a in anns
+    ]
     stats = evaluate(exact, "bbox")
     assert stats[0] == pytest.approx(1.0) and stats[1] == pytest.approx(1.0)
-    segm = [{"image_id": a["image_id"], "category_id": a["category_id"], "segmentation": gt.annToRLE(a), "score": 1.0}
-            for a in anns]
+    segm = [
+        {"image_id": a["image_id"], "category_id": a["category_id"], "segmentation": gt.annToRLE(a), "score": 1.0}
+        for a in anns
+    ]
     assert evaluate(segm, "segm")[0] == pytest.approx(1.0)
     # control: every box moved off itself -> nothing matches
     moved = [dict(d, bbox=[d["bbox"][0] + d["bbox"][2] + 1, *d["bbox"][1:]]) for d in exact]
@@ -226,8 +250,11 @@ def test_ilsvrc_xml_and_csv_match_the_rendered_scenes(world):
             assert {name for name, _, _ in objects} == {WNIDS[label - 1]}
             assert np.array_equal(np.array([box for _, box, _ in objects], np.float32), scene.boxes)
             csv = rows[stem].split()
-            assert csv == [str(v) for name, (x1, y1, x2, y2), _ in objects
-                           for v in (name, int(x1) + 1, int(y1) + 1, int(x2), int(y2))]
+            assert csv == [
+                str(v)
+                for name, (x1, y1, x2, y2), _ in objects
+                for v in (name, int(x1) + 1, int(y1) + 1, int(x2), int(y2))
+            ]
 
 
 # --------------------------------------------------------------------------- balance, sizes, loaders
@@ -241,7 +268,9 @@ def test_classes_are_balanced(world):
         first = Counter(_xml_objects(p)[0][0] for p in (world / "loc/Annotations" / split).glob("*.xml"))
         assert first == {w: n // K for w in WNIDS}
     # detection labels are drawn uniformly: over many scenes every class gets a fair share
-    counts = Counter(l for i in range(100) for l in render_detection_image(np.random.default_rng(1000 + i)).labels.tolist())
+    counts = Counter(
+        label for i in range(100) for label in render_detection_image(np.random.default_rng(1000 + i)).labels.tolist()
+    )
     total = sum(counts.values())
     assert set(counts) == set(range(1, K + 1))
     assert min(counts.values()) > 0.5 * total / K
@@ -280,8 +309,9 @@ def test_torchvision_imagefolder_reads_the_classification_split(world):
 
 # --------------------------------------------------------------------------- re-runs and bad input
 
-SMALLER = dict(num_cls_train_per_class=1, num_cls_val_per_class=1, num_det_train=3, num_det_val=2,
-               num_loc_train=2, num_loc_val=1)
+SMALLER = dict(
+    num_cls_train_per_class=1, num_cls_val_per_class=1, num_det_train=3, num_det_val=2, num_loc_train=2, num_loc_val=1
+)
 
 
 def test_rerun_is_idempotent_and_changed_parameters_regenerate(tmp_path):
@@ -291,8 +321,11 @@ def test_rerun_is_idempotent_and_changed_parameters_regenerate(tmp_path):
     generate_shapes_world(root, seed=1, **SMALLER)
     assert {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()} == stamps
     generate_shapes_world(root, seed=1, **dict(SMALLER, num_det_train=1))
-    assert sorted(p.name for p in (root / "det/images").iterdir()) == ["train_000001.png", "val_000001.png",
-                                                                         "val_000002.png"]
+    assert sorted(p.name for p in (root / "det/images").iterdir()) == [
+        "train_000001.png",
+        "val_000001.png",
+        "val_000002.png",
+    ]
     marker = json.loads((root / MARKER_NAME).read_text())
     assert marker["status"] == "complete" and marker["params"]["num_det_train"] == 1
 
@@ -321,13 +354,16 @@ def test_refuses_a_folder_it_did_not_write(tmp_path):
     assert not (tmp_path / MARKER_NAME).exists()
 
 
-@pytest.mark.parametrize("kwargs, field", [
-    (dict(seed=-1), "seed"),
-    (dict(cls_size=(10, 20)), "cls_size"),
-    (dict(det_size=(160, 96)), "det_size"),
-    (dict(num_det_train=-3), "num_det_train"),
-    (dict(num_loc_val=1.5), "num_loc_val"),
-])
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        (dict(seed=-1), "seed"),
+        (dict(cls_size=(10, 20)), "cls_size"),
+        (dict(det_size=(160, 96)), "det_size"),
+        (dict(num_det_train=-3), "num_det_train"),
+        (dict(num_loc_val=1.5), "num_loc_val"),
+    ],
+)
 def test_bad_arguments_name_the_field(tmp_path, kwargs, field):
     with pytest.raises(ValueError, match=field):
         generate_shapes_world(tmp_path / "w", **{**SMALLER, **kwargs})

@@ -1,4 +1,5 @@
 """Tests for detres.data.tiny_imagenet.read_tiny_imagenet_val on a hand-written file and on ../shared's copy."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -27,9 +28,14 @@ def test_unknown_wnid_is_an_error_or_skipped_and_counted(tmp_path: Path):
     assert val.image_ids == ["val_0"] and val.skipped == {"n99": 1}
 
 
-@pytest.mark.parametrize("line, message", [("val_0.JPEG\tn02\t0\t32\t44", "expected '<file> <wnid>"),
-                                           ("val_0.JPEG\tn02\t0\t32\t44\tx", "is not 4 integers"),
-                                           ("val_0.JPEG\tn02\t9\t32\t4\t40", "is not a 0-based inclusive box")])
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ("val_0.JPEG\tn02\t0\t32\t44", "expected '<file> <wnid>"),
+        ("val_0.JPEG\tn02\t0\t32\t44\tx", "is not 4 integers"),
+        ("val_0.JPEG\tn02\t9\t32\t4\t40", "is not a 0-based inclusive box"),
+    ],
+)
 def test_malformed_line_names_file_and_line(tmp_path: Path, line: str, message: str):
     path = tmp_path / "val_annotations.txt"
     path.write_text(f"val_1.JPEG\tn02\t0\t0\t63\t63\n{line}\n")

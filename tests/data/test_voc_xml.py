@@ -1,4 +1,5 @@
 """Tests for detres.data.voc_xml.parse_voc_xml on real VOC/BCCD files and on broken ones."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -43,8 +44,11 @@ def write(tmp_path: Path, body: str) -> Path:
 
 
 def test_optional_fields_and_fractional_coordinates(tmp_path):
-    path = write(tmp_path, "<annotation><object><name> dog </name><difficult>1</difficult><bndbox>"
-                           "<xmin>1.5</xmin><ymin>2</ymin><xmax>10</xmax><ymax>20.0</ymax></bndbox></object></annotation>")
+    path = write(
+        tmp_path,
+        "<annotation><object><name> dog </name><difficult>1</difficult><bndbox>"
+        "<xmin>1.5</xmin><ymin>2</ymin><xmax>10</xmax><ymax>20.0</ymax></bndbox></object></annotation>",
+    )
     rec = parse_voc_xml(path)
     assert rec["filename"] is None and rec["width"] is None and rec["height"] is None
     obj = rec["objects"][0]
@@ -59,16 +63,27 @@ def test_optional_fields_and_fractional_coordinates(tmp_path):
         ("<root/>", r"root element is <root>"),
         ("<annotation><object><bndbox/></object></annotation>", r"object #0: field 'name' is missing"),
         ("<annotation><object><name>a</name></object></annotation>", r"object #0 \(a\): field 'bndbox' is missing"),
-        ("<annotation><object><name>a</name><bndbox><xmin>1</xmin><ymin>1</ymin><xmax>5</xmax></bndbox></object></annotation>",
-         r"object #0 \(a\): field 'bndbox/ymax' is missing"),
-        ("<annotation><object><name>a</name><bndbox><xmin>x</xmin><ymin>1</ymin><xmax>5</xmax><ymax>5</ymax></bndbox></object></annotation>",
-         r"bndbox/xmin: expected a number, got 'x'"),
-        ("<annotation><object><name>a</name><bndbox><xmin>6</xmin><ymin>1</ymin><xmax>5</xmax><ymax>5</ymax></bndbox></object></annotation>",
-         r"xmax < xmin"),
-        ("<annotation><object><name>a</name><difficult>yes</difficult><bndbox><xmin>1</xmin><ymin>1</ymin><xmax>5</xmax><ymax>5</ymax></bndbox></object></annotation>",
-         r"object #0 \(a\)/difficult: expected 0 or 1, got 'yes'"),
+        (
+            "<annotation><object><name>a</name><bndbox><xmin>1</xmin><ymin>1</ymin><xmax>5</xmax></bndbox></object></annotation>",
+            r"object #0 \(a\): field 'bndbox/ymax' is missing",
+        ),
+        (
+            "<annotation><object><name>a</name><bndbox><xmin>x</xmin><ymin>1</ymin><xmax>5</xmax><ymax>5</ymax></bndbox></object></annotation>",
+            r"bndbox/xmin: expected a number, got 'x'",
+        ),
+        (
+            "<annotation><object><name>a</name><bndbox><xmin>6</xmin><ymin>1</ymin><xmax>5</xmax><ymax>5</ymax></bndbox></object></annotation>",
+            r"xmax < xmin",
+        ),
+        (
+            "<annotation><object><name>a</name><difficult>yes</difficult><bndbox><xmin>1</xmin><ymin>1</ymin><xmax>5</xmax><ymax>5</ymax></bndbox></object></annotation>",
+            r"object #0 \(a\)/difficult: expected 0 or 1, got 'yes'",
+        ),
         ("<annotation><size><width>10</width></size></annotation>", r"field 'size/height' is missing"),
-        ("<annotation><size><width>0</width><height>5</height></size></annotation>", r"size/width: expected a positive integer"),
+        (
+            "<annotation><size><width>0</width><height>5</height></size></annotation>",
+            r"size/width: expected a positive integer",
+        ),
     ],
 )
 def test_errors_name_file_and_field(tmp_path, body, message):

@@ -5,6 +5,7 @@
 CHECK is "detect" (sharded run_inference vs the unsharded one) or "sync_bn" (GlooSyncBatchNorm on a rank's half
 batch vs BatchNorm2d on the whole batch); rank 0 writes what the test compares to OUT_DIR/result.pt.
 """
+
 from __future__ import annotations
 
 import sys
@@ -16,7 +17,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from detres.data.det_transforms import build_det_transforms, finalize_sample  # noqa: E402
-from detres.engine.distributed import init_distributed, is_main_process, get_rank, get_world_size  # noqa: E402
+from detres.engine.distributed import get_rank, get_world_size, init_distributed, is_main_process  # noqa: E402
 from detres.engine.sync_bn import GlooSyncBatchNorm  # noqa: E402
 from detres.inference.detect import run_inference  # noqa: E402
 from detres.models.faster_rcnn import build_faster_rcnn  # noqa: E402
@@ -39,18 +40,32 @@ def _images(count: int) -> ListDataset:
     samples = []
     for i in range(count):
         rng = np.random.default_rng(i)
-        sample = {"image": rng.integers(0, 255, (80, 96, 3), dtype=np.uint8),
-                  "boxes": np.asarray([[4.0, 4.0, 40.0, 50.0]], np.float32), "labels": np.ones(1, np.int64),
-                  "image_id": 500 + i, "orig_size": (80, 96), "file_name": f"img{i}.png"}
+        sample = {
+            "image": rng.integers(0, 255, (80, 96, 3), dtype=np.uint8),
+            "boxes": np.asarray([[4.0, 4.0, 40.0, 50.0]], np.float32),
+            "labels": np.ones(1, np.int64),
+            "image_id": 500 + i,
+            "orig_size": (80, 96),
+            "file_name": f"img{i}.png",
+        }
         samples.append(finalize_sample(sample, transform))
     return ListDataset(samples)
 
 
 def check_detect(out: Path) -> None:
     torch.manual_seed(0)  # the same random detector on every rank
-    model = build_faster_rcnn(depth=18, base_width=8, num_classes=3, anchor_sizes=(16, 32, 64),
-                              pooler_type="roi_align", pooler_resolution=4, sampling_ratio=2,
-                              rpn_pre_nms_top_n_test=200, rpn_post_nms_top_n_test=30, score_thresh=0.01)
+    model = build_faster_rcnn(
+        depth=18,
+        base_width=8,
+        num_classes=3,
+        anchor_sizes=(16, 32, 64),
+        pooler_type="roi_align",
+        pooler_resolution=4,
+        sampling_ratio=2,
+        rpn_pre_nms_top_n_test=200,
+        rpn_post_nms_top_n_test=30,
+        score_thresh=0.01,
+    )
     with torch.no_grad():
         model.roi_heads.predictor.cls_score.weight.normal_(std=0.5)
     dataset = _images(5)  # odd: the ranks' shards differ in size
@@ -68,17 +83,23 @@ def check_sync_bn(out: Path) -> None:
         plain.weight.uniform_(0.5, 1.5)
         synced.weight.copy_(plain.weight)
     share = batch.shape[0] // get_world_size()
-    mine = batch[get_rank() * share:(get_rank() + 1) * share].clone().requires_grad_(True)
+    mine = batch[get_rank() * share : (get_rank() + 1) * share].clone().requires_grad_(True)
     whole = batch.clone().requires_grad_(True)
     weights = torch.arange(batch.numel(), dtype=torch.float32).reshape(batch.shape).sin()  # a non-trivial loss
-    (synced(mine) * weights[get_rank() * share:(get_rank() + 1) * share]).sum().backward()
+    (synced(mine) * weights[get_rank() * share : (get_rank() + 1) * share]).sum().backward()
     (plain(whole) * weights).sum().backward()
     grads = [torch.zeros_like(mine) for _ in range(get_world_size())]
     torch.distributed.all_gather(grads, mine.grad)
     if is_main_process():
-        torch.save({"input_grad": torch.cat(grads), "expected_input_grad": whole.grad,
-                    "running": (synced.running_mean, synced.running_var),
-                    "expected_running": (plain.running_mean, plain.running_var)}, out / "result.pt")
+        torch.save(
+            {
+                "input_grad": torch.cat(grads),
+                "expected_input_grad": whole.grad,
+                "running": (synced.running_mean, synced.running_var),
+                "expected_running": (plain.running_mean, plain.running_var),
+            },
+            out / "result.pt",
+        )
 
 
 if __name__ == "__main__":

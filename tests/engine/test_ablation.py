@@ -1,4 +1,5 @@
 """detres.engine.ablation: the options of each Table-9 row and which rows run with which checkpoints."""
+
 from __future__ import annotations
 
 import pytest
@@ -9,9 +10,15 @@ from detres.engine.ablation import ladder_options, plan_rows
 
 @pytest.fixture
 def options(tmp_path, write_tiny_det_config):
-    path = write_tiny_det_config(tmp_path / "c.yaml", tmp_path / "run", test={
-        "box_refinement": True, "flip": True,  # the config's own switches do not leak into the rows
-        "multiscale": {"scales": [48, 64], "reference_size": 40, "pyramid_proposals": True}})
+    path = write_tiny_det_config(
+        tmp_path / "c.yaml",
+        tmp_path / "run",
+        test={
+            "box_refinement": True,
+            "flip": True,  # the config's own switches do not leak into the rows
+            "multiscale": {"scales": [48, 64], "reference_size": 40, "pyramid_proposals": True},
+        },
+    )
     return ladder_options(load_config(path))
 
 
@@ -32,8 +39,13 @@ def test_plan_rows_skips_rows_without_their_checkpoint(options):
     assert len(notes) == 2 and "--context" in notes[0] and "--ensemble" in notes[1]
     assert plans[-1].checkpoints == ("b.pt",)
     plans, notes = plan_rows(options, baseline="b.pt", context="c.pt", ensemble=["e1.pt", "e2.pt"])
-    assert notes == [] and [p.checkpoints for p in plans] == [("b.pt",), ("b.pt",), ("c.pt",), ("c.pt",),
-                                                              ("c.pt", "e1.pt", "e2.pt")]
+    assert notes == [] and [p.checkpoints for p in plans] == [
+        ("b.pt",),
+        ("b.pt",),
+        ("c.pt",),
+        ("c.pt",),
+        ("c.pt", "e1.pt", "e2.pt"),
+    ]
     plans, _ = plan_rows(options, baseline="b.pt", context="c.pt", rows="multiscale")
     assert [(p.name, p.checkpoints) for p in plans] == [("multiscale", ("c.pt",))]
     with pytest.raises(ValueError, match="--ensemble"):
@@ -49,15 +61,19 @@ def test_demo_ablation_writes_its_three_rows(tmp_path, write_tiny_det_config, ti
 
     (tmp_path / "det").mkdir()
     shutil.copy(tiny_det_checkpoint, tmp_path / "det" / "model_final.pt")
-    cfg = load_config(write_tiny_det_config(tmp_path / "c.yaml", tmp_path / "det", test={
-        "multiscale": {"scales": [48, 64], "reference_size": 32}}))
+    cfg = load_config(
+        write_tiny_det_config(
+            tmp_path / "c.yaml", tmp_path / "det", test={"multiscale": {"scales": [48, 64], "reference_size": 32}}
+        )
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # an untrained model: classes without detections
         rows = demo_ablation(cfg, tmp_path)
     assert [r["row"] for r in rows] == list(ABLATION_ROWS) == ["baseline", "refinement", "multiscale"]
     written = json.loads((tmp_path / "ablation.json").read_text())
-    assert [(r["row"], r["mAP"], r["checkpoints"]) for r in written] == [(r["row"], r["mAP"], r["checkpoints"])
-                                                                        for r in rows]
+    assert [(r["row"], r["mAP"], r["checkpoints"]) for r in written] == [
+        (r["row"], r["mAP"], r["checkpoints"]) for r in rows
+    ]
 
 
 def test_rows_follow_test_coco_backend(tmp_path, write_tiny_det_config, tiny_det_checkpoint):
@@ -68,8 +84,9 @@ def test_rows_follow_test_coco_backend(tmp_path, write_tiny_det_config, tiny_det
 
     rows = {}
     for backend in ("pycocotools", "faster_coco_eval"):
-        cfg = load_config(write_tiny_det_config(tmp_path / f"{backend}.yaml", tmp_path / backend,
-                                                test={"coco_backend": backend}))
+        cfg = load_config(
+            write_tiny_det_config(tmp_path / f"{backend}.yaml", tmp_path / backend, test={"coco_backend": backend})
+        )
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # an untrained model: classes without detections
             rows[backend] = run_ablation(cfg, baseline=tiny_det_checkpoint, rows="baseline")[0]

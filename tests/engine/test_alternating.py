@@ -1,4 +1,5 @@
 """Tests for detres.engine.alternating's plan and per-step freezing (the training runs are in test_det_trainer)."""
+
 from __future__ import annotations
 
 import pytest
@@ -8,18 +9,26 @@ from detres.engine.alternating import STEP_TRAINABLE, alternating_plan, set_step
 
 
 def test_plan_defaults_to_max_iter_per_step_with_the_papers_drops():
-    cfg = load_config(None, ["solver.training_scheme=alternating",
-                             "solver.alternating_images_per_batch=[8, 16, 8, 16]"], task="det")
+    cfg = load_config(
+        None, ["solver.training_scheme=alternating", "solver.alternating_images_per_batch=[8, 16, 8, 16]"], task="det"
+    )
     plan = alternating_plan(cfg.solver)  # Appendix A, COCO: 240k at 0.001 + 80k at 0.0001 in each step
     assert plan.iters == (320000,) * 4 and plan.lr_steps == ((240000,),) * 4
     assert plan.images_per_batch == (8, 16, 8, 16)
-    assert plan.to_dict() == {"iters": [320000] * 4, "images_per_batch": [8, 16, 8, 16],
-                              "lr_steps": [[240000]] * 4}
+    assert plan.to_dict() == {"iters": [320000] * 4, "images_per_batch": [8, 16, 8, 16], "lr_steps": [[240000]] * 4}
 
 
 def test_plan_scales_the_drops_to_each_steps_length():
-    cfg = load_config(None, ["solver.max_iter=80000", "solver.steps=[60000]", "solver.images_per_batch=2",
-                             "solver.alternating_iters=[80000, 40000, 80000, 40000]"], task="det")
+    cfg = load_config(
+        None,
+        [
+            "solver.max_iter=80000",
+            "solver.steps=[60000]",
+            "solver.images_per_batch=2",
+            "solver.alternating_iters=[80000, 40000, 80000, 40000]",
+        ],
+        task="det",
+    )
     plan = alternating_plan(cfg.solver)
     assert plan.lr_steps == ((60000,), (30000,), (60000,), (30000,)) and plan.images_per_batch == (2, 2, 2, 2)
     for bad in (["solver.alternating_iters=[1, 2, 3]"], ["solver.alternating_images_per_batch=[1, 0, 1, 1]"]):

@@ -1,4 +1,5 @@
 """Tests for detres/engine/amp.py: CPU stays exact fp32 (also through the trainers); CUDA autocast and scaling."""
+
 from __future__ import annotations
 
 import json
@@ -23,13 +24,30 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 # The quarter-width ResNet-18 detector of tests/engine/test_det_trainer.py, 2 iterations.
 DET_TINY = [
-    "device=cpu", "model.depth=18", "model.base_width=16", "model.freeze_at=0", "model.anchor_sizes=[16, 32, 64]",
-    "model.rpn.pre_nms_top_n_train=300", "model.rpn.post_nms_top_n_train=50", "model.rpn.pre_nms_top_n_test=300",
-    "model.rpn.post_nms_top_n_test=50", "model.rpn.batch_size_per_image=64",
-    "model.roi_heads.batch_size_per_image=16", "model.roi_heads.pooler_resolution=8",
-    "input.min_size_train=[96]", "input.max_size_train=128", "input.min_size_test=96", "input.max_size_test=128",
-    "data.num_workers=0", "solver.base_lr=0.005", "solver.images_per_batch=1", "solver.max_iter=2",
-    "solver.steps=[]", "solver.log_period=1", "solver.eval_period=0", "solver.checkpoint_period=2",
+    "device=cpu",
+    "model.depth=18",
+    "model.base_width=16",
+    "model.freeze_at=0",
+    "model.anchor_sizes=[16, 32, 64]",
+    "model.rpn.pre_nms_top_n_train=300",
+    "model.rpn.post_nms_top_n_train=50",
+    "model.rpn.pre_nms_top_n_test=300",
+    "model.rpn.post_nms_top_n_test=50",
+    "model.rpn.batch_size_per_image=64",
+    "model.roi_heads.batch_size_per_image=16",
+    "model.roi_heads.pooler_resolution=8",
+    "input.min_size_train=[96]",
+    "input.max_size_train=128",
+    "input.min_size_test=96",
+    "input.max_size_test=128",
+    "data.num_workers=0",
+    "solver.base_lr=0.005",
+    "solver.images_per_batch=1",
+    "solver.max_iter=2",
+    "solver.steps=[]",
+    "solver.log_period=1",
+    "solver.eval_period=0",
+    "solver.checkpoint_period=2",
     "test.vis_images=0",
 ]
 
@@ -113,8 +131,12 @@ def _as_text(result: object) -> str:
 
 
 def _det_cfg(world: Path, out: Path, *overrides: str):
-    data = [f"data.train_images={world / 'images'}", f"data.train_ann={world / 'annotations' / 'instances_train.json'}",
-            f"data.val_images={world / 'images'}", f"data.val_ann={world / 'annotations' / 'instances_val.json'}"]
+    data = [
+        f"data.train_images={world / 'images'}",
+        f"data.train_ann={world / 'annotations' / 'instances_train.json'}",
+        f"data.val_images={world / 'images'}",
+        f"data.val_ann={world / 'annotations' / 'instances_val.json'}",
+    ]
     return load_config(None, [f"output_dir={out}", *DET_TINY, *data, *overrides], task="det")
 
 
@@ -162,19 +184,49 @@ def test_the_scaler_state_is_saved_in_last_pt_and_restored_on_resume(small_det_w
 
 def test_train_classifier_with_amp_on_cpu_gives_the_fp32_losses_and_errors(tmp_path):
     root = tmp_path / "world"
-    generate_shapes_world(root, seed=1, num_cls_train_per_class=1, num_cls_val_per_class=1, cls_size=(32, 32),
-                          num_det_train=0, num_det_val=0, num_loc_train=0, num_loc_val=0)
+    generate_shapes_world(
+        root,
+        seed=1,
+        num_cls_train_per_class=1,
+        num_cls_val_per_class=1,
+        cls_size=(32, 32),
+        num_det_train=0,
+        num_det_val=0,
+        num_loc_train=0,
+        num_loc_val=0,
+    )
 
     def run(amp: bool) -> str:
         out = tmp_path / f"cls_{amp}"
-        cfg = load_config(None, [
-            f"output_dir={out}", "device=cpu", f"data.train_dir={root / 'cls' / 'train'}",
-            f"data.val_dir={root / 'cls' / 'val'}", "data.num_workers=0", "model.arch=cifar", "model.depth=8",
-            "model.shortcut=A", "augment.scale_min=32", "augment.scale_max=36", "augment.crop=32",
-            "test.resize=32", "test.scales=[32]", "test.modes=[1crop]", "test.batch_size=8",
-            "solver.batch_size=5", "solver.max_iter=2", "solver.lr_schedule=step", "solver.log_period=1",
-            "solver.eval_period=2", "solver.checkpoint_period=2", "bn_recompute.enabled=false",
-            f"solver.amp={str(amp).lower()}"], task="cls")
+        cfg = load_config(
+            None,
+            [
+                f"output_dir={out}",
+                "device=cpu",
+                f"data.train_dir={root / 'cls' / 'train'}",
+                f"data.val_dir={root / 'cls' / 'val'}",
+                "data.num_workers=0",
+                "model.arch=cifar",
+                "model.depth=8",
+                "model.shortcut=A",
+                "augment.scale_min=32",
+                "augment.scale_max=36",
+                "augment.crop=32",
+                "test.resize=32",
+                "test.scales=[32]",
+                "test.modes=[1crop]",
+                "test.batch_size=8",
+                "solver.batch_size=5",
+                "solver.max_iter=2",
+                "solver.lr_schedule=step",
+                "solver.log_period=1",
+                "solver.eval_period=2",
+                "solver.checkpoint_period=2",
+                "bn_recompute.enabled=false",
+                f"solver.amp={str(amp).lower()}",
+            ],
+            task="cls",
+        )
         metrics = train_classifier(cfg)
         records = [{k: v for k, v in r.items() if k != "time"} for r in read_json_lines(out / "metrics.jsonl")]
         return _as_text([records, metrics["final"]])
@@ -232,9 +284,16 @@ def test_a_float16_detection_forward_returns_float32_detections(make_tiny_checkp
     from detres.models.build import load_detector
 
     model, meta = load_detector(make_tiny_checkpoint("amp_det.pt"), device="cuda")
-    cfg = load_config(None, [f"data.val_images={tiny_det_world / 'images'}",
-                             f"data.val_ann={tiny_det_world / 'annotations' / 'instances_val.json'}",
-                             "input.min_size_test=64", "input.max_size_test=96"], task="det")
+    cfg = load_config(
+        None,
+        [
+            f"data.val_images={tiny_det_world / 'images'}",
+            f"data.val_ann={tiny_det_world / 'annotations' / 'instances_val.json'}",
+            "input.min_size_test=64",
+            "input.max_size_test=96",
+        ],
+        task="det",
+    )
     dataset = build_detection_dataset(cfg, "val", train=False, class_names=meta["class_names"])
     half = run_inference(model, dataset, device=torch.device("cuda"), batch_size=2, amp=True, progress=False)
     full = run_inference(model, dataset, device=torch.device("cuda"), batch_size=2, amp=False, progress=False)

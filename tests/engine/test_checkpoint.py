@@ -1,5 +1,6 @@
 """Tests for detres/engine/checkpoint.py, run_lock.py and run_setup.start_run: finite-only saves, the last K kept,
 the last good checkpoint restored on divergence, stale temp files, the folder lock, the resume guard."""
+
 from __future__ import annotations
 
 import logging
@@ -42,7 +43,9 @@ def test_non_finite_entries_name_model_buffers_and_optimizer_state():
 def test_a_non_finite_state_is_never_written_and_the_previous_last_pt_stays(tmp_path):
     manager = CheckpointManager(tmp_path, keep=3)
     manager.save(_payload(4), 4)
-    with pytest.raises(Diverged, match=r"iteration 5: the training state is not finite \(model.1.running_var\)") as info:
+    with pytest.raises(
+        Diverged, match=r"iteration 5: the training state is not finite \(model.1.running_var\)"
+    ) as info:
         manager.save(_payload(5, running_var=float("inf")), 5)
     assert info.value.failed_from == 4  # the step from state 4 produced it
     assert load_checkpoint(tmp_path / "last.pt")["iter"] == 4 and list(manager.kept()) == [4]
@@ -105,10 +108,17 @@ def test_temp_files_of_a_killed_write_are_removed_with_a_note(tmp_path, caplog):
 
 
 def _hold_lock(folder: Path) -> subprocess.Popen:
-    code = ("import sys, time; from detres.engine.run_lock import RunLock\n"
-            "with RunLock(sys.argv[1]):\n    print('locked', flush=True); time.sleep(60)\n")
-    proc = subprocess.Popen([sys.executable, "-c", code, str(folder)], stdout=subprocess.PIPE, text=True,
-                            cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    code = (
+        "import sys, time; from detres.engine.run_lock import RunLock\n"
+        "with RunLock(sys.argv[1]):\n    print('locked', flush=True); time.sleep(60)\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, str(folder)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+    )
     assert proc.stdout.readline().strip() == "locked"
     return proc
 
@@ -138,7 +148,9 @@ def test_model_changes_list_old_and_new_values():
 
 def test_load_model_state_names_what_does_not_fit(tmp_path):
     small, big = nn.Linear(3, 4), nn.Sequential(nn.Linear(3, 5))
-    with pytest.raises(ValueError, match=r"ckpt.pt: its weights do not fit .*missing 0.weight, 0.bias; unexpected weight, bias"):
+    with pytest.raises(
+        ValueError, match=r"ckpt.pt: its weights do not fit .*missing 0.weight, 0.bias; unexpected weight, bias"
+    ):
         load_model_state(big, small.state_dict(), tmp_path / "ckpt.pt")
     with pytest.raises(ValueError, match=r"shape mismatch: weight \(4, 3\) vs \(6, 3\)"):
         load_model_state(nn.Linear(3, 6), small.state_dict(), tmp_path / "ckpt.pt")

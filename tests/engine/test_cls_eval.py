@@ -1,4 +1,5 @@
 """Tests for detres/engine/cls_eval.py and tools/eval_cls.py: any checkpoint format evaluated on an ImageFolder."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -30,29 +31,56 @@ TOOL = ROOT / "tools" / "eval_cls.py"
 SHARED = ROOT / ".." / "shared" / "data"
 CIFAR_R20 = SHARED / "resnet_cifar_weights" / "pretrained_models" / "resnet20-12fca82f.th"
 CIFAR_TEST = SHARED / "cifar10" / "test"
-needs_cifar = pytest.mark.skipif(not (CIFAR_R20.is_file() and CIFAR_TEST.is_dir()),
-                                 reason=f"shared CIFAR-10 data/weights not found under {SHARED}")
+needs_cifar = pytest.mark.skipif(
+    not (CIFAR_R20.is_file() and CIFAR_TEST.is_dir()), reason=f"shared CIFAR-10 data/weights not found under {SHARED}"
+)
 
 
 def run_tool(*args, cwd: Path) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    return subprocess.run([sys.executable, str(TOOL), *map(str, args)], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, str(TOOL), *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> tuple[Path, Path, dict]:
     """A tiny train_cls run: (checkpoint, val folder, metrics)."""
     root = tmp_path_factory.mktemp("evalworld")
-    generate_shapes_world(root, seed=3, num_cls_train_per_class=2, num_cls_val_per_class=2, cls_size=(40, 48),
-                          num_det_train=0, num_det_val=0, num_loc_train=0, num_loc_val=0)
+    generate_shapes_world(
+        root,
+        seed=3,
+        num_cls_train_per_class=2,
+        num_cls_val_per_class=2,
+        cls_size=(40, 48),
+        num_det_train=0,
+        num_det_val=0,
+        num_loc_train=0,
+        num_loc_val=0,
+    )
     out = root / "run"
-    cfg = load_config(None, [
-        f"output_dir={out}", "device=cpu", f"data.train_dir={root / 'cls' / 'train'}",
-        f"data.val_dir={root / 'cls' / 'val'}", "data.num_workers=0", "model.arch=cifar", "model.depth=8",
-        "model.shortcut=A", "augment.scale_min=34", "augment.scale_max=40", "augment.crop=32", "test.resize=36",
-        "test.scales=[32, 44]", "solver.batch_size=5", "solver.max_iter=3", "solver.log_period=1",
-    ], task="cls")
+    cfg = load_config(
+        None,
+        [
+            f"output_dir={out}",
+            "device=cpu",
+            f"data.train_dir={root / 'cls' / 'train'}",
+            f"data.val_dir={root / 'cls' / 'val'}",
+            "data.num_workers=0",
+            "model.arch=cifar",
+            "model.depth=8",
+            "model.shortcut=A",
+            "augment.scale_min=34",
+            "augment.scale_max=40",
+            "augment.crop=32",
+            "test.resize=36",
+            "test.scales=[32, 44]",
+            "solver.batch_size=5",
+            "solver.max_iter=3",
+            "solver.log_period=1",
+        ],
+        task="cls",
+    )
     metrics = train_classifier(cfg)
     return out / "model_final.pt", root / "cls" / "val", metrics
 
@@ -148,8 +176,23 @@ def test_torchvision_state_dict_matches_the_torchvision_model(tmp_path, trained)
 @needs_cifar
 def test_legacy_cifar_resnet20_on_300_test_images(tmp_path):
     out = tmp_path / "r20.json"
-    proc = run_tool("--checkpoint", CIFAR_R20, "--data", CIFAR_TEST, "--arch", "cifar", "--depth", "20",
-                    "--normalize", "imagenet", "--max-per-class", "30", "--json-out", out, cwd=tmp_path)
+    proc = run_tool(
+        "--checkpoint",
+        CIFAR_R20,
+        "--data",
+        CIFAR_TEST,
+        "--arch",
+        "cifar",
+        "--depth",
+        "20",
+        "--normalize",
+        "imagenet",
+        "--max-per-class",
+        "30",
+        "--json-out",
+        out,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr
     report = json.loads(out.read_text())
     assert report["format"] == "cifar_legacy" and report["num_images"] == 300
@@ -166,8 +209,17 @@ def test_legacy_cifar_resnet20_on_300_test_images(tmp_path):
 def test_legacy_cifar_resnet20_dense_at_32px_is_the_1crop_test():
     # Trained on 32 px crops: at scale 32 the 8x8 map is exactly one training-size window, so the dense
     # test is the net's own 1-crop forward (the old per-position average scored lower).
-    report = evaluate_checkpoint(CIFAR_R20, CIFAR_TEST, arch="cifar", depth=20, normalize="imagenet",
-                                 modes=("1crop", "multiscale"), scales=[32], max_per_class=30, batch_size=100)
+    report = evaluate_checkpoint(
+        CIFAR_R20,
+        CIFAR_TEST,
+        arch="cifar",
+        depth=20,
+        normalize="imagenet",
+        modes=("1crop", "multiscale"),
+        scales=[32],
+        max_per_class=30,
+        batch_size=100,
+    )
     assert report["geometry"]["train_crop"] == 32
     one, dense = report["results"]["1crop"], report["results"]["multiscale"]
     assert (dense["top1_err"], dense["top5_err"], dense["n"]) == (one["top1_err"], one["top5_err"], one["n"])

@@ -1,4 +1,5 @@
 """Tests for detres/engine/cls_trainer.py: outputs of a run, precise BN, exact resume, plateau LR drops."""
+
 from __future__ import annotations
 
 import json
@@ -39,11 +40,25 @@ def varied_world(tmp_path_factory) -> Path:
 
 def _cfg(data: Path, out: Path, *overrides: str):
     base = [
-        f"output_dir={out}", "device=cpu", f"data.train_dir={data / 'train'}", f"data.val_dir={data / 'val'}",
-        "data.num_workers=0", "model.arch=cifar", "model.depth=8", "model.shortcut=A",
-        "augment.scale_min=32", "augment.scale_max=40", "augment.crop=32", "test.resize=32",
-        "test.scales=[32, 40]", "test.batch_size=8", "solver.batch_size=4", "solver.base_lr=0.02",
-        "solver.log_period=1", "solver.eval_period=1000", "solver.checkpoint_period=1000",
+        f"output_dir={out}",
+        "device=cpu",
+        f"data.train_dir={data / 'train'}",
+        f"data.val_dir={data / 'val'}",
+        "data.num_workers=0",
+        "model.arch=cifar",
+        "model.depth=8",
+        "model.shortcut=A",
+        "augment.scale_min=32",
+        "augment.scale_max=40",
+        "augment.crop=32",
+        "test.resize=32",
+        "test.scales=[32, 40]",
+        "test.batch_size=8",
+        "solver.batch_size=4",
+        "solver.base_lr=0.02",
+        "solver.log_period=1",
+        "solver.eval_period=1000",
+        "solver.checkpoint_period=1000",
         "bn_recompute.batch_size=7",
     ]
     return load_config(None, base + list(overrides), task="cls")
@@ -77,8 +92,13 @@ def _plain_torch_errors(state: dict, val_dir: Path) -> dict[str, dict[str, float
     def dense(view: torch.Tensor) -> torch.Tensor:
         f = model.forward_features(view)[0]
         k = 8
-        return torch.stack([model.fc(f[:, i:i + k, j:j + k].mean(dim=(1, 2))).softmax(dim=0)
-                            for i in range(f.shape[1] - k + 1) for j in range(f.shape[2] - k + 1)]).mean(dim=0)
+        return torch.stack(
+            [
+                model.fc(f[:, i : i + k, j : j + k].mean(dim=(1, 2))).softmax(dim=0)
+                for i in range(f.shape[1] - k + 1)
+                for j in range(f.shape[2] - k + 1)
+            ]
+        ).mean(dim=0)
 
     class_names = state["class_names"]
     probs: dict[str, list[torch.Tensor]] = {"1crop": [], "10crop": [], "multiscale": []}
@@ -103,8 +123,11 @@ def _plain_torch_errors(state: dict, val_dir: Path) -> dict[str, dict[str, float
         assert (top.values[:, 0] / top.values[:, 1]).min() > 1.0001, mode
         assert (top.values[:, 4] / top.values[:, 5]).min() > 1.0001, mode
         n = len(labels)
-        out[mode] = {"top1_err": 1.0 - int((top.indices[:, 0] == t).sum()) / n,
-                     "top5_err": 1.0 - int((top.indices[:, :5] == t[:, None]).any(dim=1).sum()) / n, "n": n}
+        out[mode] = {
+            "top1_err": 1.0 - int((top.indices[:, 0] == t).sum()) / n,
+            "top5_err": 1.0 - int((top.indices[:, :5] == t[:, None]).any(dim=1).sum()) / n,
+            "n": n,
+        }
     return out
 
 
@@ -112,8 +135,15 @@ def test_a_run_writes_everything_and_recomputes_bn_over_the_whole_training_set(s
     out = tmp_path / "run"
     # Deterministic inputs (32x32 images, scale 32, crop 32, no flip, no colour noise) so the BN
     # statistics can be checked against an independent computation.
-    cfg = _cfg(square_world, out, "augment.scale_max=32", "augment.flip=false", "augment.color_pca=false",
-               "solver.max_iter=6", "solver.eval_period=3")
+    cfg = _cfg(
+        square_world,
+        out,
+        "augment.scale_max=32",
+        "augment.flip=false",
+        "augment.color_pca=false",
+        "solver.max_iter=6",
+        "solver.eval_period=3",
+    )
     metrics = train_classifier(cfg)
     for name in ("config.yaml", "metrics.jsonl", "metrics.json", "curves.png", "last.pt", "model_final.pt"):
         assert (out / name).is_file(), name
@@ -175,9 +205,18 @@ def test_resume_reproduces_the_uninterrupted_losses(varied_world, tmp_path, stop
 def test_plateau_schedule_drops_the_lr_when_validation_error_stalls(varied_world, tmp_path):
     out = tmp_path / "plateau"
     # A threshold no error change can beat: after the first validation nothing counts as improving.
-    cfg = _cfg(varied_world, out, "solver.lr_schedule=plateau", "solver.base_lr=0.001", "solver.plateau_patience=2",
-               "solver.plateau_threshold=1.0", "solver.eval_period=1", "solver.max_iter=6",
-               "test.modes=[1crop]", "bn_recompute.enabled=false")
+    cfg = _cfg(
+        varied_world,
+        out,
+        "solver.lr_schedule=plateau",
+        "solver.base_lr=0.001",
+        "solver.plateau_patience=2",
+        "solver.plateau_threshold=1.0",
+        "solver.eval_period=1",
+        "solver.max_iter=6",
+        "test.modes=[1crop]",
+        "bn_recompute.enabled=false",
+    )
     train_classifier(cfg)
     records = read_json_lines(out / "metrics.jsonl")
     dropped = [r["iter"] for r in records if r.get("lr_dropped")]
@@ -203,8 +242,17 @@ def test_a_corrupt_image_met_in_a_loader_worker_is_named_in_one_line(tmp_path):
         train_classifier(_cfg(tmp_path / "data", tmp_path / "a", "data.num_workers=1", "solver.max_iter=1"))
     # Statistics from a subset that misses the file: the training loop meets it inside a worker.
     with pytest.raises(ImageReadError) as err:
-        train_classifier(_cfg(tmp_path / "data", tmp_path / "b", "data.num_workers=1", "solver.max_iter=4",
-                              "data.stats_max_images=1", "augment.color_pca=false", "solver.batch_size=9"))
+        train_classifier(
+            _cfg(
+                tmp_path / "data",
+                tmp_path / "b",
+                "data.num_workers=1",
+                "solver.max_iter=4",
+                "data.stats_max_images=1",
+                "augment.color_pca=false",
+                "solver.batch_size=9",
+            )
+        )
     assert str(err.value) == f"image file '{bad}' is corrupt or not an image format OpenCV can decode"
 
 
@@ -212,9 +260,19 @@ def test_plateau_min_epochs_holds_the_lr_until_that_many_epochs_have_passed(vari
     out = tmp_path / "plateau_min"
     # 30 images / batch 4 = 7 iterations per epoch; the error never counts as improving after the
     # first validation, so without the minimum the LR would drop at 3, 5, 7, 9 (see the test above).
-    cfg = _cfg(varied_world, out, "solver.lr_schedule=plateau", "solver.base_lr=0.001", "solver.plateau_patience=2",
-               "solver.plateau_threshold=1.0", "solver.eval_period=1", "solver.max_iter=10",
-               "solver.plateau_min_epochs=1", "test.modes=[1crop]", "bn_recompute.enabled=false")
+    cfg = _cfg(
+        varied_world,
+        out,
+        "solver.lr_schedule=plateau",
+        "solver.base_lr=0.001",
+        "solver.plateau_patience=2",
+        "solver.plateau_threshold=1.0",
+        "solver.eval_period=1",
+        "solver.max_iter=10",
+        "solver.plateau_min_epochs=1",
+        "test.modes=[1crop]",
+        "bn_recompute.enabled=false",
+    )
     train_classifier(cfg)
     records = read_json_lines(out / "metrics.jsonl")
     assert [r["iter"] for r in records if r.get("lr_dropped")] == [7]  # 1 epoch after the start, then none
@@ -235,11 +293,23 @@ def test_flat_validation_folder_with_a_labels_file(varied_world, tmp_path):
     (flat / "val_99.png").write_bytes(path.read_bytes())
     lines.insert(3, "val_99.png\tnot_a_training_class\t0\t0\t5\t5")
     (tmp_path / "val_annotations.txt").write_text("\n".join(lines) + "\n")
-    common = ["solver.max_iter=2", "solver.eval_period=2", "test.modes=[1crop, multiscale]", "bn_recompute.enabled=false"]
+    common = [
+        "solver.max_iter=2",
+        "solver.eval_period=2",
+        "test.modes=[1crop, multiscale]",
+        "bn_recompute.enabled=false",
+    ]
     folder = train_classifier(_cfg(varied_world, tmp_path / "folder", *common))
     with pytest.warns(UserWarning, match="skipped 1 of 11 images .*not_a_training_class") as record:
-        listed = train_classifier(_cfg(varied_world, tmp_path / "listed", *common, f"data.val_dir={flat}",
-                                       f"data.val_labels={tmp_path / 'val_annotations.txt'}"))
+        listed = train_classifier(
+            _cfg(
+                varied_world,
+                tmp_path / "listed",
+                *common,
+                f"data.val_dir={flat}",
+                f"data.val_labels={tmp_path / 'val_annotations.txt'}",
+            )
+        )
     assert len([w for w in record if "skipped" in str(w.message)]) == 1
     assert listed["val_images"] == folder["val_images"] == 10 and listed["val_skipped_unknown_class"] == 1
     assert "val_skipped_unknown_class" not in folder
@@ -249,4 +319,6 @@ def test_flat_validation_folder_with_a_labels_file(varied_world, tmp_path):
     bad = tmp_path / "bad.txt"
     bad.write_text("val_0.png\n")
     with pytest.raises(ValueError, match=r"bad\.txt:1: expected"):
-        train_classifier(_cfg(varied_world, tmp_path / "bad", *common, f"data.val_dir={flat}", f"data.val_labels={bad}"))
+        train_classifier(
+            _cfg(varied_world, tmp_path / "bad", *common, f"data.val_dir={flat}", f"data.val_labels={bad}")
+        )

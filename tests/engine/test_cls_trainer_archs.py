@@ -1,4 +1,5 @@
 """Tests for VGG-16 and AlexNet as train_cls models: config → model, tiny runs, checkpoint rebuild, clear errors."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -38,25 +39,41 @@ def tool_main():
 def world(tmp_path_factory) -> Path:
     """10 classes x 2 training / 1 validation images, all 64x64."""
     root = tmp_path_factory.mktemp("archs")
-    generate_shapes_world(root, seed=3, num_cls_train_per_class=2, num_cls_val_per_class=1, cls_size=(64, 64),
-                          **NO_DET)
+    generate_shapes_world(root, seed=3, num_cls_train_per_class=2, num_cls_val_per_class=1, cls_size=(64, 64), **NO_DET)
     return root / "cls"
 
 
 def _overrides(data: Path, out: Path, size: int) -> list[str]:
     return [
-        f"output_dir={out}", "device=cpu", f"data.train_dir={data / 'train'}", f"data.val_dir={data / 'val'}",
-        "data.num_workers=0", f"augment.scale_min={size}", f"augment.scale_max={size + 8}", f"augment.crop={size}",
-        f"test.resize={size}", f"test.scales=[{size}, {size + 16}]", "test.batch_size=10", "solver.batch_size=4",
-        "solver.base_lr=0.001", "solver.max_iter=2", "solver.log_period=1", "solver.eval_period=1000",
-        "solver.checkpoint_period=1000", "bn_recompute.enabled=false",
+        f"output_dir={out}",
+        "device=cpu",
+        f"data.train_dir={data / 'train'}",
+        f"data.val_dir={data / 'val'}",
+        "data.num_workers=0",
+        f"augment.scale_min={size}",
+        f"augment.scale_max={size + 8}",
+        f"augment.crop={size}",
+        f"test.resize={size}",
+        f"test.scales=[{size}, {size + 16}]",
+        "test.batch_size=10",
+        "solver.batch_size=4",
+        "solver.base_lr=0.001",
+        "solver.max_iter=2",
+        "solver.log_period=1",
+        "solver.eval_period=1000",
+        "solver.checkpoint_period=1000",
+        "bn_recompute.enabled=false",
     ]
 
 
 def test_paper_configs_build_the_paper_nets():
     alex = load_config(ROOT / "configs/cls/alexnet_imagenet.yaml")
-    assert (alex.solver.batch_size, alex.solver.base_lr, alex.solver.momentum, alex.solver.weight_decay) == \
-        (128, 0.01, 0.9, 0.0005)
+    assert (alex.solver.batch_size, alex.solver.base_lr, alex.solver.momentum, alex.solver.weight_decay) == (
+        128,
+        0.01,
+        0.9,
+        0.0005,
+    )
     assert (alex.augment.scale_min, alex.augment.scale_max, alex.augment.crop) == (256, 256, 224)
     args = classifier_kwargs_from_config(alex.model, num_classes=1000)
     assert args == {"arch": "alexnet", "depth": 8, "num_classes": 1000, "dropout": 0.5, "groups": 1}
@@ -90,8 +107,9 @@ def test_alexnet_trains_through_the_tool_and_its_checkpoint_rebuilds(world, tmp_
     result = evaluate_checkpoint(out / "model_final.pt", world / "val", modes=MODES)
     assert set(result["results"]) == set(MODES) and result["num_images"] == 10
     # at the training size (one window) the dense test is the 1-crop test
-    one = evaluate_checkpoint(out / "model_final.pt", world / "val", modes=("1crop", "multiscale"), scales=[64],
-                              resize=None, crop=64)
+    one = evaluate_checkpoint(
+        out / "model_final.pt", world / "val", modes=("1crop", "multiscale"), scales=[64], resize=None, crop=64
+    )
     assert one["results"]["multiscale"]["top1_err"] == one["results"]["1crop"]["top1_err"]
 
 

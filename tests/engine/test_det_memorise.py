@@ -11,6 +11,7 @@ ResNet. Its C4 activations stay moderate at this depth (std ~4 on random images)
 identity is the same in train and eval mode, so the trainable layers (res3, res4, conv5, RPN,
 predictor) can fit the set. A GroupNorm or trainable-BN stand-in would not test this path.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -66,8 +67,9 @@ def _draw_scene(height: int, width: int, objects, rng: np.random.Generator):
             cv2.fillPoly(image, [apex_base], colour)
         ys, xs = np.nonzero(np.all(image == colour, axis=2))  # noise is +-12 around grey: never an object colour
         # COCO xywh of the pixels i0..i1, j0..j1: [i0, j0, i1 - i0 + 1, j1 - j0 + 1].
-        boxes.append((name, [float(xs.min()), float(ys.min()), float(xs.max() - xs.min() + 1),
-                             float(ys.max() - ys.min() + 1)]))
+        boxes.append(
+            (name, [float(xs.min()), float(ys.min()), float(xs.max() - xs.min() + 1), float(ys.max() - ys.min() + 1)])
+        )
     return image, boxes
 
 
@@ -76,16 +78,26 @@ def write_tiny_set(root: Path) -> tuple[Path, Path]:
     rng = np.random.default_rng(0)
     images_dir = root / "images"
     images_dir.mkdir(parents=True)
-    coco = {"images": [], "annotations": [],
-            "categories": [{"id": i + 1, "name": name} for i, name in enumerate(CLASSES)]}
+    coco = {
+        "images": [],
+        "annotations": [],
+        "categories": [{"id": i + 1, "name": name} for i, name in enumerate(CLASSES)],
+    }
     for index, ((height, width), objects) in enumerate(SCENES):
         image, boxes = _draw_scene(height, width, objects, rng)
         cv2.imwrite(str(images_dir / f"{index}.png"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
         coco["images"].append({"id": index + 1, "file_name": f"{index}.png", "height": height, "width": width})
         for name, bbox in boxes:
-            coco["annotations"].append({"id": len(coco["annotations"]) + 1, "image_id": index + 1,
-                                        "category_id": CLASSES.index(name) + 1, "bbox": bbox,
-                                        "area": bbox[2] * bbox[3], "iscrowd": 0})
+            coco["annotations"].append(
+                {
+                    "id": len(coco["annotations"]) + 1,
+                    "image_id": index + 1,
+                    "category_id": CLASSES.index(name) + 1,
+                    "bbox": bbox,
+                    "area": bbox[2] * bbox[3],
+                    "iscrowd": 0,
+                }
+            )
     ann = root / "instances.json"
     ann.write_text(json.dumps(coco))
     return images_dir, ann
@@ -96,7 +108,7 @@ def write_config(root: Path, images_dir: Path, ann: Path, *, seed: int) -> Path:
     text = f"""\
 task: det
 seed: {seed}
-output_dir: {root / 'run'}
+output_dir: {root / "run"}
 device: cpu
 model:
   depth: 18
@@ -198,8 +210,11 @@ def test_default_frozen_bn_detector_memorises_four_images(tmp_path):
     # ... and the trained model holds frozen BN (still its initial identity after 400 SGD steps),
     # a frozen stem and res2, RoI pooling and the per-region conv5 head.
     model, _ = load_detector(run / "model_final.pt")
-    norms = [m for m in model.modules() if isinstance(m, (nn.modules.batchnorm._NormBase, nn.GroupNorm,
-                                                          nn.LayerNorm, FrozenBatchNorm2d))]
+    norms = [
+        m
+        for m in model.modules()
+        if isinstance(m, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, FrozenBatchNorm2d))
+    ]
     assert len(norms) == 20 and all(type(m) is FrozenBatchNorm2d for m in norms)  # ResNet-18: 1 + 8x2 + 3 shortcuts
     for bn in norms:
         assert torch.equal(bn.weight, torch.ones_like(bn.weight)) and torch.equal(bn.bias, torch.zeros_like(bn.bias))

@@ -1,4 +1,5 @@
 """Detection resume is exact: a run stopped at a checkpoint and resumed repeats the uninterrupted run bit for bit."""
+
 from __future__ import annotations
 
 import warnings
@@ -16,14 +17,32 @@ from tests.tiny_configs import write_det_world
 # Tiny ResNet-18 C4 (quarter width), two training scales and flips on, so every kind of random draw
 # (scale choice, flip, RPN anchor sampling, RoI sampling) happens at every iteration.
 TINY = [
-    "device=cpu", "model.depth=18", "model.base_width=16", "model.freeze_at=0", "model.anchor_sizes=[16, 32, 64]",
-    "model.rpn.pre_nms_top_n_train=300", "model.rpn.post_nms_top_n_train=50", "model.rpn.pre_nms_top_n_test=300",
-    "model.rpn.post_nms_top_n_test=50", "model.rpn.batch_size_per_image=32",
-    "model.roi_heads.batch_size_per_image=8", "model.roi_heads.pooler_resolution=8",
-    "input.min_size_train=[96, 128]", "input.max_size_train=192", "input.min_size_test=128",
-    "input.max_size_test=192", "input.flip_prob=0.5", "data.num_workers=0", "solver.base_lr=0.01",
-    "solver.warmup_iters=2", "solver.warmup_lr=0.001", "solver.steps=[4]", "solver.images_per_batch=2",
-    "solver.log_period=1", "solver.eval_period=0", "test.vis_images=0",
+    "device=cpu",
+    "model.depth=18",
+    "model.base_width=16",
+    "model.freeze_at=0",
+    "model.anchor_sizes=[16, 32, 64]",
+    "model.rpn.pre_nms_top_n_train=300",
+    "model.rpn.post_nms_top_n_train=50",
+    "model.rpn.pre_nms_top_n_test=300",
+    "model.rpn.post_nms_top_n_test=50",
+    "model.rpn.batch_size_per_image=32",
+    "model.roi_heads.batch_size_per_image=8",
+    "model.roi_heads.pooler_resolution=8",
+    "input.min_size_train=[96, 128]",
+    "input.max_size_train=192",
+    "input.min_size_test=128",
+    "input.max_size_test=192",
+    "input.flip_prob=0.5",
+    "data.num_workers=0",
+    "solver.base_lr=0.01",
+    "solver.warmup_iters=2",
+    "solver.warmup_lr=0.001",
+    "solver.steps=[4]",
+    "solver.images_per_batch=2",
+    "solver.log_period=1",
+    "solver.eval_period=0",
+    "test.vis_images=0",
 ]
 
 
@@ -33,8 +52,12 @@ def world(tmp_path_factory) -> Path:
 
 
 def _cfg(det: Path, out: Path, *overrides: str):
-    data = [f"data.train_images={det / 'images'}", f"data.train_ann={det / 'annotations' / 'instances_train.json'}",
-            f"data.val_images={det / 'images'}", f"data.val_ann={det / 'annotations' / 'instances_val.json'}"]
+    data = [
+        f"data.train_images={det / 'images'}",
+        f"data.train_ann={det / 'annotations' / 'instances_train.json'}",
+        f"data.val_images={det / 'images'}",
+        f"data.val_ann={det / 'annotations' / 'instances_val.json'}",
+    ]
     return load_config(None, [f"output_dir={out}", *TINY, *data, *overrides], task="det")
 
 
@@ -45,8 +68,11 @@ def _train(cfg, *, resume: bool = False) -> None:
 
 
 def _losses(out: Path) -> dict[int, dict[str, float]]:
-    return {r["iter"]: {k: v for k, v in r.items() if k.startswith("loss")}
-            for r in read_json_lines(out / "metrics.jsonl") if "loss" in r}
+    return {
+        r["iter"]: {k: v for k, v in r.items() if k.startswith("loss")}
+        for r in read_json_lines(out / "metrics.jsonl")
+        if "loss" in r
+    }
 
 
 @pytest.mark.parametrize("scheme", ["joint"])
@@ -68,6 +94,7 @@ def test_a_resumed_run_repeats_the_uninterrupted_losses_and_weights_bit_for_bit(
 
 def test_loader_workers_do_not_change_the_draws(world, tmp_path):
     """Images, their scale/flip and the sampling seeds are functions of (seed, iteration, image) only."""
+
     def batches(workers: int, start: int, count: int) -> list[dict]:
         cfg = _cfg(world, tmp_path, f"data.num_workers={workers}")
         dataset = det_trainer.build_detection_dataset(cfg, "train", train=True)

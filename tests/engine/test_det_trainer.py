@@ -1,4 +1,5 @@
 """Tests for detres.engine.det_trainer: overfitting a few images, a run's outputs, resume, checkpoint round trip."""
+
 from __future__ import annotations
 
 import copy
@@ -17,8 +18,7 @@ from detres.config.load import load_config
 from detres.data.build import build_detection_dataset
 from detres.data.image_io import read_image_rgb
 from detres.data.synthetic import generate_shapes_world
-from detres.engine import alternating
-from detres.engine import det_trainer
+from detres.engine import alternating, det_trainer
 from detres.engine.logging import read_json_lines
 from detres.evaluation.coco import SUMMARY_KEYS
 from detres.inference.detect import run_inference
@@ -29,12 +29,26 @@ from detres.utils.checkpoint import load_checkpoint
 # Sized for a CPU test: ResNet-18 layout at a quarter of the width (base_width 16), ~128 px inputs,
 # few proposals and RoIs, 8x8 RoI pooling (4x4 after conv5's stride 2).
 TINY = [
-    "device=cpu", "model.depth=18", "model.base_width=16", "model.freeze_at=0", "model.anchor_sizes=[16, 32, 64]",
-    "model.rpn.pre_nms_top_n_train=300", "model.rpn.post_nms_top_n_train=50", "model.rpn.pre_nms_top_n_test=300",
-    "model.rpn.post_nms_top_n_test=50", "model.rpn.batch_size_per_image=64",
-    "model.roi_heads.batch_size_per_image=16", "model.roi_heads.pooler_resolution=8",
-    "input.min_size_train=[128]", "input.max_size_train=192", "input.min_size_test=128", "input.max_size_test=192",
-    "data.num_workers=0", "solver.base_lr=0.02", "solver.warmup_iters=10", "solver.warmup_lr=0.002",
+    "device=cpu",
+    "model.depth=18",
+    "model.base_width=16",
+    "model.freeze_at=0",
+    "model.anchor_sizes=[16, 32, 64]",
+    "model.rpn.pre_nms_top_n_train=300",
+    "model.rpn.post_nms_top_n_train=50",
+    "model.rpn.pre_nms_top_n_test=300",
+    "model.rpn.post_nms_top_n_test=50",
+    "model.rpn.batch_size_per_image=64",
+    "model.roi_heads.batch_size_per_image=16",
+    "model.roi_heads.pooler_resolution=8",
+    "input.min_size_train=[128]",
+    "input.max_size_train=192",
+    "input.min_size_test=128",
+    "input.max_size_test=192",
+    "data.num_workers=0",
+    "solver.base_lr=0.02",
+    "solver.warmup_iters=10",
+    "solver.warmup_lr=0.002",
     "test.vis_images=2",
 ]
 
@@ -43,8 +57,16 @@ TINY = [
 def world(tmp_path_factory) -> Path:
     """4 training and 2 validation shapes-world images (64..96 px); COCO category ids renumbered 10k+3."""
     root = tmp_path_factory.mktemp("world")
-    generate_shapes_world(root, num_cls_train_per_class=0, num_cls_val_per_class=0, num_det_train=4, num_det_val=2,
-                          num_loc_train=0, num_loc_val=0, det_size=(64, 96))
+    generate_shapes_world(
+        root,
+        num_cls_train_per_class=0,
+        num_cls_val_per_class=0,
+        num_det_train=4,
+        num_det_val=2,
+        num_loc_train=0,
+        num_loc_val=0,
+        det_size=(64, 96),
+    )
     det = root / "det"
     # Non-contiguous category ids, so that results written with labels instead of ids would be caught.
     for split in ("train", "val"):
@@ -59,8 +81,12 @@ def world(tmp_path_factory) -> Path:
 
 
 def _coco_cfg(det: Path, out: Path, *overrides: str, val: str = "val"):
-    data = [f"data.train_images={det / 'images'}", f"data.train_ann={det / 'annotations' / 'renumbered_train.json'}",
-            f"data.val_images={det / 'images'}", f"data.val_ann={det / 'annotations' / f'renumbered_{val}.json'}"]
+    data = [
+        f"data.train_images={det / 'images'}",
+        f"data.train_ann={det / 'annotations' / 'renumbered_train.json'}",
+        f"data.val_images={det / 'images'}",
+        f"data.val_ann={det / 'annotations' / f'renumbered_{val}.json'}",
+    ]
     return load_config(None, [f"output_dir={out}", *TINY, *data, *overrides], task="det")
 
 
@@ -104,16 +130,40 @@ def test_group_norm_variant_not_the_default_frozen_bn_overfits_four_images(tmp_p
     # Checked with seeds 0-4 since every draw is seeded per (iteration, image): seeds 1-4 reach VOC mAP
     # >= 0.9, seed 0 0.88 (one class at AP 0.55). The 8 classes have 1-3 objects each, so 0.9 allows one
     # imperfectly ranked class but not a missed class.
-    paths = generate_shapes_world(tmp_path / "world", num_cls_train_per_class=0, num_cls_val_per_class=0,
-                                  num_det_train=4, num_det_val=0, num_loc_train=0, num_loc_val=0, det_size=(32, 48))
-    cfg = load_config(None, [
-        f"output_dir={tmp_path / 'run'}", *TINY, "seed=1", "data.format=voc",
-        f"data.train_images={paths['voc_root']}", "data.train_ann=train", f"data.val_images={paths['voc_root']}",
-        "data.val_ann=train", "input.flip_prob=0.0", "model.roi_heads.bg_iou_thresh_lo=0.0",
-        "model.roi_heads.positive_fraction=0.5", "solver.images_per_batch=2", "solver.max_iter=300",
-        "solver.steps=[240]", "solver.eval_period=0", "solver.checkpoint_period=1000", "solver.log_period=20",
-        "test.vis_images=0",
-    ], task="det")
+    paths = generate_shapes_world(
+        tmp_path / "world",
+        num_cls_train_per_class=0,
+        num_cls_val_per_class=0,
+        num_det_train=4,
+        num_det_val=0,
+        num_loc_train=0,
+        num_loc_val=0,
+        det_size=(32, 48),
+    )
+    cfg = load_config(
+        None,
+        [
+            f"output_dir={tmp_path / 'run'}",
+            *TINY,
+            "seed=1",
+            "data.format=voc",
+            f"data.train_images={paths['voc_root']}",
+            "data.train_ann=train",
+            f"data.val_images={paths['voc_root']}",
+            "data.val_ann=train",
+            "input.flip_prob=0.0",
+            "model.roi_heads.bg_iou_thresh_lo=0.0",
+            "model.roi_heads.positive_fraction=0.5",
+            "solver.images_per_batch=2",
+            "solver.max_iter=300",
+            "solver.steps=[240]",
+            "solver.eval_period=0",
+            "solver.checkpoint_period=1000",
+            "solver.log_period=20",
+            "test.vis_images=0",
+        ],
+        task="det",
+    )
     metrics = det_trainer.train_detector(cfg)
     losses = [r["loss"] for r in read_json_lines(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
     assert losses[-1] < 0.3 * losses[0], losses
@@ -126,9 +176,18 @@ def test_group_norm_variant_not_the_default_frozen_bn_overfits_four_images(tmp_p
 def short_run(world, tmp_path_factory) -> tuple[Path, dict]:
     """4 iterations (checkpoint every 2, evaluation at 2) on the COCO files with renumbered categories."""
     out = tmp_path_factory.mktemp("short") / "run"
-    cfg = _coco_cfg(world, out, "solver.images_per_batch=2", "solver.max_iter=4", "solver.steps=[3]",
-                    "solver.warmup_iters=0", "solver.checkpoint_period=2", "solver.eval_period=2",
-                    "solver.log_period=2", "solver.base_lr=0.005")
+    cfg = _coco_cfg(
+        world,
+        out,
+        "solver.images_per_batch=2",
+        "solver.max_iter=4",
+        "solver.steps=[3]",
+        "solver.warmup_iters=0",
+        "solver.checkpoint_period=2",
+        "solver.eval_period=2",
+        "solver.log_period=2",
+        "solver.base_lr=0.005",
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # an untrained model's COCO/VOC evaluation warns about empty classes
         metrics = det_trainer.train_detector(cfg)
@@ -176,8 +235,11 @@ def test_test_outputs_use_original_category_ids_xywh_and_devkit_files(short_run,
     dets = run_inference(model, val_set, device=torch.device("cpu"), progress=False)
     # The written results are exactly the reloaded model's detections (round trip), converted to COCO.
     results = json.loads((out / "test" / "coco_results.json").read_text())
-    expected = [(d["image_id"], 10 * int(label) + 3, [b[0], b[1], b[2] - b[0], b[3] - b[1]], float(s))
-                for d in dets for b, s, label in zip(d["boxes"].tolist(), d["scores"], d["labels"])]
+    expected = [
+        (d["image_id"], 10 * int(label) + 3, [b[0], b[1], b[2] - b[0], b[3] - b[1]], float(s))
+        for d in dets
+        for b, s, label in zip(d["boxes"].tolist(), d["scores"], d["labels"])
+    ]
     assert len(results) == len(expected) > 0
     for got, (image_id, cat, bbox, score) in zip(results, expected):
         assert got["image_id"] == image_id and got["category_id"] == cat
@@ -212,9 +274,18 @@ def first_step(world, tmp_path_factory):
     objectness layers start at zero; records the initial weights and what the first training forward got
     (batch, targets, sizes and torch's RNG state, which drives the RPN / RoI sampling)."""
     out = tmp_path_factory.mktemp("first_step") / "run"
-    cfg = _coco_cfg(world, out, "solver.images_per_batch=2", "solver.max_iter=1", "solver.warmup_iters=0",
-                    "solver.checkpoint_period=1", "solver.eval_period=0", "solver.log_period=1",
-                    "solver.base_lr=0.005", "test.vis_images=0")
+    cfg = _coco_cfg(
+        world,
+        out,
+        "solver.images_per_batch=2",
+        "solver.max_iter=1",
+        "solver.warmup_iters=0",
+        "solver.checkpoint_period=1",
+        "solver.eval_period=0",
+        "solver.log_period=1",
+        "solver.base_lr=0.005",
+        "test.vis_images=0",
+    )
     record: dict = {}
     real_build, real_forward = det_trainer.build_detector, FasterRCNN.forward
 
@@ -273,8 +344,10 @@ def test_the_first_step_momentum_buffer_is_the_gradient_plus_weight_decay(first_
     # The optimizer's groups: "weights" (decay 5e-4, LR 0.005) then "biases" (no decay, 2x LR), each in
     # named_parameters order of the trainable parameters.
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    by_group = {"weights": [(n, p) for n, p in trainable if not n.endswith(".bias")],
-                "biases": [(n, p) for n, p in trainable if n.endswith(".bias")]}
+    by_group = {
+        "weights": [(n, p) for n, p in trainable if not n.endswith(".bias")],
+        "biases": [(n, p) for n, p in trainable if n.endswith(".bias")],
+    }
     state = saved["optimizer"]["state"]
     checked, buffers = 0, {}
     for group in saved["optimizer"]["param_groups"]:
@@ -286,8 +359,9 @@ def test_the_first_step_momentum_buffer_is_the_gradient_plus_weight_decay(first_
             d_p = param.grad + decay * record["init"][name]
             buffer = buffers[name] = state[index]["momentum_buffer"]
             torch.testing.assert_close(buffer, d_p, rtol=1e-5, atol=1e-8, msg=name)
-            torch.testing.assert_close(saved["model"][name], record["init"][name] - lr * d_p, rtol=1e-5, atol=1e-8,
-                                       msg=name)
+            torch.testing.assert_close(
+                saved["model"][name], record["init"][name] - lr * d_p, rtol=1e-5, atol=1e-8, msg=name
+            )
             checked += 1
     assert checked == len(trainable)
     # not a comparison of zeros: e.g. the zeroed class-score bias gets 1/(K+1) minus the sampled label frequencies
@@ -302,8 +376,9 @@ def test_an_existing_run_is_not_overwritten_without_resume(short_run, world):
     assert (out / "last.pt").read_bytes() == before
 
 
-def test_resume_continues_from_the_checkpoint_iteration_with_its_optimizer_state(short_run, world, tmp_path,
-                                                                                 monkeypatch):
+def test_resume_continues_from_the_checkpoint_iteration_with_its_optimizer_state(
+    short_run, world, tmp_path, monkeypatch
+):
     out = tmp_path / "resumed"
     shutil.copytree(short_run[0], out)
     saved = load_checkpoint(out / "last.pt")
@@ -315,9 +390,18 @@ def test_resume_continues_from_the_checkpoint_iteration_with_its_optimizer_state
         return real_load(self, state)
 
     monkeypatch.setattr(torch.optim.SGD, "load_state_dict", spy)
-    cfg = _coco_cfg(world, out, "solver.images_per_batch=2", "solver.max_iter=6", "solver.steps=[3]",
-                    "solver.warmup_iters=0", "solver.checkpoint_period=2", "solver.eval_period=0",
-                    "solver.log_period=2", "solver.base_lr=0.005")
+    cfg = _coco_cfg(
+        world,
+        out,
+        "solver.images_per_batch=2",
+        "solver.max_iter=6",
+        "solver.steps=[3]",
+        "solver.warmup_iters=0",
+        "solver.checkpoint_period=2",
+        "solver.eval_period=0",
+        "solver.log_period=2",
+        "solver.base_lr=0.005",
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         metrics = det_trainer.train_detector(cfg, resume=True)
@@ -334,8 +418,9 @@ def test_resume_continues_from_the_checkpoint_iteration_with_its_optimizer_state
 
 @pytest.mark.parametrize("grouping", [True, False])
 def test_the_training_stream_resumes_at_the_same_batch(world, tmp_path, grouping):
-    cfg = _coco_cfg(world, tmp_path, "solver.images_per_batch=2", f"solver.aspect_ratio_grouping={grouping}",
-                    "input.flip_prob=0.0")
+    cfg = _coco_cfg(
+        world, tmp_path, "solver.images_per_batch=2", f"solver.aspect_ratio_grouping={grouping}", "input.flip_prob=0.0"
+    )
     dataset = build_detection_dataset(cfg, "train", train=True)
 
     def image_ids(start: int, count: int) -> list[list[int]]:
@@ -353,9 +438,17 @@ def test_the_training_stream_resumes_at_the_same_batch(world, tmp_path, grouping
 
 
 # ------------------------------------------------------------------------------ 4-step alternating training
-ALTERNATING = ["solver.training_scheme=alternating", "solver.alternating_iters=[2, 2, 2, 2]",
-               "solver.alternating_images_per_batch=[1, 2, 1, 2]", "solver.max_iter=2", "solver.steps=[1]",
-               "solver.warmup_iters=0", "solver.eval_period=0", "solver.log_period=2", "solver.base_lr=0.005"]
+ALTERNATING = [
+    "solver.training_scheme=alternating",
+    "solver.alternating_iters=[2, 2, 2, 2]",
+    "solver.alternating_images_per_batch=[1, 2, 1, 2]",
+    "solver.max_iter=2",
+    "solver.steps=[1]",
+    "solver.warmup_iters=0",
+    "solver.eval_period=0",
+    "solver.log_period=2",
+    "solver.base_lr=0.005",
+]
 
 
 class _StageSpy:

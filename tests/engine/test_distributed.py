@@ -1,6 +1,7 @@
 """Tests for data-parallel training (detres.engine.distributed): rank-sliced batches, TensorBoard logs, sharded
 evaluation, SyncBatchNorm on CPU, and train_det / train_cls under torchrun (2 CPU processes, gloo) against
 one process with the same global batch."""
+
 from __future__ import annotations
 
 import itertools
@@ -35,8 +36,16 @@ def _free_port() -> int:
 
 
 def _torchrun_command(args: list[str], nproc: int) -> tuple[list[str], dict[str, str]]:
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--nnodes=1",
-           "--master_addr=127.0.0.1", f"--master_port={_free_port()}", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        "--nnodes=1",
+        "--master_addr=127.0.0.1",
+        f"--master_port={_free_port()}",
+        *args,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
@@ -69,8 +78,10 @@ def _global_batches(grouped: bool, batch: int, start: int) -> BatchSampler | Asp
 def test_rank_slices_are_disjoint_and_together_are_the_single_process_batch(grouped, world, start):
     batch = 6
     alone = list(itertools.islice(iter(_global_batches(grouped, batch, start)), 12))
-    ranks = [list(itertools.islice(iter(RankSlicedBatchSampler(_global_batches(grouped, batch, start), r, world)), 12))
-             for r in range(world)]
+    ranks = [
+        list(itertools.islice(iter(RankSlicedBatchSampler(_global_batches(grouped, batch, start), r, world)), 12))
+        for r in range(world)
+    ]
     for k, global_batch in enumerate(alone):
         slices = [ranks[r][k] for r in range(world)]
         assert all(len(s) == batch // world for s in slices)
@@ -79,8 +90,9 @@ def test_rank_slices_are_disjoint_and_together_are_the_single_process_batch(grou
         if grouped:
             assert len({_groups()[i] for i in itertools.chain(*slices)}) == 1  # grouping kept across ranks
     if start:  # resuming at batch k gives the slices of the uninterrupted stream's batch k onwards
-        fresh = list(itertools.islice(iter(RankSlicedBatchSampler(_global_batches(grouped, batch, 0), 1, world)),
-                                      start + 12))
+        fresh = list(
+            itertools.islice(iter(RankSlicedBatchSampler(_global_batches(grouped, batch, 0), 1, world)), start + 12)
+        )
         assert fresh[start:] == ranks[1]
 
 
@@ -170,13 +182,32 @@ def test_gloo_sync_batchnorm_matches_batchnorm_over_the_whole_batch(tmp_path):
 # so one process and two draw alike; RoIs with IoU in [0, 0.5) are background, so every image fills its 16
 # RoIs and 64 anchors: per-image sample counts are equal, and the mean of the ranks' losses is the global one.
 DET = [
-    "device=cpu", "model.depth=18", "model.base_width=16", "model.freeze_at=0", "model.anchor_sizes=[16, 32, 64]",
-    "model.rpn.pre_nms_top_n_train=300", "model.rpn.post_nms_top_n_train=50", "model.rpn.pre_nms_top_n_test=300",
-    "model.rpn.post_nms_top_n_test=50", "model.rpn.batch_size_per_image=64", "model.roi_heads.batch_size_per_image=16",
-    "model.roi_heads.pooler_resolution=8", "model.roi_heads.bg_iou_thresh_lo=0.0", "input.min_size_train=[96]",
-    "input.max_size_train=160", "input.min_size_test=96", "input.max_size_test=160", "data.num_workers=0",
-    "solver.base_lr=0.02", "solver.warmup_iters=0", "solver.images_per_batch=4", "solver.max_iter=3",
-    "solver.log_period=1", "solver.eval_period=0", "solver.checkpoint_period=100", "test.vis_images=0",
+    "device=cpu",
+    "model.depth=18",
+    "model.base_width=16",
+    "model.freeze_at=0",
+    "model.anchor_sizes=[16, 32, 64]",
+    "model.rpn.pre_nms_top_n_train=300",
+    "model.rpn.post_nms_top_n_train=50",
+    "model.rpn.pre_nms_top_n_test=300",
+    "model.rpn.post_nms_top_n_test=50",
+    "model.rpn.batch_size_per_image=64",
+    "model.roi_heads.batch_size_per_image=16",
+    "model.roi_heads.pooler_resolution=8",
+    "model.roi_heads.bg_iou_thresh_lo=0.0",
+    "input.min_size_train=[96]",
+    "input.max_size_train=160",
+    "input.min_size_test=96",
+    "input.max_size_test=160",
+    "data.num_workers=0",
+    "solver.base_lr=0.02",
+    "solver.warmup_iters=0",
+    "solver.images_per_batch=4",
+    "solver.max_iter=3",
+    "solver.log_period=1",
+    "solver.eval_period=0",
+    "solver.checkpoint_period=100",
+    "test.vis_images=0",
 ]
 
 
@@ -189,8 +220,12 @@ def det_world(tmp_path_factory) -> Path:
 
 def _det_args(world: Path, out: Path, config: Path) -> list[str]:
     config.write_text("task: det\n")
-    data = [f"data.train_images={world / 'images'}", f"data.train_ann={world / 'annotations' / 'instances_train.json'}",
-            f"data.val_images={world / 'images'}", f"data.val_ann={world / 'annotations' / 'instances_val.json'}"]
+    data = [
+        f"data.train_images={world / 'images'}",
+        f"data.train_ann={world / 'annotations' / 'instances_train.json'}",
+        f"data.val_images={world / 'images'}",
+        f"data.val_ann={world / 'annotations' / 'instances_val.json'}",
+    ]
     return [str(REPO / "tools" / "train_det.py"), "--config", str(config), f"output_dir={out}", *DET, *data]
 
 
@@ -201,7 +236,7 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
 def _assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
     assert a.keys() == b.keys()
     for key in a:
-        torch.testing.assert_close(a[key], b[key], atol=2e-5, rtol=1e-4, msg=lambda m: f"{key}: {m}")
+        torch.testing.assert_close(a[key], b[key], atol=2e-5, rtol=1e-4, msg=lambda m, key=key: f"{key}: {m}")
 
 
 def test_train_det_in_two_processes_equals_one_process_with_the_same_global_batch(det_world, tmp_path):
@@ -216,8 +251,10 @@ def test_train_det_in_two_processes_equals_one_process_with_the_same_global_batc
     torchrun([*resumed[:3], "--resume", *resumed[3:]])
     _assert_same_weights(single, _weights(tmp_path / "resumed" / "model_final.pt"))
     # rank 0 logged the global batch's mean losses: those of the single process
-    losses = [[r["loss"] for r in read_json_lines(tmp_path / name / "metrics.jsonl") if "loss" in r]
-              for name in ("single", "ddp")]
+    losses = [
+        [r["loss"] for r in read_json_lines(tmp_path / name / "metrics.jsonl") if "loss" in r]
+        for name in ("single", "ddp")
+    ]
     assert len(losses[0]) == 3 and losses[1] == pytest.approx(losses[0], rel=1e-4)
     assert losses[0][0] != losses[0][2]  # the weights moved: not a comparison of two untouched models
     assert (tmp_path / "ddp" / "test" / "metrics.json").is_file() and list((tmp_path / "ddp").glob("events.out.*"))
@@ -225,10 +262,27 @@ def test_train_det_in_two_processes_equals_one_process_with_the_same_global_batc
     assert metrics[1]["voc"]["mAP"] == pytest.approx(metrics[0]["voc"]["mAP"], abs=1e-3)
 
 
-CLS = ["device=cpu", "data.num_workers=0", "model.arch=cifar", "model.depth=8", "model.shortcut=A",
-       "augment.scale_min=32", "augment.scale_max=40", "augment.crop=32", "test.resize=32", "test.scales=[32]",
-       "test.modes=[1crop]", "test.batch_size=8", "solver.batch_size=4", "solver.base_lr=0.05", "solver.max_iter=4",
-       "solver.log_period=1", "solver.eval_period=1000", "solver.checkpoint_period=1000", "bn_recompute.batch_size=6"]
+CLS = [
+    "device=cpu",
+    "data.num_workers=0",
+    "model.arch=cifar",
+    "model.depth=8",
+    "model.shortcut=A",
+    "augment.scale_min=32",
+    "augment.scale_max=40",
+    "augment.crop=32",
+    "test.resize=32",
+    "test.scales=[32]",
+    "test.modes=[1crop]",
+    "test.batch_size=8",
+    "solver.batch_size=4",
+    "solver.base_lr=0.05",
+    "solver.max_iter=4",
+    "solver.log_period=1",
+    "solver.eval_period=1000",
+    "solver.checkpoint_period=1000",
+    "bn_recompute.batch_size=6",
+]
 
 
 @pytest.fixture(scope="module")
@@ -236,8 +290,17 @@ def cls_world(tmp_path_factory) -> Path:
     from detres.data.synthetic import generate_shapes_world
 
     root = tmp_path_factory.mktemp("ddp_cls")
-    generate_shapes_world(root, seed=1, num_cls_train_per_class=2, num_cls_val_per_class=1, cls_size=(32, 40),
-                          num_det_train=0, num_det_val=0, num_loc_train=0, num_loc_val=0)
+    generate_shapes_world(
+        root,
+        seed=1,
+        num_cls_train_per_class=2,
+        num_cls_val_per_class=1,
+        cls_size=(32, 40),
+        num_det_train=0,
+        num_det_val=0,
+        num_loc_train=0,
+        num_loc_val=0,
+    )
     return root / "cls"
 
 
@@ -246,14 +309,26 @@ def test_train_cls_in_two_processes_with_sync_bn_equals_one_process(cls_world, t
     config.write_text("task: cls\n")
     for name, nproc in (("single", 1), ("ddp", 2), ("ddp_local_bn", 2)):
         sync = "false" if name == "ddp_local_bn" else "true"
-        torchrun([str(REPO / "tools" / "train_cls.py"), "--config", str(config), f"output_dir={tmp_path / name}",
-                  f"data.train_dir={cls_world / 'train'}", f"data.val_dir={cls_world / 'val'}", *CLS,
-                  f"solver.sync_bn={sync}"], nproc=nproc)
+        torchrun(
+            [
+                str(REPO / "tools" / "train_cls.py"),
+                "--config",
+                str(config),
+                f"output_dir={tmp_path / name}",
+                f"data.train_dir={cls_world / 'train'}",
+                f"data.val_dir={cls_world / 'val'}",
+                *CLS,
+                f"solver.sync_bn={sync}",
+            ],
+            nproc=nproc,
+        )
     # last.pt: the weights and BN running statistics after the 4 steps (model_final.pt: after the BN recompute)
     for file in ("last.pt", "model_final.pt"):
         _assert_same_weights(_weights(tmp_path / "single" / file), _weights(tmp_path / "ddp" / file))
-    losses = [[r["loss"] for r in read_json_lines(tmp_path / name / "metrics.jsonl") if "loss" in r]
-              for name in ("single", "ddp")]
+    losses = [
+        [r["loss"] for r in read_json_lines(tmp_path / name / "metrics.jsonl") if "loss" in r]
+        for name in ("single", "ddp")
+    ]
     assert len(losses[0]) == 4 and losses[1] == pytest.approx(losses[0], rel=1e-4)
     assert losses[0][0] != losses[0][3]
     # the validation set was split over the ranks and the error counts summed: the one-process errors
@@ -302,15 +377,18 @@ def test_a_diverging_run_under_torchrun_stops_every_rank_with_the_one_line_error
     # The ranks agree on a non-finite loss (one all-reduce per step): all stop at the same step with the error,
     # none waits forever in the next gradient all-reduce, and last.pt stays a finite, resumable state.
     out = tmp_path / "run"
-    cmd, env = _torchrun_command(_det_args(det_world, out, tmp_path / "c.yaml")
-                                 + ["solver.base_lr=50", "solver.max_iter=40", "solver.checkpoint_period=1"], 2)
+    cmd, env = _torchrun_command(
+        _det_args(det_world, out, tmp_path / "c.yaml")
+        + ["solver.base_lr=50", "solver.max_iter=40", "solver.checkpoint_period=1"],
+        2,
+    )
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=150)
     assert result.returncode != 0
     # rank 0 alone reports, with its exit status (the other rank stopped at the same step and left quietly, so
     # torchrun, which stops all processes once one fails, did not kill rank 0 while it set last.pt back)
     errors = [line for line in result.stderr.splitlines() if line.startswith("train_det: error: iteration")]
     assert len(errors) == 1 and "training stopped" in errors[0], result.stderr[-3000:]
-    root_cause = result.stderr[result.stderr.index("Root Cause"):]
+    root_cause = result.stderr[result.stderr.index("Root Cause") :]
     assert re.search(r"rank\s*: 0 \(local_rank: 0\)", root_cause) and "exitcode  : 1" in root_cause, root_cause
     if (out / "last.pt").exists():
         state = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
@@ -322,11 +400,28 @@ def test_a_diverging_run_under_torchrun_stops_every_rank_with_the_one_line_error
 # the main object is at least 25 pixels wide there, so every crop keeps a box and every image samples its 8 anchors;
 # the mean of the ranks' losses is then the global one. Scale, crop, flip and anchor sampling are all seeded by
 # (seed, iteration, image), so the two ranks draw what one process draws.
-LOC = ["model.weights=null", "model.depth=18", "model.base_width=16", "model.freeze_at=0",
-       "model.anchor_sizes=[16,32,64]", "input.scale_min=64", "input.scale_max=72", "input.crop=56",
-       "input.flip_prob=0.5", "test.scale=64", "test.top_n=20", "data.num_workers=0", "device=cpu",
-       "solver.images_per_batch=4", "solver.base_lr=0.02", "solver.warmup_iters=0", "solver.max_iter=3",
-       "solver.log_period=1", "solver.checkpoint_period=100", "data.max_val_images=2"]
+LOC = [
+    "model.weights=null",
+    "model.depth=18",
+    "model.base_width=16",
+    "model.freeze_at=0",
+    "model.anchor_sizes=[16,32,64]",
+    "input.scale_min=64",
+    "input.scale_max=72",
+    "input.crop=56",
+    "input.flip_prob=0.5",
+    "test.scale=64",
+    "test.top_n=20",
+    "data.num_workers=0",
+    "device=cpu",
+    "solver.images_per_batch=4",
+    "solver.base_lr=0.02",
+    "solver.warmup_iters=0",
+    "solver.max_iter=3",
+    "solver.log_period=1",
+    "solver.checkpoint_period=100",
+    "data.max_val_images=2",
+]
 RCNN = ["model.rcnn.crop_size=32", "model.rcnn.regions_per_batch=8", "model.rcnn.proposals_per_class=4"]
 
 
@@ -341,8 +436,15 @@ def loc_world(tmp_path_factory) -> Path:
 
 def _loc_args(world: Path, out: Path, config: Path, *extra: str) -> list[str]:
     config.write_text("task: loc\n")
-    return [str(REPO / "tools" / "train_loc.py"), "--config", str(config), f"output_dir={out}", f"data.root={world}",
-            *LOC, *extra]
+    return [
+        str(REPO / "tools" / "train_loc.py"),
+        "--config",
+        str(config),
+        f"output_dir={out}",
+        f"data.root={world}",
+        *LOC,
+        *extra,
+    ]
 
 
 def _losses_of(*runs: Path) -> list[list[float]]:
@@ -368,8 +470,9 @@ def test_train_loc_rcnn_stage_in_two_processes_equals_one_process_and_resumes(lo
     train_localizer(load_config(None, ["task=loc", f"output_dir={rpn}", f"data.root={loc_world}", *LOC]))
     rcnn = [*RCNN, f"model.rcnn.rpn_checkpoint={rpn / 'model_final.pt'}"]
     for name, nproc in (("single", 1), ("ddp", 2)):
-        result = torchrun([*_loc_args(loc_world, tmp_path / name, tmp_path / "c.yaml", *rcnn), "--stage", "rcnn"],
-                          nproc=nproc)
+        result = torchrun(
+            [*_loc_args(loc_world, tmp_path / name, tmp_path / "c.yaml", *rcnn), "--stage", "rcnn"], nproc=nproc
+        )
         assert result.stdout.count("iterations 3,") == 1
     # the proposals were computed on the ranks' shards and gathered in image order: the one-process cache
     caches = [torch.load(tmp_path / name / "proposals.pt", weights_only=True) for name in ("single", "ddp")]

@@ -1,4 +1,5 @@
 """R-CNN stage training pieces: proposals cached per ground-truth class, RoI-centric region batches, one SGD step."""
+
 from __future__ import annotations
 
 import pytest
@@ -11,9 +12,14 @@ from detres.models.rcnn_loc import assign_rcnn_targets, build_rcnn_localizer
 
 def _samples():
     torch.manual_seed(0)
-    return [(torch.rand(3, 64, 80) * 255, torch.tensor([[8.0, 8.0, 40.0, 40.0]]), torch.tensor([2])),
-            (torch.rand(3, 72, 64) * 255, torch.tensor([[20.0, 10.0, 60.0, 50.0], [0.0, 0.0, 30.0, 30.0]]),
-             torch.tensor([3, 1]))]
+    return [
+        (torch.rand(3, 64, 80) * 255, torch.tensor([[8.0, 8.0, 40.0, 40.0]]), torch.tensor([2])),
+        (
+            torch.rand(3, 72, 64) * 255,
+            torch.tensor([[20.0, 10.0, 60.0, 50.0], [0.0, 0.0, 30.0, 30.0]]),
+            torch.tensor([3, 1]),
+        ),
+    ]
 
 
 def test_cache_keeps_top_n_per_gt_class_with_their_targets():
@@ -32,9 +38,15 @@ def test_cache_keeps_top_n_per_gt_class_with_their_targets():
 def _cache():
     rois = torch.tensor([[8.0, 8.0, 40.0, 40.0], [0.0, 0.0, 20.0, 20.0], [30.0, 30.0, 60.0, 60.0]])
     labels, matched = assign_rcnn_targets(rois, torch.tensor([2, 2, 2]), rois[:1], torch.tensor([2]))
-    return [{"rois": rois, "classes": torch.tensor([2, 2, 2]), "labels": labels, "matched": matched},
-            {"rois": rois[:2], "classes": torch.tensor([1, 1]), "labels": torch.zeros(2, dtype=torch.long),
-             "matched": rois[:2].clone()}]
+    return [
+        {"rois": rois, "classes": torch.tensor([2, 2, 2]), "labels": labels, "matched": matched},
+        {
+            "rois": rois[:2],
+            "classes": torch.tensor([1, 1]),
+            "labels": torch.zeros(2, dtype=torch.long),
+            "matched": rois[:2].clone(),
+        },
+    ]
 
 
 def test_region_batches_span_images_and_respect_the_fg_fraction():
@@ -63,8 +75,9 @@ def test_one_step_changes_the_heads_and_returns_finite_losses():
 
 def test_repeated_steps_fit_a_fixed_region_batch():
     torch.manual_seed(0)
-    model = build_rcnn_localizer(num_classes=3, depth=18, base_width=8, crop_size=32, freeze_at=0,
-                                 pixel_std=(58.4, 57.1, 57.4))  # random init, BN frozen at identity: scale inputs
+    model = build_rcnn_localizer(
+        num_classes=3, depth=18, base_width=8, crop_size=32, freeze_at=0, pixel_std=(58.4, 57.1, 57.4)
+    )  # random init, BN frozen at identity: scale inputs
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
     images, cache = [torch.rand(3, 64, 64) * 255, torch.rand(3, 48, 48) * 255], _cache()
     batch = [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1)]
@@ -102,8 +115,10 @@ def test_a_region_batch_that_does_not_split_over_the_ranks_is_a_one_line_error(m
     from detres.engine import loc_rcnn_trainer
 
     monkeypatch.setattr(loc_rcnn_trainer, "get_world_size", lambda: 2)  # as under torchrun --nproc_per_node=2
-    cfg = load_config(None, ["task=loc", f"output_dir={tmp_path}", "model.rcnn.rpn_checkpoint=rpn.pt",
-                             "model.rcnn.regions_per_batch=7"])
+    cfg = load_config(
+        None,
+        ["task=loc", f"output_dir={tmp_path}", "model.rcnn.rpn_checkpoint=rpn.pt", "model.rcnn.regions_per_batch=7"],
+    )
     with pytest.raises(ValueError, match=r"model.rcnn.regions_per_batch \(7\) must be a multiple .* processes \(2\)"):
         loc_rcnn_trainer.train_rcnn_stage(cfg)
     assert not any(tmp_path.iterdir())  # refused before anything was written

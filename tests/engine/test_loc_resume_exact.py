@@ -1,4 +1,5 @@
 """The localizer's RPN stage resumes exactly: a run stopped at a checkpoint and resumed repeats the whole run."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -14,11 +15,28 @@ from detres.utils.checkpoint import load_checkpoint
 
 # The tiny localizer of test_loc_trainer.py with scale augmentation (64..96), random 56² crops and flips on, so every
 # kind of random draw (scale, crop window, flip, anchor sampling) happens at every iteration.
-TINY = ["model.weights=null", "model.depth=18", "model.base_width=16", "model.freeze_at=0",
-        "model.anchor_sizes=[16,32,64]", "input.scale_min=64", "input.scale_max=96", "input.crop=56",
-        "input.flip_prob=0.5", "test.scale=64", "test.top_n=20", "data.num_workers=0", "device=cpu",
-        "solver.images_per_batch=4", "solver.base_lr=0.01", "solver.warmup_iters=2", "solver.warmup_lr=0.001",
-        "solver.steps=[4]", "solver.log_period=1", "data.max_val_images=2"]
+TINY = [
+    "model.weights=null",
+    "model.depth=18",
+    "model.base_width=16",
+    "model.freeze_at=0",
+    "model.anchor_sizes=[16,32,64]",
+    "input.scale_min=64",
+    "input.scale_max=96",
+    "input.crop=56",
+    "input.flip_prob=0.5",
+    "test.scale=64",
+    "test.top_n=20",
+    "data.num_workers=0",
+    "device=cpu",
+    "solver.images_per_batch=4",
+    "solver.base_lr=0.01",
+    "solver.warmup_iters=2",
+    "solver.warmup_lr=0.001",
+    "solver.steps=[4]",
+    "solver.log_period=1",
+    "data.max_val_images=2",
+]
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +51,11 @@ def _cfg(root: Path, out: Path, *overrides: str):
 
 
 def _losses(out: Path) -> dict[int, dict[str, float]]:
-    return {r["iter"]: {k: v for k, v in r.items() if k.startswith("loss")}
-            for r in read_json_lines(out / "metrics.jsonl") if "loss" in r}
+    return {
+        r["iter"]: {k: v for k, v in r.items() if k.startswith("loss")}
+        for r in read_json_lines(out / "metrics.jsonl")
+        if "loss" in r
+    }
 
 
 def test_a_resumed_rpn_stage_repeats_the_uninterrupted_losses_and_weights_bit_for_bit(loc_root, tmp_path):
@@ -58,8 +79,11 @@ def test_crops_and_sampling_seeds_are_functions_of_seed_iteration_and_image(loc_
     """The loader's crops and the seeds its targets carry do not depend on where the stream started."""
     cfg = _cfg(loc_root, tmp_path)
     train, _, synsets = loc_trainer.load_loc_records(cfg.data)
-    dataset = loc_trainer.LocDataset(train, synsets, transform=loc_trainer.LocTrainTransform(
-        scale_min=64, scale_max=96, crop=56, hflip_prob=0.5, seed=cfg.seed))
+    dataset = loc_trainer.LocDataset(
+        train,
+        synsets,
+        transform=loc_trainer.LocTrainTransform(scale_min=64, scale_max=96, crop=56, hflip_prob=0.5, seed=cfg.seed),
+    )
 
     def batches(start: int, count: int) -> list[dict]:
         stream = iter(loc_trainer._loader(dataset, cfg, start))

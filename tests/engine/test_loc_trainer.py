@@ -1,4 +1,6 @@
-"""Tests for detres.engine.loc_trainer / loc_eval: a tiny RPN-stage run saves, resumes, tests and beats the whole-image box."""
+"""Tests for detres.engine.loc_trainer / loc_eval: a tiny RPN-stage run saves, resumes, tests and beats the whole-image
+box."""
+
 from __future__ import annotations
 
 import json
@@ -16,11 +18,26 @@ from detres.models.rcnn_loc import load_rcnn_localizer
 
 # A random-init quarter-width ResNet-18 (no checkpoint needed: runs/ is not in git), BN frozen at identity, all
 # layers trained.
-SMALL = ["model.weights=null", "model.depth=18", "model.base_width=16", "model.freeze_at=0",
-         "model.anchor_sizes=[16,32,64]", "input.scale_min=64", "input.scale_max=96", "input.crop=56",
-         "test.scale=64", "test.top_n=20", "data.num_workers=0", "device=cpu", "solver.images_per_batch=16",
-         "solver.base_lr=0.01", "solver.weight_decay=0.0001", "solver.warmup_iters=20", "solver.warmup_lr=0.001",
-         "solver.log_period=10"]
+SMALL = [
+    "model.weights=null",
+    "model.depth=18",
+    "model.base_width=16",
+    "model.freeze_at=0",
+    "model.anchor_sizes=[16,32,64]",
+    "input.scale_min=64",
+    "input.scale_max=96",
+    "input.crop=56",
+    "test.scale=64",
+    "test.top_n=20",
+    "data.num_workers=0",
+    "device=cpu",
+    "solver.images_per_batch=16",
+    "solver.base_lr=0.01",
+    "solver.weight_decay=0.0001",
+    "solver.warmup_iters=20",
+    "solver.warmup_lr=0.001",
+    "solver.log_period=10",
+]
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +53,16 @@ def _config(root: Path, out: Path, *extra: str):
 
 def test_tiny_run_saves_resumes_and_tests(shapes_loc, tmp_path):
     out = tmp_path / "run"
-    cfg = _config(shapes_loc, out, "solver.max_iter=4", "solver.steps=[3]", "solver.checkpoint_period=2",
-                  "data.max_val_images=4", "solver.log_period=2", "solver.warmup_iters=0")
+    cfg = _config(
+        shapes_loc,
+        out,
+        "solver.max_iter=4",
+        "solver.steps=[3]",
+        "solver.checkpoint_period=2",
+        "data.max_val_images=4",
+        "solver.log_period=2",
+        "solver.warmup_iters=0",
+    )
     report = train_localizer(cfg)
     assert report["iterations"] == 4 and (out / "model_final.pt").is_file() and (out / "loss_curves.png").is_file()
     assert set(report["rows"]) == {"rpn_1crop_gt_class", "rpn_dense_gt_class"}
@@ -45,8 +70,16 @@ def test_tiny_run_saves_resumes_and_tests(shapes_loc, tmp_path):
     assert len(lines) == 4 and all(len(line.split()) == 5 for line in lines)  # one guess: label + box
     with pytest.raises(FileExistsError, match="--resume"):
         train_localizer(cfg)
-    longer = _config(shapes_loc, out, "solver.max_iter=6", "solver.steps=[3]", "solver.checkpoint_period=2",
-                     "data.max_val_images=4", "solver.log_period=2", "solver.warmup_iters=0")
+    longer = _config(
+        shapes_loc,
+        out,
+        "solver.max_iter=6",
+        "solver.steps=[3]",
+        "solver.checkpoint_period=2",
+        "data.max_val_images=4",
+        "solver.log_period=2",
+        "solver.warmup_iters=0",
+    )
     rpn_report = train_localizer(longer, resume=True)
     assert rpn_report["iterations"] == 6
     iters = [json.loads(line)["iter"] for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -55,9 +88,17 @@ def test_tiny_run_saves_resumes_and_tests(shapes_loc, tmp_path):
     assert meta["iter"] == 6 and len(meta["synsets"]) == 10 and model.num_classes == 10
     # the R-CNN stage on this RPN's proposals: trains, resumes, tests the RPN+R-CNN pair
     rcnn_out = tmp_path / "rcnn"
-    rcnn_args = [f"model.rcnn.rpn_checkpoint={out / 'model_final.pt'}", "model.rcnn.crop_size=32",
-                 "model.rcnn.regions_per_batch=8", "model.rcnn.proposals_per_class=4", "solver.steps=[3]",
-                 "solver.checkpoint_period=2", "data.max_val_images=4", "solver.log_period=2", "solver.warmup_iters=0"]
+    rcnn_args = [
+        f"model.rcnn.rpn_checkpoint={out / 'model_final.pt'}",
+        "model.rcnn.crop_size=32",
+        "model.rcnn.regions_per_batch=8",
+        "model.rcnn.proposals_per_class=4",
+        "solver.steps=[3]",
+        "solver.checkpoint_period=2",
+        "data.max_val_images=4",
+        "solver.log_period=2",
+        "solver.warmup_iters=0",
+    ]
     report = train_localizer(_config(shapes_loc, rcnn_out, "solver.max_iter=2", *rcnn_args), stage="rcnn")
     # one report holds Table 13: the RPN's own rows (the same numbers as its stage's test) and RPN+R-CNN's
     assert report["iterations"] == 2
@@ -66,8 +107,7 @@ def test_tiny_run_saves_resumes_and_tests(shapes_loc, tmp_path):
         assert report["rows"][row]["gt_known_loc_err"] == rpn_report["rows"][row]["gt_known_loc_err"]
     assert "RPN+R-CNN dense, GT class" in format_table(report)
     assert (rcnn_out / "proposals.pt").is_file() and (rcnn_out / "test" / "rpn_rcnn_dense_gt_class.txt").is_file()
-    resumed = train_localizer(_config(shapes_loc, rcnn_out, "solver.max_iter=4", *rcnn_args), stage="rcnn",
-                              resume=True)
+    resumed = train_localizer(_config(shapes_loc, rcnn_out, "solver.max_iter=4", *rcnn_args), stage="rcnn", resume=True)
     assert resumed["iterations"] == 4
     assert [json.loads(line)["iter"] for line in (rcnn_out / "metrics.jsonl").read_text().splitlines()] == [2, 4]
     rcnn, rcnn_meta = load_rcnn_localizer(rcnn_out / "model_final.pt")
@@ -100,8 +140,13 @@ def test_skipped_training_images_are_listed_in_the_run_folder(tmp_path):
     missing = sorted((root / "loc" / "Data" / "train").rglob("*.*"))[0]
     missing.unlink()
     out = tmp_path / "run"
-    args = ["solver.max_iter=1", "solver.steps=[]", "solver.warmup_iters=0", "data.max_val_images=2",
-            "solver.images_per_batch=4"]
+    args = [
+        "solver.max_iter=1",
+        "solver.steps=[]",
+        "solver.warmup_iters=0",
+        "data.max_val_images=2",
+        "solver.images_per_batch=4",
+    ]
     with pytest.raises(ValueError, match=f"{missing.stem}.* not found"):  # the default policy: stop, naming it
         train_localizer(_config(root / "loc", out, *args))
     train_localizer(_config(root / "loc", tmp_path / "skip", *args, "data.on_bad_sample=skip"))

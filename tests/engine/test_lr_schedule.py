@@ -1,4 +1,5 @@
 """Tests for the warm-up / step / plateau learning-rate schedule."""
+
 from __future__ import annotations
 
 import pytest
@@ -105,10 +106,14 @@ def test_epochs_to_iters_and_the_imagenet_configs(repo_root):
         solver = cfg.solver
         assert solver.lr_schedule == "plateau" and solver.plateau_min_epochs == 10
         assert 4000 <= solver.eval_period <= 5004  # about once per epoch
-        sched = LRSchedule(_opt(), base_lr=solver.base_lr, mode=solver.lr_schedule, patience=solver.plateau_patience,
-                           threshold=solver.plateau_threshold,
-                           min_iters_between_drops=epochs_to_iters(solver.plateau_min_epochs, 1_281_167,
-                                                                   solver.batch_size))
+        sched = LRSchedule(
+            _opt(),
+            base_lr=solver.base_lr,
+            mode=solver.lr_schedule,
+            patience=solver.plateau_patience,
+            threshold=solver.plateau_threshold,
+            min_iters_between_drops=epochs_to_iters(solver.plateau_min_epochs, 1_281_167, solver.batch_size),
+        )
         evals = range(solver.eval_period, 200_001, solver.eval_period)
         drops = [it for it in evals if sched.observe_validation(0.6, iteration=it)]  # the error never moves
         # Not before 10 epochs (50,040 iterations) after the start, nor within 10 epochs of a drop.

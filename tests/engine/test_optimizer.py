@@ -1,4 +1,5 @@
 """Tests for detres.engine.optimizer: weight / bias parameter groups, their LR under the schedule, decay."""
+
 from __future__ import annotations
 
 import pytest
@@ -74,8 +75,12 @@ def test_detector_groups_hold_exactly_the_head_biases():
     names = {id(p): n for n, p in model.named_parameters()}
     # ResNet convs have no biases and frozen BN has buffers only: the biases are the new layers'.
     assert sorted(names[id(p)] for p in groups[1]["params"]) == [
-        "roi_heads.predictor.bbox_pred.bias", "roi_heads.predictor.cls_score.bias",
-        "rpn.head.bbox_pred.bias", "rpn.head.cls_logits.bias", "rpn.head.conv.bias"]
+        "roi_heads.predictor.bbox_pred.bias",
+        "roi_heads.predictor.cls_score.bias",
+        "rpn.head.bbox_pred.bias",
+        "rpn.head.cls_logits.bias",
+        "rpn.head.conv.bias",
+    ]
     weights = {names[id(p)] for p in groups[0]["params"]}
     assert not any(n.startswith(("trunk.conv1", "trunk.layer1")) for n in weights)  # freeze_at=2
     assert "trunk.layer2.0.conv1.weight" in weights and "roi_heads.box_head.conv5_head.layer4.0.conv1.weight" in weights

@@ -1,4 +1,5 @@
 """Tests for detres.engine.plots' PR curves: plotted points are the evaluator's, their area is the reported AP."""
+
 from __future__ import annotations
 
 import math
@@ -28,22 +29,33 @@ class TinyDataset:
 
     def annotation(self, index: int) -> dict:
         ann = self._anns[index]
-        return dict(ann, difficult=np.zeros(len(ann["labels"]), bool), orig_size=(100, 100),
-                    file_name=f"{ann['image_id']}.png")
+        return dict(
+            ann, difficult=np.zeros(len(ann["labels"]), bool), orig_size=(100, 100), file_name=f"{ann['image_id']}.png"
+        )
 
 
 DETECTIONS = [
-    {"image_id": 1, "boxes": np.array([[0, 0, 10, 10], [31, 30, 50, 50], [60, 60, 70, 70]], float),
-     "scores": np.array([0.9, 0.4, 0.85]), "labels": np.array([1, 2, 1])},
-    {"image_id": 2, "boxes": np.array([[1, 0, 10, 10], [40, 40, 45, 45]], float),
-     "scores": np.array([0.7, 0.95]), "labels": np.array([1, 1])},
+    {
+        "image_id": 1,
+        "boxes": np.array([[0, 0, 10, 10], [31, 30, 50, 50], [60, 60, 70, 70]], float),
+        "scores": np.array([0.9, 0.4, 0.85]),
+        "labels": np.array([1, 2, 1]),
+    },
+    {
+        "image_id": 2,
+        "boxes": np.array([[1, 0, 10, 10], [40, 40, 45, 45]], float),
+        "scores": np.array([0.7, 0.95]),
+        "labels": np.array([1, 1]),
+    },
 ]
 
 
 def _ground_truth() -> dict:
     ds = TinyDataset()
-    return {a["image_id"]: {k: a[k] for k in ("boxes", "labels", "difficult")}
-            for a in (ds.annotation(i) for i in range(len(ds)))}
+    return {
+        a["image_id"]: {k: a[k] for k in ("boxes", "labels", "difficult")}
+        for a in (ds.annotation(i) for i in range(len(ds)))
+    }
 
 
 @pytest.mark.filterwarnings("ignore:VOC evaluation. no non-difficult ground truth")

@@ -1,4 +1,5 @@
 """Tests for detres/engine/seeded_data.py: per-(epoch, index) seeding, epoch batch order, worker error messages."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -56,8 +57,9 @@ def _dataset(num_images: int = 6) -> ArrayDataset:
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, size=(40, 52, 3), dtype=np.uint8) for _ in range(num_images)]
     noise = RecordingNoise([0.02, 0.01, 0.005], np.eye(3), alphastd=0.1)
-    transform = RecordingTransform(normalize=Normalize(mean=(0.0, 0.0, 0.0)), scale_min=32, scale_max=48, crop=24,
-                                   color_noise=noise, seed=0)
+    transform = RecordingTransform(
+        normalize=Normalize(mean=(0.0, 0.0, 0.0)), scale_min=32, scale_max=48, crop=24, color_noise=noise, seed=0
+    )
     return ArrayDataset(images, transform)
 
 

@@ -1,4 +1,5 @@
 """detres.evaluation.ablation: Table 9's row names, the cost-vs-FLOPs ratio and the markdown table."""
+
 from __future__ import annotations
 
 import math
@@ -25,8 +26,15 @@ def test_cost_ratio_is_time_growth_over_flop_growth():
 
 
 def _row(name: str, ratio: float) -> dict:
-    return {"row": name, "mAP50": 0.5, "mAP": 0.25, "voc07_mAP": None, "sec_per_img": 0.1234,
-            "gflops_per_img": 12.345, "cost_ratio": ratio}
+    return {
+        "row": name,
+        "mAP50": 0.5,
+        "mAP": 0.25,
+        "voc07_mAP": None,
+        "sec_per_img": 0.1234,
+        "gflops_per_img": 12.345,
+        "cost_ratio": ratio,
+    }
 
 
 def test_markdown_table_has_one_line_per_row_and_warnings_name_costly_rows():

@@ -179,7 +179,9 @@ def test_multiscale_scores_training_size_windows_not_single_positions() -> None:
     # Pre-resized views (MultiScaleEvalTransform output): scale 1 shows A, scale 2 shows B, so
     # averaging softmax over scales picks class 1 (averaging logits would pick class 0).
     views = [_const(VIEW_A, 4, 4), _const(VIEW_B, 6, 6)]
-    res = evaluate_classifier(PixelLogits(), ListDataset([(views, 1), (views, 1), (views, 0)]), mode="multiscale", crop=4)
+    res = evaluate_classifier(
+        PixelLogits(), ListDataset([(views, 1), (views, 1), (views, 0)]), mode="multiscale", crop=4
+    )
     assert res["top1_err"] == pytest.approx(1 / 3) and res["n"] == 3
 
 
@@ -194,18 +196,27 @@ def test_dense_probs_softmax_per_window_then_mean_hand_values() -> None:
     assert image.shape == (1, 3, 2, 3)
     model = PixelLogits()
     assert feature_window(model, 2) == (2, 2)
-    torch.testing.assert_close(dense_probs(model, image, window=(2, 2)), torch.tensor([[0.55, 0.05, 0.40]]),
-                               atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        dense_probs(model, image, window=(2, 2)), torch.tensor([[0.55, 0.05, 0.40]]), atol=1e-6, rtol=0
+    )
     # Single positions (window 1) give softmax(x), softmax(y), softmax(z) averaged instead.
-    per_position = (torch.tensor([81 / 82, 1 / 82, 0.0]) + torch.full((3,), 1 / 3) + torch.tensor([1 / 17, 0.0, 16 / 17])) / 3
+    per_position = (
+        torch.tensor([81 / 82, 1 / 82, 0.0]) + torch.full((3,), 1 / 3) + torch.tensor([1 / 17, 0.0, 16 / 17])
+    ) / 3
     torch.testing.assert_close(dense_probs(model, image, window=1)[0], per_position, atol=1e-6, rtol=0)
     # A window larger than the map along a side pools that whole side; larger along both: global average.
     glob = torch.tensor([x, y, z]).mean(dim=0).softmax(dim=0)
     for window in (3, (2, 3), (5, 7), None):
         torch.testing.assert_close(dense_probs(model, image, window=window)[0], glob, atol=1e-6, rtol=0)
     # Through the evaluator: top-1 is class 0 (0.55); top-2 adds class 2 (0.40), never class 1 (0.05).
-    res = evaluate_classifier(model, ListDataset([(image[0], 0), (image[0], 2), (image[0], 1)]), mode="multiscale",
-                              scales=(2,), crop=2, topk=2)
+    res = evaluate_classifier(
+        model,
+        ListDataset([(image[0], 0), (image[0], 2), (image[0], 1)]),
+        mode="multiscale",
+        scales=(2,),
+        crop=2,
+        topk=2,
+    )
     assert res["top1_err"] == pytest.approx(2 / 3) and res["top5_err"] == pytest.approx(1 / 3)
 
 
@@ -247,8 +258,9 @@ def test_dense_at_the_training_scale_equals_1crop(make_model, crop, window) -> N
     labels = [int(t) for t in ref.argmin(dim=1)]  # make some samples wrong and some right
     labels[0] = int(ref[0].argmax())
     a = evaluate_classifier(model, ListDataset([(one(im), t) for im, t in zip(images, labels)]), mode="1crop")
-    b = evaluate_classifier(model, ListDataset([(dense(im), t) for im, t in zip(images, labels)]), mode="multiscale",
-                            crop=crop)
+    b = evaluate_classifier(
+        model, ListDataset([(dense(im), t) for im, t in zip(images, labels)]), mode="multiscale", crop=crop
+    )
     assert a == b and a["top1_err"] == pytest.approx(0.75)
 
 
@@ -263,8 +275,9 @@ def test_mode_shape_mismatch_is_explained() -> None:
     with pytest.raises(ValueError, match="mode"):
         evaluate_classifier(PixelLogits(), ListDataset([(_const(VIEW_A), 0)]), mode="dense")
     with pytest.raises(TypeError, match="forward_features"):
-        evaluate_classifier(nn.Sequential(nn.Flatten(), nn.Linear(48, 3)), ListDataset([(_const(VIEW_A), 0)]),
-                            mode="multiscale", crop=4)
+        evaluate_classifier(
+            nn.Sequential(nn.Flatten(), nn.Linear(48, 3)), ListDataset([(_const(VIEW_A), 0)]), mode="multiscale", crop=4
+        )
 
 
 FOLDER_CLASSES = ("a", "b", "c", "d", "e", "f", "g")  # 7 classes, so the top-5 cut can miss a label
@@ -288,16 +301,21 @@ def _reference_errors(probs: torch.Tensor, labels: list[int]) -> dict[str, float
     idx = probs.topk(5, dim=1).indices
     t = torch.tensor(labels)
     n = len(labels)
-    return {"top1_err": 1.0 - int((idx[:, 0] == t).sum()) / n,
-            "top5_err": 1.0 - int((idx == t[:, None]).any(dim=1).sum()) / n}
+    return {
+        "top1_err": 1.0 - int((idx[:, 0] == t).sum()) / n,
+        "top5_err": 1.0 - int((idx == t[:, None]).any(dim=1).sum()) / n,
+    }
 
 
 def _dense_reference(model: nn.Module, view: torch.Tensor, k: int) -> torch.Tensor:
     """Softmax of fc(mean feature vector) of every k x k window (clipped to the map), averaged: explicit loops."""
     f = model.forward_features(view[None])[0]
     kh, kw = min(k, f.shape[1]), min(k, f.shape[2])
-    probs = [model.fc(f[:, i:i + kh, j:j + kw].mean(dim=(1, 2))).softmax(dim=0)
-             for i in range(f.shape[1] - kh + 1) for j in range(f.shape[2] - kw + 1)]
+    probs = [
+        model.fc(f[:, i : i + kh, j : j + kw].mean(dim=(1, 2))).softmax(dim=0)
+        for i in range(f.shape[1] - kh + 1)
+        for j in range(f.shape[2] - kw + 1)
+    ]
     return torch.stack(probs).mean(dim=0)
 
 
@@ -327,8 +345,9 @@ def test_all_modes_on_tiny_resnet_folder(tmp_path: Path) -> None:
             elif mode == "10crop":
                 probs = torch.stack([model(x).softmax(dim=1).mean(dim=0) for x, _ in samples])
             else:  # 32-px training crop -> an 8x8 window of the stride-4 map
-                probs = torch.stack([torch.stack([_dense_reference(model, v, 8) for v in views]).mean(dim=0)
-                                     for views, _ in samples])
+                probs = torch.stack(
+                    [torch.stack([_dense_reference(model, v, 8) for v in views]).mean(dim=0) for views, _ in samples]
+                )
         ref = _reference_errors(probs, labels)
         assert res["n"] == 21 and res["top5_k"] == 5, mode
         assert res["top1_err"] == pytest.approx(ref["top1_err"], abs=1e-9), mode
@@ -337,7 +356,9 @@ def test_all_modes_on_tiny_resnet_folder(tmp_path: Path) -> None:
     # the references are not trivial (some labels miss the top 1 and the top 5, some hit them)
     assert all(0 < a < 21 and 0 < b < 21 for a, b in seen), seen
     # Full-size images of different shapes, resized to each scale inside the evaluator.
-    full = ImageFolderDataset(tmp_path, transform=lambda im: torch.from_numpy(np.moveaxis((im - 128.0) / 64.0, -1, 0)).float())
+    full = ImageFolderDataset(
+        tmp_path, transform=lambda im: torch.from_numpy(np.moveaxis((im - 128.0) / 64.0, -1, 0)).float()
+    )
     res = evaluate_classifier(model, full, mode="multiscale", scales=(32, 40), batch_size=4, crop=32)
     samples = [full[i] for i in range(len(full))]
     probs = []
@@ -347,8 +368,13 @@ def test_all_modes_on_tiny_resnet_folder(tmp_path: Path) -> None:
             per_scale = []
             for s in (32, 40):  # shorter side to s, bilinear (antialiased when shrinking)
                 size = (s, round(w * s / h)) if h <= w else (round(h * s / w), s)
-                v = x if size == (h, w) else torch.nn.functional.interpolate(
-                    x[None], size=size, mode="bilinear", align_corners=False, antialias=True)[0]
+                v = (
+                    x
+                    if size == (h, w)
+                    else torch.nn.functional.interpolate(
+                        x[None], size=size, mode="bilinear", align_corners=False, antialias=True
+                    )[0]
+                )
                 per_scale.append(_dense_reference(model, v, 8))
             probs.append(torch.stack(per_scale).mean(dim=0))
     ref = _reference_errors(torch.stack(probs), [t for _, t in samples])

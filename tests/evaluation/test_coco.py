@@ -1,4 +1,5 @@
 """Tests for detres.evaluation.coco: equality with pycocotools run directly, hand-computed answers, input errors."""
+
 from __future__ import annotations
 
 import contextlib
@@ -173,15 +174,35 @@ def test_segm_uses_mask_area_not_result_bbox_for_area_ranges():
     gt = {
         "images": [{"id": 1, "width": 200, "height": 200}],
         "categories": [{"id": 7, "name": "thing"}],
-        "annotations": [{"id": 1, "image_id": 1, "category_id": 7, "segmentation": square_rle(60, 60, 40),
-                         "bbox": [60, 60, 40, 40], "area": 1600, "iscrowd": 0}],  # medium: 32^2 < 1600 < 96^2
+        "annotations": [
+            {
+                "id": 1,
+                "image_id": 1,
+                "category_id": 7,
+                "segmentation": square_rle(60, 60, 40),
+                "bbox": [60, 60, 40, 40],
+                "area": 1600,
+                "iscrowd": 0,
+            }
+        ],  # medium: 32^2 < 1600 < 96^2
     }
     results = [
         # A false positive whose mask is small (area 100) but whose 'bbox' field is medium (area 2500),
         # ranked above the perfect mask.
-        {"image_id": 1, "category_id": 7, "segmentation": square_rle(150, 150, 10), "bbox": [150, 150, 50, 50],
-         "score": 0.95},
-        {"image_id": 1, "category_id": 7, "segmentation": square_rle(60, 60, 40), "bbox": [60, 60, 40, 40], "score": 0.9},
+        {
+            "image_id": 1,
+            "category_id": 7,
+            "segmentation": square_rle(150, 150, 10),
+            "bbox": [150, 150, 50, 50],
+            "score": 0.95,
+        },
+        {
+            "image_id": 1,
+            "category_id": 7,
+            "segmentation": square_rle(60, 60, 40),
+            "bbox": [60, 60, 40, 40],
+            "score": 0.9,
+        },
     ]
     s = evaluate_coco(gt, results, iou_type="segm")["summary"]
     # All areas: FP then TP -> precision 1/2 at every recall threshold.
@@ -214,8 +235,14 @@ def test_empty_results_warn_and_report_zero_or_minus_one():
 def test_in_memory_detections_round_trip_to_perfect_ap():
     gt = one_image_gt([[10.5, 20.25, 30, 40], [100, 100, 60, 80]])
     # xyxy 0-based continuous boxes (contracts): COCO x, y, w, h -> x, y, x + w, y + h.
-    dets = [{"image_id": 1, "boxes": np.array([[10.5, 20.25, 40.5, 60.25], [100, 100, 160, 180]]),
-             "scores": np.array([0.9, 0.8]), "labels": np.array([1, 1])}]
+    dets = [
+        {
+            "image_id": 1,
+            "boxes": np.array([[10.5, 20.25, 40.5, 60.25], [100, 100, 160, 180]]),
+            "scores": np.array([0.9, 0.8]),
+            "labels": np.array([1, 1]),
+        }
+    ]
     result = evaluate_coco_detections(gt, dets, {1: 7})
     assert result["summary"]["AP"] == pytest.approx(1.0, abs=1e-12)
     assert result["summary"]["AR100"] == pytest.approx(1.0, abs=1e-12)
@@ -231,8 +258,10 @@ def test_error_image_id_not_in_gt(tmp_path):
 
 def test_error_missing_bbox_names_entry_and_field():
     gt = one_image_gt([[0, 0, 50, 50]])
-    results = [{"image_id": 1, "category_id": 7, "bbox": [0, 0, 5, 5], "score": 0.5},
-               {"image_id": 1, "category_id": 7, "score": 0.4}]
+    results = [
+        {"image_id": 1, "category_id": 7, "bbox": [0, 0, 5, 5], "score": 0.5},
+        {"image_id": 1, "category_id": 7, "score": 0.4},
+    ]
     with pytest.raises(ValueError, match=r"\[1\]: missing field 'bbox'"):
         evaluate_coco(gt, results)
     with pytest.raises(ValueError, match=r"\[0\]: missing field 'segmentation'"):
@@ -273,12 +302,23 @@ def test_error_bad_files(tmp_path):
 
 def _merged_gt_with_repeated_ann_ids() -> dict:
     """Two one-image files merged: image ids made unique, but both numbered their annotations 1, 2, 3."""
-    gt = {"images": [{"id": 1, "height": 200, "width": 200}, {"id": 2, "height": 200, "width": 200}],
-          "categories": [{"id": 7, "name": "thing"}], "annotations": []}
+    gt = {
+        "images": [{"id": 1, "height": 200, "width": 200}, {"id": 2, "height": 200, "width": 200}],
+        "categories": [{"id": 7, "name": "thing"}],
+        "annotations": [],
+    }
     for image_id, shift in ((1, 0), (2, 40)):
         for k, (x, y, w, h) in enumerate([[10, 10, 30, 40], [60, 20, 50, 30], [100, 100, 60, 70]]):
-            gt["annotations"].append({"id": k + 1, "image_id": image_id, "category_id": 7, "iscrowd": 0,
-                                      "bbox": [x + shift, y, w, h], "area": w * h})
+            gt["annotations"].append(
+                {
+                    "id": k + 1,
+                    "image_id": image_id,
+                    "category_id": 7,
+                    "iscrowd": 0,
+                    "bbox": [x + shift, y, w, h],
+                    "area": w * h,
+                }
+            )
     return gt
 
 
@@ -286,12 +326,16 @@ def test_repeated_annotation_ids_are_an_error_naming_the_file_and_ids(tmp_path):
     # Issue #6: pycocotools keys ground truth by annotation id, so with repeated ids it scores one object's
     # box in place of another's: the ground truth itself, fed back as results, scored AP 0.252 here.
     gt = _merged_gt_with_repeated_ann_ids()
-    results = [{"image_id": a["image_id"], "category_id": 7, "bbox": a["bbox"], "score": 1.0}
-               for a in gt["annotations"]]
+    results = [
+        {"image_id": a["image_id"], "category_id": 7, "bbox": a["bbox"], "score": 1.0} for a in gt["annotations"]
+    ]
     gt_file = tmp_path / "merged.json"
     gt_file.write_text(json.dumps(gt))
-    with pytest.raises(ValueError, match=r"merged\.json: 3 annotation id\(s\) used more than once.*1 \(2x\), "
-                                         r"2 \(2x\), 3 \(2x\).*unique"):
+    with pytest.raises(
+        ValueError,
+        match=r"merged\.json: 3 annotation id\(s\) used more than once.*1 \(2x\), "
+        r"2 \(2x\), 3 \(2x\).*unique",
+    ):
         evaluate_coco(gt_file, results)
     with pytest.raises(ValueError, match=r"<ground-truth dict>: 3 annotation id"):
         evaluate_coco(gt, results)
@@ -307,7 +351,9 @@ def test_repeated_annotation_ids_are_an_error_naming_the_file_and_ids(tmp_path):
 
 def test_repeated_image_id_error_names_both_file_names():
     gt = one_image_gt([[0, 0, 50, 50]])
-    gt["images"] = [{"id": 1, "file_name": "x.jpg", "height": 100, "width": 100},
-                    {"id": 1, "file_name": "y.jpg", "height": 100, "width": 100}]
+    gt["images"] = [
+        {"id": 1, "file_name": "x.jpg", "height": 100, "width": 100},
+        {"id": 1, "file_name": "y.jpg", "height": 100, "width": 100},
+    ]
     with pytest.raises(ValueError, match=r"images\[1\]: duplicate image id 1 \(file names 'x\.jpg' and 'y\.jpg'\)"):
         evaluate_coco(gt, [])

@@ -1,4 +1,5 @@
 """Tests for detres.evaluation.coco_backend: faster-coco-eval gives pycocotools' numbers (the reference), errors."""
+
 from __future__ import annotations
 
 import contextlib
@@ -20,13 +21,20 @@ ROOT = Path(__file__).resolve().parents[2]
 EVALREF = ROOT / ".." / "shared" / "data" / "evalref" / "coco"
 needs_evalref = pytest.mark.skipif(not EVALREF.is_dir(), reason=f"shared reference data not found at {EVALREF}")
 FAST = "faster_coco_eval"
-needs_fast = pytest.mark.skipif(importlib.util.find_spec(FAST) is None,
-                                reason="faster-coco-eval not installed (pip install -e '.[test]')")
+needs_fast = pytest.mark.skipif(
+    importlib.util.find_spec(FAST) is None, reason="faster-coco-eval not installed (pip install -e '.[test]')"
+)
 
 
 def _ann(ann_id: int, image_id: int, cat: int, box: list[float], crowd: int = 0) -> dict:
-    return {"id": ann_id, "image_id": image_id, "category_id": cat, "bbox": box, "area": box[2] * box[3],
-            "iscrowd": crowd}
+    return {
+        "id": ann_id,
+        "image_id": image_id,
+        "category_id": cat,
+        "bbox": box,
+        "area": box[2] * box[3],
+        "iscrowd": crowd,
+    }
 
 
 def _det(image_id: int, cat: int, box: list[float], score: float) -> dict:
@@ -40,19 +48,29 @@ def hand_set() -> tuple[dict, list[dict]]:
     images = [{"id": i, "height": 480, "width": 640, "file_name": f"{i}.jpg"} for i in (1, 2, 3, 4)]
     categories = [{"id": c, "name": n} for c, n in ((1, "cat"), (2, "dog"), (5, "bird"), (9, "never_seen"))]
     annotations = [
-        _ann(1, 1, 1, [10, 10, 20, 20]), _ann(2, 1, 1, [100, 100, 60, 50]), _ann(3, 1, 2, [300, 200, 200, 150]),
-        _ann(4, 2, 2, [50, 60, 25, 30]), _ann(5, 2, 5, [400, 50, 120, 110]),
+        _ann(1, 1, 1, [10, 10, 20, 20]),
+        _ann(2, 1, 1, [100, 100, 60, 50]),
+        _ann(3, 1, 2, [300, 200, 200, 150]),
+        _ann(4, 2, 2, [50, 60, 25, 30]),
+        _ann(5, 2, 5, [400, 50, 120, 110]),
         _ann(6, 2, 1, [200, 200, 150, 150], crowd=1),  # crowd region: detections on it are ignored
-        _ann(7, 3, 5, [20, 300, 40, 40]), _ann(8, 3, 1, [500, 400, 30, 25]),  # image 3 gets no detections
+        _ann(7, 3, 5, [20, 300, 40, 40]),
+        _ann(8, 3, 1, [500, 400, 30, 25]),  # image 3 gets no detections
     ]  # image 4 has no objects
     results = [
-        _det(1, 1, [11, 9, 20, 21], 0.95), _det(1, 1, [12, 12, 18, 18], 0.6),  # hit + duplicate
-        _det(1, 1, [105, 98, 55, 55], 0.8), _det(1, 2, [310, 190, 180, 170], 0.7),  # loose hits
-        _det(1, 5, [300, 200, 200, 150], 0.65), _det(1, 2, [0, 0, 40, 40], 0.4),  # wrong class, false positive
-        _det(2, 2, [52, 58, 24, 33], 0.9), _det(2, 5, [390, 60, 130, 100], 0.55),
-        _det(2, 1, [210, 210, 100, 100], 0.85), _det(2, 1, [220, 230, 60, 60], 0.5),  # on the crowd region
+        _det(1, 1, [11, 9, 20, 21], 0.95),
+        _det(1, 1, [12, 12, 18, 18], 0.6),  # hit + duplicate
+        _det(1, 1, [105, 98, 55, 55], 0.8),
+        _det(1, 2, [310, 190, 180, 170], 0.7),  # loose hits
+        _det(1, 5, [300, 200, 200, 150], 0.65),
+        _det(1, 2, [0, 0, 40, 40], 0.4),  # wrong class, false positive
+        _det(2, 2, [52, 58, 24, 33], 0.9),
+        _det(2, 5, [390, 60, 130, 100], 0.55),
+        _det(2, 1, [210, 210, 100, 100], 0.85),
+        _det(2, 1, [220, 230, 60, 60], 0.5),  # on the crowd region
         _det(2, 5, [10, 400, 50, 40], 0.75),  # false positive scored above a hit
-        _det(4, 1, [100, 100, 50, 50], 0.3), _det(4, 2, [0, 0, 640, 480], 0.2),  # image without objects
+        _det(4, 1, [100, 100, 50, 50], 0.3),
+        _det(4, 2, [0, 0, 640, 480], 0.2),  # image without objects
     ]
     return {"images": images, "annotations": annotations, "categories": categories}, results
 
@@ -61,11 +79,13 @@ def _assert_same_metrics(fast: dict, ref: dict) -> None:
     """Same dict format, and every summary number and per-category AP within 1e-6 of pycocotools'."""
     assert fast.keys() == ref.keys()
     assert list(fast["summary"]) == list(ref["summary"]) == list(SUMMARY_KEYS)
-    np.testing.assert_allclose([fast["summary"][k] for k in SUMMARY_KEYS], [ref["summary"][k] for k in SUMMARY_KEYS],
-                               rtol=0, atol=1e-6)
+    np.testing.assert_allclose(
+        [fast["summary"][k] for k in SUMMARY_KEYS], [ref["summary"][k] for k in SUMMARY_KEYS], rtol=0, atol=1e-6
+    )
     assert [(c["id"], c["name"]) for c in fast["per_category"]] == [(c["id"], c["name"]) for c in ref["per_category"]]
-    np.testing.assert_allclose([c["AP"] for c in fast["per_category"]], [c["AP"] for c in ref["per_category"]],
-                               rtol=0, atol=1e-6)
+    np.testing.assert_allclose(
+        [c["AP"] for c in fast["per_category"]], [c["AP"] for c in ref["per_category"]], rtol=0, atol=1e-6
+    )
     for key in ("iou_type", "num_images", "num_results"):
         assert fast[key] == ref[key]
     assert fast["summary_text"] == ref["summary_text"]
@@ -87,10 +107,17 @@ def test_hand_made_set_same_metrics_as_pycocotools(hand_set):
     assert ref["per_category"][-1] == {"id": 9, "name": "never_seen", "AP": -1.0}
     _assert_same_metrics(evaluate_coco(gt, results, backend=FAST), ref)
     # The in-memory detections route, and a pycocotools COCO object handed to the other backend.
-    dets = [{"image_id": 1, "boxes": np.array([[10, 10, 30, 30], [0, 0, 5, 5]], np.float32),
-             "scores": np.array([0.9, 0.8], np.float32), "labels": np.array([1, 2])}]
-    _assert_same_metrics(evaluate_coco_detections(gt, dets, {1: 1, 2: 2}, backend=FAST),
-                         evaluate_coco_detections(gt, dets, {1: 1, 2: 2}))
+    dets = [
+        {
+            "image_id": 1,
+            "boxes": np.array([[10, 10, 30, 30], [0, 0, 5, 5]], np.float32),
+            "scores": np.array([0.9, 0.8], np.float32),
+            "labels": np.array([1, 2]),
+        }
+    ]
+    _assert_same_metrics(
+        evaluate_coco_detections(gt, dets, {1: 1, 2: 2}, backend=FAST), evaluate_coco_detections(gt, dets, {1: 1, 2: 2})
+    )
     pycoco_cls, _ = coco_classes("pycocotools")
     as_object = pycoco_cls()
     as_object.dataset = json.loads(json.dumps(gt))
@@ -132,8 +159,11 @@ def test_empty_results_and_input_checks_behave_the_same(hand_set):
 
 @needs_fast
 def test_string_ids_are_refused_by_faster_coco_eval_only():
-    gt = {"images": [{"id": "007", "height": 50, "width": 50}], "categories": [{"id": 1, "name": "a"}],
-          "annotations": [_ann(1, "007", 1, [5, 5, 20, 20])]}
+    gt = {
+        "images": [{"id": "007", "height": 50, "width": 50}],
+        "categories": [{"id": 1, "name": "a"}],
+        "annotations": [_ann(1, "007", 1, [5, 5, 20, 20])],
+    }
     results = [_det("007", 1, [5, 5, 20, 20], 0.9)]
     assert evaluate_coco(gt, results)["summary"]["AP"] == pytest.approx(1.0)
     with pytest.raises(ValueError, match=r"images\[0\]: id '007' is not an integer.*faster_coco_eval"):
@@ -156,6 +186,7 @@ def test_missing_faster_coco_eval_says_how_to_install(monkeypatch, hand_set):
 
 class _TinyDataset:
     """The two images of hand_set's categories 1/2 as a detection dataset (what det_eval reads)."""
+
     categories = [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}]
 
     def __len__(self) -> int:
@@ -163,9 +194,15 @@ class _TinyDataset:
 
     def evaluation_ground_truth(self, index: int) -> dict:
         boxes = np.array([[10, 10, 30, 30], [100, 100, 160, 150]] if index == 0 else [[50, 60, 75, 90]], np.float64)
-        return {"image_id": index, "orig_size": (480, 640), "file_name": f"{index}.jpg", "boxes": boxes,
-                "labels": np.array([1, 1] if index == 0 else [2]), "iscrowd": np.zeros(len(boxes), bool),
-                "area": (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])}
+        return {
+            "image_id": index,
+            "orig_size": (480, 640),
+            "file_name": f"{index}.jpg",
+            "boxes": boxes,
+            "labels": np.array([1, 1] if index == 0 else [2]),
+            "iscrowd": np.zeros(len(boxes), bool),
+            "area": (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]),
+        }
 
 
 @needs_fast
@@ -173,10 +210,20 @@ def test_detection_dataset_evaluation_takes_the_config_backend():
     from detres.config.defaults import defaults_for_task
 
     assert defaults_for_task("det")["test"]["coco_backend"] == "pycocotools"
-    dets = [{"image_id": 0, "boxes": np.array([[11, 9, 31, 30], [0, 0, 9, 9]], np.float32),
-             "scores": np.array([0.9, 0.7], np.float32), "labels": np.array([1, 1])},
-            {"image_id": 1, "boxes": np.array([[50, 60, 70, 92]], np.float32), "scores": np.array([0.8], np.float32),
-             "labels": np.array([2])}]
+    dets = [
+        {
+            "image_id": 0,
+            "boxes": np.array([[11, 9, 31, 30], [0, 0, 9, 9]], np.float32),
+            "scores": np.array([0.9, 0.7], np.float32),
+            "labels": np.array([1, 1]),
+        },
+        {
+            "image_id": 1,
+            "boxes": np.array([[50, 60, 70, 92]], np.float32),
+            "scores": np.array([0.8], np.float32),
+            "labels": np.array([2]),
+        },
+    ]
     ref = evaluate_detection_dataset(_TinyDataset(), dets)
     fast = evaluate_detection_dataset(_TinyDataset(), dets, coco_backend=FAST)
     assert fast["voc"] == ref["voc"]
@@ -196,8 +243,21 @@ def test_eval_det_cli_backend_flag(tmp_path, hand_set, capsys):
     for backend in (None, FAST):
         flag = [] if backend is None else ["--backend", backend]
         out = tmp_path / f"{backend}.json"
-        assert eval_det.main(["coco", "--gt", str(tmp_path / "gt.json"), "--results", str(tmp_path / "dt.json"),
-                              "--json-out", str(out), *flag]) == 0
+        assert (
+            eval_det.main(
+                [
+                    "coco",
+                    "--gt",
+                    str(tmp_path / "gt.json"),
+                    "--results",
+                    str(tmp_path / "dt.json"),
+                    "--json-out",
+                    str(out),
+                    *flag,
+                ]
+            )
+            == 0
+        )
         assert "Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ]" in capsys.readouterr().out
         metrics[backend] = json.loads(out.read_text())
     assert metrics[FAST]["summary"] == pytest.approx(metrics[None]["summary"], abs=1e-6)

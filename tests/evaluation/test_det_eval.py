@@ -1,4 +1,5 @@
 """Tests for detres.evaluation.det_eval: COCO ground truth from VOC sets, difficult objects, perfect detections."""
+
 from __future__ import annotations
 
 import warnings
@@ -13,8 +14,9 @@ from detres.data.voc import VocDetection
 from detres.evaluation.det_eval import dataset_ground_truth, dataset_to_coco_gt, evaluate_detection_dataset
 
 
-def _write_voc(root: Path, images: dict[str, list[tuple[str, tuple[int, int, int, int], bool]]],
-               size: tuple[int, int] = (100, 120)) -> None:
+def _write_voc(
+    root: Path, images: dict[str, list[tuple[str, tuple[int, int, int, int], bool]]], size: tuple[int, int] = (100, 120)
+) -> None:
     """A VOC folder with only XMLs and an image set (evaluation never decodes the images)."""
     (root / "Annotations").mkdir(parents=True)
     (root / "ImageSets" / "Main").mkdir(parents=True)
@@ -26,21 +28,31 @@ def _write_voc(root: Path, images: dict[str, list[tuple[str, tuple[int, int, int
         )
         (root / "Annotations" / f"{stem}.xml").write_text(
             f"<annotation><filename>{stem}.jpg</filename><size><width>{size[1]}</width><height>{size[0]}</height>"
-            f"<depth>3</depth></size>{body}</annotation>")
+            f"<depth>3</depth></size>{body}</annotation>"
+        )
     (root / "ImageSets" / "Main" / "test.txt").write_text("".join(f"{s}\n" for s in images))
 
 
 def _det(image_id, boxes, scores, labels) -> dict:
-    return {"image_id": image_id, "boxes": np.asarray(boxes, np.float32).reshape(-1, 4),
-            "scores": np.asarray(scores, np.float32), "labels": np.asarray(labels, np.int64)}
+    return {
+        "image_id": image_id,
+        "boxes": np.asarray(boxes, np.float32).reshape(-1, 4),
+        "scores": np.asarray(scores, np.float32),
+        "labels": np.asarray(labels, np.int64),
+    }
 
 
 @pytest.fixture(scope="module")
 def hand_voc(tmp_path_factory) -> VocDetection:
     root = tmp_path_factory.mktemp("voc")
     # VOC 1-based inclusive boxes: (11, 21, 40, 50) is the continuous box (10, 20, 40, 50).
-    _write_voc(root, {"img_a": [("cat", (11, 21, 40, 50), False), ("cat", (61, 61, 90, 90), True)],
-                      "img_b": [("dog", (1, 1, 50, 30), False)]})
+    _write_voc(
+        root,
+        {
+            "img_a": [("cat", (11, 21, 40, 50), False), ("cat", (61, 61, 90, 90), True)],
+            "img_b": [("dog", (1, 1, 50, 30), False)],
+        },
+    )
     return VocDetection(root, "test", class_names=["cat", "dog"], keep_difficult=True)
 
 
@@ -49,8 +61,11 @@ def test_dataset_to_coco_gt_converts_voc_boxes_and_marks_difficult_as_crowd(hand
     assert gt["categories"] == [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}]
     assert [(im["id"], im["height"], im["width"]) for im in gt["images"]] == [(0, 100, 120), (1, 100, 120)]
     anns = [(a["image_id"], a["category_id"], a["bbox"], a["area"], a["iscrowd"]) for a in gt["annotations"]]
-    assert anns == [(0, 1, [10.0, 20.0, 30.0, 30.0], 900.0, 0), (0, 1, [60.0, 60.0, 30.0, 30.0], 900.0, 1),
-                    (1, 2, [0.0, 0.0, 50.0, 30.0], 1500.0, 0)]
+    assert anns == [
+        (0, 1, [10.0, 20.0, 30.0, 30.0], 900.0, 0),
+        (0, 1, [60.0, 60.0, 30.0, 30.0], 900.0, 1),
+        (1, 2, [0.0, 0.0, 50.0, 30.0], 1500.0, 0),
+    ]
     assert len({a["id"] for a in gt["annotations"]}) == 3
     truth = dataset_ground_truth(hand_voc)
     np.testing.assert_array_equal(truth[0]["boxes"], [[10, 20, 40, 50], [60, 60, 90, 90]])
@@ -77,8 +92,16 @@ def test_detection_on_a_difficult_object_is_neither_tp_nor_fp(hand_voc):
 @pytest.fixture(scope="module")
 def shapes_world(tmp_path_factory) -> dict[str, Path]:
     # 22 images: image 21 (seed 0) holds a difficult object.
-    return generate_shapes_world(tmp_path_factory.mktemp("sw"), num_cls_train_per_class=0, num_cls_val_per_class=0,
-                                 num_det_train=22, num_det_val=0, num_loc_train=0, num_loc_val=0, det_size=(64, 96))
+    return generate_shapes_world(
+        tmp_path_factory.mktemp("sw"),
+        num_cls_train_per_class=0,
+        num_cls_val_per_class=0,
+        num_det_train=22,
+        num_det_val=0,
+        num_loc_train=0,
+        num_loc_val=0,
+        det_size=(64, 96),
+    )
 
 
 def _ground_truth_as_detections(dataset) -> list[dict]:
@@ -180,17 +203,35 @@ def test_coco_and_voc_score_the_loaded_ground_truth_not_the_raw_file(shapes_worl
     h, w = img["height"], img["width"]
     cat = doc["categories"][0]["id"]
     # Outside by at most the 1 px tolerance (further is a malformed box, a bad sample: tests/data/test_bad_samples.py).
-    extra = [[w - 10, h - 8, 10.5, 8.5],  # out of the image on two sides: clipped to 10 x 8
-             [5, 5, 0, 12],  # zero width: dropped
-             [w + 0.5, 3, 0.5, 10],  # wholly outside: zero width once clipped, dropped
-             [-0.5, -1, 14.5, 13]]  # starts outside: clipped to (0, 0, 14, 12)
+    extra = [
+        [w - 10, h - 8, 10.5, 8.5],  # out of the image on two sides: clipped to 10 x 8
+        [5, 5, 0, 12],  # zero width: dropped
+        [w + 0.5, 3, 0.5, 10],  # wholly outside: zero width once clipped, dropped
+        [-0.5, -1, 14.5, 13],
+    ]  # starts outside: clipped to (0, 0, 14, 12)
     next_id = max(a["id"] for a in doc["annotations"]) + 1
     for k, box in enumerate(extra):
-        doc["annotations"].append({"id": next_id + k, "image_id": img["id"], "category_id": cat, "bbox": box,
-                                   "area": box[2] * box[3], "iscrowd": 0})
+        doc["annotations"].append(
+            {
+                "id": next_id + k,
+                "image_id": img["id"],
+                "category_id": cat,
+                "bbox": box,
+                "area": box[2] * box[3],
+                "iscrowd": 0,
+            }
+        )
     # A crowd region reaching past the image: ignored by both metrics, clipped like the rest.
-    doc["annotations"].append({"id": next_id + 9, "image_id": img["id"], "category_id": cat, "iscrowd": 1,
-                               "bbox": [w - 20, 0, 40, 20], "area": 400})
+    doc["annotations"].append(
+        {
+            "id": next_id + 9,
+            "image_id": img["id"],
+            "category_id": cat,
+            "iscrowd": 1,
+            "bbox": [w - 20, 0, 40, 20],
+            "area": 400,
+        }
+    )
     ann_file = tmp_path / "with_bad_boxes.json"
     ann_file.write_text(json.dumps(doc))
     with pytest.warns(UserWarning, match="dropped 2 degenerate boxes"):
@@ -214,16 +255,22 @@ def test_coco_and_voc_score_the_loaded_ground_truth_not_the_raw_file(shapes_worl
         assert len(crowd_boxes) == (1 if ann["image_id"] == img["id"] else 0)
         rows = [(box, dataset.label_to_category_id[int(label)], 0) for box, label in zip(ann["boxes"], ann["labels"])]
         rows += [(box, cat, 1) for box in crowd_boxes]
-        expected += [(ann["image_id"], c, [float(box[0]), float(box[1]), float(box[2] - box[0]),
-                                           float(box[3] - box[1])], crowd) for box, c, crowd in rows]
+        expected += [
+            (ann["image_id"], c, [float(box[0]), float(box[1]), float(box[2] - box[0]), float(box[3] - box[1])], crowd)
+            for box, c, crowd in rows
+        ]
     got = [(a["image_id"], a["category_id"], a["bbox"], a["iscrowd"]) for a in gt["annotations"]]
     assert len(got) == len(expected) == dataset.num_boxes + 1
     for g, e in zip(got, expected):
         assert g[:2] == e[:2] and g[3] == e[3] and g[2] == pytest.approx(e[2], abs=1e-4), (g, e)
     assert sum(1 - a["iscrowd"] for a in gt["annotations"]) == dataset.num_boxes
     # A detection on the crowd region is ignored by both metrics; a box off every object costs both.
-    dets[0] = _det(img["id"], np.concatenate([dets[0]["boxes"], [[w - 20, 0, w, 20]]]),
-                   np.concatenate([dets[0]["scores"], [2.0]]), np.concatenate([dets[0]["labels"], [1]]))
+    dets[0] = _det(
+        img["id"],
+        np.concatenate([dets[0]["boxes"], [[w - 20, 0, w, 20]]]),
+        np.concatenate([dets[0]["scores"], [2.0]]),
+        np.concatenate([dets[0]["labels"], [1]]),
+    )
     on_crowd = _quiet_eval(dataset, dets)
     assert on_crowd["coco"]["summary"]["AP"] == pytest.approx(1.0) and on_crowd["voc"]["mAP"] == pytest.approx(1.0)
 
@@ -233,22 +280,30 @@ def test_coco_ground_truth_keeps_category_ids_and_only_the_dataset_images(tmp_pa
 
     import cv2
 
-    images = [{"id": 5, "file_name": "a.png", "height": 30, "width": 40},
-              {"id": 9, "file_name": "b.png", "height": 30, "width": 40}]
+    images = [
+        {"id": 5, "file_name": "a.png", "height": 30, "width": 40},
+        {"id": 9, "file_name": "b.png", "height": 30, "width": 40},
+    ]
     (tmp_path / "img").mkdir()
     for im in images:
         cv2.imwrite(str(tmp_path / "img" / im["file_name"]), np.zeros((30, 40, 3), np.uint8))
-    anns = [{"id": 1, "image_id": 5, "category_id": 70, "bbox": [1, 2, 10, 5], "area": 33.0, "iscrowd": 0},
-            {"id": 2, "image_id": 9, "category_id": 3, "bbox": [4, 4, 8, 8], "area": 64.0, "iscrowd": 0}]
+    anns = [
+        {"id": 1, "image_id": 5, "category_id": 70, "bbox": [1, 2, 10, 5], "area": 33.0, "iscrowd": 0},
+        {"id": 2, "image_id": 9, "category_id": 3, "bbox": [4, 4, 8, 8], "area": 64.0, "iscrowd": 0},
+    ]
     ann_file = tmp_path / "ann.json"
-    ann_file.write_text(json.dumps({"images": images, "annotations": anns,
-                                    "categories": [{"id": 70, "name": "b"}, {"id": 3, "name": "a"}]}))
+    ann_file.write_text(
+        json.dumps(
+            {"images": images, "annotations": anns, "categories": [{"id": 70, "name": "b"}, {"id": 3, "name": "a"}]}
+        )
+    )
     dataset = CocoDetection(tmp_path / "img", ann_file, image_ids=[9])  # a split: image 5 is not in it
     gt = dataset_to_coco_gt(dataset)
     assert gt["images"] == [{"id": 9, "height": 30, "width": 40, "file_name": str(tmp_path / "img" / "b.png")}]
     assert gt["categories"] == [{"id": 3, "name": "a"}, {"id": 70, "name": "b"}]
-    assert gt["annotations"] == [{"id": 1, "image_id": 9, "category_id": 3, "bbox": [4.0, 4.0, 8.0, 8.0],
-                                  "area": 64.0, "iscrowd": 0}]
+    assert gt["annotations"] == [
+        {"id": 1, "image_id": 9, "category_id": 3, "bbox": [4.0, 4.0, 8.0, 8.0], "area": 64.0, "iscrowd": 0}
+    ]
     result = _quiet_eval(dataset, _ground_truth_as_detections(dataset))
     assert result["coco"]["num_images"] == 1 and result["coco"]["summary"]["AP"] == pytest.approx(1.0)
 
@@ -274,9 +329,14 @@ def test_dataset_path_reproduces_pycocotools_on_the_raw_file_when_nothing_is_cle
         rs = per_image[image_id]
         boxes = [[r["bbox"][0], r["bbox"][1], r["bbox"][0] + r["bbox"][2], r["bbox"][1] + r["bbox"][3]] for r in rs]
         # float64, so the boxes are the file's numbers (float32 rounding moves IoUs that sit on a threshold).
-        dets.append({"image_id": image_id, "boxes": np.asarray(boxes, np.float64).reshape(-1, 4),
-                     "scores": np.asarray([r["score"] for r in rs]),
-                     "labels": np.asarray([dataset.category_id_to_label[r["category_id"]] for r in rs])})
+        dets.append(
+            {
+                "image_id": image_id,
+                "boxes": np.asarray(boxes, np.float64).reshape(-1, 4),
+                "scores": np.asarray([r["score"] for r in rs]),
+                "labels": np.asarray([dataset.category_id_to_label[r["category_id"]] for r in rs]),
+            }
+        )
     ours = _quiet_eval(dataset, dets)["coco"]["summary"]
     raw = evaluate_coco(gt_file, results)["summary"]
     assert ours == pytest.approx(raw, abs=1e-6)

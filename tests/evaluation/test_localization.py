@@ -1,5 +1,6 @@
 """Tests for detres.evaluation.localization: the ILSVRC devkit's localization rules on hand-worked cases, and the
 prediction text format (read / write round trip, every malformed line named by file:line)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -59,9 +60,17 @@ def test_right_label_iou_just_below_at_and_above_half(ymax, correct):
 
 def test_wrong_label_with_perfect_box_is_a_localization_and_classification_error():
     result = evaluate([(3, GT_BOX)], [(4, GT_BOX)])
-    assert result == {"top1_loc_err": 1.0, "top5_loc_err": 1.0, "gt_known_loc_err": 1.0, "top1_cls_err": 1.0,
-                      "top5_cls_err": 1.0, "num_images": 1, "num_blacklisted": 0, "iou_thresh": 0.5,
-                      "max_guesses": 5}
+    assert result == {
+        "top1_loc_err": 1.0,
+        "top5_loc_err": 1.0,
+        "gt_known_loc_err": 1.0,
+        "top1_cls_err": 1.0,
+        "top5_cls_err": 1.0,
+        "num_images": 1,
+        "num_blacklisted": 0,
+        "iou_thresh": 0.5,
+        "max_guesses": 5,
+    }
 
 
 def test_several_ground_truth_boxes_any_one_matches():

@@ -1,4 +1,5 @@
 """Tests for detres.evaluation.results_io: COCO results entries and devkit result files."""
+
 from __future__ import annotations
 
 import json
@@ -24,9 +25,18 @@ needs_evalref = pytest.mark.skipif(not EVALREF.is_dir(), reason=f"shared referen
 
 def test_detections_to_coco_results_known_values():
     dets = [
-        {"image_id": torch.tensor(42), "boxes": torch.tensor([[10.0, 20.0, 30.0, 60.0], [0.5, 1.5, 2.5, 4.0]]),
-         "scores": torch.tensor([0.75, 0.25]), "labels": torch.tensor([2, 1])},
-        {"image_id": 7, "boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.long)},
+        {
+            "image_id": torch.tensor(42),
+            "boxes": torch.tensor([[10.0, 20.0, 30.0, 60.0], [0.5, 1.5, 2.5, 4.0]]),
+            "scores": torch.tensor([0.75, 0.25]),
+            "labels": torch.tensor([2, 1]),
+        },
+        {
+            "image_id": 7,
+            "boxes": torch.zeros(0, 4),
+            "scores": torch.zeros(0),
+            "labels": torch.zeros(0, dtype=torch.long),
+        },
     ]
     results = detections_to_coco_results(dets, {1: 1, 2: 18})
     # xyxy continuous -> COCO x, y, w, h with the original category id.
@@ -52,7 +62,9 @@ def test_detections_to_coco_results_errors():
 def test_coco_results_files(tmp_path):
     results = [{"image_id": 1, "category_id": 3, "bbox": [1.0, 2.0, 3.0, 4.0], "score": np.float32(0.5)}]
     path = write_coco_results(results, tmp_path / "sub" / "dt.json")
-    assert json.loads(path.read_text()) == [{"image_id": 1, "category_id": 3, "bbox": [1.0, 2.0, 3.0, 4.0], "score": 0.5}]
+    assert json.loads(path.read_text()) == [
+        {"image_id": 1, "category_id": 3, "bbox": [1.0, 2.0, 3.0, 4.0], "score": 0.5}
+    ]
     assert sorted(p.name for p in path.parent.iterdir()) == ["dt.json"]  # no temporary file left behind
     loaded, _ = load_coco_results(path)
     assert loaded[0]["bbox"] == [1.0, 2.0, 3.0, 4.0]
@@ -65,9 +77,18 @@ def test_coco_results_files(tmp_path):
 
 def test_write_voc_results_uses_one_based_devkit_coordinates(tmp_path):
     dets = [
-        {"image_id": 0, "boxes": np.array([[0.0, 0.0, 10.0, 5.0], [2.5, 3.0, 7.0, 9.0]], dtype=np.float32),
-         "scores": np.array([0.5, 0.25], dtype=np.float32), "labels": np.array([1, 3])},
-        {"image_id": 1, "boxes": np.array([[4.0, 4.0, 8.0, 8.0]]), "scores": np.array([0.125]), "labels": np.array([1])},
+        {
+            "image_id": 0,
+            "boxes": np.array([[0.0, 0.0, 10.0, 5.0], [2.5, 3.0, 7.0, 9.0]], dtype=np.float32),
+            "scores": np.array([0.5, 0.25], dtype=np.float32),
+            "labels": np.array([1, 3]),
+        },
+        {
+            "image_id": 1,
+            "boxes": np.array([[4.0, 4.0, 8.0, 8.0]]),
+            "scores": np.array([0.125]),
+            "labels": np.array([1]),
+        },
     ]
     paths = write_voc_results(dets, ["cat", "dog", "bird"], ["000005", "000007"], str(tmp_path / "comp4_det_{cls}.txt"))
     assert [p.name for p in paths] == ["comp4_det_cat.txt", "comp4_det_dog.txt", "comp4_det_bird.txt"]
@@ -116,9 +137,14 @@ def test_written_files_evaluate_exactly_like_memory(tmp_path):
         boxes = np.concatenate([gt_boxes + rng.normal(0, 25, gt_boxes.shape), rng.uniform(0, 300, (3, 4))])
         boxes = np.sort(boxes.reshape(-1, 2, 2), axis=1).reshape(-1, 4)  # x1 <= x2, y1 <= y2
         n = len(boxes)
-        dets.append({"image_id": index, "boxes": torch.tensor(boxes, dtype=torch.float32),
-                     "scores": torch.tensor(rng.choice([0.3, 0.6, 0.9], n), dtype=torch.float32),
-                     "labels": torch.tensor(rng.choice([1, 2], n))})
+        dets.append(
+            {
+                "image_id": index,
+                "boxes": torch.tensor(boxes, dtype=torch.float32),
+                "scores": torch.tensor(rng.choice([0.3, 0.6, 0.9], n), dtype=torch.float32),
+                "labels": torch.tensor(rng.choice([1, 2], n)),
+            }
+        )
     by_index = {index: ground_truth[image] for index, image in enumerate(image_ids)}
     for iou in (0.3, 0.5):
         write_voc_results(dets, ["cat", "dog"], image_ids, str(tmp_path / "{cls}.txt"))

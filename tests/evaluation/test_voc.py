@@ -1,4 +1,5 @@
 """Tests for detres.evaluation.voc: devkit rules on hand-worked cases and the shared VOC reference cases."""
+
 from __future__ import annotations
 
 import math
@@ -142,7 +143,9 @@ def load_case1(convert) -> tuple[dict, list]:
     gts, dets = {}, []
     for gt_file in sorted((EVALREF / "case1" / "gts").glob("*.txt")):
         image = gt_file.stem
-        gts[image] = [(convert(*map(float, line.split()[1:])), False) for line in gt_file.read_text().splitlines() if line.strip()]
+        gts[image] = [
+            (convert(*map(float, line.split()[1:])), False) for line in gt_file.read_text().splitlines() if line.strip()
+        ]
         for line in (EVALREF / "case1" / "dets" / gt_file.name).read_text().splitlines():
             if line.strip():
                 fields = line.split()
@@ -151,7 +154,8 @@ def load_case1(convert) -> tuple[dict, list]:
 
 
 def xywh_pixels(x, y, w, h):
-    """A box w pixels wide starting at pixel x: devkit corners (x, y, x+w-1, y+h-1), continuous (x-1, y-1, x+w-1, y+h-1)."""
+    """A box w pixels wide starting at pixel x: devkit corners (x, y, x+w-1, y+h-1), continuous
+    (x-1, y-1, x+w-1, y+h-1)."""
     return (x - 1, y - 1, x + w - 1, y + h - 1)
 
 
@@ -277,7 +281,14 @@ def test_in_memory_evaluation_equals_file_evaluation(tmp_path):
         rows = [list(map(float, line.split()[1:])) for line in det_file.read_text().splitlines() if line.strip()]
         table = np.asarray(rows).reshape(-1, 5)
         boxes = table[:, 1:] - np.array([1.0, 1.0, 0.0, 0.0])  # devkit -> continuous
-        detections.append({"image_id": det_file.stem, "boxes": boxes, "scores": table[:, 0], "labels": np.ones(len(rows), dtype=np.int64)})
+        detections.append(
+            {
+                "image_id": det_file.stem,
+                "boxes": boxes,
+                "scores": table[:, 0],
+                "labels": np.ones(len(rows), dtype=np.int64),
+            }
+        )
     memory_result = evaluate_voc_detections(detections, ground_truth, ["cat"])
     assert memory_result["mAP"] == file_result["mAP"]
     assert memory_result["num_positives"] == file_result["num_positives"]

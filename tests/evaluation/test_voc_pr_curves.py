@@ -1,4 +1,5 @@
 """Tests for detres.evaluation.voc.voc_pr_curves: the evaluator's own precision/recall arrays and their AP."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -13,14 +14,25 @@ def _known_case() -> tuple[list[dict], dict]:
     """3 cats + 1 difficult cat; cat detections: TP, duplicate, on the difficult one, TP, miss; 1 undetected dog."""
     ground_truth = {
         1: {"boxes": np.array([[0, 0, 10, 10]], float), "labels": np.array([1]), "difficult": np.array([False])},
-        2: {"boxes": np.array([[0, 0, 10, 10], [20, 20, 30, 30], [50, 50, 60, 60], [70, 0, 90, 20]], float),
-            "labels": np.array([1, 1, 1, 2]), "difficult": np.array([False, False, True, False])},
+        2: {
+            "boxes": np.array([[0, 0, 10, 10], [20, 20, 30, 30], [50, 50, 60, 60], [70, 0, 90, 20]], float),
+            "labels": np.array([1, 1, 1, 2]),
+            "difficult": np.array([False, False, True, False]),
+        },
     }
     detections = [
-        {"image_id": 1, "boxes": np.array([[0, 0, 10, 10], [0, 0, 10, 10]], float),
-         "scores": np.array([0.9, 0.8]), "labels": np.array([1, 1])},
-        {"image_id": 2, "boxes": np.array([[50, 50, 60, 60], [0, 0, 10, 10], [100, 100, 110, 110]], float),
-         "scores": np.array([0.7, 0.6, 0.5]), "labels": np.array([1, 1, 1])},
+        {
+            "image_id": 1,
+            "boxes": np.array([[0, 0, 10, 10], [0, 0, 10, 10]], float),
+            "scores": np.array([0.9, 0.8]),
+            "labels": np.array([1, 1]),
+        },
+        {
+            "image_id": 2,
+            "boxes": np.array([[50, 50, 60, 60], [0, 0, 10, 10], [100, 100, 110, 110]], float),
+            "scores": np.array([0.7, 0.6, 0.5]),
+            "labels": np.array([1, 1, 1]),
+        },
     ]
     return detections, ground_truth
 

@@ -1,4 +1,5 @@
 """Tiny randomly initialised detectors shared by the test-time pipeline tests (eval mode, seeded)."""
+
 from __future__ import annotations
 
 import pytest
@@ -10,9 +11,19 @@ from detres.models.faster_rcnn import build_faster_rcnn
 def tiny_detector(seed: int = 0, *, global_context: bool = False, num_classes: int = 3, **kwargs) -> torch.nn.Module:
     """A ResNet-18 (width 8) C4 detector with roi_align 4x4 and 30 test proposals, in eval mode."""
     torch.manual_seed(seed)
-    args = dict(depth=18, base_width=8, num_classes=num_classes, anchor_sizes=(16, 32, 64), pooler_type="roi_align",
-                pooler_resolution=4, sampling_ratio=2, rpn_pre_nms_top_n_test=200, rpn_post_nms_top_n_test=30,
-                score_thresh=0.01, global_context=global_context)
+    args = dict(
+        depth=18,
+        base_width=8,
+        num_classes=num_classes,
+        anchor_sizes=(16, 32, 64),
+        pooler_type="roi_align",
+        pooler_resolution=4,
+        sampling_ratio=2,
+        rpn_pre_nms_top_n_test=200,
+        rpn_post_nms_top_n_test=30,
+        score_thresh=0.01,
+        global_context=global_context,
+    )
     args.update(kwargs)
     model = build_faster_rcnn(**args)
     with torch.no_grad():  # class scores that differ between RoIs (the default init gives ~uniform ones)

@@ -1,4 +1,5 @@
 """Tests for detres.inference.box_refinement: second RoI pass on the regressed boxes, union, NMS, voting."""
+
 from __future__ import annotations
 
 import math
@@ -60,14 +61,15 @@ class TablePredictor(nn.Module):
 
 
 def _model(proposals_by_size, table, **heads_kwargs) -> FasterRCNN:
-    heads = BoxEchoHeads(nn.Identity(), nn.Identity(), TablePredictor(table), score_thresh=0.05, nms_thresh=0.3,
-                         **heads_kwargs)
+    heads = BoxEchoHeads(
+        nn.Identity(), nn.Identity(), TablePredictor(table), score_thresh=0.05, nms_thresh=0.3, **heads_kwargs
+    )
     return FasterRCNN(nn.Identity(), FixedRPN(proposals_by_size), heads).eval()
 
 
 ZERO = (0.0, 0.0, 0.0, 0.0)
 RIGHT4 = (1.25, 0.0, 0.0, 0.0)  # with the (10, 10, 5, 5) weights: +4 px in x for a 32 px wide RoI
-DOWN4 = (0.0, 1.25, 0.0, 0.0)   # +4 px in y for a 32 px tall RoI
+DOWN4 = (0.0, 1.25, 0.0, 0.0)  # +4 px in y for a 32 px tall RoI
 A, A1, A2 = [0.0, 0.0, 32.0, 32.0], [4.0, 0.0, 36.0, 32.0], [8.0, 0.0, 40.0, 32.0]
 B = [50.0, 50.0, 82.0, 82.0]
 # Two object classes. A: class 1 (0.6) moves it right by 4, class 2 (0.3) down by 4; the new RoI is class 1's
@@ -134,8 +136,11 @@ def _naive_reference(model, image_hw, proposals, voting_iou):
     union_p, union_b = torch.cat([probs, probs2]), torch.cat([boxes, boxes2])
     out = []
     for c in range(1, union_p.shape[1]):
-        cand = [(union_p[i, c].item(), [min(max(v, 0), lim) for v, lim in zip(union_b[i, c].tolist(), (w, h, w, h))])
-                for i in range(union_p.shape[0]) if union_p[i, c].item() > heads.score_thresh]
+        cand = [
+            (union_p[i, c].item(), [min(max(v, 0), lim) for v, lim in zip(union_b[i, c].tolist(), (w, h, w, h))])
+            for i in range(union_p.shape[0])
+            if union_p[i, c].item() > heads.score_thresh
+        ]
         cand.sort(key=lambda t: -t[0])
         kept = []
         for s, b in cand:
@@ -187,9 +192,13 @@ def test_a_batch_gives_what_each_image_gives_alone():
 
 def test_refined_rois_picks_the_top_foreground_class_box_per_image():
     probs = [torch.tensor([[0.9, 0.04, 0.06], [0.1, 0.5, 0.4]]), torch.tensor([[0.2, 0.3, 0.5]])]
-    boxes = [torch.tensor([[[0, 0, 1, 1], [1, 1, 2, 2], [2, 2, 30, 30]], [[0, 0, 1, 1], [-5, 3, 8, 9], [9, 9, 9, 9]]],
-                          dtype=torch.float32),
-             torch.tensor([[[0, 0, 1, 1], [1, 1, 2, 2], [10, 10, 50, 60]]], dtype=torch.float32)]
+    boxes = [
+        torch.tensor(
+            [[[0, 0, 1, 1], [1, 1, 2, 2], [2, 2, 30, 30]], [[0, 0, 1, 1], [-5, 3, 8, 9], [9, 9, 9, 9]]],
+            dtype=torch.float32,
+        ),
+        torch.tensor([[[0, 0, 1, 1], [1, 1, 2, 2], [10, 10, 50, 60]]], dtype=torch.float32),
+    ]
     rois = refined_rois(probs, boxes, [(20, 25), (40, 45)])
     # Background never counts (row 0 takes class 2); clipped to each image's own (W, H).
     assert [r.tolist() for r in rois] == [[[2, 2, 25, 20], [0, 3, 8, 9]], [[10, 10, 45, 40]]]
@@ -227,9 +236,17 @@ class EvenGridRPN(nn.Module):
 
 def test_refinement_that_changes_nothing_keeps_exactly_the_single_pass_detections():
     torch.manual_seed(0)
-    model = build_detector(depth=18, base_width=16, num_classes=3, anchor_sizes=[16, 32], aspect_ratios=[1.0],
-                           rpn_pre_nms_top_n_test=200, rpn_post_nms_top_n_test=40, pooler_resolution=8,
-                           score_thresh=0.0).eval()
+    model = build_detector(
+        depth=18,
+        base_width=16,
+        num_classes=3,
+        anchor_sizes=[16, 32],
+        aspect_ratios=[1.0],
+        rpn_pre_nms_top_n_test=200,
+        rpn_post_nms_top_n_test=40,
+        pooler_resolution=8,
+        score_thresh=0.0,
+    ).eval()
     nn.init.zeros_(model.roi_heads.predictor.bbox_pred.weight)
     nn.init.zeros_(model.roi_heads.predictor.bbox_pred.bias)
     # Larger class weights than the init's, so the three classes' scores spread apart.

@@ -1,4 +1,5 @@
 """Tests for detres.inference.detect: boxes mapped back to original pixels, dataset order, train mode restored."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -29,15 +30,26 @@ class EchoDetector(nn.Module):
             boxes = self.boxes[self.served]
             self.served += 1
             n = boxes.shape[0]
-            out.append({"boxes": boxes.clone(), "scores": torch.linspace(0.9, 0.5, n), "labels": torch.ones(n, dtype=torch.int64)})
+            out.append(
+                {
+                    "boxes": boxes.clone(),
+                    "scores": torch.linspace(0.9, 0.5, n),
+                    "labels": torch.ones(n, dtype=torch.int64),
+                }
+            )
         return out
 
 
 def _sample(h: int, w: int, boxes: list[list[float]], image_id: int, min_size: int, max_size: int) -> dict:
     rng = np.random.default_rng(image_id)
-    sample = {"image": rng.integers(0, 255, (h, w, 3), dtype=np.uint8), "boxes": np.asarray(boxes, np.float32),
-              "labels": np.ones(len(boxes), np.int64), "image_id": image_id, "orig_size": (h, w),
-              "file_name": f"img{image_id}.png"}
+    sample = {
+        "image": rng.integers(0, 255, (h, w, 3), dtype=np.uint8),
+        "boxes": np.asarray(boxes, np.float32),
+        "labels": np.ones(len(boxes), np.int64),
+        "image_id": image_id,
+        "orig_size": (h, w),
+        "file_name": f"img{image_id}.png",
+    }
     return finalize_sample(sample, build_det_transforms(train=False, min_size=min_size, max_size=max_size))
 
 
@@ -74,8 +86,9 @@ class ListDataset(torch.utils.data.Dataset):
 
 
 def test_run_inference_keeps_dataset_order_and_restores_training_mode():
-    samples = [_sample(40 + 8 * i, 64, [[4.0 * i, 2.0, 30.0 + i, 20.0]], 100 + i, min_size=64, max_size=128)
-               for i in range(5)]
+    samples = [
+        _sample(40 + 8 * i, 64, [[4.0 * i, 2.0, 30.0 + i, 20.0]], 100 + i, min_size=64, max_size=128) for i in range(5)
+    ]
     model = EchoDetector([s["boxes"] for s in samples])
     model.train()
     dets = run_inference(model, ListDataset(samples), device=torch.device("cpu"), batch_size=2, progress=False)

@@ -1,4 +1,5 @@
 """Exported detectors (TorchScript run in torch, ONNX in onnxruntime) against the eager model on shapes-world images."""
+
 from __future__ import annotations
 
 import json
@@ -10,7 +11,7 @@ import torch
 from detres.data.cls_transforms import IMAGENET_STD_RGB
 from detres.data.shapes_scene import render_detection_image
 from detres.inference import export as export_lib
-from detres.inference.export import export_detector, export_input, export_torchscript, example_image
+from detres.inference.export import example_image, export_detector, export_input, export_torchscript
 from detres.inference.predictor import Predictor
 from detres.models.build import build_detector, configure_postprocess
 from detres.utils.checkpoint import save_checkpoint
@@ -37,8 +38,12 @@ def trained_scale_detector(pooler_type: str, global_context: bool = False) -> to
 @pytest.fixture(scope="module")
 def images() -> list[torch.Tensor]:
     """Two shapes-world scenes resized as the Predictor resizes them: 123x112 and 112x115 (neither a multiple of 16)."""
-    out = [export_input(render_detection_image(np.random.default_rng(seed)).image, META["min_size_test"],
-                        META["max_size_test"])[0] for seed in (0, 1)]
+    out = [
+        export_input(
+            render_detection_image(np.random.default_rng(seed)).image, META["min_size_test"], META["max_size_test"]
+        )[0]
+        for seed in (0, 1)
+    ]
     assert out[0].shape != out[1].shape
     return out
 
@@ -58,8 +63,9 @@ def assert_same_detections(got, ref: dict[str, torch.Tensor]) -> None:
 
 
 @pytest.mark.parametrize("pooler_type, global_context", VARIANTS)
-def test_torchscript_matches_eager(pooler_type: str, global_context: bool, images: list[torch.Tensor],
-                                   tmp_path) -> None:
+def test_torchscript_matches_eager(
+    pooler_type: str, global_context: bool, images: list[torch.Tensor], tmp_path
+) -> None:
     model = trained_scale_detector(pooler_type, global_context)
     info = export_detector(model, tmp_path, formats=["torchscript"], meta=META, example_hw=(112, 140))
     assert info["formats"]["torchscript"]["method"] == "script"
@@ -70,8 +76,9 @@ def test_torchscript_matches_eager(pooler_type: str, global_context: bool, image
 
 
 @pytest.mark.parametrize("pooler_type, global_context", VARIANTS)
-def test_onnx_in_onnxruntime_matches_eager(pooler_type: str, global_context: bool, images: list[torch.Tensor],
-                                           tmp_path) -> None:
+def test_onnx_in_onnxruntime_matches_eager(
+    pooler_type: str, global_context: bool, images: list[torch.Tensor], tmp_path
+) -> None:
     ort = pytest.importorskip("onnxruntime")
     onnx = pytest.importorskip("onnx")
     model = trained_scale_detector(pooler_type, global_context)
@@ -126,12 +133,23 @@ def test_unsupported_postprocess_is_refused(tmp_path) -> None:
 
 def _checkpoint(tmp_path):
     torch.manual_seed(0)
-    args = dict(depth=18, base_width=8, num_classes=3, anchor_sizes=[16, 32, 64], rpn_pre_nms_top_n_test=200,
-                rpn_post_nms_top_n_test=30, pooler_type="roi_align", pooler_resolution=4, sampling_ratio=2,
-                score_thresh=0.01, pixel_std=list(IMAGENET_STD_RGB))
+    args = dict(
+        depth=18,
+        base_width=8,
+        num_classes=3,
+        anchor_sizes=[16, 32, 64],
+        rpn_pre_nms_top_n_test=200,
+        rpn_post_nms_top_n_test=30,
+        pooler_type="roi_align",
+        pooler_resolution=4,
+        sampling_ratio=2,
+        score_thresh=0.01,
+        pixel_std=list(IMAGENET_STD_RGB),
+    )
     path = tmp_path / "det.pt"
-    save_checkpoint(path, {"model": build_detector(**args).eval().state_dict(), "model_args": args, "meta": META,
-                           "iter": 0})
+    save_checkpoint(
+        path, {"model": build_detector(**args).eval().state_dict(), "model_args": args, "meta": META, "iter": 0}
+    )
     return path
 
 
@@ -147,8 +165,19 @@ def test_cli_writes_both_formats_and_the_contract(tmp_path) -> None:
 
 def test_cli_one_format_without_fast_path(tmp_path) -> None:
     out = tmp_path / "export"
-    argv = ["--checkpoint", str(_checkpoint(tmp_path)), "--out", str(out), "--format", "onnx", "--no-fast-path",
-            "--size", "64", "--opset", "17"]
+    argv = [
+        "--checkpoint",
+        str(_checkpoint(tmp_path)),
+        "--out",
+        str(out),
+        "--format",
+        "onnx",
+        "--no-fast-path",
+        "--size",
+        "64",
+        "--opset",
+        "17",
+    ]
     assert load_tool("export").main(argv) == 0
     info = json.loads((out / "export.json").read_text())
     assert sorted(p.name for p in out.iterdir()) == ["export.json", "model.onnx"]

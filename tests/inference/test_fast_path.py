@@ -1,4 +1,6 @@
-"""Tests for inference fast paths: BN folding keeps features, logits and detections; chunked RoI inference keeps outputs."""
+"""Tests for inference fast paths: BN folding keeps features, logits and detections; chunked RoI inference keeps
+outputs."""
+
 from __future__ import annotations
 
 import pytest
@@ -108,7 +110,9 @@ def test_folding_removes_every_norm_and_leaves_the_original_untouched() -> None:
     assert sum(isinstance(m, nn.Identity) for m in folded.modules()) == n_norms
     # Each folded conv gained a bias; no conv of the original had one.
     convs_with_bias = [m for m in folded.trunk.modules() if isinstance(m, nn.Conv2d) and m.bias is not None]
-    convs_with_bias += [m for m in folded.roi_heads.box_head.modules() if isinstance(m, nn.Conv2d) and m.bias is not None]
+    convs_with_bias += [
+        m for m in folded.roi_heads.box_head.modules() if isinstance(m, nn.Conv2d) and m.bias is not None
+    ]
     assert len(convs_with_bias) == n_norms
 
     assert count_batchnorm(model) == n_norms
@@ -178,6 +182,7 @@ def _tiny_roi_heads(chunk: int) -> RoIHeads:
 def test_chunked_roi_inference_matches_one_shot() -> None:
     g = torch.Generator().manual_seed(7)
     feats = torch.randn(2, 256, 6, 8, generator=g).relu()
+
     # 23 and 9 proposals: chunks of 5 split both images unevenly.
     def boxes(n: int) -> torch.Tensor:
         xy = torch.rand(n, 2, generator=g) * torch.tensor([100.0, 70.0])

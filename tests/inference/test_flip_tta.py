@@ -1,4 +1,5 @@
 """Tests for detres.inference.flip_tta: mirrored boxes and images, a flipped scorer answering in original pixels."""
+
 from __future__ import annotations
 
 import torch
@@ -26,8 +27,9 @@ def test_flip_images_mirrors_only_the_valid_region_of_a_padded_batch():
 
 def test_flipped_scorer_scores_mirrored_rois_on_the_mirrored_image(detector, images):
     rois = [torch.tensor([[4.0, 4.0, 60.0, 50.0], [70.0, 20.0, 128.0, 90.0]]), torch.tensor([[0.0, 10.0, 30.0, 112.0]])]
-    flipped = FlippedScorer(lambda imgs, sizes: SingleScaleScorer(detector, imgs, sizes), images,
-                            [img.shape[1:] for img in images])
+    flipped = FlippedScorer(
+        lambda imgs, sizes: SingleScaleScorer(detector, imgs, sizes), images, [img.shape[1:] for img in images]
+    )
     probs, boxes = flipped.score(rois)
     mirror = SingleScaleScorer(detector, [torch.flip(img, dims=[2]) for img in images])
     ref_probs, ref_boxes = mirror.score([flip_boxes(r, img.shape[2]) for r, img in zip(rois, images)])
@@ -45,8 +47,9 @@ def test_flipped_scorer_boxes_with_zero_deltas_are_the_rois(detector, images):
             detector.roi_heads.predictor.bbox_pred.weight.zero_()
             detector.roi_heads.predictor.bbox_pred.bias.zero_()
         rois = [torch.tensor([[4.0, 4.0, 60.0, 50.0]]), torch.tensor([[2.0, 10.0, 30.0, 100.0]])]
-        flipped = FlippedScorer(lambda imgs, sizes: SingleScaleScorer(detector, imgs, sizes), images,
-                                [img.shape[1:] for img in images])
+        flipped = FlippedScorer(
+            lambda imgs, sizes: SingleScaleScorer(detector, imgs, sizes), images, [img.shape[1:] for img in images]
+        )
         _, boxes = flipped.score(rois)
         for b, r in zip(boxes, rois):
             torch.testing.assert_close(b, r[:, None, :].expand_as(b), atol=1e-4, rtol=0)

@@ -1,4 +1,5 @@
 """Tests for detres.inference.multiscale: pyramid sizes, the NoC/SPP level choice, maxout of two levels."""
+
 from __future__ import annotations
 
 import pytest
@@ -88,7 +89,9 @@ def _reference_maxout(model, images, rois, scales, ratio, reference):
         vectors, areas = [], []
         for (features, valid), level in zip(levels, sizes):
             fx, fy = level[i][1] / w, level[i][0] / h
-            vectors.append(heads.region_features(features[i : i + 1], [r * torch.tensor([fx, fy, fx, fy])], valid[i : i + 1]))
+            vectors.append(
+                heads.region_features(features[i : i + 1], [r * torch.tensor([fx, fy, fx, fy])], valid[i : i + 1])
+            )
             areas.append((r[:, 2] - r[:, 0]) * fx * (r[:, 3] - r[:, 1]) * fy)
         lower, upper = select_levels(torch.stack(areas, 1), reference**2)
         stacked = torch.stack(vectors)  # [L, N, D]
@@ -103,8 +106,10 @@ def _reference_maxout(model, images, rois, scales, ratio, reference):
 @pytest.mark.parametrize("with_context", [False, True])
 def test_batched_maxout_equals_a_per_level_reference(detector, context_detector, images, with_context):
     model = context_detector if with_context else detector
-    rois = [torch.tensor([[4.0, 4.0, 60.0, 50.0], [10.0, 20.0, 120.0, 90.0], [30.0, 30.0, 40.0, 44.0]]),
-            torch.tensor([[0.0, 0.0, 80.0, 112.0], [5.0, 50.0, 30.0, 70.0]])]
+    rois = [
+        torch.tensor([[4.0, 4.0, 60.0, 50.0], [10.0, 20.0, 120.0, 90.0], [30.0, 30.0, 40.0, 44.0]]),
+        torch.tensor([[0.0, 0.0, 80.0, 112.0], [5.0, 50.0, 30.0, 70.0]]),
+    ]
     scales, ratio, reference = (48, 96, 192), 1.5, 32.0
     scorer = MultiScaleScorer(model, images, scales=scales, max_size_ratio=ratio, reference_size=reference)
     lower, upper = scorer.choose_levels(rois)
@@ -123,8 +128,9 @@ def test_levels_are_computed_only_when_a_roi_needs_them(detector, images):
 
 def test_pyramid_proposals_merge_the_levels_and_keep_the_input_scale_ones(detector, images):
     base = MultiScaleScorer(detector, images, scales=(48, 96, 160), max_size_ratio=2.0)
-    merged = MultiScaleScorer(detector, images, scales=(48, 96, 160), max_size_ratio=2.0, pyramid_proposals=True,
-                              max_proposals=500)
+    merged = MultiScaleScorer(
+        detector, images, scales=(48, 96, 160), max_size_ratio=2.0, pyramid_proposals=True, max_proposals=500
+    )
     (base_boxes, _), (boxes, scores) = base.propose(), merged.propose()
     for b, m, s, (h, w) in zip(base_boxes, boxes, scores, merged.image_sizes):
         assert m.shape[0] > b.shape[0]  # other levels add proposals

@@ -1,4 +1,5 @@
 """Tests for detres.inference.predictor: test-scale resize, boxes in original pixels, checkpoint loading."""
+
 from __future__ import annotations
 
 import cv2
@@ -61,8 +62,17 @@ def test_predict_rejects_non_images():
 
 def test_predictor_from_checkpoint_matches_the_model_on_the_resized_image(tmp_path):
     torch.manual_seed(0)
-    args = dict(depth=18, base_width=16, num_classes=3, anchor_sizes=[16, 32], aspect_ratios=[1.0],
-                rpn_pre_nms_top_n_test=100, rpn_post_nms_top_n_test=20, pooler_resolution=8, score_thresh=0.0)
+    args = dict(
+        depth=18,
+        base_width=16,
+        num_classes=3,
+        anchor_sizes=[16, 32],
+        aspect_ratios=[1.0],
+        rpn_pre_nms_top_n_test=100,
+        rpn_post_nms_top_n_test=20,
+        pooler_resolution=8,
+        score_thresh=0.0,
+    )
     model = build_detector(**args).eval()
     path = tmp_path / "det.pt"
     save_checkpoint(path, {"model": model.state_dict(), "model_args": args, "meta": META, "iter": 0})
@@ -74,8 +84,7 @@ def test_predictor_from_checkpoint_matches_the_model_on_the_resized_image(tmp_pa
     resized = cv2.resize(image, (144, 96), interpolation=cv2.INTER_LINEAR)
     with torch.no_grad():
         ref = model([torch.from_numpy(resized).permute(2, 0, 1).float()])[0]
-    np.testing.assert_allclose(result["boxes"], (ref["boxes"] / torch.tensor([1.6, 1.6, 1.6, 1.6])).numpy(),
-                               atol=1e-3)
+    np.testing.assert_allclose(result["boxes"], (ref["boxes"] / torch.tensor([1.6, 1.6, 1.6, 1.6])).numpy(), atol=1e-3)
     np.testing.assert_allclose(result["scores"], ref["scores"].numpy(), atol=1e-5)
     assert result["labels"].tolist() == ref["labels"].tolist()
     assert bool((result["boxes"][:, [0, 2]] <= 90).all()) and bool((result["boxes"][:, [1, 3]] <= 60).all())

@@ -1,4 +1,5 @@
 """Tests for detres.inference.proposal_merge: union of proposal sets, NMS by objectness, cap."""
+
 from __future__ import annotations
 
 import pytest

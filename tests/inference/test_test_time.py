@@ -1,4 +1,5 @@
 """Tests for detres.inference.test_time and ensemble: the composed Appendix-B pipeline against known answers."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -13,7 +14,6 @@ from detres.inference.proposal_merge import merge_proposal_sets
 from detres.inference.region_scorer import AveragedScorer, SingleScaleScorer
 from detres.inference.test_time import TestTimeOptions, detect_test_time, options_from_config
 from detres.models.build import build_detector
-
 from tests.inference.conftest import tiny_detector
 
 
@@ -50,8 +50,11 @@ def test_ensemble_of_one_model_equals_that_model(detector, images):
 def test_ensemble_of_two_identical_models_equals_one(detector, images):
     twin = tiny_detector(0)
     for options in (TestTimeOptions(), TestTimeOptions(box_refinement=True, flip=True)):
-        _assert_same(detect_test_time([detector, twin], images, options=options),
-                     detect_test_time(detector, images, options=options), atol=1e-4)
+        _assert_same(
+            detect_test_time([detector, twin], images, options=options),
+            detect_test_time(detector, images, options=options),
+            atol=1e-4,
+        )
 
 
 def test_ensemble_scores_are_the_mean_of_the_members_on_the_union_of_proposals(detector, context_detector, images):
@@ -71,15 +74,24 @@ def test_ensemble_scores_are_the_mean_of_the_members_on_the_union_of_proposals(d
 
 
 def test_refinement_through_the_pipeline_equals_detect_with_refinement(detector, images):
-    _assert_same(detect_test_time(detector, images, options=TestTimeOptions(box_refinement=True)),
-                 detect_with_refinement(detector, images))
+    _assert_same(
+        detect_test_time(detector, images, options=TestTimeOptions(box_refinement=True)),
+        detect_with_refinement(detector, images),
+    )
 
 
 @pytest.mark.parametrize("depth", [18, 50])
 def test_every_extra_together_runs_on_a_mixed_ensemble(detector, context_detector, images, depth):
     """Basic-block and bottleneck members, with and without context, every option on."""
-    options = TestTimeOptions(box_refinement=True, box_voting=True, multiscale=True, scales=(48, 96, 160),
-                              reference_size=32, pyramid_proposals=True, flip=True)
+    options = TestTimeOptions(
+        box_refinement=True,
+        box_voting=True,
+        multiscale=True,
+        scales=(48, 96, 160),
+        reference_size=32,
+        pyramid_proposals=True,
+        flip=True,
+    )
     members = [detector, context_detector] if depth == 18 else [tiny_detector(3, depth=50), context_detector]
     out = detect_test_time(members, images, options=options)
     for det, (h, w) in zip(out, [img.shape[1:] for img in images]):
@@ -104,8 +116,15 @@ def test_refused_inputs(detector, images):
 
 
 def test_options_from_config_reads_the_test_section():
-    cfg = load_config("configs/det/shapes_r18.yaml", ["test.box_refinement=true", "test.flip=true",
-                                                     "test.multiscale.enabled=true", "test.ensemble.max_proposals=50"])
+    cfg = load_config(
+        "configs/det/shapes_r18.yaml",
+        [
+            "test.box_refinement=true",
+            "test.flip=true",
+            "test.multiscale.enabled=true",
+            "test.ensemble.max_proposals=50",
+        ],
+    )
     options = options_from_config(cfg.test, cfg.input)
     assert options.box_refinement and options.flip and options.multiscale and options.max_proposals == 50
     assert options.max_size_ratio == pytest.approx(cfg.input.max_size_test / cfg.input.min_size_test)
@@ -114,12 +133,27 @@ def test_options_from_config_reads_the_test_section():
 
 def _save(path, seed, class_names):
     torch.manual_seed(seed)
-    args = dict(depth=18, base_width=8, num_classes=len(class_names), anchor_sizes=[16, 32, 64],
-                pooler_type="roi_align", pooler_resolution=4, sampling_ratio=2, rpn_pre_nms_top_n_test=200,
-                rpn_post_nms_top_n_test=30, score_thresh=0.01)
+    args = dict(
+        depth=18,
+        base_width=8,
+        num_classes=len(class_names),
+        anchor_sizes=[16, 32, 64],
+        pooler_type="roi_align",
+        pooler_resolution=4,
+        sampling_ratio=2,
+        rpn_pre_nms_top_n_test=200,
+        rpn_post_nms_top_n_test=30,
+        score_thresh=0.01,
+    )
     model = build_detector(**args)
-    torch.save({"model": model.state_dict(), "model_args": args,
-                "meta": {"class_names": class_names, "min_size_test": 96, "max_size_test": 160}}, path)
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "model_args": args,
+            "meta": {"class_names": class_names, "min_size_test": 96, "max_size_test": 160},
+        },
+        path,
+    )
 
 
 def test_load_ensemble_checks_the_class_lists(tmp_path):

@@ -1,4 +1,5 @@
 """Tests for detres.inference.visualize: thresholds, box placement and colour, enlargement, ground truth, PNG writes."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -36,8 +37,9 @@ def test_only_detections_at_or_above_the_threshold_are_drawn():
 def test_box_outline_is_drawn_in_the_class_colour_on_its_pixels():
     image = _canvas()
     # Continuous box (40, 50, 90, 100) covers pixel columns 40..89 and rows 50..99.
-    drawn = draw_detections(image, [[40.0, 50.0, 90.0, 100.0], [100.0, 60.0, 150.0, 110.0]], [1, 2], [0.9, 0.2],
-                            NAMES, score_thresh=0.5)
+    drawn = draw_detections(
+        image, [[40.0, 50.0, 90.0, 100.0], [100.0, 60.0, 150.0, 110.0]], [1, 2], [0.9, 0.2], NAMES, score_thresh=0.5
+    )
     colour = np.array(class_color(1), np.uint8)
     assert tuple(class_color(1)) != tuple(class_color(2))
     for y, x in [(75, 40), (75, 89), (99, 65)]:  # left, right, bottom edge (the label sits above the top)
@@ -71,18 +73,19 @@ def test_min_side_enlarges_the_image_and_draws_boxes_at_the_scaled_position():
     np.testing.assert_array_equal(drawn[300, 40], [GREY] * 3)  # where the unscaled box edge would be
     # The label sits on a filled class-colour background above the box top, tall enough to read (>= 16 px).
     column = (drawn[:200, 162] == colour).all(axis=1)
-    assert column[200 - 16:200].all()
+    assert column[200 - 16 : 200].all()
     # The pixels are enlarged with nearest neighbour: an untouched corner block keeps the source pixel value.
     image2 = image.copy()
     image2[0, 0] = (10, 20, 30)
-    np.testing.assert_array_equal(draw_detections(image2, [], [], [], NAMES, min_side=480)[:4, :4],
-                                  np.broadcast_to(np.array([10, 20, 30], np.uint8), (4, 4, 3)))
+    np.testing.assert_array_equal(
+        draw_detections(image2, [], [], [], NAMES, min_side=480)[:4, :4],
+        np.broadcast_to(np.array([10, 20, 30], np.uint8), (4, 4, 3)),
+    )
 
 
 def test_ground_truth_is_a_dashed_outline_without_label():
     image = _canvas()
-    drawn = draw_detections(image, [], [], [], NAMES, min_side=480, gt_boxes=[[40.0, 50.0, 90.0, 100.0]],
-                            gt_labels=[2])
+    drawn = draw_detections(image, [], [], [], NAMES, min_side=480, gt_boxes=[[40.0, 50.0, 90.0, 100.0]], gt_labels=[2])
     colour = np.array(class_color(2), np.uint8)
     left_edge = (drawn[200:400, 160] == colour).all(axis=1)
     # Dashes of 6 px on, 6 px off (3 x the line thickness round(2 * 480 / 600) = 2), from the top corner
@@ -99,11 +102,19 @@ def test_save_detection_pngs_writes_enlarged_images(tmp_path):
 
     class OneImage:
         def annotation(self, index):
-            return {"image_id": 7, "file_name": str(src), "boxes": np.array([[10.0, 10.0, 50.0, 60.0]], np.float32),
-                    "labels": np.array([1])}
+            return {
+                "image_id": 7,
+                "file_name": str(src),
+                "boxes": np.array([[10.0, 10.0, 50.0, 60.0]], np.float32),
+                "labels": np.array([1]),
+            }
 
-    det = {"image_id": 7, "boxes": np.array([[12.0, 10.0, 50.0, 60.0]]), "labels": np.array([2]),
-           "scores": np.array([0.8])}
+    det = {
+        "image_id": 7,
+        "boxes": np.array([[12.0, 10.0, 50.0, 60.0]]),
+        "labels": np.array([2]),
+        "scores": np.array([0.8]),
+    }
     [path] = save_detection_pngs(OneImage(), [det], NAMES, tmp_path / "vis")
     png = read_image_rgb(path)
     assert path.name == "img_7.png" and min(png.shape[:2]) >= VIS_MIN_SIDE == 480

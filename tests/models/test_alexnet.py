@@ -1,4 +1,5 @@
 """Tests for detres/models/alexnet.py: the paper's LRN formula, parameter counts, geometry, grouping, init."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -22,12 +23,12 @@ def test_lrn_is_the_papers_formula():
     b = np.empty_like(a)
     for i in range(N):
         lo, hi = max(0, i - 5 // 2), min(N - 1, i + 5 // 2)
-        b[:, i] = a[:, i] / (2.0 + 1e-4 * (a[:, lo:hi + 1] ** 2).sum(axis=1)) ** 0.75
+        b[:, i] = a[:, i] / (2.0 + 1e-4 * (a[:, lo : hi + 1] ** 2).sum(axis=1)) ** 0.75
     lrn = paper_lrn()
     assert (lrn.size, lrn.k, lrn.beta) == (5, 2.0, 0.75) and lrn.alpha == pytest.approx(5e-4)  # n * 1e-4
     out = lrn(torch.from_numpy(a)).numpy()
     np.testing.assert_allclose(out, b, rtol=1e-10)
-    assert np.abs(b - a / 2.0 ** 0.75).max() > 1e-2  # the neighbourhood sum is not negligible here
+    assert np.abs(b - a / 2.0**0.75).max() > 1e-2  # the neighbourhood sum is not negligible here
 
 
 def test_parameter_counts():
@@ -53,11 +54,31 @@ def test_parameter_counts():
 def test_layers_follow_the_paper():
     net = alexnet()
     kinds = [type(m).__name__ for m in net.features]
-    assert kinds == ["Conv2d", "ReLU", "LocalResponseNorm", "MaxPool2d", "Conv2d", "ReLU", "LocalResponseNorm",
-                     "MaxPool2d", "Conv2d", "ReLU", "Conv2d", "ReLU", "Conv2d", "ReLU", "MaxPool2d"]
+    assert kinds == [
+        "Conv2d",
+        "ReLU",
+        "LocalResponseNorm",
+        "MaxPool2d",
+        "Conv2d",
+        "ReLU",
+        "LocalResponseNorm",
+        "MaxPool2d",
+        "Conv2d",
+        "ReLU",
+        "Conv2d",
+        "ReLU",
+        "Conv2d",
+        "ReLU",
+        "MaxPool2d",
+    ]
     convs = [m for m in net.features if isinstance(m, torch.nn.Conv2d)]
-    assert [(c.out_channels, c.kernel_size[0], c.stride[0]) for c in convs] == \
-        [(96, 11, 4), (256, 5, 1), (384, 3, 1), (384, 3, 1), (256, 3, 1)]
+    assert [(c.out_channels, c.kernel_size[0], c.stride[0]) for c in convs] == [
+        (96, 11, 4),
+        (256, 5, 1),
+        (384, 3, 1),
+        (384, 3, 1),
+        (256, 3, 1),
+    ]
     assert all((p.kernel_size, p.stride) == (3, 2) for p in net.features if isinstance(p, torch.nn.MaxPool2d))
     assert [m.p for m in net.classifier if isinstance(m, torch.nn.Dropout)] == [0.5, 0.5]
     grouped = [c.groups for c in (m for m in alexnet(groups=2).features if isinstance(m, torch.nn.Conv2d))]

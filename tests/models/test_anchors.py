@@ -1,4 +1,5 @@
 """Tests for detres.models.anchors: hand-computed anchors, ordering, and torchvision agreement."""
+
 import math
 
 import pytest

@@ -1,4 +1,5 @@
 """Tests for the ResNet-C4 trunk / conv5 head split, BN freezing and stage freezing."""
+
 from __future__ import annotations
 
 import copy

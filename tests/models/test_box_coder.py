@@ -1,4 +1,5 @@
 """Tests for detres.models.box_coder against hand values and torchvision's BoxCoder."""
+
 import math
 
 import pytest

@@ -1,4 +1,6 @@
-"""Tests for box voting (ResNet Appendix B, after Gidaris & Komodakis): hand-worked averages and a naive loop reference."""
+"""Tests for box voting (ResNet Appendix B, after Gidaris & Komodakis): hand-worked averages and a naive loop
+reference."""
+
 from __future__ import annotations
 
 import pytest
@@ -31,8 +33,9 @@ def test_lower_threshold_admits_more_voters_and_the_boundary_votes():
     torch.testing.assert_close(boxes, torch.tensor([[1.5, 0.0, 11.5, 10.0]]))
     # IoU exactly 0.5 (K vs its lower half (0,0,10,5), 50/100) votes: y2 = (0.5*10 + 0.5*5) / 1.0 = 7.5.
     others = torch.tensor([[0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 10.0, 5.0]])
-    boxes, _ = box_voting(KEPT, torch.tensor([0.5]), torch.tensor([1]), others, torch.tensor([0.5, 0.5]),
-                          torch.tensor([1, 1]), 0.5)
+    boxes, _ = box_voting(
+        KEPT, torch.tensor([0.5]), torch.tensor([1]), others, torch.tensor([0.5, 0.5]), torch.tensor([1, 1]), 0.5
+    )
     torch.testing.assert_close(boxes, torch.tensor([[0.0, 0.0, 10.0, 7.5]]))
 
 
@@ -44,8 +47,9 @@ def test_threshold_above_one_or_no_overlaps_leave_boxes_unchanged():
     boxes, _ = box_voting(KEPT, torch.tensor([0.9]), torch.tensor([1]), far, torch.tensor([0.8]), torch.tensor([1]))
     assert torch.equal(boxes, KEPT)
     # Voters of zero total weight also leave the box alone (no 0/0).
-    boxes, _ = box_voting(KEPT, torch.tensor([0.9]), torch.tensor([1]), ALL[1:2], torch.tensor([0.0]),
-                          torch.tensor([1]))
+    boxes, _ = box_voting(
+        KEPT, torch.tensor([0.9]), torch.tensor([1]), ALL[1:2], torch.tensor([0.0]), torch.tensor([1])
+    )
     assert torch.equal(boxes, KEPT)
 
 
@@ -93,8 +97,9 @@ def test_empty_inputs_and_shape_errors():
     empty = torch.zeros(0, 4)
     boxes, scores = box_voting(empty, torch.zeros(0), torch.zeros(0, dtype=torch.int64), ALL, ALL_SCORES, ALL_LABELS)
     assert boxes.shape == (0, 4) and scores.shape == (0,)
-    boxes, _ = box_voting(KEPT, torch.tensor([0.9]), torch.tensor([1]), empty, torch.zeros(0),
-                          torch.zeros(0, dtype=torch.int64))
+    boxes, _ = box_voting(
+        KEPT, torch.tensor([0.9]), torch.tensor([1]), empty, torch.zeros(0), torch.zeros(0, dtype=torch.int64)
+    )
     assert torch.equal(boxes, KEPT)
     with pytest.raises(ValueError, match="all boxes"):
         box_voting(KEPT, torch.tensor([0.9]), torch.tensor([1]), ALL, ALL_SCORES[:2], ALL_LABELS)

@@ -1,4 +1,6 @@
-"""Tests for the config → model-arguments step (classifier and detector builders) and rebuilding a detector from its checkpoint."""
+"""Tests for the config → model-arguments step (classifier and detector builders) and rebuilding a detector from its
+checkpoint."""
+
 from __future__ import annotations
 
 import pytest
@@ -45,26 +47,41 @@ def test_base_width_scales_every_stage():
 
 def _cls_checkpoint(path, *, mean=(10.0, 20.0, 30.0), std=None, depth=18, base_width=16, bn_recomputed=True):
     model = build_resnet(depth, base_width=base_width, num_classes=3)
-    save_checkpoint(path, {
-        "bn_recomputed": bn_recomputed,
-        "model": model.state_dict(),
-        "model_args": {"arch": "imagenet", "depth": depth, "num_classes": 3, "shortcut": "B", "plain": False,
-                       "zero_init_residual": False, "stride_in_1x1": False, "base_width": base_width},
-        "data_stats": {"channel_mean": torch.tensor(mean), "fixed_mean": None, "std": std},
-    })
+    save_checkpoint(
+        path,
+        {
+            "bn_recomputed": bn_recomputed,
+            "model": model.state_dict(),
+            "model_args": {
+                "arch": "imagenet",
+                "depth": depth,
+                "num_classes": 3,
+                "shortcut": "B",
+                "plain": False,
+                "zero_init_residual": False,
+                "stride_in_1x1": False,
+                "base_width": base_width,
+            },
+            "data_stats": {"channel_mean": torch.tensor(mean), "fixed_mean": None, "std": std},
+        },
+    )
     return model
 
 
 def test_detector_takes_pixel_mean_from_a_train_cls_checkpoint(tmp_path):
     _cls_checkpoint(tmp_path / "cls.pt", std=[2.0, 2.0, 2.0])
-    cfg = load_config(None, [f"model.weights={tmp_path / 'cls.pt'}", "model.depth=18", "model.base_width=16"],
-                      task="det")
+    cfg = load_config(
+        None, [f"model.weights={tmp_path / 'cls.pt'}", "model.depth=18", "model.base_width=16"], task="det"
+    )
     kwargs = detector_kwargs_from_config(cfg.model, num_classes=4)
     assert kwargs["pixel_mean"] == [10.0, 20.0, 30.0] and kwargs["pixel_std"] == [2.0, 2.0, 2.0]
     assert kwargs["num_classes"] == 4 and kwargs["rpn_nms_thresh"] == 0.7 and kwargs["nms_thresh"] == 0.3
     assert kwargs["roi_positive_fraction"] == 0.25 and kwargs["rpn_post_nms_top_n_test"] == 300
-    over = load_config(None, [f"model.weights={tmp_path / 'cls.pt'}", "model.depth=18", "model.base_width=16",
-                              "model.pixel_mean=[1, 2, 3]"], task="det")
+    over = load_config(
+        None,
+        [f"model.weights={tmp_path / 'cls.pt'}", "model.depth=18", "model.base_width=16", "model.pixel_mean=[1, 2, 3]"],
+        task="det",
+    )
     assert detector_kwargs_from_config(over.model, num_classes=4)["pixel_mean"] == [1.0, 2.0, 3.0]
 
 
@@ -72,8 +89,9 @@ def test_detector_loads_the_backbone_weights(tmp_path):
     from detres.models.build import build_detector
 
     source = _cls_checkpoint(tmp_path / "cls.pt")
-    cfg = load_config(None, [f"model.weights={tmp_path / 'cls.pt'}", "model.depth=18", "model.base_width=16"],
-                      task="det")
+    cfg = load_config(
+        None, [f"model.weights={tmp_path / 'cls.pt'}", "model.depth=18", "model.base_width=16"], task="det"
+    )
     detector = build_detector(**detector_kwargs_from_config(cfg.model, num_classes=2))
     assert torch.equal(detector.trunk.layer3[0].conv1.weight, source.layer3[0].conv1.weight)
     # BN statistics come across into the frozen BN buffers unchanged
@@ -119,8 +137,9 @@ def test_detector_config_carries_the_crowd_thresholds():
 
 
 def test_load_detector_rejects_other_checkpoints(tmp_path):
-    save_checkpoint(tmp_path / "cls.pt", {"model": {}, "model_args": {"arch": "imagenet"}, "class_names": ["a"],
-                                          "data_stats": {}})
+    save_checkpoint(
+        tmp_path / "cls.pt", {"model": {}, "model_args": {"arch": "imagenet"}, "class_names": ["a"], "data_stats": {}}
+    )
     with pytest.raises(ValueError, match=r"cls\.pt.*not a train_det checkpoint.*model.weights"):
         load_detector(tmp_path / "cls.pt")
     with pytest.raises(FileNotFoundError, match="missing.pt"):
@@ -132,10 +151,23 @@ def test_postprocess_options_go_from_config_to_the_roi_heads_and_back_from_a_che
 
     defaults = detector_kwargs_from_config(load_config(None, [], task="det").model, num_classes=2)
     assert {k: defaults[k] for k in POSTPROCESS_KEYS} == {
-        "nms_method": "nms", "soft_nms_sigma": 0.5, "soft_nms_score_thresh": 0.001, "box_voting": False,
-        "box_voting_iou": 0.5}
-    cfg = load_config(None, ["model.depth=18", "model.base_width=16", "model.roi_heads.nms_method=soft_linear",
-                             "model.roi_heads.box_voting=true", "model.roi_heads.box_voting_iou=0.6"], task="det")
+        "nms_method": "nms",
+        "soft_nms_sigma": 0.5,
+        "soft_nms_score_thresh": 0.001,
+        "box_voting": False,
+        "box_voting_iou": 0.5,
+    }
+    cfg = load_config(
+        None,
+        [
+            "model.depth=18",
+            "model.base_width=16",
+            "model.roi_heads.nms_method=soft_linear",
+            "model.roi_heads.box_voting=true",
+            "model.roi_heads.box_voting_iou=0.6",
+        ],
+        task="det",
+    )
     kwargs = detector_kwargs_from_config(cfg.model, num_classes=2)
     model = build_detector(**kwargs)
     heads = model.roi_heads
@@ -143,8 +175,14 @@ def test_postprocess_options_go_from_config_to_the_roi_heads_and_back_from_a_che
     assert kwargs["nms_method"] == "soft_linear"  # build_detector does not consume the caller's dict
     # A checkpoint written before these options existed rebuilds with the defaults.
     old_args = {k: v for k, v in kwargs.items() if k not in POSTPROCESS_KEYS}
-    save_checkpoint(tmp_path / "old.pt", {"model": model.state_dict(), "model_args": dict(old_args, weights_path=None),
-                                          "meta": {"class_names": ["a", "b"]}})
+    save_checkpoint(
+        tmp_path / "old.pt",
+        {
+            "model": model.state_dict(),
+            "model_args": dict(old_args, weights_path=None),
+            "meta": {"class_names": ["a", "b"]},
+        },
+    )
     old, _ = load_detector(tmp_path / "old.pt")
     assert (old.roi_heads.nms_method, old.roi_heads.box_voting) == ("nms", False)
     # Test-time override (what tools/test_det.py and tools/infer.py do); None leaves an option as it is.

@@ -90,7 +90,9 @@ def test_meta_count_equals_real_count():
     net = resnet18().train()
     assert count_multiply_adds(net, (1, 3, 64, 64)) == count_multiply_adds(_meta(resnet18), (1, 3, 64, 64))
     assert net.training  # mode restored
-    assert count_multiply_adds(net, (1, 3, 64, 64)) == _imagenet_macs_by_hand(18, stride_in_1x1=False, projections=True, size=64)
+    assert count_multiply_adds(net, (1, 3, 64, 64)) == _imagenet_macs_by_hand(
+        18, stride_in_1x1=False, projections=True, size=64
+    )
 
 
 # Table 1 "FLOPs" (multiply-adds, 224x224) and how each printed value is reproduced:

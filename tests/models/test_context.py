@@ -1,4 +1,5 @@
 """Tests for detres.models.context: the Appendix-B global context feature in the RoI heads."""
+
 from __future__ import annotations
 
 import copy
@@ -56,8 +57,10 @@ def _alone_and_batched() -> tuple[list[torch.Tensor], torch.Tensor]:
 
 
 def _proposals() -> list[torch.Tensor]:
-    return [torch.tensor([[0.0, 0.0, 30.0, 30.0], [10.0, 5.0, 60.0, 50.0], [20.0, 16.0, 70.0, 60.0]]),
-            torch.tensor([[5.0, 5.0, 40.0, 35.0], [0.0, 0.0, 16.0, 16.0]])]
+    return [
+        torch.tensor([[0.0, 0.0, 30.0, 30.0], [10.0, 5.0, 60.0, 50.0], [20.0, 16.0, 70.0, 60.0]]),
+        torch.tensor([[5.0, 5.0, 40.0, 35.0], [0.0, 0.0, 16.0, 16.0]]),
+    ]
 
 
 def _whole(h: int, w: int) -> torch.Tensor:
@@ -105,13 +108,21 @@ def test_a_padded_image_gets_its_own_context_alone_or_batched():
     torch.testing.assert_close(rows, rows_alone, rtol=0, atol=0)
 
 
-def _reference_loss(head: _TinyHead, predictor: FastRCNNPredictor, features: torch.Tensor, props, labels, reg,
-                    *, detach: str | None = None) -> torch.Tensor:
+def _reference_loss(
+    head: _TinyHead,
+    predictor: FastRCNNPredictor,
+    features: torch.Tensor,
+    props,
+    labels,
+    reg,
+    *,
+    detach: str | None = None,
+) -> torch.Tensor:
     """Hand-built [region | context] Fast R-CNN loss with torchvision's roi_pool (one branch optionally detached)."""
     regions = head(roi_pool(features, props, (4, 4), 1.0 / 16))
     contexts = []
     for i, ((h, w), (ch, cw)) in enumerate(zip(SIZES, CELLS)):
-        contexts.append(head(roi_pool(features[i:i + 1, :, :ch, :cw], [_whole(h, w)], (4, 4), 1.0 / 16)))
+        contexts.append(head(roi_pool(features[i : i + 1, :, :ch, :cw], [_whole(h, w)], (4, 4), 1.0 / 16)))
     context = torch.cat([c.expand(len(p), -1) for c, p in zip(contexts, props)])
     if detach == "regions":
         regions = regions.detach()
@@ -130,8 +141,10 @@ def test_training_gradients_reach_the_conv5_head_through_the_context_branch():
     ctx, _, head = _pair(bg_iou_thresh_lo=0.0)
     _, batch = _alone_and_batched()
     features = batch.clone().requires_grad_()
-    targets = [{"boxes": torch.tensor([[2.0, 2.0, 30.0, 28.0]]), "labels": torch.tensor([1])},
-               {"boxes": torch.tensor([[5.0, 5.0, 40.0, 36.0]]), "labels": torch.tensor([2])}]
+    targets = [
+        {"boxes": torch.tensor([[2.0, 2.0, 30.0, 28.0]]), "labels": torch.tensor([1])},
+        {"boxes": torch.tensor([[5.0, 5.0, 40.0, 36.0]]), "labels": torch.tensor([2])},
+    ]
     torch.manual_seed(0)
     props, labels, reg = ctx.select_training_samples(_proposals(), targets)
     ctx.train()
@@ -151,9 +164,11 @@ def test_training_gradients_reach_the_conv5_head_through_the_context_branch():
     # The part of the conv5 gradient that flows through the context branch alone: non-zero, and the
     # total is the region part plus the context part.
     via_context = torch.autograd.grad(
-        _reference_loss(ref_head, ref_pred, ref_feats, props, labels, reg, detach="regions"), params)
+        _reference_loss(ref_head, ref_pred, ref_feats, props, labels, reg, detach="regions"), params
+    )
     via_regions = torch.autograd.grad(
-        _reference_loss(ref_head, ref_pred, ref_feats, props, labels, reg, detach="context"), params)
+        _reference_loss(ref_head, ref_pred, ref_feats, props, labels, reg, detach="context"), params
+    )
     assert via_context[0].abs().sum() > 1e-4
     torch.testing.assert_close(head.conv.weight.grad, via_context[0] + via_regions[0])
     # The padded cells of the smaller image receive no gradient (they are never read).
@@ -167,9 +182,18 @@ def test_context_heads_need_a_doubled_predictor():
 
 
 def _r18(**kwargs):
-    return build_faster_rcnn(depth=18, base_width=16, num_classes=3, anchor_sizes=(16, 32), aspect_ratios=(1.0,),
-                             rpn_pre_nms_top_n_test=100, rpn_post_nms_top_n_test=10, pooler_resolution=8,
-                             score_thresh=0.0, **kwargs)
+    return build_faster_rcnn(
+        depth=18,
+        base_width=16,
+        num_classes=3,
+        anchor_sizes=(16, 32),
+        aspect_ratios=(1.0,),
+        rpn_pre_nms_top_n_test=100,
+        rpn_post_nms_top_n_test=10,
+        pooler_resolution=8,
+        score_thresh=0.0,
+        **kwargs,
+    )
 
 
 def test_build_doubles_the_predictor_inputs_and_the_default_has_no_context():
@@ -190,16 +214,31 @@ def test_build_doubles_the_predictor_inputs_and_the_default_has_no_context():
 
 
 def test_config_to_checkpoint_round_trip_rebuilds_a_context_model(tmp_path):
-    cfg = load_config(None, ["model.depth=18", "model.base_width=16", "model.anchor_sizes=[16, 32]",
-                             "model.roi_heads.pooler_resolution=8", "model.roi_heads.score_thresh=0.0",
-                             "model.roi_heads.global_context=true"], task="det")
+    cfg = load_config(
+        None,
+        [
+            "model.depth=18",
+            "model.base_width=16",
+            "model.anchor_sizes=[16, 32]",
+            "model.roi_heads.pooler_resolution=8",
+            "model.roi_heads.score_thresh=0.0",
+            "model.roi_heads.global_context=true",
+        ],
+        task="det",
+    )
     kwargs = detector_kwargs_from_config(cfg.model, num_classes=2)
     assert kwargs["global_context"] is True
     torch.manual_seed(0)
     model = build_detector(**kwargs).eval()
     assert isinstance(model.roi_heads, ContextRoIHeads)
-    save_checkpoint(tmp_path / "ctx.pt", {"model": model.state_dict(), "model_args": dict(kwargs, weights_path=None),
-                                          "meta": {"class_names": ["a", "b"]}})
+    save_checkpoint(
+        tmp_path / "ctx.pt",
+        {
+            "model": model.state_dict(),
+            "model_args": dict(kwargs, weights_path=None),
+            "meta": {"class_names": ["a", "b"]},
+        },
+    )
     loaded, _ = load_detector(tmp_path / "ctx.pt")
     assert isinstance(loaded.roi_heads, ContextRoIHeads)
     image = torch.rand(3, 70, 90, generator=torch.Generator().manual_seed(0)) * 255
@@ -210,8 +249,14 @@ def test_config_to_checkpoint_round_trip_rebuilds_a_context_model(tmp_path):
     # A checkpoint written before the option existed (no key) rebuilds the baseline.
     plain_kwargs = {k: v for k, v in kwargs.items() if k != "global_context"}
     plain = build_detector(**plain_kwargs)
-    save_checkpoint(tmp_path / "old.pt", {"model": plain.state_dict(), "model_args": dict(plain_kwargs, weights_path=None),
-                                          "meta": {"class_names": ["a", "b"]}})
+    save_checkpoint(
+        tmp_path / "old.pt",
+        {
+            "model": plain.state_dict(),
+            "model_args": dict(plain_kwargs, weights_path=None),
+            "meta": {"class_names": ["a", "b"]},
+        },
+    )
     old, _ = load_detector(tmp_path / "old.pt")
     assert type(old.roi_heads) is RoIHeads
     assert old.roi_heads.predictor.cls_score.in_features == old.roi_heads.box_head.out_features

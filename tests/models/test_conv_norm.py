@@ -1,4 +1,5 @@
 """conv -> frozen BN folded on the fly: same values and gradients as the two layers, other norms untouched."""
+
 from __future__ import annotations
 
 import copy

@@ -1,4 +1,5 @@
 """Tests for detres.models.cpu_execution: the CPU RoI chunk grows with the thread count, as measured."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,5 @@
 """Tests for fast_roi_pool: bit-exact against torchvision.ops.roi_pool (the reference) and its fallbacks."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,5 @@
 """Tests for the Faster R-CNN assembly: preprocessing, train/eval outputs, freezing, and overfitting a toy set."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -45,7 +46,9 @@ def _targets() -> list[dict[str, torch.Tensor]]:
 
 
 def test_preprocess_normalises_then_zero_pads_to_multiple_of_16() -> None:
-    model = FasterRCNN(nn.Identity(), nn.Identity(), nn.Identity(), pixel_mean=(10.0, 20.0, 30.0), pixel_std=(2.0, 4.0, 5.0))
+    model = FasterRCNN(
+        nn.Identity(), nn.Identity(), nn.Identity(), pixel_mean=(10.0, 20.0, 30.0), pixel_std=(2.0, 4.0, 5.0)
+    )
     a = torch.full((3, 50, 70), 50.0)
     b = torch.full((3, 64, 40), 100.0)
     batch, sizes = model.preprocess([a, b])
@@ -66,8 +69,9 @@ def test_preprocess_normalises_then_zero_pads_to_multiple_of_16() -> None:
         model.preprocess(padded, [(65, 70), (64, 40)])
 
 
-def _naive_postprocess(probs: torch.Tensor, boxes: torch.Tensor, hw, *, score_thresh: float, nms_thresh: float,
-                       top_k: int) -> dict[str, torch.Tensor]:
+def _naive_postprocess(
+    probs: torch.Tensor, boxes: torch.Tensor, hw, *, score_thresh: float, nms_thresh: float, top_k: int
+) -> dict[str, torch.Tensor]:
     """Reference detections: per object class clip, threshold and torchvision.ops.nms, then merge by score."""
     h, w = hw
     all_boxes, all_scores, all_labels = [], [], []
@@ -174,8 +178,9 @@ def test_r18_train_losses_and_gradients_with_zeroed_logits(monkeypatch) -> None:
     d_logit = d_logit.view(batch, h, w, 2)
     cls_logits = model.rpn.head.cls_logits
     torch.testing.assert_close(cls_logits.bias.grad, d_logit.sum(dim=(0, 1, 2)), rtol=1e-5, atol=1e-7)
-    torch.testing.assert_close(cls_logits.weight.grad[:, :, 0, 0], torch.einsum("bhwa,bchw->ac", d_logit, hidden),
-                               rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(
+        cls_logits.weight.grad[:, :, 0, 0], torch.einsum("bhwa,bchw->ac", d_logit, hidden), rtol=1e-4, atol=1e-7
+    )
     with pytest.raises(ValueError, match="targets"):
         model.train()(images)
 
@@ -353,8 +358,16 @@ def test_collated_batch_is_padded_once_and_gives_identical_detections(monkeypatc
     model = _small_r18(pixel_std=IMAGENET_STD).eval()
     g = torch.Generator().manual_seed(1)
     images = [torch.rand(3, h, w, generator=g) * 255 for h, w in ((70, 90), (64, 50), (33, 97))]
-    samples = [{"image": im, "boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64), "image_id": i,
-                "orig_size": tuple(im.shape[1:])} for i, im in enumerate(images)]
+    samples = [
+        {
+            "image": im,
+            "boxes": torch.zeros(0, 4),
+            "labels": torch.zeros(0, dtype=torch.int64),
+            "image_id": i,
+            "orig_size": tuple(im.shape[1:]),
+        }
+        for i, im in enumerate(images)
+    ]
     batch = collate_detection(samples)
     assert calls == [(80, 112)] and batch["images"].shape == (3, 3, 80, 112)
     reference = _reference_preprocess(model, images)

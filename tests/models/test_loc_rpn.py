@@ -1,4 +1,5 @@
 """Tests for detres.models.loc_rpn: the RPN-stage localizer (C4 trunk + per-class RPN) and its checkpoint round trip."""
+
 from __future__ import annotations
 
 import pytest
@@ -15,8 +16,10 @@ def test_training_losses_and_class_boxes():
     model = build_rpn_localizer(**ARGS)
     assert isinstance(model, RPNLocalizer) and model.num_classes == 3 and model.rpn.sampler.batch_size_per_image == 8
     images = torch.rand(2, 3, 64, 64) * 255
-    targets = [{"boxes": torch.tensor([[8.0, 8.0, 40.0, 40.0]]), "labels": torch.tensor([2])},
-               {"boxes": torch.tensor([[20.0, 10.0, 60.0, 50.0]]), "labels": torch.tensor([3])}]
+    targets = [
+        {"boxes": torch.tensor([[8.0, 8.0, 40.0, 40.0]]), "labels": torch.tensor([2])},
+        {"boxes": torch.tensor([[20.0, 10.0, 60.0, 50.0]]), "labels": torch.tensor([3])},
+    ]
     losses = model.train()(images, targets)
     assert set(losses) == {"loss_rpn_cls", "loss_rpn_box"} and all(torch.isfinite(v) for v in losses.values())
     sum(losses.values()).backward()
@@ -32,8 +35,16 @@ def test_training_losses_and_class_boxes():
 def test_load_localizer_rebuilds_the_model(tmp_path):
     model = build_rpn_localizer(**ARGS).eval()
     path = tmp_path / "loc.pt"
-    save_checkpoint(path, {"model": model.state_dict(), "model_args": dict(ARGS, weights_path=None),
-                           "meta": {"synsets": ["a", "b", "c"]}, "stage": "rpn", "iter": 3})
+    save_checkpoint(
+        path,
+        {
+            "model": model.state_dict(),
+            "model_args": dict(ARGS, weights_path=None),
+            "meta": {"synsets": ["a", "b", "c"]},
+            "stage": "rpn",
+            "iter": 3,
+        },
+    )
     loaded, meta = load_localizer(path)
     assert meta["synsets"] == ["a", "b", "c"] and meta["iter"] == 3
     image = torch.rand(3, 64, 64) * 255

@@ -1,4 +1,5 @@
 """Tests for detres.models.matcher: thresholds, ignore band, best-anchor rule with ties, torchvision agreement."""
+
 import pytest
 import torch
 from torchvision.models.detection._utils import Matcher as TVMatcher

@@ -1,4 +1,5 @@
 """Tests for detres.models.per_class_rpn and the per-class form of RPNHead (Appendix C)."""
+
 from __future__ import annotations
 
 import math
@@ -54,8 +55,9 @@ def test_losses_use_only_the_ground_truth_class_channel():
 
 def test_eight_anchors_sampled_half_positive_and_the_loss_of_a_zero_head_is_ln2():
     gen = AnchorGenerator(sizes=(48, 80, 96), aspect_ratios=(1.0,), stride=16)  # many anchors match the big boxes
-    rpn = PerClassRPN(gen, RPNHead(8, 3, num_classes=3), batch_size_per_image=8, positive_fraction=0.5,
-                      allowed_border=-1).train()
+    rpn = PerClassRPN(
+        gen, RPNHead(8, 3, num_classes=3), batch_size_per_image=8, positive_fraction=0.5, allowed_border=-1
+    ).train()
     with torch.no_grad():
         rpn.head.cls_logits.weight.zero_()
     seen = []

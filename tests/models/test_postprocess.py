@@ -1,4 +1,5 @@
 """Tests for detection post-processing (threshold, clip, per-class NMS, top-k) and rescaling."""
+
 from __future__ import annotations
 
 import pytest
@@ -95,7 +96,10 @@ def test_empty_input_and_bad_shapes() -> None:
 
 
 def test_rescale_detections_back_to_original_size() -> None:
-    dets = {"boxes": torch.tensor([[10.0, 20.0, 30.0, 40.0], [0.0, 0.0, 90.0, 90.0]]), "scores": torch.tensor([0.9, 0.5])}
+    dets = {
+        "boxes": torch.tensor([[10.0, 20.0, 30.0, 40.0], [0.0, 0.0, 90.0, 90.0]]),
+        "scores": torch.tensor([0.9, 0.5]),
+    }
     out = rescale_detections(dets, 2.0, (30, 40))
     torch.testing.assert_close(out["boxes"], torch.tensor([[5.0, 10.0, 15.0, 20.0], [0.0, 0.0, 40.0, 30.0]]))
     assert out["scores"] is dets["scores"]  # other entries pass through
@@ -114,8 +118,9 @@ def test_hand_example_soft_linear_reports_decayed_scores() -> None:
     # Class 2: R1 (0.2) alone. Sorted by decayed score.
     torch.testing.assert_close(out["scores"], torch.tensor([0.90, 0.7 * 38 / 119, 0.20]))
     assert out["labels"].tolist() == [1, 1, 2]
-    torch.testing.assert_close(out["boxes"], torch.tensor([[0.0, 0.0, 10.0, 10.0], [1.0, 1.0, 11.0, 11.0],
-                                                           [1.0, 1.0, 11.0, 11.0]]))
+    torch.testing.assert_close(
+        out["boxes"], torch.tensor([[0.0, 0.0, 10.0, 10.0], [1.0, 1.0, 11.0, 11.0], [1.0, 1.0, 11.0, 11.0]])
+    )
     # The final threshold applies to decayed scores: 0.21 drops class 2's 0.2 only, 0.25 also the decayed 0.2235.
     mid = postprocess_boxes(probs, boxes, (20, 30), nms_method="soft_linear", soft_nms_score_thresh=0.21)
     assert mid["labels"].tolist() == [1, 1]
@@ -129,8 +134,7 @@ def test_hand_example_box_voting_moves_kept_boxes_only() -> None:
     # Class 1 keeps clipped R0 (0,0,10,10) 0.9; R1 (1,1,11,11) 0.7 has IoU 0.68 >= 0.5 and votes:
     # x1 = y1 = (0.9*0 + 0.7*1) / 1.6 = 0.4375; x2 = y2 = (0.9*10 + 0.7*11) / 1.6 = 10.4375.
     # Class 2 keeps R1 0.2, whose only classmate above 0.05 is itself: unchanged.
-    torch.testing.assert_close(out["boxes"], torch.tensor([[0.4375, 0.4375, 10.4375, 10.4375],
-                                                           [1.0, 1.0, 11.0, 11.0]]))
+    torch.testing.assert_close(out["boxes"], torch.tensor([[0.4375, 0.4375, 10.4375, 10.4375], [1.0, 1.0, 11.0, 11.0]]))
     torch.testing.assert_close(out["scores"], torch.tensor([0.90, 0.20]))
     assert out["labels"].tolist() == [1, 2]
     # voting_iou > 1: the plain NMS detections.
@@ -155,8 +159,9 @@ def test_defaults_reproduce_the_plain_nms_pipeline_exactly(seed: int) -> None:
     probs, boxes = _random_case(seed)
     hw = (50, 70)
     out = postprocess_boxes(probs, boxes, hw, score_thresh=0.1, detections_per_img=15)
-    explicit = postprocess_boxes(probs, boxes, hw, score_thresh=0.1, detections_per_img=15, nms_method="nms",
-                                 box_voting=False)
+    explicit = postprocess_boxes(
+        probs, boxes, hw, score_thresh=0.1, detections_per_img=15, nms_method="nms", box_voting=False
+    )
     # The pipeline as it was before soft-NMS / voting existed: threshold, batched_nms, top-k.
     clipped = clip_boxes_to_image(boxes.reshape(-1, 4), hw).reshape(boxes.shape)
     scores, cand = probs[:, 1:].reshape(-1), clipped[:, 1:, :].reshape(-1, 4)
@@ -174,8 +179,18 @@ def test_soft_nms_and_voting_compose_the_standalone_functions(method: str) -> No
 
     probs, boxes = _random_case(2)
     hw = (50, 70)
-    out = postprocess_boxes(probs, boxes, hw, score_thresh=0.1, detections_per_img=20, nms_method=method,
-                            soft_nms_sigma=0.4, soft_nms_score_thresh=0.02, box_voting=True, box_voting_iou=0.6)
+    out = postprocess_boxes(
+        probs,
+        boxes,
+        hw,
+        score_thresh=0.1,
+        detections_per_img=20,
+        nms_method=method,
+        soft_nms_sigma=0.4,
+        soft_nms_score_thresh=0.02,
+        box_voting=True,
+        box_voting_iou=0.6,
+    )
     clipped = clip_boxes_to_image(boxes.reshape(-1, 4), hw).reshape(boxes.shape)
     scores, cand = probs[:, 1:].reshape(-1), clipped[:, 1:, :].reshape(-1, 4)
     labels = torch.arange(1, probs.shape[1]).repeat(probs.shape[0])

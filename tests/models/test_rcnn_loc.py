@@ -1,4 +1,5 @@
 """RoI-centric R-CNN of the localizer: target assignment, losses, gradients, per-class scoring/refinement, loading."""
+
 from __future__ import annotations
 
 import math
@@ -7,8 +8,14 @@ import pytest
 import torch
 
 from detres.config.load import load_config
-from detres.models.rcnn_loc import (RCNNLocalizer, assign_rcnn_targets, build_rcnn_localizer, load_rcnn_localizer,
-                                    rcnn_localizer_kwargs_from_config, save_rcnn_localizer)
+from detres.models.rcnn_loc import (
+    RCNNLocalizer,
+    assign_rcnn_targets,
+    build_rcnn_localizer,
+    load_rcnn_localizer,
+    rcnn_localizer_kwargs_from_config,
+    save_rcnn_localizer,
+)
 from detres.utils.checkpoint import save_checkpoint
 
 K = 3
@@ -22,8 +29,9 @@ def _model(**kwargs) -> RCNNLocalizer:
 
 def test_target_assignment_iou_049_vs_051_and_own_class_only():
     gt_boxes, gt_labels = torch.tensor([[0.0, 0.0, 100.0, 100.0]]), torch.tensor([2])
-    proposals = torch.tensor([[0.0, 0.0, 51.0, 100.0], [0.0, 0.0, 49.0, 100.0], [0.0, 0.0, 100.0, 100.0],
-                              [0.0, 0.0, 100.0, 100.0]])
+    proposals = torch.tensor(
+        [[0.0, 0.0, 51.0, 100.0], [0.0, 0.0, 49.0, 100.0], [0.0, 0.0, 100.0, 100.0], [0.0, 0.0, 100.0, 100.0]]
+    )
     classes = torch.tensor([2, 2, 1, 2])  # the third is a perfect box of another class: background
     labels, matched = assign_rcnn_targets(proposals, classes, gt_boxes, gt_labels)
     assert labels.tolist() == [2, 0, 0, 2]
@@ -34,8 +42,9 @@ def test_target_assignment_iou_049_vs_051_and_own_class_only():
 
 def test_several_gt_boxes_of_the_class_match_the_best_one():
     gt_boxes = torch.tensor([[0.0, 0.0, 50.0, 50.0], [40.0, 40.0, 100.0, 100.0]])
-    labels, matched = assign_rcnn_targets(torch.tensor([[42.0, 42.0, 100.0, 100.0]]), torch.tensor([1]), gt_boxes,
-                                          torch.tensor([1, 1]))
+    labels, matched = assign_rcnn_targets(
+        torch.tensor([[42.0, 42.0, 100.0, 100.0]]), torch.tensor([1]), gt_boxes, torch.tensor([1, 1])
+    )
     assert labels.tolist() == [1] and torch.equal(matched[0], gt_boxes[1])
 
 
@@ -116,8 +125,11 @@ def test_refine_class_boxes_rescores_regresses_and_sorts_per_class():
     model = _model().eval()
     image = torch.rand(3, 48, 64) * 255
     rois = torch.tensor([[0.0, 0.0, 30.0, 30.0], [10.0, 5.0, 60.0, 40.0], [20.0, 20.0, 70.0, 52.0]])
-    proposals = {2: (rois, torch.tensor([0.9, 0.5, 0.1])), 3: (rois[:1], torch.tensor([0.3])),
-                 1: (torch.zeros(0, 4), torch.zeros(0))}
+    proposals = {
+        2: (rois, torch.tensor([0.9, 0.5, 0.1])),
+        3: (rois[:1], torch.tensor([0.3])),
+        1: (torch.zeros(0, 4), torch.zeros(0)),
+    }
     out = model.refine_class_boxes(image, proposals, chunk=2)
     assert sorted(out) == [1, 2, 3] and out[1][0].shape == (0, 4)
     scores, boxes = model.score_and_refine(model.warp(image, rois), rois, torch.tensor([2, 2, 2]))
@@ -171,7 +183,8 @@ def test_crop_source_image_crops_the_full_resolution_image_and_answers_in_view_p
     viewer = RPNRCNNLocalizer(_FixedRPN(view_rois, torch.tensor([0.8, 0.4])), _model(crop_source="view")).eval()
     assert not viewer.wants_source_image
     from_view = viewer.class_boxes(view_image, [2], source=(original, view))
-    torch.testing.assert_close(from_view[2][1], viewer.rcnn.refine_class_boxes(
-        view_image, {2: (view_rois, torch.tensor([0.8, 0.4]))})[2][1])
+    torch.testing.assert_close(
+        from_view[2][1], viewer.rcnn.refine_class_boxes(view_image, {2: (view_rois, torch.tensor([0.8, 0.4]))})[2][1]
+    )
     with pytest.raises(ValueError, match="crop_source"):
         _model(crop_source="original")

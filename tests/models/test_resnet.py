@@ -147,7 +147,9 @@ def test_stride_in_1x1_moves_the_stride():
     assert caffe.eval()(x).shape == tv.eval()(x).shape == (1, 1000)
 
 
-@pytest.mark.parametrize("factory,channels", [(resnet18, (64, 64, 128, 256, 512)), (resnet50, (64, 256, 512, 1024, 2048))])
+@pytest.mark.parametrize(
+    "factory,channels", [(resnet18, (64, 64, 128, 256, 512)), (resnet50, (64, 256, 512, 1024, 2048))]
+)
 def test_imagenet_stage_outputs_strides_and_features(factory, channels):
     net = factory(num_classes=7).eval()
     x = torch.randn(2, 3, 96, 128)
@@ -214,7 +216,11 @@ def test_he_init_and_zero_init_residual():
     bns = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
     assert all(torch.all(m.weight == 1) and torch.all(m.bias == 0) for m in bns)
     zero = resnet50(zero_init_residual=True)
-    assert all(torch.all(b.bn3.weight == 0) and torch.all(b.bn2.weight == 1) for b in zero.modules() if isinstance(b, Bottleneck))
+    assert all(
+        torch.all(b.bn3.weight == 0) and torch.all(b.bn2.weight == 1)
+        for b in zero.modules()
+        if isinstance(b, Bottleneck)
+    )
 
 
 def test_frozen_norm_layer_builds_and_keeps_keys():
@@ -223,7 +229,9 @@ def test_frozen_norm_layer_builds_and_keeps_keys():
     ref_keys = {k for k in resnet18().state_dict() if not k.endswith("num_batches_tracked")}
     assert set(net.state_dict()) == ref_keys
     # Frozen BN holds buffers only, so fewer trainable tensors than with BatchNorm2d.
-    assert _n_params(net) == _n_params(resnet18()) - sum(2 * m.num_features for m in net.modules() if isinstance(m, FrozenBatchNorm2d))
+    assert _n_params(net) == _n_params(resnet18()) - sum(
+        2 * m.num_features for m in net.modules() if isinstance(m, FrozenBatchNorm2d)
+    )
 
 
 def test_bad_arguments_raise_clear_errors():

@@ -1,4 +1,5 @@
 """Tests for RoI pooling, the conv5 box head, the Fast R-CNN predictor, RoI sampling, losses and inference."""
+
 from __future__ import annotations
 
 import math
@@ -81,7 +82,8 @@ def test_box_head_runs_conv5_channels_last_on_large_maps_with_the_same_values_an
     head = ResNetC5Head(build_resnet(18))
     seen = []
     hook = head.layer4.register_forward_pre_hook(
-        lambda _m, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+        lambda _m, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last))
+    )
     pooled = torch.randn(5, 256, size, size)
     fast_in, ref_in = pooled.clone().requires_grad_(True), pooled.clone().requires_grad_(True)
     fast = BoxHead(head)(fast_in)
@@ -187,8 +189,9 @@ def test_gt_is_added_as_a_proposal() -> None:
 def test_background_range_voc_and_coco() -> None:
     # One gt; proposals with IoU 0 (far away), 0.05, 0.2 and 0.6 with it.
     gt = torch.tensor([[0.0, 0.0, 100.0, 100.0]])
-    props = torch.tensor([[200.0, 200.0, 220.0, 220.0], [0.0, 0.0, 100.0, 5.0], [0.0, 0.0, 100.0, 20.0],
-                          [0.0, 0.0, 100.0, 60.0]])
+    props = torch.tensor(
+        [[200.0, 200.0, 220.0, 220.0], [0.0, 0.0, 100.0, 5.0], [0.0, 0.0, 100.0, 20.0], [0.0, 0.0, 100.0, 60.0]]
+    )
     target = {"boxes": gt, "labels": torch.tensor([2])}
     voc = _heads(add_gt_as_proposals=False)  # [0.1, 0.5): the IoU-0 and IoU-0.05 proposals are ignored
     assert voc.assign_targets(props, gt, target["labels"])[0].tolist() == [-1, -1, 0, 2]
@@ -199,12 +202,14 @@ def test_background_range_voc_and_coco() -> None:
 def test_proposals_inside_a_crowd_region_are_ignored() -> None:
     gt = torch.tensor([[20.0, 20.0, 40.0, 40.0]])
     crowd = torch.tensor([[0.0, 0.0, 15.0, 15.0]])
-    props = torch.tensor([
-        [0.0, 0.0, 10.0, 10.0],  # wholly inside the crowd region, IoU 0 with the gt: background without crowd
-        [50.0, 50.0, 60.0, 60.0],  # elsewhere: background
-        [20.0, 20.0, 40.0, 40.0],  # on the gt: foreground
-        [5.0, 5.0, 25.0, 25.0],  # 0.25 of it inside the crowd region: background (IoU with gt 25/775)
-    ])
+    props = torch.tensor(
+        [
+            [0.0, 0.0, 10.0, 10.0],  # wholly inside the crowd region, IoU 0 with the gt: background without crowd
+            [50.0, 50.0, 60.0, 60.0],  # elsewhere: background
+            [20.0, 20.0, 40.0, 40.0],  # on the gt: foreground
+            [5.0, 5.0, 25.0, 25.0],  # 0.25 of it inside the crowd region: background (IoU with gt 25/775)
+        ]
+    )
     heads = _heads(bg_iou_thresh_lo=0.0)
     plain = {"boxes": gt, "labels": torch.tensor([1])}
     _, labels, _ = heads.select_training_samples([props], [plain])
@@ -216,11 +221,13 @@ def test_proposals_inside_a_crowd_region_are_ignored() -> None:
     # overrides overlaps), the appended gt box itself stays a positive.
     inner = torch.tensor([[2.0, 2.0, 12.0, 12.0]])
     sampled, labels, _ = heads.select_training_samples(
-        [inner.clone()], [{"boxes": inner, "labels": torch.tensor([3]), "crowd_boxes": crowd}])
+        [inner.clone()], [{"boxes": inner, "labels": torch.tensor([3]), "crowd_boxes": crowd}]
+    )
     assert labels[0].tolist() == [3] and sampled[0].shape == (1, 4)
     # Switched off with crowd_iof_thresh >= 1.
     _, labels, _ = _heads(bg_iou_thresh_lo=0.0, crowd_iof_thresh=1.0).select_training_samples(
-        [props], [{**plain, "crowd_boxes": crowd}])
+        [props], [{**plain, "crowd_boxes": crowd}]
+    )
     assert labels[0].tolist() == [0, 0, 1, 0, 1]
 
 
@@ -364,10 +371,12 @@ def test_region_features_hook_supports_global_context(monkeypatch) -> None:
     n = labels.numel()
     assert x.shape == (n, 2 * head.out_channels) and n > 0
     with torch.no_grad():
-        whole = [head(heads.pooler(feats[i:i + 1], [torch.tensor([[0.0, 0.0, float(w), float(h)]])]))
-                 for i, (h, w) in enumerate(sizes)]
-    torch.testing.assert_close(x[:, head.out_channels:], torch.cat([c.expand(k, -1) for c, k in zip(whole, counts)]))
-    assert x[:, head.out_channels:].abs().sum() > 0
+        whole = [
+            head(heads.pooler(feats[i : i + 1], [torch.tensor([[0.0, 0.0, float(w), float(h)]])]))
+            for i, (h, w) in enumerate(sizes)
+        ]
+    torch.testing.assert_close(x[:, head.out_channels :], torch.cat([c.expand(k, -1) for c, k in zip(whole, counts)]))
+    assert x[:, head.out_channels :].abs().sum() > 0
     # ... and the cross-entropy gradient reaches both halves: (softmax - onehot)^T @ features / N.
     probs = torch.softmax(heads.predictor.cls_score(x), dim=1).detach()
     expected = (probs - F.one_hot(labels, 3).float()).T @ x / n
@@ -394,12 +403,14 @@ def test_postprocess_options_reach_postprocess_boxes() -> None:
     props = [torch.tensor([[0.0, 0.0, 10.0, 10.0], [1.0, 1.0, 11.0, 11.0], [20.0, 5.0, 28.0, 15.0]])]
     logits = torch.tensor([[0.0, 3.0, 0.0], [0.0, 2.0, 1.0], [2.0, 0.0, 0.0]])
     deltas = torch.zeros(3, 12)
-    options = dict(nms_method="soft_gaussian", soft_nms_sigma=0.3, soft_nms_score_thresh=0.01, box_voting=True,
-                   box_voting_iou=0.4)
+    options = dict(
+        nms_method="soft_gaussian", soft_nms_sigma=0.3, soft_nms_score_thresh=0.01, box_voting=True, box_voting_iou=0.4
+    )
     heads = _heads(**options).eval()
     probs, boxes = heads.decode_predictions(logits, deltas, props)
-    expected = postprocess_boxes(probs[0], boxes[0], (20, 30), score_thresh=0.05, nms_thresh=0.3,
-                                 detections_per_img=100, **options)
+    expected = postprocess_boxes(
+        probs[0], boxes[0], (20, 30), score_thresh=0.05, nms_thresh=0.3, detections_per_img=100, **options
+    )
     got = heads.postprocess_detections(logits, deltas, props, [(20, 30)])[0]
     assert all(torch.equal(got[k], expected[k]) for k in ("boxes", "scores", "labels"))
     # The defaults are the paper's: hard NMS, no voting.

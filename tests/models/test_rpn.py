@@ -1,4 +1,5 @@
 """Tests for detres.models.rpn: head, target assignment, losses, proposal filtering, tiny overfit."""
+
 import math
 
 import pytest
@@ -92,13 +93,19 @@ def test_losses_known_answer():
         rpn.head.cls_logits.bias.fill_(b)
     gt = torch.tensor([[20.0, 20.0, 44.0, 50.0]])
     _, losses = rpn(torch.randn(1, 8, 4, 4), [(64, 64)], [{"boxes": gt}])
+
     # Inside anchors: (2,2) positive via the best-anchor rule (IoU 0.627), (3,2) ignored (IoU 0.329),
     # the other 7 negative -> 8 sampled.
-    softplus = lambda x: math.log1p(math.exp(x))
+    def softplus(x: float) -> float:
+        return math.log1p(math.exp(x))
+
     expected_cls = (softplus(-b) + 7 * softplus(b)) / 8
     # Target deltas of gt vs anchor [16,16,48,48]: (0, 3/32, log(24/32), log(30/32)); prediction 0.
     beta = 1.0 / 9
-    smooth_l1 = lambda x: 0.5 * x * x / beta if abs(x) < beta else abs(x) - 0.5 * beta
+
+    def smooth_l1(x: float) -> float:
+        return 0.5 * x * x / beta if abs(x) < beta else abs(x) - 0.5 * beta
+
     expected_box = sum(smooth_l1(v) for v in (0.0, 3 / 32, math.log(24 / 32), math.log(30 / 32))) / 8
     assert set(losses) == {"loss_rpn_cls", "loss_rpn_box"}
     assert math.isclose(losses["loss_rpn_cls"].item(), expected_cls, rel_tol=1e-5)
@@ -122,8 +129,14 @@ def _spy_on_sampler(rpn: RegionProposalNetwork, monkeypatch) -> list:
 def _flat_anchors(rpn: RegionProposalNetwork, height: int, width: int) -> torch.Tensor:
     """Anchors in the head's flat (y, x, anchor) order, built by hand from the cell anchors and stride 16."""
     cell = rpn.anchor_generator.cell_anchors()
-    return torch.stack([cell[a] + torch.tensor([16.0 * x, 16.0 * y, 16.0 * x, 16.0 * y])
-                        for y in range(height) for x in range(width) for a in range(cell.shape[0])])
+    return torch.stack(
+        [
+            cell[a] + torch.tensor([16.0 * x, 16.0 * y, 16.0 * x, 16.0 * y])
+            for y in range(height)
+            for x in range(width)
+            for a in range(cell.shape[0])
+        ]
+    )
 
 
 def test_zero_gt_and_all_cross_boundary_give_known_losses(monkeypatch):
@@ -154,8 +167,9 @@ def test_zero_gt_and_all_cross_boundary_give_known_losses(monkeypatch):
     assert losses["loss_rpn_cls"].item() == 0.0 and losses["loss_rpn_box"].item() == 0.0
 
 
-def _naive_proposals(rpn: RegionProposalNetwork, features: torch.Tensor, image_sizes, pre_n: int, post_n: int,
-                     nms_thresh: float = 0.7) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
+def _naive_proposals(
+    rpn: RegionProposalNetwork, features: torch.Tensor, image_sizes, pre_n: int, post_n: int, nms_thresh: float = 0.7
+) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
     """Per image: decode every anchor (torchvision's BoxCoder) -> clip -> drop empty -> top pre_n by
     objectness -> torchvision.ops.nms -> top post_n. Returns (boxes, sigmoid scores, #boxes after NMS)."""
     with torch.no_grad():
@@ -181,9 +195,7 @@ def _naive_proposals(rpn: RegionProposalNetwork, features: torch.Tensor, image_s
 
 def test_forward_proposals_equal_a_naive_decode_clip_topn_nms_reference():
     torch.manual_seed(0)
-    rpn = _multi_rpn(
-        pre_nms_top_n_train=300, post_nms_top_n_train=40, pre_nms_top_n_test=200, post_nms_top_n_test=7
-    )
+    rpn = _multi_rpn(pre_nms_top_n_train=300, post_nms_top_n_train=40, pre_nms_top_n_test=200, post_nms_top_n_test=7)
     with torch.no_grad():  # larger deltas spread the boxes so that clipping and NMS matter
         rpn.head.bbox_pred.weight.normal_(std=0.5)
     features = torch.randn(2, 8, 6, 8)  # 6 * 8 * 9 = 432 anchors per image > both pre-NMS top-n

@@ -1,4 +1,5 @@
 """Tests for detres.models.sampler: positive cap, negative filling, ignore handling, seeding."""
+
 import pytest
 import torch
 
@@ -6,9 +7,7 @@ from detres.models.sampler import BalancedSampler
 
 
 def _labels(num_pos: int, num_neg: int, num_ignore: int) -> torch.Tensor:
-    labels = torch.cat(
-        [torch.ones(num_pos), torch.zeros(num_neg), -torch.ones(num_ignore)]
-    ).long()
+    labels = torch.cat([torch.ones(num_pos), torch.zeros(num_neg), -torch.ones(num_ignore)]).long()
     return labels[torch.randperm(labels.numel())]
 
 

@@ -1,4 +1,5 @@
 """Tests for per-class soft-NMS (Bodla et al. 2017): hand-worked decays, a naive loop reference, the NMS limits."""
+
 from __future__ import annotations
 
 import math

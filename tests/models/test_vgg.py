@@ -1,4 +1,5 @@
 """Tests for detres/models/vgg.py: torchvision parity (parameters, keys, outputs), small inputs, dense form."""
+
 from __future__ import annotations
 
 import pytest

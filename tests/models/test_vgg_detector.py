@@ -1,4 +1,5 @@
 """Tests for the VGG-16 Faster R-CNN backbone (Tables 7-8): trunk/head split, weights, freezing, config round trip."""
+
 from __future__ import annotations
 
 import pytest
@@ -26,8 +27,7 @@ def _image(h: int = 96, w: int = 96, seed: int = 0) -> torch.Tensor:
 
 
 def _target() -> dict[str, torch.Tensor]:
-    return {"boxes": torch.tensor([[10.0, 12.0, 60.0, 70.0], [40.0, 30.0, 90.0, 88.0]]),
-            "labels": torch.tensor([1, 2])}
+    return {"boxes": torch.tensor([[10.0, 12.0, 60.0, 70.0], [40.0, 30.0, 90.0, 88.0]]), "labels": torch.tensor([1, 2])}
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +48,9 @@ def detector(tv_weights):
     """One VGG-16 detector (torchvision-format weights, freeze_at=2) shared by the tests below; anchors small
     enough for a 96-px image to have inside anchors (so the RPN losses are not trivially zero)."""
     torch.manual_seed(0)
-    return build_faster_rcnn(backbone="vgg16", num_classes=3, weights_path=tv_weights, pooler_resolution=7,
-                             anchor_sizes=(32, 64))
+    return build_faster_rcnn(
+        backbone="vgg16", num_classes=3, weights_path=tv_weights, pooler_resolution=7, anchor_sizes=(32, 64)
+    )
 
 
 def test_parameter_count_is_vgg16_without_fc8(tv_vgg16):
@@ -138,16 +139,23 @@ def test_vgg16_needs_a_7x7_pooler_and_a_vgg_file(tmp_path):
     torch.save(build_resnet(18, base_width=8).state_dict(), tmp_path / "r18.pth")
     with pytest.raises(ValueError, match=r"r18\.pth.*not a VGG-16"):
         build_vgg16_c4(weights_path=tmp_path / "r18.pth")
-    torch.save({"features.0.weight": torch.zeros(64, 3, 3, 3), "features.1.running_mean": torch.zeros(64)},
-               tmp_path / "bn.pth")
+    torch.save(
+        {"features.0.weight": torch.zeros(64, 3, 3, 3), "features.1.running_mean": torch.zeros(64)}, tmp_path / "bn.pth"
+    )
     with pytest.raises(ValueError, match=r"bn\.pth.*batch normalisation"):
         build_vgg16_c4(weights_path=tmp_path / "bn.pth")
 
 
 def test_global_context_works_with_vgg16():
     torch.manual_seed(0)
-    model = build_faster_rcnn(backbone="vgg16", num_classes=2, pooler_resolution=7, global_context=True,
-                              roi_batch_size_per_image=16, rpn_post_nms_top_n_test=20)
+    model = build_faster_rcnn(
+        backbone="vgg16",
+        num_classes=2,
+        pooler_resolution=7,
+        global_context=True,
+        roi_batch_size_per_image=16,
+        rpn_post_nms_top_n_test=20,
+    )
     assert model.roi_heads.predictor.cls_score.in_features == 2 * 4096
     losses = model([_image()], [_target()])
     assert all(torch.isfinite(v) for v in losses.values())
@@ -158,10 +166,15 @@ def test_global_context_works_with_vgg16():
 
 def _meta_checkpoint(path, arch: str, **args) -> None:
     """A train_cls-like checkpoint whose weights are never read (the architecture check comes first)."""
-    save_checkpoint(path, {"model": {"w": torch.zeros(1)}, "bn_recomputed": False,
-                           "model_args": {"arch": arch, "depth": 16 if arch == "vgg16" else 18, **args},
-                           "data_stats": {"channel_mean": torch.tensor([1.0, 2.0, 3.0]), "fixed_mean": None,
-                                          "std": None}})
+    save_checkpoint(
+        path,
+        {
+            "model": {"w": torch.zeros(1)},
+            "bn_recomputed": False,
+            "model_args": {"arch": arch, "depth": 16 if arch == "vgg16" else 18, **args},
+            "data_stats": {"channel_mean": torch.tensor([1.0, 2.0, 3.0]), "fixed_mean": None, "std": None},
+        },
+    )
 
 
 def test_config_refuses_backbone_and_checkpoint_mismatches(tmp_path):
@@ -169,13 +182,16 @@ def test_config_refuses_backbone_and_checkpoint_mismatches(tmp_path):
     _meta_checkpoint(tmp_path / "res.pt", "imagenet", base_width=64, stride_in_1x1=False)
     _meta_checkpoint(tmp_path / "vggbn.pt", "vgg16", batch_norm=True)
     _meta_checkpoint(tmp_path / "cifar.pt", "cifar")
-    cases = (("vgg.pt", "resnet", r"vgg\.pt.*'vgg16'.*model\.backbone='resnet'"),
-             ("res.pt", "vgg16", r"res\.pt.*'imagenet'.*model\.backbone='vgg16'"),
-             ("vggbn.pt", "vgg16", r"vggbn\.pt.*batch_norm"),
-             ("cifar.pt", "vgg16", r"cifar\.pt.*'cifar'.*cannot be a detection backbone"))
+    cases = (
+        ("vgg.pt", "resnet", r"vgg\.pt.*'vgg16'.*model\.backbone='resnet'"),
+        ("res.pt", "vgg16", r"res\.pt.*'imagenet'.*model\.backbone='vgg16'"),
+        ("vggbn.pt", "vgg16", r"vggbn\.pt.*batch_norm"),
+        ("cifar.pt", "vgg16", r"cifar\.pt.*'cifar'.*cannot be a detection backbone"),
+    )
     for name, backbone, message in cases:
-        cfg = load_config(None, [f"model.weights={tmp_path / name}", f"model.backbone={backbone}",
-                                 "model.depth=18"], task="det")
+        cfg = load_config(
+            None, [f"model.weights={tmp_path / name}", f"model.backbone={backbone}", "model.depth=18"], task="det"
+        )
         with pytest.raises(ValueError, match=message):
             detector_kwargs_from_config(cfg.model, num_classes=2)
     # A matching vgg16 checkpoint passes; its channel mean is the detector's (std absent: none).
@@ -189,20 +205,34 @@ def test_config_refuses_backbone_and_checkpoint_mismatches(tmp_path):
 
 def test_train_cls_vgg16_checkpoint_round_trips_through_config_and_load_detector(tmp_path):
     source = vgg16(num_classes=5)  # a train_cls model.arch=vgg16 checkpoint (bn_recomputed False: no BN)
-    save_checkpoint(tmp_path / "cls.pt", {
-        "model": source.state_dict(), "bn_recomputed": False,
-        "model_args": {"arch": "vgg16", "depth": 16, "num_classes": 5, "dropout": 0.5, "batch_norm": False},
-        "data_stats": {"channel_mean": torch.tensor([120.0, 110.0, 100.0]), "fixed_mean": None, "std": None}})
-    cfg = load_config(None, [f"model.weights={tmp_path / 'cls.pt'}", "model.backbone=vgg16",
-                             "model.roi_heads.pooler_resolution=7"], task="det")
+    save_checkpoint(
+        tmp_path / "cls.pt",
+        {
+            "model": source.state_dict(),
+            "bn_recomputed": False,
+            "model_args": {"arch": "vgg16", "depth": 16, "num_classes": 5, "dropout": 0.5, "batch_norm": False},
+            "data_stats": {"channel_mean": torch.tensor([120.0, 110.0, 100.0]), "fixed_mean": None, "std": None},
+        },
+    )
+    cfg = load_config(
+        None,
+        [f"model.weights={tmp_path / 'cls.pt'}", "model.backbone=vgg16", "model.roi_heads.pooler_resolution=7"],
+        task="det",
+    )
     kwargs = detector_kwargs_from_config(cfg.model, num_classes=2)
     assert kwargs["backbone"] == "vgg16" and kwargs["pixel_mean"] == [120.0, 110.0, 100.0]
     model = build_detector(**kwargs).eval()
     assert torch.equal(model.trunk.features[28].weight, source.features[28].weight)  # conv5_3
     assert torch.equal(model.roi_heads.box_head.conv5_head.classifier[0].weight, source.classifier[0].weight)
     del source
-    save_checkpoint(tmp_path / "det.pt", {"model": model.state_dict(), "model_args": dict(kwargs, weights_path=None),
-                                          "meta": {"class_names": ["a", "b"]}})
+    save_checkpoint(
+        tmp_path / "det.pt",
+        {
+            "model": model.state_dict(),
+            "model_args": dict(kwargs, weights_path=None),
+            "meta": {"class_names": ["a", "b"]},
+        },
+    )
     rebuilt, meta = load_detector(tmp_path / "det.pt")
     assert isinstance(rebuilt.trunk, VGGTrunk) and meta["class_names"] == ["a", "b"]
     images = [_image(), _image(64, 80, seed=1)]
@@ -219,6 +249,12 @@ def test_checkpoint_without_backbone_key_loads_as_resnet(tmp_path):
     kwargs = detector_kwargs_from_config(cfg.model, num_classes=2)
     assert kwargs.pop("backbone") == "resnet"
     model = build_detector(**kwargs)
-    save_checkpoint(tmp_path / "old.pt", {"model": model.state_dict(), "model_args": dict(kwargs, weights_path=None),
-                                          "meta": {"class_names": ["a", "b"]}})
+    save_checkpoint(
+        tmp_path / "old.pt",
+        {
+            "model": model.state_dict(),
+            "model_args": dict(kwargs, weights_path=None),
+            "meta": {"class_names": ["a", "b"]},
+        },
+    )
     assert isinstance(load_detector(tmp_path / "old.pt")[0].trunk, ResNetC4Trunk)

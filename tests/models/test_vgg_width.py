@@ -1,12 +1,17 @@
 """Tests for the narrower VGG-16 (width, hidden): counts, config keys, checkpoint -> detector, mismatch errors."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 
 from detres.config.load import load_config
-from detres.models.build import build_classifier, build_detector, classifier_kwargs_from_config, \
-    detector_kwargs_from_config
+from detres.models.build import (
+    build_classifier,
+    build_detector,
+    classifier_kwargs_from_config,
+    detector_kwargs_from_config,
+)
 from detres.models.vgg import vgg16
 from detres.models.vgg_backbone import build_vgg16_c4
 from detres.utils.checkpoint import save_checkpoint
@@ -50,17 +55,32 @@ def test_config_keys_reach_the_classifier_and_defaults_record_nothing():
 def _cls_checkpoint(path, *, width: int = 16, hidden: int = 64) -> torch.nn.Module:
     """A train_cls model.arch=vgg16 checkpoint of a narrow VGG-16 (what tools/train_cls.py writes)."""
     source = vgg16(num_classes=5, width=width, hidden=hidden)
-    save_checkpoint(path, {
-        "model": source.state_dict(), "bn_recomputed": False,
-        "model_args": {"arch": "vgg16", "depth": 16, "num_classes": 5, "dropout": 0.5, "batch_norm": False,
-                       "width": width, "hidden": hidden},
-        "data_stats": {"channel_mean": torch.tensor([120.0, 110.0, 100.0]), "fixed_mean": None, "std": None}})
+    save_checkpoint(
+        path,
+        {
+            "model": source.state_dict(),
+            "bn_recomputed": False,
+            "model_args": {
+                "arch": "vgg16",
+                "depth": 16,
+                "num_classes": 5,
+                "dropout": 0.5,
+                "batch_norm": False,
+                "width": width,
+                "hidden": hidden,
+            },
+            "data_stats": {"channel_mean": torch.tensor([120.0, 110.0, 100.0]), "fixed_mean": None, "std": None},
+        },
+    )
     return source
 
 
 def _det_config(weights, *extra: str):
-    return load_config(None, [f"model.weights={weights}", "model.backbone=vgg16",
-                              "model.roi_heads.pooler_resolution=7", *extra], task="det")
+    return load_config(
+        None,
+        [f"model.weights={weights}", "model.backbone=vgg16", "model.roi_heads.pooler_resolution=7", *extra],
+        task="det",
+    )
 
 
 def test_width_16_checkpoint_builds_a_detector_with_its_weights(tmp_path):
@@ -82,8 +102,9 @@ def test_size_mismatch_errors_name_the_file_and_both_values(tmp_path):
     with pytest.raises(ValueError, match=r"narrow\.pt.*width=16.*model\.vgg_width=64"):
         detector_kwargs_from_config(_det_config(tmp_path / "narrow.pt").model, num_classes=2)
     with pytest.raises(ValueError, match=r"narrow\.pt.*hidden=64.*model\.vgg_hidden=128"):
-        detector_kwargs_from_config(_det_config(tmp_path / "narrow.pt", "model.vgg_width=16",
-                                                "model.vgg_hidden=128").model, num_classes=2)
+        detector_kwargs_from_config(
+            _det_config(tmp_path / "narrow.pt", "model.vgg_width=16", "model.vgg_hidden=128").model, num_classes=2
+        )
     with pytest.raises(ValueError, match=r"narrow\.pt.*width=16.*asks for width=32"):
         build_vgg16_c4(weights_path=tmp_path / "narrow.pt", width=32, hidden=64)
     with pytest.raises(ValueError, match=r"narrow\.pt.*hidden=64.*asks for hidden=4096"):

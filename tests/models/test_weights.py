@@ -52,7 +52,8 @@ def test_torchvision_weights_give_identical_logits_both_directions(depth, ours_f
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         expected = ref(x)
-        # not bit for bit: at 1 thread detres routes 1x1 convs to oneDNN (models/cpu_execution.py), another summation order
+        # not bit for bit: at 1 thread detres routes 1x1 convs to oneDNN (models/cpu_execution.py), another summation
+        # order
         torch.testing.assert_close(ours(x), expected, rtol=1e-3, atol=1e-3)
 
     # Reverse: our random weights into torchvision.
@@ -120,7 +121,12 @@ def test_convert_cifar_checkpoint_keys_known_answer():
         "module.linear.weight": torch.zeros(1),
         "module.linear.bias": torch.zeros(1),
     }
-    assert sorted(convert_cifar_checkpoint_keys(sd)) == ["conv1.weight", "fc.bias", "fc.weight", "layer1.0.bn1.running_var"]
+    assert sorted(convert_cifar_checkpoint_keys(sd)) == [
+        "conv1.weight",
+        "fc.bias",
+        "fc.weight",
+        "layer1.0.bn1.running_var",
+    ]
 
 
 def test_checkpoint_formats_are_detected(tmp_path):
@@ -222,8 +228,13 @@ def _reference_cifar_forward(raw: dict[str, torch.Tensor], x: torch.Tensor, n: i
 
     def bn(t, prefix):
         return F.batch_norm(
-            t, raw[prefix + ".running_mean"], raw[prefix + ".running_var"],
-            raw[prefix + ".weight"], raw[prefix + ".bias"], training=False, eps=1e-5,
+            t,
+            raw[prefix + ".running_mean"],
+            raw[prefix + ".running_var"],
+            raw[prefix + ".weight"],
+            raw[prefix + ".bias"],
+            training=False,
+            eps=1e-5,
         )
 
     out = F.relu(bn(F.conv2d(x, raw["module.conv1.weight"], padding=1), "module.bn1"))
@@ -258,8 +269,9 @@ def _small_backbone_file(path: Path, **record) -> Path:
     from detres.models.resnet import build_resnet
 
     model = build_resnet(18, base_width=16, num_classes=3)
-    torch.save({"model": model.state_dict(), "model_args": {"arch": "imagenet", "depth": 18, "base_width": 16},
-                **record}, path)
+    torch.save(
+        {"model": model.state_dict(), "model_args": {"arch": "imagenet", "depth": 18, "base_width": 16}, **record}, path
+    )
     return path
 
 
@@ -270,8 +282,11 @@ def test_backbone_without_recomputed_bn_is_refused_unless_allowed(tmp_path):
     from detres.models.weights import UnrecomputedBNError, check_backbone_bn_statistics
 
     stale = _small_backbone_file(tmp_path / "last.pt", bn_recomputed=False)
-    with pytest.raises(UnrecomputedBNError, match=r"last\.pt: backbone BN statistics were not recomputed.*"
-                                                  r"model\.allow_unrecomputed_bn=true") as info:
+    with pytest.raises(
+        UnrecomputedBNError,
+        match=r"last\.pt: backbone BN statistics were not recomputed.*"
+        r"model\.allow_unrecomputed_bn=true",
+    ) as info:
         build_faster_rcnn(depth=18, base_width=16, num_classes=2, weights_path=stale)
     assert "\n" not in str(info.value)  # one line
     with pytest.warns(UserWarning, match=r"last\.pt: using a backbone whose BN statistics were not recomputed"):

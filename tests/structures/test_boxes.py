@@ -1,4 +1,5 @@
 """Tests for detres.structures.boxes: format conversions, clipping, inside-image and non-empty masks."""
+
 import pytest
 import torch
 

@@ -1,4 +1,5 @@
 """tools/ablate_det.py: the rows of Table 9 on a tiny val set (untrained tiny checkpoints, 64x96 px images)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -14,8 +15,7 @@ import torch
 
 from tests.tool_loader import load_tool
 
-REQUIRED = ("row", "mAP50", "mAP", "sec_per_img", "voc07_mAP", "gflops_per_img", "cost_ratio", "options",
-            "checkpoints")
+REQUIRED = ("row", "mAP50", "mAP", "sec_per_img", "voc07_mAP", "gflops_per_img", "cost_ratio", "options", "checkpoints")
 
 
 ablate_det, test_det = load_tool("ablate_det"), load_tool("test_det")
@@ -40,15 +40,25 @@ def self_gt(tiny_det_world, tiny_det_checkpoint, tmp_path_factory) -> Path:
 
     coco = json.loads((tiny_det_world / "annotations" / "instances_val.json").read_text())
     model, meta = load_detector(tiny_det_checkpoint)
-    dataset = CocoDetection(tiny_det_world / "images", tiny_det_world / "annotations" / "instances_val.json",
-                   transforms=build_det_transforms(train=False, min_size=64, max_size=96))
+    dataset = CocoDetection(
+        tiny_det_world / "images",
+        tiny_det_world / "annotations" / "instances_val.json",
+        transforms=build_det_transforms(train=False, min_size=64, max_size=96),
+    )
     anns = []
     for det in run_inference(model, dataset, device=torch.device("cpu"), batch_size=1, progress=False):
         for box, label in zip(det["boxes"][:3].tolist(), det["labels"][:3].tolist()):
             x1, y1, x2, y2 = box
-            anns.append({"id": len(anns) + 1, "image_id": int(det["image_id"]), "iscrowd": 0,
-                         "category_id": meta["label_to_category_id"][int(label)], "bbox": [x1, y1, x2 - x1, y2 - y1],
-                         "area": (x2 - x1) * (y2 - y1)})
+            anns.append(
+                {
+                    "id": len(anns) + 1,
+                    "image_id": int(det["image_id"]),
+                    "iscrowd": 0,
+                    "category_id": meta["label_to_category_id"][int(label)],
+                    "bbox": [x1, y1, x2 - x1, y2 - y1],
+                    "area": (x2 - x1) * (y2 - y1),
+                }
+            )
     path = tmp_path_factory.mktemp("self_gt") / "val.json"
     path.write_text(json.dumps(dict(coco, annotations=anns)))
     return path
@@ -57,8 +67,12 @@ def self_gt(tiny_det_world, tiny_det_checkpoint, tmp_path_factory) -> Path:
 @pytest.fixture
 def config(write_tiny_det_config, self_gt, tmp_path) -> Path:
     """The tiny val set scored against ``self_gt``; a 3-level pyramid around the 64 px test scale."""
-    return write_tiny_det_config(tmp_path / "c.yaml", tmp_path / "run", data={"val_ann": str(self_gt)},
-                                 test={"multiscale": {"scales": [48, 64, 96], "reference_size": 32}})
+    return write_tiny_det_config(
+        tmp_path / "c.yaml",
+        tmp_path / "run",
+        data={"val_ann": str(self_gt)},
+        test={"multiscale": {"scales": [48, 64, 96], "reference_size": 32}},
+    )
 
 
 def _rows(config: Path, tmp_path: Path, *args: str) -> tuple[list[dict], str, str]:
@@ -70,8 +84,18 @@ def _rows(config: Path, tmp_path: Path, *args: str) -> tuple[list[dict], str, st
 
 def test_every_row_in_order_with_finite_numbers(config, tiny_det_checkpoint, make_tiny_checkpoint, tmp_path):
     context, member = make_tiny_checkpoint("ctx.pt", seed=1), make_tiny_checkpoint("member.pt", seed=2)
-    rows, out, _ = _rows(config, tmp_path, "--baseline", str(tiny_det_checkpoint), "--context", str(context),
-                         "--ensemble", str(member), "--out", str(tmp_path / "res"))
+    rows, out, _ = _rows(
+        config,
+        tmp_path,
+        "--baseline",
+        str(tiny_det_checkpoint),
+        "--context",
+        str(context),
+        "--ensemble",
+        str(member),
+        "--out",
+        str(tmp_path / "res"),
+    )
     assert [r["row"] for r in rows] == ["baseline", "refinement", "context", "multiscale", "ensemble"]
     for row in rows:
         assert set(REQUIRED) <= set(row), row.keys()
@@ -81,7 +105,8 @@ def test_every_row_in_order_with_finite_numbers(config, tiny_det_checkpoint, mak
         assert (tmp_path / "res" / f"{row['row']}_coco_results.json").is_file()
     assert rows[0]["cost_ratio"] == pytest.approx(1.0)
     assert [r["checkpoints"] for r in rows] == [[str(tiny_det_checkpoint)]] * 2 + [[str(context)]] * 2 + [
-        [str(context), str(member)]]
+        [str(context), str(member)]
+    ]
     options = [r["options"] for r in rows]
     assert not options[0]["box_refinement"] and options[0]["box_voting"] is None and not options[0]["multiscale"]
     assert options[1]["box_refinement"] and options[1]["box_voting"] and options[2] == options[1]
@@ -95,11 +120,11 @@ def test_every_row_in_order_with_finite_numbers(config, tiny_det_checkpoint, mak
 
 
 def test_rows_without_context_or_ensemble_are_skipped(config, tiny_det_checkpoint, tmp_path):
-    rows, _, err = _rows(config, tmp_path, "--baseline", str(tiny_det_checkpoint), "--rows",
-                         "baseline,refinement")
+    rows, _, err = _rows(config, tmp_path, "--baseline", str(tiny_det_checkpoint), "--rows", "baseline,refinement")
     assert [r["row"] for r in rows] == ["baseline", "refinement"]
-    code, out, err = _run(ablate_det.main, ["--config", str(config), "--baseline", str(tiny_det_checkpoint),
-                                            "--max-images", "1"])
+    code, out, err = _run(
+        ablate_det.main, ["--config", str(config), "--baseline", str(tiny_det_checkpoint), "--max-images", "1"]
+    )
     assert code == 0, err
     assert "'+context' skipped" in err and "'ensemble' skipped" in err
     lines = [line for line in out.splitlines() if line.startswith("| ")]
@@ -107,17 +132,29 @@ def test_rows_without_context_or_ensemble_are_skipped(config, tiny_det_checkpoin
 
 
 def test_baseline_row_equals_test_det(config, tiny_det_checkpoint, tmp_path):
-    rows, _, _ = _rows(config, tmp_path, "--baseline", str(tiny_det_checkpoint), "--rows", "baseline",
-                       "--out", str(tmp_path / "res"))
+    rows, _, _ = _rows(
+        config, tmp_path, "--baseline", str(tiny_det_checkpoint), "--rows", "baseline", "--out", str(tmp_path / "res")
+    )
     # One image per batch as the ablation runs (padding images of other sizes into one batch changes an
     # untrained model's detections).
-    code, out, err = _run(test_det.main, ["--config", str(config), "--checkpoint", str(tiny_det_checkpoint),
-                                          "--out", str(tmp_path / "t"), "solver.images_per_batch=1"])
+    code, out, err = _run(
+        test_det.main,
+        [
+            "--config",
+            str(config),
+            "--checkpoint",
+            str(tiny_det_checkpoint),
+            "--out",
+            str(tmp_path / "t"),
+            "solver.images_per_batch=1",
+        ],
+    )
     assert code == 0, err
     report = json.loads(out)
     assert rows[0]["mAP"] > 0.5  # the self-made ground truth: a real known answer, not 0 = 0
     assert rows[0]["mAP"] == pytest.approx(report["COCO"]["AP"]) and rows[0]["mAP50"] == pytest.approx(
-        report["COCO"]["AP50"])
+        report["COCO"]["AP50"]
+    )
     assert rows[0]["voc07_mAP"] == pytest.approx(report["VOC mAP"])
     # The same detections, not just the same numbers (up to the fp32 rounding of the folded BN the ablation runs).
     ours = json.loads((tmp_path / "res" / "baseline_coco_results.json").read_text())
@@ -130,11 +167,24 @@ def test_baseline_row_equals_test_det(config, tiny_det_checkpoint, tmp_path):
 def test_ensemble_of_identical_checkpoints_equals_the_row_above(config, tiny_det_checkpoint, tmp_path):
     copy = tmp_path / "copy.pt"
     shutil.copy(tiny_det_checkpoint, copy)
-    rows, _, _ = _rows(config, tmp_path, "--baseline", str(tiny_det_checkpoint), "--ensemble", str(copy),
-                       "--rows", "multiscale,ensemble", "--max-images", "2", "--out", str(tmp_path / "res"))
+    rows, _, _ = _rows(
+        config,
+        tmp_path,
+        "--baseline",
+        str(tiny_det_checkpoint),
+        "--ensemble",
+        str(copy),
+        "--rows",
+        "multiscale,ensemble",
+        "--max-images",
+        "2",
+        "--out",
+        str(tmp_path / "res"),
+    )
     assert [r["row"] for r in rows] == ["multiscale", "ensemble"] and rows[0]["images"] == 2
-    single, double = (json.loads((tmp_path / "res" / f"{r}_coco_results.json").read_text())
-                      for r in ("multiscale", "ensemble"))
+    single, double = (
+        json.loads((tmp_path / "res" / f"{r}_coco_results.json").read_text()) for r in ("multiscale", "ensemble")
+    )
     assert len(single) == len(double) > 0 and {d["image_id"] for d in double} == {d["image_id"] for d in single}
     assert [d["score"] for d in double] == pytest.approx([d["score"] for d in single], abs=1e-5)
     assert rows[1]["mAP"] == pytest.approx(rows[0]["mAP"]) and rows[1]["mAP50"] == pytest.approx(rows[0]["mAP50"])
@@ -143,16 +193,20 @@ def test_ensemble_of_identical_checkpoints_equals_the_row_above(config, tiny_det
 
 def test_bad_input_exits_2_naming_the_problem(config, tiny_det_checkpoint, make_tiny_checkpoint, tmp_path):
     missing = tmp_path / "nowhere.pt"
-    code, _, err = _run(ablate_det.main, ["--config", str(config), "--baseline", str(tiny_det_checkpoint),
-                                          "--ensemble", str(missing)])
+    code, _, err = _run(
+        ablate_det.main, ["--config", str(config), "--baseline", str(tiny_det_checkpoint), "--ensemble", str(missing)]
+    )
     assert code == 2 and str(missing) in err
     other = make_tiny_checkpoint("five.pt", class_names=["a", "b", "c", "d", "e"])
-    code, _, err = _run(ablate_det.main, ["--config", str(config), "--baseline", str(tiny_det_checkpoint),
-                                          "--ensemble", str(other)])
+    code, _, err = _run(
+        ablate_det.main, ["--config", str(config), "--baseline", str(tiny_det_checkpoint), "--ensemble", str(other)]
+    )
     assert code == 2 and "five.pt" in err and "class list" in err
-    code, _, err = _run(ablate_det.main, ["--config", str(config), "--baseline", str(tiny_det_checkpoint),
-                                          "--rows", "baseline,context"])
+    code, _, err = _run(
+        ablate_det.main, ["--config", str(config), "--baseline", str(tiny_det_checkpoint), "--rows", "baseline,context"]
+    )
     assert code == 2 and "--context" in err
-    code, _, err = _run(ablate_det.main, ["--config", str(config), "--baseline", str(tiny_det_checkpoint),
-                                          "--rows", "baselin"])
+    code, _, err = _run(
+        ablate_det.main, ["--config", str(config), "--baseline", str(tiny_det_checkpoint), "--rows", "baselin"]
+    )
     assert code == 2 and "baselin" in err

@@ -1,5 +1,6 @@
 """A global-context detector (model.roi_heads.global_context=true) goes through train_det (joint and alternating),
 --resume, test_det and infer exactly like a baseline one."""
+
 from __future__ import annotations
 
 import contextlib
@@ -13,17 +14,13 @@ import pytest
 import torch
 import yaml
 
-from tests.tool_loader import load_tool
 from detres.data.image_io import read_image_rgb
 from detres.engine.alternating import STEP_NAMES
 from detres.inference.predictor import Predictor
 from detres.models.build import load_detector
 from detres.models.context import ContextRoIHeads
 from detres.utils.checkpoint import load_checkpoint
-
-
-
-
+from tests.tool_loader import load_tool
 
 train_det, test_det, infer = load_tool("train_det"), load_tool("test_det"), load_tool("infer")
 
@@ -40,22 +37,46 @@ class _Capture:
         return code
 
 
-
-
 def _config(det: Path, out: Path, path: Path, **solver) -> Path:
     """A CPU-test-sized context detector (quarter-width ResNet-18, ~128 px inputs, few RoIs) as a YAML file."""
     cfg = {
-        "task": "det", "output_dir": str(out), "device": "cpu",
-        "model": {"depth": 18, "base_width": 16, "freeze_at": 0, "anchor_sizes": [16, 32, 64],
-                  "rpn": {"pre_nms_top_n_train": 300, "post_nms_top_n_train": 50, "pre_nms_top_n_test": 300,
-                          "post_nms_top_n_test": 50, "batch_size_per_image": 64},
-                  "roi_heads": {"batch_size_per_image": 16, "pooler_resolution": 8, "global_context": True}},
-        "data": {"format": "coco", "train_images": str(det / "images"),
-                 "train_ann": str(det / "annotations" / "instances_train.json"), "val_images": str(det / "images"),
-                 "val_ann": str(det / "annotations" / "instances_val.json"), "num_workers": 0},
+        "task": "det",
+        "output_dir": str(out),
+        "device": "cpu",
+        "model": {
+            "depth": 18,
+            "base_width": 16,
+            "freeze_at": 0,
+            "anchor_sizes": [16, 32, 64],
+            "rpn": {
+                "pre_nms_top_n_train": 300,
+                "post_nms_top_n_train": 50,
+                "pre_nms_top_n_test": 300,
+                "post_nms_top_n_test": 50,
+                "batch_size_per_image": 64,
+            },
+            "roi_heads": {"batch_size_per_image": 16, "pooler_resolution": 8, "global_context": True},
+        },
+        "data": {
+            "format": "coco",
+            "train_images": str(det / "images"),
+            "train_ann": str(det / "annotations" / "instances_train.json"),
+            "val_images": str(det / "images"),
+            "val_ann": str(det / "annotations" / "instances_val.json"),
+            "num_workers": 0,
+        },
         "input": {"min_size_train": [128], "max_size_train": 192, "min_size_test": 128, "max_size_test": 192},
-        "solver": {"images_per_batch": 2, "base_lr": 0.005, "max_iter": 2, "steps": [], "eval_period": 0,
-                   "checkpoint_period": 2, "log_period": 1, "warmup_iters": 0, **solver},
+        "solver": {
+            "images_per_batch": 2,
+            "base_lr": 0.005,
+            "max_iter": 2,
+            "steps": [],
+            "eval_period": 0,
+            "checkpoint_period": 2,
+            "log_period": 1,
+            "warmup_iters": 0,
+            **solver,
+        },
         "test": {"vis_images": 0},
     }
     path.write_text(yaml.safe_dump(cfg))
@@ -65,7 +86,7 @@ def _config(det: Path, out: Path, path: Path, **solver) -> Path:
 def _context_half(state: dict[str, torch.Tensor]) -> torch.Tensor:
     """The sibling classifier's weights on the context half of its input."""
     weight = state["roi_heads.predictor.cls_score.weight"]
-    return weight[:, weight.shape[1] // 2:]
+    return weight[:, weight.shape[1] // 2 :]
 
 
 def _conv5(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -97,8 +118,20 @@ def test_train_resume_test_and_infer_a_context_detector(small_det_world, tmp_pat
     assert _changed(_conv5(first["model"]), _conv5(final["model"]))
 
     # test_det rebuilds the context model from the checkpoint and reproduces the end-of-training numbers.
-    assert capture.run(test_det.main, ["--config", str(cfg), "--checkpoint", str(tmp_path / "run" / "model_final.pt"),
-                                       "--out", str(tmp_path / "t")]) == 0, capture.err
+    assert (
+        capture.run(
+            test_det.main,
+            [
+                "--config",
+                str(cfg),
+                "--checkpoint",
+                str(tmp_path / "run" / "model_final.pt"),
+                "--out",
+                str(tmp_path / "t"),
+            ],
+        )
+        == 0
+    ), capture.err
     assert json.loads(capture.out)["COCO"] == pytest.approx(summary["COCO"])
 
     # infer: the same detections as the Predictor (a context model too) on each image.
@@ -106,9 +139,24 @@ def test_train_resume_test_and_infer_a_context_detector(small_det_world, tmp_pat
     folder.mkdir()
     for name in ("val_000001.png", "val_000002.png"):
         (folder / name).write_bytes((small_det_world / "images" / name).read_bytes())
-    assert capture.run(infer.main, ["--checkpoint", str(tmp_path / "run" / "model_final.pt"), "--input", str(folder),
-                                    "--out", str(tmp_path / "o"), "--score-thresh", "0.0", "--device", "cpu"]) == 0, \
-        capture.err
+    assert (
+        capture.run(
+            infer.main,
+            [
+                "--checkpoint",
+                str(tmp_path / "run" / "model_final.pt"),
+                "--input",
+                str(folder),
+                "--out",
+                str(tmp_path / "o"),
+                "--score-thresh",
+                "0.0",
+                "--device",
+                "cpu",
+            ],
+        )
+        == 0
+    ), capture.err
     result = json.loads((tmp_path / "o" / "detections.json").read_text())
     predictor = Predictor(tmp_path / "run" / "model_final.pt")
     assert isinstance(predictor.model.roi_heads, ContextRoIHeads)
@@ -122,8 +170,15 @@ def test_train_resume_test_and_infer_a_context_detector(small_det_world, tmp_pat
 
 
 def test_alternating_training_trains_the_context_branch_in_the_fast_rcnn_steps(small_det_world, tmp_path):
-    cfg = _config(small_det_world, tmp_path / "run", tmp_path / "alt.yaml", training_scheme="alternating",
-                  alternating_iters=[2, 2, 2, 2], alternating_images_per_batch=[1, 2, 1, 2], checkpoint_period=100)
+    cfg = _config(
+        small_det_world,
+        tmp_path / "run",
+        tmp_path / "alt.yaml",
+        training_scheme="alternating",
+        alternating_iters=[2, 2, 2, 2],
+        alternating_images_per_batch=[1, 2, 1, 2],
+        checkpoint_period=100,
+    )
     capture = _Capture()
     assert capture.run(train_det.main, ["--config", str(cfg)]) == 0, capture.err
     steps = [load_checkpoint(tmp_path / "run" / f"{name}.pt") for name in STEP_NAMES]

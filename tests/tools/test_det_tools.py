@@ -1,4 +1,5 @@
 """Tests for tools/train_det.py, tools/test_det.py and tools/infer.py (their main() run in-process)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -12,20 +13,14 @@ import pytest
 import torch
 import yaml
 
-from tests.tiny_configs import tiny_train_det_config, write_yaml
-from tests.tool_loader import load_tool
 from detres.data.image_io import read_image_rgb
 from detres.inference.predictor import Predictor
 from detres.inference.visualize import write_png
 from detres.utils.checkpoint import save_checkpoint
-
-
-
-
+from tests.tiny_configs import tiny_train_det_config, write_yaml
+from tests.tool_loader import load_tool
 
 train_det, test_det, infer = load_tool("train_det"), load_tool("test_det"), load_tool("infer")
-
-
 
 
 def _config(det: Path, out: Path, path: Path, **data_overrides: str) -> Path:
@@ -60,8 +55,16 @@ class _Capture:
 def test_train_det_prints_a_summary_and_writes_a_run(trained):
     _, out, summary = trained
     assert summary["iterations"] == 2 and len(summary["COCO"]) == 12
-    for name in ("config.yaml", "metrics.jsonl", "metrics.json", "loss_curves.png", "last.pt", "model_final.pt",
-                 "test/coco_results.json", "test/metrics.json"):
+    for name in (
+        "config.yaml",
+        "metrics.jsonl",
+        "metrics.json",
+        "loss_curves.png",
+        "last.pt",
+        "model_final.pt",
+        "test/coco_results.json",
+        "test/metrics.json",
+    ):
         assert (out / name).is_file(), name
     assert json.loads((out / "metrics.json").read_text())["coco"]["summary"] == pytest.approx(summary["COCO"])
 
@@ -70,8 +73,9 @@ def test_test_det_reproduces_the_training_run_metrics(trained, tmp_path, capsys)
     cfg, out, summary = trained
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        code = test_det.main(["--config", str(cfg), "--checkpoint", str(out / "model_final.pt"),
-                              "--out", str(tmp_path / "t")])
+        code = test_det.main(
+            ["--config", str(cfg), "--checkpoint", str(out / "model_final.pt"), "--out", str(tmp_path / "t")]
+        )
     printed = capsys.readouterr().out
     assert code == 0
     report = json.loads(printed)
@@ -83,8 +87,9 @@ def test_test_det_reproduces_the_training_run_metrics(trained, tmp_path, capsys)
     assert "coco_gt.json" in written and "pr_curves.png" in written
     assert sum(name.startswith("voc/comp4_det_test_") for name in written) == 10
     assert sorted(n for n in written if n.startswith("vis/")) == ["vis/val_000001.png", "vis/val_000002.png"]
-    assert json.loads((tmp_path / "t" / "coco_results.json").read_text()) == \
-        json.loads((out / "test" / "coco_results.json").read_text())
+    assert json.loads((tmp_path / "t" / "coco_results.json").read_text()) == json.loads(
+        (out / "test" / "coco_results.json").read_text()
+    )
 
 
 def test_test_det_rejects_a_test_set_with_other_classes(trained, small_det_world, tmp_path, capsys):
@@ -143,8 +148,20 @@ def test_infer_writes_detections_json_and_pngs_in_original_pixels(trained, small
     for name in ("val_000001.png", "val_000002.png"):
         (folder / name).write_bytes((small_det_world / "images" / name).read_bytes())
     (folder / "notes.txt").write_text("not an image, ignored")
-    code = infer.main(["--checkpoint", str(out / "model_final.pt"), "--input", str(folder), "--out",
-                       str(tmp_path / "o"), "--score-thresh", "0.0", "--device", "cpu"])
+    code = infer.main(
+        [
+            "--checkpoint",
+            str(out / "model_final.pt"),
+            "--input",
+            str(folder),
+            "--out",
+            str(tmp_path / "o"),
+            "--score-thresh",
+            "0.0",
+            "--device",
+            "cpu",
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     result = json.loads((tmp_path / "o" / "detections.json").read_text())
     assert [Path(r["file"]).name for r in result["images"]] == ["val_000001.png", "val_000002.png"]
@@ -159,7 +176,11 @@ def test_infer_writes_detections_json_and_pngs_in_original_pixels(trained, small
         assert record["labels"] == expected["labels"].tolist()
         assert record["class_names"] == [result["class_names"][label - 1] for label in record["labels"]]
         boxes = np.asarray(record["boxes"]).reshape(-1, 4)
-        assert (boxes >= 0).all() and (boxes[:, [0, 2]] <= image.shape[1]).all() and (boxes[:, [1, 3]] <= image.shape[0]).all()
+        assert (
+            (boxes >= 0).all()
+            and (boxes[:, [0, 2]] <= image.shape[1]).all()
+            and (boxes[:, [1, 3]] <= image.shape[0]).all()
+        )
         png = read_image_rgb(tmp_path / "o" / f"{Path(record['file']).stem}.png")
         assert png.shape == image.shape
         total += len(record["scores"])
@@ -174,13 +195,28 @@ def test_infer_writes_detections_json_and_pngs_in_original_pixels(trained, small
     thresh = max(gaps)[1]
     keep = [i for i, s in enumerate(first["scores"]) if s >= thresh]
     assert 0 < len(keep) < len(first["scores"])
-    code = infer.main(["--checkpoint", str(out / "model_final.pt"), "--input", str(folder / "val_000001.png"),
-                       "--out", str(tmp_path / "o2"), "--score-thresh", repr(thresh), "--device", "cpu"])
+    code = infer.main(
+        [
+            "--checkpoint",
+            str(out / "model_final.pt"),
+            "--input",
+            str(folder / "val_000001.png"),
+            "--out",
+            str(tmp_path / "o2"),
+            "--score-thresh",
+            repr(thresh),
+            "--device",
+            "cpu",
+        ]
+    )
     single = json.loads((tmp_path / "o2" / "detections.json").read_text())
     assert code == 0 and len(single["images"]) == 1
     np.testing.assert_allclose(single["images"][0]["scores"], [first["scores"][i] for i in keep], atol=1e-6)
-    np.testing.assert_allclose(np.asarray(single["images"][0]["boxes"]).reshape(-1, 4),
-                               np.asarray(first["boxes"]).reshape(-1, 4)[keep], atol=1e-4)
+    np.testing.assert_allclose(
+        np.asarray(single["images"][0]["boxes"]).reshape(-1, 4),
+        np.asarray(first["boxes"]).reshape(-1, 4)[keep],
+        atol=1e-4,
+    )
     assert single["images"][0]["labels"] == [first["labels"][i] for i in keep]
 
 
@@ -226,8 +262,16 @@ def _val_with_repeated_ids_and_bad_boxes(small_det_world: Path, out: Path) -> Pa
     w, h = img["width"], img["height"]
     # (Within the 1 px tolerance: a box further outside is malformed, a bad sample, see tests/data/test_bad_samples.py.)
     for k, box in enumerate([[3, 3, 0, 9], [w + 0.5, 2, 0.5, 6], [w - 12, h - 9, 12.5, 9.5]]):
-        coco["annotations"].append({"id": 100 + k, "image_id": img["id"], "category_id": cat, "bbox": box,
-                                    "area": box[2] * box[3], "iscrowd": 0})
+        coco["annotations"].append(
+            {
+                "id": 100 + k,
+                "image_id": img["id"],
+                "category_id": cat,
+                "bbox": box,
+                "area": box[2] * box[3],
+                "iscrowd": 0,
+            }
+        )
     assert len({a["id"] for a in coco["annotations"]}) < len(coco["annotations"])
     out.write_text(json.dumps(coco))
     return out
@@ -265,8 +309,14 @@ def test_test_detector_scores_the_ground_truth_at_one_despite_repeated_ids_and_b
         dataset = build_detection_dataset(cfg, "val", train=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # classes absent from the two images have undefined VOC AP
-        metrics = test_detector(_GroundTruthDetector(dataset), dataset, detector_metadata(dataset, cfg), cfg,
-                                out_dir=tmp_path / "t", device=torch.device("cpu"))
+        metrics = test_detector(
+            _GroundTruthDetector(dataset),
+            dataset,
+            detector_metadata(dataset, cfg),
+            cfg,
+            out_dir=tmp_path / "t",
+            device=torch.device("cpu"),
+        )
     assert metrics["coco"]["summary"]["AP"] == pytest.approx(1.0, abs=1e-6)
     assert metrics["coco"]["summary"]["AR100"] == pytest.approx(1.0, abs=1e-6)
     assert metrics["voc"]["mAP"] == pytest.approx(1.0, abs=1e-6)
@@ -312,8 +362,14 @@ def test_test_detector_writes_coco_gt_that_eval_det_scores_to_the_same_numbers(s
     out = tmp_path / "t"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # classes absent from the two images have undefined VOC AP
-        metrics = test_detector(_NoisyDetector(dataset), dataset, detector_metadata(dataset, cfg), cfg,
-                                out_dir=out, device=torch.device("cpu"))
+        metrics = test_detector(
+            _NoisyDetector(dataset),
+            dataset,
+            detector_metadata(dataset, cfg),
+            cfg,
+            out_dir=out,
+            device=torch.device("cpu"),
+        )
     ap = metrics["coco"]["summary"]["AP"]
     assert 0.05 < ap < 0.95, ap
     # The per-class precision-recall plot.
@@ -327,8 +383,17 @@ def test_test_detector_writes_coco_gt_that_eval_det_scores_to_the_same_numbers(s
     # eval_det on the two files reproduces test_det's COCO numbers exactly, not approximately.
     eval_det = load_tool("eval_det")
     json_out = tmp_path / "eval.json"
-    code = eval_det.main(["coco", "--gt", str(out / "coco_gt.json"), "--results", str(out / "coco_results.json"),
-                          "--json-out", str(json_out)])
+    code = eval_det.main(
+        [
+            "coco",
+            "--gt",
+            str(out / "coco_gt.json"),
+            "--results",
+            str(out / "coco_results.json"),
+            "--json-out",
+            str(json_out),
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     reproduced = json.loads(json_out.read_text())
     assert reproduced["summary"] == metrics["coco"]["summary"]

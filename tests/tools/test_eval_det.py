@@ -1,4 +1,5 @@
 """Tests for tools/eval_det.py run as a command (subprocess with this venv's python)."""
+
 from __future__ import annotations
 
 import json
@@ -19,8 +20,9 @@ needs_evalref = pytest.mark.skipif(not EVALREF.is_dir(), reason=f"shared referen
 
 def run_tool(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    return subprocess.run([sys.executable, str(TOOL), *map(str, args)], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, str(TOOL), *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 @needs_evalref
@@ -61,12 +63,15 @@ def test_coco_errors_exit_nonzero_with_a_clear_message(tmp_path):
 def test_voc_toyexample_and_missing_folder(tmp_path):
     lines = []
     for det_file in sorted((EVALREF / "voc" / "toyexample" / "dets_classname_abs_xyx2y2").glob("*.txt")):
-        lines += [" ".join([det_file.stem] + line.split()[1:]) for line in det_file.read_text().splitlines() if line.strip()]
+        lines += [
+            " ".join([det_file.stem] + line.split()[1:]) for line in det_file.read_text().splitlines() if line.strip()
+        ]
     (tmp_path / "det_cat.txt").write_text("\n".join(lines) + "\n")
     out = tmp_path / "voc.json"
     ann = EVALREF / "voc" / "toyexample" / "Annotations"
-    proc = run_tool("voc", "--annotations", ann, "--results", "det_{cls}.txt", "--use-07-metric",
-                    "--json-out", out, cwd=tmp_path)
+    proc = run_tool(
+        "voc", "--annotations", ann, "--results", "det_{cls}.txt", "--use-07-metric", "--json-out", out, cwd=tmp_path
+    )
     assert proc.returncode == 0, proc.stderr
     metrics = json.loads(out.read_text())
     # Hand-worked in tests/evaluation/test_voc.py: 11-point AP (7 + 3 * 11/12) / 11 = 39/44.
@@ -80,14 +85,26 @@ def test_voc_toyexample_and_missing_folder(tmp_path):
 def test_coco_ground_truth_with_repeated_annotation_ids_is_refused_naming_file_and_ids(tmp_path):
     # Issue #6: two files merged, each numbering its annotations from 1. pycocotools keys ground truth by
     # annotation id, so the ground truth fed back as results scored AP 0.252 with no word; now it is an error.
-    gt = {"images": [{"id": 1, "height": 200, "width": 200}, {"id": 2, "height": 200, "width": 200}],
-          "categories": [{"id": 7, "name": "thing"}], "annotations": []}
+    gt = {
+        "images": [{"id": 1, "height": 200, "width": 200}, {"id": 2, "height": 200, "width": 200}],
+        "categories": [{"id": 7, "name": "thing"}],
+        "annotations": [],
+    }
     for image_id, shift in ((1, 0), (2, 40)):
         for k, (x, y, w, h) in enumerate([[10, 10, 30, 40], [60, 20, 50, 30], [100, 100, 60, 70]]):
-            gt["annotations"].append({"id": k + 1, "image_id": image_id, "category_id": 7, "iscrowd": 0,
-                                      "bbox": [x + shift, y, w, h], "area": w * h})
-    results = [{"image_id": a["image_id"], "category_id": 7, "bbox": a["bbox"], "score": 1.0}
-               for a in gt["annotations"]]
+            gt["annotations"].append(
+                {
+                    "id": k + 1,
+                    "image_id": image_id,
+                    "category_id": 7,
+                    "iscrowd": 0,
+                    "bbox": [x + shift, y, w, h],
+                    "area": w * h,
+                }
+            )
+    results = [
+        {"image_id": a["image_id"], "category_id": 7, "bbox": a["bbox"], "score": 1.0} for a in gt["annotations"]
+    ]
     (tmp_path / "merged.json").write_text(json.dumps(gt))
     (tmp_path / "res.json").write_text(json.dumps(results))
     proc = run_tool("coco", "--gt", "merged.json", "--results", "res.json", cwd=tmp_path)

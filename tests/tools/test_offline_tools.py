@@ -1,4 +1,5 @@
 """The tools run with networking refused: train_cls, train_det, test_det, infer and eval_det never try to connect."""
+
 from __future__ import annotations
 
 import json
@@ -6,7 +7,6 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-
 
 from tests.tiny_configs import tiny_train_det_config, write_tiny_cls_run, write_yaml
 
@@ -39,8 +39,14 @@ print("\n" + json.dumps({"attempts": attempts, "code": code}))
 def _offline(tool: str, *args: str | Path, cwd: Path) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "NO_ALBUMENTATIONS_UPDATE"}
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, "-c", GUARD, str(ROOT / "tools" / f"{tool}.py"), *map(str, args)],
-                          cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", GUARD, str(ROOT / "tools" / f"{tool}.py"), *map(str, args)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["code"] == 0, f"{tool} failed:\n{proc.stderr[-3000:]}"
     return report
@@ -49,11 +55,13 @@ def _offline(tool: str, *args: str | Path, cwd: Path) -> dict:
 def test_the_guard_sees_a_connection_attempt(tmp_path):
     script = tmp_path / "tools" / "connect.py"
     script.parent.mkdir()
-    script.write_text("import socket\ntry:\n    socket.create_connection(('example.org', 80), timeout=1)\n"
-                      "except OSError:\n    pass\n")
+    script.write_text(
+        "import socket\ntry:\n    socket.create_connection(('example.org', 80), timeout=1)\nexcept OSError:\n    pass\n"
+    )
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, "-c", GUARD, str(script)], env=env, capture_output=True, text=True,
-                          timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-c", GUARD, str(script)], env=env, capture_output=True, text=True, timeout=60
+    )
     assert json.loads(proc.stdout.strip().splitlines()[-1])["attempts"], proc.stdout  # the probe can fail
 
 
@@ -67,12 +75,30 @@ def test_detection_tools_make_no_network_attempt(small_det_world, tmp_path):
     checkpoint = tmp_path / "run" / "model_final.pt"
     reports = {
         "train_det": _offline("train_det", "--config", cfg, cwd=tmp_path),
-        "test_det": _offline("test_det", "--config", cfg, "--checkpoint", checkpoint, "--out", tmp_path / "test",
-                             cwd=tmp_path),
-        "infer": _offline("infer", "--checkpoint", checkpoint, "--input", small_det_world / "images",
-                          "--out", tmp_path / "infer", "--device", "cpu", cwd=tmp_path),
-        "eval_det": _offline("eval_det", "coco", "--gt", tmp_path / "test" / "coco_gt.json",
-                             "--results", tmp_path / "test" / "coco_results.json", cwd=tmp_path),
+        "test_det": _offline(
+            "test_det", "--config", cfg, "--checkpoint", checkpoint, "--out", tmp_path / "test", cwd=tmp_path
+        ),
+        "infer": _offline(
+            "infer",
+            "--checkpoint",
+            checkpoint,
+            "--input",
+            small_det_world / "images",
+            "--out",
+            tmp_path / "infer",
+            "--device",
+            "cpu",
+            cwd=tmp_path,
+        ),
+        "eval_det": _offline(
+            "eval_det",
+            "coco",
+            "--gt",
+            tmp_path / "test" / "coco_gt.json",
+            "--results",
+            tmp_path / "test" / "coco_results.json",
+            cwd=tmp_path,
+        ),
     }
     assert {tool: r["attempts"] for tool, r in reports.items()} == {tool: [] for tool in reports}
     assert (tmp_path / "infer").is_dir() and (tmp_path / "test" / "metrics.json").is_file()

@@ -1,4 +1,6 @@
-"""tools/test_det.py and tools/infer.py: --nms-method / --soft-nms-* / --box-voting override the checkpoint's post-processing."""
+"""tools/test_det.py and tools/infer.py: --nms-method / --soft-nms-* / --box-voting override the checkpoint's post-
+processing."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,12 +9,8 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.tool_loader import load_tool
 from detres.inference.visualize import write_png
-
-
-
-
+from tests.tool_loader import load_tool
 
 test_det, infer = load_tool("test_det"), load_tool("infer")
 
@@ -52,13 +50,33 @@ def test_infer_flags_override_the_checkpoint(checkpoint, tmp_path, monkeypatch, 
     assert infer.main([*base, "--out", str(tmp_path / "o1")]) == 0
     # No flags: the checkpoint's own setting (voting on, hard NMS).
     assert calls[-1]["box_voting"] is True and calls[-1]["nms_method"] == "nms"
-    code = infer.main([*base, "--out", str(tmp_path / "o2"), "--no-box-voting", "--nms-method", "soft_gaussian",
-                       "--soft-nms-sigma", "0.25", "--soft-nms-score-thresh", "0.01", "--box-voting-iou", "0.7"])
+    code = infer.main(
+        [
+            *base,
+            "--out",
+            str(tmp_path / "o2"),
+            "--no-box-voting",
+            "--nms-method",
+            "soft_gaussian",
+            "--soft-nms-sigma",
+            "0.25",
+            "--soft-nms-score-thresh",
+            "0.01",
+            "--box-voting-iou",
+            "0.7",
+        ]
+    )
     assert code == 0, capsys.readouterr().err
-    assert {k: calls[-1][k] for k in ("box_voting", "nms_method", "soft_nms_sigma", "soft_nms_score_thresh",
-                                      "box_voting_iou")} == {
-        "box_voting": False, "nms_method": "soft_gaussian", "soft_nms_sigma": 0.25, "soft_nms_score_thresh": 0.01,
-        "box_voting_iou": 0.7}
+    assert {
+        k: calls[-1][k]
+        for k in ("box_voting", "nms_method", "soft_nms_sigma", "soft_nms_score_thresh", "box_voting_iou")
+    } == {
+        "box_voting": False,
+        "nms_method": "soft_gaussian",
+        "soft_nms_sigma": 0.25,
+        "soft_nms_score_thresh": 0.01,
+        "box_voting_iou": 0.7,
+    }
     # A bad value is a one-line error with exit status 2.
     assert infer.main([*base, "--out", str(tmp_path / "o3"), "--soft-nms-sigma", "0"]) == 2
     assert "soft_nms_sigma" in capsys.readouterr().err
@@ -67,10 +85,18 @@ def test_infer_flags_override_the_checkpoint(checkpoint, tmp_path, monkeypatch, 
 
 
 def test_test_det_flags_reach_the_evaluated_model(world, checkpoint, tmp_path, monkeypatch, capsys):
-    cfg = {"task": "det", "output_dir": str(tmp_path / "run"), "device": "cpu",
-           "data": {"format": "coco", "val_images": str(world / "images"),
-                    "val_ann": str(world / "annotations" / "instances_val.json"), "num_workers": 0},
-           "input": {"min_size_test": 64, "max_size_test": 96}}
+    cfg = {
+        "task": "det",
+        "output_dir": str(tmp_path / "run"),
+        "device": "cpu",
+        "data": {
+            "format": "coco",
+            "val_images": str(world / "images"),
+            "val_ann": str(world / "annotations" / "instances_val.json"),
+            "num_workers": 0,
+        },
+        "input": {"min_size_test": 64, "max_size_test": 96},
+    }
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(cfg))
     seen = []

@@ -1,4 +1,5 @@
 """tools/test_det.py and tools/infer.py: the Appendix-B test-time flags (--multiscale, --flip, ...) and ensembles."""
+
 from __future__ import annotations
 
 import argparse
@@ -11,17 +12,13 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-import yaml
 import pytest
+import yaml
 
 import detres.inference.postprocess_args as pa
 import detres.inference.test_time as tt
-from tests.tool_loader import load_tool
 from detres.inference.visualize import write_png
-
-
-
-
+from tests.tool_loader import load_tool
 
 test_det, infer = load_tool("test_det"), load_tool("infer")
 
@@ -35,18 +32,45 @@ def _parse(*argv: str) -> argparse.Namespace:
 def test_flags_parse_into_options():
     base = tt.TestTimeOptions(max_size_ratio=1.5)
     assert pa.test_time_options(_parse(), base) == base  # nothing given: the base unchanged
-    got = pa.test_time_options(_parse("--box-refinement", "--multiscale", "--scales", "300", "500",
-                                      "--reference-size", "112", "--pyramid-proposals", "--flip",
-                                      "--proposal-nms", "0.6", "--max-proposals", "50"), base)
-    assert got == tt.TestTimeOptions(box_refinement=True, multiscale=True, scales=(300.0, 500.0), max_size_ratio=1.5,
-                                     reference_size=112.0, pyramid_proposals=True, flip=True,
-                                     proposal_nms_thresh=0.6, max_proposals=50)
+    got = pa.test_time_options(
+        _parse(
+            "--box-refinement",
+            "--multiscale",
+            "--scales",
+            "300",
+            "500",
+            "--reference-size",
+            "112",
+            "--pyramid-proposals",
+            "--flip",
+            "--proposal-nms",
+            "0.6",
+            "--max-proposals",
+            "50",
+        ),
+        base,
+    )
+    assert got == tt.TestTimeOptions(
+        box_refinement=True,
+        multiscale=True,
+        scales=(300.0, 500.0),
+        max_size_ratio=1.5,
+        reference_size=112.0,
+        pyramid_proposals=True,
+        flip=True,
+        proposal_nms_thresh=0.6,
+        max_proposals=50,
+    )
     on = tt.TestTimeOptions(box_refinement=True, multiscale=True, flip=True)
     off = pa.test_time_options(_parse("--no-box-refinement", "--no-multiscale", "--no-flip"), on)
     assert not (off.box_refinement or off.multiscale or off.flip)
-    for argv, flag in ((["--scales", "0"], "--scales"), (["--reference-size", "-1"], "--reference-size"),
-                       (["--proposal-nms", "1.5"], "--proposal-nms"), (["--max-proposals", "0"], "--max-proposals"),
-                       (["--pyramid-proposals"], "--pyramid-proposals")):
+    for argv, flag in (
+        (["--scales", "0"], "--scales"),
+        (["--reference-size", "-1"], "--reference-size"),
+        (["--proposal-nms", "1.5"], "--proposal-nms"),
+        (["--max-proposals", "0"], "--max-proposals"),
+        (["--pyramid-proposals"], "--pyramid-proposals"),
+    ):
         with pytest.raises(ValueError, match=flag):
             pa.test_time_options(_parse(*argv), base)
 
@@ -74,9 +98,14 @@ def _same_results(a: list[dict], b: list[dict]) -> None:
 @pytest.fixture
 def test_det_argv(tiny_det_checkpoint, write_tiny_det_config, tmp_path):
     cfg = write_tiny_det_config(tmp_path / "c.yaml", tmp_path / "run")
-    return lambda *checkpoints, out: ["--config", str(cfg), "--checkpoint", *map(str, checkpoints or
-                                                                               [tiny_det_checkpoint]),
-                                      "--out", str(tmp_path / out)]
+    return lambda *checkpoints, out: [
+        "--config",
+        str(cfg),
+        "--checkpoint",
+        *map(str, checkpoints or [tiny_det_checkpoint]),
+        "--out",
+        str(tmp_path / out),
+    ]
 
 
 def test_test_det_ensemble_of_identical_checkpoints_equals_one(tiny_det_checkpoint, test_det_argv, tmp_path):
@@ -111,8 +140,9 @@ def test_test_det_bad_test_time_flags_exit_2(test_det_argv, make_tiny_checkpoint
 
 def test_test_det_override_after_the_checkpoints_reaches_the_config(test_det_argv, tmp_path):
     # `--checkpoint a.pt key=value`: argparse hands the override to --checkpoint; it must still reach the config.
-    code, _, err = _run_test_det([*test_det_argv(out="o"), "--checkpoint", str(test_det_argv(out="o")[3]),
-                                  "test.vis_images=1"])
+    code, _, err = _run_test_det(
+        [*test_det_argv(out="o"), "--checkpoint", str(test_det_argv(out="o")[3]), "test.vis_images=1"]
+    )
     assert code == 0, err
     assert len(list((tmp_path / "o" / "vis").glob("*.png"))) == 1
     # The same after --scales (a one-level pyramid at the test scale).
@@ -133,8 +163,9 @@ def test_infer_flip_and_ensemble_record_the_options(tiny_det_checkpoint, tmp_pat
     assert infer.main(["--checkpoint", str(tiny_det_checkpoint), *base, "--out", str(tmp_path / "o1")]) == 0
     plain = json.loads((tmp_path / "o1" / "detections.json").read_text())
     assert plain["options"] == json.loads(json.dumps(dataclasses.asdict(tt.TestTimeOptions(max_size_ratio=1.5))))
-    code = infer.main(["--checkpoint", str(tiny_det_checkpoint), str(copy), *base, "--out", str(tmp_path / "o2"),
-                       "--flip"])
+    code = infer.main(
+        ["--checkpoint", str(tiny_det_checkpoint), str(copy), *base, "--out", str(tmp_path / "o2"), "--flip"]
+    )
     assert code == 0, capsys.readouterr().err
     flipped = json.loads((tmp_path / "o2" / "detections.json").read_text())
     assert flipped["checkpoints"] == [str(tiny_det_checkpoint), str(copy)]
@@ -142,8 +173,10 @@ def test_infer_flip_and_ensemble_record_the_options(tiny_det_checkpoint, tmp_pat
     record = flipped["images"][0]
     assert len(record["scores"]) > 0
     assert all(0 <= b[0] <= b[2] <= 96 and 0 <= b[1] <= b[3] <= 64 for b in record["boxes"])
-    assert infer.main(["--checkpoint", str(tiny_det_checkpoint), *base, "--out", str(tmp_path / "o3"),
-                       "--scales", "0"]) == 2
+    assert (
+        infer.main(["--checkpoint", str(tiny_det_checkpoint), *base, "--out", str(tmp_path / "o3"), "--scales", "0"])
+        == 2
+    )
     assert "--scales" in capsys.readouterr().err
 
 
@@ -178,10 +211,19 @@ def test_infer_box_refinement_flag(tiny_det_checkpoint, tmp_path, monkeypatch, c
 
 
 def test_test_det_box_refinement_flag_and_config(tiny_det_world, tiny_det_checkpoint, tmp_path, monkeypatch, capsys):
-    cfg = {"task": "det", "output_dir": str(tmp_path / "run"), "device": "cpu",
-           "data": {"format": "coco", "val_images": str(tiny_det_world / "images"),
-                    "val_ann": str(tiny_det_world / "annotations" / "instances_val.json"), "num_workers": 0},
-           "input": {"min_size_test": 64, "max_size_test": 96}, "test": {"vis_images": 0}}
+    cfg = {
+        "task": "det",
+        "output_dir": str(tmp_path / "run"),
+        "device": "cpu",
+        "data": {
+            "format": "coco",
+            "val_images": str(tiny_det_world / "images"),
+            "val_ann": str(tiny_det_world / "annotations" / "instances_val.json"),
+            "num_workers": 0,
+        },
+        "input": {"min_size_test": 64, "max_size_test": 96},
+        "test": {"vis_images": 0},
+    }
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(cfg))
     calls = _refinement_spy(monkeypatch)

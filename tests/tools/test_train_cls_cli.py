@@ -3,6 +3,7 @@
 The worker-error case runs the tool as a real command (subprocess); the others call its ``main``
 in-process, which prints the same lines without paying for another interpreter start.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -22,8 +23,9 @@ TOOL = ROOT / "tools" / "train_cls.py"
 
 def run_tool(*args, cwd: Path) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    return subprocess.run([sys.executable, str(TOOL), *map(str, args)], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, str(TOOL), *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 def tool_main():
@@ -71,7 +73,9 @@ def test_a_corrupt_validation_image_is_named_in_one_line(config, tmp_path):
     # Issue 10 case 5: every image header is checked before the first iteration, the validation set's too.
     proc = run_tool("--config", config, cwd=tmp_path)
     assert proc.returncode == 2
-    assert last_line(proc.stderr) == (f"train_cls: error: {bad}: image header cannot be read: empty, corrupt or not an "
-                                      "image format (data.on_bad_sample=skip drops such samples and lists them)")
+    assert last_line(proc.stderr) == (
+        f"train_cls: error: {bad}: image header cannot be read: empty, corrupt or not an "
+        "image format (data.on_bad_sample=skip drops such samples and lists them)"
+    )
     assert "Traceback" not in proc.stderr and "DataLoader worker" not in proc.stderr
     assert not list((tmp_path / "run").glob("*.jsonl"))  # stopped before training: no log, no checkpoint

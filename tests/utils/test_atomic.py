@@ -1,4 +1,5 @@
 """Tests for detres.utils.atomic: strict JSON written atomically."""
+
 from __future__ import annotations
 
 import json

@@ -1,4 +1,5 @@
 """Tests for atomic checkpoint writes and safe loading."""
+
 from __future__ import annotations
 
 import pytest

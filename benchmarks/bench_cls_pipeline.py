@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 from detres.config.load import load_config  # noqa: E402
 from detres.data.cls_pipeline import build_train_transform, compute_data_stats  # noqa: E402
 from detres.data.image_io import read_image_rgb  # noqa: E402
-from detres.models.resnet import build_resnet  # noqa: E402
+from detres.models.backbones.resnet import build_resnet  # noqa: E402
 
 BCCD_IMAGES = ROOT / ".." / "shared" / "data" / "bccd" / "BCCD" / "JPEGImages"
 

@@ -16,8 +16,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from detres.models.backbone import ResNetC5Head  # noqa: E402
-from detres.models.resnet import resnet50  # noqa: E402
+from detres.models.backbones.resnet import resnet50  # noqa: E402
+from detres.models.backbones.resnet_c4 import ResNetC5Head  # noqa: E402
 
 
 def per_call_seconds(fn, x: torch.Tensor, repeats: int) -> float:

@@ -415,7 +415,7 @@ def count_flops(model: nn.Module, image: Image) -> dict[str, Any]:
     """FLOPs (2 per multiply-add) of one inference, total and by stage, via torch's FlopCounterMode.
 
     Counted at the dispatcher, so convs that detres runs functionally (frozen BN folded on the fly,
-    detres.models.conv_norm) count too; Conv2d forward hooks (detres.models.complexity) would miss them.
+    detres.models.backbones.conv_norm) count too; Conv2d forward hooks (detres.models.complexity) would miss them.
     """
     with torch.inference_mode(), FlopCounterMode(display=False) as counter:
         model([image])
@@ -570,7 +570,7 @@ def measure_peak_rss(args: argparse.Namespace) -> dict[str, Any]:
 def _pipeline_samples(num: int, tmp: Path, seed: int) -> tuple[list[dict[str, Any]], str]:
     """(annotation-only samples, source): BCCD's VOC photos from ../shared when present, else synthetic JPEGs."""
     if (BCCD_ROOT / "ImageSets" / "Main" / "trainval.txt").is_file():
-        from detres.data.voc import VocDetection
+        from detres.data.datasets.voc import VocDetection
 
         with warnings.catch_warnings():  # BCCD's two known zero-area boxes: dropped, as training drops them
             warnings.simplefilter("ignore", UserWarning)
@@ -600,8 +600,8 @@ def measure_data_pipeline(size: int, num: int, seed: int) -> dict[str, Any]:
     """Images/s of detres's detection training data path in this process (decode, resize to ``size``, flip,
     to tensors: what one DataLoader worker does per image), by process CPU time and by wall time."""
     # Imported here: albumentations is slow to import and the peak-RSS children never need it.
-    from detres.data.det_transforms import build_det_transforms, finalize_sample
     from detres.data.image_io import read_image_rgb
+    from detres.data.transforms.detection import build_det_transforms, finalize_sample
 
     transform = build_det_transforms(train=True, min_size=size, max_size=image_hw(size)[1], flip_prob=0.5, seed=seed)
     with tempfile.TemporaryDirectory() as tmp:

@@ -18,7 +18,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from detres.models.cpu_execution import POINTWISE_CPU_DILATION  # noqa: E402
+from detres.models.backbones.cpu_execution import POINTWISE_CPU_DILATION  # noqa: E402
 
 # (in channels, out channels, height, width): ResNet-50 C4 trunk at 600x800 (conv2_x, conv3_x, conv4_x 1x1 convs)
 SHAPES = (

@@ -30,8 +30,8 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from detres.inference.fast_path import count_batchnorm, prepare_for_inference  # noqa: E402
-from detres.models.backbone import build_resnet_c4  # noqa: E402
-from detres.models.roi_heads import BoxHead, FastRCNNPredictor, RoIHeads, RoIPooler  # noqa: E402
+from detres.models.backbones.resnet_c4 import build_resnet_c4  # noqa: E402
+from detres.models.detection.roi_heads import BoxHead, FastRCNNPredictor, RoIHeads, RoIPooler  # noqa: E402
 
 STAGES = ("pool", "conv5_head", "predictor", "postprocess")
 # ours_before: the region pipeline as it was before the optimisations (one-shot, BN unfolded);

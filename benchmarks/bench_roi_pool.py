@@ -23,7 +23,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from detres.models.fast_roi_pool import fast_roi_pool  # noqa: E402
+from detres.models.detection.fast_roi_pool import fast_roi_pool  # noqa: E402
 
 VARIANTS: dict[str, Callable[..., torch.Tensor]] = {
     "torchvision": roi_pool,

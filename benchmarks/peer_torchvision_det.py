@@ -31,7 +31,7 @@ from detres.engine.lr_schedule import LRSchedule  # noqa: E402
 from detres.engine.optimizer import build_detection_optimizer, set_lr  # noqa: E402
 from detres.evaluation.det_eval import evaluate_detection_dataset  # noqa: E402
 from detres.models.build import build_detector, detector_kwargs_from_config  # noqa: E402
-from detres.models.postprocess import rescale_detections  # noqa: E402
+from detres.models.detection.postprocess import rescale_detections  # noqa: E402
 
 Batch = dict[str, Any]
 

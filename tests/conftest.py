@@ -61,7 +61,7 @@ def make_tiny_checkpoint(tiny_det_world, tmp_path_factory):
     import json
 
     from detres.models.build import build_detector
-    from detres.utils.checkpoint import save_checkpoint
+    from detres.utils.torch_files import save_checkpoint
 
     categories = json.loads((tiny_det_world / "annotations" / "instances_val.json").read_text())["categories"]
     ids = {c["name"]: c["id"] for c in categories}

@@ -11,7 +11,7 @@ import yaml
 def write_det_world(root: Path, *, train: int, val: int, size: tuple[int, int] = (64, 96), seed: int = 0) -> Path:
     """The detection part only of a shapes world (COCO format) under ``root``, images of ``size``: its ``det``
     folder."""
-    from detres.data.synthetic import generate_shapes_world
+    from detres.data.shapes.world import generate_shapes_world
 
     generate_shapes_world(
         root,

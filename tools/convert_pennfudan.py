@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from detres.data.pennfudan import convert_pennfudan
+from detres.data.datasets.pennfudan import convert_pennfudan
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,8 +21,8 @@ try:
 except ImportError:  # running from a source checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from detres.data.ilsvrc import read_blacklist, read_image_set, read_loc_xml_folder, read_synsets
-from detres.data.tiny_imagenet import read_tiny_imagenet_val
+from detres.data.datasets.ilsvrc import read_blacklist, read_image_set, read_loc_xml_folder, read_synsets
+from detres.data.datasets.tiny_imagenet import read_tiny_imagenet_val
 from detres.evaluation.localization import evaluate_localization, read_loc_predictions
 from detres.utils.atomic import write_json_atomic
 

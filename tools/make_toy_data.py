@@ -12,7 +12,7 @@ from typing import Any
 # Run from a source checkout without installing the package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from detres.data.synthetic import CATEGORIES, SMALL_COUNTS, generate_shapes_world, summarize_shapes_world  # noqa: E402
+from detres.data.shapes.world import CATEGORIES, SMALL_COUNTS, generate_shapes_world, summarize_shapes_world  # noqa: E402
 
 _COUNT_FLAGS = {
     "num_cls_train_per_class": "--cls-train-per-class",

@@ -25,10 +25,10 @@ except ImportError:  # running from a source checkout without `pip install -e .`
 from detres.config.load import ConfigError, load_config  # noqa: E402
 from detres.engine.loc_eval import format_table  # noqa: E402
 from detres.engine.loc_trainer import load_loc_records, test_from_config  # noqa: E402
-from detres.models.loc_rpn import load_localizer  # noqa: E402
-from detres.models.rcnn_loc import load_rpn_rcnn_localizer  # noqa: E402
+from detres.models.localization.rcnn_localizer import load_rpn_rcnn_localizer  # noqa: E402
+from detres.models.localization.rpn_localizer import load_localizer  # noqa: E402
 from detres.utils.atomic import write_json_atomic  # noqa: E402
-from detres.utils.checkpoint import load_checkpoint  # noqa: E402
+from detres.utils.torch_files import load_checkpoint  # noqa: E402
 
 MODES = {"1crop": ("1crop",), "dense": ("dense",), "both": ("1crop", "dense")}
 

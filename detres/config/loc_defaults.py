@@ -26,7 +26,7 @@ LOC_DEFAULTS: dict = {
             "nms_thresh": 0.7,
             "allowed_border": -1,  # keep cross-boundary anchors (objects fill much of a crop)
         },
-        "rcnn": {  # the R-CNN stage (detres/models/rcnn_loc.py)
+        "rcnn": {  # the R-CNN stage (detres/models/localization/rcnn_localizer.py)
             "crop_size": 224,  # "warped to 224 x 224 pixels"
             "context_padding": 0,  # warped pixels of context around a proposal (R-CNN's p; not given here)
             # "image": crop regions from the image at its own resolution (RoI-centric: the point of the stage);

@@ -7,9 +7,9 @@ from typing import Any
 from torch.utils.data import Dataset
 
 from detres.data.bad_samples import BadSamples
-from detres.data.coco import CocoDetection
-from detres.data.det_transforms import build_det_transforms
-from detres.data.voc import VocDetection
+from detres.data.datasets.coco import CocoDetection
+from detres.data.datasets.voc import VocDetection
+from detres.data.transforms.detection import build_det_transforms
 
 
 def build_detection_dataset(

@@ -9,12 +9,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from detres.data.cls_transforms import Normalize
-from detres.data.cls_transforms import build_eval_transform as _eval_transform
-from detres.data.cls_transforms import build_train_transform as _train_transform
-from detres.data.color_pca import ColorPCA, PCAColorNoise, compute_color_pca
-from detres.data.imagefolder import ImageFolderDataset, ImageListDataset
-from detres.data.pixel_mean import PixelStats, compute_pixel_stats
+from detres.data.datasets.imagefolder import ImageFolderDataset, ImageListDataset
+from detres.data.transforms.classification import Normalize
+from detres.data.transforms.classification import build_eval_transform as _eval_transform
+from detres.data.transforms.classification import build_train_transform as _train_transform
+from detres.data.transforms.color_pca import ColorPCA, PCAColorNoise, compute_color_pca
+from detres.data.transforms.pixel_mean import PixelStats, compute_pixel_stats
 
 
 @dataclass(frozen=True)

@@ -133,7 +133,7 @@ def check_cls_sets(train_set: Any, val_set: Any, cfg: Any, out_dir: str | os.Pat
 
 
 def check_loc_records(records: list[Any], bad: BadSamples, what: str) -> list[Any]:
-    """The localization records (:class:`~detres.data.loc_dataset.LocRecord`) whose image file is usable."""
+    """The localization records (:class:`~detres.data.datasets.localization.LocRecord`) whose image file is usable."""
     keep = check_image_files([r.path for r in records], bad, what=what)
     if not keep and records:
         raise ValueError(f"{what}: no usable image left after the checks")

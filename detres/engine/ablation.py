@@ -14,7 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from detres.config.load import Config
 from detres.data.build import build_detection_dataset, dataset_label_to_category_id
-from detres.data.subset import first_images
+from detres.data.datasets.subset import first_images
 from detres.evaluation.ablation import ROW_LABELS, cost_ratio, parse_rows
 from detres.evaluation.det_eval import evaluate_detection_dataset
 from detres.evaluation.results_io import detections_to_coco_results, write_coco_results

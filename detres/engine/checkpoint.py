@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
-from detres.utils.checkpoint import save_checkpoint
 from detres.utils.dist import is_main_process
+from detres.utils.torch_files import save_checkpoint
 
 __all__ = ["CheckpointManager", "Diverged", "KEPT_DIR", "non_finite_entries", "remove_stale_temp_files"]
 

@@ -25,20 +25,20 @@ from torch import Tensor, nn
 from torch.utils.data import Subset
 
 from detres.data.cls_pipeline import ClsDataStats
-from detres.data.cls_transforms import (
+from detres.data.datasets.imagefolder import ImageFolderDataset, ImageListDataset
+from detres.data.transforms.classification import (
     IMAGENET_MEAN_RGB,
     IMAGENET_STD_RGB,
     PAPER_TEST_SCALES,
     Normalize,
     build_eval_transform,
 )
-from detres.data.imagefolder import ImageFolderDataset, ImageListDataset
 from detres.data.worker_errors import readable_worker_errors
 from detres.evaluation.classification import MODES, evaluate_classifier
+from detres.models.backbones.resnet import IMAGENET_DEPTHS
+from detres.models.backbones.weights import checkpoint_state_dict, load_state_dict_strict
 from detres.models.build import build_classifier
-from detres.models.resnet import IMAGENET_DEPTHS
-from detres.models.weights import checkpoint_state_dict, load_state_dict_strict
-from detres.utils.checkpoint import load_checkpoint
+from detres.utils.torch_files import load_checkpoint
 
 NORMALIZE_CHOICES = ("auto", "checkpoint", "imagenet", "none")
 # Dense multi-scale shorter sides for 32x32 CIFAR images when nothing else is known (1x, 1.25x, 1.5x).

@@ -20,7 +20,7 @@ from detres.data.cls_pipeline import (
     build_val_dataset,
     compute_data_stats,
 )
-from detres.data.imagefolder import ImageFolderDataset
+from detres.data.datasets.imagefolder import ImageFolderDataset
 from detres.data.validate import check_cls_sets
 from detres.data.worker_errors import readable_worker_errors
 from detres.engine.amp import (
@@ -49,12 +49,12 @@ from detres.engine.run_setup import load_model_state, stop_if_signalled
 from detres.engine.seeded_data import EpochBatchSampler, EpochSeededDataset
 from detres.engine.sync_bn import convert_sync_batchnorm
 from detres.evaluation.classification import evaluate_classifier
+from detres.models.backbones.frozen_bn import recompute_bn_statistics
+from detres.models.backbones.weights import load_pretrained_backbone
 from detres.models.build import build_classifier, classifier_kwargs_from_config
-from detres.models.frozen_bn import recompute_bn_statistics
-from detres.models.weights import load_pretrained_backbone
 from detres.utils.atomic import write_json_atomic
-from detres.utils.checkpoint import save_checkpoint
 from detres.utils.dist import finite_on_all_ranks, shard_indices
+from detres.utils.torch_files import save_checkpoint
 
 
 def _loader(dataset, batch_sampler, num_workers: int) -> DataLoader:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from detres.config.load import load_config
-from detres.data.synthetic import generate_shapes_world
+from detres.data.shapes.world import generate_shapes_world
 from detres.engine.ablation import run_ablation
 from detres.engine.cls_trainer import train_classifier
 from detres.engine.det_trainer import train_detector

@@ -41,8 +41,8 @@ from detres.inference.test_time import TestTimeOptions, options_from_config
 from detres.inference.visualize import save_detection_pngs
 from detres.models.build import build_detector, detector_kwargs_from_config
 from detres.utils.atomic import write_json_atomic
-from detres.utils.checkpoint import save_checkpoint
 from detres.utils.dist import finite_on_all_ranks
+from detres.utils.torch_files import save_checkpoint
 
 LOSS_KEYS = ("loss_rpn_cls", "loss_rpn_box", "loss_cls", "loss_box_reg")
 TRAINING_SCHEMES = ("joint", "alternating")

@@ -27,7 +27,7 @@ from detres.config.load import Config
 from detres.data.samplers import RankSlicedBatchSampler
 from detres.engine.run_setup import RunStart, TrainingInterrupted, resolve_device, run_guard, start_run
 from detres.engine.seeded_data import seed_everything
-from detres.models.roi_heads import BoxHead
+from detres.models.detection.roi_heads import BoxHead
 from detres.utils.dist import (
     all_gather_objects,
     barrier,

@@ -11,10 +11,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from detres.data.cls_transforms import center_crop, resize_shorter_side
+from detres.data.datasets.localization import LocRecord, devkit_ground_truth
 from detres.data.image_io import read_image_rgb
-from detres.data.loc_dataset import LocRecord, devkit_ground_truth
-from detres.data.loc_transforms import LocTestTransform
+from detres.data.transforms.classification import center_crop, resize_shorter_side
+from detres.data.transforms.localization import LocTestTransform
 from detres.evaluation.classification import dense_probs, feature_window
 from detres.evaluation.localization import devkit_box, evaluate_localization, write_loc_predictions
 from detres.utils.atomic import write_json_atomic

@@ -20,10 +20,10 @@ from torch import Tensor
 
 from detres.config.load import Config
 from detres.data.bad_samples import BadSamples, write_skipped
+from detres.data.datasets.localization import LocRecord
 from detres.data.image_io import read_image_rgb
-from detres.data.loc_dataset import LocRecord
-from detres.data.loc_transforms import LocTestTransform
 from detres.data.samplers import rank_share
+from detres.data.transforms.localization import LocTestTransform
 from detres.engine.amp import SCALER_KEY, MixedPrecision, mixed_precision_from_config, scaler_state_into
 from detres.engine.checkpoint import CheckpointManager, Diverged, check_finite_payload
 from detres.engine.det_trainer import LossWindow, build_step_solver
@@ -44,8 +44,7 @@ from detres.engine.logging import JsonLinesLogger, read_json_lines
 from detres.engine.optimizer import set_lr
 from detres.engine.plots import plot_curves
 from detres.engine.run_setup import stop_if_signalled
-from detres.models.loc_rpn import RPNLocalizer, load_localizer
-from detres.models.rcnn_loc import (
+from detres.models.localization.rcnn_localizer import (
     CROP_SOURCES,
     RCNNLocalizer,
     RPNRCNNLocalizer,
@@ -55,9 +54,10 @@ from detres.models.rcnn_loc import (
     rcnn_localizer_payload,
     save_rcnn_localizer,
 )
+from detres.models.localization.rpn_localizer import RPNLocalizer, load_localizer
 from detres.utils.atomic import write_json_atomic
-from detres.utils.checkpoint import load_checkpoint, save_checkpoint
 from detres.utils.dist import finite_on_all_ranks, shard_indices, unshard
+from detres.utils.torch_files import load_checkpoint, save_checkpoint
 
 __all__ = [
     "RegionCache",

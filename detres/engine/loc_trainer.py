@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from detres.config.load import Config
 from detres.data.bad_samples import BadSamples, write_skipped
-from detres.data.loc_dataset import (
+from detres.data.datasets.localization import (
     LocDataset,
     LocRecord,
     collate_loc,
@@ -22,8 +22,8 @@ from detres.data.loc_dataset import (
     read_tiny_imagenet_val_records,
     tiny_imagenet_synsets,
 )
-from detres.data.loc_transforms import LocTrainTransform
 from detres.data.samplers import InfiniteSampler
+from detres.data.transforms.localization import LocTrainTransform
 from detres.data.validate import check_loc_sets
 from detres.engine.amp import (
     SCALER_KEY,
@@ -48,10 +48,10 @@ from detres.engine.optimizer import set_lr
 from detres.engine.plots import plot_curves
 from detres.engine.run_setup import stop_if_signalled
 from detres.engine.seeded_data import IterationKeyedBatches, IterationSeededDataset
-from detres.models.loc_rpn import build_rpn_localizer, rpn_localizer_kwargs_from_config
+from detres.models.localization.rpn_localizer import build_rpn_localizer, rpn_localizer_kwargs_from_config
 from detres.utils.atomic import write_json_atomic
-from detres.utils.checkpoint import save_checkpoint
 from detres.utils.dist import finite_on_all_ranks
+from detres.utils.torch_files import save_checkpoint
 
 __all__ = ["STAGES", "load_loc_records", "synset_words", "test_from_config", "train_localizer"]
 

@@ -19,8 +19,8 @@ from detres.config.validate import check_device
 from detres.engine.checkpoint import CheckpointManager, link_or_copy, remove_stale_temp_files
 from detres.engine.run_lock import RunLock
 from detres.engine.seeded_data import seed_everything
-from detres.utils.checkpoint import load_checkpoint
 from detres.utils.dist import max_over_ranks
+from detres.utils.torch_files import load_checkpoint
 
 __all__ = [
     "RESUME_MODES",

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from detres.data.cls_transforms import PAPER_TEST_SCALES, shorter_side_size
+from detres.data.transforms.classification import PAPER_TEST_SCALES, shorter_side_size
 
 MODES = ("1crop", "10crop", "multiscale")
 

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torchvision.ops import box_iou
 
-from detres.data.voc_xml import parse_voc_xml
+from detres.data.datasets.voc_xml import parse_voc_xml
 from detres.evaluation.results_io import CLASS_PLACEHOLDER, as_numpy, iter_detections, read_voc_results
 from detres.structures.boxes import voc_to_xyxy
 

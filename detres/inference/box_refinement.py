@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import torch
 
 from detres.inference.region_scorer import RegionScorer, Scored, SingleScaleScorer
-from detres.models.postprocess import check_postprocess_options
+from detres.models.detection.postprocess import check_postprocess_options
 
 __all__ = ["refined_rois", "refine", "detect_with_refinement"]
 

@@ -14,7 +14,7 @@ from tqdm import tqdm
 from detres.data.collate import collate_detection
 from detres.data.worker_errors import readable
 from detres.inference.test_time import TestTimeOptions, detect_test_time
-from detres.models.postprocess import rescale_detections
+from detres.models.detection.postprocess import rescale_detections
 from detres.utils.dist import all_gather_objects, is_distributed, is_main_process, shard_indices, unshard
 
 

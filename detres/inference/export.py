@@ -13,7 +13,7 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
-from detres.data.det_transforms import build_det_transforms, finalize_sample
+from detres.data.transforms.detection import build_det_transforms, finalize_sample
 from detres.inference.export_module import ExportableDetector, trace_parts
 from detres.inference.fast_path import prepare_for_inference
 from detres.utils.atomic import atomic_write_bytes, write_json_atomic

@@ -9,10 +9,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import batched_nms, nms, roi_align, roi_pool
 
-from detres.models.box_coder import decode_deltas
-from detres.models.context import ContextRoIHeads
-from detres.models.faster_rcnn import FasterRCNN
-from detres.models.rpn import RegionProposalNetwork
+from detres.models.detection.box_coder import decode_deltas
+from detres.models.detection.context import ContextRoIHeads
+from detres.models.detection.faster_rcnn import FasterRCNN
+from detres.models.detection.rpn import RegionProposalNetwork
 
 __all__ = ["ExportableDetector"]
 

@@ -10,8 +10,8 @@ import torchvision.ops
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
-from detres.models import backbone as detres_backbone
-from detres.models import resnet as detres_resnet
+from detres.models.backbones import resnet as detres_resnet
+from detres.models.backbones import resnet_c4 as detres_backbone
 
 __all__ = ["fold_frozen_batchnorm", "prepare_for_inference", "count_batchnorm"]
 

@@ -22,7 +22,7 @@ from torch.nn import functional as F
 
 from detres.inference.proposal_merge import merge_proposal_sets
 from detres.inference.region_scorer import Scored, SingleScaleScorer
-from detres.models.cpu_execution import cpu_roi_chunk
+from detres.models.backbones.cpu_execution import cpu_roi_chunk
 
 __all__ = ["pyramid_size", "select_levels", "MultiScaleScorer"]
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from detres.inference.test_time import TestTimeOptions
-from detres.models.postprocess import NMS_METHODS
+from detres.models.detection.postprocess import NMS_METHODS
 
 
 def add_postprocess_arguments(parser: argparse.ArgumentParser) -> None:

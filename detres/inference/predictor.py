@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from detres.data.collate import collate_detection
-from detres.data.det_transforms import build_det_transforms, finalize_sample
+from detres.data.transforms.detection import build_det_transforms, finalize_sample
 from detres.inference.detect import detect_batch
 from detres.inference.test_time import TestTimeOptions
 from detres.models.build import load_detector

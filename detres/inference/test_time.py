@@ -25,7 +25,7 @@ from detres.inference.ensemble import ensemble_proposals
 from detres.inference.flip_tta import FlippedScorer
 from detres.inference.multiscale import MultiScaleScorer
 from detres.inference.region_scorer import AveragedScorer, RegionScorer, SingleScaleScorer, check_eval_mode
-from detres.models.postprocess import check_postprocess_options
+from detres.models.detection.postprocess import check_postprocess_options
 
 __all__ = ["TestTimeOptions", "options_from_config", "build_scorer", "detect_test_time"]
 

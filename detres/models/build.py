@@ -10,10 +10,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from detres.models.alexnet import alexnet
-from detres.models.resnet import build_cifar_resnet, build_resnet
-from detres.models.vgg import vgg16
-from detres.utils.checkpoint import load_checkpoint
+from detres.models.backbones.alexnet import alexnet
+from detres.models.backbones.resnet import build_cifar_resnet, build_resnet
+from detres.models.backbones.vgg import vgg16
+from detres.utils.torch_files import load_checkpoint
 
 CLASSIFIER_ARCHS = ("imagenet", "cifar", "vgg16", "alexnet")
 FIXED_DEPTH = {"vgg16": 16, "alexnet": 8}  # weight layers: 13 conv + 3 fc; 5 conv + 3 fc
@@ -130,7 +130,7 @@ def _backbone_normalisation(model_cfg: Mapping[str, Any]) -> tuple[list[float], 
     A train_cls checkpoint records the training-set channel mean (and std if it divided by one);
     torchvision-format and legacy CIFAR weights were trained with torchvision's ImageNet mean/std.
     """
-    from detres.data.cls_transforms import IMAGENET_MEAN_RGB, IMAGENET_STD_RGB
+    from detres.data.transforms.classification import IMAGENET_MEAN_RGB, IMAGENET_STD_RGB
 
     weights = model_cfg["weights"]
     if weights:
@@ -145,7 +145,7 @@ def _backbone_normalisation(model_cfg: Mapping[str, Any]) -> tuple[list[float], 
 
 
 def detector_kwargs_from_config(model_cfg: Mapping[str, Any], *, num_classes: int) -> dict[str, Any]:
-    """Explicit arguments of :func:`detres.models.faster_rcnn.build_faster_rcnn` (stored as ``model_args``).
+    """Explicit arguments of :func:`detres.models.detection.faster_rcnn.build_faster_rcnn` (stored as ``model_args``).
 
     ``num_classes`` counts object classes only (background is added by the predictor). With
     ``model.backbone: vgg16`` the ResNet options (depth, base_width, stride_in_1x1) are stored but unused,
@@ -210,7 +210,7 @@ POSTPROCESS_KEYS = ("nms_method", "soft_nms_sigma", "soft_nms_score_thresh", "bo
 
 def configure_postprocess(model: nn.Module, **options: Any) -> nn.Module:
     """Set the RoI heads' test-time post-processing (keys of ``POSTPROCESS_KEYS``; None = leave as is)."""
-    from detres.models.postprocess import check_postprocess_options
+    from detres.models.detection.postprocess import check_postprocess_options
 
     unknown = sorted(set(options) - set(POSTPROCESS_KEYS))
     if unknown:
@@ -233,7 +233,7 @@ def configure_postprocess(model: nn.Module, **options: Any) -> nn.Module:
 
 def build_detector(**kwargs: Any) -> nn.Module:
     """A ResNet-C4 or VGG-16 Faster R-CNN from the explicit arguments of :func:`detector_kwargs_from_config`."""
-    from detres.models.faster_rcnn import build_faster_rcnn
+    from detres.models.detection.faster_rcnn import build_faster_rcnn
 
     post = {key: kwargs.pop(key) for key in POSTPROCESS_KEYS if key in kwargs}
     return configure_postprocess(build_faster_rcnn(**kwargs), **post)
@@ -260,7 +260,7 @@ def _check_detector_record(path: str | os.PathLike, model_args: Any, meta: Any) 
     """One-line errors for a hand-edited checkpoint: unknown or missing ``model_args``, ``meta`` without class names."""
     import inspect
 
-    from detres.models.faster_rcnn import build_faster_rcnn
+    from detres.models.detection.faster_rcnn import build_faster_rcnn
 
     if not isinstance(model_args, Mapping) or not isinstance(meta, Mapping):
         raise ValueError(f"{path}: 'model_args' and 'meta' must be mappings")

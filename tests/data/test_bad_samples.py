@@ -14,10 +14,10 @@ import pytest
 
 from detres.config.load import load_config
 from detres.data.bad_samples import SKIPPED_FILE, BadSampleError, BadSamples, write_skipped
-from detres.data.coco import CocoDetection
-from detres.data.imagefolder import ImageFolderDataset
+from detres.data.datasets.coco import CocoDetection
+from detres.data.datasets.imagefolder import ImageFolderDataset
+from detres.data.datasets.voc import VocDetection
 from detres.data.validate import check_cls_sets, check_detection_sets, check_image_files, image_problem
-from detres.data.voc import VocDetection
 
 W, H = 48, 32  # every test image
 
@@ -240,7 +240,7 @@ def test_write_skipped_writes_nothing_under_error_and_a_summary_line_under_skip(
 
 # --------------------------------------------------------------------------- localization (Tiny-ImageNet, ILSVRC)
 def test_tiny_imagenet_malformed_box_line_and_missing_image_follow_the_policy(tmp_path):
-    from detres.data.loc_dataset import read_tiny_imagenet_train
+    from detres.data.datasets.localization import read_tiny_imagenet_train
     from detres.data.validate import check_loc_sets
 
     folder = tmp_path / "train" / "n01"
@@ -259,7 +259,7 @@ def test_tiny_imagenet_malformed_box_line_and_missing_image_follow_the_policy(tm
 
 
 def test_ilsvrc_inverted_box_xml_follows_the_policy(tmp_path):
-    from detres.data.loc_dataset import read_ilsvrc_loc
+    from detres.data.datasets.localization import read_ilsvrc_loc
 
     (tmp_path / "Annotations" / "val").mkdir(parents=True)
     for image_id, box in (("v1", (2, 2, 20, 20)), ("v2", (20, 2, 5, 20))):  # v2: xmax < xmin

@@ -7,7 +7,7 @@ import torch
 
 from detres.config.load import load_config
 from detres.data.build import build_detection_dataset, dataset_class_names, dataset_label_to_category_id
-from detres.data.synthetic import CATEGORIES, generate_shapes_world
+from detres.data.shapes.world import CATEGORIES, generate_shapes_world
 
 
 @pytest.fixture(scope="module")

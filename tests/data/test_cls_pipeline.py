@@ -17,8 +17,8 @@ from detres.data.cls_pipeline import (
     build_val_dataset,
     compute_data_stats,
 )
-from detres.data.imagefolder import ImageFolderDataset, ImageListDataset
-from detres.utils.checkpoint import load_checkpoint, save_checkpoint
+from detres.data.datasets.imagefolder import ImageFolderDataset, ImageListDataset
+from detres.utils.torch_files import load_checkpoint, save_checkpoint
 
 H, W = 36, 44  # shorter side == test.resize, so the 1-crop geometry is a plain centre crop
 CROP = 32

@@ -1,4 +1,5 @@
-"""Tests for detres.data.loc_transforms and detres.data.loc_dataset (Appendix C localization data)."""
+"""Tests for detres.data.transforms.localization and detres.data.datasets.localization (Appendix C localization
+data)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from detres.data.loc_dataset import (
+from detres.data.datasets.localization import (
     LocDataset,
     devkit_ground_truth,
     read_ilsvrc_loc,
@@ -15,8 +16,8 @@ from detres.data.loc_dataset import (
     read_tiny_imagenet_val_records,
     tiny_imagenet_synsets,
 )
-from detres.data.loc_transforms import LocTestTransform, LocTrainTransform, clip_and_keep
-from detres.data.shapes_writers import write_loc_task
+from detres.data.shapes.writers import write_loc_task
+from detres.data.transforms.localization import LocTestTransform, LocTrainTransform, clip_and_keep
 
 
 def _rectangle_image(h: int, w: int, box: tuple[int, int, int, int]) -> np.ndarray:

@@ -80,7 +80,7 @@ def test_subset_sampler_length_counts_only_its_indices() -> None:
 
 
 def test_coco128_groups_match_the_json(shared_dir: Path) -> None:
-    from detres.data.coco import CocoDetection
+    from detres.data.datasets.coco import CocoDetection
 
     root = shared_dir / "data" / "coco128"
     ann_file = root / "annotations" / "instances_train2017.json"

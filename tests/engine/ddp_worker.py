@@ -16,11 +16,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from detres.data.det_transforms import build_det_transforms, finalize_sample  # noqa: E402
+from detres.data.transforms.detection import build_det_transforms, finalize_sample  # noqa: E402
 from detres.engine.distributed import get_rank, get_world_size, init_distributed, is_main_process  # noqa: E402
 from detres.engine.sync_bn import GlooSyncBatchNorm  # noqa: E402
 from detres.inference.detect import run_inference  # noqa: E402
-from detres.models.faster_rcnn import build_faster_rcnn  # noqa: E402
+from detres.models.detection.faster_rcnn import build_faster_rcnn  # noqa: E402
 
 
 class ListDataset(torch.utils.data.Dataset):

@@ -37,7 +37,7 @@ def test_plan_scales_the_drops_to_each_steps_length():
 
 
 def test_each_step_trains_only_its_layers_and_keeps_freeze_at():
-    from detres.models.faster_rcnn import build_faster_rcnn
+    from detres.models.detection.faster_rcnn import build_faster_rcnn
 
     model = build_faster_rcnn(depth=18, base_width=16, num_classes=2, freeze_at=2)
     base = {n: p.requires_grad for n, p in model.named_parameters()}

@@ -18,7 +18,7 @@ from detres.config.load import load_config
 from detres.engine.checkpoint import CheckpointManager, Diverged, non_finite_entries, remove_stale_temp_files
 from detres.engine.run_lock import RunLock, RunLockedError
 from detres.engine.run_setup import load_model_state, model_changes, start_run
-from detres.utils.checkpoint import load_checkpoint
+from detres.utils.torch_files import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 

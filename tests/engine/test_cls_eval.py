@@ -15,16 +15,16 @@ import torchvision
 
 from detres.config.load import load_config
 from detres.data.cls_pipeline import ClsDataStats, build_eval_transform
-from detres.data.cls_transforms import IMAGENET_MEAN_RGB, IMAGENET_STD_RGB, Normalize
-from detres.data.cls_transforms import build_eval_transform as make_eval_transform
-from detres.data.imagefolder import ImageFolderDataset
-from detres.data.synthetic import generate_shapes_world
+from detres.data.datasets.imagefolder import ImageFolderDataset
+from detres.data.shapes.world import generate_shapes_world
+from detres.data.transforms.classification import IMAGENET_MEAN_RGB, IMAGENET_STD_RGB, Normalize
+from detres.data.transforms.classification import build_eval_transform as make_eval_transform
 from detres.engine.cls_eval import evaluate_checkpoint, infer_resnet_layout, load_classifier
 from detres.engine.cls_trainer import train_classifier
 from detres.evaluation.classification import evaluate_classifier
+from detres.models.backbones.weights import StateDictMismatchError
 from detres.models.build import build_classifier
-from detres.models.weights import StateDictMismatchError
-from detres.utils.checkpoint import load_checkpoint
+from detres.utils.torch_files import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 TOOL = ROOT / "tools" / "eval_cls.py"

@@ -13,11 +13,11 @@ import torch.nn.functional as F
 
 from detres.config.load import load_config
 from detres.data.image_io import ImageReadError
-from detres.data.synthetic import generate_shapes_world
+from detres.data.shapes.world import generate_shapes_world
 from detres.engine.cls_trainer import train_classifier
 from detres.engine.logging import read_json_lines
 from detres.models.build import build_classifier
-from detres.utils.checkpoint import load_checkpoint
+from detres.utils.torch_files import load_checkpoint
 
 NO_DET = dict(num_det_train=0, num_det_val=0, num_loc_train=0, num_loc_val=0)
 

@@ -10,14 +10,14 @@ import pytest
 import torch
 
 from detres.config.load import load_config
-from detres.data.synthetic import generate_shapes_world
+from detres.data.shapes.world import generate_shapes_world
 from detres.engine.cls_eval import evaluate_checkpoint, load_classifier
 from detres.engine.cls_trainer import train_classifier
 from detres.engine.logging import read_json_lines
-from detres.models.alexnet import AlexNet
+from detres.models.backbones.alexnet import AlexNet
+from detres.models.backbones.vgg import VGG
 from detres.models.build import build_classifier, classifier_kwargs_from_config
-from detres.models.vgg import VGG
-from detres.utils.checkpoint import load_checkpoint
+from detres.utils.torch_files import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 NO_DET = dict(num_det_train=0, num_det_val=0, num_loc_train=0, num_loc_val=0)

@@ -32,9 +32,9 @@ from detres.config.load import load_config
 from detres.data.build import build_detection_dataset
 from detres.engine.det_trainer import train_detector
 from detres.engine.logging import read_json_lines
-from detres.models.backbone import ResNetC5Head
+from detres.models.backbones.frozen_bn import FrozenBatchNorm2d
+from detres.models.backbones.resnet_c4 import ResNetC5Head
 from detres.models.build import load_detector
-from detres.models.frozen_bn import FrozenBatchNorm2d
 
 # Seeds 0-8 all reach AP50 = VOC mAP = 1.0 in 400 iterations (last / first logged loss 0.11-0.16); fixed here.
 SEED = 0

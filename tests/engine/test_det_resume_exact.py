@@ -11,7 +11,7 @@ import torch
 from detres.config.load import load_config
 from detres.engine import det_trainer
 from detres.engine.logging import read_json_lines
-from detres.utils.checkpoint import load_checkpoint
+from detres.utils.torch_files import load_checkpoint
 from tests.tiny_configs import write_det_world
 
 # Tiny ResNet-18 C4 (quarter width), two training scales and flips on, so every kind of random draw

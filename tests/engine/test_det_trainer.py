@@ -13,18 +13,18 @@ import pytest
 import torch
 from torch import nn
 
-import detres.models.faster_rcnn as faster_rcnn_module
+import detres.models.detection.faster_rcnn as faster_rcnn_module
 from detres.config.load import load_config
 from detres.data.build import build_detection_dataset
 from detres.data.image_io import read_image_rgb
-from detres.data.synthetic import generate_shapes_world
+from detres.data.shapes.world import generate_shapes_world
 from detres.engine import alternating, det_trainer
 from detres.engine.logging import read_json_lines
 from detres.evaluation.coco import SUMMARY_KEYS
 from detres.inference.detect import run_inference
 from detres.models.build import load_detector
-from detres.models.faster_rcnn import FasterRCNN
-from detres.utils.checkpoint import load_checkpoint
+from detres.models.detection.faster_rcnn import FasterRCNN
+from detres.utils.torch_files import load_checkpoint
 
 # Sized for a CPU test: ResNet-18 layout at a quarter of the width (base_width 16), ~128 px inputs,
 # few proposals and RoIs, 8x8 RoI pooling (4x4 after conv5's stride 2).

@@ -287,7 +287,7 @@ CLS = [
 
 @pytest.fixture(scope="module")
 def cls_world(tmp_path_factory) -> Path:
-    from detres.data.synthetic import generate_shapes_world
+    from detres.data.shapes.world import generate_shapes_world
 
     root = tmp_path_factory.mktemp("ddp_cls")
     generate_shapes_world(
@@ -427,7 +427,7 @@ RCNN = ["model.rcnn.crop_size=32", "model.rcnn.regions_per_batch=8", "model.rcnn
 
 @pytest.fixture(scope="module")
 def loc_world(tmp_path_factory) -> Path:
-    from detres.data.shapes_writers import write_loc_task
+    from detres.data.shapes.writers import write_loc_task
 
     root = tmp_path_factory.mktemp("ddp_loc")
     write_loc_task(root, 0, {"train": 8, "val": 2}, (80, 80))

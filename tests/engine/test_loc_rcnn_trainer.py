@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from detres.engine.loc_rcnn_trainer import cache_proposals, rcnn_train_step, sample_regions
-from detres.models.loc_rpn import build_rpn_localizer
-from detres.models.rcnn_loc import assign_rcnn_targets, build_rcnn_localizer
+from detres.models.localization.rcnn_localizer import assign_rcnn_targets, build_rcnn_localizer
+from detres.models.localization.rpn_localizer import build_rpn_localizer
 
 
 def _samples():

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from detres.config.load import load_config
-from detres.data.shapes_writers import write_loc_task
+from detres.data.shapes.writers import write_loc_task
 from detres.engine import loc_trainer
 from detres.engine.logging import read_json_lines
-from detres.utils.checkpoint import load_checkpoint
+from detres.utils.torch_files import load_checkpoint
 
 # The tiny localizer of test_loc_trainer.py with scale augmentation (64..96), random 56² crops and flips on, so every
 # kind of random draw (scale, crop window, flip, anchor sampling) happens at every iteration.

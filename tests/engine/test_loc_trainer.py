@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 
 from detres.config.load import load_config
-from detres.data.shapes_writers import write_loc_task
+from detres.data.shapes.writers import write_loc_task
 from detres.engine.loc_eval import classifier_label_map, format_table
 from detres.engine.loc_trainer import train_localizer
-from detres.models.loc_rpn import load_localizer
-from detres.models.rcnn_loc import load_rcnn_localizer
+from detres.models.localization.rcnn_localizer import load_rcnn_localizer
+from detres.models.localization.rpn_localizer import load_localizer
 
 # A random-init quarter-width ResNet-18 (no checkpoint needed: runs/ is not in git), BN frozen at identity, all
 # layers trained.

@@ -8,7 +8,7 @@ from torch import nn
 
 from detres.engine.lr_schedule import LRSchedule
 from detres.engine.optimizer import build_detection_optimizer, detection_param_groups, is_bias, set_lr
-from detres.models.frozen_bn import FrozenBatchNorm2d
+from detres.models.backbones.frozen_bn import FrozenBatchNorm2d
 
 
 class _Net(nn.Module):
@@ -67,7 +67,7 @@ def test_schedule_scales_every_group_and_decay_applies_to_weights_only():
 
 
 def test_detector_groups_hold_exactly_the_head_biases():
-    from detres.models.faster_rcnn import build_faster_rcnn
+    from detres.models.detection.faster_rcnn import build_faster_rcnn
 
     torch.manual_seed(0)
     model = build_faster_rcnn(depth=18, base_width=16, num_classes=2, freeze_at=2)

@@ -19,11 +19,11 @@ import torch
 
 from detres.config.load import load_config
 from detres.data.image_io import ImageReadError
-from detres.data.shapes_writers import write_loc_task
-from detres.data.synthetic import generate_shapes_world
+from detres.data.shapes.world import generate_shapes_world
+from detres.data.shapes.writers import write_loc_task
 from detres.engine import cls_trainer, det_trainer, loc_rcnn_trainer, loc_trainer
 from detres.engine.logging import read_json_lines
-from detres.utils.checkpoint import load_checkpoint
+from detres.utils.torch_files import load_checkpoint
 from tests.tiny_configs import tiny_train_det_config, write_yaml
 from tests.tool_loader import load_tool
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from detres.data.cls_transforms import Normalize, ScaleAugmentTrainTransform
-from detres.data.color_pca import PCAColorNoise
 from detres.data.image_io import ImageReadError, read_image_rgb
+from detres.data.transforms.classification import Normalize, ScaleAugmentTrainTransform
+from detres.data.transforms.color_pca import PCAColorNoise
 from detres.data.worker_errors import original_worker_message, readable_worker_errors
 from detres.engine.seeded_data import EpochBatchSampler, EpochSeededDataset, item_seed
 

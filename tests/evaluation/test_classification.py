@@ -12,7 +12,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from detres.data.cls_transforms import (
+from detres.data.datasets.imagefolder import ImageFolderDataset
+from detres.data.transforms.classification import (
     IMAGENET_MEAN_RGB,
     IMAGENET_STD_RGB,
     CenterCropEvalTransform,
@@ -20,7 +21,6 @@ from detres.data.cls_transforms import (
     Normalize,
     TenCropEvalTransform,
 )
-from detres.data.imagefolder import ImageFolderDataset
 from detres.evaluation.classification import (
     dense_logits,
     dense_probs,
@@ -29,7 +29,7 @@ from detres.evaluation.classification import (
     topk_correct,
     topk_errors,
 )
-from detres.models.resnet import CifarResNet, build_resnet
+from detres.models.backbones.resnet import CifarResNet, build_resnet
 
 
 class PixelLogits(nn.Module):
@@ -401,7 +401,7 @@ def test_pretrained_cifar_resnet20_on_real_images(shared_dir: Path) -> None:
     root = shared_dir / "data" / "cifar10" / "test"
     if not weights.is_file() or not root.is_dir():
         pytest.skip("shared CIFAR-10 test images or ResNet-20 weights not present")
-    from detres.models.weights import load_cifar_resnet_checkpoint
+    from detres.models.backbones.weights import load_cifar_resnet_checkpoint
 
     model = CifarResNet(3, num_classes=10)
     load_cifar_resnet_checkpoint(model, weights)

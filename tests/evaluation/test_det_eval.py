@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from detres.data.coco import CocoDetection
-from detres.data.synthetic import generate_shapes_world
-from detres.data.voc import VocDetection
+from detres.data.datasets.coco import CocoDetection
+from detres.data.datasets.voc import VocDetection
+from detres.data.shapes.world import generate_shapes_world
 from detres.evaluation.det_eval import dataset_ground_truth, dataset_to_coco_gt, evaluate_detection_dataset
 
 
@@ -144,7 +144,7 @@ def test_coco_crowd_regions_are_difficult_in_the_voc_ground_truth(shared_dir):
     """coco128 has 10 crowd annotations: they must appear as difficult objects, never as plain ones."""
     import json
 
-    from detres.data.coco import CocoDetection
+    from detres.data.datasets.coco import CocoDetection
     from detres.evaluation.det_eval import dataset_ground_truth
 
     root = shared_dir / "data" / "coco128"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from detres.models.faster_rcnn import build_faster_rcnn
+from detres.models.detection.faster_rcnn import build_faster_rcnn
 
 
 def tiny_detector(seed: int = 0, *, global_context: bool = False, num_classes: int = 3, **kwargs) -> torch.nn.Module:

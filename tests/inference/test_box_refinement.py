@@ -10,8 +10,8 @@ from torch import nn
 
 from detres.inference.box_refinement import detect_with_refinement, refined_rois
 from detres.models.build import build_detector
-from detres.models.faster_rcnn import FasterRCNN
-from detres.models.roi_heads import RoIHeads
+from detres.models.detection.faster_rcnn import FasterRCNN
+from detres.models.detection.roi_heads import RoIHeads
 
 
 # ------------------------------------------------------------------------------------ a hand-made model

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from detres.data.collate import collate_detection
-from detres.data.det_transforms import build_det_transforms, finalize_sample
+from detres.data.transforms.detection import build_det_transforms, finalize_sample
 from detres.inference.detect import detect_batch, run_inference
 
 

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from detres.data.cls_transforms import IMAGENET_STD_RGB
-from detres.data.shapes_scene import render_detection_image
+from detres.data.shapes.scene import render_detection_image
+from detres.data.transforms.classification import IMAGENET_STD_RGB
 from detres.inference import export as export_lib
 from detres.inference.export import example_image, export_detector, export_input, export_torchscript
 from detres.inference.predictor import Predictor
 from detres.models.build import build_detector, configure_postprocess
-from detres.utils.checkpoint import save_checkpoint
+from detres.utils.torch_files import save_checkpoint
 from tests.inference.conftest import tiny_detector
 from tests.tool_loader import load_tool
 

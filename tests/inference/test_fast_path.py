@@ -10,10 +10,10 @@ from torch import nn
 from torchvision.ops import misc as tv_misc
 
 from detres.inference.fast_path import count_batchnorm, fold_frozen_batchnorm, prepare_for_inference
-from detres.models.backbone import build_resnet_c4
-from detres.models.faster_rcnn import build_faster_rcnn
-from detres.models.frozen_bn import FrozenBatchNorm2d
-from detres.models.roi_heads import BoxHead, FastRCNNPredictor, RoIHeads, RoIPooler
+from detres.models.backbones.frozen_bn import FrozenBatchNorm2d
+from detres.models.backbones.resnet_c4 import build_resnet_c4
+from detres.models.detection.faster_rcnn import build_faster_rcnn
+from detres.models.detection.roi_heads import BoxHead, FastRCNNPredictor, RoIHeads, RoIPooler
 
 
 def _randomise_norms(model: nn.Module, seed: int = 0) -> None:

@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from detres.data.det_transforms import faster_rcnn_scale
+from detres.data.transforms.detection import faster_rcnn_scale
 from detres.inference.predictor import Predictor
 from detres.models.build import build_detector
-from detres.utils.checkpoint import save_checkpoint
+from detres.utils.torch_files import save_checkpoint
 
 META = {"class_names": ["circle", "square", "star"], "min_size_test": 96, "max_size_test": 144}
 

@@ -7,14 +7,14 @@ import pytest
 import torch
 
 from detres.config.load import load_config
+from detres.models.backbones.resnet import build_resnet
 from detres.models.build import (
     build_classifier,
     classifier_kwargs_from_config,
     detector_kwargs_from_config,
     load_detector,
 )
-from detres.models.resnet import build_resnet
-from detres.utils.checkpoint import save_checkpoint
+from detres.utils.torch_files import save_checkpoint
 
 
 def test_classifier_kwargs_follow_the_config():
@@ -114,8 +114,8 @@ def test_foreign_weights_default_to_imagenet_normalisation(tmp_path):
 
 
 def test_detector_config_refuses_a_backbone_without_recomputed_bn(tmp_path):
+    from detres.models.backbones.weights import UnrecomputedBNError
     from detres.models.build import build_detector
-    from detres.models.weights import UnrecomputedBNError
 
     _cls_checkpoint(tmp_path / "last.pt", bn_recomputed=False)
     base = [f"model.weights={tmp_path / 'last.pt'}", "model.depth=18", "model.base_width=16"]

@@ -7,8 +7,8 @@ import torch
 import torchvision
 from torch import nn
 
+from detres.models.backbones.resnet import IMAGENET_DEPTHS, build_cifar_resnet, build_resnet, resnet18
 from detres.models.complexity import count_multiply_adds, count_parameters
-from detres.models.resnet import IMAGENET_DEPTHS, build_cifar_resnet, build_resnet, resnet18
 
 torch.set_num_threads(1)
 

@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from detres.config.load import load_config
+from detres.models.backbones.vgg import VGG, VGG16_CFG, vgg16
+from detres.models.backbones.vgg16_split import VGGFcHead, VGGTrunk, build_vgg16_c4
 from detres.models.build import build_detector, detector_kwargs_from_config, load_detector
-from detres.models.faster_rcnn import build_faster_rcnn
-from detres.models.vgg import VGG, VGG16_CFG, vgg16
-from detres.models.vgg_backbone import VGGFcHead, VGGTrunk, build_vgg16_c4
-from detres.utils.checkpoint import save_checkpoint
+from detres.models.detection.faster_rcnn import build_faster_rcnn
+from detres.utils.torch_files import save_checkpoint
 
 torchvision = pytest.importorskip("torchvision")
 
@@ -134,7 +134,7 @@ def test_vgg16_needs_a_7x7_pooler_and_a_vgg_file(tmp_path):
         build_faster_rcnn(backbone="vgg19", num_classes=3)
     with pytest.raises(FileNotFoundError, match="missing.pth"):
         build_vgg16_c4(weights_path=tmp_path / "missing.pth")
-    from detres.models.resnet import build_resnet
+    from detres.models.backbones.resnet import build_resnet
 
     torch.save(build_resnet(18, base_width=8).state_dict(), tmp_path / "r18.pth")
     with pytest.raises(ValueError, match=r"r18\.pth.*not a VGG-16"):
@@ -243,7 +243,7 @@ def test_train_cls_vgg16_checkpoint_round_trips_through_config_and_load_detector
 
 
 def test_checkpoint_without_backbone_key_loads_as_resnet(tmp_path):
-    from detres.models.backbone import ResNetC4Trunk
+    from detres.models.backbones.resnet_c4 import ResNetC4Trunk
 
     cfg = load_config(None, ["model.depth=18", "model.base_width=8"], task="det")
     kwargs = detector_kwargs_from_config(cfg.model, num_classes=2)

@@ -6,15 +6,15 @@ import pytest
 import torch
 
 from detres.config.load import load_config
+from detres.models.backbones.vgg import vgg16
+from detres.models.backbones.vgg16_split import build_vgg16_c4
 from detres.models.build import (
     build_classifier,
     build_detector,
     classifier_kwargs_from_config,
     detector_kwargs_from_config,
 )
-from detres.models.vgg import vgg16
-from detres.models.vgg_backbone import build_vgg16_c4
-from detres.utils.checkpoint import save_checkpoint
+from detres.utils.torch_files import save_checkpoint
 
 # Width 16 (a quarter of 64), hidden 1024, 10 classes. Convs: 16,16 | 32,32 | 64,64,64 | 128,128,128 | 128,128,128.
 # Conv weights 9 x (3*16 + 16*16 + 16*32 + 32*32 + 32*64 + 2*64*64 + 64*128 + 2*128*128 + 3*128*128)

@@ -33,8 +33,8 @@ def _run(main, argv: list[str]) -> tuple[int, str, str]:
 def self_gt(tiny_det_world, tiny_det_checkpoint, tmp_path_factory) -> Path:
     """The val annotations replaced by the tiny checkpoint's own 3 best detections per image (one image per
     batch): its AP is far from 0, so equal numbers are a real check (an untrained model scores 0 on the shapes)."""
-    from detres.data.coco import CocoDetection
-    from detres.data.det_transforms import build_det_transforms
+    from detres.data.datasets.coco import CocoDetection
+    from detres.data.transforms.detection import build_det_transforms
     from detres.inference.detect import run_inference
     from detres.models.build import load_detector
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 import yaml
 
-from detres.utils.checkpoint import load_checkpoint, save_checkpoint
+from detres.utils.torch_files import load_checkpoint, save_checkpoint
 from tests.tool_loader import load_tool
 
 TRAIN_TOOLS = {"cls": "train_cls", "det": "train_det", "loc": "train_loc"}

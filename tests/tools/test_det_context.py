@@ -18,8 +18,8 @@ from detres.data.image_io import read_image_rgb
 from detres.engine.alternating import STEP_NAMES
 from detres.inference.predictor import Predictor
 from detres.models.build import load_detector
-from detres.models.context import ContextRoIHeads
-from detres.utils.checkpoint import load_checkpoint
+from detres.models.detection.context import ContextRoIHeads
+from detres.utils.torch_files import load_checkpoint
 from tests.tool_loader import load_tool
 
 train_det, test_det, infer = load_tool("train_det"), load_tool("test_det"), load_tool("infer")

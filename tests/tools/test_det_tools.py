@@ -16,7 +16,7 @@ import yaml
 from detres.data.image_io import read_image_rgb
 from detres.inference.predictor import Predictor
 from detres.inference.visualize import write_png
-from detres.utils.checkpoint import save_checkpoint
+from detres.utils.torch_files import save_checkpoint
 from tests.tiny_configs import tiny_train_det_config, write_yaml
 from tests.tool_loader import load_tool
 

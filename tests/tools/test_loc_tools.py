@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from detres.data.shapes_writers import write_loc_task
+from detres.data.shapes.writers import write_loc_task
 from detres.models.build import build_classifier
-from detres.utils.checkpoint import save_checkpoint
+from detres.utils.torch_files import save_checkpoint
 from tests.tool_loader import load_tool
 
 WNIDS = [f"n900000{k:02d}" for k in range(1, 11)]

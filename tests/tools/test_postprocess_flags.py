@@ -28,7 +28,7 @@ def checkpoint(tiny_det_checkpoint) -> Path:
 
 def _spy(monkeypatch) -> list[dict]:
     """Record the options every postprocess_boxes call of the RoI heads receives."""
-    import detres.models.roi_heads as roi_heads
+    import detres.models.detection.roi_heads as roi_heads
 
     calls: list[dict] = []
     real = roi_heads.postprocess_boxes

@@ -1,0 +1,1 @@
+"""Dataset readers, one per on-disk format."""

@@ -1,0 +1,1 @@
+"""Image and box transforms for classification, detection and localization."""

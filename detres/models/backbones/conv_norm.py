@@ -1,0 +1,49 @@
+"""conv -> norm with a frozen BatchNorm folded into the conv on the fly: one pass over the activations, no BN graph."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+import torchvision.ops
+from torch import Tensor, nn
+
+from detres.models.backbones import cpu_execution
+
+__all__ = ["apply_conv_norm", "apply_shortcut", "conv_forward"]
+
+
+def conv_forward(conv: nn.Conv2d, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``conv``'s function of ``x`` with ``weight`` and ``bias`` in place of its own (float32 1x1 stride-1 convs
+    on CPU through oneDNN: :data:`detres.models.backbones.cpu_execution.POINTWISE_CPU_DILATION`)."""
+    if cpu_execution.routes_pointwise_to_onednn(conv, x):
+        # read at call time, so that setting cpu_execution.POINTWISE_CPU_DILATION = 1 restores PyTorch's route
+        return F.conv2d(x, weight, bias, 1, 0, cpu_execution.POINTWISE_CPU_DILATION, 1)
+    return conv._conv_forward(x, weight, bias)
+
+
+def apply_conv_norm(conv: nn.Conv2d, norm: nn.Module, x: Tensor) -> Tensor:
+    """``norm(conv(x))``. A frozen BN (a fixed per-channel affine map y = s * z + t) is folded into the conv as
+    weight * s and bias t, so the activations are written once and autograd records only the conv (the weight's
+    gradient flows through the cheap weight * s). Other norms (training BN, Identity after
+    ``prepare_for_inference``) run as usual. Same function of x up to float rounding (~1e-6 relative)."""
+    if _hooked(conv) or type(conv) is not nn.Conv2d:
+        return norm(conv(x))
+    if not isinstance(norm, torchvision.ops.FrozenBatchNorm2d) or conv.bias is not None:
+        return norm(conv_forward(conv, x, conv.weight, conv.bias))
+    scale = norm.weight * (norm.running_var + norm.eps).rsqrt()
+    shift = norm.bias - norm.running_mean * scale
+    return conv_forward(conv, x, conv.weight * scale.reshape(-1, 1, 1, 1), shift)
+
+
+def apply_shortcut(downsample: nn.Module | None, x: Tensor) -> Tensor:
+    """The block's shortcut branch: identity, a projection ``Sequential(conv, norm)`` (folded as above) or any
+    other module (option A's zero padding)."""
+    if downsample is None:
+        return x
+    if isinstance(downsample, nn.Sequential) and len(downsample) == 2 and isinstance(downsample[0], nn.Conv2d):
+        return apply_conv_norm(downsample[0], downsample[1], x)
+    return downsample(x)
+
+
+def _hooked(conv: nn.Module) -> bool:
+    """A conv with hooks (FLOP counters, feature probes) must run as a module call, or they would not fire."""
+    return bool(conv._forward_hooks or conv._forward_pre_hooks)

@@ -1,4 +1,4 @@
-"""Layering of the detres package (../shared/DESIGN.md): a lower floor never imports a higher one.
+"""Layering of the detres package (docs/architecture.md): a lower floor never imports a higher one.
 
 Every module under detres/ is parsed with ``ast``; each import of ``detres.<pkg>`` (absolute or
 relative, at module level or inside a function) is mapped to the floor of ``<pkg>``. Imports within
@@ -14,7 +14,7 @@ import pytest
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[1] / "detres"
 
-# DESIGN.md: floor 6 is tools/ and benchmarks/, outside the package.
+# docs/architecture.md: floor 6 is tools/ and benchmarks/, outside the package.
 FLOORS: dict[str, int] = {
     "structures": 1,
     "config": 1,
@@ -56,7 +56,7 @@ def upward_imports(root: Path = PACKAGE_ROOT, floors: dict[str, int] = FLOORS) -
             continue
         here = module[1]
         if here not in floors:
-            problems.append(f"{path}: package {here!r} has no floor in DESIGN.md (add it to FLOORS)")
+            problems.append(f"{path}: package {here!r} has no floor in docs/architecture.md (add it to FLOORS)")
             continue
         tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
         for node in ast.walk(tree):
@@ -78,7 +78,7 @@ def upward_imports(root: Path = PACKAGE_ROOT, floors: dict[str, int] = FLOORS) -
 
 def test_no_lower_floor_imports_a_higher_one():
     problems = upward_imports()
-    assert not problems, "imports pointing up the floors of DESIGN.md:\n" + "\n".join(problems)
+    assert not problems, "imports pointing up the floors of docs/architecture.md:\n" + "\n".join(problems)
 
 
 def test_every_package_has_a_floor():

@@ -1,4 +1,4 @@
-"""Box voting (ResNet App. B, after Gidaris & Komodakis); in models/, not inference/ as DESIGN.md lists, because the
+"""Box voting (ResNet App. B, after Gidaris & Komodakis); in models/, not inference/, because the
 eval forward's postprocess uses it."""
 
 from __future__ import annotations

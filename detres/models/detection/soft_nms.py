@@ -1,4 +1,4 @@
-"""Soft-NMS (Bodla et al. 2017), per class, all classes at once; in models/, not inference/ as DESIGN.md lists, because
+"""Soft-NMS (Bodla et al. 2017), per class, all classes at once; in models/, not inference/, because
 the eval forward's postprocess uses it."""
 
 from __future__ import annotations

@@ -176,7 +176,7 @@ def run_ablation(
     paths = list(dict.fromkeys(p for plan in plans for p in plan.checkpoints))
     loaded, meta = load_ensemble(paths, device=device)
     # Frozen BN folded into the convs for every row alike: the same detections up to fp32 rounding, and the
-    # trunk-heavy rows (multi-scale) then run at the speed their FLOPs predict (README, Table 9 cost).
+    # trunk-heavy rows (multi-scale) then run at the speed their FLOPs predict (docs/appendix_b.md).
     loaded = [prepare_for_inference(m) for m in loaded]
     by_path = dict(zip(paths, loaded))
     dataset = _val_set(cfg, meta["class_names"], paths[0], max_images)

@@ -15,9 +15,9 @@ from torch import nn
 from detres.config.load import load_config
 from detres.data.shapes.world import generate_shapes_world
 from detres.engine.amp import SCALER_KEY, MixedPrecision, mixed_precision_from_config
-from detres.engine.cls_trainer import train_classifier
 from detres.engine.det_trainer import train_detector
 from detres.engine.logging import read_json_lines
+from detres.engine.tasks.classification import train_classifier
 from detres.utils.torch_files import load_checkpoint
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (autocast is CUDA-only)")

@@ -21,8 +21,9 @@ from detres.config.load import load_config
 from detres.data.image_io import ImageReadError
 from detres.data.shapes.world import generate_shapes_world
 from detres.data.shapes.writers import write_loc_task
-from detres.engine import cls_trainer, det_trainer, loc_rcnn_trainer, loc_trainer
+from detres.engine import det_trainer, loc_rcnn_trainer, loc_trainer
 from detres.engine.logging import read_json_lines
+from detres.engine.tasks import classification
 from detres.utils.torch_files import load_checkpoint
 from tests.tiny_configs import tiny_train_det_config, write_yaml
 from tests.tool_loader import load_tool
@@ -312,8 +313,8 @@ def test_a_failing_evaluation_finds_its_checkpoint_written_and_the_resumed_run_i
             task="cls",
         )
 
-    cls_trainer.train_classifier(cfg(tmp_path / "straight"))
-    original, calls = cls_trainer._evaluate, []
+    classification.train_classifier(cfg(tmp_path / "straight"))
+    original, calls = classification.evaluate_split, []
 
     def failing_second_validation(*args, **kwargs):
         calls.append(1)
@@ -321,13 +322,13 @@ def test_a_failing_evaluation_finds_its_checkpoint_written_and_the_resumed_run_i
             raise ImageReadError("image file 'val/b/broken.png' is corrupt or not an image format OpenCV can decode")
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(cls_trainer, "_evaluate", failing_second_validation)
+    monkeypatch.setattr(classification, "evaluate_split", failing_second_validation)
     with pytest.raises(ImageReadError, match="broken.png"):
-        cls_trainer.train_classifier(cfg(tmp_path / "broken"))
+        classification.train_classifier(cfg(tmp_path / "broken"))
     state = load_checkpoint(tmp_path / "broken" / "last.pt")
     assert state["iter"] == 4 and state["pending_eval"] is True
-    monkeypatch.setattr(cls_trainer, "_evaluate", original)  # the val image was fixed
-    cls_trainer.train_classifier(cfg(tmp_path / "broken"), resume=True)
+    monkeypatch.setattr(classification, "evaluate_split", original)  # the val image was fixed
+    classification.train_classifier(cfg(tmp_path / "broken"), resume=True)
 
     # the resumed run evaluated first, so its plateau schedule (and everything after) matches the straight run
     def records(out: Path) -> list[dict]:

@@ -33,7 +33,7 @@ check, the logged means, the stop signal) is reached by every rank at the same s
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +46,7 @@ from detres.engine.checkpoint import CheckpointManager, Diverged
 from detres.engine.distributed import is_main_process, wrap_ddp
 from detres.utils.dist import finite_on_all_ranks
 
-__all__ = ["HookBase", "LossWindow", "TrainTask", "Trainer", "sgd_update"]
+__all__ = ["HookBase", "LossWindow", "TrainTask", "Trainer", "sgd_update", "sgd_update_on_losses"]
 
 
 class TrainTask:
@@ -128,16 +128,31 @@ def sgd_update(
     amp: MixedPrecision,
     *,
     iteration: int,
-    detail: str = "",
+    detail: Callable[[], str] | None = None,
 ) -> float:
-    """The common end of an SGD step: refuse a non-finite ``total`` on any rank (:class:`Diverged`, ``detail``
-    added to the message), then backward and step (scaled under float16 AMP); returns the loss."""
+    """The common end of an SGD step: refuse a non-finite ``total`` on any rank (:class:`Diverged`; ``detail()``
+    is added to its message), then backward and step (scaled under float16 AMP); returns the loss."""
     loss = total.item()
     if not finite_on_all_ranks(loss):  # collective: no rank waits alone in the gradient all-reduce
-        raise Diverged(f"iteration {iteration}: loss is {loss}{detail}; lower solver.base_lr", failed_from=iteration)
+        more = detail() if detail is not None else ""
+        raise Diverged(f"iteration {iteration}: loss is {loss}{more}; lower solver.base_lr", failed_from=iteration)
     optimizer.zero_grad(set_to_none=True)
     amp.backward_and_step(total, optimizer)
     return loss
+
+
+def sgd_update_on_losses(
+    losses: Mapping[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    amp: MixedPrecision,
+    *,
+    iteration: int,
+    detail: Callable[[], str] | None = None,
+) -> dict[str, float]:
+    """:func:`sgd_update` on the sum of ``losses``; returns the values to log: the total as ``loss``, then each."""
+    total = sum(losses.values())
+    value = sgd_update(total, optimizer, amp, iteration=iteration, detail=detail)
+    return {"loss": value, **{key: loss.item() for key, loss in losses.items()}}
 
 
 class Trainer:

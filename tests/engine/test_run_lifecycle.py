@@ -21,9 +21,10 @@ from detres.config.load import load_config
 from detres.data.image_io import ImageReadError
 from detres.data.shapes.world import generate_shapes_world
 from detres.data.shapes.writers import write_loc_task
-from detres.engine import det_trainer, loc_rcnn_trainer, loc_trainer
 from detres.engine.logging import read_json_lines
-from detres.engine.tasks import classification
+from detres.engine.tasks import classification, detection, localization_rcnn, localization_rpn
+from detres.engine.tasks.detection_run import DetectionRun
+from detres.engine.tasks.localization import train_localizer
 from detres.utils.torch_files import load_checkpoint
 from tests.tiny_configs import tiny_train_det_config, write_yaml
 from tests.tool_loader import load_tool
@@ -229,12 +230,12 @@ def test_det_loops_never_fetch_past_max_iter_and_a_finished_run_resumes_without_
         solver.update(alternating_iters=[1, 1, 1, 1])
     cfg = load_config(_det_config(world, tmp_path / "det.yaml", **solver), [f"output_dir={tmp_path / 'run'}"])
     fetched: list[int] = []
-    _count_batches(monkeypatch, det_trainer.DetRun, "loader", fetched)
-    metrics = det_trainer.train_detector(cfg)
+    _count_batches(monkeypatch, DetectionRun, "loader", fetched)
+    metrics = detection.train_detector(cfg)
     assert len(fetched) == metrics["iterations"] == (4 if scheme == "alternating" else 2)
     (tmp_path / "run" / "model_final.pt").unlink()
-    monkeypatch.setattr(det_trainer.DetRun, "loader", _no_batches)
-    assert det_trainer.train_detector(cfg, resume=True)["iterations"] == metrics["iterations"]
+    monkeypatch.setattr(DetectionRun, "loader", _no_batches)
+    assert detection.train_detector(cfg, resume=True)["iterations"] == metrics["iterations"]
     assert (tmp_path / "run" / "model_final.pt").is_file()
 
 
@@ -272,11 +273,11 @@ def test_loc_stages_never_fetch_past_max_iter_and_finish_a_finished_run_without_
     ]
     rpn_cfg = load_config(None, [*small, f"output_dir={tmp_path / 'rpn'}"])
     fetched: list[int] = []
-    _count_batches(monkeypatch, loc_trainer, "_loader", fetched)
-    assert loc_trainer.train_localizer(rpn_cfg)["iterations"] == 2 and len(fetched) == 2
+    _count_batches(monkeypatch, localization_rpn, "localization_train_loader", fetched)
+    assert train_localizer(rpn_cfg)["iterations"] == 2 and len(fetched) == 2
     (tmp_path / "rpn" / "model_final.pt").unlink()
-    monkeypatch.setattr(loc_trainer, "_loader", _no_batches)
-    assert loc_trainer.train_localizer(rpn_cfg, resume=True)["iterations"] == 2
+    monkeypatch.setattr(localization_rpn, "localization_train_loader", _no_batches)
+    assert train_localizer(rpn_cfg, resume=True)["iterations"] == 2
     rcnn_cfg = load_config(
         None,
         [
@@ -288,9 +289,9 @@ def test_loc_stages_never_fetch_past_max_iter_and_finish_a_finished_run_without_
             "model.rcnn.proposals_per_class=2",
         ],
     )
-    assert loc_trainer.train_localizer(rcnn_cfg, stage="rcnn")["iterations"] == 2
-    monkeypatch.setattr(loc_rcnn_trainer, "_crop_image", _no_batches)
-    assert loc_trainer.train_localizer(rcnn_cfg, stage="rcnn", resume=True)["iterations"] == 2
+    assert train_localizer(rcnn_cfg, stage="rcnn")["iterations"] == 2
+    monkeypatch.setattr(localization_rcnn, "_crop_image", _no_batches)
+    assert train_localizer(rcnn_cfg, stage="rcnn", resume=True)["iterations"] == 2
 
 
 # ------------------------------------------------------------------------------------ case 5: save before evaluating

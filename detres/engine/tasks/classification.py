@@ -79,7 +79,9 @@ class ClassificationTask(TrainTask):
         with self.amp.autocast():
             logits = trainer.train_model(images)
             loss = F.cross_entropy(logits, targets)
-        value = sgd_update(loss, self.optimizer, self.amp, iteration=trainer.global_iter, detail=f" (lr {trainer.lr})")
+        value = sgd_update(
+            loss, self.optimizer, self.amp, iteration=trainer.global_iter, detail=lambda: f" (lr {trainer.lr})"
+        )
         return {"loss": value, "train_err": (logits.argmax(1) != targets).float().mean().item()}
 
     def checkpoint_payload(self, trainer: Trainer) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from detres.engine.distributed import is_main_process, mean_over_ranks
 from detres.engine.logging import JsonLinesLogger
 from detres.engine.lr_schedule import LRSchedule
 from detres.engine.optimizer import set_lr
-from detres.engine.run_setup import stop_if_signalled
+from detres.engine.run.setup import stop_if_signalled
 from detres.engine.train_loop import HookBase
 
 __all__ = [
@@ -150,7 +150,7 @@ class EvalHook(HookBase):
 
 class SignalHook(HookBase):
     """After each step: when SIGINT / SIGTERM came (on any rank), save ``last.pt`` and stop
-    (:class:`~detres.engine.run_setup.TrainingInterrupted`)."""
+    (:class:`~detres.engine.run.setup.TrainingInterrupted`)."""
 
     def after_step(self) -> None:
         stop_if_signalled(self.trainer.global_iter, self.trainer.save_last)

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from detres.engine.lr_schedule import LRSchedule
-from detres.engine.run_setup import load_model_state
+from detres.engine.run.setup import load_model_state
 
 __all__ = [
     "is_bias",

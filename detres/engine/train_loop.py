@@ -17,7 +17,7 @@ things happen, for every task alike::
 
 So a checkpoint due at an iteration is on disk before that iteration's evaluation (a failing validation set loses
 no training), and a stop signal saves the state of the step just finished. A non-finite loss or state raises
-:class:`~detres.engine.checkpoint.Diverged` inside the loop; the loop turns it into the one-line error naming the
+:class:`~detres.engine.run.checkpoint.Diverged` inside the loop; the loop turns it into the one-line error naming the
 last good checkpoint, after setting ``last.pt`` back to it (:meth:`CheckpointManager.stop_on_divergence`).
 
 Exact resume: the loop starts at ``start_iter`` and asks the task for its batch stream from that batch (the streams
@@ -42,8 +42,8 @@ from torch import nn
 
 from detres.data.worker_errors import readable
 from detres.engine.amp import MixedPrecision
-from detres.engine.checkpoint import CheckpointManager, Diverged
 from detres.engine.distributed import is_main_process, wrap_ddp
+from detres.engine.run.checkpoint import CheckpointManager, Diverged
 from detres.utils.dist import finite_on_all_ranks
 
 __all__ = ["HookBase", "LossWindow", "TrainTask", "Trainer", "sgd_update", "sgd_update_on_losses"]

@@ -409,7 +409,7 @@ def test_resume_without_last_pt_and_a_second_run_in_a_locked_folder_are_refused(
         [
             sys.executable,
             "-c",
-            "import sys, time; from detres.engine.run_lock import RunLock\n"
+            "import sys, time; from detres.engine.run.lock import RunLock\n"
             "with RunLock(sys.argv[1]):\n    print('locked', flush=True); time.sleep(60)\n",
             str(out),
         ],

@@ -15,11 +15,11 @@ import torch
 from torch import nn
 
 from detres.engine.amp import MixedPrecision
-from detres.engine.checkpoint import CheckpointManager, Diverged
 from detres.engine.hooks import EvalHook, LoggingHook, LRScheduleHook, default_hooks
 from detres.engine.logging import JsonLinesLogger, read_json_lines
 from detres.engine.lr_schedule import LRSchedule
-from detres.engine.run_setup import TrainingInterrupted, run_guard
+from detres.engine.run.checkpoint import CheckpointManager, Diverged
+from detres.engine.run.setup import TrainingInterrupted, run_guard
 from detres.engine.train_loop import HookBase, LossWindow, Trainer, TrainTask, sgd_update
 from detres.utils.torch_files import load_checkpoint
 

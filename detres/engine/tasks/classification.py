@@ -28,7 +28,7 @@ from detres.engine.distributed import distributed_run_guard, is_distributed, sha
 from detres.engine.hooks import EvalHook, default_hooks, progress_bar
 from detres.engine.logging import JsonLinesLogger
 from detres.engine.lr_schedule import LRSchedule, epochs_to_iters
-from detres.engine.run_setup import load_model_state
+from detres.engine.run.setup import load_model_state
 from detres.engine.seeded_data import EpochBatchSampler, EpochSeededDataset
 from detres.engine.sync_bn import convert_sync_batchnorm
 from detres.engine.tasks.classification_final import evaluate_split, finalize_classifier
@@ -130,7 +130,7 @@ def train_classifier(
     continues ``<output_dir>/last.pt`` exactly (same batches, augmentation and logged losses);
     without it an existing ``last.pt`` is never overwritten (FileExistsError). ``resume="auto"`` continues
     ``last.pt`` when there is one; ``resume_from`` continues an older kept checkpoint; changed ``model.*``
-    options are refused on resume unless ``allow_model_change`` (:func:`detres.engine.run_setup.start_run`).
+    options are refused on resume unless ``allow_model_change`` (:func:`detres.engine.run.setup.start_run`).
     An unreadable image raises ImageReadError naming the file, also when met in a loader worker.
     SIGINT / SIGTERM save ``last.pt`` after the current step and raise TrainingInterrupted; a non-finite loss or
     state stops training (FloatingPointError) with ``last.pt`` set to the last good checkpoint.

@@ -75,7 +75,7 @@ def train_detector(
     ``last.pt`` (every ``checkpoint_period``), ``model_final.pt``, ``metrics.json``, the curve PNGs
     and ``test/`` (see :func:`detres.engine.det_test.test_detector`) under ``cfg.output_dir``. An existing
     ``last.pt`` is never overwritten unless ``resume``: False, True or "auto" (continue last.pt if any, else
-    start); ``resume_from``: an older kept checkpoint; see :func:`detres.engine.run_setup.start_run`. Holds
+    start); ``resume_from``: an older kept checkpoint; see :func:`detres.engine.run.setup.start_run`. Holds
     ``output_dir``'s run lock; SIGINT / SIGTERM save ``last.pt`` and stop (TrainingInterrupted).
 
     ``solver.training_scheme``: "joint" (default; approximate joint training, one loss over RPN and

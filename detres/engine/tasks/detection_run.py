@@ -16,9 +16,9 @@ from detres.data.collate import collate_detection
 from detres.data.samplers import AspectRatioGroupedBatchSampler, InfiniteSampler, compute_aspect_ratio_groups
 from detres.data.worker_errors import readable_worker_errors
 from detres.engine.amp import MixedPrecision, mixed_precision_from_config
-from detres.engine.checkpoint import CheckpointManager, check_finite_payload
 from detres.engine.distributed import is_main_process, shard_batches
 from detres.engine.logging import JsonLinesLogger
+from detres.engine.run.checkpoint import CheckpointManager, check_finite_payload
 from detres.engine.seeded_data import IterationKeyedBatches, IterationSeededDataset
 from detres.engine.train_loop import sgd_update_on_losses
 from detres.evaluation.det_eval import evaluate_detection_dataset

@@ -34,7 +34,7 @@ def train_localizer(
     ``stage="rcnn"``: the R-CNN on a trained RPN's proposals (:func:`~detres.engine.tasks.localization_rcnn.
     train_rcnn_stage`; data-parallel under torchrun too: proposals sharded, region batches sliced).
     Holds ``output_dir``'s run lock; ``resume`` / ``resume_from`` / ``allow_model_change`` and the stop signals:
-    :func:`detres.engine.run_setup.start_run`, :func:`detres.engine.run_setup.run_guard`.
+    :func:`detres.engine.run.setup.start_run`, :func:`detres.engine.run.setup.run_guard`.
     """
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")

@@ -21,7 +21,6 @@ from detres.data.datasets.localization import LocRecord
 from detres.data.image_io import read_image_rgb
 from detres.data.transforms.localization import LocTestTransform
 from detres.engine.amp import SCALER_KEY, MixedPrecision, mixed_precision_from_config, scaler_state_into
-from detres.engine.checkpoint import Diverged, check_finite_payload
 from detres.engine.distributed import MethodCall, get_world_size, is_main_process, start_distributed_run
 from detres.engine.hooks import default_hooks, progress_bar
 from detres.engine.loc_data import load_loc_records
@@ -29,6 +28,7 @@ from detres.engine.loc_eval import format_table, test_from_config
 from detres.engine.logging import JsonLinesLogger, read_json_lines
 from detres.engine.optimizer import build_step_solver
 from detres.engine.plots import plot_curves
+from detres.engine.run.checkpoint import Diverged, check_finite_payload
 from detres.engine.tasks.rcnn_regions import (
     RegionCache,
     proposal_cache,

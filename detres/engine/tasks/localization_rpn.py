@@ -17,7 +17,6 @@ from detres.data.datasets.localization import LocDataset, collate_loc
 from detres.data.samplers import InfiniteSampler
 from detres.data.transforms.localization import LocTrainTransform
 from detres.engine.amp import SCALER_KEY, MixedPrecision, mixed_precision_from_config, scaler_state_into
-from detres.engine.checkpoint import check_finite_payload
 from detres.engine.distributed import is_main_process, shard_batches, start_distributed_run
 from detres.engine.hooks import default_hooks, progress_bar
 from detres.engine.loc_data import load_loc_records
@@ -25,6 +24,7 @@ from detres.engine.loc_eval import format_table, test_from_config
 from detres.engine.logging import JsonLinesLogger, read_json_lines
 from detres.engine.optimizer import build_step_solver
 from detres.engine.plots import plot_curves
+from detres.engine.run.checkpoint import check_finite_payload
 from detres.engine.seeded_data import IterationKeyedBatches, IterationSeededDataset
 from detres.engine.train_loop import Trainer, TrainTask, sgd_update_on_losses
 from detres.models.localization.rpn_localizer import build_rpn_localizer, rpn_localizer_kwargs_from_config

@@ -86,7 +86,7 @@ def build_peer(cfg: Config, num_classes: int) -> FasterRCNN:
 
 
 def train_loader(dataset: Any, cfg: Config) -> DataLoader:
-    """detres's training stream: seeded, endless, aspect-ratio grouped batches (as det_trainer builds it)."""
+    """detres's training stream: seeded, endless, aspect-ratio grouped batches (as the detection task builds it)."""
     batch = int(cfg.solver.images_per_batch)
     sampler = AspectRatioGroupedBatchSampler(
         InfiniteSampler(len(dataset), seed=int(cfg.seed)), compute_aspect_ratio_groups(dataset), batch, start_batch=0

@@ -24,7 +24,7 @@ socket.getaddrinfo = refuse
 socket.create_connection = refuse
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
-    import detres.data.transforms.detection, detres.engine.det_trainer, detres.inference.predictor  # noqa: E401
+    import detres.data.transforms.detection, detres.engine.tasks.detection, detres.inference.predictor  # noqa: E401
 import os
 about_updates = [str(w.message) for w in caught if "lbumentations" in str(w.message) or "update" in str(w.message)]
 print(json.dumps({"attempts": attempts, "warnings": about_updates, "env": os.environ.get("NO_ALBUMENTATIONS_UPDATE"),

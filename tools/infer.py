@@ -25,7 +25,7 @@ except ImportError:  # running from a source checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from detres.data.image_io import read_image_rgb  # noqa: E402
-from detres.engine.run_setup import resolve_device  # noqa: E402
+from detres.engine.run.setup import resolve_device  # noqa: E402
 from detres.inference.ensemble import load_ensemble  # noqa: E402
 from detres.inference.postprocess_args import (  # noqa: E402
     add_postprocess_arguments,

@@ -23,8 +23,8 @@ except ImportError:  # running from a source checkout without `pip install -e .`
 
 from detres.config.load import ConfigError, load_config  # noqa: E402
 from detres.data.build import build_detection_dataset  # noqa: E402
-from detres.engine.det_trainer import test_detector  # noqa: E402
-from detres.engine.run_setup import resolve_device  # noqa: E402
+from detres.engine.det_test import test_detector  # noqa: E402
+from detres.engine.run.setup import resolve_device  # noqa: E402
 from detres.inference.ensemble import load_ensemble  # noqa: E402
 from detres.inference.postprocess_args import (  # noqa: E402
     add_postprocess_arguments,

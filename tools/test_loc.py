@@ -23,8 +23,11 @@ except ImportError:  # running from a source checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from detres.config.load import ConfigError, load_config  # noqa: E402
-from detres.engine.loc_eval import format_table  # noqa: E402
-from detres.engine.loc_trainer import load_loc_records, test_from_config  # noqa: E402
+from detres.engine.loc_data import load_loc_records  # noqa: E402
+from detres.engine.loc_eval import (
+    format_table,  # noqa: E402
+    test_from_config,  # noqa: E402
+)
 from detres.models.localization.rcnn_localizer import load_rpn_rcnn_localizer  # noqa: E402
 from detres.models.localization.rpn_localizer import load_localizer  # noqa: E402
 from detres.utils.atomic import write_json_atomic  # noqa: E402

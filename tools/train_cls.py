@@ -25,10 +25,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from detres.config.load import ConfigError, load_config  # noqa: E402
-from detres.engine.cls_trainer import train_classifier  # noqa: E402
 from detres.engine.distributed import is_main_process  # noqa: E402
-from detres.engine.exit_status import run_training  # noqa: E402
-from detres.engine.resume_args import add_resume_arguments, resume_kwargs  # noqa: E402
+from detres.engine.run.exit_status import run_training  # noqa: E402
+from detres.engine.run.resume_args import add_resume_arguments, resume_kwargs  # noqa: E402
+from detres.engine.tasks.classification import train_classifier  # noqa: E402
 from detres.utils.atomic import dumps_json  # noqa: E402
 
 

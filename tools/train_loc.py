@@ -28,10 +28,10 @@ except ImportError:  # running from a source checkout without `pip install -e .`
 
 from detres.config.load import ConfigError, load_config  # noqa: E402
 from detres.engine.distributed import is_main_process  # noqa: E402
-from detres.engine.exit_status import run_training  # noqa: E402
 from detres.engine.loc_eval import format_table  # noqa: E402
-from detres.engine.loc_trainer import STAGES, train_localizer  # noqa: E402
-from detres.engine.resume_args import add_resume_arguments, resume_kwargs  # noqa: E402
+from detres.engine.run.exit_status import run_training  # noqa: E402
+from detres.engine.run.resume_args import add_resume_arguments, resume_kwargs  # noqa: E402
+from detres.engine.tasks.localization import STAGES, train_localizer  # noqa: E402
 
 
 def _train(args: argparse.Namespace) -> dict:

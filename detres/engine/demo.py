@@ -11,10 +11,10 @@ from typing import Any
 from detres.config.load import load_config
 from detres.data.shapes.world import generate_shapes_world
 from detres.engine.ablation import run_ablation
-from detres.engine.cls_trainer import train_classifier
-from detres.engine.det_trainer import train_detector
-from detres.engine.loc_trainer import train_localizer
-from detres.engine.run_setup import resolve_device
+from detres.engine.run.setup import resolve_device
+from detres.engine.tasks.classification import train_classifier
+from detres.engine.tasks.detection import train_detector
+from detres.engine.tasks.localization import train_localizer
 from detres.utils.atomic import write_json_atomic
 
 CLS_CONFIG = "configs/cls/shapes_r18.yaml"

@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from detres.config.load import Config
 from detres.data.samplers import RankSlicedBatchSampler
-from detres.engine.run_setup import RunStart, TrainingInterrupted, resolve_device, run_guard, start_run
+from detres.engine.run.setup import RunStart, TrainingInterrupted, resolve_device, run_guard, start_run
 from detres.engine.seeded_data import seed_everything
 from detres.models.detection.roi_heads import BoxHead
 from detres.utils.dist import (
@@ -136,7 +136,7 @@ def on_main(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T | None:
 
 
 def start_distributed_run(cfg: Config, **kwargs: Any) -> RunStart:
-    """:func:`detres.engine.run_setup.start_run` (same arguments, same result) for any world size: rank 0 alone
+    """:func:`detres.engine.run.setup.start_run` (same arguments, same result) for any world size: rank 0 alone
     prepares the folder (resume guard, checkpoint choice, ``config.yaml``) and its result, the resumed
     checkpoint included, is sent to every rank, so all ranks start from the same weights without reading
     rank 0's disk; each rank gets its own device (``cuda:LOCAL_RANK``) and the same seeds.
@@ -151,7 +151,7 @@ def start_distributed_run(cfg: Config, **kwargs: Any) -> RunStart:
 
 @contextmanager
 def distributed_run_guard(cfg: Config) -> Iterator[None]:
-    """:func:`detres.engine.run_setup.run_guard` for any world size: every rank handles the stop signals (they
+    """:func:`detres.engine.run.setup.run_guard` for any world size: every rank handles the stop signals (they
     agree on the step to stop at), rank 0 alone holds the folder's lock. Joins the process group first, so a
     lock held by another run fails rank 0 and torchrun then stops the rest.
 

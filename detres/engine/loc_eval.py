@@ -11,15 +11,25 @@ from typing import Any
 import numpy as np
 import torch
 
+from detres.config.load import Config
 from detres.data.datasets.localization import LocRecord, devkit_ground_truth
 from detres.data.image_io import read_image_rgb
 from detres.data.transforms.classification import center_crop, resize_shorter_side
 from detres.data.transforms.localization import LocTestTransform
+from detres.engine.loc_data import synset_words
 from detres.evaluation.classification import dense_probs, feature_window
 from detres.evaluation.localization import devkit_box, evaluate_localization, write_loc_predictions
 from detres.utils.atomic import write_json_atomic
 
-__all__ = ["BOX_MODES", "classifier_label_map", "format_table", "localize", "predict_classes", "test_localizer"]
+__all__ = [
+    "BOX_MODES",
+    "classifier_label_map",
+    "format_table",
+    "localize",
+    "predict_classes",
+    "test_from_config",
+    "test_localizer",
+]
 
 BOX_MODES = ("best", "average")
 Found = dict[str, dict[int, tuple[np.ndarray, float]]]  # image id -> class -> (original-pixel box, score)
@@ -232,3 +242,51 @@ def format_table(report: Mapping[str, Any]) -> str:
             f"{100 * classifier['top5_cls_err']:.2f} %"
         )
     return "\n".join(lines)
+
+
+def test_from_config(
+    model: torch.nn.Module,
+    cfg: Config,
+    val: list[LocRecord],
+    synsets: list[str],
+    *,
+    out_dir: Path | None,
+    modes: tuple[str, ...] = ("1crop", "dense"),
+    classifier: str | None = None,
+    classifier_mode: str | None = None,
+    row_prefix: str = "rpn",
+    rpn_modes: tuple[str, ...] = (),
+) -> dict[str, Any]:
+    """Table 13's rows on ``val`` with the ``test`` options; predicted classes need a classifier checkpoint.
+
+    For an RPN + R-CNN pair (``model.rpn``), ``rpn_modes`` adds the rows of its RPN alone, tested on the same
+    images and predicted classes, so that one report holds the whole table.
+    """
+    predicted = None
+    classifier = classifier or cfg.test.classifier
+    if classifier:
+        from detres.engine.cls_eval import load_classifier
+
+        loaded = load_classifier(classifier)
+        names = loaded.class_names or []
+        label_map = classifier_label_map(names, synsets, synset_words(cfg.data))
+        predicted = predict_classes(loaded, val, label_map, mode=classifier_mode or cfg.test.classifier_mode)
+    options = {
+        "crop": int(cfg.input.crop),
+        "scale": int(cfg.test.scale),
+        "scales": list(cfg.test.scales),
+        "predicted": predicted,
+        "out_dir": out_dir,
+        "top_n": int(cfg.test.top_n),
+        "nms_thresh": float(cfg.test.nms_thresh),
+        "box_mode": cfg.test.box_mode,
+        "average_top": int(cfg.test.average_top),
+    }
+    rows: dict[str, Any] = {}
+    if rpn_modes:
+        rows.update(test_localizer(model.rpn, val, modes=rpn_modes, row_prefix="rpn", **options)["rows"])
+    report = test_localizer(model, val, modes=modes, row_prefix=row_prefix, **options)
+    report["rows"] = {**rows, **report["rows"]}
+    if out_dir is not None and rpn_modes:
+        write_json_atomic(Path(out_dir) / "loc_test.json", report)
+    return report

@@ -13,12 +13,23 @@ The LR schedule gives one LR per iteration; :func:`set_lr` scales it by each gro
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["is_bias", "detection_param_groups", "build_detection_optimizer", "set_lr"]
+from detres.engine.lr_schedule import LRSchedule
+from detres.engine.run.setup import load_model_state
+
+__all__ = [
+    "is_bias",
+    "detection_param_groups",
+    "build_detection_optimizer",
+    "build_step_solver",
+    "load_optimizer_state",
+    "set_lr",
+]
 
 
 def is_bias(name: str) -> bool:
@@ -96,3 +107,40 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     """Set every group's LR to ``lr`` x its ``lr_factor`` (1 when the group has none)."""
     for group in optimizer.param_groups:
         group["lr"] = lr * float(group.get("lr_factor", 1.0))
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict, source: Path) -> None:
+    """Restore SGD state (momentum buffers, group LRs) from a checkpoint, with a clear error when the
+    parameter groups differ (e.g. a checkpoint from before weights and biases were separate groups)."""
+    try:
+        optimizer.load_state_dict(state)
+    except ValueError as exc:
+        groups = [len(g["params"]) for g in state.get("param_groups", [])]
+        ours = [len(g["params"]) for g in optimizer.param_groups]
+        raise ValueError(
+            f"{source}: its optimizer state has parameter groups of sizes {groups}, this run's has "
+            f"{ours} (solver options or trainable layers changed?); cannot resume: {exc}"
+        ) from None
+
+
+def build_step_solver(
+    model: nn.Module, solver: Any, state: dict | None, source: Path
+) -> tuple[torch.optim.Optimizer, LRSchedule, int]:
+    """SGD with the detection parameter groups and the step schedule of ``solver``; with a checkpoint ``state``
+    (read from ``source``) the model weights, momentum buffers and iteration are restored.
+    Returns (optimizer, schedule, start iteration)."""
+    optimizer = build_detection_optimizer(model, solver)
+    schedule = LRSchedule(
+        optimizer,
+        base_lr=solver.base_lr,
+        mode="step",
+        steps=solver.steps,
+        gamma=solver.gamma,
+        warmup_iters=solver.warmup_iters,
+        warmup_lr=solver.warmup_lr,
+    )
+    if state is None:
+        return optimizer, schedule, 0
+    load_model_state(model, state["model"], source)
+    load_optimizer_state(optimizer, state["optimizer"], source)
+    return optimizer, schedule, int(state["iter"])

@@ -1,11 +1,11 @@
-"""Tests for detres.engine.alternating's plan and per-step freezing (the training runs are in test_det_trainer)."""
+"""Tests for detres.engine.tasks.alternating's plan and per-step freezing (the runs are in test_det_trainer)."""
 
 from __future__ import annotations
 
 import pytest
 
 from detres.config.load import load_config
-from detres.engine.alternating import STEP_TRAINABLE, alternating_plan, set_step_trainable
+from detres.engine.tasks.alternating import STEP_TRAINABLE, alternating_plan, set_step_trainable
 
 
 def test_plan_defaults_to_max_iter_per_step_with_the_papers_drops():

@@ -15,9 +15,9 @@ from torch import nn
 from detres.config.load import load_config
 from detres.data.shapes.world import generate_shapes_world
 from detres.engine.amp import SCALER_KEY, MixedPrecision, mixed_precision_from_config
-from detres.engine.cls_trainer import train_classifier
-from detres.engine.det_trainer import train_detector
 from detres.engine.logging import read_json_lines
+from detres.engine.tasks.classification import train_classifier
+from detres.engine.tasks.detection import train_detector
 from detres.utils.torch_files import load_checkpoint
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (autocast is CUDA-only)")
@@ -159,7 +159,7 @@ def test_train_detector_with_amp_on_cpu_gives_the_fp32_losses_and_metrics(small_
 
 def test_the_scaler_state_is_saved_in_last_pt_and_restored_on_resume(small_det_world, tmp_path, monkeypatch):
     # The float16 scaler path on CPU: the run's MixedPrecision gets a CPU GradScaler (exact, power-of-two scale).
-    from detres.engine import det_trainer
+    from detres.engine.tasks import detection_run
 
     restored: list[dict] = []
 
@@ -170,14 +170,14 @@ def test_the_scaler_state_is_saved_in_last_pt_and_restored_on_resume(small_det_w
         amp.load_state_dict = lambda state: (restored.append(state), real_load(state))
         return amp
 
-    monkeypatch.setattr(det_trainer, "mixed_precision_from_config", with_cpu_scaler)
+    monkeypatch.setattr(detection_run, "mixed_precision_from_config", with_cpu_scaler)
     _run_det(small_det_world, tmp_path / "run", amp=True)
     saved = load_checkpoint(tmp_path / "run" / "last.pt")[SCALER_KEY]
     assert saved["scale"] == 2.0**10  # grew after each of the 2 finite steps
     cfg = _det_cfg(small_det_world, tmp_path / "run", "solver.max_iter=3")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        det_trainer.train_detector(cfg, resume=True)
+        train_detector(cfg, resume=True)
     assert restored == [saved]
     assert load_checkpoint(tmp_path / "run" / "last.pt")[SCALER_KEY]["scale"] == 2.0**11
 

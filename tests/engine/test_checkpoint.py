@@ -1,4 +1,4 @@
-"""Tests for detres/engine/checkpoint.py, run_lock.py and run_setup.start_run: finite-only saves, the last K kept,
+"""Tests for detres/engine/run/checkpoint.py, lock.py and setup.start_run: finite-only saves, the last K kept,
 the last good checkpoint restored on divergence, stale temp files, the folder lock, the resume guard."""
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import torch
 from torch import nn
 
 from detres.config.load import load_config
-from detres.engine.checkpoint import CheckpointManager, Diverged, non_finite_entries, remove_stale_temp_files
-from detres.engine.run_lock import RunLock, RunLockedError
-from detres.engine.run_setup import load_model_state, model_changes, start_run
+from detres.engine.run.checkpoint import CheckpointManager, Diverged, non_finite_entries, remove_stale_temp_files
+from detres.engine.run.lock import RunLock, RunLockedError
+from detres.engine.run.setup import load_model_state, model_changes, start_run
 from detres.utils.torch_files import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -109,7 +109,7 @@ def test_temp_files_of_a_killed_write_are_removed_with_a_note(tmp_path, caplog):
 
 def _hold_lock(folder: Path) -> subprocess.Popen:
     code = (
-        "import sys, time; from detres.engine.run_lock import RunLock\n"
+        "import sys, time; from detres.engine.run.lock import RunLock\n"
         "with RunLock(sys.argv[1]):\n    print('locked', flush=True); time.sleep(60)\n"
     )
     proc = subprocess.Popen(

@@ -20,7 +20,7 @@ from detres.data.shapes.world import generate_shapes_world
 from detres.data.transforms.classification import IMAGENET_MEAN_RGB, IMAGENET_STD_RGB, Normalize
 from detres.data.transforms.classification import build_eval_transform as make_eval_transform
 from detres.engine.cls_eval import evaluate_checkpoint, infer_resnet_layout, load_classifier
-from detres.engine.cls_trainer import train_classifier
+from detres.engine.tasks.classification import train_classifier
 from detres.evaluation.classification import evaluate_classifier
 from detres.models.backbones.weights import StateDictMismatchError
 from detres.models.build import build_classifier

@@ -1,4 +1,4 @@
-"""Tests for detres/engine/cls_trainer.py: outputs of a run, precise BN, exact resume, plateau LR drops."""
+"""Tests for detres/engine/tasks/classification.py: outputs of a run, precise BN, exact resume, plateau LR drops."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from detres.config.load import load_config
 from detres.data.image_io import ImageReadError
 from detres.data.shapes.world import generate_shapes_world
-from detres.engine.cls_trainer import train_classifier
 from detres.engine.logging import read_json_lines
+from detres.engine.tasks.classification import train_classifier
 from detres.models.build import build_classifier
 from detres.utils.torch_files import load_checkpoint
 

@@ -12,8 +12,8 @@ import torch
 from detres.config.load import load_config
 from detres.data.shapes.world import generate_shapes_world
 from detres.engine.cls_eval import evaluate_checkpoint, load_classifier
-from detres.engine.cls_trainer import train_classifier
 from detres.engine.logging import read_json_lines
+from detres.engine.tasks.classification import train_classifier
 from detres.models.backbones.alexnet import AlexNet
 from detres.models.backbones.vgg import VGG
 from detres.models.build import build_classifier, classifier_kwargs_from_config

@@ -30,8 +30,8 @@ from torchvision.ops import box_iou
 
 from detres.config.load import load_config
 from detres.data.build import build_detection_dataset
-from detres.engine.det_trainer import train_detector
 from detres.engine.logging import read_json_lines
+from detres.engine.tasks.detection import train_detector
 from detres.models.backbones.frozen_bn import FrozenBatchNorm2d
 from detres.models.backbones.resnet_c4 import ResNetC5Head
 from detres.models.build import load_detector

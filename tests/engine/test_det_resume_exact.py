@@ -9,8 +9,10 @@ import pytest
 import torch
 
 from detres.config.load import load_config
-from detres.engine import det_trainer
+from detres.data.build import build_detection_dataset
 from detres.engine.logging import read_json_lines
+from detres.engine.tasks.detection import train_detector
+from detres.engine.tasks.detection_run import detection_train_loader
 from detres.utils.torch_files import load_checkpoint
 from tests.tiny_configs import write_det_world
 
@@ -64,7 +66,7 @@ def _cfg(det: Path, out: Path, *overrides: str):
 def _train(cfg, *, resume: bool = False) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # an untrained model's evaluation warns about empty classes
-        det_trainer.train_detector(cfg, resume=resume)
+        train_detector(cfg, resume=resume)
 
 
 def _losses(out: Path) -> dict[int, dict[str, float]]:
@@ -97,9 +99,9 @@ def test_loader_workers_do_not_change_the_draws(world, tmp_path):
 
     def batches(workers: int, start: int, count: int) -> list[dict]:
         cfg = _cfg(world, tmp_path, f"data.num_workers={workers}")
-        dataset = det_trainer.build_detection_dataset(cfg, "train", train=True)
+        dataset = build_detection_dataset(cfg, "train", train=True)
         out = []
-        for batch in det_trainer._train_loader(dataset, cfg, start):
+        for batch in detection_train_loader(dataset, cfg, start):
             out.append(batch)
             if len(out) == count:
                 return out

@@ -1,4 +1,4 @@
-"""Tests for detres.engine.det_trainer: overfitting a few images, a run's outputs, resume, checkpoint round trip."""
+"""Tests for detres.engine.tasks.detection: overfitting a few images, a run's outputs, resume, checkpoint round trip."""
 
 from __future__ import annotations
 
@@ -18,8 +18,9 @@ from detres.config.load import load_config
 from detres.data.build import build_detection_dataset
 from detres.data.image_io import read_image_rgb
 from detres.data.shapes.world import generate_shapes_world
-from detres.engine import alternating, det_trainer
 from detres.engine.logging import read_json_lines
+from detres.engine.tasks import alternating, detection
+from detres.engine.tasks.detection_run import detection_train_loader
 from detres.evaluation.coco import SUMMARY_KEYS
 from detres.inference.detect import run_inference
 from detres.models.build import load_detector
@@ -164,7 +165,7 @@ def test_group_norm_variant_not_the_default_frozen_bn_overfits_four_images(tmp_p
         ],
         task="det",
     )
-    metrics = det_trainer.train_detector(cfg)
+    metrics = detection.train_detector(cfg)
     losses = [r["loss"] for r in read_json_lines(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
     assert losses[-1] < 0.3 * losses[0], losses
     assert metrics["voc"]["mAP"] >= 0.9, metrics["voc"]["per_class"]
@@ -190,7 +191,7 @@ def short_run(world, tmp_path_factory) -> tuple[Path, dict]:
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # an untrained model's COCO/VOC evaluation warns about empty classes
-        metrics = det_trainer.train_detector(cfg)
+        metrics = detection.train_detector(cfg)
     return out, metrics
 
 
@@ -202,7 +203,7 @@ def test_a_run_writes_config_logs_metrics_plots_and_checkpoints(short_run):
     loss_records = [r for r in records if "loss" in r]
     assert [r["iter"] for r in loss_records] == [2, 4]
     for r in loss_records:  # the logged values themselves are pinned in test_the_first_step_... below
-        assert r["loss"] == pytest.approx(sum(r[k] for k in det_trainer.LOSS_KEYS), rel=1e-5)
+        assert r["loss"] == pytest.approx(sum(r[k] for k in detection.LOSS_KEYS), rel=1e-5)
     assert [r["iter"] for r in records if "voc_mAP" in r] == [2, 4]  # periodic evaluation, then the final one
     saved = json.loads((out / "metrics.json").read_text())
     assert list(saved["coco"]["summary"]) == list(SUMMARY_KEYS)
@@ -287,7 +288,7 @@ def first_step(world, tmp_path_factory):
         "test.vis_images=0",
     )
     record: dict = {}
-    real_build, real_forward = det_trainer.build_detector, FasterRCNN.forward
+    real_build, real_forward = detection.build_detector, FasterRCNN.forward
 
     def build(**kwargs):
         model = real_build(**kwargs)
@@ -305,9 +306,9 @@ def first_step(world, tmp_path_factory):
 
     with pytest.MonkeyPatch.context() as monkeypatch, warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        monkeypatch.setattr(det_trainer, "build_detector", build)
+        monkeypatch.setattr(detection, "build_detector", build)
         monkeypatch.setattr(FasterRCNN, "forward", forward)
-        det_trainer.train_detector(cfg)
+        detection.train_detector(cfg)
     return out, record
 
 
@@ -321,7 +322,7 @@ def test_the_first_logged_losses_are_those_of_zero_logits(first_step):
     # whatever the sampled labels are.
     assert records[0]["loss_cls"] == pytest.approx(np.log(num_classes + 1), rel=1e-6)
     assert records[0]["loss_rpn_cls"] == pytest.approx(np.log(2.0), rel=1e-6)
-    assert records[0]["loss"] == pytest.approx(sum(records[0][k] for k in det_trainer.LOSS_KEYS), rel=1e-6)
+    assert records[0]["loss"] == pytest.approx(sum(records[0][k] for k in detection.LOSS_KEYS), rel=1e-6)
 
 
 def test_the_first_step_momentum_buffer_is_the_gradient_plus_weight_decay(first_step):
@@ -329,7 +330,7 @@ def test_the_first_step_momentum_buffer_is_the_gradient_plus_weight_decay(first_
     saved = load_checkpoint(out / "last.pt")
     assert saved["iter"] == 1
     # Replay the first iteration: the initial weights, the same batch and the same sampling draws.
-    model = det_trainer.build_detector(**saved["model_args"])
+    model = detection.build_detector(**saved["model_args"])
     model.load_state_dict(record["init"])
     model.train()
     images, targets, sizes, rng = record["batch"]
@@ -372,7 +373,7 @@ def test_an_existing_run_is_not_overwritten_without_resume(short_run, world):
     out, _ = short_run
     before = (out / "last.pt").read_bytes()
     with pytest.raises(FileExistsError, match="last.pt.*--resume"):
-        det_trainer.train_detector(_coco_cfg(world, out, "solver.max_iter=4"))
+        detection.train_detector(_coco_cfg(world, out, "solver.max_iter=4"))
     assert (out / "last.pt").read_bytes() == before
 
 
@@ -404,7 +405,7 @@ def test_resume_continues_from_the_checkpoint_iteration_with_its_optimizer_state
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        metrics = det_trainer.train_detector(cfg, resume=True)
+        metrics = detection.train_detector(cfg, resume=True)
     assert metrics["iterations"] == 6
     assert [r["iter"] for r in read_json_lines(out / "metrics.jsonl") if "loss" in r] == [2, 4, 6]
     assert len(loaded) == 1
@@ -424,7 +425,7 @@ def test_the_training_stream_resumes_at_the_same_batch(world, tmp_path, grouping
     dataset = build_detection_dataset(cfg, "train", train=True)
 
     def image_ids(start: int, count: int) -> list[list[int]]:
-        loader = det_trainer._train_loader(dataset, cfg, start)
+        loader = detection_train_loader(dataset, cfg, start)
         batches = []
         for batch in loader:
             batches.append(batch["image_ids"])
@@ -502,7 +503,7 @@ def alternating_run(world, tmp_path_factory):
     with pytest.MonkeyPatch.context() as monkeypatch, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         spy = _StageSpy(monkeypatch)
-        metrics = det_trainer.train_detector(cfg)
+        metrics = detection.train_detector(cfg)
     return out, metrics, spy
 
 
@@ -541,7 +542,7 @@ def test_alternating_logs_per_step_losses_and_records_the_step(alternating_run):
     for r in records:
         rpn_step = r["step"] in (1, 3)
         keys = ("loss_rpn_cls", "loss_rpn_box") if rpn_step else ("loss_cls", "loss_box_reg")
-        assert set(det_trainer.LOSS_KEYS) & set(r) == set(keys)
+        assert set(detection.LOSS_KEYS) & set(r) == set(keys)
         assert r["loss"] == pytest.approx(sum(r[k] for k in keys), rel=1e-5)
     assert [r["lr"] for r in records] == [pytest.approx(0.0005)] * 4  # each step's drop at 1 of 2
     last = load_checkpoint(out / "last.pt")
@@ -561,13 +562,13 @@ def test_alternating_resumes_at_the_recorded_step(world, tmp_path, monkeypatch, 
         with pytest.MonkeyPatch.context() as patch:
             _StageSpy(patch, interrupt_at_rpn_call=interrupt_at)
             with pytest.raises(RuntimeError, match="interrupted"):
-                det_trainer.train_detector(cfg)
+                detection.train_detector(cfg)
         saved = load_checkpoint(out / "last.pt")
         assert (saved["alternating"]["step"], saved["alternating"]["step_iter"]) == (2, saved_step_iter)
         assert saved["iter"] == 4 + saved_step_iter and ("optimizer" in saved) == (saved_step_iter > 0)
         step2_trunk = _part(load_checkpoint(out / "step2_fast_rcnn.pt")["model"], "trunk.")
         spy = _StageSpy(monkeypatch)
-        metrics = det_trainer.train_detector(cfg, resume=True)
+        metrics = detection.train_detector(cfg, resume=True)
     # Only the checkpointed network is rebuilt (no fresh ImageNet-style start); the rest of step 3, then step 4.
     assert len(spy.built) == 1 and spy.proposer_conv1 == []
     assert spy.calls == [("rpn", 1)] * (2 - saved_step_iter) + [("fast_rcnn", 2)] * 2
@@ -582,4 +583,4 @@ def test_resume_refuses_a_checkpoint_of_the_other_scheme(short_run, world, tmp_p
     out = tmp_path / "joint"
     shutil.copytree(short_run[0], out)
     with pytest.raises(ValueError, match=r"training_scheme='joint'.*'alternating'"):
-        det_trainer.train_detector(_coco_cfg(world, out, *ALTERNATING), resume=True)
+        detection.train_detector(_coco_cfg(world, out, *ALTERNATING), resume=True)

@@ -66,7 +66,7 @@ def _groups(n: int = 23) -> list[int]:
 
 
 def _global_batches(grouped: bool, batch: int, start: int) -> BatchSampler | AspectRatioGroupedBatchSampler:
-    """The single-process training stream of det_trainer._train_loader, positioned at batch ``start``."""
+    """The single-process training stream of detection_train_loader, positioned at batch ``start``."""
     if grouped:
         return AspectRatioGroupedBatchSampler(InfiniteSampler(23, seed=5), _groups(), batch, start_batch=start)
     return BatchSampler(InfiniteSampler(23, seed=5, start=start * batch), batch, drop_last=True)
@@ -464,7 +464,7 @@ def test_train_loc_rpn_stage_in_two_processes_equals_one_process(loc_world, tmp_
 
 def test_train_loc_rcnn_stage_in_two_processes_equals_one_process_and_resumes(loc_world, tmp_path):
     from detres.config.load import load_config
-    from detres.engine.loc_trainer import train_localizer
+    from detres.engine.tasks.localization import train_localizer
 
     rpn = tmp_path / "rpn"  # the RPN stage in this process: a checkpoint to take proposals from
     train_localizer(load_config(None, ["task=loc", f"output_dir={rpn}", f"data.root={loc_world}", *LOC]))

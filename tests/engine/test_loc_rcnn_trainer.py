@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from detres.engine.loc_rcnn_trainer import cache_proposals, rcnn_train_step, sample_regions
+from detres.engine.tasks.rcnn_regions import cache_proposals, rcnn_train_step, sample_regions
 from detres.models.localization.rcnn_localizer import assign_rcnn_targets, build_rcnn_localizer
 from detres.models.localization.rpn_localizer import build_rpn_localizer
 
@@ -86,7 +86,7 @@ def test_repeated_steps_fit_a_fixed_region_batch():
 
 
 def test_to_image_frame_divides_boxes_by_the_view_scale_and_keeps_labels():
-    from detres.engine.loc_rcnn_trainer import to_image_frame
+    from detres.engine.tasks.rcnn_regions import to_image_frame
 
     cache = _cache()
     moved = to_image_frame(cache, [(0.5, 0.25), (2.0, 2.0)])
@@ -98,27 +98,27 @@ def test_to_image_frame_divides_boxes_by_the_view_scale_and_keeps_labels():
 
 
 def test_ranks_take_equal_disjoint_slices_of_the_global_region_batch(monkeypatch):
-    from detres.engine import loc_rcnn_trainer
+    from detres.engine.tasks import rcnn_regions
 
     batch = [(i % 3, i) for i in range(12)]
-    assert loc_rcnn_trainer.rank_slice(batch) == batch  # one process: the whole batch
+    assert rcnn_regions.rank_slice(batch) == batch  # one process: the whole batch
     slices = []
     for rank in range(3):
-        monkeypatch.setattr(loc_rcnn_trainer, "get_rank", lambda rank=rank: rank)
-        monkeypatch.setattr(loc_rcnn_trainer, "get_world_size", lambda: 3)
-        slices.append(loc_rcnn_trainer.rank_slice(batch))
+        monkeypatch.setattr(rcnn_regions, "get_rank", lambda rank=rank: rank)
+        monkeypatch.setattr(rcnn_regions, "get_world_size", lambda: 3)
+        slices.append(rcnn_regions.rank_slice(batch))
     assert [len(s) for s in slices] == [4, 4, 4] and [p for s in slices for p in s] == batch
 
 
 def test_a_region_batch_that_does_not_split_over_the_ranks_is_a_one_line_error(monkeypatch, tmp_path):
     from detres.config.load import load_config
-    from detres.engine import loc_rcnn_trainer
+    from detres.engine.tasks import localization_rcnn
 
-    monkeypatch.setattr(loc_rcnn_trainer, "get_world_size", lambda: 2)  # as under torchrun --nproc_per_node=2
+    monkeypatch.setattr(localization_rcnn, "get_world_size", lambda: 2)  # as under torchrun --nproc_per_node=2
     cfg = load_config(
         None,
         ["task=loc", f"output_dir={tmp_path}", "model.rcnn.rpn_checkpoint=rpn.pt", "model.rcnn.regions_per_batch=7"],
     )
     with pytest.raises(ValueError, match=r"model.rcnn.regions_per_batch \(7\) must be a multiple .* processes \(2\)"):
-        loc_rcnn_trainer.train_rcnn_stage(cfg)
+        localization_rcnn.train_rcnn_stage(cfg)
     assert not any(tmp_path.iterdir())  # refused before anything was written

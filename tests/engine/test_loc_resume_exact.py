@@ -8,9 +8,13 @@ import pytest
 import torch
 
 from detres.config.load import load_config
+from detres.data.datasets.localization import LocDataset
 from detres.data.shapes.writers import write_loc_task
-from detres.engine import loc_trainer
+from detres.data.transforms.localization import LocTrainTransform
+from detres.engine.loc_data import load_loc_records
 from detres.engine.logging import read_json_lines
+from detres.engine.tasks.localization import train_localizer
+from detres.engine.tasks.localization_rpn import localization_train_loader
 from detres.utils.torch_files import load_checkpoint
 
 # The tiny localizer of test_loc_trainer.py with scale augmentation (64..96), random 56² crops and flips on, so every
@@ -60,10 +64,10 @@ def _losses(out: Path) -> dict[int, dict[str, float]]:
 
 def test_a_resumed_rpn_stage_repeats_the_uninterrupted_losses_and_weights_bit_for_bit(loc_root, tmp_path):
     full, part = tmp_path / "full", tmp_path / "part"
-    loc_trainer.train_localizer(_cfg(loc_root, full, "solver.max_iter=6", "solver.checkpoint_period=6"))
-    loc_trainer.train_localizer(_cfg(loc_root, part, "solver.max_iter=3", "solver.checkpoint_period=3"))
+    train_localizer(_cfg(loc_root, full, "solver.max_iter=6", "solver.checkpoint_period=6"))
+    train_localizer(_cfg(loc_root, part, "solver.max_iter=3", "solver.checkpoint_period=3"))
     torch.manual_seed(1234)  # the resumed process's global generators differ: no draw may depend on them
-    loc_trainer.train_localizer(_cfg(loc_root, part, "solver.max_iter=6", "solver.checkpoint_period=6"), resume=True)
+    train_localizer(_cfg(loc_root, part, "solver.max_iter=6", "solver.checkpoint_period=6"), resume=True)
 
     want, got = _losses(full), _losses(part)
     assert sorted(want) == sorted(got) == [1, 2, 3, 4, 5, 6]
@@ -78,15 +82,15 @@ def test_a_resumed_rpn_stage_repeats_the_uninterrupted_losses_and_weights_bit_fo
 def test_crops_and_sampling_seeds_are_functions_of_seed_iteration_and_image(loc_root, tmp_path):
     """The loader's crops and the seeds its targets carry do not depend on where the stream started."""
     cfg = _cfg(loc_root, tmp_path)
-    train, _, synsets = loc_trainer.load_loc_records(cfg.data)
-    dataset = loc_trainer.LocDataset(
+    train, _, synsets = load_loc_records(cfg.data)
+    dataset = LocDataset(
         train,
         synsets,
-        transform=loc_trainer.LocTrainTransform(scale_min=64, scale_max=96, crop=56, hflip_prob=0.5, seed=cfg.seed),
+        transform=LocTrainTransform(scale_min=64, scale_max=96, crop=56, hflip_prob=0.5, seed=cfg.seed),
     )
 
     def batches(start: int, count: int) -> list[dict]:
-        stream = iter(loc_trainer._loader(dataset, cfg, start))
+        stream = iter(localization_train_loader(dataset, cfg, start))
         return [next(stream) for _ in range(count)]
 
     serial, resumed = batches(0, 5), batches(3, 2)

@@ -1,5 +1,5 @@
-"""Tests for detres.engine.loc_trainer / loc_eval: a tiny RPN-stage run saves, resumes, tests and beats the whole-image
-box."""
+"""Tests for detres.engine.tasks.localization_rpn / loc_eval: a tiny RPN-stage run saves, resumes, tests and beats the
+whole-image box."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 from detres.config.load import load_config
 from detres.data.shapes.writers import write_loc_task
 from detres.engine.loc_eval import classifier_label_map, format_table
-from detres.engine.loc_trainer import train_localizer
+from detres.engine.tasks.localization import train_localizer
 from detres.models.localization.rcnn_localizer import load_rcnn_localizer
 from detres.models.localization.rpn_localizer import load_localizer
 

@@ -21,8 +21,10 @@ from detres.config.load import load_config
 from detres.data.image_io import ImageReadError
 from detres.data.shapes.world import generate_shapes_world
 from detres.data.shapes.writers import write_loc_task
-from detres.engine import cls_trainer, det_trainer, loc_rcnn_trainer, loc_trainer
 from detres.engine.logging import read_json_lines
+from detres.engine.tasks import classification, detection, localization_rcnn, localization_rpn
+from detres.engine.tasks.detection_run import DetectionRun
+from detres.engine.tasks.localization import train_localizer
 from detres.utils.torch_files import load_checkpoint
 from tests.tiny_configs import tiny_train_det_config, write_yaml
 from tests.tool_loader import load_tool
@@ -228,12 +230,12 @@ def test_det_loops_never_fetch_past_max_iter_and_a_finished_run_resumes_without_
         solver.update(alternating_iters=[1, 1, 1, 1])
     cfg = load_config(_det_config(world, tmp_path / "det.yaml", **solver), [f"output_dir={tmp_path / 'run'}"])
     fetched: list[int] = []
-    _count_batches(monkeypatch, det_trainer.DetRun, "loader", fetched)
-    metrics = det_trainer.train_detector(cfg)
+    _count_batches(monkeypatch, DetectionRun, "loader", fetched)
+    metrics = detection.train_detector(cfg)
     assert len(fetched) == metrics["iterations"] == (4 if scheme == "alternating" else 2)
     (tmp_path / "run" / "model_final.pt").unlink()
-    monkeypatch.setattr(det_trainer.DetRun, "loader", _no_batches)
-    assert det_trainer.train_detector(cfg, resume=True)["iterations"] == metrics["iterations"]
+    monkeypatch.setattr(DetectionRun, "loader", _no_batches)
+    assert detection.train_detector(cfg, resume=True)["iterations"] == metrics["iterations"]
     assert (tmp_path / "run" / "model_final.pt").is_file()
 
 
@@ -271,11 +273,11 @@ def test_loc_stages_never_fetch_past_max_iter_and_finish_a_finished_run_without_
     ]
     rpn_cfg = load_config(None, [*small, f"output_dir={tmp_path / 'rpn'}"])
     fetched: list[int] = []
-    _count_batches(monkeypatch, loc_trainer, "_loader", fetched)
-    assert loc_trainer.train_localizer(rpn_cfg)["iterations"] == 2 and len(fetched) == 2
+    _count_batches(monkeypatch, localization_rpn, "localization_train_loader", fetched)
+    assert train_localizer(rpn_cfg)["iterations"] == 2 and len(fetched) == 2
     (tmp_path / "rpn" / "model_final.pt").unlink()
-    monkeypatch.setattr(loc_trainer, "_loader", _no_batches)
-    assert loc_trainer.train_localizer(rpn_cfg, resume=True)["iterations"] == 2
+    monkeypatch.setattr(localization_rpn, "localization_train_loader", _no_batches)
+    assert train_localizer(rpn_cfg, resume=True)["iterations"] == 2
     rcnn_cfg = load_config(
         None,
         [
@@ -287,9 +289,9 @@ def test_loc_stages_never_fetch_past_max_iter_and_finish_a_finished_run_without_
             "model.rcnn.proposals_per_class=2",
         ],
     )
-    assert loc_trainer.train_localizer(rcnn_cfg, stage="rcnn")["iterations"] == 2
-    monkeypatch.setattr(loc_rcnn_trainer, "_crop_image", _no_batches)
-    assert loc_trainer.train_localizer(rcnn_cfg, stage="rcnn", resume=True)["iterations"] == 2
+    assert train_localizer(rcnn_cfg, stage="rcnn")["iterations"] == 2
+    monkeypatch.setattr(localization_rcnn, "_crop_image", _no_batches)
+    assert train_localizer(rcnn_cfg, stage="rcnn", resume=True)["iterations"] == 2
 
 
 # ------------------------------------------------------------------------------------ case 5: save before evaluating
@@ -312,8 +314,8 @@ def test_a_failing_evaluation_finds_its_checkpoint_written_and_the_resumed_run_i
             task="cls",
         )
 
-    cls_trainer.train_classifier(cfg(tmp_path / "straight"))
-    original, calls = cls_trainer._evaluate, []
+    classification.train_classifier(cfg(tmp_path / "straight"))
+    original, calls = classification.evaluate_split, []
 
     def failing_second_validation(*args, **kwargs):
         calls.append(1)
@@ -321,13 +323,13 @@ def test_a_failing_evaluation_finds_its_checkpoint_written_and_the_resumed_run_i
             raise ImageReadError("image file 'val/b/broken.png' is corrupt or not an image format OpenCV can decode")
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(cls_trainer, "_evaluate", failing_second_validation)
+    monkeypatch.setattr(classification, "evaluate_split", failing_second_validation)
     with pytest.raises(ImageReadError, match="broken.png"):
-        cls_trainer.train_classifier(cfg(tmp_path / "broken"))
+        classification.train_classifier(cfg(tmp_path / "broken"))
     state = load_checkpoint(tmp_path / "broken" / "last.pt")
     assert state["iter"] == 4 and state["pending_eval"] is True
-    monkeypatch.setattr(cls_trainer, "_evaluate", original)  # the val image was fixed
-    cls_trainer.train_classifier(cfg(tmp_path / "broken"), resume=True)
+    monkeypatch.setattr(classification, "evaluate_split", original)  # the val image was fixed
+    classification.train_classifier(cfg(tmp_path / "broken"), resume=True)
 
     # the resumed run evaluated first, so its plateau schedule (and everything after) matches the straight run
     def records(out: Path) -> list[dict]:
@@ -407,7 +409,7 @@ def test_resume_without_last_pt_and_a_second_run_in_a_locked_folder_are_refused(
         [
             sys.executable,
             "-c",
-            "import sys, time; from detres.engine.run_lock import RunLock\n"
+            "import sys, time; from detres.engine.run.lock import RunLock\n"
             "with RunLock(sys.argv[1]):\n    print('locked', flush=True); time.sleep(60)\n",
             str(out),
         ],

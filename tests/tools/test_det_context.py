@@ -15,7 +15,7 @@ import torch
 import yaml
 
 from detres.data.image_io import read_image_rgb
-from detres.engine.alternating import STEP_NAMES
+from detres.engine.tasks.alternating import STEP_NAMES
 from detres.inference.predictor import Predictor
 from detres.models.build import load_detector
 from detres.models.detection.context import ContextRoIHeads

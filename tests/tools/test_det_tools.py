@@ -301,7 +301,8 @@ def test_test_detector_scores_the_ground_truth_at_one_despite_repeated_ids_and_b
     # Before: COCO AP 0.460 (raw JSON: repeated annotation ids, uncleaned boxes) while VOC said 1.0.
     from detres.config.load import load_config
     from detres.data.build import build_detection_dataset
-    from detres.engine.det_trainer import detector_metadata, test_detector
+    from detres.engine.det_test import test_detector
+    from detres.engine.tasks.detection_run import detector_metadata
 
     val = _val_with_repeated_ids_and_bad_boxes(small_det_world, tmp_path / "val.json")
     cfg = load_config(_config(small_det_world, tmp_path / "run", tmp_path / "c.yaml", val_ann=str(val)))
@@ -355,7 +356,8 @@ class _NoisyDetector(_GroundTruthDetector):
 def test_test_detector_writes_coco_gt_that_eval_det_scores_to_the_same_numbers(small_det_world, tmp_path, capsys):
     from detres.config.load import load_config
     from detres.data.build import build_detection_dataset
-    from detres.engine.det_trainer import detector_metadata, test_detector
+    from detres.engine.det_test import test_detector
+    from detres.engine.tasks.detection_run import detector_metadata
 
     cfg = load_config(_config(small_det_world, tmp_path / "run", tmp_path / "c.yaml"))
     dataset = build_detection_dataset(cfg, "val", train=False)

@@ -40,6 +40,7 @@ class Diverged(FloatingPointError):
     def __init__(self, message: str, *, failed_from: int | None = None) -> None:
         super().__init__(message)
         self.failed_from = failed_from
+        self.rewound = False  # set once last.pt was set back to the last good checkpoint
 
 
 def non_finite_entries(tree: Any, prefix: str = "") -> list[str]:
@@ -181,10 +182,12 @@ class CheckpointManager:
             # under torchrun only rank 0 touches the files (the other ranks hold a copy of its manager)
             if self.last_iter is not None and self.last_iter >= bad_from and is_main_process():
                 self._restore_before(bad_from)
-        return Diverged(
+        stopped = Diverged(
             f"{str(exc).removesuffix('; lower solver.base_lr')}; training stopped; {self.good_description()}",
             failed_from=failed_from,
         )
+        stopped.rewound = True
+        return stopped
 
     @contextmanager
     def stop_on_divergence(self) -> Iterator[None]:
@@ -192,6 +195,8 @@ class CheckpointManager:
         try:
             yield
         except FloatingPointError as exc:
+            if getattr(exc, "rewound", False):
+                raise  # an inner block already reported it (a run of several loops)
             raise self.diverged(exc) from None
 
     def _restore_before(self, failed_from: int) -> None:

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from detres.config.load import ConfigError
-from detres.engine.run_setup import TrainingInterrupted
+from detres.engine.run.setup import TrainingInterrupted
 
 __all__ = ["run_training"]
 

@@ -7,8 +7,6 @@ generator and trains on its slice of it, DDP averaging the gradients; rank 0 alo
 
 from __future__ import annotations
 
-import logging
-import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -18,44 +16,21 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from detres.config.load import Config
-from detres.data.bad_samples import BadSamples, write_skipped
 from detres.data.datasets.localization import LocRecord
 from detres.data.image_io import read_image_rgb
 from detres.data.samplers import rank_share
 from detres.data.transforms.localization import LocTestTransform
-from detres.engine.amp import SCALER_KEY, MixedPrecision, mixed_precision_from_config, scaler_state_into
-from detres.engine.checkpoint import CheckpointManager, Diverged, check_finite_payload
-from detres.engine.det_trainer import LossWindow, build_step_solver
+from detres.engine.amp import MixedPrecision
 from detres.engine.distributed import (
-    MethodCall,
     all_gather_objects,
     broadcast_object,
     get_rank,
     get_world_size,
     is_main_process,
-    mean_over_ranks,
     on_main,
-    start_distributed_run,
-    wrap_ddp,
 )
-from detres.engine.loc_eval import format_table
-from detres.engine.logging import JsonLinesLogger, read_json_lines
-from detres.engine.optimizer import set_lr
-from detres.engine.plots import plot_curves
-from detres.engine.run_setup import stop_if_signalled
-from detres.models.localization.rcnn_localizer import (
-    CROP_SOURCES,
-    RCNNLocalizer,
-    RPNRCNNLocalizer,
-    assign_rcnn_targets,
-    build_rcnn_localizer,
-    rcnn_localizer_kwargs_from_config,
-    rcnn_localizer_payload,
-    save_rcnn_localizer,
-)
-from detres.models.localization.rpn_localizer import RPNLocalizer, load_localizer
-from detres.utils.atomic import write_json_atomic
+from detres.models.localization.rcnn_localizer import RCNNLocalizer, assign_rcnn_targets
+from detres.models.localization.rpn_localizer import RPNLocalizer
 from detres.utils.dist import finite_on_all_ranks, shard_indices, unshard
 from detres.utils.torch_files import load_checkpoint, save_checkpoint
 
@@ -67,10 +42,7 @@ __all__ = [
     "rcnn_train_step",
     "sample_regions",
     "to_image_frame",
-    "train_rcnn_stage",
 ]
-
-log = logging.getLogger(__name__)
 # Per training image: rois [n,4], their proposal classes [n] (1..K), R-CNN labels [n] (0..K), matched gt boxes [n,4].
 RegionCache = list[dict[str, Tensor]]
 
@@ -207,12 +179,6 @@ def to_image_frame(cache: RegionCache, scales: Sequence[tuple[float, float]]) ->
     return out
 
 
-def _crop_image(record: LocRecord, view: LocTestTransform, crop_source: str) -> Tensor | np.ndarray:
-    """What the R-CNN crops regions from: the image itself ([H,W,3] uint8) or the RPN's test view ([3,h,w])."""
-    image = read_image_rgb(record.path)
-    return image if crop_source == "image" else torch.from_numpy(view(image)[0].transpose(2, 0, 1).copy())
-
-
 def _saved_cache(path: Path, made_with: dict[str, Any]) -> tuple[RegionCache, list[tuple[float, float]]] | None:
     """The regions and view scales of ``path`` if it was made with ``made_with`` (else None: e.g. another RPN)."""
     saved = load_checkpoint(path) if path.exists() else {}
@@ -255,160 +221,3 @@ def proposal_cache(
 def rank_slice(batch: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
     """This rank's consecutive share of a global region batch (the whole batch in a single process)."""
     return rank_share(batch, get_rank(), get_world_size())
-
-
-def train_rcnn_stage(
-    cfg: Config, *, resume: bool | str = False, resume_from: str | Path | None = None, allow_model_change: bool = False
-) -> dict[str, Any]:
-    """The R-CNN stage: proposals of the trained RPN (``model.rcnn.rpn_checkpoint``) on the training images' dense
-    test views (shorter side ``test.scale``), cached once in ``proposals.pt``; RoI-centric SGD on their warped crops;
-    then the RPN+R-CNN rows of Table 13 on the validation set. Same outputs and resuming as the RPN stage.
-    With ``model.rcnn.crop_source: image`` the regions are cropped from each image at its own resolution.
-    Data-parallel under torchrun (see the module docstring); ``model.rcnn.regions_per_batch`` is the global batch."""
-    from detres.engine.loc_trainer import load_loc_records, test_from_config  # loc_trainer imports this lazily
-
-    rcnn_cfg, solver = cfg.model.rcnn, cfg.solver
-    if not rcnn_cfg.rpn_checkpoint:
-        raise ValueError("model.rcnn.rpn_checkpoint: the R-CNN stage needs the RPN stage's model_final.pt")
-    if rcnn_cfg.crop_source not in CROP_SOURCES:  # before minutes of proposal caching
-        raise ValueError(f"model.rcnn.crop_source: must be one of {CROP_SOURCES}, got {rcnn_cfg.crop_source!r}")
-    world = get_world_size()
-    if int(rcnn_cfg.regions_per_batch) % world:
-        raise ValueError(
-            f"model.rcnn.regions_per_batch ({rcnn_cfg.regions_per_batch}) must be a multiple of the "
-            f"number of processes ({world}): each takes an equal slice of the global region batch"
-        )
-    bad = BadSamples.from_config(cfg)
-    train, val, synsets = load_loc_records(cfg.data, bad_samples=bad)
-    rpn, rpn_meta = load_localizer(rcnn_cfg.rpn_checkpoint)
-    if list(rpn_meta["synsets"]) != list(synsets):
-        raise ValueError(f"{rcnn_cfg.rpn_checkpoint}: its classes differ from data's {len(synsets)} synsets")
-    start = start_distributed_run(cfg, resume=resume, resume_from=resume_from, allow_model_change=allow_model_change)
-    out, last_path, device, state = start.out, start.last_path, start.device, start.state
-    write_skipped(out, bad)  # data.on_bad_sample=skip: the dropped samples, listed in the run folder (rank 0)
-    if state is not None and not start.model_changed:
-        model_args = dict(state["model_args"])
-    else:
-        model_args = rcnn_localizer_kwargs_from_config(cfg.model, num_classes=len(synsets))
-    view = LocTestTransform(mode="dense", scale=int(cfg.test.scale))
-    cache_path = out / "proposals.pt"
-    made_with = {
-        "rpn_checkpoint": str(rcnn_cfg.rpn_checkpoint),
-        "top_n": int(rcnn_cfg.proposals_per_class),
-        "scale": int(cfg.test.scale),
-        "nms": float(cfg.test.nms_thresh),
-        "fg_iou": float(rcnn_cfg.fg_iou_thresh),
-    }
-    cache, scales = proposal_cache(
-        rpn.to(device), train, view, cache_path, made_with, fg_iou_thresh=float(rcnn_cfg.fg_iou_thresh)
-    )
-    model = build_rcnn_localizer(**model_args).to(device)
-    if model.crop_source == "image":
-        cache = to_image_frame(cache, scales)
-    optimizer, schedule, iteration = build_step_solver(model, solver, state, last_path)
-    amp = mixed_precision_from_config(solver, device)
-    if state is not None:
-        amp.load_state_dict(state.get(SCALER_KEY))  # absent in fp32 / older checkpoints: a fresh scaler
-    meta = {"synsets": synsets, "rpn_checkpoint": str(rcnn_cfg.rpn_checkpoint), "test_scale": int(cfg.test.scale)}
-    logger = JsonLinesLogger(out / "metrics.jsonl", resume_from_iter=iteration if state is not None else None)
-    started, cpu_started, window = time.time(), time.process_time(), LossWindow()
-    train_model = wrap_ddp(MethodCall(model), device)  # torchrun: DDP averages the gradients of model.losses
-
-    def save_last(at: int) -> Path:
-        """The stage's one writer of last.pt: kept copies, never a non-finite state; rank 0 alone under torchrun."""
-        if not is_main_process():
-            return last_path
-        payload = rcnn_localizer_payload(
-            model, model_args, meta, iter=at, config=cfg.to_dict(), optimizer=optimizer.state_dict()
-        )
-        return start.checkpoints.save(scaler_state_into(payload, amp), at)
-
-    with start.checkpoints.stop_on_divergence():  # a NaN / Inf: stop naming the last good checkpoint
-        while iteration < solver.max_iter:
-            iteration = _rcnn_iteration(
-                (model, train_model),
-                optimizer,
-                schedule,
-                amp,
-                cache,
-                train,
-                view,
-                iteration,
-                window,
-                logger,
-                cfg,
-                started,
-                save_last,
-                start.checkpoints,
-            )
-            stop_if_signalled(iteration, lambda: save_last(iteration))  # noqa: B023
-    train_cpu = time.process_time() - cpu_started
-    if not is_main_process():
-        return {}  # rank 0 saves and tests (the ranks' weights are the same)
-    check_finite_payload({"model": model.state_dict()}, iteration, out / "model_final.pt")
-    save_rcnn_localizer(out / "model_final.pt", model, model_args, meta, iter=iteration, config=cfg.to_dict())
-    plot_curves(
-        read_json_lines(out / "metrics.jsonl"),
-        out / "loss_curves.png",
-        series=[("loss", "total"), ("loss_rcnn_cls", "loss_rcnn_cls"), ("loss_rcnn_box", "loss_rcnn_box")],
-        title="R-CNN stage training losses",
-        ylabel="loss",
-    )
-    pair = RPNRCNNLocalizer(rpn, model, score_fusion=cfg.test.rcnn_score_fusion).to(device).eval()
-    # the whole Table 13 in one report: the RPN alone (1-crop, dense) and RPN+R-CNN (dense) on the same images
-    report = test_from_config(
-        pair,
-        cfg,
-        val,
-        synsets,
-        out_dir=out / "test",
-        modes=("dense",),
-        row_prefix="rpn_rcnn",
-        rpn_modes=("1crop", "dense"),
-    )
-    report.update(iterations=iteration, train_cpu_s=round(train_cpu, 1), train_wall_s=round(time.time() - started, 1))
-    write_json_atomic(out / "metrics.json", report)
-    log.info("localization (%d val images):\n%s", len(val), format_table(report))
-    return report
-
-
-def _rcnn_iteration(
-    models: tuple[RCNNLocalizer, Any],
-    optimizer: torch.optim.Optimizer,
-    schedule,
-    amp: MixedPrecision,
-    cache: RegionCache,
-    train: Sequence[LocRecord],
-    view: LocTestTransform,
-    iteration: int,
-    window: LossWindow,
-    logger: JsonLinesLogger,
-    cfg: Config,
-    started: float,
-    save_last,
-    checkpoints: CheckpointManager,
-) -> int:
-    """One RoI-centric SGD step on this rank's slice of the global region batch, then the log line / checkpoint
-    due; returns the iteration. ``models``: the plain model and what trains it (its DDP wrapper under torchrun)."""
-    model, train_model = models
-    solver, rcnn_cfg = cfg.solver, cfg.model.rcnn
-    fg_fraction = None if rcnn_cfg.fg_fraction is None else float(rcnn_cfg.fg_fraction)
-    # seeded per iteration, so a resumed run draws the batches it would have drawn
-    gen = torch.Generator().manual_seed(int(cfg.seed) * 1_000_003 + iteration)
-    batch = sample_regions(cache, int(rcnn_cfg.regions_per_batch), generator=gen, fg_fraction=fg_fraction)
-    batch = rank_slice(batch)  # the same global batch on every rank; each trains on its slice
-    images = {i: _crop_image(train[i], view, model.crop_source) for i in {i for i, _ in batch}}
-    lr = schedule.lr_at(iteration)
-    set_lr(optimizer, lr)
-    try:
-        losses = rcnn_train_step(model, optimizer, images, cache, batch, amp=amp, losses_of=train_model)
-    except FloatingPointError as exc:
-        raise Diverged(f"iteration {iteration}: {exc}", failed_from=iteration) from None
-    checkpoints.note_loss(iteration, losses["loss"])
-    iteration += 1
-    window.add(losses.pop("loss"), {k: torch.tensor(v) for k, v in losses.items()})
-    if iteration % solver.log_period == 0 or iteration == solver.max_iter:
-        logger.log(iter=iteration, lr=lr, time=time.time() - started, **mean_over_ranks(window.flush()))
-    if iteration % solver.checkpoint_period == 0 or iteration == solver.max_iter:
-        save_last(iteration)
-    return iteration

@@ -16,8 +16,8 @@ import torch
 
 from detres.config.load import Config, dump_config
 from detres.config.validate import check_device
-from detres.engine.checkpoint import CheckpointManager, link_or_copy, remove_stale_temp_files
-from detres.engine.run_lock import RunLock
+from detres.engine.run.checkpoint import CheckpointManager, link_or_copy, remove_stale_temp_files
+from detres.engine.run.lock import RunLock
 from detres.engine.seeded_data import seed_everything
 from detres.utils.dist import max_over_ranks
 from detres.utils.torch_files import load_checkpoint

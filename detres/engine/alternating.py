@@ -129,14 +129,12 @@ def _frozen_copy(model: nn.Module) -> nn.Module:
     return model.eval()
 
 
-def train_alternating(
-    run: DetRun, model_args: dict[str, Any], state: dict | None
-) -> tuple[nn.Module, int, dict[str, Any]]:
+def train_alternating(run: DetRun, state: dict | None) -> tuple[nn.Module, int]:
     """Run the 4 steps (resuming from ``state`` = a ``last.pt`` dict, if given); returns
-    (final network, total iterations, model_args to rebuild it without the backbone file)."""
+    (final network, total iterations)."""
     cfg, device, solver = run.cfg, run.device, run.cfg.solver
     plan = alternating_plan(solver)
-    fresh_args = dict(model_args)  # builds an ImageNet-initialised network (steps 1 and 2)
+    backbone_weights = cfg.model.weights  # steps 1 and 2 start from the ImageNet model
     step0, step_iter0 = 0, 0
     if state is not None:
         alt = state.get("alternating")
@@ -147,15 +145,15 @@ def train_alternating(
                 f"{run.last_path}: written with the alternating plan {alt['plan']}, but the config now "
                 f"gives {plan.to_dict()}; resume with the same solver options"
             )
-        # the checkpoint's network, or the config's with --allow-model-change (weights from the checkpoint)
-        fresh_args = dict(
-            model_args if run.model_changed else state["model_args"], weights_path=alt["backbone_weights"]
-        )
+        backbone_weights = alt["backbone_weights"]
         step0, step_iter0 = int(alt["step"]), int(alt["step_iter"])
-    saved_args = dict(fresh_args, weights_path=None)
 
-    def build(args: dict[str, Any]) -> nn.Module:
-        return build_detector(**args).to(device)
+    def build(*, from_backbone: bool) -> nn.Module:
+        """The config's network (the checkpoint's unless --allow-model-change changed it): from the ImageNet
+        backbone, or for a state_dict to fill."""
+        model_cfg = dict(cfg.model, weights=backbone_weights)
+        num_classes = len(run.meta["class_names"])
+        return build_detector(model_cfg, num_classes=num_classes, load_weights=from_backbone).to(device)
 
     base_flags: dict[str, bool] | None = None
     model: nn.Module | None = None
@@ -171,16 +169,16 @@ def train_alternating(
     for step in range(step0, 4):
         resumed = state is not None and step == step0
         if resumed:
-            model = build(saved_args)
+            model = build(from_backbone=False)
             model.load_state_dict(state["model"])
             if step == 1:
-                proposal_net = build(saved_args)
+                proposal_net = build(from_backbone=False)
                 proposal_net.load_state_dict(state["proposal_model"])
                 proposal_net = _frozen_copy(proposal_net)
         elif step in (0, 1):
             # Step 1 and step 2 both start from the ImageNet model; step 2 proposes with step 1's network.
             proposal_net = _frozen_copy(model) if step == 1 else None
-            model = build(fresh_args)
+            model = build(from_backbone=True)
         # Steps 3 and 4 continue with the network of the previous step.
         if base_flags is None:  # the first network of this call is freshly built: its flags are freeze_at's
             base_flags = {name: p.requires_grad for name, p in model.named_parameters()}
@@ -208,12 +206,12 @@ def train_alternating(
                     "step": step,  # noqa: B023
                     "step_iter": step_iter,  # noqa: B023
                     "plan": plan.to_dict(),
-                    "backbone_weights": fresh_args.get("weights_path"),
+                    "backbone_weights": backbone_weights,
                 }
             }
             if step == 1:  # noqa: B023
                 extra["proposal_model"] = proposal_net.state_dict()  # noqa: B023
-            return run.save(run.last_path, model, saved_args, iteration, optimizer if with_optimizer else None, **extra)  # noqa: B023
+            return run.save(run.last_path, model, iteration, optimizer if with_optimizer else None, **extra)  # noqa: B023
 
         if step_iter == 0:
             save_last(with_optimizer=False)  # step boundary
@@ -265,7 +263,6 @@ def train_alternating(
         run.save(
             run.out / f"{STEP_NAMES[step]}.pt",
             model,
-            saved_args,
             iteration,
             alternating={"step": step, "seconds": round(time.time() - step_started, 1)},
         )
@@ -275,4 +272,4 @@ def train_alternating(
     for name, param in model.named_parameters():  # back to the freshly built state (freeze_at only)
         param.requires_grad_(base_flags.get(name, True))
     model.train()
-    return model, iteration, saved_args
+    return model, iteration

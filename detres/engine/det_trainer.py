@@ -39,7 +39,7 @@ from detres.evaluation.results_io import detections_to_coco_results, write_coco_
 from detres.inference.detect import run_inference
 from detres.inference.test_time import TestTimeOptions, options_from_config
 from detres.inference.visualize import save_detection_pngs
-from detres.models.build import build_detector, detector_kwargs_from_config
+from detres.models.build import build_detector
 from detres.utils.atomic import write_json_atomic
 from detres.utils.dist import finite_on_all_ranks
 from detres.utils.torch_files import save_checkpoint
@@ -170,19 +170,17 @@ class DetRun:
         self,
         path: Path,
         model: torch.nn.Module,
-        model_args: dict[str, Any],
         iteration: int,
         optimizer: torch.optim.Optimizer | None = None,
         **extra: Any,
     ) -> Path:
-        """A train_det checkpoint: model weights + the arguments to rebuild it, metadata, iteration, config.
+        """A train_det checkpoint: model weights, the config tree it is rebuilt from, metadata, iteration.
         The one place a detection run writes checkpoints; a non-finite state is refused (Diverged).
         Only rank 0 of a distributed run writes (the others' weights are the same)."""
         if not is_main_process():
             return Path(path)
         payload = {
             "model": model.state_dict(),
-            "model_args": model_args,
             "meta": self.meta,
             "iter": iteration,
             "config": self.cfg.to_dict(),
@@ -307,7 +305,6 @@ def _train_detector(
     check_detection_sets(train_set, val_set, cfg, out)  # image files, boxes, unseen classes; skipped_samples.json
     if len(train_set) == 0:
         raise ValueError(f"{cfg.data.train_ann}: the training set has no images")
-    model_args = detector_kwargs_from_config(cfg.model, num_classes=len(train_set.categories))
     if state is not None and state.get("scheme", "joint") != scheme:
         raise ValueError(
             f"{last_path} was written by solver.training_scheme={state.get('scheme', 'joint')!r}; "
@@ -333,13 +330,13 @@ def _train_detector(
 
     with run.checkpoints.stop_on_divergence():  # a NaN / Inf: stop naming the last good checkpoint
         if scheme == "joint":
-            model, iteration, saved_args = _train_joint(run, model_args, state)
+            model, iteration = _train_joint(run, state)
         else:
             from detres.engine.alternating import train_alternating
 
-            model, iteration, saved_args = train_alternating(run, model_args, state)
+            model, iteration = train_alternating(run, state)
     train_time = time.time() - run.started
-    run.save(out / "model_final.pt", model, saved_args, iteration)
+    run.save(out / "model_final.pt", model, iteration)
     metrics = test_detector(model, val_set, meta, cfg, out_dir=out / "test", device=device)
     if not is_main_process():
         return metrics  # the other ranks only helped with the sharded test pass
@@ -370,15 +367,11 @@ def _train_detector(
     return metrics
 
 
-def _train_joint(
-    run: DetRun, model_args: dict[str, Any], state: dict | None
-) -> tuple[torch.nn.Module, int, dict[str, Any]]:
+def _train_joint(run: DetRun, state: dict | None) -> tuple[torch.nn.Module, int]:
     """Approximate joint training (py-faster-rcnn end2end): one SGD step on the sum of the 4 losses."""
     cfg, device = run.cfg, run.device
-    if state is not None:  # weights come from the checkpoint (the config's model with --allow-model-change)
-        model_args = dict(model_args if run.model_changed else state["model_args"], weights_path=None)
-    model = build_detector(**model_args).to(device)
-    saved_args = dict(model_args, weights_path=None)  # rebuilding for inference needs no backbone file
+    # resumed: weights come from the checkpoint (the config's model with --allow-model-change), not model.weights
+    model = build_detector(cfg.model, num_classes=len(run.meta["class_names"]), load_weights=state is None).to(device)
 
     solver = cfg.solver
     optimizer, schedule, start_iter = build_step_solver(model, solver, state, run.last_path)
@@ -401,13 +394,12 @@ def _train_joint(
             next(batches),
             iteration,
             window,
-            saved_args,
             progress,
             train_model=train_model,
         )
-        stop_if_signalled(iteration, lambda: run.save(run.last_path, model, saved_args, iteration, optimizer))  # noqa: B023
+        stop_if_signalled(iteration, lambda: run.save(run.last_path, model, iteration, optimizer))  # noqa: B023
     progress.close()
-    return model, iteration, saved_args
+    return model, iteration
 
 
 def _joint_step(
@@ -418,7 +410,6 @@ def _joint_step(
     batch: dict[str, Any],
     iteration: int,
     window: LossWindow,
-    saved_args: dict[str, Any],
     progress: tqdm,
     train_model: torch.nn.Module | None = None,
 ) -> int:
@@ -438,7 +429,7 @@ def _joint_step(
         run.logger.log(iter=iteration, lr=lr, time=time.time() - run.started, **means)
         progress.set_postfix(loss=f"{means['loss']:.3f}", lr=f"{lr:.2g}")
     if iteration % solver.checkpoint_period == 0 or iteration == solver.max_iter:
-        run.save(run.last_path, model, saved_args, iteration, optimizer)
+        run.save(run.last_path, model, iteration, optimizer)
     if solver.eval_period > 0 and iteration % solver.eval_period == 0 and iteration < solver.max_iter:
         run.evaluate(model, iteration)
         model.train()

@@ -49,8 +49,6 @@ from detres.models.localization.rcnn_localizer import (
     RCNNLocalizer,
     RPNRCNNLocalizer,
     assign_rcnn_targets,
-    build_rcnn_localizer,
-    rcnn_localizer_kwargs_from_config,
     rcnn_localizer_payload,
     save_rcnn_localizer,
 )
@@ -286,10 +284,6 @@ def train_rcnn_stage(
     start = start_distributed_run(cfg, resume=resume, resume_from=resume_from, allow_model_change=allow_model_change)
     out, last_path, device, state = start.out, start.last_path, start.device, start.state
     write_skipped(out, bad)  # data.on_bad_sample=skip: the dropped samples, listed in the run folder (rank 0)
-    if state is not None and not start.model_changed:
-        model_args = dict(state["model_args"])
-    else:
-        model_args = rcnn_localizer_kwargs_from_config(cfg.model, num_classes=len(synsets))
     view = LocTestTransform(mode="dense", scale=int(cfg.test.scale))
     cache_path = out / "proposals.pt"
     made_with = {
@@ -302,7 +296,8 @@ def train_rcnn_stage(
     cache, scales = proposal_cache(
         rpn.to(device), train, view, cache_path, made_with, fg_iou_thresh=float(rcnn_cfg.fg_iou_thresh)
     )
-    model = build_rcnn_localizer(**model_args).to(device)
+    # resumed: the weights come from the checkpoint (the config's model with --allow-model-change), not model.weights
+    model = RCNNLocalizer.from_config(cfg.model, num_classes=len(synsets), load_weights=state is None).to(device)
     if model.crop_source == "image":
         cache = to_image_frame(cache, scales)
     optimizer, schedule, iteration = build_step_solver(model, solver, state, last_path)
@@ -318,9 +313,7 @@ def train_rcnn_stage(
         """The stage's one writer of last.pt: kept copies, never a non-finite state; rank 0 alone under torchrun."""
         if not is_main_process():
             return last_path
-        payload = rcnn_localizer_payload(
-            model, model_args, meta, iter=at, config=cfg.to_dict(), optimizer=optimizer.state_dict()
-        )
+        payload = rcnn_localizer_payload(model, cfg, meta, iter=at, optimizer=optimizer.state_dict())
         return start.checkpoints.save(scaler_state_into(payload, amp), at)
 
     with start.checkpoints.stop_on_divergence():  # a NaN / Inf: stop naming the last good checkpoint
@@ -346,7 +339,7 @@ def train_rcnn_stage(
     if not is_main_process():
         return {}  # rank 0 saves and tests (the ranks' weights are the same)
     check_finite_payload({"model": model.state_dict()}, iteration, out / "model_final.pt")
-    save_rcnn_localizer(out / "model_final.pt", model, model_args, meta, iter=iteration, config=cfg.to_dict())
+    save_rcnn_localizer(out / "model_final.pt", model, cfg, meta, iter=iteration)
     plot_curves(
         read_json_lines(out / "metrics.jsonl"),
         out / "loss_curves.png",

@@ -48,7 +48,7 @@ from detres.engine.optimizer import set_lr
 from detres.engine.plots import plot_curves
 from detres.engine.run_setup import stop_if_signalled
 from detres.engine.seeded_data import IterationKeyedBatches, IterationSeededDataset
-from detres.models.localization.rpn_localizer import build_rpn_localizer, rpn_localizer_kwargs_from_config
+from detres.models.localization.rpn_localizer import RPNLocalizer
 from detres.utils.atomic import write_json_atomic
 from detres.utils.dist import finite_on_all_ranks
 from detres.utils.torch_files import save_checkpoint
@@ -122,7 +122,6 @@ def _loader(dataset: LocDataset, cfg: Config, start_iter: int) -> DataLoader:
 def _save(
     path: Path,
     model: torch.nn.Module,
-    model_args: dict,
     meta: dict,
     iteration: int,
     cfg: Config,
@@ -137,7 +136,6 @@ def _save(
         return path
     payload = {
         "model": model.state_dict(),
-        "model_args": dict(model_args, weights_path=None),
         "meta": meta,
         "iter": iteration,
         "stage": "rpn",
@@ -201,11 +199,8 @@ def _train_localizer(
         seed=cfg.seed,
     )
     train_set = LocDataset(train, synsets, transform=transform)
-    if state is not None and not start.model_changed:
-        model_args = dict(state["model_args"])
-    else:
-        model_args = rpn_localizer_kwargs_from_config(cfg.model, num_classes=len(synsets))
-    model = build_rpn_localizer(**model_args).to(device)
+    # resumed: the weights come from the checkpoint (the config's model with --allow-model-change), not model.weights
+    model = RPNLocalizer.from_config(cfg.model, num_classes=len(synsets), load_weights=state is None).to(device)
     meta = {"synsets": synsets, "crop": int(cfg.input.crop), "test_scale": int(cfg.test.scale)}
     solver = cfg.solver
     optimizer, schedule, start_iter = build_step_solver(model, solver, state, last_path)
@@ -222,7 +217,7 @@ def _train_localizer(
     train_model = wrap_ddp(model, device)  # torchrun: DDP averages the gradients; `model` stays the plain module
 
     def save_last(at: int) -> Path:
-        return _save(last_path, model, model_args, meta, at, cfg, optimizer, amp, checkpoints=start.checkpoints)
+        return _save(last_path, model, meta, at, cfg, optimizer, amp, checkpoints=start.checkpoints)
 
     # Created only when there is training left, read one batch per step: never a batch past max_iter.
     batches = iter(_loader(train_set, cfg, start_iter)) if start_iter < solver.max_iter else iter(())
@@ -248,7 +243,7 @@ def _train_localizer(
     train_cpu = time.process_time() - cpu_started
     if not is_main_process():
         return {}  # rank 0 tests and writes (the ranks' weights are the same)
-    _save(out / "model_final.pt", model, model_args, meta, iteration, cfg)
+    _save(out / "model_final.pt", model, meta, iteration, cfg)
     plot_curves(
         read_json_lines(out / "metrics.jsonl"),
         out / "loss_curves.png",

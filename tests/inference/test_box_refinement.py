@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 from detres.inference.box_refinement import detect_with_refinement, refined_rois
-from detres.models.build import build_detector
 from detres.models.detection.faster_rcnn import FasterRCNN
 from detres.models.detection.roi_heads import RoIHeads
+from tests.tiny_configs import build_test_detector, det_model_config
 
 
 # ------------------------------------------------------------------------------------ a hand-made model
@@ -60,11 +60,13 @@ class TablePredictor(nn.Module):
         return self.logits[index], self.deltas[index]
 
 
-def _model(proposals_by_size, table, **heads_kwargs) -> FasterRCNN:
-    heads = BoxEchoHeads(
-        nn.Identity(), nn.Identity(), TablePredictor(table), score_thresh=0.05, nms_thresh=0.3, **heads_kwargs
+def _model(proposals_by_size, table) -> FasterRCNN:
+    roi_cfg = det_model_config(roi_heads={"score_thresh": 0.05, "nms_thresh": 0.3}).roi_heads
+    heads = BoxEchoHeads.from_config(
+        roi_cfg, pooler=nn.Identity(), box_head=nn.Identity(), predictor=TablePredictor(table)
     )
-    return FasterRCNN(nn.Identity(), FixedRPN(proposals_by_size), heads).eval()
+    mean, std = (123.675, 116.28, 103.53), (1.0, 1.0, 1.0)
+    return FasterRCNN(nn.Identity(), FixedRPN(proposals_by_size), heads, pixel_mean=mean, pixel_std=std).eval()
 
 
 ZERO = (0.0, 0.0, 0.0, 0.0)
@@ -236,16 +238,15 @@ class EvenGridRPN(nn.Module):
 
 def test_refinement_that_changes_nothing_keeps_exactly_the_single_pass_detections():
     torch.manual_seed(0)
-    model = build_detector(
+    model = build_test_detector(
+        3,
         depth=18,
         base_width=16,
-        num_classes=3,
         anchor_sizes=[16, 32],
         aspect_ratios=[1.0],
-        rpn_pre_nms_top_n_test=200,
-        rpn_post_nms_top_n_test=40,
-        pooler_resolution=8,
-        score_thresh=0.0,
+        pixel_std=[1.0, 1.0, 1.0],
+        rpn={"pre_nms_top_n_test": 200, "post_nms_top_n_test": 40},
+        roi_heads={"pooler_resolution": 8, "score_thresh": 0.0},
     ).eval()
     nn.init.zeros_(model.roi_heads.predictor.bbox_pred.weight)
     nn.init.zeros_(model.roi_heads.predictor.bbox_pred.bias)

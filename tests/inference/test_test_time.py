@@ -13,8 +13,9 @@ from detres.inference.ensemble import ensemble_proposals, load_ensemble
 from detres.inference.proposal_merge import merge_proposal_sets
 from detres.inference.region_scorer import AveragedScorer, SingleScaleScorer
 from detres.inference.test_time import TestTimeOptions, detect_test_time, options_from_config
-from detres.models.build import build_detector
+from detres.models.build import build_detector, detector_state
 from tests.inference.conftest import tiny_detector
+from tests.tiny_configs import det_model_config
 
 
 def _padded(images):
@@ -133,27 +134,17 @@ def test_options_from_config_reads_the_test_section():
 
 def _save(path, seed, class_names):
     torch.manual_seed(seed)
-    args = dict(
+    model_cfg = det_model_config(
         depth=18,
         base_width=8,
-        num_classes=len(class_names),
         anchor_sizes=[16, 32, 64],
-        pooler_type="roi_align",
-        pooler_resolution=4,
-        sampling_ratio=2,
-        rpn_pre_nms_top_n_test=200,
-        rpn_post_nms_top_n_test=30,
-        score_thresh=0.01,
+        pixel_std=[1.0, 1.0, 1.0],
+        rpn={"pre_nms_top_n_test": 200, "post_nms_top_n_test": 30},
+        roi_heads={"pooler_type": "roi_align", "pooler_resolution": 4, "sampling_ratio": 2, "score_thresh": 0.01},
     )
-    model = build_detector(**args)
-    torch.save(
-        {
-            "model": model.state_dict(),
-            "model_args": args,
-            "meta": {"class_names": class_names, "min_size_test": 96, "max_size_test": 160},
-        },
-        path,
-    )
+    model = build_detector(model_cfg, num_classes=len(class_names))
+    meta = {"class_names": class_names, "min_size_test": 96, "max_size_test": 160}
+    torch.save(detector_state(model, config={"task": "det", "model": model_cfg}, meta=meta), path)
 
 
 def test_load_ensemble_checks_the_class_lists(tmp_path):

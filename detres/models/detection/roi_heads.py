@@ -3,87 +3,23 @@ inference."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import box_iou
 
-from detres.models.backbones.cpu_execution import CHANNELS_LAST_MIN_SIZE, cpu_roi_chunk
+from detres.models.backbones.cpu_execution import cpu_roi_chunk
 from detres.models.detection.box_coder import BoxCoder
+from detres.models.detection.box_head import BoxHead, FastRCNNPredictor
 from detres.models.detection.matcher import Matcher, crowd_ignore_mask
 from detres.models.detection.postprocess import check_postprocess_options, postprocess_boxes
 from detres.models.detection.roi_pooler import RoIPooler
 from detres.models.detection.sampler import BalancedSampler, target_seeds
 
-__all__ = ["RoIPooler", "BoxHead", "FastRCNNPredictor", "RoIHeads"]
-
-
-class BoxHead(nn.Module):
-    """Post-RoI layers: run the per-region network (conv5_x + pooling) and return one vector per RoI.
-
-    Args:
-        conv5_head: module mapping [R,C,S,S] -> [R,D] or [R,D,1,1] (e.g. ResNetC5Head); the
-            same instance can be applied to any RoI set (regions, whole-image context box).
-        out_features: D; read from ``conv5_head.out_channels`` when omitted.
-    """
-
-    def __init__(self, conv5_head: nn.Module, *, out_features: int | None = None) -> None:
-        super().__init__()
-        if out_features is None:
-            out_features = getattr(conv5_head, "out_channels", None)
-        if out_features is None:
-            raise ValueError("BoxHead: pass out_features or give conv5_head an 'out_channels' attribute")
-        self.conv5_head = conv5_head
-        self.out_features = int(out_features)
-
-    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
-        """[R,C,S,S] pooled RoI features -> [R,D] region vectors."""
-        if pooled.dim() != 4:
-            raise ValueError(f"BoxHead: pooled features must be [R,C,S,S], got {tuple(pooled.shape)}")
-        if pooled.device.type == "cpu" and min(pooled.shape[2:]) >= CHANNELS_LAST_MIN_SIZE:
-            # oneDNN's convolutions (forward and backward) run faster on channels-last maps of this size;
-            # a no-op for the fast RoI pool's output, which already is channels-last.
-            pooled = pooled.contiguous(memory_format=torch.channels_last)
-        out = self.conv5_head(pooled)
-        if out.dim() == 4:
-            if out.shape[2:] != (1, 1):
-                raise ValueError(f"BoxHead: conv5_head returned a spatial map {tuple(out.shape)}; pool it first")
-            out = out.flatten(1)
-        if out.dim() != 2 or out.shape[1] != self.out_features:
-            raise ValueError(f"BoxHead: conv5_head output must be [R,{self.out_features}], got {tuple(out.shape)}")
-        return out
-
-
-class FastRCNNPredictor(nn.Module):
-    """The two sibling layers: class scores (K+1 incl. background) and per-class box deltas.
-
-    Args:
-        in_features: region vector size D.
-        num_classes: K+1, background included.
-        class_agnostic_bbox: one shared box regressor (4 outputs) instead of 4(K+1).
-    """
-
-    def __init__(self, in_features: int, num_classes: int, *, class_agnostic_bbox: bool = False) -> None:
-        super().__init__()
-        if num_classes < 2:
-            raise ValueError(f"FastRCNNPredictor: num_classes counts background and must be >= 2, got {num_classes}")
-        self.num_classes = int(num_classes)
-        self.class_agnostic_bbox = bool(class_agnostic_bbox)
-        self.cls_score = nn.Linear(in_features, num_classes)
-        self.bbox_pred = nn.Linear(in_features, 4 if class_agnostic_bbox else 4 * num_classes)
-        # Fast R-CNN initialisation: small Gaussians, zero biases.
-        nn.init.normal_(self.cls_score.weight, std=0.01)
-        nn.init.normal_(self.bbox_pred.weight, std=0.001)
-        nn.init.zeros_(self.cls_score.bias)
-        nn.init.zeros_(self.bbox_pred.bias)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """[R,D] -> (class_logits [R,K+1], box_deltas [R,4(K+1)] or [R,4] if class-agnostic)."""
-        if x.dim() > 2:
-            x = x.flatten(1)
-        return self.cls_score(x), self.bbox_pred(x)
+__all__ = ["RoIHeads"]
 
 
 def _check_targets(targets: Sequence[dict[str, torch.Tensor]], num_images: int) -> None:
@@ -136,24 +72,24 @@ class RoIHeads(nn.Module):
         box_head: BoxHead,
         predictor: FastRCNNPredictor,
         *,
-        fg_iou_thresh: float = 0.5,
-        bg_iou_thresh_hi: float = 0.5,
-        bg_iou_thresh_lo: float = 0.1,
-        batch_size_per_image: int = 128,
-        positive_fraction: float = 0.25,
-        bbox_reg_weights: Sequence[float] = (10.0, 10.0, 5.0, 5.0),
-        score_thresh: float = 0.05,
-        nms_thresh: float = 0.3,
-        detections_per_img: int = 100,
+        fg_iou_thresh: float,
+        bg_iou_thresh_hi: float,
+        bg_iou_thresh_lo: float,
+        batch_size_per_image: int,
+        positive_fraction: float,
+        bbox_reg_weights: Sequence[float],
+        score_thresh: float,
+        nms_thresh: float,
+        detections_per_img: int,
+        crowd_iof_thresh: float,
+        nms_method: str,
+        soft_nms_sigma: float,
+        soft_nms_score_thresh: float,
+        box_voting: bool,
+        box_voting_iou: float,
         add_gt_as_proposals: bool = True,
         smooth_l1_beta: float = 1.0,
         inference_roi_chunk: int = 32,
-        crowd_iof_thresh: float = 0.7,
-        nms_method: str = "nms",
-        soft_nms_sigma: float = 0.5,
-        soft_nms_score_thresh: float = 0.001,
-        box_voting: bool = False,
-        box_voting_iou: float = 0.5,
     ) -> None:
         super().__init__()
         check_postprocess_options(
@@ -203,6 +139,41 @@ class RoIHeads(nn.Module):
         )
         self.sampler = BalancedSampler(
             batch_size_per_image=self.batch_size_per_image, positive_fraction=self.positive_fraction, stream=2
+        )
+
+    @classmethod
+    def from_config(
+        cls,
+        roi_cfg: Mapping[str, Any],
+        *,
+        pooler: RoIPooler,
+        box_head: BoxHead,
+        predictor: FastRCNNPredictor,
+        **options: Any,
+    ) -> RoIHeads:
+        """The heads of a ``model.roi_heads`` config tree around the given pooler, box head and predictor;
+        ``options``: constructor arguments that have no config key (``add_gt_as_proposals``, ``smooth_l1_beta``,
+        ``inference_roi_chunk``)."""
+        return cls(
+            pooler,
+            box_head,
+            predictor,
+            fg_iou_thresh=float(roi_cfg["fg_iou_thresh"]),
+            bg_iou_thresh_hi=float(roi_cfg["bg_iou_thresh_hi"]),
+            bg_iou_thresh_lo=float(roi_cfg["bg_iou_thresh_lo"]),
+            batch_size_per_image=int(roi_cfg["batch_size_per_image"]),
+            positive_fraction=float(roi_cfg["positive_fraction"]),
+            bbox_reg_weights=[float(w) for w in roi_cfg["bbox_reg_weights"]],
+            score_thresh=float(roi_cfg["score_thresh"]),
+            nms_thresh=float(roi_cfg["nms_thresh"]),
+            detections_per_img=int(roi_cfg["detections_per_img"]),
+            crowd_iof_thresh=float(roi_cfg["crowd_iof_thresh"]),
+            nms_method=str(roi_cfg["nms_method"]),
+            soft_nms_sigma=float(roi_cfg["soft_nms_sigma"]),
+            soft_nms_score_thresh=float(roi_cfg["soft_nms_score_thresh"]),
+            box_voting=bool(roi_cfg["box_voting"]),
+            box_voting_iou=float(roi_cfg["box_voting_iou"]),
+            **options,
         )
 
     # ----------------------------------------------------------------------------------- training

@@ -78,34 +78,6 @@ def build_classifier(*, arch: str = "imagenet", depth: int = 50, num_classes: in
     raise ValueError(f"model.arch must be one of {CLASSIFIER_ARCHS}, got {arch!r}")
 
 
-# Test-time post-processing arguments of RoIHeads (absent from checkpoints written before they existed:
-# those rebuild with the defaults, i.e. the paper's hard NMS without voting).
-POSTPROCESS_KEYS = ("nms_method", "soft_nms_sigma", "soft_nms_score_thresh", "box_voting", "box_voting_iou")
-
-
-def configure_postprocess(model: nn.Module, **options: Any) -> nn.Module:
-    """Set the RoI heads' test-time post-processing (keys of ``POSTPROCESS_KEYS``; None = leave as is)."""
-    from detres.models.detection.postprocess import check_postprocess_options
-
-    unknown = sorted(set(options) - set(POSTPROCESS_KEYS))
-    if unknown:
-        raise ValueError(f"configure_postprocess: unknown options {unknown}; expected {list(POSTPROCESS_KEYS)}")
-    heads = model.roi_heads
-    merged = {key: getattr(heads, key) for key in POSTPROCESS_KEYS}
-    merged.update({key: value for key, value in options.items() if value is not None})
-    check_postprocess_options(**{k: v for k, v in merged.items() if k != "box_voting"})
-    casts = {
-        "nms_method": str,
-        "soft_nms_sigma": float,
-        "soft_nms_score_thresh": float,
-        "box_voting": bool,
-        "box_voting_iou": float,
-    }
-    for key, value in merged.items():
-        setattr(heads, key, casts[key](value))
-    return model
-
-
 def build_detector(model_cfg: Mapping[str, Any], *, num_classes: int, load_weights: bool = True) -> FasterRCNN:
     """The ResNet-C4 or VGG-16 Faster R-CNN of a ``task: det`` config's ``model`` tree
     (:meth:`FasterRCNN.from_config`); ``num_classes`` counts object classes (background is added)."""

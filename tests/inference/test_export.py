@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -13,7 +14,7 @@ from detres.data.transforms.classification import IMAGENET_STD_RGB
 from detres.inference import export as export_lib
 from detres.inference.export import example_image, export_detector, export_input, export_torchscript
 from detres.inference.predictor import Predictor
-from detres.models.build import build_detector, configure_postprocess, detector_state
+from detres.models.build import build_detector, detector_state
 from detres.utils.torch_files import save_checkpoint
 from tests.inference.conftest import tiny_detector
 from tests.tiny_configs import det_model_config
@@ -129,7 +130,8 @@ def test_traced_fallback_is_size_dynamic(monkeypatch, images: list[torch.Tensor]
 
 
 def test_unsupported_postprocess_is_refused(tmp_path) -> None:
-    model = configure_postprocess(trained_scale_detector("roi_align"), box_voting=True)
+    model = trained_scale_detector("roi_align")
+    model.roi_heads.postprocess = dataclasses.replace(model.roi_heads.postprocess, voting=True)  # a voting model
     with pytest.raises(ValueError, match="box voting"):
         export_detector(model, tmp_path, formats=["torchscript"], example_hw=(64, 80))
 

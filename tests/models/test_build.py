@@ -91,7 +91,7 @@ def test_detector_takes_pixel_mean_from_a_train_cls_checkpoint(tmp_path):
     model = build_detector(cfg.model, num_classes=4)
     assert model.pixel_mean.flatten().tolist() == [10.0, 20.0, 30.0] and model.pixel_std.flatten().tolist() == [2.0] * 3
     assert model.roi_heads.predictor.cls_score.out_features == 5
-    assert model.rpn.nms_thresh == 0.7 and model.roi_heads.nms_thresh == 0.3
+    assert model.rpn.nms_thresh == 0.7 and model.roi_heads.postprocess.nms_thresh == 0.3
     assert model.roi_heads.positive_fraction == 0.25 and model.rpn.post_nms_top_n("test") == 300
     over = load_config(
         None,
@@ -176,7 +176,9 @@ def test_each_config_value_reaches_its_component_in_one_step():
     assert model.rpn.allowed_border == 5 and model.rpn.crowd_iof_thresh == 0.6 and model.rpn.min_size == 2.0
     assert model.rpn.pre_nms_top_n("test") == 321 and model.rpn.sampler.batch_size_per_image == 64
     heads = model.roi_heads
-    assert heads.crowd_iof_thresh == 0.5 and heads.bg_iou_thresh_lo == 0.0 and heads.detections_per_img == 17
+    assert (
+        heads.crowd_iof_thresh == 0.5 and heads.bg_iou_thresh_lo == 0.0 and heads.postprocess.detections_per_img == 17
+    )
     assert (heads.pooler.pooler_type, heads.pooler.output_size, heads.pooler.sampling_ratio) == ("roi_align", 6, 2)
     assert tuple(heads.box_coder.weights) == (1.0, 2.0, 3.0, 4.0)
     assert any(p.requires_grad for p in model.trunk.layer1.parameters())  # freeze_at=1: conv1 only
@@ -200,7 +202,7 @@ def test_each_component_has_a_from_config_taking_its_own_sub_tree():
     )
     assert context.cls_score.in_features == 20  # [region | context]
     heads = RoIHeads.from_config(cfg.model.roi_heads, pooler=pooler, box_head=nn.Identity(), predictor=predictor)
-    assert heads.score_thresh == 0.25
+    assert heads.postprocess.score_thresh == 0.25
     trunk, head, dim = trunk_from_config(cfg.model, pooler_resolution=14)
     assert trunk.stride == 16 and dim == head.out_channels
 
@@ -253,7 +255,7 @@ def test_load_detector_rejects_other_checkpoints(tmp_path):
 
 
 def test_postprocess_options_go_from_config_to_the_roi_heads_and_back_from_a_checkpoint(tmp_path):
-    from detres.models.build import configure_postprocess
+    from detres.inference.test_config import TestConfig
 
     defaults = load_config(None, [], task="det").model.roi_heads
     assert {k: defaults[k] for k in ("nms_method", "soft_nms_sigma", "soft_nms_score_thresh", "box_voting")} == {
@@ -269,19 +271,22 @@ def test_postprocess_options_go_from_config_to_the_roi_heads_and_back_from_a_che
         "model.roi_heads.box_voting_iou=0.6",
     )
     model = build_detector(cfg.model, num_classes=2)
-    heads = model.roi_heads
-    assert (heads.nms_method, heads.box_voting, heads.box_voting_iou) == ("soft_linear", True, 0.6)
+    post = model.roi_heads.postprocess
+    assert (post.nms_method, post.voting, post.voting_iou) == ("soft_linear", True, 0.6)
     # A config tree written before these options existed rebuilds with the defaults.
     old_tree = cfg.to_dict()
     for key in ("nms_method", "soft_nms_sigma", "soft_nms_score_thresh", "box_voting", "box_voting_iou"):
         del old_tree["model"]["roi_heads"][key]
     save_checkpoint(tmp_path / "old.pt", detector_state(model, config=old_tree, meta={"class_names": ["a", "b"]}))
     old, _ = load_detector(tmp_path / "old.pt")
-    assert (old.roi_heads.nms_method, old.roi_heads.box_voting) == ("nms", False)
-    # Test-time override (what tools/test_det.py and tools/infer.py do); None leaves an option as it is.
-    configure_postprocess(old, box_voting=True, nms_method=None, soft_nms_sigma=0.2)
-    assert (old.roi_heads.nms_method, old.roi_heads.box_voting, old.roi_heads.soft_nms_sigma) == ("nms", True, 0.2)
+    assert (old.roi_heads.postprocess.nms_method, old.roi_heads.postprocess.voting) == ("nms", False)
+    # Test-time overrides (what tools/test_det.py and tools/infer.py take from flags) leave the model as it is;
+    # None keeps the model's own value.
+    test_cfg = TestConfig(voting=True, soft_nms_sigma=0.2)
+    over = test_cfg.postprocess_of(old.roi_heads.postprocess)
+    assert (over.nms_method, over.voting, over.soft_nms_sigma) == ("nms", True, 0.2)
+    assert (old.roi_heads.postprocess.voting, old.roi_heads.postprocess.soft_nms_sigma) == (False, 0.5)
     with pytest.raises(ValueError, match="nms_method"):
-        configure_postprocess(old, nms_method="fast")
-    with pytest.raises(ValueError, match="unknown options"):
-        configure_postprocess(old, voting=True)
+        TestConfig(nms_method="fast")
+    with pytest.raises(ValueError, match="voting_iou"):
+        TestConfig(voting_iou=-1.0).postprocess_of(old.roi_heads.postprocess)

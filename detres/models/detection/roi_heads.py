@@ -15,7 +15,7 @@ from detres.models.backbones.cpu_execution import cpu_roi_chunk
 from detres.models.detection.box_coder import BoxCoder
 from detres.models.detection.box_head import BoxHead, FastRCNNPredictor
 from detres.models.detection.matcher import Matcher, crowd_ignore_mask
-from detres.models.detection.postprocess import check_postprocess_options, postprocess_boxes
+from detres.models.detection.postprocess import DetectionPostprocess
 from detres.models.detection.roi_pooler import RoIPooler
 from detres.models.detection.sampler import BalancedSampler, target_seeds
 
@@ -78,26 +78,13 @@ class RoIHeads(nn.Module):
         batch_size_per_image: int,
         positive_fraction: float,
         bbox_reg_weights: Sequence[float],
-        score_thresh: float,
-        nms_thresh: float,
-        detections_per_img: int,
         crowd_iof_thresh: float,
-        nms_method: str,
-        soft_nms_sigma: float,
-        soft_nms_score_thresh: float,
-        box_voting: bool,
-        box_voting_iou: float,
+        postprocess: DetectionPostprocess,
         add_gt_as_proposals: bool = True,
         smooth_l1_beta: float = 1.0,
         inference_roi_chunk: int = 32,
     ) -> None:
         super().__init__()
-        check_postprocess_options(
-            nms_method=nms_method,
-            soft_nms_sigma=soft_nms_sigma,
-            soft_nms_score_thresh=soft_nms_score_thresh,
-            box_voting_iou=box_voting_iou,
-        )
         if not 0.0 <= bg_iou_thresh_lo <= bg_iou_thresh_hi <= fg_iou_thresh <= 1.0:
             raise ValueError(
                 "RoIHeads: need 0 <= bg_iou_thresh_lo <= bg_iou_thresh_hi <= fg_iou_thresh <= 1, got "
@@ -117,19 +104,11 @@ class RoIHeads(nn.Module):
         self.bg_iou_thresh_lo = float(bg_iou_thresh_lo)
         self.batch_size_per_image = int(batch_size_per_image)
         self.positive_fraction = float(positive_fraction)
-        self.score_thresh = float(score_thresh)
-        self.nms_thresh = float(nms_thresh)
-        self.detections_per_img = int(detections_per_img)
         self.add_gt_as_proposals = bool(add_gt_as_proposals)
         self.smooth_l1_beta = float(smooth_l1_beta)
         self.inference_roi_chunk = int(inference_roi_chunk)
         self.crowd_iof_thresh = float(crowd_iof_thresh)
-        # Test-time post-processing (see postprocess_boxes): plain attributes, so a tool may override them.
-        self.nms_method = str(nms_method)
-        self.soft_nms_sigma = float(soft_nms_sigma)
-        self.soft_nms_score_thresh = float(soft_nms_score_thresh)
-        self.box_voting = bool(box_voting)
-        self.box_voting_iou = float(box_voting_iou)
+        self.postprocess = postprocess  # test time: score threshold, per-class NMS, top-k, voting
         self.box_coder = BoxCoder(weights=tuple(bbox_reg_weights))
         # IoU >= fg -> matched gt index; IoU < hi -> -1 (background candidate); between -> -2.
         self.matcher = Matcher(
@@ -164,15 +143,8 @@ class RoIHeads(nn.Module):
             batch_size_per_image=int(roi_cfg["batch_size_per_image"]),
             positive_fraction=float(roi_cfg["positive_fraction"]),
             bbox_reg_weights=[float(w) for w in roi_cfg["bbox_reg_weights"]],
-            score_thresh=float(roi_cfg["score_thresh"]),
-            nms_thresh=float(roi_cfg["nms_thresh"]),
-            detections_per_img=int(roi_cfg["detections_per_img"]),
             crowd_iof_thresh=float(roi_cfg["crowd_iof_thresh"]),
-            nms_method=str(roi_cfg["nms_method"]),
-            soft_nms_sigma=float(roi_cfg["soft_nms_sigma"]),
-            soft_nms_score_thresh=float(roi_cfg["soft_nms_score_thresh"]),
-            box_voting=bool(roi_cfg["box_voting"]),
-            box_voting_iou=float(roi_cfg["box_voting_iou"]),
+            postprocess=DetectionPostprocess.from_config(roi_cfg),
             **options,
         )
 
@@ -268,14 +240,21 @@ class RoIHeads(nn.Module):
     ) -> torch.Tensor:
         """Pool every proposal and run the box head: [sum Ni, D]. ``image_sizes`` is for subclasses (context:
         :class:`detres.models.detection.context.ContextRoIHeads`)."""
+        return self.pooled_box_head(features, proposals)
+
+    def pooled_box_head(self, features: torch.Tensor, rois: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The box head on ``rois`` (per image) pooled from ``features``: [sum Ni, D], rows image by image.
+
+        At inference on CPU, in chunks of at most :func:`cpu_roi_chunk` RoIs of one image (see the class
+        docstring): the same rows in the same order as the one-shot call, with a fraction of its memory.
+        """
         chunk = cpu_roi_chunk(self.inference_roi_chunk)
-        if self.training or chunk <= 0 or features.device.type != "cpu" or sum(p.shape[0] for p in proposals) <= chunk:
-            return self.box_head(self.pooler(features, proposals))
-        # Image by image, chunk by chunk: the same rows in the same order as the one-shot call.
+        if self.training or chunk <= 0 or features.device.type != "cpu" or sum(r.shape[0] for r in rois) <= chunk:
+            return self.box_head(self.pooler(features, rois))
         parts = [
-            self.box_head(self.pooler(features[i : i + 1], [props[start : start + chunk]]))
-            for i, props in enumerate(proposals)
-            for start in range(0, props.shape[0], chunk)
+            self.box_head(self.pooler(features[i : i + 1], [boxes[start : start + chunk]]))
+            for i, boxes in enumerate(rois)
+            for start in range(0, boxes.shape[0], chunk)
         ]
         return torch.cat(parts)
 
@@ -306,7 +285,7 @@ class RoIHeads(nn.Module):
         proposals: Sequence[torch.Tensor],
         image_sizes: Sequence[tuple[int, int]],
     ) -> list[dict[str, torch.Tensor]]:
-        """Softmax, decode, clip, score threshold, per-class NMS (or soft-NMS), top-k, optional box voting."""
+        """Softmax, decode, then :attr:`postprocess` (score threshold, per-class NMS or soft-NMS, top-k, voting)."""
         probs, boxes = self.decode_predictions(class_logits, box_deltas, proposals)
         return self.postprocess_decoded(probs, boxes, image_sizes)
 
@@ -316,29 +295,12 @@ class RoIHeads(nn.Module):
         boxes: Sequence[torch.Tensor],
         image_sizes: Sequence[tuple[int, int]],
         *,
-        box_voting: bool | None = None,
-        box_voting_iou: float | None = None,
+        postprocess: DetectionPostprocess | None = None,
     ) -> list[dict[str, torch.Tensor]]:
-        """The heads' post-processing of decoded per-image probabilities / boxes (also used by box refinement);
-        ``box_voting`` / ``box_voting_iou`` override the heads' settings when given."""
-        voting = self.box_voting if box_voting is None else box_voting
-        voting_iou = self.box_voting_iou if box_voting_iou is None else box_voting_iou
-        return [
-            postprocess_boxes(
-                p,
-                b,
-                hw,
-                score_thresh=self.score_thresh,
-                nms_thresh=self.nms_thresh,
-                detections_per_img=self.detections_per_img,
-                nms_method=self.nms_method,
-                soft_nms_sigma=self.soft_nms_sigma,
-                soft_nms_score_thresh=self.soft_nms_score_thresh,
-                box_voting=voting,
-                box_voting_iou=voting_iou,
-            )
-            for p, b, hw in zip(probs, boxes, image_sizes)
-        ]
+        """Per image, the detections of decoded probabilities / boxes (also the test-time augmentation's last step);
+        ``postprocess``: another post-processing than the heads' own (a test configuration's)."""
+        step = self.postprocess if postprocess is None else postprocess
+        return [step(p, b, hw) for p, b, hw in zip(probs, boxes, image_sizes)]
 
     def forward(
         self,

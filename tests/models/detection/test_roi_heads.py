@@ -417,8 +417,8 @@ def test_decode_predictions_applies_class_specific_deltas() -> None:
     torch.testing.assert_close(boxes[0][0], props[0].expand(3, 4))
 
 
-def test_postprocess_options_reach_postprocess_boxes() -> None:
-    from detres.models.detection.postprocess import postprocess_boxes
+def test_postprocess_options_reach_the_heads_post_processing() -> None:
+    from detres.models.detection.postprocess import DetectionPostprocess
 
     props = [torch.tensor([[0.0, 0.0, 10.0, 10.0], [1.0, 1.0, 11.0, 11.0], [20.0, 5.0, 28.0, 15.0]])]
     logits = torch.tensor([[0.0, 3.0, 0.0], [0.0, 2.0, 1.0], [2.0, 0.0, 0.0]])
@@ -428,13 +428,21 @@ def test_postprocess_options_reach_postprocess_boxes() -> None:
     )
     heads = _heads(**options).eval()
     probs, boxes = heads.decode_predictions(logits, deltas, props)
-    expected = postprocess_boxes(
-        probs[0], boxes[0], (20, 30), score_thresh=0.05, nms_thresh=0.3, detections_per_img=100, **options
-    )
+    expected = DetectionPostprocess(
+        score_thresh=0.05,
+        nms_thresh=0.3,
+        detections_per_img=100,
+        nms_method="soft_gaussian",
+        soft_nms_sigma=0.3,
+        soft_nms_score_thresh=0.01,
+        voting=True,
+        voting_iou=0.4,
+    )(probs[0], boxes[0], (20, 30))
+    assert heads.postprocess == DetectionPostprocess.from_config(det_model_config(roi_heads=options).roi_heads)
     got = heads.postprocess_detections(logits, deltas, props, [(20, 30)])[0]
     assert all(torch.equal(got[k], expected[k]) for k in ("boxes", "scores", "labels"))
     # The defaults are the paper's: hard NMS, no voting.
-    plain = _heads()
-    assert (plain.nms_method, plain.box_voting, plain.box_voting_iou, plain.soft_nms_sigma) == ("nms", False, 0.5, 0.5)
+    plain = _heads().postprocess
+    assert (plain.nms_method, plain.voting, plain.voting_iou, plain.soft_nms_sigma) == ("nms", False, 0.5, 0.5)
     with pytest.raises(ValueError, match="nms_method"):
         _heads(nms_method="greedy")

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from detres.data.transforms.detection import faster_rcnn_scale
 from detres.inference.proposal_merge import merge_proposal_sets
 from detres.inference.region_scorer import Scored, SingleScaleScorer
 from detres.models.detection.context import with_context
@@ -31,7 +32,7 @@ def pyramid_size(hw: Sequence[int], shorter_side: float, max_size_ratio: float) 
     """An image of size ``hw`` resized so its shorter side is ``shorter_side``, its longer side capped at
     ``shorter_side * max_size_ratio`` (the test scale's max/min ratio, e.g. 1000/600)."""
     h, w = int(hw[0]), int(hw[1])
-    factor = min(shorter_side / min(h, w), shorter_side * max_size_ratio / max(h, w))
+    factor = faster_rcnn_scale(h, w, shorter_side, shorter_side * max_size_ratio)  # the test scale's rule
     return max(int(round(h * factor)), 1), max(int(round(w * factor)), 1)
 
 

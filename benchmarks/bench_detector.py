@@ -37,8 +37,9 @@ for _path in (REPO_ROOT, BENCH_DIR):
 from bench_roi_head import _randomise_norms, calibrate_scores  # noqa: E402
 from detector_peer import build_torchvision_c4, load_detres_weights  # noqa: E402
 
-from detres.config.load import load_config  # noqa: E402
-from detres.models.build import build_detector, detector_kwargs_from_config  # noqa: E402
+from detres.config.load import Config, load_config  # noqa: E402
+from detres.models.backbones.backbone_config import model_normalisation  # noqa: E402
+from detres.models.build import build_detector  # noqa: E402
 
 NUM_CLASSES = 20  # VOC
 STAGES = ("preprocess", "trunk", "rpn", "roi_pool", "conv5_head", "predictor_postprocess")
@@ -80,8 +81,8 @@ def make_targets(size: int, seed: int, count: int = 6) -> Target:
 
 
 # ------------------------------------------------------------------------------------------- models
-def detres_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """build_faster_rcnn arguments from the config (defaults: Appendix A VOC settings) at the requested depth."""
+def detres_model_config(args: argparse.Namespace) -> Config:
+    """The detector's ``model`` config tree (defaults: Appendix A VOC settings) at the requested depth."""
     overrides = [
         f"model.depth={args.depth}",
         "model.weights=null",
@@ -90,7 +91,7 @@ def detres_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "model.roi_heads.bg_iou_thresh_lo=0.0",
     ]
     cfg = load_config(args.config, overrides, task="det")
-    return detector_kwargs_from_config(cfg.model, num_classes=NUM_CLASSES)
+    return cfg.model
 
 
 def _is_detres(model: nn.Module) -> bool:
@@ -138,22 +139,34 @@ def randomise(model: nn.Module, image: Image, boxes: torch.Tensor, seed: int) ->
     return model.eval()
 
 
+def torchvision_peer(model_cfg: Config, image: Image) -> nn.Module:
+    """The torchvision assembly of ``model_cfg``, normalising as detres does and resizing ``image`` by exactly 1."""
+    mean, std = model_normalisation(model_cfg)
+    return build_torchvision_c4(
+        model_cfg,
+        num_classes=NUM_CLASSES,
+        pixel_mean=mean,
+        pixel_std=std,
+        min_size=image.shape[1],
+        max_size=max(image.shape[1:]),
+    )
+
+
 def build_model(name: str, args: argparse.Namespace, image: Image, boxes: torch.Tensor) -> nn.Module:
     """One model alone (for the peak-RSS children): seeded, randomised and calibrated the same way."""
-    kwargs = detres_kwargs(args)
+    model_cfg = detres_model_config(args)
     torch.manual_seed(args.seed)
     if name == "detres":
-        model = build_detector(**kwargs)
+        model = build_detector(model_cfg, num_classes=NUM_CLASSES)
     else:
-        model = build_torchvision_c4(kwargs, min_size=image.shape[1], max_size=max(image.shape[1:]))
+        model = torchvision_peer(model_cfg, image)
     return randomise(model, image, boxes, args.seed)
 
 
 def build_pair(args: argparse.Namespace, image: Image, boxes: torch.Tensor) -> dict[str, nn.Module]:
     """detres's detector and the torchvision assembly carrying exactly its weights."""
     detres_model = build_model("detres", args, image, boxes)
-    kwargs = detres_kwargs(args)
-    peer = build_torchvision_c4(kwargs, min_size=image.shape[1], max_size=max(image.shape[1:]))
+    peer = torchvision_peer(detres_model_config(args), image)
     return {"detres": detres_model, "torchvision": load_detres_weights(peer, detres_model).eval()}
 
 

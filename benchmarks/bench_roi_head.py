@@ -29,6 +29,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from detres.config.load import load_config  # noqa: E402
 from detres.inference.fast_path import count_batchnorm, prepare_for_inference  # noqa: E402
 from detres.models.backbones.resnet_c4 import build_resnet_c4  # noqa: E402
 from detres.models.detection.roi_heads import BoxHead, FastRCNNPredictor, RoIHeads, RoIPooler  # noqa: E402
@@ -57,17 +58,15 @@ def _randomise_norms(module: nn.Module, generator: torch.Generator) -> None:
 
 
 def build_ours(depth: int, num_classes: int, seed: int, roi_chunk: int | None = None) -> RoIHeads:
-    """detres region pipeline as build_faster_rcnn assembles it (roi_pool 14x14, C5 head, sibling predictor)."""
+    """detres region pipeline as FasterRCNN.from_config assembles it (roi_pool 14x14, C5 head, sibling predictor)."""
     torch.manual_seed(seed)
     _, conv5_head, dim = build_resnet_c4(depth, frozen_bn=True)
-    heads = RoIHeads(
-        RoIPooler(output_size=POOL_SIZE, spatial_scale=1.0 / STRIDE, pooler_type="roi_pool"),
-        BoxHead(conv5_head, out_features=dim),
-        FastRCNNPredictor(dim, num_classes + 1),
-        bbox_reg_weights=BBOX_REG_WEIGHTS,
-        score_thresh=SCORE_THRESH,
-        nms_thresh=NMS_THRESH,
-        detections_per_img=DETS_PER_IMG,
+    roi_cfg = load_config(None, [], task="det").model.roi_heads  # the paper's heads (roi_pool 14x14)
+    heads = RoIHeads.from_config(
+        roi_cfg,
+        pooler=RoIPooler.from_config(roi_cfg, spatial_scale=1.0 / STRIDE),
+        box_head=BoxHead(conv5_head, out_features=dim),
+        predictor=FastRCNNPredictor(dim, num_classes + 1),
         **({} if roi_chunk is None else {"inference_roi_chunk": roi_chunk}),
     )
     with torch.no_grad():

@@ -4,7 +4,7 @@ carry its weights."""
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -62,52 +62,62 @@ def _trunk_and_head(depth: int, freeze_at: int) -> tuple[nn.Sequential, nn.Seque
     return trunk, head, head_dim
 
 
-def build_torchvision_c4(kwargs: Mapping[str, Any], *, min_size: int, max_size: int) -> FasterRCNN:
-    """torchvision FasterRCNN with the C4 layout and every setting of detres's ``build_faster_rcnn`` ``kwargs``.
+def build_torchvision_c4(
+    model_cfg: Mapping[str, Any],
+    *,
+    num_classes: int,
+    pixel_mean: Sequence[float],
+    pixel_std: Sequence[float],
+    min_size: int,
+    max_size: int,
+) -> FasterRCNN:
+    """torchvision FasterRCNN with the C4 layout and every setting of a detres ``model`` config tree.
 
-    ``kwargs`` are :func:`detres.models.build.detector_kwargs_from_config`'s. ``min_size``/``max_size`` are
-    torchvision's internal resize; set them to the input's own sides so that it resizes by exactly 1.
+    ``pixel_mean`` / ``pixel_std``: what the detres detector normalises with (its buffers). ``min_size``/``max_size``
+    are torchvision's internal resize; set them to the input's own sides so that it resizes by exactly 1.
     Not mirrored, because torchvision has no such option (training targets only): detres's
-    ``rpn_allowed_border`` (cross-boundary anchors ignored), ``roi_bg_iou_thresh_lo`` and crowd regions.
+    ``model.rpn.allowed_border`` (cross-boundary anchors ignored), ``model.roi_heads.bg_iou_thresh_lo`` and crowd
+    regions.
     """
-    depth = int(kwargs["depth"])
-    trunk, head, head_dim = _trunk_and_head(depth, int(kwargs.get("freeze_at", 2)))
+    rpn, roi = model_cfg["rpn"], model_cfg["roi_heads"]
+    depth = int(model_cfg["depth"])
+    trunk, head, head_dim = _trunk_and_head(depth, int(model_cfg["freeze_at"]))
     anchors = AnchorGenerator(
-        sizes=(tuple(int(s) for s in kwargs["anchor_sizes"]),),
-        aspect_ratios=(tuple(float(r) for r in kwargs["aspect_ratios"]),),
+        sizes=(tuple(int(s) for s in model_cfg["anchor_sizes"]),),
+        aspect_ratios=(tuple(float(r) for r in model_cfg["aspect_ratios"]),),
     )
-    resolution = int(kwargs["pooler_resolution"])
+    resolution = int(roi["pooler_resolution"])
     peer = FasterRCNN(
         trunk,
         min_size=int(min_size),
         max_size=int(max_size),
-        image_mean=list(kwargs["pixel_mean"]),
-        image_std=list(kwargs["pixel_std"]),  # 0..255 inputs, as detres
+        image_mean=[float(v) for v in pixel_mean],
+        image_std=[float(v) for v in pixel_std],  # 0..255 inputs, as detres
         size_divisible=16,  # detres pads to the trunk stride
         rpn_anchor_generator=anchors,
         rpn_head=RPNHead(trunk.out_channels, anchors.num_anchors_per_location()[0]),
-        rpn_pre_nms_top_n_train=int(kwargs["rpn_pre_nms_top_n_train"]),
-        rpn_post_nms_top_n_train=int(kwargs["rpn_post_nms_top_n_train"]),
-        rpn_pre_nms_top_n_test=int(kwargs["rpn_pre_nms_top_n_test"]),
-        rpn_post_nms_top_n_test=int(kwargs["rpn_post_nms_top_n_test"]),
-        rpn_nms_thresh=float(kwargs["rpn_nms_thresh"]),
-        rpn_fg_iou_thresh=float(kwargs["rpn_fg_iou_thresh"]),
-        rpn_bg_iou_thresh=float(kwargs["rpn_bg_iou_thresh"]),
-        rpn_batch_size_per_image=int(kwargs["rpn_batch_size_per_image"]),
-        rpn_positive_fraction=float(kwargs["rpn_positive_fraction"]),
-        box_roi_pool=MultiScaleRoIAlign(["0"], output_size=resolution, sampling_ratio=int(kwargs["sampling_ratio"])),
+        rpn_pre_nms_top_n_train=int(rpn["pre_nms_top_n_train"]),
+        rpn_post_nms_top_n_train=int(rpn["post_nms_top_n_train"]),
+        rpn_pre_nms_top_n_test=int(rpn["pre_nms_top_n_test"]),
+        rpn_post_nms_top_n_test=int(rpn["post_nms_top_n_test"]),
+        rpn_nms_thresh=float(rpn["nms_thresh"]),
+        rpn_fg_iou_thresh=float(rpn["fg_iou_thresh"]),
+        rpn_bg_iou_thresh=float(rpn["bg_iou_thresh"]),
+        rpn_batch_size_per_image=int(rpn["batch_size_per_image"]),
+        rpn_positive_fraction=float(rpn["positive_fraction"]),
+        box_roi_pool=MultiScaleRoIAlign(["0"], output_size=resolution, sampling_ratio=int(roi["sampling_ratio"])),
         box_head=head,
-        box_predictor=FastRCNNPredictor(head_dim, int(kwargs["num_classes"]) + 1),
-        box_score_thresh=float(kwargs["score_thresh"]),
-        box_nms_thresh=float(kwargs["nms_thresh"]),
-        box_detections_per_img=int(kwargs["detections_per_img"]),
-        box_fg_iou_thresh=float(kwargs["roi_fg_iou_thresh"]),
-        box_bg_iou_thresh=float(kwargs["roi_bg_iou_thresh_hi"]),
-        box_batch_size_per_image=int(kwargs["roi_batch_size_per_image"]),
-        box_positive_fraction=float(kwargs["roi_positive_fraction"]),
-        bbox_reg_weights=tuple(float(w) for w in kwargs["bbox_reg_weights"]),
+        box_predictor=FastRCNNPredictor(head_dim, int(num_classes) + 1),
+        box_score_thresh=float(roi["score_thresh"]),
+        box_nms_thresh=float(roi["nms_thresh"]),
+        box_detections_per_img=int(roi["detections_per_img"]),
+        box_fg_iou_thresh=float(roi["fg_iou_thresh"]),
+        box_bg_iou_thresh=float(roi["bg_iou_thresh_hi"]),
+        box_batch_size_per_image=int(roi["batch_size_per_image"]),
+        box_positive_fraction=float(roi["positive_fraction"]),
+        bbox_reg_weights=tuple(float(w) for w in roi["bbox_reg_weights"]),
     )
-    if kwargs["pooler_type"] == "roi_pool":
+    if roi["pooler_type"] == "roi_pool":
         # FasterRCNN's constructor accepts only MultiScaleRoIAlign; RoIHeads itself takes any pooler.
         peer.roi_heads.box_roi_pool = TorchvisionRoIPool(resolution, 1.0 / 16)
     return peer

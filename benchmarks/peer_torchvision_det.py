@@ -30,7 +30,7 @@ from detres.data.samplers import AspectRatioGroupedBatchSampler, InfiniteSampler
 from detres.engine.lr_schedule import LRSchedule  # noqa: E402
 from detres.engine.optimizer import build_detection_optimizer, set_lr  # noqa: E402
 from detres.evaluation.det_eval import evaluate_detection_dataset  # noqa: E402
-from detres.models.build import build_detector, detector_kwargs_from_config  # noqa: E402
+from detres.models.build import build_detector  # noqa: E402
 from detres.models.detection.postprocess import rescale_detections  # noqa: E402
 
 Batch = dict[str, Any]
@@ -39,11 +39,16 @@ Batch = dict[str, Any]
 def detres_parts(cfg: Config, num_classes: int) -> tuple[nn.Module, nn.Module, int, list[float], list[float]]:
     """detres's trunk (conv1..conv4) and conv5 head (layer4 + GAP + flatten), loaded and frozen as detres does,
     with the head's vector size and the pixel mean/std (0..255 scale) detres normalises with."""
-    kwargs = detector_kwargs_from_config(cfg.model, num_classes=num_classes)
-    detector = build_detector(**kwargs)
+    detector = build_detector(cfg.model, num_classes=num_classes)
     trunk = detector.trunk  # has .out_channels, which torchvision's FasterRCNN requires
     head = detector.roi_heads.box_head.conv5_head  # ResNetC5Head: layer4 -> avgpool -> flatten
-    return trunk, head, int(head.out_channels), kwargs["pixel_mean"], kwargs["pixel_std"]
+    return (
+        trunk,
+        head,
+        int(head.out_channels),
+        detector.pixel_mean.flatten().tolist(),
+        detector.pixel_std.flatten().tolist(),
+    )
 
 
 def build_peer(cfg: Config, num_classes: int) -> FasterRCNN:

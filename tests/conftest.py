@@ -56,34 +56,34 @@ def small_det_world(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def make_tiny_checkpoint(tiny_det_world, tmp_path_factory):
-    """``make(name, seed=0, class_names=None, **model_args) -> Path``: an untrained quarter-width ResNet-18
-    detector saved as train_det would (test size 64 / 96, box voting on unless ``box_voting=False``)."""
+    """``make(name, seed=0, class_names=None, **model) -> Path``: an untrained quarter-width ResNet-18
+    detector saved as train_det would (test size 64 / 96, box voting on); ``model`` overrides its config tree."""
     import json
 
-    from detres.models.build import build_detector
+    from detres.config.load import config_from_tree
+    from detres.models.build import build_detector, detector_state
     from detres.utils.torch_files import save_checkpoint
 
     categories = json.loads((tiny_det_world / "annotations" / "instances_val.json").read_text())["categories"]
     ids = {c["name"]: c["id"] for c in categories}
     folder = tmp_path_factory.mktemp("tiny_ckpt")
 
-    def make(name: str = "det.pt", *, seed: int = 0, class_names: list[str] | None = None, **model_args) -> Path:
+    def make(name: str = "det.pt", *, seed: int = 0, class_names: list[str] | None = None, **model) -> Path:
         names = sorted(ids) if class_names is None else list(class_names)
         torch.manual_seed(seed)
-        args = dict(
-            depth=18,
-            base_width=16,
-            num_classes=len(names),
-            anchor_sizes=[16, 32],
-            aspect_ratios=[1.0],
-            rpn_pre_nms_top_n_test=100,
-            rpn_post_nms_top_n_test=20,
-            pooler_resolution=8,
-            score_thresh=0.0,
-            box_voting=True,
+        tree = {
+            "depth": 18,
+            "base_width": 16,
+            "anchor_sizes": [16, 32],
+            "aspect_ratios": [1.0],
+            "pixel_std": [1.0, 1.0, 1.0],
+            "rpn": {"pre_nms_top_n_test": 100, "post_nms_top_n_test": 20},
+            "roi_heads": {"pooler_resolution": 8, "score_thresh": 0.0, "box_voting": True},
+        }
+        cfg = config_from_tree(
+            {"task": "det", "model": {**tree, **model}, "input": {"min_size_test": 64, "max_size_test": 96}}, task="det"
         )
-        args.update(model_args)
-        model = build_detector(**args)
+        detector = build_detector(cfg.model, num_classes=len(names))
         meta = {
             "class_names": names,
             "min_size_test": 64,
@@ -91,9 +91,7 @@ def make_tiny_checkpoint(tiny_det_world, tmp_path_factory):
             "label_to_category_id": {i + 1: ids.get(n, i + 1) for i, n in enumerate(names)},
         }
         path = folder / name
-        save_checkpoint(
-            path, {"model": model.state_dict(), "model_args": dict(args, weights_path=None), "meta": meta, "iter": 0}
-        )
+        save_checkpoint(path, {**detector_state(detector, config=cfg, meta=meta), "iter": 0})
         return path
 
     return make

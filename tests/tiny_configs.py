@@ -106,3 +106,31 @@ def write_tiny_cls_run(folder: Path, *, max_iter: int = 1) -> Path:
         "test": {"resize": 32, "scales": [32], "modes": ["1crop"]},
     }
     return write_yaml(folder / "cfg.yaml", cfg)
+
+
+def det_model_config(**model: Any):
+    """A ``task: det`` config's ``model`` tree: the defaults with ``model`` merged in (nested dicts for ``rpn`` and
+    ``roi_heads``), validated as a YAML file would be."""
+    from detres.config.load import config_from_tree
+
+    return config_from_tree({"task": "det", "model": model}, task="det").model
+
+
+def build_test_detector(num_classes: int, *, frozen_bn: bool = True, class_agnostic_bbox: bool = False, **model: Any):
+    """``FasterRCNN.from_config`` of :func:`det_model_config` (``model`` keys as there)."""
+    from detres.models.detection.faster_rcnn import FasterRCNN
+
+    return FasterRCNN.from_config(
+        det_model_config(**model),
+        num_classes=num_classes,
+        frozen_bn=frozen_bn,
+        class_agnostic_bbox=class_agnostic_bbox,
+    )
+
+
+def loc_model_config(**model: Any):
+    """A ``task: loc`` config's ``model`` tree: the defaults with ``model`` merged in (nested dicts for ``rpn`` and
+    ``rcnn``), validated as a YAML file would be."""
+    from detres.config.load import config_from_tree
+
+    return config_from_tree({"task": "loc", "model": model}, task="loc").model

@@ -24,7 +24,7 @@ from detres.config.load import ConfigError, load_config  # noqa: E402
 from detres.engine.ablation import run_ablation  # noqa: E402
 from detres.engine.run.setup import resolve_device  # noqa: E402
 from detres.evaluation.ablation import ROW_NAMES, cost_warnings, markdown_table  # noqa: E402
-from detres.inference.postprocess_args import split_overrides  # noqa: E402
+from detres.inference.test_config import split_overrides  # noqa: E402
 from detres.utils.atomic import write_json_atomic  # noqa: E402
 
 

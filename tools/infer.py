@@ -27,16 +27,9 @@ except ImportError:  # running from a source checkout without `pip install -e .`
 from detres.data.image_io import read_image_rgb  # noqa: E402
 from detres.engine.run.setup import resolve_device  # noqa: E402
 from detres.inference.ensemble import load_ensemble  # noqa: E402
-from detres.inference.postprocess_args import (  # noqa: E402
-    add_postprocess_arguments,
-    add_test_time_arguments,
-    postprocess_options,
-    test_time_options,
-)
 from detres.inference.predictor import Predictor  # noqa: E402
-from detres.inference.test_time import TestTimeOptions  # noqa: E402
+from detres.inference.test_config import TestConfig, add_test_arguments  # noqa: E402
 from detres.inference.visualize import draw_detections, write_png  # noqa: E402
-from detres.models.build import configure_postprocess  # noqa: E402
 from detres.utils.atomic import write_json_atomic  # noqa: E402
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
@@ -74,17 +67,14 @@ def run(
     *,
     score_thresh: float,
     device: str,
-    postprocess: dict[str, Any] | None = None,
     args: argparse.Namespace | None = None,
     amp: bool = False,
 ) -> dict[str, Any]:
     """Detect on every input image, write the drawn PNGs and detections.json; returns the JSON content.
 
-    ``checkpoints``: one train_det checkpoint or the members of an ensemble. ``postprocess``: overrides of
-    the checkpoints' test-time post-processing (see :func:`detres.models.build.configure_postprocess`; None
-    values leave the checkpoint's setting). ``args``: parsed test-time flags (``add_test_time_arguments``)
-    over all-off options whose pyramid keeps the checkpoint's test aspect cap. ``amp``: float16 CUDA autocast
-    (ignored on CPU, which stays fp32).
+    ``checkpoints``: one train_det checkpoint or the members of an ensemble. ``args``: parsed test-time flags
+    (``add_test_arguments``) over the first checkpoint's test configuration with every extra off and its own
+    post-processing. ``amp``: float16 CUDA autocast (ignored on CPU, which stays fp32).
     """
     checkpoints = [checkpoints] if isinstance(checkpoints, Path) else list(checkpoints)
     images = list_images(source)
@@ -96,12 +86,10 @@ def run(
     if torch_device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: CUDA is not available on this machine")
     models, meta = load_ensemble(checkpoints, device=torch_device)
-    for model in models:
-        configure_postprocess(model, **(postprocess or {}))
     predictor = Predictor.from_model(models[0], meta, device=torch_device, amp=amp)
     predictor.ensemble = models[1:]
-    base = TestTimeOptions(max_size_ratio=meta["max_size_test"] / meta["min_size_test"])
-    predictor.options = base if args is None else test_time_options(args, base)
+    base = TestConfig.from_config(meta["config"]).without_extras()
+    predictor.options = base if args is None else base.with_flags(args)
     records = []
     for path, png in zip(images, pngs):
         image = read_image_rgb(path)
@@ -152,20 +140,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--score-thresh", type=float, default=0.5, help="keep and draw detections scoring >= this")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     parser.add_argument("--amp", action="store_true", help="float16 autocast forward passes on CUDA (CPU stays fp32)")
-    add_postprocess_arguments(parser)
-    add_test_time_arguments(parser, defaults="all off")
+    add_test_arguments(parser, defaults="all off")
     args = parser.parse_args(argv)
     if not 0.0 <= args.score_thresh <= 1.0:
         parser.error(f"--score-thresh must be in [0, 1], got {args.score_thresh}")
     try:
-        postprocess = postprocess_options(args)
         result = run(
             args.checkpoint,
             args.input,
             args.out,
             score_thresh=args.score_thresh,
             device=args.device,
-            postprocess=postprocess,
             args=args,
             amp=args.amp,
         )

@@ -26,15 +26,7 @@ from detres.data.build import build_detection_dataset  # noqa: E402
 from detres.engine.det_test import test_detector  # noqa: E402
 from detres.engine.run.setup import resolve_device  # noqa: E402
 from detres.inference.ensemble import load_ensemble  # noqa: E402
-from detres.inference.postprocess_args import (  # noqa: E402
-    add_postprocess_arguments,
-    add_test_time_arguments,
-    postprocess_options,
-    split_overrides,
-    test_time_options,
-)
-from detres.inference.test_time import options_from_config  # noqa: E402
-from detres.models.build import configure_postprocess  # noqa: E402
+from detres.inference.test_config import TestConfig, add_test_arguments, split_overrides  # noqa: E402
 from detres.utils.atomic import dumps_json  # noqa: E402
 
 
@@ -48,19 +40,16 @@ def main(argv: list[str] | None = None) -> int:
         help="train_det checkpoint(s) (model_final.pt or last.pt); several = an ensemble",
     )
     parser.add_argument("--out", default=None, help="output folder (default <output_dir>/test)")
-    add_postprocess_arguments(parser)
-    add_test_time_arguments(parser)
+    add_test_arguments(parser)
     parser.add_argument("overrides", nargs="*", help="config overrides such as data.val_ann=...")
     args = parser.parse_args(argv)
     args.checkpoint, args.overrides = split_overrides(args.checkpoint, args.overrides)
     args.scales, args.overrides = split_overrides(args.scales, args.overrides)
     try:
         cfg = load_config(args.config, args.overrides)
-        options = test_time_options(args, options_from_config(cfg.test, cfg.input))
+        options = TestConfig.from_config(cfg).with_flags(args)
         device = resolve_device(cfg.device)
         models, meta = load_ensemble(args.checkpoint, device=device)
-        for model in models:  # the first model's heads post-process; all get the same settings
-            configure_postprocess(model, **postprocess_options(args))
         dataset = build_detection_dataset(cfg, "val", train=False, class_names=meta["class_names"])
         names = [c["name"] for c in dataset.categories]
         if names != meta["class_names"]:

@@ -130,8 +130,10 @@ DET_DEFAULTS: dict = {
         # bn_recomputed=False (e.g. last.pt) is refused unless this is true; files recording nothing
         # (torchvision state_dicts) are accepted with a warning
         "allow_unrecomputed_bn": False,
-        "pixel_mean": None,  # RGB 0..255; None = taken from the classification checkpoint
-        "pixel_std": None,  # None = from the checkpoint, else [1, 1, 1]
+        # RGB 0..255; None = what model.weights was trained with (a train_cls checkpoint's channel mean and std, or
+        # [1, 1, 1] when it divided by none); torchvision's ImageNet mean / std for other files and random init
+        "pixel_mean": None,
+        "pixel_std": None,
         "anchor_sizes": [128, 256, 512],  # VOC; COCO adds 64
         "aspect_ratios": [0.5, 1.0, 2.0],
         "rpn": {

@@ -13,7 +13,7 @@ import yaml
 from detres.config.defaults import defaults_for_task
 from detres.config.validate import ConfigError, validate_config
 
-__all__ = ["Config", "ConfigError", "dump_config", "load_config", "parse_overrides"]
+__all__ = ["Config", "ConfigError", "config_from_tree", "dump_config", "load_config", "parse_overrides"]
 
 
 class Config(dict):
@@ -175,6 +175,17 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = (), *
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from None
     return _to_config(tree)
+
+
+def config_from_tree(tree: Mapping, *, task: str) -> Config:
+    """A ``task`` config from a (possibly partial) nested mapping, e.g. a checkpoint's stored tree: merged over the
+    defaults and validated as a YAML file would be (unknown keys and bad values are ConfigErrors)."""
+    if tree.get("task", task) != task:
+        raise ConfigError(f"task: expected {task!r}, got {tree.get('task')!r}")
+    merged = defaults_for_task(task)
+    _merge(merged, tree, "")
+    validate_config(merged, defaults_for_task(task))
+    return _to_config(merged)
 
 
 def dump_config(cfg: Config, path: str | Path) -> None:

@@ -21,7 +21,7 @@ from detres.evaluation.results_io import detections_to_coco_results, write_coco_
 from detres.inference.detect import run_inference
 from detres.inference.ensemble import load_ensemble
 from detres.inference.fast_path import prepare_for_inference
-from detres.inference.test_time import TestTimeOptions, options_from_config
+from detres.inference.test_config import TestConfig
 
 __all__ = ["RowPlan", "ladder_options", "plan_rows", "count_gflops", "evaluate_row", "run_ablation"]
 
@@ -32,19 +32,17 @@ class RowPlan:
 
     name: str
     checkpoints: tuple[str, ...]
-    options: TestTimeOptions
+    options: TestConfig
 
 
-def ladder_options(cfg: Config) -> dict[str, TestTimeOptions]:
+def ladder_options(cfg: Config) -> dict[str, TestConfig]:
     """Options of each row, each adding to the row above: all off (the checkpoint's post-processing), then
     box refinement + box voting, then multi-scale testing (the config's ``test.multiscale``, forced on).
     Flip is not a row of Table 9 and stays off."""
     test = dict(cfg.test, multiscale=dict(cfg.test.multiscale, enabled=True))
-    full = options_from_config(test, cfg.input)
-    plain = dataclasses.replace(
-        full, box_refinement=False, box_voting=None, multiscale=False, pyramid_proposals=False, flip=False
-    )
-    refined = dataclasses.replace(plain, box_refinement=True, box_voting=True)
+    full = TestConfig.from_config(dict(cfg, test=test))
+    plain = dataclasses.replace(full.without_extras(), voting=None)
+    refined = dataclasses.replace(plain, box_refinement=True, voting=True)
     multiscale = dataclasses.replace(refined, multiscale=True, pyramid_proposals=full.pyramid_proposals)
     return {
         "baseline": plain,
@@ -56,7 +54,7 @@ def ladder_options(cfg: Config) -> dict[str, TestTimeOptions]:
 
 
 def plan_rows(
-    options: dict[str, TestTimeOptions],
+    options: dict[str, TestConfig],
     *,
     baseline: str,
     context: str | None = None,
@@ -90,7 +88,7 @@ def plan_rows(
 
 
 def count_gflops(
-    models: Sequence[torch.nn.Module], dataset: Any, options: TestTimeOptions, *, device: torch.device, images: int = 5
+    models: Sequence[torch.nn.Module], dataset: Any, options: TestConfig, *, device: torch.device, images: int = 5
 ) -> float:
     """GFLOPs per image of detecting the first ``images`` images one at a time (torch's FLOP counter)."""
     subset = first_images(dataset, images)

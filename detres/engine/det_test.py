@@ -14,7 +14,7 @@ from detres.engine.plots import save_pr_curves
 from detres.evaluation.det_eval import dataset_to_coco_gt, evaluate_detection_dataset
 from detres.evaluation.results_io import detections_to_coco_results, write_coco_results, write_voc_results
 from detres.inference.detect import run_inference
-from detres.inference.test_time import TestTimeOptions, options_from_config
+from detres.inference.test_config import TestConfig
 from detres.inference.visualize import save_detection_pngs
 from detres.utils.atomic import write_json_atomic
 
@@ -29,13 +29,13 @@ def test_detector(
     *,
     out_dir: Path,
     device,
-    options: TestTimeOptions | None = None,
+    options: TestConfig | None = None,
 ) -> dict[str, Any]:
     """Detect on ``dataset``; write COCO results JSON and the COCO ground truth they were scored against,
     VOC devkit files, per-class precision-recall curves, metrics and example PNGs.
 
     ``model``: one detector or the members of an ensemble; ``options``: the Appendix-B test-time extras
-    (None = ``options_from_config(cfg.test, cfg.input)``).
+    (None = ``TestConfig.from_config(cfg)``).
 
     ``coco_gt.json`` is the ground truth ``metrics.json``'s COCO AP was computed on (the boxes as the
     dataset loaded them, crowd / difficult regions as ``iscrowd``), so
@@ -49,7 +49,7 @@ def test_detector(
         batch_size=cfg.solver.images_per_batch,
         num_workers=cfg.data.num_workers,
         amp=cfg.test.amp,
-        options=options_from_config(cfg.test, cfg.input) if options is None else options,
+        options=TestConfig.from_config(cfg) if options is None else options,
     )
     if not is_main_process():
         return {}  # sharded detection done; rank 0 scores the gathered detections and writes the files

@@ -4,12 +4,10 @@ For inference, each proposal's regressed box (that of its top-scoring foreground
 RoI; a new feature is pooled from it on the same trunk features and gives new class scores and new
 class-specific boxes. The new predictions join the original ones (2 x 300 with the paper's 300
 proposals); per class, NMS at the model's IoU threshold (0.3) runs on this union, then box voting:
-each kept box becomes the score-weighted mean of the union boxes of its class overlapping it by
-IoU >= ``box_voting_iou`` (scores unchanged).
+each kept box becomes the score-weighted mean of the union boxes of its class overlapping it.
 
-Composed from the model's public parts only (``preprocess``, ``trunk``, ``rpn``,
-``roi_heads.region_features`` / ``predict`` / ``decode_predictions``) and the shared
-:meth:`RoIHeads.postprocess_decoded`, which the ordinary eval forward also uses.
+A step of :class:`detres.inference.test_time.TestTimeAugmentation` (``TestConfig.box_refinement``), which
+scores both passes with the same region scorer and post-processes the union as the eval forward does.
 """
 
 from __future__ import annotations
@@ -18,10 +16,9 @@ from collections.abc import Sequence
 
 import torch
 
-from detres.inference.region_scorer import RegionScorer, Scored, SingleScaleScorer
-from detres.models.detection.postprocess import check_postprocess_options
+from detres.inference.region_scorer import RegionScorer, Scored
 
-__all__ = ["refined_rois", "refine", "detect_with_refinement"]
+__all__ = ["refined_rois", "refine"]
 
 
 def refined_rois(
@@ -66,45 +63,3 @@ def refine(scorer: RegionScorer, probs: Sequence[torch.Tensor], boxes: Sequence[
         [torch.cat([p, q]) for p, q in zip(probs, new_probs)],
         [torch.cat([b, c]) for b, c in zip(boxes, new_boxes)],
     )
-
-
-@torch.no_grad()
-def detect_with_refinement(
-    model: torch.nn.Module,
-    images: Sequence[torch.Tensor] | torch.Tensor,
-    image_sizes: Sequence[Sequence[int]] | None = None,
-    *,
-    voting: bool | None = None,
-    voting_iou: float | None = None,
-) -> list[dict[str, torch.Tensor]]:
-    """The eval forward of a Faster R-CNN with Appendix-B box refinement.
-
-    Args:
-        model: a ``FasterRCNN`` in eval mode.
-        images, image_sizes: as for the model's forward (a list of [3,H,W] 0..255 tensors, or a
-            padded batch with the valid size of each image).
-        voting: box voting on the union after NMS; None = the model's ``roi_heads.box_voting``
-            (so ``--box-voting`` / ``model.roi_heads.box_voting`` steer both paths; the paper's
-            "+box refinement" row uses voting).
-        voting_iou: IoU at which a union box votes; None = the model's ``roi_heads.box_voting_iou``.
-
-    Score threshold, NMS threshold / method and detections per image are the RoI heads' own. The
-    general composition (with multi-scale, flip, ensembles) is ``detres.inference.test_time``.
-
-    Returns:
-        per image ``{"boxes" [D,4], "scores" [D], "labels" [D]}`` in the network input's pixels,
-        like the model's eval forward.
-    """
-    heads = model.roi_heads
-    voting = bool(heads.box_voting if voting is None else voting)
-    voting_iou = float(heads.box_voting_iou if voting_iou is None else voting_iou)
-    check_postprocess_options(
-        nms_method=heads.nms_method,
-        soft_nms_sigma=heads.soft_nms_sigma,
-        soft_nms_score_thresh=heads.soft_nms_score_thresh,
-        box_voting_iou=voting_iou,
-    )
-    scorer = SingleScaleScorer(model, images, image_sizes)
-    proposals, _ = scorer.propose()
-    probs, boxes = refine(scorer, *scorer.score(proposals))
-    return heads.postprocess_decoded(probs, boxes, scorer.image_sizes, box_voting=voting, box_voting_iou=voting_iou)

@@ -13,7 +13,8 @@ from tqdm import tqdm
 
 from detres.data.collate import collate_detection
 from detres.data.worker_errors import readable
-from detres.inference.test_time import TestTimeOptions, detect_test_time
+from detres.inference.test_config import TestConfig
+from detres.inference.test_time import TestTimeAugmentation
 from detres.models.detection.postprocess import rescale_detections
 from detres.utils.dist import all_gather_objects, is_distributed, is_main_process, shard_indices, unshard
 
@@ -31,23 +32,20 @@ def detect_batch(
     batch: dict[str, Any],
     device: torch.device,
     *,
-    options: TestTimeOptions | None = None,
+    options: TestConfig | None = None,
     amp: bool = False,
 ) -> list[dict[str, Any]]:
     """Detections of one collated batch, in each image's original pixel coordinates (CPU tensors).
 
-    ``model``: one detector or the members of an ensemble. ``options``: the Appendix-B test-time
-    extras (:func:`detres.inference.test_time.detect_test_time`); None, or all off with one model = the
-    model's own forward. ``amp``: forward passes under float16 CUDA autocast (ignored off CUDA); the
-    detections come back as float32 either way.
+    ``model``: one detector or the members of an ensemble. ``options``: the test configuration
+    (:class:`TestTimeAugmentation` runs it); None = the model's own forward. ``amp``: forward passes under
+    float16 CUDA autocast (ignored off CUDA); the detections come back as float32 either way.
     """
     images = batch["images"].to(device, non_blocking=True)
-    models = [model] if isinstance(model, torch.nn.Module) else list(model)
+    plain = isinstance(model, torch.nn.Module) and (options is None or options.plain)
+    detector = model if plain else TestTimeAugmentation(model, options)
     with torch.inference_mode(), inference_autocast(device, amp):
-        if len(models) == 1 and (options is None or options.plain):
-            outputs = models[0](images, image_sizes=batch["image_sizes"])
-        else:
-            outputs = detect_test_time(models, images, batch["image_sizes"], options=options or TestTimeOptions())
+        outputs = detector(images, image_sizes=batch["image_sizes"])
     results = []
     for det, image_id, (sx, sy), orig in zip(outputs, batch["image_ids"], batch["scales_xy"], batch["orig_sizes"]):
         # under autocast boxes / scores can be float16: back to float32 before rescaling and evaluation
@@ -66,7 +64,7 @@ def run_inference(
     batch_size: int = 2,
     num_workers: int = 0,
     progress: bool = True,
-    options: TestTimeOptions | None = None,
+    options: TestConfig | None = None,
     amp: bool = False,
     shard: bool | None = None,
 ) -> list[dict[str, Any]]:

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from torchvision.ops import batched_nms, nms, roi_align, roi_pool
 
 from detres.models.detection.box_coder import decode_deltas
-from detres.models.detection.context import ContextRoIHeads
+from detres.models.detection.context import ContextRoIHeads, with_context
 from detres.models.detection.faster_rcnn import FasterRCNN
 from detres.models.detection.rpn import RegionProposalNetwork
 
@@ -55,11 +55,11 @@ def _check_supported(model: nn.Module) -> None:
         raise ValueError(f"export: expected a detres FasterRCNN, got {type(model).__name__}")
     if type(model.rpn) is not RegionProposalNetwork or model.rpn.head.num_classes != 1:
         raise ValueError("export: only the Faster R-CNN RPN (one objectness per anchor) is supported")
-    heads = model.roi_heads
-    if heads.nms_method != "nms" or heads.box_voting:
+    post = model.roi_heads.postprocess
+    if post.nms_method != "nms" or post.voting:
         raise ValueError(
             f"export: only hard NMS without box voting is supported, the detector has "
-            f"nms_method={heads.nms_method!r}, box_voting={heads.box_voting}"
+            f"nms_method={post.nms_method!r}, voting={post.voting}"
         )
 
 
@@ -104,9 +104,9 @@ class ExportableDetector(nn.Module):
         self.aligned = bool(pooler.aligned)
         self.box_weights = [float(w) for w in heads.box_coder.weights]
         self.box_clip = float(heads.box_coder.bbox_xform_clip)
-        self.score_thresh = float(heads.score_thresh)
-        self.nms_thresh = float(heads.nms_thresh)
-        self.detections_per_img = int(heads.detections_per_img)
+        self.score_thresh = float(heads.postprocess.score_thresh)
+        self.nms_thresh = float(heads.postprocess.nms_thresh)
+        self.detections_per_img = int(heads.postprocess.detections_per_img)
         self.global_context = isinstance(heads, ContextRoIHeads)
         self.context_stride = round(1.0 / self.spatial_scale)
         if self.global_context and self.context_stride * self.spatial_scale != 1.0:
@@ -175,7 +175,7 @@ class ExportableDetector(nn.Module):
             return regions
         cells, box = context_region(features, image, self.context_stride)
         context = self.box_head(self.pool(cells, box))
-        return torch.cat([regions, context.expand(regions.shape[0], context.shape[1])], dim=1)
+        return with_context(regions, context, torch.zeros_like(proposals[:, 0], dtype=torch.int64))
 
     def forward(self, image: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         height, width = image.shape[1], image.shape[2]

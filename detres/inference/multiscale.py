@@ -7,8 +7,8 @@ by maxout." The level choice follows NoC/SPP-net: for each RoI, the level where 
 closest to ``reference_size``² (224², the pre-training crop) and the neighbour on the other side of it.
 
 Proposals come from the RPN at the network input's (training) scale; ``pyramid_proposals`` also runs
-the RPN on every level and merges the sets (NMS 0.7 on the union). All RoIs of all levels go through
-the post-RoI layers (conv5) in one batched call.
+the RPN on every level and merges the sets (NMS 0.7 on the union). The RoIs of each level go through
+the post-RoI layers (conv5) in one batched call (on CPU in the heads' inference chunks).
 """
 
 from __future__ import annotations
@@ -20,9 +20,10 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from detres.data.transforms.detection import faster_rcnn_scale
 from detres.inference.proposal_merge import merge_proposal_sets
 from detres.inference.region_scorer import Scored, SingleScaleScorer
-from detres.models.backbones.cpu_execution import cpu_roi_chunk
+from detres.models.detection.context import with_context
 
 __all__ = ["pyramid_size", "select_levels", "MultiScaleScorer"]
 
@@ -31,7 +32,7 @@ def pyramid_size(hw: Sequence[int], shorter_side: float, max_size_ratio: float) 
     """An image of size ``hw`` resized so its shorter side is ``shorter_side``, its longer side capped at
     ``shorter_side * max_size_ratio`` (the test scale's max/min ratio, e.g. 1000/600)."""
     h, w = int(hw[0]), int(hw[1])
-    factor = min(shorter_side / min(h, w), shorter_side * max_size_ratio / max(h, w))
+    factor = faster_rcnn_scale(h, w, shorter_side, shorter_side * max_size_ratio)  # the test scale's rule
     return max(int(round(h * factor)), 1), max(int(round(w * factor)), 1)
 
 
@@ -163,20 +164,20 @@ class MultiScaleScorer:
         flat = torch.cat(rois) if rois else torch.zeros(0, 4, device=device)
         lower, upper = self.choose_levels(rois)
         used = sorted(set(lower.tolist()) | set(upper.tolist()))
-        # Pool every (RoI, level) pair a RoI needs, level by level; one conv5 pass over all of them.
-        pooled, owners, contexts = [], [], []
+        # Pool every (RoI, level) pair a RoI needs and run the post-RoI layers on them, level by level.
+        vectors, owners, contexts = [], [], []
         for level in used:
             features, sizes = self.level_features(level)
             members = torch.nonzero((lower == level) | (upper == level)).squeeze(1)
             factors = self.level_factors[level].to(device)[image_of[members]].repeat(1, 2)  # [n, 4]
             scaled = flat[members] * factors
             per_image = [scaled[image_of[members] == i] for i in range(len(rois))]
-            pooled.append(heads.pooler(features, per_image))
-            # The pooler returns rows image by image: reorder the owners the same way.
+            vectors.append(heads.pooled_box_head(features, per_image))
+            # The rows come image by image: reorder the owners the same way.
             owners.append(torch.cat([members[image_of[members] == i] for i in range(len(rois))]))
             if hasattr(heads, "context_features"):  # global context: the level's own whole-image vector
                 contexts.append(heads.context_features(features, sizes))
-        vectors = _box_head_in_chunks(heads, torch.cat(pooled)) if pooled else None
+        vectors = torch.cat(vectors) if vectors else None
         merged = self._maxout(vectors, owners, used, lower, upper, contexts, image_of, flat.shape[0])
         logits, deltas = heads.predict(merged)
         return heads.decode_predictions(logits, deltas, rois)
@@ -195,19 +196,11 @@ class MultiScaleScorer:
             block = vectors[start : start + members.shape[0]]
             start += members.shape[0]
             if contexts:
-                block = torch.cat([block, contexts[k][image_of[members]]], dim=1)
+                block = with_context(block, contexts[k], image_of[members])
             is_lower, is_upper = lower[members] == level, upper[members] == level
             at_lower[members[is_lower]] = block[is_lower]
             at_upper[members[is_upper]] = block[is_upper]
         return torch.maximum(at_lower, at_upper)
-
-
-def _box_head_in_chunks(heads, pooled: Tensor) -> Tensor:
-    """The post-RoI layers on all pooled RoIs, in the heads' CPU inference chunks (same rows, less memory)."""
-    chunk = cpu_roi_chunk(heads.inference_roi_chunk)
-    if chunk <= 0 or pooled.device.type != "cpu" or pooled.shape[0] <= chunk:
-        return heads.box_head(pooled)
-    return torch.cat([heads.box_head(part) for part in pooled.split(chunk)])
 
 
 def _valid_images(images: Sequence[Tensor] | Tensor, sizes: Sequence[tuple[int, int]]) -> list[Tensor]:

@@ -12,7 +12,7 @@ import torch
 from detres.data.collate import collate_detection
 from detres.data.transforms.detection import build_det_transforms, finalize_sample
 from detres.inference.detect import detect_batch
-from detres.inference.test_time import TestTimeOptions
+from detres.inference.test_config import TestConfig
 from detres.models.build import load_detector
 
 
@@ -51,8 +51,8 @@ class Predictor:
         self.meta = meta
         self.device = device
         self.amp = bool(amp)  # float16 CUDA autocast in predict / predict_batch (no-op off CUDA)
-        # Appendix-B test-time extras used by predict / predict_batch (see detres.inference.test_time)
-        self.options = TestTimeOptions()
+        # the test configuration of predict / predict_batch (see detres.inference.test_config)
+        self.options = TestConfig()
         self.ensemble: list[torch.nn.Module] = []  # further members besides self.model (an ensemble)
         self.class_names: list[str] = [str(n) for n in meta["class_names"]]
         self.transform = build_det_transforms(

@@ -20,7 +20,7 @@ from detres.data.transforms.detection import build_det_transforms, finalize_samp
 from detres.engine.distributed import get_rank, get_world_size, init_distributed, is_main_process  # noqa: E402
 from detres.engine.sync_bn import GlooSyncBatchNorm  # noqa: E402
 from detres.inference.detect import run_inference  # noqa: E402
-from detres.models.detection.faster_rcnn import build_faster_rcnn  # noqa: E402
+from tests.tiny_configs import build_test_detector  # noqa: E402
 
 
 class ListDataset(torch.utils.data.Dataset):
@@ -54,17 +54,14 @@ def _images(count: int) -> ListDataset:
 
 def check_detect(out: Path) -> None:
     torch.manual_seed(0)  # the same random detector on every rank
-    model = build_faster_rcnn(
+    model = build_test_detector(
+        3,
         depth=18,
         base_width=8,
-        num_classes=3,
-        anchor_sizes=(16, 32, 64),
-        pooler_type="roi_align",
-        pooler_resolution=4,
-        sampling_ratio=2,
-        rpn_pre_nms_top_n_test=200,
-        rpn_post_nms_top_n_test=30,
-        score_thresh=0.01,
+        anchor_sizes=[16, 32, 64],
+        pixel_std=[1.0, 1.0, 1.0],
+        rpn={"pre_nms_top_n_test": 200, "post_nms_top_n_test": 30},
+        roi_heads={"pooler_type": "roi_align", "pooler_resolution": 4, "sampling_ratio": 2, "score_thresh": 0.01},
     )
     with torch.no_grad():
         model.roi_heads.predictor.cls_score.weight.normal_(std=0.5)

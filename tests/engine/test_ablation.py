@@ -24,10 +24,10 @@ def options(tmp_path, write_tiny_det_config):
 
 def test_each_row_adds_to_the_row_above(options):
     base, refined, ms = options["baseline"], options["refinement"], options["multiscale"]
-    assert base.plain and base.box_voting is None and not base.flip  # the checkpoint's own post-processing
-    assert refined.box_refinement and refined.box_voting and not refined.multiscale
+    assert base.plain and base.voting is None and not base.flip  # the checkpoint's own post-processing
+    assert refined.box_refinement and refined.voting and not refined.multiscale
     assert options["context"] == refined
-    assert ms.multiscale and ms.box_refinement and ms.box_voting and not ms.flip
+    assert ms.multiscale and ms.box_refinement and ms.voting and not ms.flip
     assert ms.scales == (48, 64) and ms.reference_size == 40 and ms.pyramid_proposals
     assert ms.max_size_ratio == pytest.approx(96 / 64)
     assert options["ensemble"] == ms

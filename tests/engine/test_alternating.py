@@ -37,9 +37,9 @@ def test_plan_scales_the_drops_to_each_steps_length():
 
 
 def test_each_step_trains_only_its_layers_and_keeps_freeze_at():
-    from detres.models.detection.faster_rcnn import build_faster_rcnn
+    from tests.tiny_configs import build_test_detector
 
-    model = build_faster_rcnn(depth=18, base_width=16, num_classes=2, freeze_at=2)
+    model = build_test_detector(2, depth=18, base_width=16, freeze_at=2)
     base = {n: p.requires_grad for n, p in model.named_parameters()}
     expected_trunk = {n for n, ok in base.items() if n.startswith("trunk.") and ok}
     assert expected_trunk and not any(n.startswith(("trunk.conv1", "trunk.layer1")) for n in expected_trunk)

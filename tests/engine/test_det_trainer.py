@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-import detres.models.detection.faster_rcnn as faster_rcnn_module
+import detres.models.backbones.backbone_config as backbone_config_module
 from detres.config.load import load_config
 from detres.data.build import build_detection_dataset
 from detres.data.image_io import read_image_rgb
@@ -103,7 +103,7 @@ def group_norm_backbone(monkeypatch):
     outputs drift from training-mode ones (a 0.875 mAP run reached 1.0 after recomputing them).
     GroupNorm normalises each sample on its own, so training and testing agree.
     """
-    real = faster_rcnn_module.build_resnet_c4
+    real = backbone_config_module.build_resnet_c4
 
     def swap(module: nn.Module) -> None:
         for name, child in module.named_children():
@@ -118,7 +118,7 @@ def group_norm_backbone(monkeypatch):
         swap(head)
         return trunk, head, dim
 
-    monkeypatch.setattr(faster_rcnn_module, "build_resnet_c4", build)
+    monkeypatch.setattr(backbone_config_module, "build_resnet_c4", build)
 
 
 def test_group_norm_variant_not_the_default_frozen_bn_overfits_four_images(tmp_path, group_norm_backbone):
@@ -290,8 +290,8 @@ def first_step(world, tmp_path_factory):
     record: dict = {}
     real_build, real_forward = detection.build_detector, FasterRCNN.forward
 
-    def build(**kwargs):
-        model = real_build(**kwargs)
+    def build(*args, **kwargs):
+        model = real_build(*args, **kwargs)
         with torch.no_grad():
             for layer in (model.roi_heads.predictor.cls_score, model.rpn.head.cls_logits):
                 layer.weight.zero_()
@@ -330,7 +330,9 @@ def test_the_first_step_momentum_buffer_is_the_gradient_plus_weight_decay(first_
     saved = load_checkpoint(out / "last.pt")
     assert saved["iter"] == 1
     # Replay the first iteration: the initial weights, the same batch and the same sampling draws.
-    model = detection.build_detector(**saved["model_args"])
+    model = detection.build_detector(
+        saved["config"]["model"], num_classes=len(saved["meta"]["class_names"]), load_weights=False
+    )
     model.load_state_dict(record["init"])
     model.train()
     images, targets, sizes, rng = record["batch"]
@@ -463,8 +465,8 @@ class _StageSpy:
         real_build, real_rpn = alternating.build_detector, FasterRCNN.rpn_losses
         real_det, real_propose = FasterRCNN.detector_losses, FasterRCNN.propose
 
-        def build(**kwargs):
-            model = real_build(**kwargs)
+        def build(*args, **kwargs):
+            model = real_build(*args, **kwargs)
             self.built.append({k: v.clone() for k, v in model.state_dict().items()})
             return model
 

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from detres.engine.tasks.rcnn_regions import cache_proposals, rcnn_train_step, sample_regions
-from detres.models.localization.rcnn_localizer import assign_rcnn_targets, build_rcnn_localizer
-from detres.models.localization.rpn_localizer import build_rpn_localizer
+from detres.models.localization.rcnn_localizer import RCNNLocalizer, assign_rcnn_targets
+from detres.models.localization.rpn_localizer import RPNLocalizer
+from tests.tiny_configs import loc_model_config
 
 
 def _samples():
@@ -24,7 +25,9 @@ def _samples():
 
 def test_cache_keeps_top_n_per_gt_class_with_their_targets():
     torch.manual_seed(0)
-    rpn = build_rpn_localizer(num_classes=3, depth=18, base_width=8, anchor_sizes=(16, 32), aspect_ratios=(1.0,))
+    rpn = RPNLocalizer.from_config(
+        loc_model_config(depth=18, base_width=8, anchor_sizes=[16, 32], aspect_ratios=[1.0]), num_classes=3
+    )
     samples = _samples()
     cache = cache_proposals(rpn, samples, top_n=5, nms_thresh=0.9)
     assert len(cache) == 2
@@ -61,7 +64,7 @@ def test_region_batches_span_images_and_respect_the_fg_fraction():
 
 def test_one_step_changes_the_heads_and_returns_finite_losses():
     torch.manual_seed(0)
-    model = build_rcnn_localizer(num_classes=3, depth=18, base_width=8, crop_size=32)
+    model = RCNNLocalizer.from_config(loc_model_config(depth=18, base_width=8, rcnn={"crop_size": 32}), num_classes=3)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
     images = [torch.rand(3, 64, 64) * 255, torch.rand(3, 48, 48) * 255]
     cache = _cache()
@@ -75,9 +78,10 @@ def test_one_step_changes_the_heads_and_returns_finite_losses():
 
 def test_repeated_steps_fit_a_fixed_region_batch():
     torch.manual_seed(0)
-    model = build_rcnn_localizer(
-        num_classes=3, depth=18, base_width=8, crop_size=32, freeze_at=0, pixel_std=(58.4, 57.1, 57.4)
-    )  # random init, BN frozen at identity: scale inputs
+    model = RCNNLocalizer.from_config(
+        loc_model_config(depth=18, base_width=8, freeze_at=0, rcnn={"crop_size": 32}), num_classes=3
+    )  # random init, BN frozen at identity: inputs scaled by the ImageNet std (the no-checkpoint normalisation)
+    assert model.pixel_std.tolist() == pytest.approx([58.395, 57.12, 57.375])
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
     images, cache = [torch.rand(3, 64, 64) * 255, torch.rand(3, 48, 48) * 255], _cache()
     batch = [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1)]

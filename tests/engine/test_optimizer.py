@@ -67,10 +67,10 @@ def test_schedule_scales_every_group_and_decay_applies_to_weights_only():
 
 
 def test_detector_groups_hold_exactly_the_head_biases():
-    from detres.models.detection.faster_rcnn import build_faster_rcnn
+    from tests.tiny_configs import build_test_detector
 
     torch.manual_seed(0)
-    model = build_faster_rcnn(depth=18, base_width=16, num_classes=2, freeze_at=2)
+    model = build_test_detector(2, depth=18, base_width=16, freeze_at=2)
     groups = detection_param_groups(model, base_lr=0.001, weight_decay=5e-4, bias_lr_factor=2.0, weight_decay_bias=0.0)
     names = {id(p): n for n, p in model.named_parameters()}
     # ResNet convs have no biases and frozen BN has buffers only: the biases are the new layers'.

@@ -198,7 +198,7 @@ def test_det_blow_up_stops_naming_the_last_good_checkpoint_which_trains_on_with_
     )
     assert code == 0, line
     final = load_checkpoint(out / "model_final.pt")
-    assert final["iter"] == 21 and final["model_args"]["pooler_resolution"] == 14
+    assert final["iter"] == 21 and final["config"]["model"]["roi_heads"]["pooler_resolution"] == 14
     assert load_config(out / "config.yaml").model.roi_heads.pooler_resolution == 14
 
 

@@ -5,27 +5,28 @@ from __future__ import annotations
 import pytest
 import torch
 
-from detres.models.detection.faster_rcnn import build_faster_rcnn
+from tests.tiny_configs import build_test_detector
 
 
-def tiny_detector(seed: int = 0, *, global_context: bool = False, num_classes: int = 3, **kwargs) -> torch.nn.Module:
-    """A ResNet-18 (width 8) C4 detector with roi_align 4x4 and 30 test proposals, in eval mode."""
+def tiny_detector(
+    seed: int = 0, *, global_context: bool = False, num_classes: int = 3, roi_heads: dict | None = None, **kwargs
+) -> torch.nn.Module:
+    """A ResNet-18 (width 8) C4 detector with roi_align 4x4 and 30 test proposals, in eval mode; ``roi_heads`` and
+    ``kwargs`` override its ``model`` config tree (and ``class_agnostic_bbox``)."""
     torch.manual_seed(seed)
-    args = dict(
-        depth=18,
-        base_width=8,
-        num_classes=num_classes,
-        anchor_sizes=(16, 32, 64),
-        pooler_type="roi_align",
-        pooler_resolution=4,
-        sampling_ratio=2,
-        rpn_pre_nms_top_n_test=200,
-        rpn_post_nms_top_n_test=30,
-        score_thresh=0.01,
-        global_context=global_context,
+    heads = {"pooler_type": "roi_align", "pooler_resolution": 4, "sampling_ratio": 2, "score_thresh": 0.01}
+    model = build_test_detector(
+        num_classes,
+        **{
+            "depth": 18,
+            "base_width": 8,
+            "anchor_sizes": [16, 32, 64],
+            "pixel_std": [1.0, 1.0, 1.0],
+            "rpn": {"pre_nms_top_n_test": 200, "post_nms_top_n_test": 30},
+            "roi_heads": {**heads, "global_context": global_context, **(roi_heads or {})},
+            **kwargs,
+        },
     )
-    args.update(kwargs)
-    model = build_faster_rcnn(**args)
     with torch.no_grad():  # class scores that differ between RoIs (the default init gives ~uniform ones)
         model.roi_heads.predictor.cls_score.weight.normal_(std=0.5)
         model.roi_heads.predictor.bbox_pred.weight.normal_(std=0.05)

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 import torch
 from torch import nn
 
-from detres.inference.box_refinement import detect_with_refinement, refined_rois
-from detres.models.build import build_detector
+from detres.inference.box_refinement import refined_rois
+from detres.inference.test_config import TestConfig
+from detres.inference.test_time import TestTimeAugmentation
 from detres.models.detection.faster_rcnn import FasterRCNN
 from detres.models.detection.roi_heads import RoIHeads
+from tests.tiny_configs import build_test_detector, det_model_config
 
 
 # ------------------------------------------------------------------------------------ a hand-made model
@@ -60,11 +63,20 @@ class TablePredictor(nn.Module):
         return self.logits[index], self.deltas[index]
 
 
-def _model(proposals_by_size, table, **heads_kwargs) -> FasterRCNN:
-    heads = BoxEchoHeads(
-        nn.Identity(), nn.Identity(), TablePredictor(table), score_thresh=0.05, nms_thresh=0.3, **heads_kwargs
+def detect_with_refinement(model, images, image_sizes=None, *, voting=None, voting_iou=None):
+    """The detector's eval forward with Appendix-B box refinement: the test-time augmentation with only it on
+    (``voting`` / ``voting_iou`` None: the model's own post-processing)."""
+    config = TestConfig(box_refinement=True, voting=voting, voting_iou=voting_iou)
+    return TestTimeAugmentation(model, config)(images, image_sizes)
+
+
+def _model(proposals_by_size, table) -> FasterRCNN:
+    roi_cfg = det_model_config(roi_heads={"score_thresh": 0.05, "nms_thresh": 0.3}).roi_heads
+    heads = BoxEchoHeads.from_config(
+        roi_cfg, pooler=nn.Identity(), box_head=nn.Identity(), predictor=TablePredictor(table)
     )
-    return FasterRCNN(nn.Identity(), FixedRPN(proposals_by_size), heads).eval()
+    mean, std = (123.675, 116.28, 103.53), (1.0, 1.0, 1.0)
+    return FasterRCNN(nn.Identity(), FixedRPN(proposals_by_size), heads, pixel_mean=mean, pixel_std=std).eval()
 
 
 ZERO = (0.0, 0.0, 0.0, 0.0)
@@ -108,9 +120,10 @@ def test_refinement_moves_a_box_and_merges_the_union_by_nms_and_voting():
     assert voted["labels"].tolist() == [1, 2, 2]
     torch.testing.assert_close(voted["boxes"], torch.tensor([[6.4, 0.0, 38.4, 32.0], B, [0.0, 4.0, 32.0, 36.0]]))
     # voting=None follows the model's own setting; a voting IoU above A1/A2's 0.78 leaves A2 alone.
-    model.roi_heads.box_voting, model.roi_heads.box_voting_iou = True, 0.8
+    own = model.roi_heads.postprocess
+    model.roi_heads.postprocess = dataclasses.replace(own, voting=True, voting_iou=0.8)
     torch.testing.assert_close(detect_with_refinement(model, [_image(96, 96)])[0]["boxes"], refined["boxes"])
-    model.roi_heads.box_voting_iou = 0.5
+    model.roi_heads.postprocess = dataclasses.replace(own, voting=True, voting_iou=0.5)
     torch.testing.assert_close(detect_with_refinement(model, [_image(96, 96)])[0]["boxes"], voted["boxes"])
 
 
@@ -139,12 +152,14 @@ def _naive_reference(model, image_hw, proposals, voting_iou):
         cand = [
             (union_p[i, c].item(), [min(max(v, 0), lim) for v, lim in zip(union_b[i, c].tolist(), (w, h, w, h))])
             for i in range(union_p.shape[0])
-            if union_p[i, c].item() > heads.score_thresh
+            if union_p[i, c].item() > heads.postprocess.score_thresh
         ]
         cand.sort(key=lambda t: -t[0])
         kept = []
         for s, b in cand:
-            if all(box_iou(torch.tensor([b]), torch.tensor([k]))[0, 0] <= heads.nms_thresh for _, k in kept):
+            if all(
+                box_iou(torch.tensor([b]), torch.tensor([k]))[0, 0] <= heads.postprocess.nms_thresh for _, k in kept
+            ):
                 kept.append((s, b))
         for s, b in kept:
             voters = [(vs, vb) for vs, vb in cand if box_iou(torch.tensor([b]), torch.tensor([vb]))[0, 0] >= voting_iou]
@@ -236,16 +251,15 @@ class EvenGridRPN(nn.Module):
 
 def test_refinement_that_changes_nothing_keeps_exactly_the_single_pass_detections():
     torch.manual_seed(0)
-    model = build_detector(
+    model = build_test_detector(
+        3,
         depth=18,
         base_width=16,
-        num_classes=3,
         anchor_sizes=[16, 32],
         aspect_ratios=[1.0],
-        rpn_pre_nms_top_n_test=200,
-        rpn_post_nms_top_n_test=40,
-        pooler_resolution=8,
-        score_thresh=0.0,
+        pixel_std=[1.0, 1.0, 1.0],
+        rpn={"pre_nms_top_n_test": 200, "post_nms_top_n_test": 40},
+        roi_heads={"pooler_resolution": 8, "score_thresh": 0.0},
     ).eval()
     nn.init.zeros_(model.roi_heads.predictor.bbox_pred.weight)
     nn.init.zeros_(model.roi_heads.predictor.bbox_pred.bias)

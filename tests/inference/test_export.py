@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -13,9 +14,10 @@ from detres.data.transforms.classification import IMAGENET_STD_RGB
 from detres.inference import export as export_lib
 from detres.inference.export import example_image, export_detector, export_input, export_torchscript
 from detres.inference.predictor import Predictor
-from detres.models.build import build_detector, configure_postprocess
+from detres.models.build import build_detector, detector_state
 from detres.utils.torch_files import save_checkpoint
 from tests.inference.conftest import tiny_detector
+from tests.tiny_configs import det_model_config
 from tests.tool_loader import load_tool
 
 META = {"class_names": ["circle", "square", "star"], "min_size_test": 112, "max_size_test": 160}
@@ -28,7 +30,9 @@ def trained_scale_detector(pooler_type: str, global_context: bool = False) -> to
     class logits of std ~2 and box deltas of std ~0.5. With raw 0..255 inputs the random trunk's features
     reach ~2000, where onnxruntime's and torch's conv kernels, 1 ulp apart (~1e-7 relative), end up 1.6e-3 px
     apart in the boxes: the comparison would test the random network's conditioning, not the export."""
-    model = tiny_detector(0, pooler_type=pooler_type, pixel_std=IMAGENET_STD_RGB, global_context=global_context)
+    model = tiny_detector(
+        0, roi_heads={"pooler_type": pooler_type}, pixel_std=list(IMAGENET_STD_RGB), global_context=global_context
+    )
     with torch.no_grad():
         model.roi_heads.predictor.cls_score.weight.normal_(std=0.1)
         model.roi_heads.predictor.bbox_pred.weight.normal_(std=0.03)
@@ -126,30 +130,25 @@ def test_traced_fallback_is_size_dynamic(monkeypatch, images: list[torch.Tensor]
 
 
 def test_unsupported_postprocess_is_refused(tmp_path) -> None:
-    model = configure_postprocess(trained_scale_detector("roi_align"), box_voting=True)
+    model = trained_scale_detector("roi_align")
+    model.roi_heads.postprocess = dataclasses.replace(model.roi_heads.postprocess, voting=True)  # a voting model
     with pytest.raises(ValueError, match="box voting"):
         export_detector(model, tmp_path, formats=["torchscript"], example_hw=(64, 80))
 
 
 def _checkpoint(tmp_path):
     torch.manual_seed(0)
-    args = dict(
+    model_cfg = det_model_config(
         depth=18,
         base_width=8,
-        num_classes=3,
         anchor_sizes=[16, 32, 64],
-        rpn_pre_nms_top_n_test=200,
-        rpn_post_nms_top_n_test=30,
-        pooler_type="roi_align",
-        pooler_resolution=4,
-        sampling_ratio=2,
-        score_thresh=0.01,
         pixel_std=list(IMAGENET_STD_RGB),
+        rpn={"pre_nms_top_n_test": 200, "post_nms_top_n_test": 30},
+        roi_heads={"pooler_type": "roi_align", "pooler_resolution": 4, "sampling_ratio": 2, "score_thresh": 0.01},
     )
     path = tmp_path / "det.pt"
-    save_checkpoint(
-        path, {"model": build_detector(**args).eval().state_dict(), "model_args": args, "meta": META, "iter": 0}
-    )
+    model = build_detector(model_cfg, num_classes=3).eval()
+    save_checkpoint(path, {**detector_state(model, config={"task": "det", "model": model_cfg}, meta=META), "iter": 0})
     return path
 
 

@@ -12,8 +12,8 @@ from torchvision.ops import misc as tv_misc
 from detres.inference.fast_path import count_batchnorm, fold_frozen_batchnorm, prepare_for_inference
 from detres.models.backbones.frozen_bn import FrozenBatchNorm2d
 from detres.models.backbones.resnet_c4 import build_resnet_c4
-from detres.models.detection.faster_rcnn import build_faster_rcnn
 from detres.models.detection.roi_heads import BoxHead, FastRCNNPredictor, RoIHeads, RoIPooler
+from tests.tiny_configs import build_test_detector, det_model_config
 
 
 def _randomise_norms(model: nn.Module, seed: int = 0) -> None:
@@ -37,14 +37,14 @@ def _assert_close_rel(actual: torch.Tensor, expected: torch.Tensor, rel: float =
 
 def _detector() -> nn.Module:
     torch.manual_seed(0)
-    model = build_faster_rcnn(
+    model = build_test_detector(
+        3,
         depth=18,
-        num_classes=3,
-        anchor_sizes=(16, 32),
-        aspect_ratios=(1.0,),
-        rpn_pre_nms_top_n_test=200,
-        rpn_post_nms_top_n_test=20,
-        score_thresh=0.0,
+        anchor_sizes=[16, 32],
+        aspect_ratios=[1.0],
+        pixel_std=[1.0, 1.0, 1.0],
+        rpn={"pre_nms_top_n_test": 200, "post_nms_top_n_test": 20},
+        roi_heads={"score_thresh": 0.0},
     )
     _randomise_norms(model)
     with torch.no_grad():
@@ -167,11 +167,12 @@ def _tiny_roi_heads(chunk: int) -> RoIHeads:
     torch.manual_seed(0)
     _, head, dim = build_resnet_c4(18)
     _randomise_norms(head, seed=6)
-    heads = RoIHeads(
-        RoIPooler(output_size=6, spatial_scale=1.0 / 16),
-        BoxHead(head, out_features=dim),
-        FastRCNNPredictor(dim, 4),
-        score_thresh=0.0,
+    roi_cfg = det_model_config(roi_heads={"pooler_resolution": 6, "score_thresh": 0.0}).roi_heads
+    heads = RoIHeads.from_config(
+        roi_cfg,
+        pooler=RoIPooler.from_config(roi_cfg, spatial_scale=1.0 / 16),
+        box_head=BoxHead(head, out_features=dim),
+        predictor=FastRCNNPredictor(dim, 4),
         inference_roi_chunk=chunk,
     )
     with torch.no_grad():

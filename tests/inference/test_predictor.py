@@ -10,8 +10,9 @@ from torch import nn
 
 from detres.data.transforms.detection import faster_rcnn_scale
 from detres.inference.predictor import Predictor
-from detres.models.build import build_detector
+from detres.models.build import build_detector, detector_state
 from detres.utils.torch_files import save_checkpoint
+from tests.tiny_configs import det_model_config
 
 META = {"class_names": ["circle", "square", "star"], "min_size_test": 96, "max_size_test": 144}
 
@@ -62,20 +63,19 @@ def test_predict_rejects_non_images():
 
 def test_predictor_from_checkpoint_matches_the_model_on_the_resized_image(tmp_path):
     torch.manual_seed(0)
-    args = dict(
+    model_cfg = det_model_config(
         depth=18,
         base_width=16,
-        num_classes=3,
         anchor_sizes=[16, 32],
         aspect_ratios=[1.0],
-        rpn_pre_nms_top_n_test=100,
-        rpn_post_nms_top_n_test=20,
-        pooler_resolution=8,
-        score_thresh=0.0,
+        pixel_std=[1.0, 1.0, 1.0],
+        rpn={"pre_nms_top_n_test": 100, "post_nms_top_n_test": 20},
+        roi_heads={"pooler_resolution": 8, "score_thresh": 0.0},
     )
-    model = build_detector(**args).eval()
+    model = build_detector(model_cfg, num_classes=3).eval()
     path = tmp_path / "det.pt"
-    save_checkpoint(path, {"model": model.state_dict(), "model_args": args, "meta": META, "iter": 0})
+    state = detector_state(model, config={"task": "det", "model": model_cfg}, meta=META)
+    save_checkpoint(path, {**state, "iter": 0})
     predictor = Predictor(path)
     image = np.random.default_rng(1).integers(0, 255, (60, 90, 3), dtype=np.uint8)
     result = predictor.predict(image)

@@ -5,15 +5,29 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 from detres.config.load import load_config
+from detres.models.backbones.backbone_config import (
+    backbone_normalisation,
+    check_backbone_checkpoint,
+    model_normalisation,
+    trunk_from_config,
+)
 from detres.models.backbones.resnet import build_resnet
 from detres.models.build import (
     build_classifier,
+    build_detector,
     classifier_kwargs_from_config,
-    detector_kwargs_from_config,
+    detector_state,
     load_detector,
 )
+from detres.models.detection.anchors import AnchorGenerator
+from detres.models.detection.box_head import FastRCNNPredictor
+from detres.models.detection.roi_heads import RoIHeads
+from detres.models.detection.roi_pooler import RoIPooler
+from detres.models.detection.rpn import RegionProposalNetwork
+from detres.models.detection.rpn_head import RPNHead
 from detres.utils.torch_files import save_checkpoint
 
 
@@ -73,66 +87,160 @@ def test_detector_takes_pixel_mean_from_a_train_cls_checkpoint(tmp_path):
     cfg = load_config(
         None, [f"model.weights={tmp_path / 'cls.pt'}", "model.depth=18", "model.base_width=16"], task="det"
     )
-    kwargs = detector_kwargs_from_config(cfg.model, num_classes=4)
-    assert kwargs["pixel_mean"] == [10.0, 20.0, 30.0] and kwargs["pixel_std"] == [2.0, 2.0, 2.0]
-    assert kwargs["num_classes"] == 4 and kwargs["rpn_nms_thresh"] == 0.7 and kwargs["nms_thresh"] == 0.3
-    assert kwargs["roi_positive_fraction"] == 0.25 and kwargs["rpn_post_nms_top_n_test"] == 300
+    assert model_normalisation(cfg.model) == ([10.0, 20.0, 30.0], [2.0, 2.0, 2.0])
+    model = build_detector(cfg.model, num_classes=4)
+    assert model.pixel_mean.flatten().tolist() == [10.0, 20.0, 30.0] and model.pixel_std.flatten().tolist() == [2.0] * 3
+    assert model.roi_heads.predictor.cls_score.out_features == 5
+    assert model.rpn.nms_thresh == 0.7 and model.roi_heads.postprocess.nms_thresh == 0.3
+    assert model.roi_heads.positive_fraction == 0.25 and model.rpn.post_nms_top_n("test") == 300
     over = load_config(
         None,
         [f"model.weights={tmp_path / 'cls.pt'}", "model.depth=18", "model.base_width=16", "model.pixel_mean=[1, 2, 3]"],
         task="det",
     )
-    assert detector_kwargs_from_config(over.model, num_classes=4)["pixel_mean"] == [1.0, 2.0, 3.0]
+    assert model_normalisation(over.model)[0] == [1.0, 2.0, 3.0]
 
 
 def test_detector_loads_the_backbone_weights(tmp_path):
-    from detres.models.build import build_detector
-
     source = _cls_checkpoint(tmp_path / "cls.pt")
     cfg = load_config(
         None, [f"model.weights={tmp_path / 'cls.pt'}", "model.depth=18", "model.base_width=16"], task="det"
     )
-    detector = build_detector(**detector_kwargs_from_config(cfg.model, num_classes=2))
+    detector = build_detector(cfg.model, num_classes=2)
     assert torch.equal(detector.trunk.layer3[0].conv1.weight, source.layer3[0].conv1.weight)
     # BN statistics come across into the frozen BN buffers unchanged
     assert torch.equal(detector.trunk.layer2[1].bn2.running_var, source.layer2[1].bn2.running_var)
+    # A rebuild (load_weights=False) does not read the backbone file: the checkpoint's state_dict fills it.
+    (tmp_path / "cls.pt").unlink()
+    rebuilt = build_detector(cfg.model, num_classes=2, load_weights=False)
+    assert set(rebuilt.state_dict()) == set(detector.state_dict())
 
 
 def test_backbone_architecture_mismatch_is_named(tmp_path):
     _cls_checkpoint(tmp_path / "cls.pt", base_width=16)
     cfg = load_config(None, [f"model.weights={tmp_path / 'cls.pt'}", "model.depth=18"], task="det")
     with pytest.raises(ValueError, match=r"base_width=16.*model\.base_width=64"):
-        detector_kwargs_from_config(cfg.model, num_classes=2)
+        check_backbone_checkpoint(cfg.model["weights"], cfg.model)
+    with pytest.raises(ValueError, match=r"base_width=16.*model\.base_width=64"):
+        build_detector(cfg.model, num_classes=2)
 
 
-def test_foreign_weights_default_to_imagenet_normalisation(tmp_path):
+def test_foreign_weights_and_random_init_default_to_imagenet_normalisation(tmp_path):
     torch.save(build_resnet(18).state_dict(), tmp_path / "tv.pth")
     cfg = load_config(None, [f"model.weights={tmp_path / 'tv.pth'}", "model.depth=18"], task="det")
-    kwargs = detector_kwargs_from_config(cfg.model, num_classes=2)
-    assert kwargs["pixel_mean"] == pytest.approx([123.675, 116.28, 103.53])
-    assert kwargs["pixel_std"] == pytest.approx([58.395, 57.12, 57.375])
+    mean, std = model_normalisation(cfg.model)
+    assert mean == pytest.approx([123.675, 116.28, 103.53])
+    assert std == pytest.approx([58.395, 57.12, 57.375])
+    # One rule for every network built on a backbone: no checkpoint = ImageNet's statistics too.
+    assert backbone_normalisation(None) == (pytest.approx(mean), pytest.approx(std))
 
 
 def test_detector_config_refuses_a_backbone_without_recomputed_bn(tmp_path):
     from detres.models.backbones.weights import UnrecomputedBNError
-    from detres.models.build import build_detector
 
     _cls_checkpoint(tmp_path / "last.pt", bn_recomputed=False)
     base = [f"model.weights={tmp_path / 'last.pt'}", "model.depth=18", "model.base_width=16"]
     cfg = load_config(None, base, task="det")
-    kwargs = detector_kwargs_from_config(cfg.model, num_classes=2)
-    assert kwargs["allow_unrecomputed_bn"] is False
+    assert cfg.model.allow_unrecomputed_bn is False
     with pytest.raises(UnrecomputedBNError, match=r"last\.pt.*model\.allow_unrecomputed_bn"):
-        build_detector(**kwargs)
+        build_detector(cfg.model, num_classes=2)
     allowed = load_config(None, [*base, "model.allow_unrecomputed_bn=true"], task="det")
     with pytest.warns(UserWarning, match="not recomputed"):
-        build_detector(**detector_kwargs_from_config(allowed.model, num_classes=2))
+        build_detector(allowed.model, num_classes=2)
+
+
+def _tiny_det_config(*overrides: str):
+    return load_config(None, ["model.depth=18", "model.base_width=8", *overrides], task="det")
+
+
+def test_each_config_value_reaches_its_component_in_one_step():
+    cfg = _tiny_det_config(
+        "model.anchor_sizes=[24, 48]",
+        "model.aspect_ratios=[1.0]",
+        "model.rpn.allowed_border=5",
+        "model.rpn.crowd_iof_thresh=0.6",
+        "model.rpn.min_size=2.0",
+        "model.rpn.pre_nms_top_n_test=321",
+        "model.rpn.batch_size_per_image=64",
+        "model.roi_heads.crowd_iof_thresh=0.5",
+        "model.roi_heads.bg_iou_thresh_lo=0.0",
+        "model.roi_heads.pooler_type=roi_align",
+        "model.roi_heads.pooler_resolution=6",
+        "model.roi_heads.sampling_ratio=2",
+        "model.roi_heads.detections_per_img=17",
+        "model.roi_heads.bbox_reg_weights=[1.0, 2.0, 3.0, 4.0]",
+        "model.freeze_at=1",
+    )
+    model = build_detector(cfg.model, num_classes=2)
+    assert model.rpn.anchor_generator.sizes == (24.0, 48.0) and model.rpn.anchor_generator.aspect_ratios == (1.0,)
+    assert model.rpn.allowed_border == 5 and model.rpn.crowd_iof_thresh == 0.6 and model.rpn.min_size == 2.0
+    assert model.rpn.pre_nms_top_n("test") == 321 and model.rpn.sampler.batch_size_per_image == 64
+    heads = model.roi_heads
+    assert (
+        heads.crowd_iof_thresh == 0.5 and heads.bg_iou_thresh_lo == 0.0 and heads.postprocess.detections_per_img == 17
+    )
+    assert (heads.pooler.pooler_type, heads.pooler.output_size, heads.pooler.sampling_ratio) == ("roi_align", 6, 2)
+    assert tuple(heads.box_coder.weights) == (1.0, 2.0, 3.0, 4.0)
+    assert any(p.requires_grad for p in model.trunk.layer1.parameters())  # freeze_at=1: conv1 only
+    assert not any(p.requires_grad for p in model.trunk.conv1.parameters())
+
+
+def test_each_component_has_a_from_config_taking_its_own_sub_tree():
+    cfg = _tiny_det_config("model.rpn.allowed_border=5", "model.roi_heads.score_thresh=0.25")
+    anchors = AnchorGenerator.from_config(cfg.model, stride=16)
+    assert anchors.sizes == tuple(float(s) for s in cfg.model.anchor_sizes) and anchors.stride == 16
+    rpn = RegionProposalNetwork.from_config(
+        cfg.model.rpn, anchor_generator=anchors, head=RPNHead(8, anchors.num_anchors_per_location())
+    )
+    assert rpn.allowed_border == 5
+    pooler = RoIPooler.from_config(cfg.model.roi_heads, spatial_scale=1 / 16)
+    assert pooler.output_size == cfg.model.roi_heads.pooler_resolution
+    predictor = FastRCNNPredictor.from_config(cfg.model.roi_heads, in_features=10, num_classes=3)
+    assert predictor.cls_score.in_features == 10
+    context = FastRCNNPredictor.from_config(
+        dict(cfg.model.roi_heads, global_context=True), in_features=10, num_classes=3
+    )
+    assert context.cls_score.in_features == 20  # [region | context]
+    heads = RoIHeads.from_config(cfg.model.roi_heads, pooler=pooler, box_head=nn.Identity(), predictor=predictor)
+    assert heads.postprocess.score_thresh == 0.25
+    trunk, head, dim = trunk_from_config(cfg.model, pooler_resolution=14)
+    assert trunk.stride == 16 and dim == head.out_channels
+
+
+def test_detector_checkpoint_is_its_config_tree_and_rebuilds_the_same_detections(tmp_path):
+    cfg = _tiny_det_config("model.roi_heads.score_thresh=0.0", "model.rpn.post_nms_top_n_test=20")
+    torch.manual_seed(0)
+    model = build_detector(cfg.model, num_classes=2).eval()
+    state = detector_state(model, config=cfg, meta={"class_names": ["a", "b"]})
+    assert set(state) == {"model", "config", "meta"} and state["config"] == cfg.to_dict()
+    save_checkpoint(tmp_path / "det.pt", {**state, "iter": 3})
+    loaded, meta = load_detector(tmp_path / "det.pt")
+    assert meta["class_names"] == ["a", "b"] and meta["config"] == cfg.to_dict()
+    image = torch.rand(3, 64, 80, generator=torch.Generator().manual_seed(1)) * 255
+    with torch.no_grad():
+        a, b = model([image])[0], loaded([image])[0]
+    assert a["boxes"].shape[0] > 0 and all(torch.equal(a[k], b[k]) for k in ("boxes", "scores", "labels"))
+
+
+def test_load_detector_names_what_is_wrong_with_a_checkpoint(tmp_path):
+    cfg = _tiny_det_config()
+    model = build_detector(cfg.model, num_classes=2)
+    bad_key = dict(cfg.to_dict(), model=dict(cfg.to_dict()["model"], depht=18))
+    save_checkpoint(tmp_path / "key.pt", detector_state(model, config=bad_key, meta={"class_names": ["a", "b"]}))
+    with pytest.raises(ValueError, match=r"key\.pt: its config: .*depht"):
+        load_detector(tmp_path / "key.pt")
+    save_checkpoint(tmp_path / "names.pt", detector_state(model, config=cfg, meta={"class_names": "ab"}))
+    with pytest.raises(ValueError, match=r"names\.pt: meta\.class_names"):
+        load_detector(tmp_path / "names.pt")
+    save_checkpoint(tmp_path / "three.pt", detector_state(model, config=cfg, meta={"class_names": ["a", "b", "c"]}))
+    with pytest.raises(ValueError, match=r"three\.pt: 'model' weights do not fit"):
+        load_detector(tmp_path / "three.pt")
 
 
 def test_detector_config_carries_the_crowd_thresholds():
     cfg = load_config(None, ["model.roi_heads.crowd_iof_thresh=0.5", "model.rpn.crowd_iof_thresh=0.6"], task="det")
-    kwargs = detector_kwargs_from_config(cfg.model, num_classes=2)
-    assert kwargs["roi_crowd_iof_thresh"] == 0.5 and kwargs["rpn_crowd_iof_thresh"] == 0.6
+    model = build_detector(dict(cfg.model, depth=18, base_width=8), num_classes=2)
+    assert model.roi_heads.crowd_iof_thresh == 0.5 and model.rpn.crowd_iof_thresh == 0.6
     assert load_config(None, [], task="det").model.roi_heads.crowd_iof_thresh == 0.7
 
 
@@ -147,48 +255,38 @@ def test_load_detector_rejects_other_checkpoints(tmp_path):
 
 
 def test_postprocess_options_go_from_config_to_the_roi_heads_and_back_from_a_checkpoint(tmp_path):
-    from detres.models.build import POSTPROCESS_KEYS, build_detector, configure_postprocess
+    from detres.inference.test_config import TestConfig
 
-    defaults = detector_kwargs_from_config(load_config(None, [], task="det").model, num_classes=2)
-    assert {k: defaults[k] for k in POSTPROCESS_KEYS} == {
+    defaults = load_config(None, [], task="det").model.roi_heads
+    assert {k: defaults[k] for k in ("nms_method", "soft_nms_sigma", "soft_nms_score_thresh", "box_voting")} == {
         "nms_method": "nms",
         "soft_nms_sigma": 0.5,
         "soft_nms_score_thresh": 0.001,
         "box_voting": False,
-        "box_voting_iou": 0.5,
     }
-    cfg = load_config(
-        None,
-        [
-            "model.depth=18",
-            "model.base_width=16",
-            "model.roi_heads.nms_method=soft_linear",
-            "model.roi_heads.box_voting=true",
-            "model.roi_heads.box_voting_iou=0.6",
-        ],
-        task="det",
+    assert defaults["box_voting_iou"] == 0.5
+    cfg = _tiny_det_config(
+        "model.roi_heads.nms_method=soft_linear",
+        "model.roi_heads.box_voting=true",
+        "model.roi_heads.box_voting_iou=0.6",
     )
-    kwargs = detector_kwargs_from_config(cfg.model, num_classes=2)
-    model = build_detector(**kwargs)
-    heads = model.roi_heads
-    assert (heads.nms_method, heads.box_voting, heads.box_voting_iou) == ("soft_linear", True, 0.6)
-    assert kwargs["nms_method"] == "soft_linear"  # build_detector does not consume the caller's dict
-    # A checkpoint written before these options existed rebuilds with the defaults.
-    old_args = {k: v for k, v in kwargs.items() if k not in POSTPROCESS_KEYS}
-    save_checkpoint(
-        tmp_path / "old.pt",
-        {
-            "model": model.state_dict(),
-            "model_args": dict(old_args, weights_path=None),
-            "meta": {"class_names": ["a", "b"]},
-        },
-    )
+    model = build_detector(cfg.model, num_classes=2)
+    post = model.roi_heads.postprocess
+    assert (post.nms_method, post.voting, post.voting_iou) == ("soft_linear", True, 0.6)
+    # A config tree written before these options existed rebuilds with the defaults.
+    old_tree = cfg.to_dict()
+    for key in ("nms_method", "soft_nms_sigma", "soft_nms_score_thresh", "box_voting", "box_voting_iou"):
+        del old_tree["model"]["roi_heads"][key]
+    save_checkpoint(tmp_path / "old.pt", detector_state(model, config=old_tree, meta={"class_names": ["a", "b"]}))
     old, _ = load_detector(tmp_path / "old.pt")
-    assert (old.roi_heads.nms_method, old.roi_heads.box_voting) == ("nms", False)
-    # Test-time override (what tools/test_det.py and tools/infer.py do); None leaves an option as it is.
-    configure_postprocess(old, box_voting=True, nms_method=None, soft_nms_sigma=0.2)
-    assert (old.roi_heads.nms_method, old.roi_heads.box_voting, old.roi_heads.soft_nms_sigma) == ("nms", True, 0.2)
+    assert (old.roi_heads.postprocess.nms_method, old.roi_heads.postprocess.voting) == ("nms", False)
+    # Test-time overrides (what tools/test_det.py and tools/infer.py take from flags) leave the model as it is;
+    # None keeps the model's own value.
+    test_cfg = TestConfig(voting=True, soft_nms_sigma=0.2)
+    over = test_cfg.postprocess_of(old.roi_heads.postprocess)
+    assert (over.nms_method, over.voting, over.soft_nms_sigma) == ("nms", True, 0.2)
+    assert (old.roi_heads.postprocess.voting, old.roi_heads.postprocess.soft_nms_sigma) == (False, 0.5)
     with pytest.raises(ValueError, match="nms_method"):
-        configure_postprocess(old, nms_method="fast")
-    with pytest.raises(ValueError, match="unknown options"):
-        configure_postprocess(old, voting=True)
+        TestConfig(nms_method="fast")
+    with pytest.raises(ValueError, match="voting_iou"):
+        TestConfig(voting_iou=-1.0).postprocess_of(old.roi_heads.postprocess)

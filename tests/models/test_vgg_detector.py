@@ -6,11 +6,12 @@ import pytest
 import torch
 
 from detres.config.load import load_config
+from detres.models.backbones.backbone_config import check_backbone_checkpoint, model_normalisation
 from detres.models.backbones.vgg import VGG, VGG16_CFG, vgg16
 from detres.models.backbones.vgg16_split import VGGFcHead, VGGTrunk, build_vgg16_c4
-from detres.models.build import build_detector, detector_kwargs_from_config, load_detector
-from detres.models.detection.faster_rcnn import build_faster_rcnn
+from detres.models.build import build_detector, detector_state, load_detector
 from detres.utils.torch_files import save_checkpoint
+from tests.tiny_configs import build_test_detector, det_model_config
 
 torchvision = pytest.importorskip("torchvision")
 
@@ -48,8 +49,13 @@ def detector(tv_weights):
     """One VGG-16 detector (torchvision-format weights, freeze_at=2) shared by the tests below; anchors small
     enough for a 96-px image to have inside anchors (so the RPN losses are not trivially zero)."""
     torch.manual_seed(0)
-    return build_faster_rcnn(
-        backbone="vgg16", num_classes=3, weights_path=tv_weights, pooler_resolution=7, anchor_sizes=(32, 64)
+    return build_test_detector(
+        3,
+        backbone="vgg16",
+        weights=str(tv_weights),
+        anchor_sizes=[32, 64],
+        pixel_std=[1.0, 1.0, 1.0],
+        roi_heads={"pooler_resolution": 7},
     )
 
 
@@ -129,9 +135,9 @@ def test_eval_forward_returns_detections(detector):
 
 def test_vgg16_needs_a_7x7_pooler_and_a_vgg_file(tmp_path):
     with pytest.raises(ValueError, match=r"pooler_resolution=7.*got 5"):
-        build_faster_rcnn(backbone="vgg16", num_classes=3, pooler_resolution=5)
+        build_test_detector(3, backbone="vgg16", roi_heads={"pooler_resolution": 5})
     with pytest.raises(ValueError, match="backbone"):
-        build_faster_rcnn(backbone="vgg19", num_classes=3)
+        build_detector(dict(det_model_config(), backbone="vgg19"), num_classes=3)
     with pytest.raises(FileNotFoundError, match="missing.pth"):
         build_vgg16_c4(weights_path=tmp_path / "missing.pth")
     from detres.models.backbones.resnet import build_resnet
@@ -148,13 +154,12 @@ def test_vgg16_needs_a_7x7_pooler_and_a_vgg_file(tmp_path):
 
 def test_global_context_works_with_vgg16():
     torch.manual_seed(0)
-    model = build_faster_rcnn(
+    model = build_test_detector(
+        2,
         backbone="vgg16",
-        num_classes=2,
-        pooler_resolution=7,
-        global_context=True,
-        roi_batch_size_per_image=16,
-        rpn_post_nms_top_n_test=20,
+        pixel_std=[1.0, 1.0, 1.0],
+        rpn={"post_nms_top_n_test": 20},
+        roi_heads={"pooler_resolution": 7, "global_context": True, "batch_size_per_image": 16},
     )
     assert model.roi_heads.predictor.cls_score.in_features == 2 * 4096
     losses = model([_image()], [_target()])
@@ -193,14 +198,15 @@ def test_config_refuses_backbone_and_checkpoint_mismatches(tmp_path):
             None, [f"model.weights={tmp_path / name}", f"model.backbone={backbone}", "model.depth=18"], task="det"
         )
         with pytest.raises(ValueError, match=message):
-            detector_kwargs_from_config(cfg.model, num_classes=2)
+            check_backbone_checkpoint(cfg.model.weights, cfg.model)
+        with pytest.raises(ValueError, match=message):
+            build_detector(cfg.model, num_classes=2)
     # A matching vgg16 checkpoint passes; its channel mean is the detector's (std absent: none).
     cfg = load_config(None, [f"model.weights={tmp_path / 'vgg.pt'}", "model.backbone=vgg16"], task="det")
-    kwargs = detector_kwargs_from_config(cfg.model, num_classes=2)
-    assert kwargs["backbone"] == "vgg16" and kwargs["pixel_mean"] == [1.0, 2.0, 3.0]
-    assert kwargs["pixel_std"] == [1.0, 1.0, 1.0]
+    check_backbone_checkpoint(cfg.model.weights, cfg.model)
+    assert model_normalisation(cfg.model) == ([1.0, 2.0, 3.0], [1.0, 1.0, 1.0])
     with pytest.raises(ValueError, match="model.backbone"):
-        detector_kwargs_from_config(load_config(None, ["model.backbone=vgg"], task="det").model, num_classes=2)
+        build_detector(load_config(None, ["model.backbone=vgg"], task="det").model, num_classes=2)
 
 
 def test_train_cls_vgg16_checkpoint_round_trips_through_config_and_load_detector(tmp_path):
@@ -219,20 +225,13 @@ def test_train_cls_vgg16_checkpoint_round_trips_through_config_and_load_detector
         [f"model.weights={tmp_path / 'cls.pt'}", "model.backbone=vgg16", "model.roi_heads.pooler_resolution=7"],
         task="det",
     )
-    kwargs = detector_kwargs_from_config(cfg.model, num_classes=2)
-    assert kwargs["backbone"] == "vgg16" and kwargs["pixel_mean"] == [120.0, 110.0, 100.0]
-    model = build_detector(**kwargs).eval()
+    model = build_detector(cfg.model, num_classes=2).eval()
+    assert model.pixel_mean.flatten().tolist() == [120.0, 110.0, 100.0]
     assert torch.equal(model.trunk.features[28].weight, source.features[28].weight)  # conv5_3
     assert torch.equal(model.roi_heads.box_head.conv5_head.classifier[0].weight, source.classifier[0].weight)
     del source
-    save_checkpoint(
-        tmp_path / "det.pt",
-        {
-            "model": model.state_dict(),
-            "model_args": dict(kwargs, weights_path=None),
-            "meta": {"class_names": ["a", "b"]},
-        },
-    )
+    save_checkpoint(tmp_path / "det.pt", detector_state(model, config=cfg, meta={"class_names": ["a", "b"]}))
+    (tmp_path / "cls.pt").unlink()  # the rebuild reads the config tree and its own weights only
     rebuilt, meta = load_detector(tmp_path / "det.pt")
     assert isinstance(rebuilt.trunk, VGGTrunk) and meta["class_names"] == ["a", "b"]
     images = [_image(), _image(64, 80, seed=1)]
@@ -246,15 +245,9 @@ def test_checkpoint_without_backbone_key_loads_as_resnet(tmp_path):
     from detres.models.backbones.resnet_c4 import ResNetC4Trunk
 
     cfg = load_config(None, ["model.depth=18", "model.base_width=8"], task="det")
-    kwargs = detector_kwargs_from_config(cfg.model, num_classes=2)
-    assert kwargs.pop("backbone") == "resnet"
-    model = build_detector(**kwargs)
-    save_checkpoint(
-        tmp_path / "old.pt",
-        {
-            "model": model.state_dict(),
-            "model_args": dict(kwargs, weights_path=None),
-            "meta": {"class_names": ["a", "b"]},
-        },
-    )
+    assert cfg.model.backbone == "resnet"
+    model = build_detector(cfg.model, num_classes=2)
+    tree = cfg.to_dict()
+    del tree["model"]["backbone"]  # a config tree written before the option existed
+    save_checkpoint(tmp_path / "old.pt", detector_state(model, config=tree, meta={"class_names": ["a", "b"]}))
     assert isinstance(load_detector(tmp_path / "old.pt")[0].trunk, ResNetC4Trunk)

@@ -12,7 +12,6 @@ from detres.models.build import (
     build_classifier,
     build_detector,
     classifier_kwargs_from_config,
-    detector_kwargs_from_config,
 )
 from detres.utils.torch_files import save_checkpoint
 
@@ -86,9 +85,8 @@ def _det_config(weights, *extra: str):
 def test_width_16_checkpoint_builds_a_detector_with_its_weights(tmp_path):
     source = _cls_checkpoint(tmp_path / "cls.pt")
     cfg = _det_config(tmp_path / "cls.pt", "model.vgg_width=16", "model.vgg_hidden=64")
-    kwargs = detector_kwargs_from_config(cfg.model, num_classes=2)
-    assert (kwargs["vgg_width"], kwargs["vgg_hidden"]) == (16, 64)
-    model = build_detector(**kwargs).eval()
+    assert (cfg.model.vgg_width, cfg.model.vgg_hidden) == (16, 64)
+    model = build_detector(cfg.model, num_classes=2).eval()
     assert model.trunk.out_channels == 128 and model.roi_heads.predictor.cls_score.in_features == 64
     assert torch.equal(model.trunk.features[28].weight, source.features[28].weight)  # conv5_3
     assert torch.equal(model.roi_heads.box_head.conv5_head.classifier[3].weight, source.classifier[3].weight)  # fc7
@@ -100,9 +98,9 @@ def test_width_16_checkpoint_builds_a_detector_with_its_weights(tmp_path):
 def test_size_mismatch_errors_name_the_file_and_both_values(tmp_path):
     _cls_checkpoint(tmp_path / "narrow.pt")
     with pytest.raises(ValueError, match=r"narrow\.pt.*width=16.*model\.vgg_width=64"):
-        detector_kwargs_from_config(_det_config(tmp_path / "narrow.pt").model, num_classes=2)
+        build_detector(_det_config(tmp_path / "narrow.pt").model, num_classes=2)
     with pytest.raises(ValueError, match=r"narrow\.pt.*hidden=64.*model\.vgg_hidden=128"):
-        detector_kwargs_from_config(
+        build_detector(
             _det_config(tmp_path / "narrow.pt", "model.vgg_width=16", "model.vgg_hidden=128").model, num_classes=2
         )
     with pytest.raises(ValueError, match=r"narrow\.pt.*width=16.*asks for width=32"):

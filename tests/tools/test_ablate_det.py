@@ -108,8 +108,8 @@ def test_every_row_in_order_with_finite_numbers(config, tiny_det_checkpoint, mak
         [str(context), str(member)]
     ]
     options = [r["options"] for r in rows]
-    assert not options[0]["box_refinement"] and options[0]["box_voting"] is None and not options[0]["multiscale"]
-    assert options[1]["box_refinement"] and options[1]["box_voting"] and options[2] == options[1]
+    assert not options[0]["box_refinement"] and options[0]["voting"] is None and not options[0]["multiscale"]
+    assert options[1]["box_refinement"] and options[1]["voting"] and options[2] == options[1]
     assert options[3]["multiscale"] and options[3]["scales"] == [48, 64, 96] and options[3]["box_refinement"]
     assert options[4] == options[3]
     # The multi-scale rows cost more FLOPs than the single-scale ones.

@@ -84,12 +84,12 @@ def test_yaml_python_tag_is_refused(tmp_path, capsys):
     "edit,needle",
     [
         (lambda s: s["meta"].pop("class_names"), "meta.class_names is missing"),
-        (lambda s: s["model_args"].update(bogus_option=3), "unknown model_args ['bogus_option']; valid keys:"),
-        (lambda s: s["model_args"].pop("num_classes"), "model_args lacks ['num_classes']"),
         (
-            lambda s: s["meta"].update(class_names=["only_one"]),
-            "meta.class_names has 1 names but model_args.num_classes",
+            lambda s: s["config"]["model"].update(bogus_option=3),
+            "its config: unknown config key 'model.bogus_option'; known keys here:",
         ),
+        (lambda s: s.pop("config"), "not a train_det checkpoint (missing ['config'])"),
+        (lambda s: s["meta"].update(class_names=["only_one"]), "'model' weights do not fit its config's model"),
     ],
 )
 def test_test_det_refuses_a_hand_edited_checkpoint(

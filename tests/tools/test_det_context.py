@@ -102,7 +102,7 @@ def test_train_resume_test_and_infer_a_context_detector(small_det_world, tmp_pat
     capture = _Capture()
     assert capture.run(train_det.main, ["--config", str(cfg)]) == 0, capture.err
     first = load_checkpoint(tmp_path / "run" / "model_final.pt")
-    assert first["model_args"]["global_context"] is True
+    assert first["config"]["model"]["roi_heads"]["global_context"] is True
     model, _ = load_detector(tmp_path / "run" / "model_final.pt")
     assert isinstance(model.roi_heads, ContextRoIHeads)
     dim = model.roi_heads.box_head.out_features
@@ -113,7 +113,7 @@ def test_train_resume_test_and_infer_a_context_detector(small_det_world, tmp_pat
     summary = json.loads(capture.out)
     assert summary["iterations"] == 4
     final = load_checkpoint(tmp_path / "run" / "model_final.pt")
-    assert final["model_args"]["global_context"] is True and final["iter"] == 4
+    assert final["config"]["model"]["roi_heads"]["global_context"] is True and final["iter"] == 4
     assert not torch.equal(_context_half(final["model"]), _context_half(first["model"]))
     assert _changed(_conv5(first["model"]), _conv5(final["model"]))
 
@@ -182,7 +182,7 @@ def test_alternating_training_trains_the_context_branch_in_the_fast_rcnn_steps(s
     capture = _Capture()
     assert capture.run(train_det.main, ["--config", str(cfg)]) == 0, capture.err
     steps = [load_checkpoint(tmp_path / "run" / f"{name}.pt") for name in STEP_NAMES]
-    assert all(s["model_args"]["global_context"] is True for s in steps)
+    assert all(s["config"]["model"]["roi_heads"]["global_context"] is True for s in steps)
     s1, s2, s3, s4 = (s["model"] for s in steps)
     # Step 3 trains only the RPN: the context layers are untouched; step 4 (Fast R-CNN) trains them and conv5.
     assert torch.equal(_context_half(s3), _context_half(s2)) and not _changed(_conv5(s2), _conv5(s3))

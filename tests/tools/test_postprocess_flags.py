@@ -22,22 +22,24 @@ def world(tiny_det_world) -> Path:
 
 @pytest.fixture
 def checkpoint(tiny_det_checkpoint) -> Path:
-    """An untrained tiny detector saved as train_det would (box_voting on in its stored arguments)."""
+    """An untrained tiny detector saved as train_det would (model.roi_heads.box_voting on in its config)."""
     return tiny_det_checkpoint
 
 
 def _spy(monkeypatch) -> list[dict]:
-    """Record the options every postprocess_boxes call of the RoI heads receives."""
-    import detres.models.detection.roi_heads as roi_heads
+    """Record the settings of every post-processing the RoI heads run."""
+    import dataclasses
+
+    from detres.models.detection.postprocess import DetectionPostprocess
 
     calls: list[dict] = []
-    real = roi_heads.postprocess_boxes
+    real = DetectionPostprocess.__call__
 
-    def spy(*args, **kwargs):
-        calls.append(kwargs)
-        return real(*args, **kwargs)
+    def spy(self, *args, **kwargs):
+        calls.append(dataclasses.asdict(self))
+        return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(roi_heads, "postprocess_boxes", spy)
+    monkeypatch.setattr(DetectionPostprocess, "__call__", spy)
     return calls
 
 
@@ -49,7 +51,7 @@ def test_infer_flags_override_the_checkpoint(checkpoint, tmp_path, monkeypatch, 
     base = ["--checkpoint", str(checkpoint), "--input", str(image), "--score-thresh", "0", "--device", "cpu"]
     assert infer.main([*base, "--out", str(tmp_path / "o1")]) == 0
     # No flags: the checkpoint's own setting (voting on, hard NMS).
-    assert calls[-1]["box_voting"] is True and calls[-1]["nms_method"] == "nms"
+    assert calls[-1]["voting"] is True and calls[-1]["nms_method"] == "nms"
     code = infer.main(
         [
             *base,
@@ -68,14 +70,13 @@ def test_infer_flags_override_the_checkpoint(checkpoint, tmp_path, monkeypatch, 
     )
     assert code == 0, capsys.readouterr().err
     assert {
-        k: calls[-1][k]
-        for k in ("box_voting", "nms_method", "soft_nms_sigma", "soft_nms_score_thresh", "box_voting_iou")
+        k: calls[-1][k] for k in ("voting", "nms_method", "soft_nms_sigma", "soft_nms_score_thresh", "voting_iou")
     } == {
-        "box_voting": False,
+        "voting": False,
         "nms_method": "soft_gaussian",
         "soft_nms_sigma": 0.25,
         "soft_nms_score_thresh": 0.01,
-        "box_voting_iou": 0.7,
+        "voting_iou": 0.7,
     }
     # A bad value is a one-line error with exit status 2.
     assert infer.main([*base, "--out", str(tmp_path / "o3"), "--soft-nms-sigma", "0"]) == 2
@@ -102,8 +103,8 @@ def test_test_det_flags_reach_the_evaluated_model(world, checkpoint, tmp_path, m
     seen = []
 
     def fake_test_detector(models, dataset, meta, cfg, *, out_dir, device, options):
-        heads = models[0].roi_heads
-        seen.append((heads.nms_method, heads.box_voting, heads.box_voting_iou))
+        post = options.postprocess_of(models[0].roi_heads.postprocess)  # what TestTimeAugmentation runs
+        seen.append((post.nms_method, post.voting, post.voting_iou))
         return {"coco": {"summary": [0.0] * 12}, "voc": {"mAP": 0.0, "per_class": {}}}
 
     monkeypatch.setattr(test_det, "test_detector", fake_test_detector)
@@ -113,4 +114,4 @@ def test_test_det_flags_reach_the_evaluated_model(world, checkpoint, tmp_path, m
     assert test_det.main([*argv, "--box-voting-iou", "0.6"]) == 0
     assert seen == [("nms", True, 0.5), ("soft_linear", False, 0.5), ("nms", True, 0.6)]
     assert test_det.main([*argv, "--box-voting-iou", "-1"]) == 2
-    assert "box_voting_iou" in capsys.readouterr().err
+    assert "--box-voting-iou" in capsys.readouterr().err

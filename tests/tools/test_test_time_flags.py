@@ -15,8 +15,7 @@ import numpy as np
 import pytest
 import yaml
 
-import detres.inference.postprocess_args as pa
-import detres.inference.test_time as tt
+from detres.inference.test_config import TestConfig, add_test_arguments
 from detres.inference.visualize import write_png
 from tests.tool_loader import load_tool
 
@@ -25,14 +24,14 @@ test_det, infer = load_tool("test_det"), load_tool("infer")
 
 def _parse(*argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
-    pa.add_test_time_arguments(parser)
+    add_test_arguments(parser)
     return parser.parse_args(list(argv))
 
 
 def test_flags_parse_into_options():
-    base = tt.TestTimeOptions(max_size_ratio=1.5)
-    assert pa.test_time_options(_parse(), base) == base  # nothing given: the base unchanged
-    got = pa.test_time_options(
+    base = TestConfig(scales=(200.0, 600.0), max_size_ratio=1.5, reference_size=224.0)
+    assert base.with_flags(_parse()) == base  # nothing given: the base unchanged
+    got = base.with_flags(
         _parse(
             "--box-refinement",
             "--multiscale",
@@ -47,10 +46,14 @@ def test_flags_parse_into_options():
             "0.6",
             "--max-proposals",
             "50",
+            "--nms-method",
+            "soft_linear",
+            "--box-voting",
         ),
-        base,
     )
-    assert got == tt.TestTimeOptions(
+    assert got == TestConfig(
+        nms_method="soft_linear",
+        voting=True,
         box_refinement=True,
         multiscale=True,
         scales=(300.0, 500.0),
@@ -61,8 +64,8 @@ def test_flags_parse_into_options():
         proposal_nms_thresh=0.6,
         max_proposals=50,
     )
-    on = tt.TestTimeOptions(box_refinement=True, multiscale=True, flip=True)
-    off = pa.test_time_options(_parse("--no-box-refinement", "--no-multiscale", "--no-flip"), on)
+    on = dataclasses.replace(base, box_refinement=True, multiscale=True, flip=True)
+    off = on.with_flags(_parse("--no-box-refinement", "--no-multiscale", "--no-flip"))
     assert not (off.box_refinement or off.multiscale or off.flip)
     for argv, flag in (
         (["--scales", "0"], "--scales"),
@@ -70,9 +73,11 @@ def test_flags_parse_into_options():
         (["--proposal-nms", "1.5"], "--proposal-nms"),
         (["--max-proposals", "0"], "--max-proposals"),
         (["--pyramid-proposals"], "--pyramid-proposals"),
+        (["--box-voting-iou", "-1"], "--box-voting-iou"),
+        (["--soft-nms-sigma", "0"], "--soft-nms-sigma"),
     ):
         with pytest.raises(ValueError, match=flag):
-            pa.test_time_options(_parse(*argv), base)
+            base.with_flags(_parse(*argv))
 
 
 def _run_test_det(argv: list[str]) -> tuple[int, dict | None, str]:
@@ -162,7 +167,9 @@ def test_infer_flip_and_ensemble_record_the_options(tiny_det_checkpoint, tmp_pat
     base = ["--input", str(image), "--score-thresh", "0", "--device", "cpu"]
     assert infer.main(["--checkpoint", str(tiny_det_checkpoint), *base, "--out", str(tmp_path / "o1")]) == 0
     plain = json.loads((tmp_path / "o1" / "detections.json").read_text())
-    assert plain["options"] == json.loads(json.dumps(dataclasses.asdict(tt.TestTimeOptions(max_size_ratio=1.5))))
+    # every extra off; the pyramid settings are the checkpoint's config's, its test aspect ratio 96 / 64
+    want = TestConfig(scales=(200.0, 400.0, 600.0, 800.0, 1000.0), max_size_ratio=1.5, reference_size=224.0)
+    assert plain["options"] == json.loads(json.dumps(dataclasses.asdict(want)))
     code = infer.main(
         ["--checkpoint", str(tiny_det_checkpoint), str(copy), *base, "--out", str(tmp_path / "o2"), "--flip"]
     )
@@ -181,18 +188,17 @@ def test_infer_flip_and_ensemble_record_the_options(tiny_det_checkpoint, tmp_pat
 
 
 def _refinement_spy(monkeypatch) -> list[int]:
-    """Count the images detect_batch sends through box refinement (the Appendix-B pipeline with it on)."""
-    import detres.inference.detect as detect
+    """Count the images the test-time augmentation sends through box refinement."""
+    import detres.inference.test_time as test_time
 
     calls: list[int] = []
-    real = detect.detect_test_time
+    real = test_time.refine
 
-    def spy(models, images, image_sizes=None, *, options):
-        if options.box_refinement:
-            calls.append(len(image_sizes))
-        return real(models, images, image_sizes, options=options)
+    def spy(scorer, probs, boxes):
+        calls.append(len(scorer.image_sizes))
+        return real(scorer, probs, boxes)
 
-    monkeypatch.setattr(detect, "detect_test_time", spy)
+    monkeypatch.setattr(test_time, "refine", spy)
     return calls
 
 

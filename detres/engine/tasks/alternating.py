@@ -145,12 +145,11 @@ class AlternatingStepTask(TrainTask):
         optimizer: torch.optim.Optimizer,
         *,
         plan: AlternatingPlan,
-        model_args: dict[str, Any],
         backbone_weights: str | None,
         proposal_net: nn.Module | None,
     ) -> None:
         self.run, self.index, self.model, self.optimizer = run, index, model, optimizer
-        self.plan, self.model_args, self.backbone_weights = plan, model_args, backbone_weights
+        self.plan, self.backbone_weights = plan, backbone_weights
         self.proposal_net = proposal_net
 
     def batches(self, start_iter: int) -> Iterator[Any]:
@@ -181,7 +180,7 @@ class AlternatingStepTask(TrainTask):
         }
         if self.index == 1:
             extra["proposal_model"] = self.proposal_net.state_dict()
-        payload = self.run.payload(self.model, self.model_args, trainer.global_iter, **extra)
+        payload = self.run.payload(self.model, trainer.global_iter, **extra)
         if trainer.iter > 0:  # at a step boundary the step restarts from its initial weights: no momentum yet
             payload["optimizer"] = self.optimizer.state_dict()
             scaler_state_into(payload, self.run.amp)
@@ -201,10 +200,10 @@ class AlternatingStepTask(TrainTask):
         }
 
 
-def _resume_point(run: DetectionRun, plan: AlternatingPlan, model_args: dict[str, Any], state: dict | None):
-    """(step, iteration within it, arguments that build the step-1/2 network) to start from."""
+def _resume_point(run: DetectionRun, plan: AlternatingPlan, state: dict | None) -> tuple[int, int, str | None]:
+    """(step, iteration within it, the backbone file the step-1/2 networks start from) to start from."""
     if state is None:
-        return 0, 0, dict(model_args)
+        return 0, 0, run.cfg.model.weights
     alt = state.get("alternating")
     if not isinstance(alt, dict):
         raise ValueError(f"{run.last_path}: no 'alternating' record; not an alternating-training checkpoint")
@@ -213,9 +212,7 @@ def _resume_point(run: DetectionRun, plan: AlternatingPlan, model_args: dict[str
             f"{run.last_path}: written with the alternating plan {alt['plan']}, but the config now "
             f"gives {plan.to_dict()}; resume with the same solver options"
         )
-    # the checkpoint's network, or the config's with --allow-model-change (weights from the checkpoint)
-    fresh_args = dict(model_args if run.model_changed else state["model_args"], weights_path=alt["backbone_weights"])
-    return int(alt["step"]), int(alt["step_iter"]), fresh_args
+    return int(alt["step"]), int(alt["step_iter"]), alt["backbone_weights"]
 
 
 def _step_trainer(
@@ -248,18 +245,18 @@ def _step_trainer(
     )
 
 
-def train_alternating(
-    run: DetectionRun, model_args: dict[str, Any], state: dict | None
-) -> tuple[nn.Module, int, dict[str, Any]]:
+def train_alternating(run: DetectionRun, state: dict | None) -> tuple[nn.Module, int]:
     """Run the 4 steps (resuming from ``state`` = a ``last.pt`` dict, if given); returns
-    (final network, total iterations, model_args to rebuild it without the backbone file)."""
+    (final network, total iterations)."""
     device, solver = run.device, run.cfg.solver
     plan = alternating_plan(solver)
-    step0, step_iter0, fresh_args = _resume_point(run, plan, model_args, state)  # fresh: ImageNet-initialised
-    saved_args = dict(fresh_args, weights_path=None)
+    step0, step_iter0, backbone_weights = _resume_point(run, plan, state)
 
-    def build(args: dict[str, Any]) -> nn.Module:
-        return build_detector(**args).to(device)
+    def build(*, from_backbone: bool) -> nn.Module:
+        """The config's network: from the ImageNet backbone (steps 1 and 2), or for a state_dict to fill."""
+        model_cfg = dict(run.cfg.model, weights=backbone_weights)
+        num_classes = len(run.meta["class_names"])
+        return build_detector(model_cfg, num_classes=num_classes, load_weights=from_backbone).to(device)
 
     base_flags: dict[str, bool] | None = None
     model: nn.Module | None = None
@@ -269,16 +266,16 @@ def train_alternating(
         for step in range(step0, 4):
             resumed = state is not None and step == step0
             if resumed:
-                model = build(saved_args)
+                model = build(from_backbone=False)
                 model.load_state_dict(state["model"])
                 if step == 1:
-                    proposal_net = build(saved_args)
+                    proposal_net = build(from_backbone=False)
                     proposal_net.load_state_dict(state["proposal_model"])
                     proposal_net = _frozen_copy(proposal_net)
             elif step in (0, 1):
                 # Step 1 and step 2 both start from the ImageNet model; step 2 proposes with step 1's network.
                 proposal_net = _frozen_copy(model) if step == 1 else None
-                model = build(fresh_args)
+                model = build(from_backbone=True)
             # Steps 3 and 4 continue with the network of the previous step.
             if base_flags is None:  # the first network of this call is freshly built: its flags are freeze_at's
                 base_flags = {name: p.requires_grad for name, p in model.named_parameters()}
@@ -303,8 +300,7 @@ def train_alternating(
                 model,
                 optimizer,
                 plan=plan,
-                model_args=saved_args,
-                backbone_weights=fresh_args.get("weights_path"),
+                backbone_weights=backbone_weights,
                 proposal_net=proposal_net,
             )
             trainer = _step_trainer(run, task, schedule, progress, start_iter=step_iter)
@@ -314,11 +310,11 @@ def train_alternating(
             trainer.run()
             iteration = trainer.global_iter
             seconds = round(time.time() - step_started, 1)
-            payload = run.payload(model, saved_args, iteration, alternating={"step": step, "seconds": seconds})
+            payload = run.payload(model, iteration, alternating={"step": step, "seconds": seconds})
             run.save_file(run.out / f"{STEP_NAMES[step]}.pt", payload, iteration)
             if step == 1:
                 proposal_net = task.proposal_net = None  # the step-1 network is no longer needed
     for name, param in model.named_parameters():  # back to the freshly built state (freeze_at only)
         param.requires_grad_(base_flags.get(name, True))
     model.train()
-    return model, iteration, saved_args
+    return model, iteration

@@ -27,7 +27,7 @@ from detres.engine.tasks.alternating import alternating_plan, train_alternating
 from detres.engine.tasks.detection_run import DetectionRun, detection_sgd_step, detector_metadata
 from detres.engine.train_loop import Trainer, TrainTask
 from detres.evaluation.coco_backend import coco_classes
-from detres.models.build import build_detector, detector_kwargs_from_config
+from detres.models.build import build_detector
 from detres.utils.atomic import write_json_atomic
 
 __all__ = ["LOSS_KEYS", "TRAINING_SCHEMES", "JointDetectionTask", "train_detector"]
@@ -45,9 +45,8 @@ class JointDetectionTask(TrainTask):
         run: DetectionRun,
         model: torch.nn.Module,
         optimizer: torch.optim.Optimizer,
-        model_args: dict[str, Any],
     ) -> None:
-        self.run, self.model, self.optimizer, self.model_args = run, model, optimizer, model_args
+        self.run, self.model, self.optimizer = run, model, optimizer
 
     def batches(self, start_iter: int) -> Iterator[Any]:
         return iter(self.run.loader(start_iter))
@@ -61,7 +60,7 @@ class JointDetectionTask(TrainTask):
         return detection_sgd_step(losses, self.optimizer, run.amp, iteration=trainer.global_iter)
 
     def checkpoint_payload(self, trainer: Trainer) -> dict[str, Any]:
-        payload = self.run.payload(self.model, self.model_args, trainer.global_iter)
+        payload = self.run.payload(self.model, trainer.global_iter)
         payload["optimizer"] = self.optimizer.state_dict()
         return scaler_state_into(payload, self.run.amp)
 
@@ -101,8 +100,8 @@ def _check_same_classes(train_set, val_set) -> None:
         )
 
 
-def _start(cfg: Config, **resume: Any) -> tuple[DetectionRun, dict[str, Any], dict | None]:
-    """The run's folder, data, log and checkpoints: (run, model_args from the config, resumed state or None)."""
+def _start(cfg: Config, **resume: Any) -> tuple[DetectionRun, dict | None]:
+    """The run's folder, data, log and checkpoints: (run, resumed state or None)."""
     scheme = cfg.solver.training_scheme
     if scheme not in TRAINING_SCHEMES:
         raise ValueError(f"solver.training_scheme must be one of {list(TRAINING_SCHEMES)}, got {scheme!r}")
@@ -119,7 +118,6 @@ def _start(cfg: Config, **resume: Any) -> tuple[DetectionRun, dict[str, Any], di
     check_detection_sets(train_set, val_set, cfg, out)  # image files, boxes, unseen classes; skipped_samples.json
     if len(train_set) == 0:
         raise ValueError(f"{cfg.data.train_ann}: the training set has no images")
-    model_args = detector_kwargs_from_config(cfg.model, num_classes=len(train_set.categories))
     if state is not None and state.get("scheme", "joint") != scheme:
         raise ValueError(
             f"{last_path} was written by solver.training_scheme={state.get('scheme', 'joint')!r}; "
@@ -142,19 +140,19 @@ def _start(cfg: Config, **resume: Any) -> tuple[DetectionRun, dict[str, Any], di
     )
     if state is not None:
         run.amp.load_state_dict(state.get(SCALER_KEY))  # absent in fp32 / older checkpoints: a fresh scaler
-    return run, model_args, state
+    return run, state
 
 
 def _train_detector(cfg: Config, **resume: Any) -> dict[str, Any]:
-    run, model_args, state = _start(cfg, **resume)
+    run, state = _start(cfg, **resume)
     with run.checkpoints.stop_on_divergence():  # a NaN / Inf: stop naming the last good checkpoint
         if cfg.solver.training_scheme == "joint":
-            model, iteration, saved_args = _train_joint(run, model_args, state)
+            model, iteration = _train_joint(run, state)
         else:
-            model, iteration, saved_args = train_alternating(run, model_args, state)
+            model, iteration = train_alternating(run, state)
     train_time = time.time() - run.started
     out = run.out
-    run.save_file(out / "model_final.pt", run.payload(model, saved_args, iteration), iteration)
+    run.save_file(out / "model_final.pt", run.payload(model, iteration), iteration)
     metrics = test_detector(model, run.val_set, run.meta, cfg, out_dir=out / "test", device=run.device)
     if not is_main_process():
         return metrics  # the other ranks only helped with the sharded test pass
@@ -185,17 +183,14 @@ def _train_detector(cfg: Config, **resume: Any) -> dict[str, Any]:
     return metrics
 
 
-def _train_joint(
-    run: DetectionRun, model_args: dict[str, Any], state: dict | None
-) -> tuple[torch.nn.Module, int, dict[str, Any]]:
-    """Approximate joint training on the loop; returns (model, iterations, model_args to rebuild it)."""
-    if state is not None:  # weights come from the checkpoint (the config's model with --allow-model-change)
-        model_args = dict(model_args if run.model_changed else state["model_args"], weights_path=None)
-    model = build_detector(**model_args).to(run.device)
-    saved_args = dict(model_args, weights_path=None)  # rebuilding for inference needs no backbone file
+def _train_joint(run: DetectionRun, state: dict | None) -> tuple[torch.nn.Module, int]:
+    """Approximate joint training on the loop; returns (model, iterations)."""
+    # resumed: the weights come from the checkpoint, not from the backbone file model.weights names
+    num_classes = len(run.meta["class_names"])
+    model = build_detector(run.cfg.model, num_classes=num_classes, load_weights=state is None).to(run.device)
     solver = run.cfg.solver
     optimizer, schedule, start_iter = build_step_solver(model, solver, state, run.last_path)
-    task = JointDetectionTask(run, model, optimizer, saved_args)
+    task = JointDetectionTask(run, model, optimizer)
     with progress_bar("train_det", total=solver.max_iter, initial=start_iter) as progress:
         trainer = Trainer(
             task,
@@ -207,7 +202,7 @@ def _train_joint(
             hooks=_hooks(run, model, optimizer, schedule, progress),
         )
         iteration = trainer.run()
-    return model, iteration, saved_args
+    return model, iteration
 
 
 def _hooks(run: DetectionRun, model: torch.nn.Module, optimizer, schedule: LRSchedule, progress) -> list:

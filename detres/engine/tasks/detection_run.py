@@ -23,6 +23,7 @@ from detres.engine.seeded_data import IterationKeyedBatches, IterationSeededData
 from detres.engine.train_loop import sgd_update_on_losses
 from detres.evaluation.det_eval import evaluate_detection_dataset
 from detres.inference.detect import run_inference
+from detres.models.build import detector_state
 from detres.utils.torch_files import save_checkpoint
 
 __all__ = ["DetectionRun", "detection_sgd_step", "detection_train_loader", "detector_metadata"]
@@ -108,14 +109,12 @@ class DetectionRun:
             self.train_set, self.cfg, start_iter, images_per_batch=images_per_batch, seed=seed
         )
 
-    def payload(self, model: torch.nn.Module, model_args: dict[str, Any], iteration: int, **extra: Any) -> dict:
-        """A train_det checkpoint: model weights + the arguments to rebuild it, metadata, iteration, config."""
+    def payload(self, model: torch.nn.Module, iteration: int, **extra: Any) -> dict:
+        """A train_det checkpoint: the detector record (weights, the config tree it is rebuilt from, metadata), the
+        iteration and the training scheme."""
         return {
-            "model": model.state_dict(),
-            "model_args": model_args,
-            "meta": self.meta,
+            **detector_state(model, config=self.cfg, meta=self.meta),
             "iter": iteration,
-            "config": self.cfg.to_dict(),
             "scheme": self.cfg.solver.training_scheme,
             **extra,
         }

@@ -42,8 +42,6 @@ from detres.models.localization.rcnn_localizer import (
     CROP_SOURCES,
     RCNNLocalizer,
     RPNRCNNLocalizer,
-    build_rcnn_localizer,
-    rcnn_localizer_kwargs_from_config,
     rcnn_localizer_payload,
     save_rcnn_localizer,
 )
@@ -75,12 +73,11 @@ class RCNNStageTask(TrainTask):
         cache: RegionCache,
         train: Sequence[LocRecord],
         view: LocTestTransform,
-        model_args: dict[str, Any],
         meta: dict[str, Any],
     ) -> None:
         self.model, self.optimizer, self.amp = model, optimizer, amp
         self.cfg, self.cache, self.train, self.view = cfg, cache, train, view
-        self.model_args, self.meta = model_args, meta
+        self.meta = meta
 
     def batches(self, start_iter: int) -> Iterator[Any]:
         rcnn_cfg = self.cfg.model.rcnn
@@ -103,12 +100,7 @@ class RCNNStageTask(TrainTask):
 
     def checkpoint_payload(self, trainer: Trainer) -> dict[str, Any]:
         payload = rcnn_localizer_payload(
-            self.model,
-            self.model_args,
-            self.meta,
-            iter=trainer.global_iter,
-            config=self.cfg.to_dict(),
-            optimizer=self.optimizer.state_dict(),
+            self.model, self.cfg, self.meta, iter=trainer.global_iter, optimizer=self.optimizer.state_dict()
         )
         return scaler_state_into(payload, self.amp)
 
@@ -144,10 +136,6 @@ def train_rcnn_stage(cfg: Config, **resume: Any) -> dict[str, Any]:
     start = start_distributed_run(cfg, **resume)
     out, last_path, device, state = start.out, start.last_path, start.device, start.state
     write_skipped(out, bad)  # data.on_bad_sample=skip: the dropped samples, listed in the run folder (rank 0)
-    if state is not None and not start.model_changed:
-        model_args = dict(state["model_args"])
-    else:
-        model_args = rcnn_localizer_kwargs_from_config(cfg.model, num_classes=len(synsets))
     view = LocTestTransform(mode="dense", scale=int(cfg.test.scale))
     made_with = {
         "rpn_checkpoint": str(rcnn_cfg.rpn_checkpoint),
@@ -159,7 +147,8 @@ def train_rcnn_stage(cfg: Config, **resume: Any) -> dict[str, Any]:
     cache, scales = proposal_cache(
         rpn.to(device), train, view, out / "proposals.pt", made_with, fg_iou_thresh=float(rcnn_cfg.fg_iou_thresh)
     )
-    model = build_rcnn_localizer(**model_args).to(device)
+    # resumed: the weights come from the checkpoint, not from the classifier file model.weights names
+    model = RCNNLocalizer.from_config(cfg.model, num_classes=len(synsets), load_weights=state is None).to(device)
     if model.crop_source == "image":
         cache = to_image_frame(cache, scales)
     optimizer, schedule, start_iter = build_step_solver(model, solver, state, last_path)
@@ -168,9 +157,7 @@ def train_rcnn_stage(cfg: Config, **resume: Any) -> dict[str, Any]:
         amp.load_state_dict(state.get(SCALER_KEY))  # absent in fp32 / older checkpoints: a fresh scaler
     meta = {"synsets": synsets, "rpn_checkpoint": str(rcnn_cfg.rpn_checkpoint), "test_scale": int(cfg.test.scale)}
     logger = JsonLinesLogger(out / "metrics.jsonl", resume_from_iter=start_iter if state is not None else None)
-    task = RCNNStageTask(
-        model, optimizer, amp, cfg=cfg, cache=cache, train=train, view=view, model_args=model_args, meta=meta
-    )
+    task = RCNNStageTask(model, optimizer, amp, cfg=cfg, cache=cache, train=train, view=view, meta=meta)
     started, cpu_started = time.time(), time.process_time()
     with progress_bar("train_loc (rcnn)", total=solver.max_iter, initial=start_iter) as progress:
         trainer = Trainer(
@@ -195,7 +182,7 @@ def train_rcnn_stage(cfg: Config, **resume: Any) -> dict[str, Any]:
     if not is_main_process():
         return {}  # rank 0 saves and tests (the ranks' weights are the same)
     check_finite_payload({"model": model.state_dict()}, iteration, out / "model_final.pt")
-    save_rcnn_localizer(out / "model_final.pt", model, model_args, meta, iter=iteration, config=cfg.to_dict())
+    save_rcnn_localizer(out / "model_final.pt", model, cfg, meta, iter=iteration)
     plot_curves(
         read_json_lines(out / "metrics.jsonl"),
         out / "loss_curves.png",

@@ -27,7 +27,7 @@ from detres.engine.plots import plot_curves
 from detres.engine.run.checkpoint import check_finite_payload
 from detres.engine.seeded_data import IterationKeyedBatches, IterationSeededDataset
 from detres.engine.train_loop import Trainer, TrainTask, sgd_update_on_losses
-from detres.models.localization.rpn_localizer import build_rpn_localizer, rpn_localizer_kwargs_from_config
+from detres.models.localization.rpn_localizer import RPNLocalizer
 from detres.utils.atomic import write_json_atomic
 from detres.utils.torch_files import save_checkpoint
 
@@ -66,12 +66,11 @@ class RPNStageTask(TrainTask):
         *,
         cfg: Config,
         train_set: LocDataset,
-        model_args: dict[str, Any],
         meta: dict[str, Any],
         device: torch.device,
     ) -> None:
         self.model, self.optimizer, self.amp = model, optimizer, amp
-        self.cfg, self.train_set, self.model_args, self.meta, self.device = cfg, train_set, model_args, meta, device
+        self.cfg, self.train_set, self.meta, self.device = cfg, train_set, meta, device
 
     def batches(self, start_iter: int) -> Iterator[Any]:
         return iter(localization_train_loader(self.train_set, self.cfg, start_iter))
@@ -85,7 +84,6 @@ class RPNStageTask(TrainTask):
         """The RPN stage's checkpoint (``model_final.pt``; ``last.pt`` adds the optimizer)."""
         return {
             "model": self.model.state_dict(),
-            "model_args": dict(self.model_args, weights_path=None),
             "meta": self.meta,
             "iter": iteration,
             "stage": "rpn",
@@ -115,11 +113,8 @@ def train_rpn_stage(cfg: Config, **resume: Any) -> dict[str, Any]:
         seed=cfg.seed,
     )
     train_set = LocDataset(train, synsets, transform=transform)
-    if state is not None and not start.model_changed:
-        model_args = dict(state["model_args"])
-    else:
-        model_args = rpn_localizer_kwargs_from_config(cfg.model, num_classes=len(synsets))
-    model = build_rpn_localizer(**model_args).to(device)
+    # resumed: the weights come from the checkpoint, not from the backbone file model.weights names
+    model = RPNLocalizer.from_config(cfg.model, num_classes=len(synsets), load_weights=state is None).to(device)
     meta = {"synsets": synsets, "crop": int(cfg.input.crop), "test_scale": int(cfg.test.scale)}
     solver = cfg.solver
     optimizer, schedule, start_iter = build_step_solver(model, solver, state, last_path)
@@ -127,9 +122,7 @@ def train_rpn_stage(cfg: Config, **resume: Any) -> dict[str, Any]:
     if state is not None:
         amp.load_state_dict(state.get(SCALER_KEY))  # absent in fp32 / older checkpoints: a fresh scaler
     logger = JsonLinesLogger(out / "metrics.jsonl", resume_from_iter=start_iter if state is not None else None)
-    task = RPNStageTask(
-        model, optimizer, amp, cfg=cfg, train_set=train_set, model_args=model_args, meta=meta, device=device
-    )
+    task = RPNStageTask(model, optimizer, amp, cfg=cfg, train_set=train_set, meta=meta, device=device)
     started, cpu_started = time.time(), time.process_time()
     with progress_bar("train_loc", total=solver.max_iter, initial=start_iter) as progress:
         trainer = Trainer(

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -28,9 +29,9 @@ class AnchorGenerator(nn.Module):
 
     def __init__(
         self,
-        sizes: Sequence[float] = (128, 256, 512),
-        aspect_ratios: Sequence[float] = (0.5, 1.0, 2.0),
-        stride: int = 16,
+        sizes: Sequence[float],
+        aspect_ratios: Sequence[float],
+        stride: int,
         offset: float = 0.0,
     ) -> None:
         super().__init__()
@@ -48,6 +49,15 @@ class AnchorGenerator(nn.Module):
         self.offset = float(offset)
         # A buffer follows the module across .to(device); not persistent, since it is derived from kwargs.
         self.register_buffer("_cell_anchors", self._make_cell_anchors(), persistent=False)
+
+    @classmethod
+    def from_config(cls, model_cfg: Mapping[str, Any], *, stride: int) -> AnchorGenerator:
+        """Anchors of a ``model`` config tree (``anchor_sizes``, ``aspect_ratios``) on a map of ``stride``."""
+        return cls(
+            sizes=[float(s) for s in model_cfg["anchor_sizes"]],
+            aspect_ratios=[float(r) for r in model_cfg["aspect_ratios"]],
+            stride=int(stride),
+        )
 
     def _make_cell_anchors(self) -> Tensor:
         rows = []

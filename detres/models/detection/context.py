@@ -16,7 +16,7 @@ import torch
 
 from detres.models.detection.roi_heads import RoIHeads
 
-__all__ = ["ContextRoIHeads"]
+__all__ = ["ContextRoIHeads", "with_context"]
 
 
 class ContextRoIHeads(RoIHeads):
@@ -66,4 +66,11 @@ class ContextRoIHeads(RoIHeads):
         regions = super().region_features(features, proposals, image_sizes)
         context = self.context_features(features, image_sizes)
         counts = torch.tensor([p.shape[0] for p in proposals], device=context.device)
-        return torch.cat([regions, context.repeat_interleave(counts, dim=0)], dim=1)
+        image_of = torch.repeat_interleave(torch.arange(len(proposals), device=context.device), counts)
+        return with_context(regions, context, image_of)
+
+
+def with_context(regions: torch.Tensor, context: torch.Tensor, image_of: torch.Tensor) -> torch.Tensor:
+    """[R, 2D] ``[region | context of its image]`` vectors: ``regions`` [R, D], ``context`` [B, D] (one per image),
+    ``image_of`` [R] each region's image index. The one place the two are joined (eager, multi-scale, export)."""
+    return torch.cat([regions, context[image_of]], dim=1)

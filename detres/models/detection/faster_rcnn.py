@@ -2,26 +2,24 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from pathlib import Path
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from detres.data.collate import pad_images
-from detres.data.transforms.classification import IMAGENET_MEAN_RGB
-from detres.models.backbones.resnet_c4 import build_resnet_c4
-from detres.models.backbones.vgg16_split import build_vgg16_c4
+from detres.models.backbones.backbone_config import model_normalisation, trunk_from_config
 from detres.models.detection.anchors import AnchorGenerator
+from detres.models.detection.box_head import BoxHead, FastRCNNPredictor
 from detres.models.detection.context import ContextRoIHeads
-from detres.models.detection.roi_heads import BoxHead, FastRCNNPredictor, RoIHeads, RoIPooler
-from detres.models.detection.rpn import RegionProposalNetwork, RPNHead
+from detres.models.detection.roi_heads import RoIHeads
+from detres.models.detection.roi_pooler import RoIPooler
+from detres.models.detection.rpn import RegionProposalNetwork
+from detres.models.detection.rpn_head import RPNHead
 
-__all__ = ["FasterRCNN", "build_faster_rcnn", "IMAGENET_PIXEL_MEAN"]
-
-# torchvision's ImageNet RGB mean on the 0..255 scale; the fallback when no checkpoint value is given.
-IMAGENET_PIXEL_MEAN = IMAGENET_MEAN_RGB
+__all__ = ["FasterRCNN"]
 
 
 def _per_channel(values: Sequence[float], name: str) -> torch.Tensor:
@@ -40,11 +38,10 @@ class FasterRCNN(nn.Module):
         trunk: images [B,3,H,W] (normalised) -> C4 features [B,C,H/16,W/16].
         rpn: ``RegionProposalNetwork``-like: (features, image_sizes, targets) -> (proposals, losses).
         roi_heads: ``RoIHeads``-like: (features, proposals, image_sizes, targets) -> (detections, losses).
-        pixel_mean: per-channel RGB mean on the 0..255 scale, subtracted from every input pixel.
-            Use the value the classification backbone was trained with (the checkpoint's channel
-            mean); the default is torchvision's ImageNet mean.
+        pixel_mean: per-channel RGB mean on the 0..255 scale, subtracted from every input pixel: the value
+            the classification backbone was trained with (:func:`model_normalisation`).
         pixel_std: per-channel divisor. (1, 1, 1) is the paper's / AlexNet's mean-subtraction-only
-            practice; pass the ImageNet std (58.395, 57.12, 57.375) for torchvision-trained weights.
+            practice; the ImageNet std (58.395, 57.12, 57.375) for torchvision-trained weights.
         size_divisibility: the padded batch's H and W are rounded up to a multiple of this (16 =
             the trunk stride, so feature cells align with anchors for every image in the batch).
 
@@ -59,8 +56,8 @@ class FasterRCNN(nn.Module):
         rpn: nn.Module,
         roi_heads: nn.Module,
         *,
-        pixel_mean: Sequence[float] = IMAGENET_PIXEL_MEAN,
-        pixel_std: Sequence[float] = (1.0, 1.0, 1.0),
+        pixel_mean: Sequence[float],
+        pixel_std: Sequence[float],
         size_divisibility: int = 16,
     ) -> None:
         super().__init__()
@@ -72,6 +69,54 @@ class FasterRCNN(nn.Module):
         self.size_divisibility = int(size_divisibility)
         self.register_buffer("pixel_mean", _per_channel(pixel_mean, "pixel_mean"))
         self.register_buffer("pixel_std", _per_channel(pixel_std, "pixel_std"))
+
+    @classmethod
+    def from_config(
+        cls,
+        model_cfg: Mapping[str, Any],
+        *,
+        num_classes: int,
+        load_weights: bool = True,
+        frozen_bn: bool = True,
+        class_agnostic_bbox: bool = False,
+    ) -> FasterRCNN:
+        """The detector of a ``task: det`` config's ``model`` tree; each part reads its own sub-tree.
+
+        ``num_classes`` counts OBJECT classes K (``len(dataset.categories)``); the predictor adds background.
+        ``load_weights``: initialise the backbone from ``model.weights`` (checked against the config, BN
+        statistics included); False builds the same network for a checkpoint's state_dict to fill.
+        ``frozen_bn`` (ResNet only): False keeps trainable BN, for from-scratch toys. With
+        ``model.roi_heads.global_context`` the heads are :class:`ContextRoIHeads` (Appendix B), whose
+        predictor takes ``[region | context]`` vectors.
+        """
+        if int(num_classes) < 1:
+            raise ValueError(
+                f"FasterRCNN: num_classes (object classes, background excluded) must be >= 1, got {num_classes}"
+            )
+        roi_cfg = model_cfg["roi_heads"]
+        trunk, conv5_head, head_dim = trunk_from_config(
+            model_cfg,
+            pooler_resolution=int(roi_cfg["pooler_resolution"]),
+            load_weights=load_weights,
+            frozen_bn=frozen_bn,
+        )
+        anchor_generator = AnchorGenerator.from_config(model_cfg, stride=trunk.stride)
+        rpn = RegionProposalNetwork.from_config(
+            model_cfg["rpn"],
+            anchor_generator=anchor_generator,
+            head=RPNHead(trunk.out_channels, anchor_generator.num_anchors_per_location()),
+        )
+        heads_class = ContextRoIHeads if roi_cfg["global_context"] else RoIHeads
+        roi_heads = heads_class.from_config(
+            roi_cfg,
+            pooler=RoIPooler.from_config(roi_cfg, spatial_scale=1.0 / trunk.stride),
+            box_head=BoxHead(conv5_head, out_features=head_dim),
+            predictor=FastRCNNPredictor.from_config(
+                roi_cfg, in_features=head_dim, num_classes=int(num_classes) + 1, class_agnostic_bbox=class_agnostic_bbox
+            ),
+        )
+        mean, std = model_normalisation(model_cfg, load_weights=load_weights)
+        return cls(trunk, rpn, roi_heads, pixel_mean=mean, pixel_std=std)
 
     def preprocess(
         self,
@@ -224,145 +269,3 @@ class FasterRCNN(nn.Module):
         proposals = [p.detach().to(device=features.device, dtype=torch.float32) for p in proposals]
         _, losses = self.roi_heads(features, proposals, sizes, targets)
         return losses
-
-
-def build_faster_rcnn(
-    *,
-    backbone: str = "resnet",
-    depth: int = 50,
-    num_classes: int,
-    weights_path: str | Path | None = None,
-    freeze_at: int = 2,
-    stride_in_1x1: bool = False,
-    base_width: int = 64,
-    vgg_width: int = 64,
-    vgg_hidden: int = 4096,
-    frozen_bn: bool = True,
-    pixel_mean: Sequence[float] = IMAGENET_PIXEL_MEAN,
-    pixel_std: Sequence[float] = (1.0, 1.0, 1.0),
-    size_divisibility: int = 16,
-    anchor_sizes: Sequence[float] = (128, 256, 512),
-    aspect_ratios: Sequence[float] = (0.5, 1.0, 2.0),
-    anchor_offset: float = 0.0,
-    rpn_fg_iou_thresh: float = 0.7,
-    rpn_bg_iou_thresh: float = 0.3,
-    rpn_batch_size_per_image: int = 256,
-    rpn_positive_fraction: float = 0.5,
-    rpn_pre_nms_top_n_train: int = 12000,
-    rpn_post_nms_top_n_train: int = 2000,
-    rpn_pre_nms_top_n_test: int = 6000,
-    rpn_post_nms_top_n_test: int = 300,
-    rpn_nms_thresh: float = 0.7,
-    rpn_min_size: float = 0.0,
-    rpn_allowed_border: float = 0,
-    rpn_crowd_iof_thresh: float = 0.7,
-    pooler_type: str = "roi_pool",
-    pooler_resolution: int = 14,
-    sampling_ratio: int = 0,
-    class_agnostic_bbox: bool = False,
-    roi_fg_iou_thresh: float = 0.5,
-    roi_bg_iou_thresh_hi: float = 0.5,
-    roi_bg_iou_thresh_lo: float = 0.1,
-    roi_batch_size_per_image: int = 128,
-    roi_positive_fraction: float = 0.25,
-    bbox_reg_weights: Sequence[float] = (10.0, 10.0, 5.0, 5.0),
-    score_thresh: float = 0.05,
-    nms_thresh: float = 0.3,
-    detections_per_img: int = 100,
-    add_gt_as_proposals: bool = True,
-    roi_crowd_iof_thresh: float = 0.7,
-    global_context: bool = False,
-    allow_unrecomputed_bn: bool = False,
-) -> FasterRCNN:
-    """Build a ResNet-C4 (or, ``backbone="vgg16"``, a VGG-16) Faster R-CNN from explicit arguments.
-
-    ``backbone="vgg16"`` (Tables 7-8 baseline): :func:`detres.models.backbones.vgg16_split.build_vgg16_c4`, conv5_3
-    shared, fc6/fc7 per region; needs ``pooler_resolution=7``; ``vgg_width`` (conv1 channels) and
-    ``vgg_hidden`` (fc6/fc7 size) must match the checkpoint; ``depth``, ``base_width``, ``stride_in_1x1``,
-    ``frozen_bn`` and ``allow_unrecomputed_bn`` are ignored (no BN).
-
-    ``num_classes`` is the number of OBJECT classes K (e.g. 20 for VOC, 80 for COCO, i.e.
-    ``len(dataset.categories)``); the predictor adds the background class itself (K+1 outputs).
-    ``weights_path`` is a local classification checkpoint (None: random init); ``rpn_*`` go to
-    :class:`RegionProposalNetwork`, ``roi_*`` and the rest to :class:`RoIHeads`.
-
-    ``global_context`` (Appendix B): :class:`ContextRoIHeads`, whose predictor sees each region's
-    conv5 vector concatenated with the whole-image context vector (``2 * head_dim`` inputs).
-
-    With ``weights_path`` and frozen BN, a train_cls checkpoint that records ``bn_recomputed=False``
-    is refused unless ``allow_unrecomputed_bn`` (Appendix A freezes *recomputed* statistics); files that
-    record nothing (torchvision state_dicts) are accepted with a warning. See
-    :func:`detres.models.backbones.weights.check_backbone_bn_statistics`.
-    """
-    if int(num_classes) < 1:
-        raise ValueError(
-            f"build_faster_rcnn: num_classes (object classes, background excluded) must be >= 1, got {num_classes}"
-        )
-    if backbone not in ("resnet", "vgg16"):
-        raise ValueError(f"build_faster_rcnn: backbone must be 'resnet' or 'vgg16', got {backbone!r}")
-    if backbone == "resnet" and weights_path is not None and frozen_bn and Path(weights_path).is_file():
-        from detres.models.backbones.weights import check_backbone_bn_statistics
-
-        check_backbone_bn_statistics(weights_path, allow_unrecomputed_bn=allow_unrecomputed_bn)
-    if backbone == "vgg16":
-        trunk, conv5_head, head_dim = build_vgg16_c4(
-            weights_path=weights_path,
-            freeze_at=freeze_at,
-            pooler_resolution=pooler_resolution,
-            width=vgg_width,
-            hidden=vgg_hidden,
-        )
-    else:
-        trunk, conv5_head, head_dim = build_resnet_c4(
-            depth,
-            weights_path=weights_path,
-            freeze_at=freeze_at,
-            stride_in_1x1=stride_in_1x1,
-            frozen_bn=frozen_bn,
-            base_width=base_width,
-        )
-    anchor_generator = AnchorGenerator(
-        sizes=anchor_sizes, aspect_ratios=aspect_ratios, stride=trunk.stride, offset=anchor_offset
-    )
-    rpn = RegionProposalNetwork(
-        anchor_generator,
-        RPNHead(trunk.out_channels, anchor_generator.num_anchors_per_location()),
-        fg_iou_thresh=rpn_fg_iou_thresh,
-        bg_iou_thresh=rpn_bg_iou_thresh,
-        batch_size_per_image=rpn_batch_size_per_image,
-        positive_fraction=rpn_positive_fraction,
-        pre_nms_top_n_train=rpn_pre_nms_top_n_train,
-        post_nms_top_n_train=rpn_post_nms_top_n_train,
-        pre_nms_top_n_test=rpn_pre_nms_top_n_test,
-        post_nms_top_n_test=rpn_post_nms_top_n_test,
-        nms_thresh=rpn_nms_thresh,
-        min_size=rpn_min_size,
-        allowed_border=rpn_allowed_border,
-        crowd_iof_thresh=rpn_crowd_iof_thresh,
-    )
-    heads_class = ContextRoIHeads if global_context else RoIHeads
-    predictor_in = 2 * head_dim if global_context else head_dim
-    roi_heads = heads_class(
-        RoIPooler(
-            output_size=pooler_resolution,
-            spatial_scale=1.0 / trunk.stride,
-            pooler_type=pooler_type,
-            sampling_ratio=sampling_ratio,
-        ),
-        BoxHead(conv5_head, out_features=head_dim),
-        FastRCNNPredictor(predictor_in, int(num_classes) + 1, class_agnostic_bbox=class_agnostic_bbox),
-        fg_iou_thresh=roi_fg_iou_thresh,
-        bg_iou_thresh_hi=roi_bg_iou_thresh_hi,
-        bg_iou_thresh_lo=roi_bg_iou_thresh_lo,
-        batch_size_per_image=roi_batch_size_per_image,
-        positive_fraction=roi_positive_fraction,
-        bbox_reg_weights=bbox_reg_weights,
-        score_thresh=score_thresh,
-        nms_thresh=nms_thresh,
-        detections_per_img=detections_per_img,
-        add_gt_as_proposals=add_gt_as_proposals,
-        crowd_iof_thresh=roi_crowd_iof_thresh,
-    )
-    return FasterRCNN(
-        trunk, rpn, roi_heads, pixel_mean=pixel_mean, pixel_std=pixel_std, size_divisibility=size_divisibility
-    )

@@ -3,87 +3,23 @@ inference."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import box_iou
 
-from detres.models.backbones.cpu_execution import CHANNELS_LAST_MIN_SIZE, cpu_roi_chunk
+from detres.models.backbones.cpu_execution import cpu_roi_chunk
 from detres.models.detection.box_coder import BoxCoder
+from detres.models.detection.box_head import BoxHead, FastRCNNPredictor
 from detres.models.detection.matcher import Matcher, crowd_ignore_mask
-from detres.models.detection.postprocess import check_postprocess_options, postprocess_boxes
+from detres.models.detection.postprocess import DetectionPostprocess
 from detres.models.detection.roi_pooler import RoIPooler
 from detres.models.detection.sampler import BalancedSampler, target_seeds
 
-__all__ = ["RoIPooler", "BoxHead", "FastRCNNPredictor", "RoIHeads"]
-
-
-class BoxHead(nn.Module):
-    """Post-RoI layers: run the per-region network (conv5_x + pooling) and return one vector per RoI.
-
-    Args:
-        conv5_head: module mapping [R,C,S,S] -> [R,D] or [R,D,1,1] (e.g. ResNetC5Head); the
-            same instance can be applied to any RoI set (regions, whole-image context box).
-        out_features: D; read from ``conv5_head.out_channels`` when omitted.
-    """
-
-    def __init__(self, conv5_head: nn.Module, *, out_features: int | None = None) -> None:
-        super().__init__()
-        if out_features is None:
-            out_features = getattr(conv5_head, "out_channels", None)
-        if out_features is None:
-            raise ValueError("BoxHead: pass out_features or give conv5_head an 'out_channels' attribute")
-        self.conv5_head = conv5_head
-        self.out_features = int(out_features)
-
-    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
-        """[R,C,S,S] pooled RoI features -> [R,D] region vectors."""
-        if pooled.dim() != 4:
-            raise ValueError(f"BoxHead: pooled features must be [R,C,S,S], got {tuple(pooled.shape)}")
-        if pooled.device.type == "cpu" and min(pooled.shape[2:]) >= CHANNELS_LAST_MIN_SIZE:
-            # oneDNN's convolutions (forward and backward) run faster on channels-last maps of this size;
-            # a no-op for the fast RoI pool's output, which already is channels-last.
-            pooled = pooled.contiguous(memory_format=torch.channels_last)
-        out = self.conv5_head(pooled)
-        if out.dim() == 4:
-            if out.shape[2:] != (1, 1):
-                raise ValueError(f"BoxHead: conv5_head returned a spatial map {tuple(out.shape)}; pool it first")
-            out = out.flatten(1)
-        if out.dim() != 2 or out.shape[1] != self.out_features:
-            raise ValueError(f"BoxHead: conv5_head output must be [R,{self.out_features}], got {tuple(out.shape)}")
-        return out
-
-
-class FastRCNNPredictor(nn.Module):
-    """The two sibling layers: class scores (K+1 incl. background) and per-class box deltas.
-
-    Args:
-        in_features: region vector size D.
-        num_classes: K+1, background included.
-        class_agnostic_bbox: one shared box regressor (4 outputs) instead of 4(K+1).
-    """
-
-    def __init__(self, in_features: int, num_classes: int, *, class_agnostic_bbox: bool = False) -> None:
-        super().__init__()
-        if num_classes < 2:
-            raise ValueError(f"FastRCNNPredictor: num_classes counts background and must be >= 2, got {num_classes}")
-        self.num_classes = int(num_classes)
-        self.class_agnostic_bbox = bool(class_agnostic_bbox)
-        self.cls_score = nn.Linear(in_features, num_classes)
-        self.bbox_pred = nn.Linear(in_features, 4 if class_agnostic_bbox else 4 * num_classes)
-        # Fast R-CNN initialisation: small Gaussians, zero biases.
-        nn.init.normal_(self.cls_score.weight, std=0.01)
-        nn.init.normal_(self.bbox_pred.weight, std=0.001)
-        nn.init.zeros_(self.cls_score.bias)
-        nn.init.zeros_(self.bbox_pred.bias)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """[R,D] -> (class_logits [R,K+1], box_deltas [R,4(K+1)] or [R,4] if class-agnostic)."""
-        if x.dim() > 2:
-            x = x.flatten(1)
-        return self.cls_score(x), self.bbox_pred(x)
+__all__ = ["RoIHeads"]
 
 
 def _check_targets(targets: Sequence[dict[str, torch.Tensor]], num_images: int) -> None:
@@ -136,32 +72,19 @@ class RoIHeads(nn.Module):
         box_head: BoxHead,
         predictor: FastRCNNPredictor,
         *,
-        fg_iou_thresh: float = 0.5,
-        bg_iou_thresh_hi: float = 0.5,
-        bg_iou_thresh_lo: float = 0.1,
-        batch_size_per_image: int = 128,
-        positive_fraction: float = 0.25,
-        bbox_reg_weights: Sequence[float] = (10.0, 10.0, 5.0, 5.0),
-        score_thresh: float = 0.05,
-        nms_thresh: float = 0.3,
-        detections_per_img: int = 100,
+        fg_iou_thresh: float,
+        bg_iou_thresh_hi: float,
+        bg_iou_thresh_lo: float,
+        batch_size_per_image: int,
+        positive_fraction: float,
+        bbox_reg_weights: Sequence[float],
+        crowd_iof_thresh: float,
+        postprocess: DetectionPostprocess,
         add_gt_as_proposals: bool = True,
         smooth_l1_beta: float = 1.0,
         inference_roi_chunk: int = 32,
-        crowd_iof_thresh: float = 0.7,
-        nms_method: str = "nms",
-        soft_nms_sigma: float = 0.5,
-        soft_nms_score_thresh: float = 0.001,
-        box_voting: bool = False,
-        box_voting_iou: float = 0.5,
     ) -> None:
         super().__init__()
-        check_postprocess_options(
-            nms_method=nms_method,
-            soft_nms_sigma=soft_nms_sigma,
-            soft_nms_score_thresh=soft_nms_score_thresh,
-            box_voting_iou=box_voting_iou,
-        )
         if not 0.0 <= bg_iou_thresh_lo <= bg_iou_thresh_hi <= fg_iou_thresh <= 1.0:
             raise ValueError(
                 "RoIHeads: need 0 <= bg_iou_thresh_lo <= bg_iou_thresh_hi <= fg_iou_thresh <= 1, got "
@@ -181,19 +104,11 @@ class RoIHeads(nn.Module):
         self.bg_iou_thresh_lo = float(bg_iou_thresh_lo)
         self.batch_size_per_image = int(batch_size_per_image)
         self.positive_fraction = float(positive_fraction)
-        self.score_thresh = float(score_thresh)
-        self.nms_thresh = float(nms_thresh)
-        self.detections_per_img = int(detections_per_img)
         self.add_gt_as_proposals = bool(add_gt_as_proposals)
         self.smooth_l1_beta = float(smooth_l1_beta)
         self.inference_roi_chunk = int(inference_roi_chunk)
         self.crowd_iof_thresh = float(crowd_iof_thresh)
-        # Test-time post-processing (see postprocess_boxes): plain attributes, so a tool may override them.
-        self.nms_method = str(nms_method)
-        self.soft_nms_sigma = float(soft_nms_sigma)
-        self.soft_nms_score_thresh = float(soft_nms_score_thresh)
-        self.box_voting = bool(box_voting)
-        self.box_voting_iou = float(box_voting_iou)
+        self.postprocess = postprocess  # test time: score threshold, per-class NMS, top-k, voting
         self.box_coder = BoxCoder(weights=tuple(bbox_reg_weights))
         # IoU >= fg -> matched gt index; IoU < hi -> -1 (background candidate); between -> -2.
         self.matcher = Matcher(
@@ -203,6 +118,34 @@ class RoIHeads(nn.Module):
         )
         self.sampler = BalancedSampler(
             batch_size_per_image=self.batch_size_per_image, positive_fraction=self.positive_fraction, stream=2
+        )
+
+    @classmethod
+    def from_config(
+        cls,
+        roi_cfg: Mapping[str, Any],
+        *,
+        pooler: RoIPooler,
+        box_head: BoxHead,
+        predictor: FastRCNNPredictor,
+        **options: Any,
+    ) -> RoIHeads:
+        """The heads of a ``model.roi_heads`` config tree around the given pooler, box head and predictor;
+        ``options``: constructor arguments that have no config key (``add_gt_as_proposals``, ``smooth_l1_beta``,
+        ``inference_roi_chunk``)."""
+        return cls(
+            pooler,
+            box_head,
+            predictor,
+            fg_iou_thresh=float(roi_cfg["fg_iou_thresh"]),
+            bg_iou_thresh_hi=float(roi_cfg["bg_iou_thresh_hi"]),
+            bg_iou_thresh_lo=float(roi_cfg["bg_iou_thresh_lo"]),
+            batch_size_per_image=int(roi_cfg["batch_size_per_image"]),
+            positive_fraction=float(roi_cfg["positive_fraction"]),
+            bbox_reg_weights=[float(w) for w in roi_cfg["bbox_reg_weights"]],
+            crowd_iof_thresh=float(roi_cfg["crowd_iof_thresh"]),
+            postprocess=DetectionPostprocess.from_config(roi_cfg),
+            **options,
         )
 
     # ----------------------------------------------------------------------------------- training
@@ -297,14 +240,21 @@ class RoIHeads(nn.Module):
     ) -> torch.Tensor:
         """Pool every proposal and run the box head: [sum Ni, D]. ``image_sizes`` is for subclasses (context:
         :class:`detres.models.detection.context.ContextRoIHeads`)."""
+        return self.pooled_box_head(features, proposals)
+
+    def pooled_box_head(self, features: torch.Tensor, rois: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The box head on ``rois`` (per image) pooled from ``features``: [sum Ni, D], rows image by image.
+
+        At inference on CPU, in chunks of at most :func:`cpu_roi_chunk` RoIs of one image (see the class
+        docstring): the same rows in the same order as the one-shot call, with a fraction of its memory.
+        """
         chunk = cpu_roi_chunk(self.inference_roi_chunk)
-        if self.training or chunk <= 0 or features.device.type != "cpu" or sum(p.shape[0] for p in proposals) <= chunk:
-            return self.box_head(self.pooler(features, proposals))
-        # Image by image, chunk by chunk: the same rows in the same order as the one-shot call.
+        if self.training or chunk <= 0 or features.device.type != "cpu" or sum(r.shape[0] for r in rois) <= chunk:
+            return self.box_head(self.pooler(features, rois))
         parts = [
-            self.box_head(self.pooler(features[i : i + 1], [props[start : start + chunk]]))
-            for i, props in enumerate(proposals)
-            for start in range(0, props.shape[0], chunk)
+            self.box_head(self.pooler(features[i : i + 1], [boxes[start : start + chunk]]))
+            for i, boxes in enumerate(rois)
+            for start in range(0, boxes.shape[0], chunk)
         ]
         return torch.cat(parts)
 
@@ -335,7 +285,7 @@ class RoIHeads(nn.Module):
         proposals: Sequence[torch.Tensor],
         image_sizes: Sequence[tuple[int, int]],
     ) -> list[dict[str, torch.Tensor]]:
-        """Softmax, decode, clip, score threshold, per-class NMS (or soft-NMS), top-k, optional box voting."""
+        """Softmax, decode, then :attr:`postprocess` (score threshold, per-class NMS or soft-NMS, top-k, voting)."""
         probs, boxes = self.decode_predictions(class_logits, box_deltas, proposals)
         return self.postprocess_decoded(probs, boxes, image_sizes)
 
@@ -345,29 +295,12 @@ class RoIHeads(nn.Module):
         boxes: Sequence[torch.Tensor],
         image_sizes: Sequence[tuple[int, int]],
         *,
-        box_voting: bool | None = None,
-        box_voting_iou: float | None = None,
+        postprocess: DetectionPostprocess | None = None,
     ) -> list[dict[str, torch.Tensor]]:
-        """The heads' post-processing of decoded per-image probabilities / boxes (also used by box refinement);
-        ``box_voting`` / ``box_voting_iou`` override the heads' settings when given."""
-        voting = self.box_voting if box_voting is None else box_voting
-        voting_iou = self.box_voting_iou if box_voting_iou is None else box_voting_iou
-        return [
-            postprocess_boxes(
-                p,
-                b,
-                hw,
-                score_thresh=self.score_thresh,
-                nms_thresh=self.nms_thresh,
-                detections_per_img=self.detections_per_img,
-                nms_method=self.nms_method,
-                soft_nms_sigma=self.soft_nms_sigma,
-                soft_nms_score_thresh=self.soft_nms_score_thresh,
-                box_voting=voting,
-                box_voting_iou=voting_iou,
-            )
-            for p, b, hw in zip(probs, boxes, image_sizes)
-        ]
+        """Per image, the detections of decoded probabilities / boxes (also the test-time augmentation's last step);
+        ``postprocess``: another post-processing than the heads' own (a test configuration's)."""
+        step = self.postprocess if postprocess is None else postprocess
+        return [step(p, b, hw) for p, b, hw in zip(probs, boxes, image_sizes)]
 
     def forward(
         self,

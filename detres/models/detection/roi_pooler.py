@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -32,10 +33,10 @@ class RoIPooler(nn.Module):
     def __init__(
         self,
         *,
-        output_size: int = 14,
-        spatial_scale: float = 1.0 / 16,
-        pooler_type: str = "roi_pool",
-        sampling_ratio: int = 0,
+        output_size: int,
+        spatial_scale: float,
+        pooler_type: str,
+        sampling_ratio: int,
         aligned: bool = False,
         fast_max_pool: bool = True,
     ) -> None:
@@ -52,6 +53,16 @@ class RoIPooler(nn.Module):
         self.sampling_ratio = int(sampling_ratio)
         self.aligned = bool(aligned)
         self.fast_max_pool = bool(fast_max_pool)
+
+    @classmethod
+    def from_config(cls, roi_cfg: Mapping[str, Any], *, spatial_scale: float) -> RoIPooler:
+        """The pooler of a ``model.roi_heads`` config tree on a feature map of ``spatial_scale`` (1 / stride)."""
+        return cls(
+            output_size=int(roi_cfg["pooler_resolution"]),
+            spatial_scale=float(spatial_scale),
+            pooler_type=str(roi_cfg["pooler_type"]),
+            sampling_ratio=int(roi_cfg["sampling_ratio"]),
+        )
 
     def forward(self, features: torch.Tensor, boxes: Sequence[torch.Tensor]) -> torch.Tensor:
         """features [B,C,H,W], boxes: B tensors [Ni,4] (input-image xyxy) -> [sum Ni, C, S, S]."""

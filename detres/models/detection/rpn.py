@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -12,58 +13,11 @@ from torchvision.ops import batched_nms, box_iou
 from detres.models.detection.anchors import AnchorGenerator
 from detres.models.detection.box_coder import BoxCoder
 from detres.models.detection.matcher import Matcher, crowd_ignore_mask
+from detres.models.detection.rpn_head import RPNHead
 from detres.models.detection.sampler import BalancedSampler, target_seeds
 from detres.structures.boxes import boxes_inside_image, check_image_hw, clip_boxes, nonempty_mask
 
 __all__ = ["RPNHead", "RegionProposalNetwork"]
-
-
-class RPNHead(nn.Module):
-    """3x3 conv + ReLU, then sibling 1x1 convs: objectness logits and box deltas for every anchor.
-
-    With ``num_classes`` = 1 (Faster R-CNN) the cls layer has A outputs (sigmoid) and the reg layer 4A.
-    With ``num_classes`` = K (the per-class RPN of the ResNet paper's Appendix C) both are in per-class
-    form: A*K binary logistic outputs and A*K*4 deltas. Channels are anchor-major, then class, then
-    coordinate: cls channel a*K + k, reg channel (a*K + k)*4 + j (j = dx, dy, dw, dh); with K = 1 this
-    is Ren et al.'s layout, so K = 1 checkpoints are unchanged.
-
-    forward(x [B, C, H, W]) -> (logits [B, A*K, H, W], deltas [B, 4*A*K, H, W]); :meth:`flatten` turns
-    them into per-anchor rows.
-    """
-
-    def __init__(
-        self, in_channels: int, num_anchors: int, conv_channels: int | None = None, *, num_classes: int = 1
-    ) -> None:
-        super().__init__()
-        if int(in_channels) <= 0 or int(num_anchors) <= 0 or int(num_classes) <= 0:
-            raise ValueError(
-                f"RPNHead: in_channels, num_anchors and num_classes must be positive, got {in_channels}, "
-                f"{num_anchors} and {num_classes}"
-            )
-        conv_channels = int(in_channels) if conv_channels is None else int(conv_channels)
-        self.num_anchors = int(num_anchors)
-        self.num_classes = int(num_classes)
-        outputs = self.num_anchors * self.num_classes
-        self.conv = nn.Conv2d(in_channels, conv_channels, kernel_size=3, padding=1)
-        self.cls_logits = nn.Conv2d(conv_channels, outputs, kernel_size=1)
-        self.bbox_pred = nn.Conv2d(conv_channels, 4 * outputs, kernel_size=1)
-        # Ren et al.: new layers drawn from N(0, 0.01^2), zero bias.
-        for layer in (self.conv, self.cls_logits, self.bbox_pred):
-            nn.init.normal_(layer.weight, std=0.01)
-            nn.init.zeros_(layer.bias)
-
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        hidden = F.relu(self.conv(x))
-        return self.cls_logits(hidden), self.bbox_pred(hidden)
-
-    def flatten(self, logits: Tensor, deltas: Tensor) -> tuple[Tensor, Tensor]:
-        """([B, A*K, h, w], [B, 4*A*K, h, w]) -> (logits [B, N, K], deltas [B, N, K, 4]), N = h*w*A in
-        (y, x, anchor) order, matching ``AnchorGenerator``."""
-        batch, _, height, width = logits.shape
-        a, k = self.num_anchors, self.num_classes
-        flat_logits = logits.view(batch, a, k, height, width).permute(0, 3, 4, 1, 2).reshape(batch, -1, k)
-        flat_deltas = deltas.view(batch, a, k, 4, height, width).permute(0, 4, 5, 1, 2, 3).reshape(batch, -1, k, 4)
-        return flat_logits, flat_deltas
 
 
 class RegionProposalNetwork(nn.Module):
@@ -100,20 +54,20 @@ class RegionProposalNetwork(nn.Module):
         anchor_generator: AnchorGenerator,
         head: RPNHead,
         *,
-        fg_iou_thresh: float = 0.7,
-        bg_iou_thresh: float = 0.3,
-        batch_size_per_image: int = 256,
-        positive_fraction: float = 0.5,
-        pre_nms_top_n_train: int = 12000,
-        post_nms_top_n_train: int = 2000,
-        pre_nms_top_n_test: int = 6000,
-        post_nms_top_n_test: int = 300,
-        nms_thresh: float = 0.7,
-        min_size: float = 0.0,
-        allowed_border: float = 0,
+        fg_iou_thresh: float,
+        bg_iou_thresh: float,
+        batch_size_per_image: int,
+        positive_fraction: float,
+        pre_nms_top_n_train: int,
+        post_nms_top_n_train: int,
+        pre_nms_top_n_test: int,
+        post_nms_top_n_test: int,
+        nms_thresh: float,
+        min_size: float,
+        allowed_border: float,
+        crowd_iof_thresh: float,
         box_coder_weights: Sequence[float] = (1.0, 1.0, 1.0, 1.0),
         smooth_l1_beta: float = 1.0 / 9,
-        crowd_iof_thresh: float = 0.7,
     ) -> None:
         super().__init__()
         num_anchors = anchor_generator.num_anchors_per_location()
@@ -142,6 +96,30 @@ class RegionProposalNetwork(nn.Module):
         self.allowed_border = float(allowed_border)
         self.smooth_l1_beta = float(smooth_l1_beta)
         self.crowd_iof_thresh = float(crowd_iof_thresh)
+
+    @classmethod
+    def from_config(
+        cls, rpn_cfg: Mapping[str, Any], *, anchor_generator: AnchorGenerator, head: RPNHead, **options: Any
+    ) -> RegionProposalNetwork:
+        """The RPN of a ``model.rpn`` config tree around the given anchors and head; ``options``: constructor
+        arguments that have no config key (``box_coder_weights``, ``smooth_l1_beta``)."""
+        return cls(
+            anchor_generator,
+            head,
+            fg_iou_thresh=float(rpn_cfg["fg_iou_thresh"]),
+            bg_iou_thresh=float(rpn_cfg["bg_iou_thresh"]),
+            batch_size_per_image=int(rpn_cfg["batch_size_per_image"]),
+            positive_fraction=float(rpn_cfg["positive_fraction"]),
+            pre_nms_top_n_train=int(rpn_cfg["pre_nms_top_n_train"]),
+            post_nms_top_n_train=int(rpn_cfg["post_nms_top_n_train"]),
+            pre_nms_top_n_test=int(rpn_cfg["pre_nms_top_n_test"]),
+            post_nms_top_n_test=int(rpn_cfg["post_nms_top_n_test"]),
+            nms_thresh=float(rpn_cfg["nms_thresh"]),
+            min_size=float(rpn_cfg["min_size"]),
+            allowed_border=float(rpn_cfg["allowed_border"]),
+            crowd_iof_thresh=float(rpn_cfg["crowd_iof_thresh"]),
+            **options,
+        )
 
     def _mode(self, mode: str | None) -> str:
         if mode is None:

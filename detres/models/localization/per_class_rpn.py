@@ -16,13 +16,16 @@ the losses (on the ground-truth class's outputs) and the per-class decoding are 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 from torchvision.ops import batched_nms
 
+from detres.models.detection.anchors import AnchorGenerator
 from detres.models.detection.rpn import RegionProposalNetwork
+from detres.models.detection.rpn_head import RPNHead
 from detres.models.detection.sampler import target_seeds
 from detres.structures.boxes import clip_boxes
 
@@ -41,6 +44,56 @@ class PerClassRPN(RegionProposalNetwork):
     Eval: :meth:`class_boxes` gives, for each requested class of each image, the top-scoring regressed
     anchors of that class (after NMS), i.e. the class-dependent box proposals.
     """
+
+    def __init__(
+        self,
+        anchor_generator: AnchorGenerator,
+        head: RPNHead,
+        *,
+        fg_iou_thresh: float,
+        bg_iou_thresh: float,
+        batch_size_per_image: int,
+        positive_fraction: float,
+        pre_nms_top_n_test: int,
+        nms_thresh: float,
+        allowed_border: float,
+    ) -> None:
+        # Only the training targets and the test-time per-class decoding are used: class boxes are capped by their
+        # own ``top_n``, no proposals are made in training, localization data has no crowd regions and every
+        # regressed anchor that is not degenerate is kept (min_size 0).
+        super().__init__(
+            anchor_generator,
+            head,
+            fg_iou_thresh=fg_iou_thresh,
+            bg_iou_thresh=bg_iou_thresh,
+            batch_size_per_image=batch_size_per_image,
+            positive_fraction=positive_fraction,
+            pre_nms_top_n_train=pre_nms_top_n_test,
+            post_nms_top_n_train=pre_nms_top_n_test,
+            pre_nms_top_n_test=pre_nms_top_n_test,
+            post_nms_top_n_test=pre_nms_top_n_test,
+            nms_thresh=nms_thresh,
+            min_size=0.0,
+            allowed_border=allowed_border,
+            crowd_iof_thresh=1.0,
+        )
+
+    @classmethod
+    def from_config(
+        cls, rpn_cfg: Mapping[str, Any], *, anchor_generator: AnchorGenerator, head: RPNHead
+    ) -> PerClassRPN:
+        """The per-class RPN of a ``task: loc`` config's ``model.rpn`` tree around the given anchors and head."""
+        return cls(
+            anchor_generator,
+            head,
+            fg_iou_thresh=float(rpn_cfg["fg_iou_thresh"]),
+            bg_iou_thresh=float(rpn_cfg["bg_iou_thresh"]),
+            batch_size_per_image=int(rpn_cfg["batch_size_per_image"]),
+            positive_fraction=float(rpn_cfg["positive_fraction"]),
+            pre_nms_top_n_test=int(rpn_cfg["pre_nms_top_n_test"]),
+            nms_thresh=float(rpn_cfg["nms_thresh"]),
+            allowed_border=float(rpn_cfg["allowed_border"]),
+        )
 
     def compute_class_loss(
         self,

@@ -16,24 +16,20 @@ from torchvision.ops import box_iou
 from detres.data.transforms.crop_warp import crop_and_warp, image_hw
 from detres.models.backbones.frozen_bn import convert_frozen_batchnorm
 from detres.models.detection.box_coder import BoxCoder
-from detres.models.localization.rpn_localizer import IMAGENET_MEAN_255, RPNLocalizer, loc_backbone_kwargs
+from detres.models.localization.rpn_localizer import RPNLocalizer, localizer_backbone, rebuild_localizer
 from detres.structures.boxes import clip_boxes
-from detres.utils.torch_files import load_checkpoint, save_checkpoint
+from detres.utils.torch_files import save_checkpoint
 
 __all__ = [
     "CROP_SOURCES",
     "RCNNLocalizer",
     "RPNRCNNLocalizer",
     "assign_rcnn_targets",
-    "build_rcnn_localizer",
     "load_rcnn_localizer",
     "load_rpn_rcnn_localizer",
-    "rcnn_localizer_kwargs_from_config",
     "rcnn_losses",
     "save_rcnn_localizer",
 ]
-
-RCNN_BOX_WEIGHTS = (10.0, 10.0, 5.0, 5.0)  # Fast R-CNN's per-class regression weights
 
 
 def assign_rcnn_targets(
@@ -109,13 +105,13 @@ class RCNNLocalizer(nn.Module):
         feature_dim: int,
         num_classes: int,
         pixel_mean: Sequence[float],
-        pixel_std: Sequence[float] = (1.0, 1.0, 1.0),
-        crop_size: int = 224,
-        context_padding: float = 0.0,
-        fg_iou_thresh: float = 0.5,
-        bbox_reg_weights: Sequence[float] = RCNN_BOX_WEIGHTS,
-        smooth_l1_beta: float = 1.0,
-        crop_source: str = "image",
+        pixel_std: Sequence[float],
+        crop_size: int,
+        context_padding: float,
+        fg_iou_thresh: float,
+        bbox_reg_weights: Sequence[float],
+        smooth_l1_beta: float,
+        crop_source: str,
     ) -> None:
         super().__init__()
         if int(num_classes) < 1:
@@ -132,11 +128,42 @@ class RCNNLocalizer(nn.Module):
         nn.init.normal_(self.bbox_pred.weight, std=0.001)
         nn.init.zeros_(self.cls_score.bias)
         nn.init.zeros_(self.bbox_pred.bias)
-        self.pixel_mean = tuple(float(v) for v in pixel_mean)
-        self.pixel_std = tuple(float(v) for v in pixel_std)
+        # buffers: the checkpoint's state_dict carries the backbone's normalisation (a rebuild does not read it)
+        self.register_buffer("pixel_mean", torch.as_tensor(pixel_mean, dtype=torch.float32).flatten())
+        self.register_buffer("pixel_std", torch.as_tensor(pixel_std, dtype=torch.float32).flatten())
         self.crop_size, self.context_padding = int(crop_size), float(context_padding)
         self.fg_iou_thresh, self.smooth_l1_beta = float(fg_iou_thresh), float(smooth_l1_beta)
         self.box_coder = BoxCoder(bbox_reg_weights)
+
+    @classmethod
+    def from_config(
+        cls, model_cfg: Mapping[str, Any], *, num_classes: int, load_weights: bool = True, frozen_bn: bool = True
+    ) -> RCNNLocalizer:
+        """The R-CNN-stage network of a ``task: loc`` config's ``model`` tree (``model.rcnn``: crops, targets, loss);
+        ``load_weights``: initialise the ResNet from ``model.weights`` (checked first; its fc is not used)."""
+        rcnn = model_cfg["rcnn"]
+        weights, mean, std = localizer_backbone(model_cfg, load_weights=load_weights)
+        body = _resnet_body(
+            int(model_cfg["depth"]),
+            base_width=int(model_cfg["base_width"]),
+            stride_in_1x1=bool(model_cfg["stride_in_1x1"]),
+            weights_path=weights,
+            freeze_at=int(model_cfg["freeze_at"]),
+            frozen_bn=frozen_bn,
+        )
+        return cls(
+            body,
+            feature_dim=body.out_channels,
+            num_classes=num_classes,
+            pixel_mean=mean,
+            pixel_std=std,
+            crop_size=int(rcnn["crop_size"]),
+            context_padding=float(rcnn["context_padding"]),
+            fg_iou_thresh=float(rcnn["fg_iou_thresh"]),
+            bbox_reg_weights=[float(w) for w in rcnn["bbox_reg_weights"]],
+            smooth_l1_beta=float(rcnn["smooth_l1_beta"]),
+            crop_source=str(rcnn["crop_source"]),
+        )
 
     def warp(self, image: np.ndarray | Tensor, rois: Tensor) -> Tensor:
         """The network's input for ``rois`` [N,4] of one image (0..255 RGB): normalised crops [N,3,S,S]."""
@@ -146,8 +173,8 @@ class RCNNLocalizer(nn.Module):
             rois.detach().float().cpu(),
             self.crop_size,
             self.context_padding,
-            pixel_mean=self.pixel_mean,
-            pixel_std=self.pixel_std,
+            pixel_mean=self.pixel_mean.cpu(),
+            pixel_std=self.pixel_std.cpu(),
         ).to(device)
 
     def forward(self, crops: Tensor) -> tuple[Tensor, Tensor]:
@@ -292,96 +319,27 @@ def _resnet_body(
     return resnet
 
 
-def build_rcnn_localizer(
-    *,
-    num_classes: int,
-    depth: int = 101,
-    base_width: int = 64,
-    stride_in_1x1: bool = False,
-    weights_path: str | os.PathLike | None = None,
-    freeze_at: int = 2,
-    frozen_bn: bool = True,
-    pixel_mean: Sequence[float] = IMAGENET_MEAN_255,
-    pixel_std: Sequence[float] = (1.0, 1.0, 1.0),
-    crop_size: int = 224,
-    context_padding: float = 0.0,
-    fg_iou_thresh: float = 0.5,
-    bbox_reg_weights: Sequence[float] = RCNN_BOX_WEIGHTS,
-    smooth_l1_beta: float = 1.0,
-    crop_source: str = "image",
-) -> RCNNLocalizer:
-    """An :class:`RCNNLocalizer` from explicit arguments; ``weights_path`` is a train_cls checkpoint (fc unused)."""
-    body = _resnet_body(
-        depth,
-        base_width=base_width,
-        stride_in_1x1=stride_in_1x1,
-        weights_path=weights_path,
-        freeze_at=int(freeze_at),
-        frozen_bn=bool(frozen_bn),
-    )
-    return RCNNLocalizer(
-        body,
-        feature_dim=body.out_channels,
-        num_classes=num_classes,
-        pixel_mean=pixel_mean,
-        pixel_std=pixel_std,
-        crop_size=crop_size,
-        context_padding=context_padding,
-        fg_iou_thresh=fg_iou_thresh,
-        bbox_reg_weights=bbox_reg_weights,
-        smooth_l1_beta=smooth_l1_beta,
-        crop_source=crop_source,
-    )
-
-
-def rcnn_localizer_kwargs_from_config(model_cfg: Mapping[str, Any], *, num_classes: int) -> dict[str, Any]:
-    """Explicit arguments of :func:`build_rcnn_localizer` from a ``task: loc`` config's ``model`` tree."""
-    rcnn = model_cfg["rcnn"]
-    if rcnn["crop_source"] not in CROP_SOURCES:
-        raise ValueError(f"model.rcnn.crop_source: must be one of {CROP_SOURCES}, got {rcnn['crop_source']!r}")
-    return {
-        "num_classes": int(num_classes),
-        **loc_backbone_kwargs(model_cfg),
-        "crop_size": int(rcnn["crop_size"]),
-        "context_padding": float(rcnn["context_padding"]),
-        "fg_iou_thresh": float(rcnn["fg_iou_thresh"]),
-        "bbox_reg_weights": [float(w) for w in rcnn["bbox_reg_weights"]],
-        "smooth_l1_beta": float(rcnn["smooth_l1_beta"]),
-        "crop_source": str(rcnn["crop_source"]),
-    }
-
-
 def rcnn_localizer_payload(
-    model: RCNNLocalizer, model_args: Mapping[str, Any], meta: Mapping[str, Any], **extra: Any
+    model: RCNNLocalizer, config: Mapping[str, Any], meta: Mapping[str, Any], **extra: Any
 ) -> dict[str, Any]:
-    """The contents of an R-CNN-stage checkpoint (``stage: rcnn``); ``extra`` adds e.g. iter, config, optimizer."""
-    return {
-        "model": model.state_dict(),
-        "model_args": dict(model_args, weights_path=None),
-        "meta": dict(meta),
-        "stage": "rcnn",
-        **extra,
-    }
+    """The contents of an R-CNN-stage checkpoint (``stage: rcnn``): weights, the ``task: loc`` config tree the
+    network is rebuilt from, metadata (``synsets``); ``extra`` adds e.g. iter, optimizer."""
+    tree = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    return {"model": model.state_dict(), "config": tree, "meta": dict(meta), "stage": "rcnn", **extra}
 
 
 def save_rcnn_localizer(
-    path: str | os.PathLike, model: RCNNLocalizer, model_args: Mapping[str, Any], meta: Mapping[str, Any], **extra: Any
+    path: str | os.PathLike, model: RCNNLocalizer, config: Mapping[str, Any], meta: Mapping[str, Any], **extra: Any
 ) -> None:
     """Write :func:`rcnn_localizer_payload` to ``path`` (atomically)."""
-    save_checkpoint(path, rcnn_localizer_payload(model, model_args, meta, **extra))
+    save_checkpoint(path, rcnn_localizer_payload(model, config, meta, **extra))
 
 
 def load_rcnn_localizer(
     path: str | os.PathLike, *, device: torch.device | str = "cpu"
 ) -> tuple[RCNNLocalizer, dict[str, Any]]:
     """Rebuild an R-CNN-stage checkpoint's network (eval mode); returns (model, metadata incl. config, iter)."""
-    state = load_checkpoint(path)
-    missing = [key for key in ("model", "model_args", "meta") if key not in state]
-    if missing or state.get("stage") != "rcnn":
-        raise ValueError(f"{path}: not a train_loc R-CNN-stage checkpoint (missing {missing or ['stage=rcnn']})")
-    model = build_rcnn_localizer(**dict(state["model_args"], weights_path=None))
-    model.load_state_dict(state["model"])
-    return model.to(device).eval(), dict(state["meta"], config=state.get("config"), iter=state.get("iter"))
+    return rebuild_localizer(path, network=RCNNLocalizer, stage="rcnn", device=device)
 
 
 def load_rpn_rcnn_localizer(

@@ -9,24 +9,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from detres.config.load import ConfigError, config_from_tree
+from detres.models.backbones.backbone_config import backbone_normalisation, check_backbone_checkpoint
 from detres.models.backbones.resnet_c4 import build_resnet_c4
 from detres.models.backbones.weights import check_backbone_bn_statistics
 from detres.models.detection.anchors import AnchorGenerator
-from detres.models.detection.rpn import RPNHead
+from detres.models.detection.rpn_head import RPNHead
 from detres.models.localization.per_class_rpn import PerClassRPN
 from detres.utils.torch_files import load_checkpoint
 
-__all__ = [
-    "RPNLocalizer",
-    "backbone_normalisation",
-    "build_rpn_localizer",
-    "check_loc_backbone",
-    "load_localizer",
-    "rpn_localizer_kwargs_from_config",
-]
-
-IMAGENET_MEAN_255 = (123.675, 116.28, 103.53)
-IMAGENET_STD_255 = (58.395, 57.12, 57.375)
+__all__ = ["RPNLocalizer", "load_localizer", "localizer_backbone", "rebuild_localizer"]
 
 
 class RPNLocalizer(nn.Module):
@@ -36,18 +28,35 @@ class RPNLocalizer(nn.Module):
     and requested class, the class's top regressed anchors (boxes in the input's pixels) and their scores.
     """
 
-    def __init__(
-        self,
-        trunk: nn.Module,
-        rpn: PerClassRPN,
-        *,
-        pixel_mean: Sequence[float],
-        pixel_std: Sequence[float] = (1.0, 1.0, 1.0),
-    ) -> None:
+    def __init__(self, trunk: nn.Module, rpn: PerClassRPN, *, pixel_mean: Sequence[float], pixel_std: Sequence[float]):
         super().__init__()
         self.trunk, self.rpn = trunk, rpn
         self.register_buffer("pixel_mean", torch.as_tensor(pixel_mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("pixel_std", torch.as_tensor(pixel_std, dtype=torch.float32).view(1, 3, 1, 1))
+
+    @classmethod
+    def from_config(
+        cls, model_cfg: Mapping[str, Any], *, num_classes: int, load_weights: bool = True, frozen_bn: bool = True
+    ) -> RPNLocalizer:
+        """The RPN-stage localizer of a ``task: loc`` config's ``model`` tree (K = ``num_classes`` per-class outputs).
+
+        ``load_weights``: initialise the trunk from ``model.weights`` (checked first); False builds the same network
+        for a checkpoint's state_dict. The per-class RPN reads ``model.rpn``; its ``allowed_border`` = -1 (the
+        default) keeps cross-boundary anchors: in a 224 crop most objects touch the border.
+        """
+        weights, mean, std = localizer_backbone(model_cfg, load_weights=load_weights)
+        trunk, _head, _ = build_resnet_c4(
+            int(model_cfg["depth"]),
+            weights_path=weights,
+            freeze_at=int(model_cfg["freeze_at"]),
+            stride_in_1x1=bool(model_cfg["stride_in_1x1"]),
+            frozen_bn=frozen_bn,
+            base_width=int(model_cfg["base_width"]),
+        )
+        anchors = AnchorGenerator.from_config(model_cfg, stride=trunk.stride)
+        head = RPNHead(trunk.out_channels, anchors.num_anchors_per_location(), num_classes=int(num_classes))
+        rpn = PerClassRPN.from_config(model_cfg["rpn"], anchor_generator=anchors, head=head)
+        return cls(trunk, rpn, pixel_mean=mean, pixel_std=std)
 
     @property
     def num_classes(self) -> int:
@@ -72,146 +81,49 @@ class RPNLocalizer(nn.Module):
         )[0]
 
 
-def build_rpn_localizer(
-    *,
-    num_classes: int,
-    depth: int = 101,
-    base_width: int = 64,
-    stride_in_1x1: bool = False,
-    weights_path: str | os.PathLike | None = None,
-    freeze_at: int = 2,
-    frozen_bn: bool = True,
-    pixel_mean: Sequence[float] = IMAGENET_MEAN_255,
-    pixel_std: Sequence[float] = (1.0, 1.0, 1.0),
-    anchor_sizes: Sequence[float] = (64, 128, 256),
-    aspect_ratios: Sequence[float] = (0.5, 1.0, 2.0),
-    fg_iou_thresh: float = 0.7,
-    bg_iou_thresh: float = 0.3,
-    batch_size_per_image: int = 8,
-    positive_fraction: float = 0.5,
-    pre_nms_top_n_test: int = 6000,
-    nms_thresh: float = 0.7,
-    allowed_border: float = -1,
-) -> RPNLocalizer:
-    """An :class:`RPNLocalizer` from explicit arguments (those of :func:`rpn_localizer_kwargs_from_config`).
-
-    ``weights_path``: a train_cls checkpoint of an ImageNet ResNet (its fc is not used); None = random init.
-    ``batch_size_per_image`` = 8 and ``positive_fraction`` = 0.5 are the paper's 8 anchors sampled 1:1.
-    ``allowed_border`` = -1 keeps cross-boundary anchors: in a 224 crop (or a 56 one) most objects touch the
-    border, and ignoring the anchors that cross it would leave few positives for large objects.
-    """
-    trunk, _head, _ = build_resnet_c4(
-        int(depth),
-        weights_path=weights_path,
-        freeze_at=int(freeze_at),
-        stride_in_1x1=bool(stride_in_1x1),
-        frozen_bn=bool(frozen_bn),
-        base_width=int(base_width),
-    )
-    anchors = AnchorGenerator(
-        sizes=[float(s) for s in anchor_sizes], aspect_ratios=[float(r) for r in aspect_ratios], stride=trunk.stride
-    )
-    head = RPNHead(trunk.out_channels, anchors.num_anchors_per_location(), num_classes=int(num_classes))
-    rpn = PerClassRPN(
-        anchors,
-        head,
-        fg_iou_thresh=float(fg_iou_thresh),
-        bg_iou_thresh=float(bg_iou_thresh),
-        batch_size_per_image=int(batch_size_per_image),
-        positive_fraction=float(positive_fraction),
-        pre_nms_top_n_test=int(pre_nms_top_n_test),
-        nms_thresh=float(nms_thresh),
-        allowed_border=float(allowed_border),
-    )
-    return RPNLocalizer(trunk, rpn, pixel_mean=pixel_mean, pixel_std=pixel_std)
-
-
-def backbone_normalisation(weights: str | os.PathLike | None) -> tuple[list[float], list[float]]:
-    """The per-channel mean/std (0..255) a train_cls backbone was trained with; ImageNet's for other files.
-
-    A checkpoint trained with a per-pixel mean image records its channel mean too; a fully-convolutional
-    localizer sees images of any size, so (as the detector does) it subtracts the channel mean.
-    """
-    if weights is None:
-        return list(IMAGENET_MEAN_255), [1.0, 1.0, 1.0]
-    state = load_checkpoint(weights, mmap=True)
-    stats = state.get("data_stats") if isinstance(state, dict) else None
-    if isinstance(stats, dict) and "model" in state:
-        mean = stats.get("fixed_mean") or [float(v) for v in stats["channel_mean"]]
-        std = stats.get("std") or [1.0, 1.0, 1.0]
-        return [float(v) for v in mean], [float(v) for v in std]
-    return list(IMAGENET_MEAN_255), list(IMAGENET_STD_255)
-
-
-def check_loc_backbone(weights: str, model_cfg: Mapping[str, Any]) -> None:
-    """A train_cls checkpoint records its architecture: refuse a config asking for another one."""
-    saved = load_checkpoint(weights, mmap=True).get("model_args") or {}
-    if saved.get("arch", "imagenet") != "imagenet":
-        raise ValueError(
-            f"{weights}: model.arch={saved['arch']!r}; the localizer needs an ImageNet ResNet "
-            "(train_cls model.arch=imagenet)"
-        )
-    for key in ("depth", "base_width", "stride_in_1x1"):
-        if key in saved and saved[key] != model_cfg[key]:
-            raise ValueError(
-                f"{weights} holds a backbone with {key}={saved[key]!r} but the config sets "
-                f"model.{key}={model_cfg[key]!r}"
-            )
-
-
-def loc_backbone_kwargs(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """The backbone arguments both localizer stages take from a ``task: loc`` config's ``model`` tree, after
-    checking the train_cls checkpoint (architecture, recomputed BN) and reading its normalisation."""
-    weights = model_cfg["weights"]
+def localizer_backbone(
+    model_cfg: Mapping[str, Any], *, load_weights: bool
+) -> tuple[str | None, list[float], list[float]]:
+    """What both localizer stages take from a ``task: loc`` config's ``model`` tree: the train_cls checkpoint to
+    load (checked: architecture, recomputed BN; None when not loading) and the normalisation it was trained with."""
+    weights = model_cfg["weights"] if load_weights else None
     if weights:
         if not os.path.isfile(weights):
             raise FileNotFoundError(f"model.weights: backbone checkpoint not found: {weights}")
-        check_loc_backbone(weights, model_cfg)
+        check_backbone_checkpoint(weights, model_cfg)
         # Appendix A/C: BN statistics recomputed after pre-training, then frozen (as for the detector)
         check_backbone_bn_statistics(weights, allow_unrecomputed_bn=bool(model_cfg["allow_unrecomputed_bn"]))
     mean, std = backbone_normalisation(weights or None)
-    return {
-        "depth": int(model_cfg["depth"]),
-        "base_width": int(model_cfg["base_width"]),
-        "stride_in_1x1": bool(model_cfg["stride_in_1x1"]),
-        "weights_path": weights or None,
-        "freeze_at": int(model_cfg["freeze_at"]),
-        "pixel_mean": mean,
-        "pixel_std": std,
-    }
-
-
-def rpn_localizer_kwargs_from_config(model_cfg: Mapping[str, Any], *, num_classes: int) -> dict[str, Any]:
-    """Explicit arguments of :func:`build_rpn_localizer` from a ``task: loc`` config's ``model`` tree."""
-    rpn = model_cfg["rpn"]
-    return {
-        "num_classes": int(num_classes),
-        **loc_backbone_kwargs(model_cfg),
-        "anchor_sizes": [float(s) for s in model_cfg["anchor_sizes"]],
-        "aspect_ratios": [float(r) for r in model_cfg["aspect_ratios"]],
-        **{
-            key: rpn[key]
-            for key in (
-                "fg_iou_thresh",
-                "bg_iou_thresh",
-                "batch_size_per_image",
-                "positive_fraction",
-                "pre_nms_top_n_test",
-                "nms_thresh",
-                "allowed_border",
-            )
-        },
-    }
+    return weights or None, mean, std
 
 
 def load_localizer(
     path: str | os.PathLike, *, device: torch.device | str = "cpu"
 ) -> tuple[RPNLocalizer, dict[str, Any]]:
     """Rebuild a train_loc checkpoint's localizer (eval mode); returns (model, metadata incl. synsets, config)."""
+    return rebuild_localizer(path, network=RPNLocalizer, stage="rpn", device=device)
+
+
+def rebuild_localizer(
+    path: str | os.PathLike, *, network: type[nn.Module], stage: str, device: torch.device | str = "cpu"
+) -> tuple[nn.Module, dict[str, Any]]:
+    """The one rebuild path of both localizer stages: the ``stage`` ("rpn" / "rcnn") checkpoint's ``network`` from
+    its config tree (``network.from_config``, the backbone file is not read) and weights, in eval mode; returns
+    (model, metadata incl. config and iter)."""
     state = load_checkpoint(path)
-    missing = [key for key in ("model", "model_args", "meta") if key not in state]
-    if missing or state.get("stage") != "rpn":
-        raise ValueError(f"{path}: not a train_loc RPN-stage checkpoint (missing {missing or ['stage=rpn']})")
-    model = build_rpn_localizer(**dict(state["model_args"], weights_path=None))
+    names = {"rpn": "RPN", "rcnn": "R-CNN"}
+    missing = [key for key in ("model", "config", "meta") if key not in state]
+    if missing or state.get("stage") != stage:
+        raise ValueError(
+            f"{path}: not a train_loc {names[stage]}-stage checkpoint (missing {missing or [f'stage={stage}']})"
+        )
+    try:
+        cfg = config_from_tree(state["config"], task="loc")
+    except ConfigError as exc:
+        raise ValueError(f"{path}: its config: {exc}") from None
+    synsets = state["meta"].get("synsets") if isinstance(state["meta"], Mapping) else None
+    if not isinstance(synsets, (list, tuple)) or not synsets:
+        raise ValueError(f"{path}: meta.synsets is missing or empty; a train_loc checkpoint records its classes")
+    model = network.from_config(cfg.model, num_classes=len(synsets), load_weights=False)
     model.load_state_dict(state["model"])
-    return model.to(device).eval(), dict(state["meta"], config=state.get("config"), iter=state.get("iter"))
+    return model.to(device).eval(), dict(state["meta"], config=state["config"], iter=state.get("iter"))

@@ -286,7 +286,7 @@ def test_backbone_without_recomputed_bn_is_refused_unless_allowed(tmp_path):
     import warnings
 
     from detres.models.backbones.weights import UnrecomputedBNError, check_backbone_bn_statistics
-    from detres.models.detection.faster_rcnn import build_faster_rcnn
+    from tests.tiny_configs import build_test_detector
 
     stale = _small_backbone_file(tmp_path / "last.pt", bn_recomputed=False)
     with pytest.raises(
@@ -294,19 +294,19 @@ def test_backbone_without_recomputed_bn_is_refused_unless_allowed(tmp_path):
         match=r"last\.pt: backbone BN statistics were not recomputed.*"
         r"model\.allow_unrecomputed_bn=true",
     ) as info:
-        build_faster_rcnn(depth=18, base_width=16, num_classes=2, weights_path=stale)
+        build_test_detector(2, depth=18, base_width=16, weights=str(stale))
     assert "\n" not in str(info.value)  # one line
     with pytest.warns(UserWarning, match=r"last\.pt: using a backbone whose BN statistics were not recomputed"):
         assert check_backbone_bn_statistics(stale, allow_unrecomputed_bn=True) is False
-        build_faster_rcnn(depth=18, base_width=16, num_classes=2, weights_path=stale, allow_unrecomputed_bn=True)
+        build_test_detector(2, depth=18, base_width=16, weights=str(stale), allow_unrecomputed_bn=True)
     # Not frozen: the statistics are not used as they are, nothing to check.
-    build_faster_rcnn(depth=18, base_width=16, num_classes=2, weights_path=stale, frozen_bn=False)
+    build_test_detector(2, depth=18, base_width=16, weights=str(stale), frozen_bn=False)
 
     good = _small_backbone_file(tmp_path / "model_final.pt", bn_recomputed=True)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # accepted silently
         assert check_backbone_bn_statistics(good) is True
-        build_faster_rcnn(depth=18, base_width=16, num_classes=2, weights_path=good)
+        build_test_detector(2, depth=18, base_width=16, weights=str(good))
 
 
 def test_backbone_that_records_nothing_is_accepted_with_a_warning(tmp_path):

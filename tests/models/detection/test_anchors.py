@@ -25,7 +25,7 @@ def test_cell_anchors_hand_values_stride16_size128():
 
 
 def test_cell_anchor_areas_are_size_squared_up_to_rounding():
-    gen = AnchorGenerator()
+    gen = AnchorGenerator(sizes=(128, 256, 512), aspect_ratios=(0.5, 1.0, 2.0), stride=16)
     cell = gen.cell_anchors()
     areas = (cell[:, 2] - cell[:, 0]) * (cell[:, 3] - cell[:, 1])
     sizes = torch.tensor([128.0, 256.0, 512.0]).repeat(3)  # ratio-major, then size
@@ -73,6 +73,6 @@ def test_matches_torchvision_anchor_generator_single_level():
 
 def test_invalid_arguments_raise():
     with pytest.raises(ValueError, match="sizes"):
-        AnchorGenerator(sizes=())
+        AnchorGenerator(sizes=(), aspect_ratios=(1.0,), stride=16)
     with pytest.raises(ValueError, match="feature_hw"):
-        AnchorGenerator()((0, 3))
+        AnchorGenerator(sizes=(128,), aspect_ratios=(1.0,), stride=16)((0, 3))

@@ -11,11 +11,13 @@ from torch import nn
 from torchvision.ops import roi_pool
 
 from detres.config.load import load_config
-from detres.models.build import build_detector, detector_kwargs_from_config, load_detector
+from detres.models.build import build_detector, detector_state, load_detector
+from detres.models.detection.box_head import BoxHead, FastRCNNPredictor
 from detres.models.detection.context import ContextRoIHeads
-from detres.models.detection.faster_rcnn import build_faster_rcnn
-from detres.models.detection.roi_heads import BoxHead, FastRCNNPredictor, RoIHeads, RoIPooler
+from detres.models.detection.roi_heads import RoIHeads
+from detres.models.detection.roi_pooler import RoIPooler
 from detres.utils.torch_files import save_checkpoint
+from tests.tiny_configs import build_test_detector, det_model_config
 
 
 class _TinyHead(nn.Module):
@@ -30,13 +32,21 @@ class _TinyHead(nn.Module):
         return self.conv(x).amax(dim=(2, 3))
 
 
-def _pair(**kwargs) -> tuple[ContextRoIHeads, RoIHeads, _TinyHead]:
+def _pair(roi_heads: dict | None = None, **kwargs) -> tuple[ContextRoIHeads, RoIHeads, _TinyHead]:
     """A context head and a baseline head sharing the same pooler and conv5 stand-in."""
     torch.manual_seed(0)
     head = _TinyHead()
-    pooler, box_head = RoIPooler(output_size=4, spatial_scale=1.0 / 16), BoxHead(head)
-    ctx = ContextRoIHeads(pooler, box_head, FastRCNNPredictor(2 * head.out_channels, 3), **kwargs)
-    base = RoIHeads(pooler, box_head, FastRCNNPredictor(head.out_channels, 3), **kwargs)
+    roi_cfg = det_model_config(roi_heads=roi_heads or {}).roi_heads
+    pooler, box_head = (
+        RoIPooler(output_size=4, spatial_scale=1.0 / 16, pooler_type="roi_pool", sampling_ratio=0),
+        BoxHead(head),
+    )
+    ctx = ContextRoIHeads.from_config(
+        roi_cfg, pooler=pooler, box_head=box_head, predictor=FastRCNNPredictor(2 * head.out_channels, 3), **kwargs
+    )
+    base = RoIHeads.from_config(
+        roi_cfg, pooler=pooler, box_head=box_head, predictor=FastRCNNPredictor(head.out_channels, 3), **kwargs
+    )
     return ctx, base, head
 
 
@@ -138,7 +148,7 @@ def _reference_loss(
 
 
 def test_training_gradients_reach_the_conv5_head_through_the_context_branch():
-    ctx, _, head = _pair(bg_iou_thresh_lo=0.0)
+    ctx, _, head = _pair(roi_heads={"bg_iou_thresh_lo": 0.0})
     _, batch = _alone_and_batched()
     features = batch.clone().requires_grad_()
     targets = [
@@ -178,21 +188,24 @@ def test_training_gradients_reach_the_conv5_head_through_the_context_branch():
 def test_context_heads_need_a_doubled_predictor():
     head = _TinyHead()
     with pytest.raises(ValueError, match="2 x 6 = 12"):
-        ContextRoIHeads(RoIPooler(output_size=4), BoxHead(head), FastRCNNPredictor(6, 3))
+        ContextRoIHeads.from_config(
+            det_model_config().roi_heads,
+            pooler=RoIPooler(output_size=4, spatial_scale=1 / 16, pooler_type="roi_pool", sampling_ratio=0),
+            box_head=BoxHead(head),
+            predictor=FastRCNNPredictor(6, 3),
+        )
 
 
-def _r18(**kwargs):
-    return build_faster_rcnn(
+def _r18(global_context: bool = False):
+    return build_test_detector(
+        3,
         depth=18,
         base_width=16,
-        num_classes=3,
-        anchor_sizes=(16, 32),
-        aspect_ratios=(1.0,),
-        rpn_pre_nms_top_n_test=100,
-        rpn_post_nms_top_n_test=10,
-        pooler_resolution=8,
-        score_thresh=0.0,
-        **kwargs,
+        anchor_sizes=[16, 32],
+        aspect_ratios=[1.0],
+        pixel_std=[1.0, 1.0, 1.0],
+        rpn={"pre_nms_top_n_test": 100, "post_nms_top_n_test": 10},
+        roi_heads={"pooler_resolution": 8, "score_thresh": 0.0, "global_context": global_context},
     )
 
 
@@ -210,7 +223,6 @@ def test_build_doubles_the_predictor_inputs_and_the_default_has_no_context():
     # The default config builds the baseline.
     cfg = load_config(None, [], task="det")
     assert cfg.model.roi_heads.global_context is False
-    assert detector_kwargs_from_config(cfg.model, num_classes=2)["global_context"] is False
 
 
 def test_config_to_checkpoint_round_trip_rebuilds_a_context_model(tmp_path):
@@ -226,19 +238,10 @@ def test_config_to_checkpoint_round_trip_rebuilds_a_context_model(tmp_path):
         ],
         task="det",
     )
-    kwargs = detector_kwargs_from_config(cfg.model, num_classes=2)
-    assert kwargs["global_context"] is True
     torch.manual_seed(0)
-    model = build_detector(**kwargs).eval()
+    model = build_detector(cfg.model, num_classes=2).eval()
     assert isinstance(model.roi_heads, ContextRoIHeads)
-    save_checkpoint(
-        tmp_path / "ctx.pt",
-        {
-            "model": model.state_dict(),
-            "model_args": dict(kwargs, weights_path=None),
-            "meta": {"class_names": ["a", "b"]},
-        },
-    )
+    save_checkpoint(tmp_path / "ctx.pt", detector_state(model, config=cfg, meta={"class_names": ["a", "b"]}))
     loaded, _ = load_detector(tmp_path / "ctx.pt")
     assert isinstance(loaded.roi_heads, ContextRoIHeads)
     image = torch.rand(3, 70, 90, generator=torch.Generator().manual_seed(0)) * 255
@@ -246,17 +249,11 @@ def test_config_to_checkpoint_round_trip_rebuilds_a_context_model(tmp_path):
         a, b = model([image])[0], loaded([image])[0]
     assert a["boxes"].shape[0] > 0
     assert all(torch.equal(a[k], b[k]) for k in ("boxes", "scores", "labels"))
-    # A checkpoint written before the option existed (no key) rebuilds the baseline.
-    plain_kwargs = {k: v for k, v in kwargs.items() if k != "global_context"}
-    plain = build_detector(**plain_kwargs)
-    save_checkpoint(
-        tmp_path / "old.pt",
-        {
-            "model": plain.state_dict(),
-            "model_args": dict(plain_kwargs, weights_path=None),
-            "meta": {"class_names": ["a", "b"]},
-        },
-    )
+    # A config tree that does not name the option (written before it existed) rebuilds the baseline.
+    tree = cfg.to_dict()
+    del tree["model"]["roi_heads"]["global_context"]
+    plain = build_detector(det_model_config(**tree["model"]), num_classes=2)
+    save_checkpoint(tmp_path / "old.pt", detector_state(plain, config=tree, meta={"class_names": ["a", "b"]}))
     old, _ = load_detector(tmp_path / "old.pt")
     assert type(old.roi_heads) is RoIHeads
     assert old.roi_heads.predictor.cls_score.in_features == old.roi_heads.box_head.out_features

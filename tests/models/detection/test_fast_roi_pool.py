@@ -150,7 +150,9 @@ def test_pooler_uses_the_fast_path_with_the_same_values(fast, monkeypatch):
     calls = []
     monkeypatch.setattr(roi_pooler_module, "fast_roi_pool", lambda *a, **k: calls.append(1) or fast_roi_pool(*a, **k))
     features, boxes = torch.randn(2, 8, 10, 12), [torch.rand(7, 4) * 150, torch.rand(3, 4) * 150]
-    pooled = RoIPooler(output_size=4, fast_max_pool=fast)(features, boxes)
+    pooled = RoIPooler(
+        output_size=4, spatial_scale=1 / 16, pooler_type="roi_pool", sampling_ratio=0, fast_max_pool=fast
+    )(features, boxes)
     assert len(calls) == int(fast)
     assert torch.equal(pooled, roi_pool(features, boxes, (4, 4), 1 / 16))
     assert pooled.is_contiguous(memory_format=torch.channels_last if fast else torch.contiguous_format)

@@ -12,30 +12,35 @@ from torchvision.ops import box_iou, nms
 from detres.models.backbones.resnet import BasicBlock, conv1x1
 from detres.models.backbones.resnet_c4 import ResNetC4Trunk, ResNetC5Head
 from detres.models.detection.anchors import AnchorGenerator
-from detres.models.detection.faster_rcnn import FasterRCNN, build_faster_rcnn
-from detres.models.detection.roi_heads import BoxHead, FastRCNNPredictor, RoIHeads, RoIPooler
-from detres.models.detection.rpn import RegionProposalNetwork, RPNHead
+from detres.models.detection.box_head import BoxHead, FastRCNNPredictor
+from detres.models.detection.faster_rcnn import FasterRCNN
+from detres.models.detection.roi_heads import RoIHeads
+from detres.models.detection.roi_pooler import RoIPooler
+from detres.models.detection.rpn import RegionProposalNetwork
+from detres.models.detection.rpn_head import RPNHead
+from tests.tiny_configs import build_test_detector, det_model_config
 
+IMAGENET_MEAN = (123.675, 116.28, 103.53)
 IMAGENET_STD = (58.395, 57.12, 57.375)
 
 
-def _small_r18(**kwargs) -> FasterRCNN:
-    """ResNet-18 Faster R-CNN sized for 64-96 px images and a CPU test budget."""
+def _small_r18(num_classes: int = 3, roi_heads: dict | None = None, **model) -> FasterRCNN:
+    """ResNet-18 Faster R-CNN sized for 64-96 px images and a CPU test budget (``model`` config overrides)."""
     torch.manual_seed(0)
-    args = dict(
-        depth=18,
-        num_classes=3,
-        anchor_sizes=(16, 32),
-        aspect_ratios=(1.0,),
-        rpn_pre_nms_top_n_train=200,
-        rpn_post_nms_top_n_train=40,
-        rpn_pre_nms_top_n_test=200,
-        rpn_post_nms_top_n_test=20,
-        roi_batch_size_per_image=16,
-        score_thresh=0.0,
-    )
-    args.update(kwargs)
-    return build_faster_rcnn(**args)
+    tree = {
+        "depth": 18,
+        "anchor_sizes": [16, 32],
+        "aspect_ratios": [1.0],
+        "pixel_std": [1.0, 1.0, 1.0],
+        "rpn": {
+            "pre_nms_top_n_train": 200,
+            "post_nms_top_n_train": 40,
+            "pre_nms_top_n_test": 200,
+            "post_nms_top_n_test": 20,
+        },
+        "roi_heads": {"batch_size_per_image": 16, "score_thresh": 0.0, **(roi_heads or {})},
+    }
+    return build_test_detector(num_classes, **{**tree, **model})
 
 
 def _targets() -> list[dict[str, torch.Tensor]]:
@@ -123,7 +128,7 @@ def test_r18_train_losses_and_gradients_with_zeroed_logits(monkeypatch) -> None:
     # RoIs, d loss_rpn_cls / d logit = (sigmoid(0) - y) / S over the S sampled anchors.
     # bg_iou_thresh_lo=0: proposals far from every gt are sampled as background too (with tied
     # objectness the proposals are arbitrary boxes, and both kinds of RoI should be in the batch)
-    model = _small_r18(roi_bg_iou_thresh_lo=0.0).train()
+    model = _small_r18(roi_heads={"bg_iou_thresh_lo": 0.0}).train()
     with torch.no_grad():
         for layer in (model.roi_heads.predictor.cls_score, model.rpn.head.cls_logits):
             layer.weight.zero_()
@@ -244,7 +249,7 @@ def test_default_build_freezes_bn_and_res2() -> None:
     assert all(p.requires_grad for p in model.roi_heads.box_head.parameters())
     assert model.roi_heads.predictor.cls_score.out_features == 4  # 3 object classes + background
     with pytest.raises(FileNotFoundError, match="missing.pth"):
-        build_faster_rcnn(depth=18, num_classes=3, weights_path="/nonexistent/missing.pth")
+        build_test_detector(3, depth=18, weights="/nonexistent/missing.pth")
 
 
 # -------------------------------------------------------------------------------- overfitting
@@ -293,18 +298,29 @@ def test_overfits_two_toy_images() -> None:
     # From scratch there are no checkpoint statistics to freeze: train BN and every stage.
     trunk = ResNetC4Trunk(net, freeze_at=0, frozen_bn=False)
     conv5 = ResNetC5Head(net, frozen_bn=False)
-    anchors = AnchorGenerator(sizes=(24, 32), aspect_ratios=(1.0,))
-    rpn = RegionProposalNetwork(
-        anchors,
-        RPNHead(trunk.out_channels, anchors.num_anchors_per_location()),
-        batch_size_per_image=64,
-        pre_nms_top_n_train=300,
-        post_nms_top_n_train=64,
-        pre_nms_top_n_test=300,
-        post_nms_top_n_test=32,
+    cfg = det_model_config(
+        anchor_sizes=[24, 32],
+        aspect_ratios=[1.0],
+        rpn={
+            "batch_size_per_image": 64,
+            "pre_nms_top_n_train": 300,
+            "post_nms_top_n_train": 64,
+            "pre_nms_top_n_test": 300,
+            "post_nms_top_n_test": 32,
+        },
+        roi_heads={"batch_size_per_image": 32},
     )
-    heads = RoIHeads(RoIPooler(), BoxHead(conv5), FastRCNNPredictor(conv5.out_channels, 4), batch_size_per_image=32)
-    model = FasterRCNN(trunk, rpn, heads, pixel_std=IMAGENET_STD)
+    anchors = AnchorGenerator.from_config(cfg, stride=16)
+    rpn = RegionProposalNetwork.from_config(
+        cfg.rpn, anchor_generator=anchors, head=RPNHead(trunk.out_channels, anchors.num_anchors_per_location())
+    )
+    heads = RoIHeads.from_config(
+        cfg.roi_heads,
+        pooler=RoIPooler.from_config(cfg.roi_heads, spatial_scale=1 / 16),
+        box_head=BoxHead(conv5),
+        predictor=FastRCNNPredictor(conv5.out_channels, 4),
+    )
+    model = FasterRCNN(trunk, rpn, heads, pixel_mean=IMAGENET_MEAN, pixel_std=IMAGENET_STD)
     images, targets = _toy_images()
     opt = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9, weight_decay=1e-4)
     model.train()
@@ -355,7 +371,7 @@ def test_collated_batch_is_padded_once_and_gives_identical_detections(monkeypatc
 
     monkeypatch.setattr(collate_module, "pad_images", counting_pad)
     monkeypatch.setattr(faster_rcnn_module, "pad_images", counting_pad)
-    model = _small_r18(pixel_std=IMAGENET_STD).eval()
+    model = _small_r18(pixel_std=list(IMAGENET_STD)).eval()
     g = torch.Generator().manual_seed(1)
     images = [torch.rand(3, h, w, generator=g) * 255 for h, w in ((70, 90), (64, 50), (33, 97))]
     samples = [

@@ -6,7 +6,13 @@ import pytest
 import torch
 from torchvision.ops import clip_boxes_to_image, nms
 
-from detres.models.detection.postprocess import postprocess_boxes, rescale_detections
+from detres.models.detection.postprocess import DetectionPostprocess, rescale_detections
+from tests.tiny_configs import det_model_config
+
+
+def postprocess_boxes(probs: torch.Tensor, boxes: torch.Tensor, hw, **roi_heads) -> dict[str, torch.Tensor]:
+    """One image through the post-processing of a ``model.roi_heads`` tree with the ``roi_heads`` keys set."""
+    return DetectionPostprocess.from_config(det_model_config(roi_heads=roi_heads).roi_heads)(probs, boxes, hw)
 
 
 def _hand_case() -> tuple[torch.Tensor, torch.Tensor]:
@@ -213,5 +219,8 @@ def test_bad_postprocess_options() -> None:
         postprocess_boxes(probs, boxes, (20, 30), nms_method="soft")
     with pytest.raises(ValueError, match="soft_nms_sigma"):
         postprocess_boxes(probs, boxes, (20, 30), nms_method="soft_gaussian", soft_nms_sigma=0.0)
-    with pytest.raises(ValueError, match="box_voting_iou"):
+    with pytest.raises(ValueError, match="voting_iou"):
         postprocess_boxes(probs, boxes, (20, 30), box_voting=True, box_voting_iou=-0.1)
+    post = DetectionPostprocess.from_config(det_model_config().roi_heads)
+    with pytest.raises(ValueError, match="postprocess: class_probs must be"):
+        post(probs[:, 0], boxes, (20, 30))

@@ -10,9 +10,15 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import roi_align, roi_pool
 
+from detres.config.defaults import DET_DEFAULTS
 from detres.models.backbones.resnet import build_resnet
 from detres.models.backbones.resnet_c4 import ResNetC5Head
-from detres.models.detection.roi_heads import BoxHead, FastRCNNPredictor, RoIHeads, RoIPooler
+from detres.models.detection.box_head import BoxHead, FastRCNNPredictor
+from detres.models.detection.roi_heads import RoIHeads
+from detres.models.detection.roi_pooler import RoIPooler
+from tests.tiny_configs import det_model_config
+
+ROI_KEYS = set(DET_DEFAULTS["model"]["roi_heads"])
 
 
 class _TinyHead(nn.Module):
@@ -28,19 +34,28 @@ class _TinyHead(nn.Module):
 
 
 def _heads(**kwargs) -> RoIHeads:
+    """RoI heads with the config's defaults but for ``kwargs`` (``model.roi_heads`` keys, or constructor options)."""
     head = _TinyHead()
-    return RoIHeads(
-        RoIPooler(output_size=4, spatial_scale=1.0 / 16),
-        BoxHead(head),
-        FastRCNNPredictor(head.out_channels, 3),
-        **kwargs,
+    roi_cfg = det_model_config(roi_heads={k: v for k, v in kwargs.items() if k in ROI_KEYS}).roi_heads
+    return RoIHeads.from_config(
+        roi_cfg,
+        pooler=_pooler(4),
+        box_head=BoxHead(head),
+        predictor=FastRCNNPredictor(head.out_channels, 3),
+        **{k: v for k, v in kwargs.items() if k not in ROI_KEYS},
     )
+
+
+def _pooler(output_size: int = 14, **kwargs) -> RoIPooler:
+    """A stride-16 pooler: roi_pool unless ``kwargs`` say otherwise."""
+    args = {"spatial_scale": 1.0 / 16, "pooler_type": "roi_pool", "sampling_ratio": 0, **kwargs}
+    return RoIPooler(output_size=output_size, **args)
 
 
 # ------------------------------------------------------------------------------------ pooling
 def test_pooler_hand_example() -> None:
     feats = torch.arange(16.0).view(1, 1, 4, 4)
-    pooler = RoIPooler(output_size=2, spatial_scale=1.0 / 16)
+    pooler = _pooler(2)
     # roi_pool rounds x2/16 = 3 and counts cells 0..3 inclusive: the whole 4x4 map, max over each quadrant.
     out = pooler(feats, [torch.tensor([[0.0, 0.0, 48.0, 48.0]])])
     torch.testing.assert_close(out, torch.tensor([[[[5.0, 7.0], [13.0, 15.0]]]]))
@@ -54,7 +69,7 @@ def test_pooler_matches_torchvision_batch_index_format(pooler_type: str) -> None
     g = torch.Generator().manual_seed(0)
     feats = torch.randn(2, 5, 6, 8, generator=g)
     boxes = [torch.tensor([[0.0, 0.0, 40.0, 30.0], [16.0, 8.0, 120.0, 90.0]]), torch.tensor([[33.0, 17.0, 70.0, 80.0]])]
-    pooler = RoIPooler(output_size=14, spatial_scale=1.0 / 16, pooler_type=pooler_type, sampling_ratio=2)
+    pooler = _pooler(14, pooler_type=pooler_type, sampling_ratio=2)
     out = pooler(feats, boxes)
     assert out.shape == (3, 5, 14, 14)
     rois = torch.cat([torch.cat([torch.full((len(b), 1), float(i)), b], dim=1) for i, b in enumerate(boxes)])
@@ -68,7 +83,7 @@ def test_pooler_matches_torchvision_batch_index_format(pooler_type: str) -> None
 def test_pool_then_conv5_gives_7x7_and_region_vectors() -> None:
     torch.manual_seed(0)
     head = ResNetC5Head(build_resnet(18))
-    pooled = RoIPooler()(torch.randn(1, 256, 5, 6), [torch.tensor([[0.0, 0.0, 50.0, 60.0], [10.0, 10.0, 90.0, 70.0]])])
+    pooled = _pooler()(torch.randn(1, 256, 5, 6), [torch.tensor([[0.0, 0.0, 50.0, 60.0], [10.0, 10.0, 90.0, 70.0]])])
     assert pooled.shape == (2, 256, 14, 14)
     with torch.no_grad():
         assert head.forward_map(pooled).shape == (2, 512, 7, 7)
@@ -101,9 +116,9 @@ def test_box_head_runs_conv5_channels_last_on_large_maps_with_the_same_values_an
 
 def test_pooler_rejects_bad_input() -> None:
     with pytest.raises(ValueError, match="pooler_type"):
-        RoIPooler(pooler_type="psroi")
+        _pooler(pooler_type="psroi")
     with pytest.raises(ValueError, match="box tensors"):
-        RoIPooler()(torch.zeros(2, 1, 4, 4), [torch.zeros(1, 4)])
+        _pooler()(torch.zeros(2, 1, 4, 4), [torch.zeros(1, 4)])
 
 
 # ---------------------------------------------------------------------------------- predictor
@@ -358,7 +373,12 @@ def test_region_features_hook_supports_global_context(monkeypatch) -> None:
     torch.manual_seed(0)
     feats, props, targets, sizes = _features_and_targets()
     head = _TinyHead()
-    heads = _ContextRoIHeads(RoIPooler(output_size=4), BoxHead(head), FastRCNNPredictor(2 * head.out_channels, 3))
+    heads = _ContextRoIHeads.from_config(
+        det_model_config().roi_heads,
+        pooler=_pooler(4),
+        box_head=BoxHead(head),
+        predictor=FastRCNNPredictor(2 * head.out_channels, 3),
+    )
     sampled = _spy_on_sampling(heads, monkeypatch)
     region = []
     heads.predictor.register_forward_pre_hook(lambda m, args: region.append(args[0].detach()))
@@ -397,8 +417,8 @@ def test_decode_predictions_applies_class_specific_deltas() -> None:
     torch.testing.assert_close(boxes[0][0], props[0].expand(3, 4))
 
 
-def test_postprocess_options_reach_postprocess_boxes() -> None:
-    from detres.models.detection.postprocess import postprocess_boxes
+def test_postprocess_options_reach_the_heads_post_processing() -> None:
+    from detres.models.detection.postprocess import DetectionPostprocess
 
     props = [torch.tensor([[0.0, 0.0, 10.0, 10.0], [1.0, 1.0, 11.0, 11.0], [20.0, 5.0, 28.0, 15.0]])]
     logits = torch.tensor([[0.0, 3.0, 0.0], [0.0, 2.0, 1.0], [2.0, 0.0, 0.0]])
@@ -408,13 +428,21 @@ def test_postprocess_options_reach_postprocess_boxes() -> None:
     )
     heads = _heads(**options).eval()
     probs, boxes = heads.decode_predictions(logits, deltas, props)
-    expected = postprocess_boxes(
-        probs[0], boxes[0], (20, 30), score_thresh=0.05, nms_thresh=0.3, detections_per_img=100, **options
-    )
+    expected = DetectionPostprocess(
+        score_thresh=0.05,
+        nms_thresh=0.3,
+        detections_per_img=100,
+        nms_method="soft_gaussian",
+        soft_nms_sigma=0.3,
+        soft_nms_score_thresh=0.01,
+        voting=True,
+        voting_iou=0.4,
+    )(probs[0], boxes[0], (20, 30))
+    assert heads.postprocess == DetectionPostprocess.from_config(det_model_config(roi_heads=options).roi_heads)
     got = heads.postprocess_detections(logits, deltas, props, [(20, 30)])[0]
     assert all(torch.equal(got[k], expected[k]) for k in ("boxes", "scores", "labels"))
     # The defaults are the paper's: hard NMS, no voting.
-    plain = _heads()
-    assert (plain.nms_method, plain.box_voting, plain.box_voting_iou, plain.soft_nms_sigma) == ("nms", False, 0.5, 0.5)
+    plain = _heads().postprocess
+    assert (plain.nms_method, plain.voting, plain.voting_iou, plain.soft_nms_sigma) == ("nms", False, 0.5, 0.5)
     with pytest.raises(ValueError, match="nms_method"):
         _heads(nms_method="greedy")

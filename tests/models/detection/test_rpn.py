@@ -10,19 +10,26 @@ from torchvision.models.detection._utils import BoxCoder as TVBoxCoder
 from torchvision.ops import nms
 
 from detres.models.detection.anchors import AnchorGenerator
-from detres.models.detection.rpn import RegionProposalNetwork, RPNHead
+from detres.models.detection.rpn import RegionProposalNetwork
+from detres.models.detection.rpn_head import RPNHead
+from tests.tiny_configs import det_model_config
 
 
 def _toy_rpn(channels: int = 8, **kwargs) -> RegionProposalNetwork:
     # One 32x32 anchor per cell of a stride-16 map: the anchor of cell (y, x) is
     # [16x - 16, 16y - 16, 16x + 16, 16y + 16].
     gen = AnchorGenerator(sizes=(32,), aspect_ratios=(1.0,), stride=16)
-    return RegionProposalNetwork(gen, RPNHead(channels, gen.num_anchors_per_location()), **kwargs)
+    return _rpn(gen, RPNHead(channels, gen.num_anchors_per_location()), **kwargs)
 
 
 def _multi_rpn(channels: int = 8, **kwargs) -> RegionProposalNetwork:
     gen = AnchorGenerator(sizes=(16, 32, 64), aspect_ratios=(0.5, 1.0, 2.0), stride=16)
-    return RegionProposalNetwork(gen, RPNHead(channels, gen.num_anchors_per_location()), **kwargs)
+    return _rpn(gen, RPNHead(channels, gen.num_anchors_per_location()), **kwargs)
+
+
+def _rpn(gen: AnchorGenerator, head: RPNHead, **rpn) -> RegionProposalNetwork:
+    """An RPN with the config's defaults but for ``rpn`` (``model.rpn`` keys)."""
+    return RegionProposalNetwork.from_config(det_model_config(rpn=rpn).rpn, anchor_generator=gen, head=head)
 
 
 def test_head_shapes_and_init():
@@ -308,7 +315,7 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match=r"x2 <= x1"):
         rpn(features, [(64, 64)], [{"boxes": torch.tensor([[5.0, 5.0, 5.0, 9.0]])}])
     with pytest.raises(ValueError, match="anchors per location"):
-        RegionProposalNetwork(AnchorGenerator(), RPNHead(8, 3))
+        _rpn(AnchorGenerator(sizes=(128, 256, 512), aspect_ratios=(0.5, 1.0, 2.0), stride=16), RPNHead(8, 3))
 
 
 # ------------------------------------------------------------------------------------------ crowd regions

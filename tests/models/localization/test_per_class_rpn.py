@@ -8,17 +8,16 @@ import pytest
 import torch
 
 from detres.models.detection.anchors import AnchorGenerator
-from detres.models.detection.rpn import RPNHead
+from detres.models.detection.rpn_head import RPNHead
 from detres.models.localization.per_class_rpn import PerClassRPN
+from tests.tiny_configs import loc_model_config
 
 
 def _rpn(num_classes=3, **kwargs) -> PerClassRPN:
     torch.manual_seed(0)
     gen = AnchorGenerator(sizes=(32, 64), aspect_ratios=(1.0,), stride=16)
     head = RPNHead(8, gen.num_anchors_per_location(), num_classes=num_classes)
-    args = dict(batch_size_per_image=8, positive_fraction=0.5, allowed_border=-1)
-    args.update(kwargs)
-    return PerClassRPN(gen, head, **args)
+    return PerClassRPN.from_config(loc_model_config(rpn=kwargs).rpn, anchor_generator=gen, head=head)
 
 
 def test_flatten_layout_is_anchor_then_class_then_coordinate():
@@ -55,9 +54,9 @@ def test_losses_use_only_the_ground_truth_class_channel():
 
 def test_eight_anchors_sampled_half_positive_and_the_loss_of_a_zero_head_is_ln2():
     gen = AnchorGenerator(sizes=(48, 80, 96), aspect_ratios=(1.0,), stride=16)  # many anchors match the big boxes
-    rpn = PerClassRPN(
-        gen, RPNHead(8, 3, num_classes=3), batch_size_per_image=8, positive_fraction=0.5, allowed_border=-1
-    ).train()
+    rpn = PerClassRPN.from_config(
+        loc_model_config().rpn, anchor_generator=gen, head=RPNHead(8, 3, num_classes=3)
+    ).train()  # the loc defaults: 8 anchors, 1:1, cross-boundary anchors kept
     with torch.no_grad():
         rpn.head.cls_logits.weight.zero_()
     seen = []

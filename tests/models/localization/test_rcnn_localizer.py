@@ -11,20 +11,21 @@ from detres.config.load import load_config
 from detres.models.localization.rcnn_localizer import (
     RCNNLocalizer,
     assign_rcnn_targets,
-    build_rcnn_localizer,
     load_rcnn_localizer,
-    rcnn_localizer_kwargs_from_config,
     save_rcnn_localizer,
 )
 from detres.utils.torch_files import save_checkpoint
+from tests.tiny_configs import loc_model_config
 
 K = 3
-SMALL = {"num_classes": K, "depth": 18, "base_width": 8, "crop_size": 32}
+SMALL = {"depth": 18, "base_width": 8, "rcnn": {"crop_size": 32}}
 
 
-def _model(**kwargs) -> RCNNLocalizer:
+def _model(freeze_at: int = 2, **rcnn) -> RCNNLocalizer:
+    """A small R-CNN localizer; ``rcnn`` overrides its ``model.rcnn`` config keys."""
     torch.manual_seed(0)
-    return build_rcnn_localizer(**{**SMALL, **kwargs})
+    tree = {**SMALL, "freeze_at": freeze_at, "rcnn": {"crop_size": 32, **rcnn}}
+    return RCNNLocalizer.from_config(loc_model_config(**tree), num_classes=K)
 
 
 def test_target_assignment_iou_049_vs_051_and_own_class_only():
@@ -99,24 +100,30 @@ def test_score_and_refine_uses_the_given_class():
 
 
 def test_checkpoint_round_trip(tmp_path):
-    model = _model(context_padding=4.0).eval()
-    args = {**SMALL, "context_padding": 4.0}
-    save_rcnn_localizer(tmp_path / "m.pt", model, args, {"synsets": ["a", "b", "c"]}, iter=7)
+    model = _model(context_padding=4).eval()
+    tree = {"task": "loc", "model": {**SMALL, "rcnn": {"crop_size": 32, "context_padding": 4}}}
+    save_rcnn_localizer(tmp_path / "m.pt", model, tree, {"synsets": ["a", "b", "c"]}, iter=7)
     loaded, meta = load_rcnn_localizer(tmp_path / "m.pt")
     assert meta["synsets"] == ["a", "b", "c"] and meta["iter"] == 7 and loaded.context_padding == 4.0
     crops = model.warp(torch.rand(3, 40, 40) * 255, torch.tensor([[2.0, 3.0, 30.0, 35.0]]))
     for a, b in zip(model(crops), loaded(crops)):
         assert torch.equal(a, b)
-    save_checkpoint(tmp_path / "rpn.pt", {"model": {}, "model_args": {}, "meta": {}, "stage": "rpn"})
+    save_checkpoint(tmp_path / "rpn.pt", {"model": {}, "config": {}, "meta": {}, "stage": "rpn"})
     with pytest.raises(ValueError, match="R-CNN-stage"):
         load_rcnn_localizer(tmp_path / "rpn.pt")
 
 
-def test_kwargs_from_config_builds_the_model():
-    cfg = load_config(None, ["task=loc", "model.depth=18", "model.base_width=8", "model.rcnn.crop_size=32"])
-    kwargs = rcnn_localizer_kwargs_from_config(cfg.model, num_classes=5)
-    assert kwargs["fg_iou_thresh"] == 0.5 and kwargs["bbox_reg_weights"] == [10.0, 10.0, 5.0, 5.0]
-    model = build_rcnn_localizer(**kwargs)
+def test_from_config_builds_the_model():
+    cfg = load_config(
+        None,
+        ["task=loc", "model.depth=18", "model.base_width=8", "model.rcnn.crop_size=32", "model.rcnn.fg_iou_thresh=0.6"],
+    )
+    model = RCNNLocalizer.from_config(cfg.model, num_classes=5)
+    assert (
+        model.fg_iou_thresh == 0.6
+        and model.crop_size == 32
+        and tuple(model.box_coder.weights) == (10.0, 10.0, 5.0, 5.0)
+    )
     assert model.cls_score.out_features == 6 and model.bbox_pred.out_features == 20
     assert model(torch.zeros(2, 3, 32, 32))[0].shape == (2, 6)
 

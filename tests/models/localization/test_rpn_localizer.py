@@ -6,15 +6,21 @@ from __future__ import annotations
 import pytest
 import torch
 
-from detres.models.localization.rpn_localizer import RPNLocalizer, build_rpn_localizer, load_localizer
+from detres.config.load import load_config
+from detres.models.localization.rpn_localizer import RPNLocalizer, load_localizer
 from detres.utils.torch_files import save_checkpoint
+from tests.tiny_configs import loc_model_config
 
-ARGS = dict(num_classes=3, depth=18, base_width=8, anchor_sizes=(16, 32), aspect_ratios=(1.0,), pixel_mean=(10, 20, 30))
+MODEL = dict(depth=18, base_width=8, anchor_sizes=[16, 32], aspect_ratios=[1.0])
+
+
+def _localizer() -> RPNLocalizer:
+    return RPNLocalizer.from_config(loc_model_config(**MODEL), num_classes=3)
 
 
 def test_training_losses_and_class_boxes():
     torch.manual_seed(0)
-    model = build_rpn_localizer(**ARGS)
+    model = _localizer()
     assert isinstance(model, RPNLocalizer) and model.num_classes == 3 and model.rpn.sampler.batch_size_per_image == 8
     images = torch.rand(2, 3, 64, 64) * 255
     targets = [
@@ -34,13 +40,14 @@ def test_training_losses_and_class_boxes():
 
 
 def test_load_localizer_rebuilds_the_model(tmp_path):
-    model = build_rpn_localizer(**ARGS).eval()
+    model = _localizer().eval()
+    model.pixel_mean.copy_(torch.tensor([10.0, 20.0, 30.0]).view(1, 3, 1, 1))  # the checkpoint carries its statistics
     path = tmp_path / "loc.pt"
     save_checkpoint(
         path,
         {
             "model": model.state_dict(),
-            "model_args": dict(ARGS, weights_path=None),
+            "config": {"task": "loc", "model": MODEL},
             "meta": {"synsets": ["a", "b", "c"]},
             "stage": "rpn",
             "iter": 3,
@@ -56,6 +63,17 @@ def test_load_localizer_rebuilds_the_model(tmp_path):
 
 def test_load_localizer_refuses_other_checkpoints(tmp_path):
     path = tmp_path / "det.pt"
-    save_checkpoint(path, {"model": {}, "model_args": {}, "meta": {}})
+    save_checkpoint(path, {"model": {}, "config": {}, "meta": {}})
     with pytest.raises(ValueError, match="not a train_loc RPN-stage checkpoint"):
         load_localizer(path)
+
+
+def test_loc_config_values_reach_the_per_class_rpn():
+    cfg = load_config(
+        None,
+        ["task=loc", "model.depth=18", "model.base_width=8", "model.rpn.allowed_border=5", "model.rpn.nms_thresh=0.6"],
+    )
+    model = RPNLocalizer.from_config(cfg.model, num_classes=4)
+    assert model.rpn.allowed_border == 5 and model.rpn.nms_thresh == 0.6 and model.num_classes == 4
+    assert model.rpn.sampler.batch_size_per_image == cfg.model.rpn.batch_size_per_image
+    assert model.rpn.anchor_generator.sizes == tuple(float(s) for s in cfg.model.anchor_sizes)

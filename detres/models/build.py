@@ -130,7 +130,7 @@ def _backbone_normalisation(model_cfg: Mapping[str, Any]) -> tuple[list[float], 
     A train_cls checkpoint records the training-set channel mean (and std if it divided by one);
     torchvision-format and legacy CIFAR weights were trained with torchvision's ImageNet mean/std.
     """
-    from detres.data.transforms.classification import IMAGENET_MEAN_RGB, IMAGENET_STD_RGB
+    from detres.data.transforms.imagenet_stats import IMAGENET_MEAN_RGB, IMAGENET_STD_RGB
 
     weights = model_cfg["weights"]
     if weights:

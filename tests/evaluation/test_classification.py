@@ -14,13 +14,12 @@ from torch.utils.data import DataLoader, Dataset
 
 from detres.data.datasets.imagefolder import ImageFolderDataset
 from detres.data.transforms.classification import (
-    IMAGENET_MEAN_RGB,
-    IMAGENET_STD_RGB,
     CenterCropEvalTransform,
     MultiScaleEvalTransform,
     Normalize,
     TenCropEvalTransform,
 )
+from detres.data.transforms.imagenet_stats import IMAGENET_MEAN_RGB, IMAGENET_STD_RGB
 from detres.evaluation.classification import (
     dense_logits,
     dense_probs,

@@ -9,7 +9,7 @@ rather than an albumentations pipeline with its own random state.
 Normalisation (``Normalize``) works on 0..255 values: subtract either the per-pixel mean image
 (the papers' choice; it has the crop's size) or a per-channel mean, then optionally divide by a
 per-channel std (off in the papers; needed for checkpoints trained with ImageNet mean/std such as
-the shared CIFAR ResNets: ``mean=IMAGENET_MEAN_RGB, std=IMAGENET_STD_RGB``).
+the shared CIFAR ResNets: ``mean=IMAGENET_MEAN_RGB, std=IMAGENET_STD_RGB`` of ``imagenet_stats``).
 """
 
 from __future__ import annotations
@@ -22,9 +22,6 @@ import torch
 
 from detres.data.transforms.color_pca import PCAColorNoise, WorkerSeededRNG
 
-# torchvision's ImageNet statistics, rescaled from [0, 1] to 0..255.
-IMAGENET_MEAN_RGB: tuple[float, float, float] = (123.675, 116.28, 103.53)
-IMAGENET_STD_RGB: tuple[float, float, float] = (58.395, 57.12, 57.375)
 # ResNet Sec. 3.4: shorter sides used by the dense multi-scale test.
 PAPER_TEST_SCALES: tuple[int, ...] = (224, 256, 384, 480, 640)
 
@@ -345,7 +342,7 @@ class MultiScaleEvalTransform:
         return f"{type(self).__name__}(scales={self.scales}, normalize={self.normalize!r})"
 
 
-def build_train_transform(kind: str = "imagenet", **kwargs) -> ScaleAugmentTrainTransform | PadCropTrainTransform:
+def train_transform_for_kind(kind: str = "imagenet", **kwargs) -> ScaleAugmentTrainTransform | PadCropTrainTransform:
     """``kind="imagenet"``: scale augmentation (Sec. 3.4); ``kind="cifar"``: pad-4 crop-32 (Sec. 4.2).
     Keyword arguments go to the chosen class."""
     if kind == "imagenet":
@@ -355,7 +352,7 @@ def build_train_transform(kind: str = "imagenet", **kwargs) -> ScaleAugmentTrain
     raise ValueError(f"kind: expected 'imagenet' or 'cifar', got {kind!r}")
 
 
-def build_eval_transform(
+def eval_transform_for_mode(
     mode: str = "1crop", **kwargs
 ) -> CenterCropEvalTransform | TenCropEvalTransform | MultiScaleEvalTransform:
     """Test-time transform for ``evaluate_classifier``'s ``mode`` ("1crop", "10crop", "multiscale")."""

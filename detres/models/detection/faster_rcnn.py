@@ -10,7 +10,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from detres.data.collate import pad_images
-from detres.data.transforms.classification import IMAGENET_MEAN_RGB
+from detres.data.transforms.imagenet_stats import IMAGENET_MEAN_RGB
 from detres.models.backbones.resnet_c4 import build_resnet_c4
 from detres.models.backbones.vgg16_split import build_vgg16_c4
 from detres.models.detection.anchors import AnchorGenerator
@@ -18,10 +18,7 @@ from detres.models.detection.context import ContextRoIHeads
 from detres.models.detection.roi_heads import BoxHead, FastRCNNPredictor, RoIHeads, RoIPooler
 from detres.models.detection.rpn import RegionProposalNetwork, RPNHead
 
-__all__ = ["FasterRCNN", "build_faster_rcnn", "IMAGENET_PIXEL_MEAN"]
-
-# torchvision's ImageNet RGB mean on the 0..255 scale; the fallback when no checkpoint value is given.
-IMAGENET_PIXEL_MEAN = IMAGENET_MEAN_RGB
+__all__ = ["FasterRCNN", "build_faster_rcnn"]
 
 
 def _per_channel(values: Sequence[float], name: str) -> torch.Tensor:
@@ -59,7 +56,7 @@ class FasterRCNN(nn.Module):
         rpn: nn.Module,
         roi_heads: nn.Module,
         *,
-        pixel_mean: Sequence[float] = IMAGENET_PIXEL_MEAN,
+        pixel_mean: Sequence[float] = IMAGENET_MEAN_RGB,
         pixel_std: Sequence[float] = (1.0, 1.0, 1.0),
         size_divisibility: int = 16,
     ) -> None:
@@ -238,7 +235,7 @@ def build_faster_rcnn(
     vgg_width: int = 64,
     vgg_hidden: int = 4096,
     frozen_bn: bool = True,
-    pixel_mean: Sequence[float] = IMAGENET_PIXEL_MEAN,
+    pixel_mean: Sequence[float] = IMAGENET_MEAN_RGB,
     pixel_std: Sequence[float] = (1.0, 1.0, 1.0),
     size_divisibility: int = 16,
     anchor_sizes: Sequence[float] = (128, 256, 512),

@@ -14,9 +14,10 @@ from torch import Tensor, nn
 from torchvision.ops import box_iou
 
 from detres.data.transforms.crop_warp import crop_and_warp, image_hw
+from detres.data.transforms.imagenet_stats import IMAGENET_MEAN_RGB
 from detres.models.backbones.frozen_bn import convert_frozen_batchnorm
 from detres.models.detection.box_coder import BoxCoder
-from detres.models.localization.rpn_localizer import IMAGENET_MEAN_255, RPNLocalizer, loc_backbone_kwargs
+from detres.models.localization.rpn_localizer import RPNLocalizer, loc_backbone_kwargs
 from detres.structures.boxes import clip_boxes
 from detres.utils.torch_files import load_checkpoint, save_checkpoint
 
@@ -301,7 +302,7 @@ def build_rcnn_localizer(
     weights_path: str | os.PathLike | None = None,
     freeze_at: int = 2,
     frozen_bn: bool = True,
-    pixel_mean: Sequence[float] = IMAGENET_MEAN_255,
+    pixel_mean: Sequence[float] = IMAGENET_MEAN_RGB,
     pixel_std: Sequence[float] = (1.0, 1.0, 1.0),
     crop_size: int = 224,
     context_padding: float = 0.0,

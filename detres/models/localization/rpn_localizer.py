@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from detres.data.transforms.imagenet_stats import IMAGENET_MEAN_RGB, IMAGENET_STD_RGB
 from detres.models.backbones.resnet_c4 import build_resnet_c4
 from detres.models.backbones.weights import check_backbone_bn_statistics
 from detres.models.detection.anchors import AnchorGenerator
@@ -24,9 +25,6 @@ __all__ = [
     "load_localizer",
     "rpn_localizer_kwargs_from_config",
 ]
-
-IMAGENET_MEAN_255 = (123.675, 116.28, 103.53)
-IMAGENET_STD_255 = (58.395, 57.12, 57.375)
 
 
 class RPNLocalizer(nn.Module):
@@ -81,7 +79,7 @@ def build_rpn_localizer(
     weights_path: str | os.PathLike | None = None,
     freeze_at: int = 2,
     frozen_bn: bool = True,
-    pixel_mean: Sequence[float] = IMAGENET_MEAN_255,
+    pixel_mean: Sequence[float] = IMAGENET_MEAN_RGB,
     pixel_std: Sequence[float] = (1.0, 1.0, 1.0),
     anchor_sizes: Sequence[float] = (64, 128, 256),
     aspect_ratios: Sequence[float] = (0.5, 1.0, 2.0),
@@ -133,14 +131,14 @@ def backbone_normalisation(weights: str | os.PathLike | None) -> tuple[list[floa
     localizer sees images of any size, so (as the detector does) it subtracts the channel mean.
     """
     if weights is None:
-        return list(IMAGENET_MEAN_255), [1.0, 1.0, 1.0]
+        return list(IMAGENET_MEAN_RGB), [1.0, 1.0, 1.0]
     state = load_checkpoint(weights, mmap=True)
     stats = state.get("data_stats") if isinstance(state, dict) else None
     if isinstance(stats, dict) and "model" in state:
         mean = stats.get("fixed_mean") or [float(v) for v in stats["channel_mean"]]
         std = stats.get("std") or [1.0, 1.0, 1.0]
         return [float(v) for v in mean], [float(v) for v in std]
-    return list(IMAGENET_MEAN_255), list(IMAGENET_STD_255)
+    return list(IMAGENET_MEAN_RGB), list(IMAGENET_STD_RGB)
 
 
 def check_loc_backbone(weights: str, model_cfg: Mapping[str, Any]) -> None:

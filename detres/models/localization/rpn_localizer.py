@@ -19,7 +19,7 @@ from detres.utils.torch_files import load_checkpoint
 
 __all__ = [
     "RPNLocalizer",
-    "backbone_normalisation",
+    "backbone_normalization",
     "build_rpn_localizer",
     "check_loc_backbone",
     "load_localizer",
@@ -124,7 +124,7 @@ def build_rpn_localizer(
     return RPNLocalizer(trunk, rpn, pixel_mean=pixel_mean, pixel_std=pixel_std)
 
 
-def backbone_normalisation(weights: str | os.PathLike | None) -> tuple[list[float], list[float]]:
+def backbone_normalization(weights: str | os.PathLike | None) -> tuple[list[float], list[float]]:
     """The per-channel mean/std (0..255) a train_cls backbone was trained with; ImageNet's for other files.
 
     A checkpoint trained with a per-pixel mean image records its channel mean too; a fully-convolutional
@@ -167,7 +167,7 @@ def loc_backbone_kwargs(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
         check_loc_backbone(weights, model_cfg)
         # Appendix A/C: BN statistics recomputed after pre-training, then frozen (as for the detector)
         check_backbone_bn_statistics(weights, allow_unrecomputed_bn=bool(model_cfg["allow_unrecomputed_bn"]))
-    mean, std = backbone_normalisation(weights or None)
+    mean, std = backbone_normalization(weights or None)
     return {
         "depth": int(model_cfg["depth"]),
         "base_width": int(model_cfg["base_width"]),

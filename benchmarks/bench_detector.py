@@ -415,7 +415,7 @@ def count_flops(model: nn.Module, image: Image) -> dict[str, Any]:
     """FLOPs (2 per multiply-add) of one inference, total and by stage, via torch's FlopCounterMode.
 
     Counted at the dispatcher, so convs that detres runs functionally (frozen BN folded on the fly,
-    detres.models.backbones.conv_norm) count too; Conv2d forward hooks (detres.models.complexity) would miss them.
+    detres.models.backbones.conv_norm) count too, whatever module (if any) issued them.
     """
     with torch.inference_mode(), FlopCounterMode(display=False) as counter:
         model([image])

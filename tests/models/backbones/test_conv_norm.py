@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from detres.models.backbones.conv_norm import apply_conv_norm, apply_shortcut, conv_forward
+from detres.models.backbones.conv_norm import apply_conv_norm, apply_shortcut, conv_forward, fold_norm_into_conv
 from detres.models.backbones.cpu_execution import routes_pointwise_to_onednn
 from detres.models.backbones.frozen_bn import FrozenBatchNorm2d
 from detres.models.backbones.resnet_blocks import Bottleneck, ZeroPadShortcut
@@ -38,6 +38,22 @@ def test_frozen_bn_folds_with_the_same_values_and_gradients():
     torch.testing.assert_close(grads[1], conv.weight.grad, rtol=1e-4, atol=1e-4)
     # the fold records no BN node of its own: the graph is conv (+ the weight scaling), nothing on the activations
     assert "Mul" not in type(fused.grad_fn).__name__ and "Add" not in type(fused.grad_fn).__name__
+
+
+def test_fold_norm_into_conv_known_answer_with_a_conv_bias_and_no_affine():
+    eps = 1e-5
+    weight, bias = fold_norm_into_conv(
+        torch.full((1, 1, 1, 1), 2.0),
+        torch.tensor([1.0]),
+        running_mean=torch.tensor([0.5]),
+        running_var=torch.tensor([4.0 - eps]),  # sqrt(var + eps) = 2
+        eps=eps,
+        norm_weight=None,
+        norm_bias=None,
+    )
+    # (2x + 1 - 0.5) / 2 = x + 0.25
+    torch.testing.assert_close(weight, torch.full((1, 1, 1, 1), 1.0))
+    torch.testing.assert_close(bias, torch.tensor([0.25]))
 
 
 def test_other_norms_and_biased_convs_run_unchanged():

@@ -39,6 +39,7 @@ from detector_peer import build_torchvision_c4, load_detres_weights  # noqa: E40
 
 from detres.config.load import load_config  # noqa: E402
 from detres.models.build import build_detector, detector_kwargs_from_config  # noqa: E402
+from detres.models.detection.fast_roi_pool import single_thread_roi_pool  # noqa: E402
 
 NUM_CLASSES = 20  # VOC
 STAGES = ("preprocess", "trunk", "rpn", "roi_pool", "conv5_head", "predictor_postprocess")
@@ -1059,4 +1060,5 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    with single_thread_roi_pool():  # this process runs torch on one Python thread
+        main()

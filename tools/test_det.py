@@ -35,6 +35,7 @@ from detres.inference.postprocess_args import (  # noqa: E402
 )
 from detres.inference.test_time import options_from_config  # noqa: E402
 from detres.models.build import configure_postprocess  # noqa: E402
+from detres.models.detection.fast_roi_pool import single_thread_roi_pool  # noqa: E402
 from detres.utils.atomic import dumps_json  # noqa: E402
 
 
@@ -86,4 +87,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with single_thread_roi_pool():  # this process runs torch on one Python thread
+        sys.exit(main())

@@ -13,10 +13,10 @@ __all__ = ["apply_conv_norm", "apply_shortcut", "conv_forward", "fold_norm_into_
 
 def conv_forward(conv: nn.Conv2d, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """``conv``'s function of ``x`` with ``weight`` and ``bias`` in place of its own (float32 1x1 stride-1 convs
-    on CPU through oneDNN: :data:`detres.models.backbones.cpu_execution.POINTWISE_CPU_DILATION`)."""
+    on CPU through oneDNN unless :func:`detres.models.backbones.cpu_execution.cpu_pointwise_onednn` says otherwise;
+    the route is decided at every call)."""
     if cpu_execution.routes_pointwise_to_onednn(conv, x):
-        # read at call time, so that setting cpu_execution.POINTWISE_CPU_DILATION = 1 restores PyTorch's route
-        return F.conv2d(x, weight, bias, 1, 0, cpu_execution.POINTWISE_CPU_DILATION, 1)
+        return F.conv2d(x, weight, bias, 1, 0, cpu_execution.ONEDNN_POINTWISE_DILATION, 1)
     return conv._conv_forward(x, weight, bias)
 
 

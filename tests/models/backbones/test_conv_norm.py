@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from detres.models.backbones.conv_norm import apply_conv_norm, apply_shortcut, conv_forward, fold_norm_into_conv
-from detres.models.backbones.cpu_execution import routes_pointwise_to_onednn
+from detres.models.backbones.cpu_execution import cpu_pointwise_onednn, routes_pointwise_to_onednn
 from detres.models.backbones.frozen_bn import FrozenBatchNorm2d
 from detres.models.backbones.resnet_blocks import Bottleneck, ZeroPadShortcut
 
@@ -115,13 +115,18 @@ def test_other_convs_keep_their_own_route(conv, dtype, one_thread):
     assert torch.equal(conv_forward(conv, x, conv.weight, conv.bias), conv(x))
 
 
-def test_the_route_can_be_switched_back(one_thread, monkeypatch):
-    from detres.models.backbones import cpu_execution
-
+def test_the_route_can_be_switched_back(one_thread):
     conv, norm = nn.Conv2d(32, 16, 1, bias=False), _frozen(16)
     x = torch.randn(1, 32, 24, 30)
-    monkeypatch.setattr(cpu_execution, "POINTWISE_CPU_DILATION", 1)
-    assert "aten::_slow_conv2d_forward" in _kernels_run(lambda: apply_conv_norm(conv, norm, x))
+    with cpu_pointwise_onednn(False):
+        assert not routes_pointwise_to_onednn(conv, x)
+        kernels = _kernels_run(lambda: apply_conv_norm(conv, norm, x))
+        assert "aten::_slow_conv2d_forward" in kernels and "aten::mkldnn_convolution" not in kernels
+        with cpu_pointwise_onednn(True):  # nested blocks: the innermost choice holds
+            assert "aten::mkldnn_convolution" in _kernels_run(lambda: apply_conv_norm(conv, norm, x))
+    # the block's end restores the default route
+    assert routes_pointwise_to_onednn(conv, x)
+    assert "aten::mkldnn_convolution" in _kernels_run(lambda: apply_conv_norm(conv, norm, x))
 
 
 def test_only_the_gemm_bound_cases_are_rerouted(one_thread):

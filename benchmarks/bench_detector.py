@@ -38,8 +38,9 @@ from bench_roi_head import _randomise_norms, calibrate_scores  # noqa: E402
 from detector_peer import build_torchvision_c4, load_detres_weights  # noqa: E402
 
 from detres.config.load import Config, load_config  # noqa: E402
-from detres.models.backbones.backbone_config import model_normalisation  # noqa: E402
+from detres.models.backbones.backbone_config import model_normalization  # noqa: E402
 from detres.models.build import build_detector  # noqa: E402
+from detres.models.detection.fast_roi_pool import single_thread_roi_pool  # noqa: E402
 
 NUM_CLASSES = 20  # VOC
 STAGES = ("preprocess", "trunk", "rpn", "roi_pool", "conv5_head", "predictor_postprocess")
@@ -141,7 +142,7 @@ def randomise(model: nn.Module, image: Image, boxes: torch.Tensor, seed: int) ->
 
 def torchvision_peer(model_cfg: Config, image: Image) -> nn.Module:
     """The torchvision assembly of ``model_cfg``, normalising as detres does and resizing ``image`` by exactly 1."""
-    mean, std = model_normalisation(model_cfg)
+    mean, std = model_normalization(model_cfg)
     return build_torchvision_c4(
         model_cfg,
         num_classes=NUM_CLASSES,
@@ -428,7 +429,7 @@ def count_flops(model: nn.Module, image: Image) -> dict[str, Any]:
     """FLOPs (2 per multiply-add) of one inference, total and by stage, via torch's FlopCounterMode.
 
     Counted at the dispatcher, so convs that detres runs functionally (frozen BN folded on the fly,
-    detres.models.backbones.conv_norm) count too; Conv2d forward hooks (detres.models.complexity) would miss them.
+    detres.models.backbones.conv_norm) count too, whatever module (if any) issued them.
     """
     with torch.inference_mode(), FlopCounterMode(display=False) as counter:
         model([image])
@@ -1072,4 +1073,5 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    with single_thread_roi_pool():  # this process runs torch on one Python thread
+        main()

@@ -18,7 +18,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from detres.models.backbones.cpu_execution import POINTWISE_CPU_DILATION  # noqa: E402
+from detres.models.backbones.cpu_execution import ONEDNN_POINTWISE_DILATION  # noqa: E402
 
 # (in channels, out channels, height, width): ResNet-50 C4 trunk at 600x800 (conv2_x, conv3_x, conv4_x 1x1 convs)
 SHAPES = (
@@ -50,7 +50,7 @@ def measure(shape: tuple[int, int, int, int], channels_last: bool, repeats: int,
     weight = (torch.randn(cout, cin, 1, 1, generator=g) / cin**0.5).requires_grad_(True)
     bias = torch.randn(cout, generator=g).requires_grad_(True)
     grad_out = torch.randn(1, cout, h, w, generator=g).contiguous(memory_format=layout)
-    routes = {"aten_default": 1, "onednn": POINTWISE_CPU_DILATION}
+    routes = {"aten_default": 1, "onednn": ONEDNN_POINTWISE_DILATION}
     with torch.no_grad():
         outs = {name: F.conv2d(x, weight, bias, dilation=d) for name, d in routes.items()}
     torch.testing.assert_close(outs["onednn"], outs["aten_default"], rtol=1e-4, atol=1e-4)

@@ -32,6 +32,7 @@ if str(REPO_ROOT) not in sys.path:
 from detres.config.load import load_config  # noqa: E402
 from detres.inference.fast_path import count_batchnorm, prepare_for_inference  # noqa: E402
 from detres.models.backbones.resnet_c4 import build_resnet_c4  # noqa: E402
+from detres.models.detection.fast_roi_pool import single_thread_roi_pool  # noqa: E402
 from detres.models.detection.roi_heads import BoxHead, FastRCNNPredictor, RoIHeads, RoIPooler  # noqa: E402
 
 STAGES = ("pool", "conv5_head", "predictor", "postprocess")
@@ -483,4 +484,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    with single_thread_roi_pool():  # this process runs torch on one Python thread
+        raise SystemExit(main())

@@ -1,7 +1,9 @@
 """Benchmark RoI max pooling: torchvision.ops.roi_pool (serial CPU kernel) against detres's fast_roi_pool, same inputs.
 
 Variants: ``torchvision``; ``fast`` (contiguous output); ``fast_channels_last`` (channels-last output, what
-RoIPooler asks for). Every variant's output is checked equal to torchvision's before timing.
+RoIPooler asks for), both under ``single_thread_roi_pool()`` as the command-line tools run them;
+``fast_channels_last_caller_threads`` without it (the per-RoI loop at ``--threads``; the same as
+``fast_channels_last`` at 1 thread). Every variant's output is checked equal to torchvision's before timing.
 """
 
 from __future__ import annotations
@@ -23,12 +25,19 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from detres.models.detection.fast_roi_pool import fast_roi_pool  # noqa: E402
+from detres.models.detection.fast_roi_pool import fast_roi_pool, single_thread_roi_pool  # noqa: E402
+
+
+def _single_thread_loop(*args: object, channels_last: bool = False) -> torch.Tensor:
+    with single_thread_roi_pool():
+        return fast_roi_pool(*args, channels_last=channels_last)
+
 
 VARIANTS: dict[str, Callable[..., torch.Tensor]] = {
     "torchvision": roi_pool,
-    "fast": fast_roi_pool,
-    "fast_channels_last": lambda *a: fast_roi_pool(*a, channels_last=True),
+    "fast": _single_thread_loop,
+    "fast_channels_last": lambda *a: _single_thread_loop(*a, channels_last=True),
+    "fast_channels_last_caller_threads": lambda *a: fast_roi_pool(*a, channels_last=True),
 }
 
 PoolFn = Callable[[torch.Tensor, torch.Tensor, int, float], torch.Tensor]

@@ -25,6 +25,7 @@ from detres.engine.ablation import run_ablation  # noqa: E402
 from detres.engine.run.setup import resolve_device  # noqa: E402
 from detres.evaluation.ablation import ROW_NAMES, cost_warnings, markdown_table  # noqa: E402
 from detres.inference.test_config import split_overrides  # noqa: E402
+from detres.models.detection.fast_roi_pool import single_thread_roi_pool  # noqa: E402
 from detres.utils.atomic import write_json_atomic  # noqa: E402
 
 
@@ -72,4 +73,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with single_thread_roi_pool():  # this process runs torch on one Python thread
+        sys.exit(main())

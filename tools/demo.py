@@ -12,6 +12,7 @@ from pathlib import Path
 
 from detres.engine.demo import run_demo
 from detres.evaluation.ablation import cost_warnings, markdown_table
+from detres.models.detection.fast_roi_pool import single_thread_roi_pool
 from detres.utils.atomic import dumps_json
 
 
@@ -54,4 +55,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with single_thread_roi_pool():  # this process runs torch on one Python thread
+        sys.exit(main())

@@ -30,6 +30,7 @@ from detres.inference.ensemble import load_ensemble  # noqa: E402
 from detres.inference.predictor import Predictor  # noqa: E402
 from detres.inference.test_config import TestConfig, add_test_arguments  # noqa: E402
 from detres.inference.visualize import draw_detections, write_png  # noqa: E402
+from detres.models.detection.fast_roi_pool import single_thread_roi_pool  # noqa: E402
 from detres.utils.atomic import write_json_atomic  # noqa: E402
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
@@ -162,4 +163,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with single_thread_roi_pool():  # this process runs torch on one Python thread
+        sys.exit(main())

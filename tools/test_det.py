@@ -27,6 +27,7 @@ from detres.engine.det_test import test_detector  # noqa: E402
 from detres.engine.run.setup import resolve_device  # noqa: E402
 from detres.inference.ensemble import load_ensemble  # noqa: E402
 from detres.inference.test_config import TestConfig, add_test_arguments, split_overrides  # noqa: E402
+from detres.models.detection.fast_roi_pool import single_thread_roi_pool  # noqa: E402
 from detres.utils.atomic import dumps_json  # noqa: E402
 
 
@@ -75,4 +76,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with single_thread_roi_pool():  # this process runs torch on one Python thread
+        sys.exit(main())

@@ -26,6 +26,7 @@ from detres.engine.distributed import is_main_process  # noqa: E402
 from detres.engine.run.exit_status import run_training  # noqa: E402
 from detres.engine.run.resume_args import add_resume_arguments, resume_kwargs  # noqa: E402
 from detres.engine.tasks.detection import train_detector  # noqa: E402
+from detres.models.detection.fast_roi_pool import single_thread_roi_pool  # noqa: E402
 from detres.utils.atomic import dumps_json  # noqa: E402
 
 
@@ -53,4 +54,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with single_thread_roi_pool():  # this process runs torch on one Python thread
+        sys.exit(main())

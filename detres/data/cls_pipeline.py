@@ -10,9 +10,7 @@ import numpy as np
 import torch
 
 from detres.data.datasets.imagefolder import ImageFolderDataset, ImageListDataset
-from detres.data.transforms.classification import Normalize
-from detres.data.transforms.classification import build_eval_transform as _eval_transform
-from detres.data.transforms.classification import build_train_transform as _train_transform
+from detres.data.transforms.classification import Normalize, eval_transform_for_mode, train_transform_for_kind
 from detres.data.transforms.color_pca import ColorPCA, PCAColorNoise, compute_color_pca
 from detres.data.transforms.pixel_mean import PixelStats, compute_pixel_stats
 
@@ -125,16 +123,18 @@ def build_train_transform(cfg, stats: ClsDataStats):
         seed=cfg.seed,
     )
     if aug.mode == "cifar":
-        return _train_transform("cifar", pad=aug.cifar_pad, **common)
-    return _train_transform("imagenet", scale_min=aug.scale_min, scale_max=aug.scale_max, **common)
+        return train_transform_for_kind("cifar", pad=aug.cifar_pad, **common)
+    return train_transform_for_kind("imagenet", scale_min=aug.scale_min, scale_max=aug.scale_max, **common)
 
 
 def build_eval_transform(cfg, stats: ClsDataStats, mode: str):
     """Centre crop, 10-crop, or full images at the test scales (dense multi-scale testing)."""
     if mode == "multiscale":
-        return _eval_transform("multiscale", normalize=stats.normalize(dense=True), scales=tuple(cfg.test.scales))
+        return eval_transform_for_mode(
+            "multiscale", normalize=stats.normalize(dense=True), scales=tuple(cfg.test.scales)
+        )
     resize = None if cfg.augment.mode == "cifar" else cfg.test.resize
-    return _eval_transform(mode, normalize=stats.normalize(dense=False), resize=resize, crop=cfg.augment.crop)
+    return eval_transform_for_mode(mode, normalize=stats.normalize(dense=False), resize=resize, crop=cfg.augment.crop)
 
 
 def build_val_dataset(cfg, class_to_idx: Mapping[str, int]) -> ImageFolderDataset | ImageListDataset:

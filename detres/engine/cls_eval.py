@@ -27,12 +27,11 @@ from torch.utils.data import Subset
 from detres.data.cls_pipeline import ClsDataStats
 from detres.data.datasets.imagefolder import ImageFolderDataset, ImageListDataset
 from detres.data.transforms.classification import (
-    IMAGENET_MEAN_RGB,
-    IMAGENET_STD_RGB,
     PAPER_TEST_SCALES,
     Normalize,
-    build_eval_transform,
+    eval_transform_for_mode,
 )
+from detres.data.transforms.imagenet_stats import IMAGENET_MEAN_RGB, IMAGENET_STD_RGB
 from detres.data.worker_errors import readable_worker_errors
 from detres.evaluation.classification import MODES, evaluate_classifier
 from detres.models.backbones.resnet import IMAGENET_DEPTHS
@@ -273,9 +272,9 @@ def evaluate_checkpoint(
     for mode in modes:
         norm = build_normalize(loaded, normalize, dense=mode == "multiscale")
         if mode == "multiscale":
-            dataset.transform = build_eval_transform(mode, normalize=norm, scales=tuple(geometry["scales"]))
+            dataset.transform = eval_transform_for_mode(mode, normalize=norm, scales=tuple(geometry["scales"]))
         else:
-            dataset.transform = build_eval_transform(
+            dataset.transform = eval_transform_for_mode(
                 mode, normalize=norm, resize=geometry["resize"], crop=geometry["crop"]
             )
         with readable_worker_errors():

@@ -49,7 +49,6 @@ __all__ = [
     "on_main",
     "wrap_ddp",
     "MethodCall",
-    "unwrap",
     "shard_batches",
     "sum_over_ranks",
     "mean_over_ranks",
@@ -205,11 +204,6 @@ class MethodCall(nn.Module):
 
     def forward(self, method: str, *args: Any, **kwargs: Any) -> Any:
         return getattr(self.model, method)(*args, **kwargs)
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The plain module inside a DDP wrapper (or ``model`` itself)."""
-    return model.module if isinstance(model, DistributedDataParallel) else model
 
 
 def shard_batches(batch_sampler: Iterable[list[Any]]) -> Iterable[list[Any]]:

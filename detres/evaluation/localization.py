@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from detres.utils.atomic import atomic_write_text
+from detres.utils.parsing import parse_finite_number
 
 __all__ = [
     "IOU_THRESH",
@@ -166,16 +167,6 @@ def evaluate_localization(
 
 
 # ------------------------------------------------------------------ the devkit's prediction text format
-def _parse_number(token: str, where: str) -> int | float:
-    try:
-        value = float(token)
-    except ValueError:
-        raise ValueError(f"{where}: expected a number, got {token!r}") from None
-    if not math.isfinite(value):
-        raise ValueError(f"{where}: expected a finite number, got {token!r}")
-    return int(value) if value.is_integer() else value
-
-
 def _parse_line(line: str, where: str, num_classes: int, max_guesses: int) -> list[Guess]:
     """``label xmin ymin xmax ymax`` groups -> guesses; labels are integers in 1..num_classes."""
     tokens = line.split()
@@ -187,12 +178,12 @@ def _parse_line(line: str, where: str, num_classes: int, max_guesses: int) -> li
         raise ValueError(f"{where}: {len(tokens) // 5} guesses, at most {max_guesses} allowed")
     guesses = []
     for j in range(0, len(tokens), 5):
-        label = _parse_number(tokens[j], f"{where}: guess {j // 5 + 1} label")
+        label = parse_finite_number(tokens[j], f"{where}: guess {j // 5 + 1} label")
         if not isinstance(label, int) or not 1 <= label <= num_classes:
             raise ValueError(
                 f"{where}: guess {j // 5 + 1}: label must be an integer in 1..{num_classes}, got {tokens[j]!r}"
             )
-        box = tuple(_parse_number(t, f"{where}: guess {j // 5 + 1} box") for t in tokens[j + 1 : j + 5])
+        box = tuple(parse_finite_number(t, f"{where}: guess {j // 5 + 1} box") for t in tokens[j + 1 : j + 5])
         _check_box(box, f"{where}: guess {j // 5 + 1}")
         guesses.append((label, box))
     return guesses

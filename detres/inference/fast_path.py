@@ -8,10 +8,10 @@ import torch
 import torchvision.models.resnet as tv_resnet
 import torchvision.ops
 from torch import nn
-from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from detres.models.backbones import resnet as detres_resnet
 from detres.models.backbones import resnet_c4 as detres_backbone
+from detres.models.backbones.conv_norm import fold_norm_into_conv
 
 __all__ = ["fold_frozen_batchnorm", "prepare_for_inference", "count_batchnorm"]
 
@@ -54,14 +54,14 @@ def _fold_pair(conv: nn.Conv2d, norm: nn.Module, where: str) -> None:
         )
     # Fold in float64 so the new weights are the exact product rounded once to fp32.
     dtype = conv.weight.dtype
-    weight, bias = fuse_conv_bn_weights(
+    weight, bias = fold_norm_into_conv(
         conv.weight.detach().double(),
         None if conv.bias is None else conv.bias.detach().double(),
-        norm.running_mean.double(),
-        norm.running_var.double(),
-        float(norm.eps),
-        None if norm.weight is None else norm.weight.detach().double(),
-        None if norm.bias is None else norm.bias.detach().double(),
+        running_mean=norm.running_mean.double(),
+        running_var=norm.running_var.double(),
+        eps=float(norm.eps),
+        norm_weight=None if norm.weight is None else norm.weight.detach().double(),
+        norm_bias=None if norm.bias is None else norm.bias.detach().double(),
     )
     conv.weight = nn.Parameter(weight.detach().to(dtype), requires_grad=False)
     conv.bias = nn.Parameter(bias.detach().to(dtype), requires_grad=False)

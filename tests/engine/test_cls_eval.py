@@ -17,8 +17,11 @@ from detres.config.load import load_config
 from detres.data.cls_pipeline import ClsDataStats, build_eval_transform
 from detres.data.datasets.imagefolder import ImageFolderDataset
 from detres.data.shapes.world import generate_shapes_world
-from detres.data.transforms.classification import IMAGENET_MEAN_RGB, IMAGENET_STD_RGB, Normalize
-from detres.data.transforms.classification import build_eval_transform as make_eval_transform
+from detres.data.transforms.classification import (
+    Normalize,
+    eval_transform_for_mode,
+)
+from detres.data.transforms.imagenet_stats import IMAGENET_MEAN_RGB, IMAGENET_STD_RGB
 from detres.engine.cls_eval import evaluate_checkpoint, infer_resnet_layout, load_classifier
 from detres.engine.tasks.classification import train_classifier
 from detres.evaluation.classification import evaluate_classifier
@@ -166,7 +169,9 @@ def test_torchvision_state_dict_matches_the_torchvision_model(tmp_path, trained)
     report = evaluate_checkpoint(path, val_dir, resize=36, crop=32, batch_size=8)
     assert report["normalize"] == "imagenet"
     norm = Normalize(mean=IMAGENET_MEAN_RGB, std=IMAGENET_STD_RGB)
-    dataset = ImageFolderDataset(val_dir, transform=make_eval_transform("1crop", normalize=norm, resize=36, crop=32))
+    dataset = ImageFolderDataset(
+        val_dir, transform=eval_transform_for_mode("1crop", normalize=norm, resize=36, crop=32)
+    )
     direct = evaluate_classifier(reference, dataset, mode="1crop", batch_size=8)
     assert direct["top1_err"] == report["results"]["1crop"]["top1_err"]
     with pytest.raises(StateDictMismatchError, match=r"missing keys .*layer1\.0\.conv3\.weight"):

@@ -14,13 +14,12 @@ from torch.utils.data import DataLoader, Dataset
 
 from detres.data.datasets.imagefolder import ImageFolderDataset
 from detres.data.transforms.classification import (
-    IMAGENET_MEAN_RGB,
-    IMAGENET_STD_RGB,
     CenterCropEvalTransform,
     MultiScaleEvalTransform,
     Normalize,
     TenCropEvalTransform,
 )
+from detres.data.transforms.imagenet_stats import IMAGENET_MEAN_RGB, IMAGENET_STD_RGB
 from detres.evaluation.classification import (
     dense_logits,
     dense_probs,
@@ -401,10 +400,10 @@ def test_pretrained_cifar_resnet20_on_real_images(shared_dir: Path) -> None:
     root = shared_dir / "data" / "cifar10" / "test"
     if not weights.is_file() or not root.is_dir():
         pytest.skip("shared CIFAR-10 test images or ResNet-20 weights not present")
-    from detres.models.backbones.weights import load_cifar_resnet_checkpoint
+    from detres.models.backbones.weights import load_pretrained_backbone
 
     model = CifarResNet(3, num_classes=10)
-    load_cifar_resnet_checkpoint(model, weights)
+    assert load_pretrained_backbone(model, weights) == "cifar_legacy"
     norm = Normalize(mean=IMAGENET_MEAN_RGB, std=IMAGENET_STD_RGB)  # how these weights were trained
     ds = ImageFolderDataset(root, transform=CenterCropEvalTransform(normalize=norm, resize=None, crop=None))
     ds.samples = ds.samples[::20]  # 500 images, 50 per class

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from detres.data.shapes.scene import render_detection_image
-from detres.data.transforms.classification import IMAGENET_STD_RGB
+from detres.data.transforms.imagenet_stats import IMAGENET_STD_RGB
 from detres.inference import export as export_lib
 from detres.inference.export import example_image, export_detector, export_input, export_torchscript
 from detres.inference.predictor import Predictor

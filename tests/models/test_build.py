@@ -9,9 +9,9 @@ from torch import nn
 
 from detres.config.load import load_config
 from detres.models.backbones.backbone_config import (
-    backbone_normalisation,
+    backbone_normalization,
     check_backbone_checkpoint,
-    model_normalisation,
+    model_normalization,
     trunk_from_config,
 )
 from detres.models.backbones.resnet import build_resnet
@@ -87,7 +87,7 @@ def test_detector_takes_pixel_mean_from_a_train_cls_checkpoint(tmp_path):
     cfg = load_config(
         None, [f"model.weights={tmp_path / 'cls.pt'}", "model.depth=18", "model.base_width=16"], task="det"
     )
-    assert model_normalisation(cfg.model) == ([10.0, 20.0, 30.0], [2.0, 2.0, 2.0])
+    assert model_normalization(cfg.model) == ([10.0, 20.0, 30.0], [2.0, 2.0, 2.0])
     model = build_detector(cfg.model, num_classes=4)
     assert model.pixel_mean.flatten().tolist() == [10.0, 20.0, 30.0] and model.pixel_std.flatten().tolist() == [2.0] * 3
     assert model.roi_heads.predictor.cls_score.out_features == 5
@@ -98,7 +98,7 @@ def test_detector_takes_pixel_mean_from_a_train_cls_checkpoint(tmp_path):
         [f"model.weights={tmp_path / 'cls.pt'}", "model.depth=18", "model.base_width=16", "model.pixel_mean=[1, 2, 3]"],
         task="det",
     )
-    assert model_normalisation(over.model)[0] == [1.0, 2.0, 3.0]
+    assert model_normalization(over.model)[0] == [1.0, 2.0, 3.0]
 
 
 def test_detector_loads_the_backbone_weights(tmp_path):
@@ -128,11 +128,11 @@ def test_backbone_architecture_mismatch_is_named(tmp_path):
 def test_foreign_weights_and_random_init_default_to_imagenet_normalisation(tmp_path):
     torch.save(build_resnet(18).state_dict(), tmp_path / "tv.pth")
     cfg = load_config(None, [f"model.weights={tmp_path / 'tv.pth'}", "model.depth=18"], task="det")
-    mean, std = model_normalisation(cfg.model)
+    mean, std = model_normalization(cfg.model)
     assert mean == pytest.approx([123.675, 116.28, 103.53])
     assert std == pytest.approx([58.395, 57.12, 57.375])
     # One rule for every network built on a backbone: no checkpoint = ImageNet's statistics too.
-    assert backbone_normalisation(None) == (pytest.approx(mean), pytest.approx(std))
+    assert backbone_normalization(None) == (pytest.approx(mean), pytest.approx(std))
 
 
 def test_detector_config_refuses_a_backbone_without_recomputed_bn(tmp_path):

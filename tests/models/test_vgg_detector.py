@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from detres.config.load import load_config
-from detres.models.backbones.backbone_config import check_backbone_checkpoint, model_normalisation
+from detres.models.backbones.backbone_config import check_backbone_checkpoint, model_normalization
 from detres.models.backbones.vgg import VGG, VGG16_CFG, vgg16
 from detres.models.backbones.vgg16_split import VGGFcHead, VGGTrunk, build_vgg16_c4
 from detres.models.build import build_detector, detector_state, load_detector
@@ -204,7 +204,7 @@ def test_config_refuses_backbone_and_checkpoint_mismatches(tmp_path):
     # A matching vgg16 checkpoint passes; its channel mean is the detector's (std absent: none).
     cfg = load_config(None, [f"model.weights={tmp_path / 'vgg.pt'}", "model.backbone=vgg16"], task="det")
     check_backbone_checkpoint(cfg.model.weights, cfg.model)
-    assert model_normalisation(cfg.model) == ([1.0, 2.0, 3.0], [1.0, 1.0, 1.0])
+    assert model_normalization(cfg.model) == ([1.0, 2.0, 3.0], [1.0, 1.0, 1.0])
     with pytest.raises(ValueError, match="model.backbone"):
         build_detector(load_config(None, ["model.backbone=vgg"], task="det").model, num_classes=2)
 

@@ -121,7 +121,14 @@ def test_narrow_fc_layers_keep_the_full_size_gain_at_init():
 def test_shapes_vgg16_configs_match_each_other_and_the_resnet18_cost():
     from pathlib import Path
 
-    from detres.models.complexity import count_multiply_adds
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def count_multiply_adds(model: torch.nn.Module, size: tuple[int, ...]) -> int:
+        """Multiply-adds of the convs and matmuls of one eval forward (torch counts 2 FLOPs per multiply-add)."""
+        counter = FlopCounterMode(display=False)
+        with counter, torch.no_grad():
+            model.eval()(torch.zeros(size))
+        return counter.get_total_flops() // 2
 
     root = Path(__file__).resolve().parents[2]
     cls_cfg, det_cfg = (load_config(root / f"configs/{task}/shapes_vgg16.yaml") for task in ("cls", "det"))

@@ -1,4 +1,4 @@
-"""ILSVRC CLS-LOC ground truth: synset list, image set, blacklist, per-image XML folder and the Kaggle solution CSV.
+"""ILSVRC CLS-LOC ground truth: synset list, image set, blacklist and the per-image XML folder.
 
 Every ground-truth reader returns ``{image_id: [(label, (xmin, ymin, xmax, ymax)), ...]}`` with
 ``label`` the 1-based position of the object's wnid in the synset list (the devkit's label
@@ -8,7 +8,6 @@ synset list is an error naming the file (and line), never a silently dropped obj
 
 from __future__ import annotations
 
-import csv
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,7 +18,6 @@ from detres.data.datasets.voc_xml import parse_voc_xml
 __all__ = [
     "read_blacklist",
     "read_image_set",
-    "read_loc_solution_csv",
     "read_loc_xml_folder",
     "read_synsets",
     "synset_labels",
@@ -134,46 +132,3 @@ def _xml_ground_truth(path: Path, image_id: str, labels: dict[str, int]) -> list
     if not objects:
         raise ValueError(f"{path}: no <object> (a localization image needs at least one box)")
     return [(_label(o["name"], labels, f"{path}: object #{k}"), o["bbox"]) for k, o in enumerate(objects)]
-
-
-def _csv_boxes(text: str, labels: dict[str, int], where: str) -> list[tuple[int, Box]]:
-    """``wnid xmin ymin xmax ymax`` groups of a PredictionString -> labelled boxes."""
-    fields = text.split()
-    if not fields or len(fields) % 5:
-        raise ValueError(f"{where}: expected groups of 5 fields 'wnid xmin ymin xmax ymax', got {len(fields)} fields")
-    out = []
-    for j in range(0, len(fields), 5):
-        try:
-            box = tuple(int(v) if float(v).is_integer() else float(v) for v in fields[j + 1 : j + 5])
-        except ValueError:
-            raise ValueError(f"{where}: box {fields[j + 1 : j + 5]} is not 4 numbers") from None
-        if box[2] < box[0] or box[3] < box[1]:
-            raise ValueError(f"{where}: box has xmax < xmin or ymax < ymin: {box}")
-        out.append((_label(fields[j], labels, where), box))
-    return out
-
-
-def read_loc_solution_csv(path: str | os.PathLike, synsets: Sequence[str]) -> dict[str, list[tuple[int, Box]]]:
-    """Ground truth from Kaggle's ``LOC_{train,val}_solution.csv`` (``ImageId,PredictionString``), in file order.
-
-    The boxes are taken as written (the same numbers as the XML files). Errors name ``file:line``.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"solution CSV not found: {path}")
-    labels = synset_labels(synsets)
-    out: dict[str, list[tuple[int, Box]]] = {}
-    with open(path, encoding="utf-8", newline="") as handle:
-        rows = csv.reader(handle)
-        header = next(rows, None)
-        if header != ["ImageId", "PredictionString"]:
-            raise ValueError(f"{path}:1: expected the header 'ImageId,PredictionString', got {header}")
-        for number, row in enumerate(rows, start=2):
-            if not row:
-                continue
-            if len(row) != 2:
-                raise ValueError(f"{path}:{number}: expected 2 columns, got {len(row)}")
-            if row[0] in out:
-                raise ValueError(f"{path}:{number}: image {row[0]!r} is listed twice")
-            out[row[0]] = _csv_boxes(row[1], labels, f"{path}:{number}")
-    return out

@@ -18,7 +18,7 @@ from detres.data.image_io import read_image_rgb
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
 
-def _normalise_extensions(extensions: Sequence[str]) -> tuple[str, ...]:
+def _normalize_extensions(extensions: Sequence[str]) -> tuple[str, ...]:
     if isinstance(extensions, str) or len(extensions) == 0:
         raise ValueError(f"extensions: expected a non-empty sequence like ('.jpg', '.png'), got {extensions!r}")
     # A leading dot is optional for the caller; matching is case-insensitive (ImageNet ships .JPEG).
@@ -110,7 +110,7 @@ class ImageFolderDataset(_LabelledImages):
     ) -> None:
         self.root = Path(root)
         self.transform = transform
-        self.extensions = _normalise_extensions(extensions)
+        self.extensions = _normalize_extensions(extensions)
         if not self.root.exists():
             raise FileNotFoundError(f"ImageFolderDataset root: '{self.root}' does not exist")
         if not self.root.is_dir():

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["parse_pennfudan_annotation", "pennfudan_to_coco", "convert_pennfudan", "write_json_atomic"]
+from detres.utils.atomic import write_json_atomic
+
+__all__ = ["parse_pennfudan_annotation", "pennfudan_to_coco", "convert_pennfudan"]
 
 PERSON_CATEGORY = {"id": 1, "name": "person", "supercategory": "person"}
 
@@ -114,25 +114,8 @@ def pennfudan_to_coco(root: str | os.PathLike) -> dict[str, Any]:
     }
 
 
-def write_json_atomic(obj: Any, path: str | os.PathLike) -> None:
-    """Write ``obj`` as JSON to ``path`` via a temporary file in the same folder and ``os.replace``, so a
-    reader never sees a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def convert_pennfudan(root: str | os.PathLike, out_file: str | os.PathLike) -> dict[str, int]:
     """Convert ``root`` (PennFudanPed) to a COCO JSON at ``out_file``; returns the image and box counts."""
     coco = pennfudan_to_coco(root)
-    write_json_atomic(coco, out_file)
+    write_json_atomic(out_file, coco, indent=None)
     return {"images": len(coco["images"]), "boxes": len(coco["annotations"])}

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import math
 import os
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
+
+from detres.utils.parsing import parse_finite_number
 
 __all__ = ["VOCAnnotationError", "parse_voc_xml"]
 
@@ -28,12 +29,9 @@ def _text(parent: ET.Element, tag: str) -> str | None:
 def _number(text: str, path: Path, where: str) -> int | float:
     """Parse a coordinate; integral values stay ints (the usual VOC case), fractional ones stay floats."""
     try:
-        value = float(text)
-    except ValueError:
-        raise VOCAnnotationError(f"{path}: {where}: expected a number, got {text!r}") from None
-    if not math.isfinite(value):
-        raise VOCAnnotationError(f"{path}: {where}: expected a finite number, got {text!r}")
-    return int(value) if value.is_integer() else value
+        return parse_finite_number(text, f"{path}: {where}")
+    except ValueError as exc:
+        raise VOCAnnotationError(str(exc)) from None
 
 
 def _flag(obj: ET.Element, tag: str, path: Path, where: str) -> bool:

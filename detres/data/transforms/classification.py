@@ -9,7 +9,7 @@ rather than an albumentations pipeline with its own random state.
 Normalisation (``Normalize``) works on 0..255 values: subtract either the per-pixel mean image
 (the papers' choice; it has the crop's size) or a per-channel mean, then optionally divide by a
 per-channel std (off in the papers; needed for checkpoints trained with ImageNet mean/std such as
-the shared CIFAR ResNets: ``mean=IMAGENET_MEAN_RGB, std=IMAGENET_STD_RGB``).
+the shared CIFAR ResNets: ``mean=IMAGENET_MEAN_RGB, std=IMAGENET_STD_RGB`` of ``imagenet_stats``).
 """
 
 from __future__ import annotations
@@ -22,9 +22,6 @@ import torch
 
 from detres.data.transforms.color_pca import PCAColorNoise, WorkerSeededRNG
 
-# torchvision's ImageNet statistics, rescaled from [0, 1] to 0..255.
-IMAGENET_MEAN_RGB: tuple[float, float, float] = (123.675, 116.28, 103.53)
-IMAGENET_STD_RGB: tuple[float, float, float] = (58.395, 57.12, 57.375)
 # ResNet Sec. 3.4: shorter sides used by the dense multi-scale test.
 PAPER_TEST_SCALES: tuple[int, ...] = (224, 256, 384, 480, 640)
 
@@ -148,9 +145,32 @@ class Normalize:
 class _RandomCropTrainTransform:
     """Shared driver of the training transforms: draw parameters, crop/flip, colour noise, normalise.
 
-    Subclasses provide ``sample_params(h, w, rng)`` and ``crop_and_flip(image, **params)`` and set
-    ``rng`` (a WorkerSeededRNG), ``color_noise`` and ``normalize``; one generator drives every draw.
+    Subclasses provide ``sample_params(h, w, rng)`` and ``crop_and_flip(image, **params)``; one generator
+    (``rng``, a WorkerSeededRNG) drives every draw.
     """
+
+    def __init__(
+        self,
+        *,
+        normalize: Normalize,
+        crop: int,
+        hflip_prob: float,
+        color_noise: PCAColorNoise | None,
+        seed: int | None,
+    ) -> None:
+        self.crop = _positive_int(crop, "crop")
+        if not 0.0 <= hflip_prob <= 1.0:
+            raise ValueError(f"hflip_prob: expected a probability in [0, 1], got {hflip_prob}")
+        self.hflip_prob = float(hflip_prob)
+        self.color_noise = color_noise
+        self.normalize = normalize
+        self.rng = WorkerSeededRNG(seed)
+
+    def _draw_window(self, rng: np.random.Generator, height: int, width: int) -> dict:
+        """Draw {top, left, flip}: a ``crop`` x ``crop`` window of a height x width image and the flip."""
+        top = int(rng.integers(0, height - self.crop + 1))
+        left = int(rng.integers(0, width - self.crop + 1))
+        return {"top": top, "left": left, "flip": bool(rng.random() < self.hflip_prob)}
 
     def set_random_seed(self, seed: int) -> None:
         """Re-seed all draws (scale/pad offsets, flip, colour noise), e.g. per (epoch, index)."""
@@ -185,26 +205,17 @@ class ScaleAugmentTrainTransform(_RandomCropTrainTransform):
     ) -> None:
         self.scale_min = _positive_int(scale_min, "scale_min")
         self.scale_max = _positive_int(scale_max, "scale_max")
-        self.crop = _positive_int(crop, "crop")
+        super().__init__(normalize=normalize, crop=crop, hflip_prob=hflip_prob, color_noise=color_noise, seed=seed)
         if self.scale_max < self.scale_min:
             raise ValueError(f"scale_max ({scale_max}) must be >= scale_min ({scale_min})")
         if self.scale_min < self.crop:
             raise ValueError(f"scale_min ({scale_min}) must be >= crop ({crop}) so a crop always fits")
-        if not 0.0 <= hflip_prob <= 1.0:
-            raise ValueError(f"hflip_prob: expected a probability in [0, 1], got {hflip_prob}")
-        self.hflip_prob = float(hflip_prob)
-        self.color_noise = color_noise
-        self.normalize = normalize
-        self.rng = WorkerSeededRNG(seed)
 
     def sample_params(self, height: int, width: int, rng: np.random.Generator | None = None) -> dict:
         """Draw {scale, top, left, flip} for an image of the given size (top/left in the resized image)."""
         rng = self.rng.generator() if rng is None else rng
         scale = int(rng.integers(self.scale_min, self.scale_max + 1))
-        h, w = shorter_side_size(height, width, scale)
-        top = int(rng.integers(0, h - self.crop + 1))
-        left = int(rng.integers(0, w - self.crop + 1))
-        return {"scale": scale, "top": top, "left": left, "flip": bool(rng.random() < self.hflip_prob)}
+        return {"scale": scale, **self._draw_window(rng, *shorter_side_size(height, width, scale))}
 
     def crop_and_flip(self, image: np.ndarray, *, scale: int, top: int, left: int, flip: bool) -> np.ndarray:
         """Geometric part for given parameters -> float32 [crop, crop, 3]."""
@@ -239,14 +250,8 @@ class PadCropTrainTransform(_RandomCropTrainTransform):
         if int(pad) != pad or pad < 0:
             raise ValueError(f"pad: expected a non-negative integer, got {pad!r}")
         self.pad = int(pad)
-        self.crop = _positive_int(crop, "crop")
-        if not 0.0 <= hflip_prob <= 1.0:
-            raise ValueError(f"hflip_prob: expected a probability in [0, 1], got {hflip_prob}")
-        self.hflip_prob = float(hflip_prob)
+        super().__init__(normalize=normalize, crop=crop, hflip_prob=hflip_prob, color_noise=color_noise, seed=seed)
         self.fill = float(fill)
-        self.color_noise = color_noise
-        self.normalize = normalize
-        self.rng = WorkerSeededRNG(seed)
 
     def sample_params(self, height: int, width: int, rng: np.random.Generator | None = None) -> dict:
         """Draw {top, left, flip} for an image of the given size (top/left in the padded image)."""
@@ -254,9 +259,7 @@ class PadCropTrainTransform(_RandomCropTrainTransform):
         h, w = height + 2 * self.pad, width + 2 * self.pad
         if h < self.crop or w < self.crop:
             raise ValueError(f"{type(self).__name__}: padded image {h}x{w} is smaller than the crop {self.crop}")
-        top = int(rng.integers(0, h - self.crop + 1))
-        left = int(rng.integers(0, w - self.crop + 1))
-        return {"top": top, "left": left, "flip": bool(rng.random() < self.hflip_prob)}
+        return self._draw_window(rng, h, w)
 
     def crop_and_flip(self, image: np.ndarray, *, top: int, left: int, flip: bool) -> np.ndarray:
         """Geometric part for given parameters -> float32 [crop, crop, 3]."""
@@ -345,7 +348,7 @@ class MultiScaleEvalTransform:
         return f"{type(self).__name__}(scales={self.scales}, normalize={self.normalize!r})"
 
 
-def build_train_transform(kind: str = "imagenet", **kwargs) -> ScaleAugmentTrainTransform | PadCropTrainTransform:
+def train_transform_for_kind(kind: str = "imagenet", **kwargs) -> ScaleAugmentTrainTransform | PadCropTrainTransform:
     """``kind="imagenet"``: scale augmentation (Sec. 3.4); ``kind="cifar"``: pad-4 crop-32 (Sec. 4.2).
     Keyword arguments go to the chosen class."""
     if kind == "imagenet":
@@ -355,7 +358,7 @@ def build_train_transform(kind: str = "imagenet", **kwargs) -> ScaleAugmentTrain
     raise ValueError(f"kind: expected 'imagenet' or 'cifar', got {kind!r}")
 
 
-def build_eval_transform(
+def eval_transform_for_mode(
     mode: str = "1crop", **kwargs
 ) -> CenterCropEvalTransform | TenCropEvalTransform | MultiScaleEvalTransform:
     """Test-time transform for ``evaluate_classifier``'s ``mode`` ("1crop", "10crop", "multiscale")."""

@@ -155,25 +155,6 @@ def compute_color_pca(
     return color_pca_from_covariance(acc.covariance(), value_scale=value_scale, num_pixels=acc.count)
 
 
-def save_color_pca(path: str | os.PathLike, pca: ColorPCA) -> None:
-    np.savez(path, eigvals=pca.eigvals, eigvecs=pca.eigvecs, value_scale=pca.value_scale, num_pixels=pca.num_pixels)
-
-
-def load_color_pca(path: str | os.PathLike) -> ColorPCA:
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"colour PCA file '{path}' does not exist")
-    with np.load(path) as data:
-        missing = {"eigvals", "eigvecs", "value_scale"} - set(data.files)
-        if missing:
-            raise ValueError(f"colour PCA file '{path}' lacks {sorted(missing)}")
-        return ColorPCA(
-            eigvals=data["eigvals"].astype(np.float64),
-            eigvecs=data["eigvecs"].astype(np.float64),
-            value_scale=float(data["value_scale"]),
-            num_pixels=int(data["num_pixels"]) if "num_pixels" in data.files else 0,
-        )
-
-
 class PCAColorNoise:
     """Add ``sum_i alpha_i * eigval_i * eigvec_i`` (alpha_i ~ N(0, alphastd)) to every pixel.
 

@@ -83,38 +83,3 @@ def compute_pixel_stats(
         channel_std=np.sqrt(variance).astype(np.float32),
         num_images=n_images,
     )
-
-
-def compute_mean_image(
-    image_paths: Sequence[str | os.PathLike],
-    resize: int | None = 256,
-    crop: int = 224,
-    max_images: int | None = None,
-) -> np.ndarray:
-    """Per-pixel mean image float32 [crop, crop, 3] (0..255) of the training images."""
-    return compute_pixel_stats(image_paths, resize, crop, max_images).mean_image
-
-
-def save_pixel_stats(path: str | os.PathLike, stats: PixelStats) -> None:
-    np.savez(
-        path,
-        mean_image=stats.mean_image,
-        channel_mean=stats.channel_mean,
-        channel_std=stats.channel_std,
-        num_images=stats.num_images,
-    )
-
-
-def load_pixel_stats(path: str | os.PathLike) -> PixelStats:
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"pixel statistics file '{path}' does not exist")
-    with np.load(path) as data:
-        missing = {"mean_image", "channel_mean", "channel_std", "num_images"} - set(data.files)
-        if missing:
-            raise ValueError(f"pixel statistics file '{path}' lacks {sorted(missing)}")
-        return PixelStats(
-            mean_image=data["mean_image"].astype(np.float32),
-            channel_mean=data["channel_mean"].astype(np.float32),
-            channel_std=data["channel_std"].astype(np.float32),
-            num_images=int(data["num_images"]),
-        )

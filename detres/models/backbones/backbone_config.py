@@ -9,7 +9,7 @@ from typing import Any
 
 from torch import nn
 
-from detres.data.transforms.classification import IMAGENET_MEAN_RGB, IMAGENET_STD_RGB
+from detres.data.transforms.imagenet_stats import IMAGENET_MEAN_RGB, IMAGENET_STD_RGB
 from detres.models.backbones.resnet_c4 import build_resnet_c4
 from detres.models.backbones.vgg16_split import build_vgg16_c4
 from detres.utils.torch_files import load_checkpoint
@@ -18,9 +18,9 @@ __all__ = [
     "DETECTOR_BACKBONES",
     "PAPER_VGG_SIZE",
     "backbone_name",
-    "backbone_normalisation",
+    "backbone_normalization",
     "check_backbone_checkpoint",
-    "model_normalisation",
+    "model_normalization",
     "trunk_from_config",
 ]
 
@@ -81,7 +81,7 @@ def check_backbone_checkpoint(weights: str | os.PathLike, model_cfg: Mapping[str
             )
 
 
-def backbone_normalisation(weights: str | os.PathLike | None) -> tuple[list[float], list[float]]:
+def backbone_normalization(weights: str | os.PathLike | None) -> tuple[list[float], list[float]]:
     """The per-channel RGB mean / std (0..255) the backbone was trained with.
 
     A train_cls checkpoint records its training-set channel mean (also when it subtracted a per-pixel mean
@@ -100,10 +100,10 @@ def backbone_normalisation(weights: str | os.PathLike | None) -> tuple[list[floa
     return list(IMAGENET_MEAN_RGB), list(IMAGENET_STD_RGB)
 
 
-def model_normalisation(model_cfg: Mapping[str, Any], *, load_weights: bool = True) -> tuple[list[float], list[float]]:
-    """``model.pixel_mean`` / ``model.pixel_std`` where set, else :func:`backbone_normalisation` of ``model.weights``
+def model_normalization(model_cfg: Mapping[str, Any], *, load_weights: bool = True) -> tuple[list[float], list[float]]:
+    """``model.pixel_mean`` / ``model.pixel_std`` where set, else :func:`backbone_normalization` of ``model.weights``
     (not read when ``load_weights`` is False: a rebuilt network gets its statistics from its state_dict)."""
-    mean, std = backbone_normalisation(model_cfg["weights"] if load_weights else None)
+    mean, std = backbone_normalization(model_cfg["weights"] if load_weights else None)
     if model_cfg["pixel_mean"] is not None:
         mean = [float(v) for v in model_cfg["pixel_mean"]]
     if model_cfg["pixel_std"] is not None:

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from contextvars import ContextVar
+
 import torch
 from torch import nn
 
 __all__ = [
     "CHANNELS_LAST_MIN_SIZE",
-    "POINTWISE_CPU_DILATION",
+    "ONEDNN_POINTWISE_DILATION",
+    "cpu_pointwise_onednn",
     "cpu_roi_chunk",
     "routes_pointwise_to_onednn",
     "trunk_input_layout",
@@ -22,18 +27,39 @@ CHANNELS_LAST_MIN_SIZE = 7
 # declaring dilation 2 routes those to oneDNN too. Measured on this AMD Zen 5 CPU, 1 thread, ResNet-50 trunk
 # shapes (benchmarks/bench_pointwise_conv.py): GEMM path 84-109 GFLOP/s forward, oneDNN 215-257; at 2 threads
 # both routes are oneDNN and equally fast, so only the GEMM-bound cases are rerouted (the rest stay bit for bit).
-POINTWISE_CPU_DILATION = 2
+# A constant of the route, not a setting: cpu_pointwise_onednn(False) switches the route off.
+ONEDNN_POINTWISE_DILATION = 2
 ONEDNN_MIN_BATCH = 16
 # ATen keeps single-image convs with at most this many input values off oneDNN whatever their dilation
 # (they would fall to its slow dilated kernel): such small maps keep the default route.
 ONEDNN_MIN_SINGLE_IMAGE_NUMEL = 20480
 
 
+_POINTWISE_ONEDNN: ContextVar[bool] = ContextVar("cpu_pointwise_onednn", default=True)
+
+
+@contextlib.contextmanager
+def cpu_pointwise_onednn(enabled: bool) -> Iterator[None]:
+    """Choose the CPU route of float32 1x1 stride-1 convs for the block: oneDNN (``True``, the default everywhere)
+    or PyTorch's own (``False``: its GEMM path for single images at 1 thread, as a plain ``nn.Conv2d`` runs them).
+
+    The two routes give the same function up to float32 summation order; ``False`` is for comparing against
+    PyTorch bit for bit or for a CPU where its GEMM path is the faster one. The choice holds for the calling
+    thread (and its asyncio task) until the block ends; other threads keep the default.
+    """
+    token = _POINTWISE_ONEDNN.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _POINTWISE_ONEDNN.reset(token)
+
+
 def routes_pointwise_to_onednn(conv: nn.Conv2d, x: torch.Tensor) -> bool:
     """Whether ``conv`` on ``x`` is a float32 CPU 1x1 stride-1 unpadded conv that ATen would run on its GEMM path,
-    to be run with POINTWISE_CPU_DILATION instead."""
+    to be run with ONEDNN_POINTWISE_DILATION instead (unless ``cpu_pointwise_onednn(False)`` is in force)."""
     return (
-        x.device.type == "cpu"
+        _POINTWISE_ONEDNN.get()
+        and x.device.type == "cpu"
         and x.dtype == torch.float32
         and conv.kernel_size == (1, 1)
         and conv.stride == (1, 1)
@@ -63,7 +89,7 @@ def cpu_roi_chunk(base: int) -> int:
 def trunk_input_layout(images: torch.Tensor) -> torch.Tensor:
     """The trunk runs channels-last on CPU: oneDNN's convolutions read and write that layout without reorders
     (inference, 1 thread, 480x640: ResNet-18 trunk 0.121 -> 0.072 s, ResNet-50 0.28 -> 0.19 s with the 1x1
-    routing of POINTWISE_CPU_DILATION on both sides)."""
+    routing of ONEDNN_POINTWISE_DILATION on both sides)."""
     if images.device.type != "cpu" or images.dim() != 4:
         return images
     return images.contiguous(memory_format=torch.channels_last)

@@ -88,43 +88,12 @@ def load_state_dict_strict(
     model.load_state_dict(merged, strict=True)
 
 
-def load_torchvision_resnet_state_dict(model: nn.Module, state_dict_or_path: StateDict | str | os.PathLike) -> None:
-    """Load a torchvision ResNet state_dict (or a file holding one) into an option-B ResNet.
-
-    Keys and shapes must match exactly (``num_batches_tracked`` aside); otherwise
-    StateDictMismatchError lists the missing, unexpected and mis-shaped keys.
-    """
-    if isinstance(state_dict_or_path, (str, os.PathLike)):
-        source = str(state_dict_or_path)
-        state_dict = _as_state_dict(_read_weights(state_dict_or_path), source)
-    else:
-        source = "torchvision state_dict"
-        state_dict = _as_state_dict(state_dict_or_path, source)
-    load_state_dict_strict(model, state_dict, source=source)
-
-
 def convert_cifar_checkpoint_keys(state_dict: StateDict) -> dict[str, Tensor]:
     """Legacy CIFAR ResNet keys -> ours: drop the DataParallel 'module.' prefix, 'linear.*' -> 'fc.*'."""
     out = {}
     for key, value in _strip_prefix(state_dict, "module.").items():
         out["fc." + key[len("linear.") :] if key.startswith("linear.") else key] = value
     return out
-
-
-def _cifar_state_dict(obj: object, source: str) -> dict[str, Tensor]:
-    if not isinstance(obj, Mapping) or "state_dict" not in obj:
-        found = sorted(map(str, obj.keys()))[:_MAX_LISTED] if isinstance(obj, Mapping) else type(obj).__name__
-        raise ValueError(f"{source}: expected a legacy CIFAR checkpoint dict with key 'state_dict', found {found}")
-    return convert_cifar_checkpoint_keys(_as_state_dict(obj["state_dict"], f"{source}['state_dict']"))
-
-
-def load_cifar_resnet_checkpoint(model: nn.Module, path: str | os.PathLike) -> None:
-    """Load a legacy CIFAR ResNet checkpoint ({'state_dict': ..., 'best_prec1': ...}) into a CifarResNet.
-
-    The files predate ``num_batches_tracked`` (those buffers keep the model's value); every other
-    key must match after the 'module.' strip and the 'linear' -> 'fc' rename.
-    """
-    load_state_dict_strict(model, _cifar_state_dict(_read_weights(path), str(path)), source=str(path))
 
 
 def detect_checkpoint_format(obj: object) -> str:
@@ -156,7 +125,7 @@ def checkpoint_state_dict(obj: object, source: str) -> tuple[str, dict[str, Tens
     if fmt == "detres":
         return fmt, _strip_prefix(_as_state_dict(obj["model"], f"{source}['model']"), "module.")
     if fmt == "cifar_legacy":
-        return fmt, _cifar_state_dict(obj, source)
+        return fmt, convert_cifar_checkpoint_keys(_as_state_dict(obj["state_dict"], f"{source}['state_dict']"))
     return fmt, _strip_prefix(_as_state_dict(obj, source), "module.")
 
 

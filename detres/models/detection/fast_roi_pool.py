@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
+from contextvars import ContextVar
 
 import torch
 from torch import Tensor
 from torchvision.ops import roi_pool
 
-__all__ = ["fast_roi_pool", "roi_bins"]
+__all__ = ["fast_roi_pool", "roi_bins", "single_thread_roi_pool"]
 
 # Below this many pooled values per RoI (C * Ph * Pw) the serial kernel is about as fast as the dozen
 # torch calls this path spends per RoI, so such RoIs go to torchvision. Measured speed-ups (1 thread,
 # benchmarks/bench_roi_pool.py, contiguous / channels-last output): 256x4x4 0.99x / 1.25x,
 # 128x8x8 1.20x / 1.67x, 512x4x4 1.37x / 1.84x, 1024x14x14 in chunks of 32: 3.1x / 4.2x.
 MIN_VALUES_PER_ROI = 4096
+
+_SINGLE_THREAD_LOOP: ContextVar[bool] = ContextVar("single_thread_roi_pool", default=False)
 
 
 def _round_half_away(x: Tensor) -> Tensor:
@@ -160,7 +163,7 @@ def _pool_into(
     scratch = padded.new_empty(*size, padded.shape[-1]) if transpose else None
     images_k = rois[:, 0].to(torch.int64).tolist()
     plan = zip(images_k, first_col.tolist(), crop_width.tolist(), row_spans.tolist(), col_spans.tolist())
-    with _one_thread():
+    with _loop_threads():
         for k, (image, x0, w, mh, mw) in enumerate(plan):
             target = outs[k].view(*size, -1) if scratch is None else scratch
             _pool_one(images[image].narrow(1, x0, w), rows_k[k], cols_k[k], mh, mw, target)
@@ -169,12 +172,29 @@ def _pool_into(
 
 
 @contextlib.contextmanager
-def _one_thread() -> Iterator[None]:
-    """The per-RoI loop runs a few small ops per RoI: with several intra-op threads each op is a parallel region
-    whose barrier waits for every thread, and when a core is busy with another process one pooling call took
-    0.8 s instead of 3 ms (2 threads). Serially they cost little; the big convs around keep every thread."""
+def single_thread_roi_pool() -> Iterator[None]:
+    """Inside this block, :func:`fast_roi_pool` runs its per-RoI loop on one intra-op thread (the caller's opt-in).
+
+    The loop runs a few small ops per RoI: with several intra-op threads each op is a parallel region whose barrier
+    waits for every thread, and when another process holds a core one pooling call took 0.8 s instead of 3 ms
+    (2 threads; 6x slower over 300 RoIs, benchmarks/bench_roi_pool.py). Inside the block each call lowers torch's
+    intra-op thread count to 1 for its loop and restores it after, so the convolutions around keep every thread.
+    That count is process-wide: enter the block where no other Python thread runs torch ops meanwhile, as the
+    command-line tools do around their whole run. Outside it the loop runs at the caller's thread count and
+    nothing process-wide is changed; at 1 thread both are the same.
+    """
+    token = _SINGLE_THREAD_LOOP.set(True)
+    try:
+        yield
+    finally:
+        _SINGLE_THREAD_LOOP.reset(token)
+
+
+@contextlib.contextmanager
+def _loop_threads() -> Iterator[None]:
+    """One intra-op thread for the per-RoI loop when the caller opted in (:func:`single_thread_roi_pool`)."""
     threads = torch.get_num_threads()
-    if threads == 1:
+    if threads == 1 or not _SINGLE_THREAD_LOOP.get():
         yield
         return
     torch.set_num_threads(1)

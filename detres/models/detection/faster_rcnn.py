@@ -10,7 +10,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from detres.data.collate import pad_images
-from detres.models.backbones.backbone_config import model_normalisation, trunk_from_config
+from detres.models.backbones.backbone_config import model_normalization, trunk_from_config
 from detres.models.detection.anchors import AnchorGenerator
 from detres.models.detection.box_head import BoxHead, FastRCNNPredictor
 from detres.models.detection.context import ContextRoIHeads
@@ -39,7 +39,7 @@ class FasterRCNN(nn.Module):
         rpn: ``RegionProposalNetwork``-like: (features, image_sizes, targets) -> (proposals, losses).
         roi_heads: ``RoIHeads``-like: (features, proposals, image_sizes, targets) -> (detections, losses).
         pixel_mean: per-channel RGB mean on the 0..255 scale, subtracted from every input pixel: the value
-            the classification backbone was trained with (:func:`model_normalisation`).
+            the classification backbone was trained with (:func:`model_normalization`).
         pixel_std: per-channel divisor. (1, 1, 1) is the paper's / AlexNet's mean-subtraction-only
             practice; the ImageNet std (58.395, 57.12, 57.375) for torchvision-trained weights.
         size_divisibility: the padded batch's H and W are rounded up to a multiple of this (16 =
@@ -115,7 +115,7 @@ class FasterRCNN(nn.Module):
                 roi_cfg, in_features=head_dim, num_classes=int(num_classes) + 1, class_agnostic_bbox=class_agnostic_bbox
             ),
         )
-        mean, std = model_normalisation(model_cfg, load_weights=load_weights)
+        mean, std = model_normalization(model_cfg, load_weights=load_weights)
         return cls(trunk, rpn, roi_heads, pixel_mean=mean, pixel_std=std)
 
     def preprocess(

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from detres.config.load import ConfigError, config_from_tree
-from detres.models.backbones.backbone_config import backbone_normalisation, check_backbone_checkpoint
+from detres.models.backbones.backbone_config import backbone_normalization, check_backbone_checkpoint
 from detres.models.backbones.resnet_c4 import build_resnet_c4
 from detres.models.backbones.weights import check_backbone_bn_statistics
 from detres.models.detection.anchors import AnchorGenerator
@@ -93,7 +93,7 @@ def localizer_backbone(
         check_backbone_checkpoint(weights, model_cfg)
         # Appendix A/C: BN statistics recomputed after pre-training, then frozen (as for the detector)
         check_backbone_bn_statistics(weights, allow_unrecomputed_bn=bool(model_cfg["allow_unrecomputed_bn"]))
-    mean, std = backbone_normalisation(weights or None)
+    mean, std = backbone_normalization(weights or None)
     return weights or None, mean, std
 
 

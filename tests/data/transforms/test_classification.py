@@ -7,20 +7,19 @@ import pytest
 import torch
 
 from detres.data.transforms.classification import (
-    IMAGENET_MEAN_RGB,
-    IMAGENET_STD_RGB,
     CenterCropEvalTransform,
     MultiScaleEvalTransform,
     Normalize,
     PadCropTrainTransform,
     ScaleAugmentTrainTransform,
     TenCropEvalTransform,
-    build_eval_transform,
-    build_train_transform,
+    eval_transform_for_mode,
     resize_shorter_side,
     shorter_side_size,
+    train_transform_for_kind,
 )
 from detres.data.transforms.color_pca import PCAColorNoise
+from detres.data.transforms.imagenet_stats import IMAGENET_MEAN_RGB, IMAGENET_STD_RGB
 
 ZERO = Normalize(mean=(0.0, 0.0, 0.0))
 
@@ -162,7 +161,7 @@ def test_scale_augment_full_pipeline_composes_parts() -> None:
 
 
 def test_cifar_pad_crop_flip() -> None:
-    t = build_train_transform("cifar", normalize=ZERO, seed=0)
+    t = train_transform_for_kind("cifar", normalize=ZERO, seed=0)
     assert isinstance(t, PadCropTrainTransform)
     image = _coord_image(32, 32) + 1.0  # +1 so padded zeros are distinguishable
     out = t.crop_and_flip(image, top=0, left=8, flip=False)
@@ -192,7 +191,7 @@ def test_normalize_errors() -> None:
 
 
 def test_multiscale_returns_full_images_per_scale() -> None:
-    t = build_eval_transform("multiscale", normalize=Normalize(mean=(10.0, 20.0, 30.0)), scales=(24, 32, 48))
+    t = eval_transform_for_mode("multiscale", normalize=Normalize(mean=(10.0, 20.0, 30.0)), scales=(24, 32, 48))
     views = t(np.full((48, 64, 3), 40, dtype=np.uint8))
     assert [tuple(v.shape) for v in views] == [(3, 24, 32), (3, 32, 43), (3, 48, 64)]
     assert torch.allclose(views[1][:, 5, 5], torch.tensor([30.0, 20.0, 10.0]))
@@ -206,9 +205,9 @@ def test_constructor_validation() -> None:
     with pytest.raises(ValueError, match="scale_max"):
         ScaleAugmentTrainTransform(normalize=ZERO, scale_min=300, scale_max=256)
     with pytest.raises(ValueError, match="kind"):
-        build_train_transform("svhn", normalize=ZERO)
+        train_transform_for_kind("svhn", normalize=ZERO)
     with pytest.raises(ValueError, match="mode"):
-        build_eval_transform("5crop", normalize=ZERO)
+        eval_transform_for_mode("5crop", normalize=ZERO)
     with pytest.raises(ValueError, match=r"\[H, W, 3\]"):
         CenterCropEvalTransform(normalize=ZERO)(np.zeros((10, 10)))
 

@@ -17,8 +17,6 @@ from detres.data.transforms.color_pca import (
     WorkerSeededRNG,
     color_pca_from_covariance,
     compute_color_pca,
-    load_color_pca,
-    save_color_pca,
 )
 
 
@@ -88,17 +86,6 @@ def test_pixel_subsampling_is_seeded(toy_set) -> None:
     assert not np.allclose(a.eigvals, c.eigvals)
     sub = compute_color_pca(paths, max_images=1)
     assert sub.num_pixels in {12 * 9, 7 * 15, 10 * 10}
-
-
-def test_save_load_roundtrip(tmp_path: Path, toy_set) -> None:
-    pca = compute_color_pca(toy_set[0])
-    save_color_pca(tmp_path / "pca.npz", pca)
-    back = load_color_pca(tmp_path / "pca.npz")
-    np.testing.assert_array_equal(back.eigvals, pca.eigvals)
-    np.testing.assert_array_equal(back.eigvecs, pca.eigvecs)
-    assert back.value_scale == pca.value_scale and back.num_pixels == pca.num_pixels
-    with pytest.raises(FileNotFoundError, match="missing.npz"):
-        load_color_pca(tmp_path / "missing.npz")
 
 
 def _example_pca() -> ColorPCA:

@@ -11,10 +11,7 @@ import pytest
 
 from detres.data.datasets.imagefolder import ImageFolderDataset
 from detres.data.transforms.pixel_mean import (
-    compute_mean_image,
     compute_pixel_stats,
-    load_pixel_stats,
-    save_pixel_stats,
 )
 
 
@@ -45,7 +42,6 @@ def test_mean_image_is_per_pixel_average_of_centre_crops(tmp_path: Path) -> None
     np.testing.assert_allclose(stats.mean_image, crops.mean(axis=0), rtol=1e-6)
     np.testing.assert_allclose(stats.channel_std, crops.reshape(-1, 3).std(axis=0), rtol=1e-5)
     np.testing.assert_allclose(stats.channel_mean, stats.mean_image.mean(axis=(0, 1)), rtol=1e-6)
-    np.testing.assert_allclose(compute_mean_image(paths, None, 6), stats.mean_image)
 
 
 def test_max_images_takes_a_seeded_random_subset(tmp_path: Path) -> None:
@@ -69,18 +65,6 @@ def test_errors_name_the_problem(tmp_path: Path) -> None:
         compute_pixel_stats([], resize=16, crop=8)
     with pytest.raises(FileNotFoundError, match="gone.png"):
         compute_pixel_stats([str(tmp_path / "gone.png")], resize=16, crop=8)
-
-
-def test_save_load_roundtrip(tmp_path: Path) -> None:
-    p = _save(tmp_path / "a.png", np.random.default_rng(1).integers(0, 256, (12, 12, 3)).astype(np.uint8))
-    stats = compute_pixel_stats([p], resize=10, crop=8)
-    save_pixel_stats(tmp_path / "stats.npz", stats)
-    back = load_pixel_stats(tmp_path / "stats.npz")
-    np.testing.assert_array_equal(back.mean_image, stats.mean_image)
-    np.testing.assert_array_equal(back.channel_std, stats.channel_std)
-    assert back.num_images == 1
-    with pytest.raises(FileNotFoundError, match="nope.npz"):
-        load_pixel_stats(tmp_path / "nope.npz")
 
 
 def test_real_cifar10_channel_means(shared_dir: Path) -> None:

@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from detres.models.backbones.conv_norm import apply_conv_norm, apply_shortcut, conv_forward
-from detres.models.backbones.cpu_execution import routes_pointwise_to_onednn
+from detres.models.backbones.conv_norm import apply_conv_norm, apply_shortcut, conv_forward, fold_norm_into_conv
+from detres.models.backbones.cpu_execution import cpu_pointwise_onednn, routes_pointwise_to_onednn
 from detres.models.backbones.frozen_bn import FrozenBatchNorm2d
 from detres.models.backbones.resnet_blocks import Bottleneck, ZeroPadShortcut
 
@@ -38,6 +38,22 @@ def test_frozen_bn_folds_with_the_same_values_and_gradients():
     torch.testing.assert_close(grads[1], conv.weight.grad, rtol=1e-4, atol=1e-4)
     # the fold records no BN node of its own: the graph is conv (+ the weight scaling), nothing on the activations
     assert "Mul" not in type(fused.grad_fn).__name__ and "Add" not in type(fused.grad_fn).__name__
+
+
+def test_fold_norm_into_conv_known_answer_with_a_conv_bias_and_no_affine():
+    eps = 1e-5
+    weight, bias = fold_norm_into_conv(
+        torch.full((1, 1, 1, 1), 2.0),
+        torch.tensor([1.0]),
+        running_mean=torch.tensor([0.5]),
+        running_var=torch.tensor([4.0 - eps]),  # sqrt(var + eps) = 2
+        eps=eps,
+        norm_weight=None,
+        norm_bias=None,
+    )
+    # (2x + 1 - 0.5) / 2 = x + 0.25
+    torch.testing.assert_close(weight, torch.full((1, 1, 1, 1), 1.0))
+    torch.testing.assert_close(bias, torch.tensor([0.25]))
 
 
 def test_other_norms_and_biased_convs_run_unchanged():
@@ -99,13 +115,18 @@ def test_other_convs_keep_their_own_route(conv, dtype, one_thread):
     assert torch.equal(conv_forward(conv, x, conv.weight, conv.bias), conv(x))
 
 
-def test_the_route_can_be_switched_back(one_thread, monkeypatch):
-    from detres.models.backbones import cpu_execution
-
+def test_the_route_can_be_switched_back(one_thread):
     conv, norm = nn.Conv2d(32, 16, 1, bias=False), _frozen(16)
     x = torch.randn(1, 32, 24, 30)
-    monkeypatch.setattr(cpu_execution, "POINTWISE_CPU_DILATION", 1)
-    assert "aten::_slow_conv2d_forward" in _kernels_run(lambda: apply_conv_norm(conv, norm, x))
+    with cpu_pointwise_onednn(False):
+        assert not routes_pointwise_to_onednn(conv, x)
+        kernels = _kernels_run(lambda: apply_conv_norm(conv, norm, x))
+        assert "aten::_slow_conv2d_forward" in kernels and "aten::mkldnn_convolution" not in kernels
+        with cpu_pointwise_onednn(True):  # nested blocks: the innermost choice holds
+            assert "aten::mkldnn_convolution" in _kernels_run(lambda: apply_conv_norm(conv, norm, x))
+    # the block's end restores the default route
+    assert routes_pointwise_to_onednn(conv, x)
+    assert "aten::mkldnn_convolution" in _kernels_run(lambda: apply_conv_norm(conv, norm, x))
 
 
 def test_only_the_gemm_bound_cases_are_rerouted(one_thread):
@@ -142,13 +163,19 @@ def test_bottleneck_with_frozen_bn_matches_the_layer_by_layer_computation():
 
 
 def test_a_hooked_conv_still_runs_its_hooks():
-    """FLOP counters (detres.models.complexity) and feature probes hook the conv module: the fold must not bypass it."""
-    from detres.models.complexity import count_multiply_adds
-
+    """FLOP counters and feature probes hook the conv modules: the fold must not bypass any of them."""
     block = Bottleneck(16, 4, norm_layer=_frozen).eval()
-    seen = []
-    handle = block.conv2.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    seen = {}
+    convs = {"conv1": block.conv1, "conv2": block.conv2, "conv3": block.conv3}
+    handles = [
+        conv.register_forward_hook(lambda m, i, o, name=name: seen.setdefault(name, []).append(o.shape))
+        for name, conv in convs.items()
+    ]
     block(torch.randn(1, 16, 6, 6))
-    handle.remove()
-    assert seen == [torch.Size([1, 4, 6, 6])]
-    assert count_multiply_adds(block, (1, 16, 6, 6)) == 36 * (16 * 4 + 4 * 4 * 9 + 4 * 16)
+    for handle in handles:
+        handle.remove()
+    assert seen == {
+        "conv1": [torch.Size([1, 4, 6, 6])],
+        "conv2": [torch.Size([1, 4, 6, 6])],
+        "conv3": [torch.Size([1, 16, 6, 6])],
+    }

@@ -23,9 +23,7 @@ from detres.models.backbones.weights import (
     StateDictMismatchError,
     convert_cifar_checkpoint_keys,
     detect_checkpoint_format,
-    load_cifar_resnet_checkpoint,
     load_pretrained_backbone,
-    load_torchvision_resnet_state_dict,
 )
 
 torch.set_num_threads(1)
@@ -35,6 +33,11 @@ CIFAR_WEIGHTS = SHARED / "resnet_cifar_weights" / "pretrained_models"
 CIFAR_TEST = SHARED / "cifar10" / "test"
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+
+
+def _saved(state_dict: dict[str, torch.Tensor], path: Path) -> Path:
+    torch.save(state_dict, path)
+    return path
 
 
 def _randomise_bn_stats(model: torch.nn.Module, seed: int) -> None:
@@ -49,13 +52,13 @@ def _randomise_bn_stats(model: torch.nn.Module, seed: int) -> None:
 
 
 @pytest.mark.parametrize("depth,ours_factory", [(18, resnet18), (50, resnet50)])
-def test_torchvision_weights_give_identical_logits_both_directions(depth, ours_factory):
+def test_torchvision_weights_give_identical_logits_both_directions(tmp_path, depth, ours_factory):
     torch.manual_seed(depth)
     ref = getattr(torchvision.models, f"resnet{depth}")(weights=None)
     _randomise_bn_stats(ref, seed=depth)
     ref.eval()
     ours = ours_factory().eval()
-    load_torchvision_resnet_state_dict(ours, ref.state_dict())
+    assert load_pretrained_backbone(ours, _saved(ref.state_dict(), tmp_path / "tv.pth")) == "state_dict"
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         expected = ref(x)
@@ -83,18 +86,19 @@ def test_torchvision_file_into_frozen_bn_model(tmp_path):
     path = tmp_path / "tv18.pth"
     torch.save(ref.state_dict(), path)
     ours = resnet18(norm_layer=FrozenBatchNorm2d)
-    load_torchvision_resnet_state_dict(ours, path)  # num_batches_tracked entries dropped
+    assert load_pretrained_backbone(ours, path) == "state_dict"  # num_batches_tracked entries dropped
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(ours(x), ref(x), rtol=1e-4, atol=1e-5)
 
 
-def test_mismatched_state_dict_lists_keys_and_loads_nothing():
-    tv18 = torchvision.models.resnet18(weights=None).state_dict()
+def test_mismatched_state_dict_lists_keys_and_loads_nothing(tmp_path):
+    tv18_dict = torchvision.models.resnet18(weights=None).state_dict()
+    tv18 = _saved(tv18_dict, tmp_path / "tv18.pth")
     ours = resnet34()
     before = {k: v.clone() for k, v in ours.state_dict().items()}
     with pytest.raises(StateDictMismatchError) as err:
-        load_torchvision_resnet_state_dict(ours, tv18)
+        load_pretrained_backbone(ours, tv18)
     message = str(err.value)
     assert "missing keys" in message and "layer1.2.conv1.weight" in message
     assert "nothing was loaded" in message
@@ -102,23 +106,21 @@ def test_mismatched_state_dict_lists_keys_and_loads_nothing():
 
     # Wrong classifier size -> shape mismatch named; extra key -> unexpected named.
     small = resnet18(num_classes=10)
-    bad = dict(tv18, extra_head_weight=torch.zeros(1))
+    bad = _saved(dict(tv18_dict, extra_head_weight=torch.zeros(1)), tmp_path / "bad.pth")
     with pytest.raises(StateDictMismatchError) as err:
-        load_torchvision_resnet_state_dict(small, bad)
+        load_pretrained_backbone(small, bad)
     message = str(err.value)
     assert "fc.weight (file (1000, 512) vs model (10, 512))" in message
     assert "unexpected keys (1): extra_head_weight" in message
 
     # Option A has no projection weights, so torchvision's downsample keys are unexpected.
     with pytest.raises(StateDictMismatchError, match=r"layer2\.0\.downsample\.0\.weight"):
-        load_torchvision_resnet_state_dict(resnet18(shortcut="A"), tv18)
+        load_pretrained_backbone(resnet18(shortcut="A"), tv18)
 
 
 def test_missing_file_is_a_clear_error(tmp_path):
-    missing = tmp_path / "nope.pth"
-    for load in (load_torchvision_resnet_state_dict, load_cifar_resnet_checkpoint, load_pretrained_backbone):
-        with pytest.raises(FileNotFoundError, match="nope.pth"):
-            load(resnet18(), missing)
+    with pytest.raises(FileNotFoundError, match="nope.pth"):
+        load_pretrained_backbone(resnet18(), tmp_path / "nope.pth")
 
 
 def test_convert_cifar_checkpoint_keys_known_answer():
@@ -180,7 +182,7 @@ def test_cifar_checkpoint_loads_strictly_and_values_land_in_place(tmp_path):
     raw = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
     assert not any(k.endswith("num_batches_tracked") for k in raw)
     model = cifar_resnet20()
-    load_cifar_resnet_checkpoint(model, path)
+    assert load_pretrained_backbone(model, path) == "cifar_legacy"
     sd = model.state_dict()
     assert torch.equal(sd["conv1.weight"], raw["module.conv1.weight"])
     assert torch.equal(sd["fc.weight"], raw["module.linear.weight"])
@@ -188,15 +190,10 @@ def test_cifar_checkpoint_loads_strictly_and_values_land_in_place(tmp_path):
     # Every file tensor is used: model tensors (minus num_batches_tracked) == file tensors.
     assert len([k for k in sd if not k.endswith("num_batches_tracked")]) == len(raw)
 
-    assert load_pretrained_backbone(cifar_resnet20(), path) == "cifar_legacy"
     with pytest.raises(StateDictMismatchError, match="missing keys"):
-        load_cifar_resnet_checkpoint(cifar_resnet32(), path)
+        load_pretrained_backbone(cifar_resnet32(), path)
     with pytest.raises(StateDictMismatchError, match=r"layer2\.0\.downsample"):
-        load_cifar_resnet_checkpoint(build_cifar_resnet(20, shortcut="B"), path)
-    plain = tmp_path / "plain_state_dict.pth"
-    torch.save({"conv1.weight": torch.zeros(1)}, plain)
-    with pytest.raises(ValueError, match="plain_state_dict.pth.*'state_dict'"):
-        load_cifar_resnet_checkpoint(cifar_resnet20(), plain)
+        load_pretrained_backbone(build_cifar_resnet(20, shortcut="B"), path)
 
 
 def _load_cifar_subset(per_class: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -219,7 +216,7 @@ def test_cifar_resnet20_accuracy_on_200_test_images():
     path = _cifar_checkpoint(20)
     x, y = _load_cifar_subset(per_class=20)
     model = cifar_resnet20()
-    load_cifar_resnet_checkpoint(model, path)
+    load_pretrained_backbone(model, path)
     model.eval()
     with torch.no_grad():
         correct = int((model(x).argmax(dim=1) == y).sum())
@@ -264,7 +261,7 @@ def test_cifar_resnet20_logits_match_functional_reference():
     raw = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
     x, _ = _load_cifar_subset(per_class=1)
     model = cifar_resnet20()
-    load_cifar_resnet_checkpoint(model, path)
+    load_pretrained_backbone(model, path)
     model.eval()
     with torch.no_grad():
         torch.testing.assert_close(model(x[:1]), _reference_cifar_forward(raw, x[:1], n=3), rtol=1e-5, atol=1e-5)

@@ -7,7 +7,7 @@ import torch
 from torchvision.ops import roi_pool
 
 import detres.models.detection.fast_roi_pool as fast_module
-from detres.models.detection.fast_roi_pool import _round_half_away, fast_roi_pool
+from detres.models.detection.fast_roi_pool import _round_half_away, fast_roi_pool, single_thread_roi_pool
 from detres.models.detection.roi_pooler import RoIPooler
 
 FLT_MAX = torch.finfo(torch.float32).max
@@ -166,3 +166,28 @@ def test_channels_last_output_has_the_same_values():
     assert ours.shape == (60, 6, 7, 5) and ours.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(_bits(ours), _bits(roi_pool(features, rois, (7, 5), 1 / 16)))
     assert fast_roi_pool(features, rois[:0], 7, 1 / 16, channels_last=True).shape == (0, 6, 7, 7)
+
+
+def test_thread_count_is_changed_only_inside_single_thread_roi_pool(monkeypatch):
+    """No process-wide setting changes inside a plain call; the caller's opt-in runs the loop at 1 thread, restored."""
+    seen: list[int] = []
+    pool_one = fast_module._pool_one
+    monkeypatch.setattr(fast_module, "_pool_one", lambda *a: seen.append(torch.get_num_threads()) or pool_one(*a))
+    features = torch.randn(1, 6, 11, 17)
+    rois = _random_rois(8, 1, (11, 17), 1 / 16, seed=3)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        plain = fast_roi_pool(features, rois, 4, 1 / 16)
+        assert set(seen) == {2} and torch.get_num_threads() == 2
+        seen.clear()
+        with single_thread_roi_pool():
+            serial = fast_roi_pool(features, rois, 4, 1 / 16)
+            assert set(seen) == {1} and torch.get_num_threads() == 2
+        seen.clear()
+        fast_roi_pool(features, rois, 4, 1 / 16)
+        assert set(seen) == {2}
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(_bits(plain), _bits(serial))
+    assert torch.equal(plain, roi_pool(features, rois, 4, 1 / 16))

@@ -8,7 +8,9 @@ import warnings
 
 import pytest
 import torch
+from torch import nn
 
+from detres.models.backbones.cpu_execution import routes_pointwise_to_onednn
 from detres.models.detection.anchors import AnchorGenerator
 from detres.models.detection.context import image_cells
 from detres.models.detection.roi_pooler import RoIPooler
@@ -85,3 +87,17 @@ def test_traced_context_cells_follow_the_image_size() -> None:
     for hw in ((40, 50), (70, 33)):
         image = torch.randn(2, *hw)
         assert all(torch.equal(a, b) for a, b in zip(traced(image), cells_of(image)))
+
+
+def test_traced_pointwise_convs_keep_the_plain_route() -> None:
+    """The oneDNN routing of 1x1 convs is the exporting CPU's choice: a trace records the plain conv."""
+    conv, x = nn.Conv2d(64, 64, 1, bias=False), torch.randn(1, 64, 20, 20)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert routes_pointwise_to_onednn(conv, x)
+        seen: list[bool] = []
+        _trace(lambda t: seen.append(routes_pointwise_to_onednn(conv, t)) or t + 1, x)
+        assert seen == [False]
+    finally:
+        torch.set_num_threads(threads)

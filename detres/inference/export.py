@@ -99,7 +99,7 @@ class SingleImageDetector(nn.Module):
         return detections["boxes"], detections["scores"], detections["labels"]
 
 
-def check_exportable(model: nn.Module) -> None:
+def _check_supported(model: nn.Module) -> None:
     """Raise ValueError for a detector whose eval forward does not trace: another model than a detres FasterRCNN
     with the one-objectness RPN, a model in training mode, soft-NMS or box voting (loops over the detections)."""
     if not isinstance(model, FasterRCNN):
@@ -117,7 +117,7 @@ def check_exportable(model: nn.Module) -> None:
 
 
 def _exportable(model: nn.Module) -> SingleImageDetector:
-    check_exportable(model)
+    _check_supported(model)
     return SingleImageDetector(model).eval()
 
 

@@ -204,14 +204,23 @@ class FasterRCNN(nn.Module):
         if self.training and targets is None:
             raise ValueError("FasterRCNN: targets are required in training mode")
         batch, sizes, targets = self._prepare(images, targets, image_sizes)
+        if not self.training:
+            return self.detect(batch, sizes)
         features = self.trunk(batch)
-        proposals, rpn_losses = self.rpn(features, sizes, targets if self.training else None)
-        detections, roi_losses = self.roi_heads(features, proposals, sizes, targets if self.training else None)
-        if self.training:
-            overlap = set(rpn_losses) & set(roi_losses)
-            if overlap:
-                raise ValueError(f"FasterRCNN: RPN and RoI heads both report losses named {sorted(overlap)}")
-            return {**rpn_losses, **roi_losses}
+        proposals, rpn_losses = self.rpn(features, sizes, targets)
+        _, roi_losses = self.roi_heads(features, proposals, sizes, targets)
+        overlap = set(rpn_losses) & set(roi_losses)
+        if overlap:
+            raise ValueError(f"FasterRCNN: RPN and RoI heads both report losses named {sorted(overlap)}")
+        return {**rpn_losses, **roi_losses}
+
+    def detect(self, batch: torch.Tensor, image_sizes: Sequence[tuple[int, int]]) -> list[dict[str, torch.Tensor]]:
+        """The eval forward from a normalised, padded batch [B,3,Hp,Wp] and each image's valid (h, w): trunk, RPN
+        proposals, RoI heads' detections per image (input-image pixels). What export traces, with the sizes of a
+        traced image (0-dim tensors): every step keeps them traced, so the exported model takes any image size."""
+        features = self.trunk(batch)
+        proposals, _ = self.rpn(features, image_sizes)
+        detections, _ = self.roi_heads(features, proposals, image_sizes)
         return detections
 
     # ------------------------------------------------------------- stage-wise passes (alternating training)

@@ -33,6 +33,7 @@ rank 0 alone writes files.
 
 from __future__ import annotations
 
+import gc
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -228,15 +229,19 @@ class Trainer:
 
     @contextmanager
     def _data_parallel(self) -> Iterator[None]:
-        """``train_model`` is the DDP wrapper (torchrun) while the loop runs and is dropped when it ends, also on
-        an error. The wrapper's reducer holds the process group: left to the garbage collector (the trainer and its
-        hooks refer to each other), it outlives the group's destruction at exit, and the group's gloo worker
-        threads then run into interpreter shutdown and abort the process (``terminate called``)."""
+        """``train_model`` is the DDP wrapper (torchrun) while the loop runs; it is freed when the loop ends, also
+        on an error. The wrapper's reducer holds the process group, and a group still held when it is destroyed at
+        exit keeps its gloo worker threads running into interpreter shutdown, which aborts the process
+        (``terminate called without an active exception``). DDP refers to itself, so dropping the reference is
+        not enough: the collector frees it now, while the group is alive."""
         self.train_model = wrap_ddp(self.train_module, self.device, find_unused_parameters=self.find_unused_parameters)
         try:
             yield
         finally:
+            wrapped = self.train_model is not self.train_module
             self.train_model = self.train_module
+            if wrapped:
+                gc.collect()
 
     def save_last(self, **flags: Any) -> Path:
         """Write ``last.pt`` (the task's payload, plus ``flags``) and its kept copy; never a non-finite state.

@@ -266,11 +266,13 @@ def test_the_loss_window_averages_and_round_trips_as_rows():
 
 
 class _Wrapper(nn.Module):
-    """Stands in for DistributedDataParallel (whose reducer holds the process group) in one process."""
+    """Stands in for DistributedDataParallel in one process: it holds the process group (through its reducer) and
+    refers to itself, so only the garbage collector frees it."""
 
     def __init__(self, module: nn.Module) -> None:
         super().__init__()
         self.module = module
+        self.itself = [self]
 
     def forward(self, *args: Any) -> Any:
         return self.module(*args)
@@ -278,8 +280,8 @@ class _Wrapper(nn.Module):
 
 @pytest.mark.parametrize("nan_at", [None, 2])
 def test_the_data_parallel_wrapper_is_used_by_the_steps_and_released_when_run_returns(tmp_path, monkeypatch, nan_at):
-    # A wrapper left to the garbage collector (the trainer and its hooks refer to each other) outlived the process
-    # group's destruction at exit under torchrun, and gloo's threads aborted the process during interpreter shutdown.
+    # A wrapper left to some later garbage collection (the trainer and its hooks refer to each other) could outlive
+    # the process group's destruction at exit under torchrun; gloo's threads then aborted the process at shutdown.
     wrappers: list[weakref.ref] = []
 
     def wrap(module: nn.Module, device: torch.device, *, find_unused_parameters: bool = False) -> nn.Module:
@@ -295,7 +297,7 @@ def test_the_data_parallel_wrapper_is_used_by_the_steps_and_released_when_run_re
     monkeypatch.setattr(train_loop, "wrap_ddp", wrap)
     task = TinyTask(nan_at=nan_at)
     trainer = _trainer(task, tmp_path, max_iter=4, extra_hooks=(Probe(),))
-    gc.disable()  # released by the loop itself, not by a collection that may come at any time
+    gc.disable()  # freed by the loop itself, not by an automatic collection that may come at any time
     try:
         if nan_at is None:
             assert trainer.run() == 4

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
+import gc
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -111,8 +112,11 @@ def init_distributed(device: torch.device) -> torch.device:
 
 
 def cleanup() -> None:
-    """Leave the process group (at exit; harmless when there is none)."""
+    """Leave the process group (at exit; harmless when there is none). Garbage that still holds the group (a DDP
+    wrapper's reducer: DDP refers to itself, so only the collector frees it) is freed first: a group that
+    outlives its destruction keeps gloo's worker threads running into interpreter shutdown, which aborts."""
     if dist.is_available() and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
 
 

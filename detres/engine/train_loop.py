@@ -22,9 +22,10 @@ last good checkpoint, after setting ``last.pt`` back to it (:meth:`CheckpointMan
 
 Exact resume: the loop starts at ``start_iter`` and asks the task for its batch stream from that batch (the streams
 are seeded by iteration, :mod:`detres.engine.seeded_data`); the LR is a function of the iteration; the task
-restores weights, momentum and scaler from the checkpoint. Data-parallel runs (torchrun): the loop wraps what
-trains in DistributedDataParallel once (:func:`detres.engine.distributed.wrap_ddp`); every collective (the finite
-check, the logged means, the stop signal) is reached by every rank at the same step; rank 0 alone writes files.
+restores weights, momentum and scaler from the checkpoint. Data-parallel runs (torchrun): each ``run`` wraps what
+trains in DistributedDataParallel (:func:`detres.engine.distributed.wrap_ddp`) and drops the wrapper when it returns;
+every collective (the finite check, the logged means, the stop signal) is reached by every rank at the same step;
+rank 0 alone writes files.
 
 ``iter`` counts the loop's own iterations; a run made of several loops (the 4 alternating steps) passes
 ``iteration_offset`` so that logs, checkpoints and errors carry the run's global iteration (``global_iter``).
@@ -32,8 +33,10 @@ check, the logged means, the stop signal) is reached by every rank at the same s
 
 from __future__ import annotations
 
+import gc
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -158,9 +161,9 @@ def sgd_update_on_losses(
 class Trainer:
     """Runs ``task`` from ``start_iter`` to ``max_iter`` with ``hooks`` (in the order given; see the module doc).
 
-    ``train_module``: what the training forward pass calls, wrapped in DDP under torchrun (the task reads it as
-    ``trainer.train_model``); None = ``task.model``. ``checkpoints``: the run's ``last.pt`` writer.
-    ``started``: the run's start time (``time`` in the logs counts from it); None = now.
+    ``train_module``: what the training forward pass calls, wrapped in DDP under torchrun while :meth:`run` runs
+    (the task reads it as ``trainer.train_model``); None = ``task.model``. ``checkpoints``: the run's ``last.pt``
+    writer. ``started``: the run's start time (``time`` in the logs counts from it); None = now.
     """
 
     def __init__(
@@ -185,10 +188,10 @@ class Trainer:
         self.lr: float = 0.0  # set by the LR schedule hook before each step
         self.window = window if window is not None else LossWindow()
         self.started = time.time() if started is None else started
-        # torchrun: DDP averages the gradients; task.model stays the plain module (state_dict, evaluation)
-        self.train_model = wrap_ddp(
-            task.model if train_module is None else train_module, device, find_unused_parameters=find_unused_parameters
-        )
+        self.train_module = task.model if train_module is None else train_module
+        self.find_unused_parameters = find_unused_parameters
+        # run() wraps it in DDP for its steps (torchrun); task.model stays the plain module (state_dict, evaluation)
+        self.train_model: nn.Module = self.train_module
         self.hooks: list[HookBase] = []
         for hook in hooks:
             hook.trainer = self
@@ -204,24 +207,41 @@ class Trainer:
 
     def run(self) -> int:
         """Train to ``max_iter``; returns the iteration reached."""
-        self.task.train_mode()
-        for hook in self.hooks:
-            hook.before_train()
-        # Read one batch per step and only when there is training left: never a batch past max_iter.
-        batches = readable(self.task.batches(self.iter)) if self.iter < self.max_iter else iter(())
-        with self.checkpoints.stop_on_divergence():  # a NaN / Inf: stop naming the last good checkpoint
-            while self.iter < self.max_iter:
-                for hook in self.hooks:
-                    hook.before_step()
-                values = self.task.step(self, next(batches))
-                self.checkpoints.note_loss(self.global_iter, values["loss"])
-                self.window.add(values)
-                self.iter += 1
-                for hook in self.hooks:
-                    hook.after_step()
-        for hook in self.hooks:
-            hook.after_train()
+        with self._data_parallel():
+            self.task.train_mode()
+            for hook in self.hooks:
+                hook.before_train()
+            # Read one batch per step and only when there is training left: never a batch past max_iter.
+            batches = readable(self.task.batches(self.iter)) if self.iter < self.max_iter else iter(())
+            with self.checkpoints.stop_on_divergence():  # a NaN / Inf: stop naming the last good checkpoint
+                while self.iter < self.max_iter:
+                    for hook in self.hooks:
+                        hook.before_step()
+                    values = self.task.step(self, next(batches))
+                    self.checkpoints.note_loss(self.global_iter, values["loss"])
+                    self.window.add(values)
+                    self.iter += 1
+                    for hook in self.hooks:
+                        hook.after_step()
+            for hook in self.hooks:
+                hook.after_train()
         return self.iter
+
+    @contextmanager
+    def _data_parallel(self) -> Iterator[None]:
+        """``train_model`` is the DDP wrapper (torchrun) while the loop runs; it is freed when the loop ends, also
+        on an error. The wrapper's reducer holds the process group, and a group still held when it is destroyed at
+        exit keeps its gloo worker threads running into interpreter shutdown, which aborts the process
+        (``terminate called without an active exception``). DDP refers to itself, so dropping the reference is
+        not enough: the collector frees it now, while the group is alive."""
+        self.train_model = wrap_ddp(self.train_module, self.device, find_unused_parameters=self.find_unused_parameters)
+        try:
+            yield
+        finally:
+            wrapped = self.train_model is not self.train_module
+            self.train_model = self.train_module
+            if wrapped:
+                gc.collect()
 
     def save_last(self, **flags: Any) -> Path:
         """Write ``last.pt`` (the task's payload, plus ``flags``) and its kept copy; never a non-finite state.

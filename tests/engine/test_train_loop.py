@@ -1,12 +1,15 @@
 """Tests for the one training loop (detres.engine.train_loop) and its hooks (detres.engine.hooks) on a tiny task:
 when each hook fires, a checkpoint written before its evaluation, a pending evaluation repeated on resume, divergence
-rewinding last.pt to the last good state, a stop signal saving first, global iterations across several loops."""
+rewinding last.pt to the last good state, a stop signal saving first, global iterations across several loops, the
+data-parallel wrapper living only while the loop runs."""
 
 from __future__ import annotations
 
+import gc
 import itertools
 import os
 import signal
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +17,7 @@ import pytest
 import torch
 from torch import nn
 
+from detres.engine import train_loop
 from detres.engine.amp import MixedPrecision
 from detres.engine.hooks import EvalHook, LoggingHook, LRScheduleHook, default_hooks
 from detres.engine.logging import JsonLinesLogger, read_json_lines
@@ -259,3 +263,49 @@ def test_the_loss_window_averages_and_round_trips_as_rows():
     window = LossWindow([{"loss": 1.0, "err": 0.5}, {"loss": 3.0, "err": 0.0}])
     assert window.rows(["loss", "err"]) == [[1.0, 0.5], [3.0, 0.0]]
     assert window.flush() == {"loss": 2.0, "err": 0.25} and window.flush() == {}
+
+
+class _Wrapper(nn.Module):
+    """Stands in for DistributedDataParallel in one process: it holds the process group (through its reducer) and
+    refers to itself, so only the garbage collector frees it."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+        self.itself = [self]
+
+    def forward(self, *args: Any) -> Any:
+        return self.module(*args)
+
+
+@pytest.mark.parametrize("nan_at", [None, 2])
+def test_the_data_parallel_wrapper_is_used_by_the_steps_and_released_when_run_returns(tmp_path, monkeypatch, nan_at):
+    # A wrapper left to some later garbage collection (the trainer and its hooks refer to each other) could outlive
+    # the process group's destruction at exit under torchrun; gloo's threads then aborted the process at shutdown.
+    wrappers: list[weakref.ref] = []
+
+    def wrap(module: nn.Module, device: torch.device, *, find_unused_parameters: bool = False) -> nn.Module:
+        wrapper = _Wrapper(module)
+        wrappers.append(weakref.ref(wrapper))
+        return wrapper
+
+    class Probe(HookBase):
+        def after_step(self) -> None:
+            used.append(isinstance(self.trainer.train_model, _Wrapper))
+
+    used: list[bool] = []
+    monkeypatch.setattr(train_loop, "wrap_ddp", wrap)
+    task = TinyTask(nan_at=nan_at)
+    trainer = _trainer(task, tmp_path, max_iter=4, extra_hooks=(Probe(),))
+    gc.disable()  # freed by the loop itself, not by an automatic collection that may come at any time
+    try:
+        if nan_at is None:
+            assert trainer.run() == 4
+        else:
+            with pytest.raises(Diverged):
+                trainer.run()
+    finally:
+        gc.enable()
+    assert used == [True] * (nan_at if nan_at is not None else 4)
+    assert len(wrappers) == 1 and wrappers[0]() is None  # no wrapper left, though the trainer is alive
+    assert trainer.train_model is task.model

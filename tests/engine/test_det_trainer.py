@@ -331,7 +331,10 @@ def test_the_first_step_momentum_buffer_is_the_gradient_plus_weight_decay(first_
     assert saved["iter"] == 1
     # Replay the first iteration: the initial weights, the same batch and the same sampling draws.
     model = detection.build_detector(
-        saved["config"]["model"], num_classes=len(saved["meta"]["class_names"]), load_weights=False
+        saved["config"]["model"],
+        input_cfg=saved["config"]["input"],
+        num_classes=len(saved["meta"]["class_names"]),
+        load_weights=False,
     )
     model.load_state_dict(record["init"])
     model.train()

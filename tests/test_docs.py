@@ -10,6 +10,7 @@ user doc carries history (commit hashes, issue numbers).
 from __future__ import annotations
 
 import ast
+import importlib
 import re
 from functools import cache
 from pathlib import Path
@@ -83,6 +84,16 @@ def _top_level_names(module_file: Path) -> frozenset[str]:
     return frozenset(names)
 
 
+def _resolves_lazily(module: str, attributes: list[str]) -> bool:
+    """``module.a.b`` exists, importing ``module`` (its names are imported on first use, e.g. ``detres``)."""
+    value = importlib.import_module(module)
+    for name in attributes:
+        if not hasattr(value, name):
+            return False
+        value = getattr(value, name)
+    return True
+
+
 def unresolved_names(path: Path, root: Path = ROOT) -> list[str]:
     """``detres.a.b.c``: the longest prefix that is a module or package, then at most one top-level name of it."""
     problems = []
@@ -93,7 +104,10 @@ def unresolved_names(path: Path, root: Path = ROOT) -> list[str]:
             module_file = base / "__init__.py" if base.is_dir() else base.with_suffix(".py")
             if module_file.is_file():
                 rest = parts[n:]
-                if len(rest) > 1 or (rest and rest[0] not in _top_level_names(module_file)):
+                if rest and "__getattr__" in _top_level_names(module_file):  # a lazily exporting package
+                    if not _resolves_lazily(".".join(parts[:n]), rest):
+                        problems.append(f"{path.name}: {dotted} does not resolve (through {module_file}'s exports)")
+                elif len(rest) > 1 or (rest and rest[0] not in _top_level_names(module_file)):
                     problems.append(f"{path.name}: {dotted} does not resolve ({'.'.join(rest)} not in {module_file})")
                 break
         else:

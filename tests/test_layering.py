@@ -117,3 +117,105 @@ def test_the_checker_allows_downward_and_same_floor_imports(tmp_path):
     (root / "engine" / "a.py").write_text("from detres.models import b\nfrom ..utils.atomic import c\n")
     (root / "evaluation" / "a.py").write_text("import detres.models.b\nfrom . import voc\nimport numpy\n")
     assert upward_imports(root) == []
+
+
+def import_graph(root: Path = PACKAGE_ROOT) -> dict[str, set[str]]:
+    """``module -> modules of the package it imports`` (module level or inside functions), package modules only."""
+    modules = {".".join(_module_parts(path, root)): path for path in sorted(root.rglob("*.py"))}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        parts = name.split(".")
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+        edges: set[str] = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = _resolved_from(node, parts, path.name == "__init__.py")
+                # ``from pkg import mod`` imports the module pkg.mod when there is one, else names of pkg
+                targets = [
+                    f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base for alias in node.names
+                ]
+            else:
+                continue
+            edges.update(t for t in targets if t in modules and t != name)
+        graph[name] = edges
+    return graph
+
+
+def _resolved_from(node: ast.ImportFrom, module: list[str], is_package: bool) -> str:
+    """The absolute dotted module of ``from <module> import ...`` (relative forms resolved)."""
+    if not node.level:
+        return node.module or ""
+    base = module if is_package else module[:-1]
+    base = base[: len(base) - (node.level - 1)]
+    return ".".join(base + (node.module.split(".") if node.module else []))
+
+
+def import_circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Every strongly connected group of two or more modules (Tarjan), each as a sorted list."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    circles: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for nxt in graph.get(node, ()):
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in on_stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            group = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                group.append(member)
+                if member == node:
+                    break
+            if len(group) > 1:
+                circles.append(sorted(group))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return circles
+
+
+def test_no_import_circles():
+    circles = import_circles(import_graph())
+    assert not circles, "modules importing each other (directly or through others):\n" + "\n".join(
+        " <-> ".join(group) for group in circles
+    )
+
+
+def test_the_circle_finder_finds_a_lazy_circle(tmp_path):
+    root = tmp_path / "detres"
+    (root / "engine").mkdir(parents=True)
+    for rel, text in {
+        "__init__.py": "",
+        "engine/__init__.py": "",
+        "engine/a.py": "from detres.engine.b import f\n",
+        "engine/b.py": "def f():\n    from detres.engine import c\n",
+        "engine/c.py": "import detres.engine.a\n",
+        "engine/d.py": "from detres.engine.a import g\n",
+    }.items():
+        (root / rel).write_text(text)
+    assert import_circles(import_graph(root)) == [["detres.engine.a", "detres.engine.b", "detres.engine.c"]]
+
+
+MAX_LINES = 400
+
+
+def test_no_library_file_over_max_lines():
+    long = {
+        str(path.relative_to(PACKAGE_ROOT.parent)): n
+        for path in PACKAGE_ROOT.rglob("*.py")
+        if (n := len(path.read_text(encoding="utf-8").splitlines())) > MAX_LINES
+    }
+    assert not long, f"files over {MAX_LINES} lines (split them by concept): {long}"

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = ["collate_detection", "pad_images"]
@@ -23,6 +24,8 @@ def pad_images(images: Sequence[Tensor], size_divisibility: int = 16, pad_value:
         if not isinstance(img, Tensor) or img.ndim != 3 or img.shape[0] != channels:
             got = tuple(img.shape) if isinstance(img, Tensor) else type(img).__name__
             raise ValueError(f"pad_images: image {i} must be a [{channels}, H, W] tensor, got {got}")
+    if len(images) == 1:  # the same zeros in one F.pad, whose amounts follow a traced image's size (export)
+        return _pad_one(images[0], size_divisibility, pad_value)[None]
     max_h = max(int(img.shape[1]) for img in images)
     max_w = max(int(img.shape[2]) for img in images)
     if size_divisibility > 1:
@@ -32,6 +35,14 @@ def pad_images(images: Sequence[Tensor], size_divisibility: int = 16, pad_value:
     for img, slot in zip(images, batch):
         slot[:, : img.shape[1], : img.shape[2]].copy_(img)
     return batch
+
+
+def _pad_one(image: Tensor, size_divisibility: int, pad_value: float) -> Tensor:
+    """A copy of [3, H, W] padded at the bottom and right up to multiples of ``size_divisibility`` (0 or 1: none)."""
+    div = max(size_divisibility, 1)
+    extra_h = (div - image.shape[1] % div) % div
+    extra_w = (div - image.shape[2] % div) % div
+    return F.pad(image, (0, extra_w, 0, extra_h), value=pad_value)
 
 
 def collate_detection(batch: Sequence[dict[str, Any]], size_divisibility: int = 16) -> dict[str, Any]:

@@ -1,4 +1,8 @@
-"""Export a trained detector: TorchScript and ONNX files of its single-image eval forward, plus export.json."""
+"""Export a trained detector: TorchScript and ONNX files of its single-image eval forward, plus export.json.
+
+Both formats trace the detector itself (:class:`SingleImageDetector` around ``FasterRCNN.detect``): its eval
+steps keep a traced image's size as a value of the graph, and the data-dependent ones (pre-NMS top-n, NMS, the
+context crop) are compiled into it, so the files take any image size."""
 
 from __future__ import annotations
 
@@ -14,13 +18,15 @@ import torchvision
 from torch import Tensor, nn
 
 from detres.data.transforms.detection import build_det_transforms, finalize_sample
-from detres.inference.export_module import ExportableDetector, trace_parts
 from detres.inference.fast_path import prepare_for_inference
+from detres.models.detection.faster_rcnn import FasterRCNN
+from detres.models.detection.rpn import RegionProposalNetwork
 from detres.utils.atomic import atomic_write_bytes, write_json_atomic
 
 __all__ = [
     "EXPORT_FORMATS",
     "FILE_NAMES",
+    "SingleImageDetector",
     "default_onnx_opset",
     "example_image",
     "export_detector",
@@ -73,10 +79,46 @@ def export_input(image_rgb: np.ndarray, min_size: int, max_size: int) -> tuple[T
     return out["image"], (float(sx), float(sy))
 
 
-def _exportable(model: nn.Module) -> ExportableDetector:
+class SingleImageDetector(nn.Module):
+    """The exported signature around a detector: ``image`` float [3,H,W], RGB on the 0..255 scale, already
+    resized as the Predictor resizes (any H, W) -> ``boxes`` float32 [N,4] xyxy in the input's pixels (clipped),
+    ``scores`` float32 [N] (decreasing), ``labels`` int64 [N] in 1..K: ``model([image])[0]`` as a tuple.
+
+    Only the signature is adapted: normalising and padding are ``model.preprocess``, the rest is
+    ``model.detect`` (trunk, RPN, RoI heads, post-processing), on the model's own modules and parameters.
+    """
+
+    def __init__(self, model: FasterRCNN) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, image: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        batch, _ = self.model.preprocess([image])
+        # The image's own (traced) sizes: preprocess returns ints, which would freeze a trace to the example.
+        detections = self.model.detect(batch, [(image.shape[1], image.shape[2])])[0]
+        return detections["boxes"], detections["scores"], detections["labels"]
+
+
+def _check_supported(model: nn.Module) -> None:
+    """Raise ValueError for a detector whose eval forward does not trace: another model than a detres FasterRCNN
+    with the one-objectness RPN, a model in training mode, soft-NMS or box voting (loops over the detections)."""
+    if not isinstance(model, FasterRCNN):
+        raise ValueError(f"export: expected a detres FasterRCNN, got {type(model).__name__}")
     if model.training:
         raise ValueError("export: the detector is in training mode; call model.eval() first")
-    return ExportableDetector(model).eval()
+    if type(model.rpn) is not RegionProposalNetwork or model.rpn.head.num_classes != 1:
+        raise ValueError("export: only the Faster R-CNN RPN (one objectness per anchor) is supported")
+    post = model.roi_heads.postprocess
+    if post.nms_method != "nms" or post.voting:
+        raise ValueError(
+            f"export: only hard NMS without box voting is supported, the detector has "
+            f"nms_method={post.nms_method!r}, voting={post.voting}"
+        )
+
+
+def _exportable(model: nn.Module) -> SingleImageDetector:
+    _check_supported(model)
+    return SingleImageDetector(model).eval()
 
 
 def _check_example(example: Tensor) -> None:
@@ -102,7 +144,7 @@ def _second_size(example: Tensor) -> Tensor:
     return example[:, : max(17, height * 3 // 4 + 1), : max(17, width - 9)].contiguous()
 
 
-def _trace_checked(module: ExportableDetector, example: Tensor) -> torch.jit.ScriptModule:
+def _trace_checked(module: SingleImageDetector, example: Tensor) -> torch.jit.ScriptModule:
     """torch.jit.trace of the whole module, refused unless it reproduces the module on a second image size."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
@@ -117,39 +159,34 @@ def _trace_checked(module: ExportableDetector, example: Tensor) -> torch.jit.Scr
 
 
 def export_torchscript(model: nn.Module, path: str | Path, example: Tensor) -> str:
-    """Write ``model``'s single-image eval forward as TorchScript to ``path`` (atomically); returns how:
-    "script" (torch.jit.script over traced conv parts: all control flow kept) or, if scripting fails,
-    "trace" (checked on a second image size). Load with ``torch.jit.load(path)``; call ``m(image)``."""
+    """Write ``model``'s single-image eval forward as TorchScript to ``path`` (atomically); returns how, "trace":
+    torch.jit.trace of :class:`SingleImageDetector` (its data-dependent steps compiled in), checked on a second
+    image size. Load with ``torch.jit.load(path)``; call ``m(image)``."""
     _check_example(example)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch >= 2.10 calls TorchScript deprecated; it still works
-        try:
-            compiled, method = torch.jit.script(trace_parts(_exportable(model), example)), "script"
-        except (RuntimeError, torch.jit.frontend.FrontendError) as exc:  # TorchScript's compile errors
-            warnings.warn(
-                f"export_torchscript: scripting failed ({str(exc).splitlines()[0]}); tracing instead", stacklevel=2
-            )
-            compiled, method = _trace_checked(_exportable(model), example), "trace"
+        compiled = _trace_checked(_exportable(model), example)
         buffer = io.BytesIO()
         torch.jit.save(compiled, buffer)
     atomic_write_bytes(path, buffer.getvalue())
-    return method
+    return "trace"
 
 
 def export_onnx(model: nn.Module, path: str | Path, example: Tensor, opset: int | None = None) -> int:
     """Write ``model``'s single-image eval forward as ONNX to ``path`` (atomically); returns the opset used.
 
     The TorchScript-based exporter (``torch.onnx.export(..., dynamo=False)``) traces the module; the input's
-    H and W and every output's length are dynamic axes, and the only data-dependent branch (the RPN's
-    pre-NMS top-n) is compiled into the graph. torchvision's nms becomes NonMaxSuppression, roi_align
-    RoiAlign, roi_pool MaxRoiPool. ``opset``: None = :func:`default_onnx_opset`.
+    H and W and every output's length are dynamic axes, and the data-dependent steps (the RPN's pre-NMS
+    top-n, batched NMS, the context crop) are compiled into the graph. torchvision's nms becomes
+    NonMaxSuppression, roi_align RoiAlign, roi_pool MaxRoiPool. ``opset``: None = :func:`default_onnx_opset`.
     """
     _check_example(example)
     opset = default_onnx_opset() if opset is None else int(opset)
     if opset < MIN_ONNX_OPSET:
         raise ValueError(f"export_onnx: opset {opset} is too old; torchvision's ops need >= {MIN_ONNX_OPSET}")
     module = _exportable(model)
-    if module.use_roi_align and module.aligned and opset < 16:
+    pooler = model.roi_heads.pooler
+    if pooler.pooler_type == "roi_align" and pooler.aligned and opset < 16:
         raise ValueError(f"export_onnx: roi_align with aligned=True needs opset >= 16, got {opset}")
     dynamic_axes = {"image": {1: "height", 2: "width"}, **{name: {0: "detections"} for name in OUTPUT_NAMES}}
     buffer = io.BytesIO()

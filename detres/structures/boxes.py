@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch import Tensor
 from torchvision.ops import box_area, box_convert, clip_boxes_to_image, remove_small_boxes
 
@@ -36,8 +37,23 @@ def check_boxes(boxes: Tensor, name: str = "boxes") -> Tensor:
     return boxes
 
 
+def _traced_sizes(image_hw: Sequence[int] | Tensor) -> bool:
+    """(height, width) given as two 0-dim tensors while ``torch.jit.trace`` records (an image's traced shape)."""
+    return (
+        torch.jit.is_tracing()
+        and isinstance(image_hw, (tuple, list))
+        and len(image_hw) == 2
+        and all(isinstance(v, Tensor) and v.dim() == 0 for v in image_hw)
+    )
+
+
 def check_image_hw(image_hw: Sequence[int] | Tensor, name: str = "image_hw") -> tuple[int, int]:
-    """Return ``image_hw`` as a (height, width) tuple of ints, or raise ValueError naming the problem."""
+    """Return ``image_hw`` as a (height, width) tuple of ints, or raise ValueError naming the problem.
+
+    Under ``torch.jit.trace`` an image's sizes are 0-dim tensors recording where they come from; they are
+    returned as they are, since ints would freeze the traced (exported) model to the example's size."""
+    if _traced_sizes(image_hw):
+        return image_hw[0], image_hw[1]
     values = image_hw.tolist() if isinstance(image_hw, Tensor) else list(image_hw)
     if len(values) != 2:
         raise ValueError(f"{name}: expected (height, width), got {image_hw!r}")

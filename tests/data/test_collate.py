@@ -41,6 +41,16 @@ def test_divisibility_choices() -> None:
     assert pad_images([torch.ones(3, 17, 16)], 16).shape == (1, 3, 32, 16)
 
 
+@pytest.mark.parametrize("divisibility", [0, 1, 16, 32])
+def test_one_image_is_padded_as_in_a_batch(divisibility: int) -> None:
+    """A single image takes F.pad (its amounts stay traced under torch.jit.trace): the same values as a batch's slot,
+    in a new tensor."""
+    image, small = torch.rand(3, 17, 21) * 255, torch.rand(3, 5, 4)
+    alone = pad_images([image], divisibility, pad_value=-1.0)
+    assert torch.equal(alone, pad_images([image, small], divisibility, pad_value=-1.0)[:1])
+    assert alone.data_ptr() != image.data_ptr()
+
+
 def test_targets_and_metadata_lists() -> None:
     a, b = _sample(5, 7, 2, 11, 1.0), _sample(10, 4, 0, 12, 1.0)
     del b["difficult"]  # non-VOC samples may omit it

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -11,8 +13,13 @@ import torch
 
 from detres.data.shapes.scene import render_detection_image
 from detres.data.transforms.imagenet_stats import IMAGENET_STD_RGB
-from detres.inference import export as export_lib
-from detres.inference.export import example_image, export_detector, export_input, export_torchscript
+from detres.inference.export import (
+    SingleImageDetector,
+    example_image,
+    export_detector,
+    export_input,
+    export_torchscript,
+)
 from detres.inference.predictor import Predictor
 from detres.models.build import build_detector, detector_state
 from detres.utils.torch_files import save_checkpoint
@@ -76,7 +83,7 @@ def test_torchscript_matches_eager(
 ) -> None:
     model = trained_scale_detector(pooler_type, global_context)
     info = export_detector(model, tmp_path, formats=["torchscript"], meta=META, example_hw=(112, 140))
-    assert info["formats"]["torchscript"]["method"] == "script"
+    assert info["formats"]["torchscript"]["method"] == "trace"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export.json", "model.ts"]  # no temp files left
     loaded = torch.jit.load(str(tmp_path / "model.ts"))
     for image in images:
@@ -125,27 +132,43 @@ def test_export_input_and_contract_reproduce_the_predictor(tmp_path) -> None:
     np.testing.assert_allclose(scores.numpy(), ref["scores"], rtol=0, atol=1e-4)
 
 
-def test_traced_fallback_is_size_dynamic(monkeypatch, images: list[torch.Tensor], tmp_path) -> None:
-    """Where scripting fails, the trace used instead must still follow the image size."""
+def test_export_traces_the_model_itself(images: list[torch.Tensor], tmp_path) -> None:
+    """No restatement of the eval forward: the exported file holds the FasterRCNN and its own parameters."""
+    assert importlib.util.find_spec("detres.inference.export_module") is None
+    model = trained_scale_detector("roi_pool", global_context=True)
+    export_detector(model, tmp_path, formats=["torchscript"], example_hw=(112, 140), fast_path=False)
+    loaded = torch.jit.load(str(tmp_path / "model.ts"))
+    assert loaded.model.original_name == "FasterRCNN"
+    exported = loaded.model.state_dict()
+    for name, value in model.state_dict().items():
+        assert torch.equal(exported[name], value), name
+    # The traced module runs on the model's tensors, not a copy: a changed weight changes what it detects.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        traced = torch.jit.trace(SingleImageDetector(model).eval(), (images[0],), check_trace=False)
+    before = traced(images[0])[1].clone()
+    with torch.no_grad():
+        model.roi_heads.predictor.cls_score.bias[1] += 5.0
+    after = traced(images[0])[1]
+    assert not torch.equal(before, after)
+    assert_same_detections(traced(images[0]), eager(model, images[0]))
+
+
+@pytest.mark.parametrize("change", [{"voting": True}, {"nms_method": "soft_linear"}, {"nms_method": "soft_gaussian"}])
+def test_unsupported_postprocess_is_refused(change: dict, tmp_path) -> None:
     model = trained_scale_detector("roi_align")
-
-    def refuse(*args, **kwargs):
-        raise RuntimeError("scripting refused by the test")
-
-    # The scripting path's first step (torch.jit.script itself is needed by the tracer for compiled helpers).
-    monkeypatch.setattr(export_lib, "trace_parts", refuse)
-    with pytest.warns(UserWarning, match="tracing instead"):
-        assert export_torchscript(model, tmp_path / "m.ts", example_image(112, 140)) == "trace"
-    loaded = torch.jit.load(str(tmp_path / "m.ts"))
-    for image in images:
-        assert_same_detections(loaded(image), eager(model, image))
-
-
-def test_unsupported_postprocess_is_refused(tmp_path) -> None:
-    model = trained_scale_detector("roi_align")
-    model.roi_heads.postprocess = dataclasses.replace(model.roi_heads.postprocess, voting=True)  # a voting model
-    with pytest.raises(ValueError, match="box voting"):
+    model.roi_heads.postprocess = dataclasses.replace(model.roi_heads.postprocess, **change)
+    with pytest.raises(ValueError, match="only hard NMS without box voting"):
         export_detector(model, tmp_path, formats=["torchscript"], example_hw=(64, 80))
+    assert not (tmp_path / "model.ts").exists()
+
+
+def test_training_mode_and_foreign_models_are_refused(tmp_path) -> None:
+    model = trained_scale_detector("roi_align")
+    with pytest.raises(ValueError, match="training mode"):
+        export_torchscript(model.train(), tmp_path / "m.ts", example_image(64, 80))
+    with pytest.raises(ValueError, match="expected a detres FasterRCNN"):
+        export_torchscript(model.trunk, tmp_path / "m.ts", example_image(64, 80))
 
 
 def _checkpoint(tmp_path):

@@ -56,9 +56,11 @@ def cpu_pointwise_onednn(enabled: bool) -> Iterator[None]:
 
 def routes_pointwise_to_onednn(conv: nn.Conv2d, x: torch.Tensor) -> bool:
     """Whether ``conv`` on ``x`` is a float32 CPU 1x1 stride-1 unpadded conv that ATen would run on its GEMM path,
-    to be run with ONEDNN_POINTWISE_DILATION instead (unless ``cpu_pointwise_onednn(False)`` is in force)."""
+    to be run with ONEDNN_POINTWISE_DILATION instead (unless ``cpu_pointwise_onednn(False)`` is in force).
+    Never while traced: an exported graph keeps the plain 1x1 conv, not a route chosen for the exporting CPU."""
     return (
         _POINTWISE_ONEDNN.get()
+        and not torch.jit.is_tracing()
         and x.device.type == "cpu"
         and x.dtype == torch.float32
         and conv.kernel_size == (1, 1)

@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from detres.structures.boxes import check_image_hw
+
 __all__ = ["AnchorGenerator"]
 
 
@@ -86,9 +88,7 @@ class AnchorGenerator(nn.Module):
 
         ``device`` defaults to the device of this module's buffers.
         """
-        if len(feature_hw) != 2 or int(feature_hw[0]) <= 0 or int(feature_hw[1]) <= 0:
-            raise ValueError(f"AnchorGenerator: feature_hw must be (height, width) > 0, got {tuple(feature_hw)!r}")
-        height, width = int(feature_hw[0]), int(feature_hw[1])
+        height, width = check_image_hw(feature_hw, "AnchorGenerator: feature_hw")  # traced sizes stay traced
         device = self._cell_anchors.device if device is None else torch.device(device)
         cell = self._cell_anchors.to(device=device, dtype=dtype)
         shift_x = (torch.arange(width, device=device, dtype=dtype) + self.offset) * self.stride

@@ -9,14 +9,13 @@ layers. This new structure is trained end-to-end."
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
 
 from detres.models.detection.roi_heads import RoIHeads
 
-__all__ = ["ContextRoIHeads", "with_context"]
+__all__ = ["ContextRoIHeads", "image_cells", "with_context"]
 
 
 class ContextRoIHeads(RoIHeads):
@@ -49,14 +48,12 @@ class ContextRoIHeads(RoIHeads):
             raise ValueError(
                 f"ContextRoIHeads: {len(image_sizes)} image sizes for a batch of {features.shape[0]} feature maps"
             )
-        scale = self.pooler.spatial_scale
         pooled = []
         for i, (h, w) in enumerate(image_sizes):
-            # The feature cells this image's pixels fall in (1e-6: no extra cell from float rounding of h * scale).
-            rows = min(max(math.ceil(h * scale - 1e-6), 1), features.shape[2])
-            cols = min(max(math.ceil(w * scale - 1e-6), 1), features.shape[3])
-            box = features.new_tensor([[0.0, 0.0, float(w), float(h)]])
-            pooled.append(self.pooler(features[i : i + 1, :, :rows, :cols], [box]))
+            # as_tensor keeps a traced image's sizes traced (the exported model follows the image size).
+            image_hw = torch.stack([torch.as_tensor(h), torch.as_tensor(w)])
+            cells, box = image_cells(features[i : i + 1], image_hw, self.pooler.spatial_scale)
+            pooled.append(self.pooler(cells, [box]))
         return self.box_head(torch.cat(pooled))
 
     def region_features(
@@ -65,12 +62,27 @@ class ContextRoIHeads(RoIHeads):
         """[sum Ni, 2D]: each proposal's region vector followed by its image's context vector."""
         regions = super().region_features(features, proposals, image_sizes)
         context = self.context_features(features, image_sizes)
-        counts = torch.tensor([p.shape[0] for p in proposals], device=context.device)
-        image_of = torch.repeat_interleave(torch.arange(len(proposals), device=context.device), counts)
+        image_of = torch.cat([torch.full_like(p[:, 0], i, dtype=torch.int64) for i, p in enumerate(proposals)])
         return with_context(regions, context, image_of)
+
+
+# Compiled when traced (export): the crop and the box follow the image size instead of freezing the example's.
+@torch.jit._script_if_tracing
+def image_cells(
+    features: torch.Tensor, image_hw: torch.Tensor, spatial_scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One image's context RoI: the feature cells its pixels fall in, ``features[:, :, :rows, :cols]`` with
+    rows = ceil(H * scale) (1e-6: no extra cell from float rounding), and its whole-image box [[0, 0, W, H]].
+    ``features`` [1, C, h, w]; ``image_hw`` int64 [2] = (H, W). Tensor arithmetic in float64 (Python's float)
+    gives an integer slice bound, which ONNX needs."""
+    cells = torch.ceil(image_hw.to(torch.float64) * spatial_scale - 1e-6).to(torch.int64).clamp(min=1)
+    rows = min(int(cells[0]), features.shape[2])
+    cols = min(int(cells[1]), features.shape[3])
+    size = image_hw.flip(0).to(device=features.device, dtype=features.dtype)
+    return features[:, :, :rows, :cols], torch.cat([torch.zeros_like(size), size])[None]
 
 
 def with_context(regions: torch.Tensor, context: torch.Tensor, image_of: torch.Tensor) -> torch.Tensor:
     """[R, 2D] ``[region | context of its image]`` vectors: ``regions`` [R, D], ``context`` [B, D] (one per image),
-    ``image_of`` [R] each region's image index. The one place the two are joined (eager, multi-scale, export)."""
+    ``image_of`` [R] each region's image index. The one place the two are joined (single scale, multi-scale)."""
     return torch.cat([regions, context[image_of]], dim=1)

@@ -45,21 +45,6 @@ class FasterRCNN(nn.Module):
         self.roi_heads = roi_heads
         self._register_load_state_dict_pre_hook(_normalisation_in_transform)
 
-    @property
-    def pixel_mean(self) -> torch.Tensor:
-        """The transform's normalisation mean [3,1,1] (read by code that restates the eval forward)."""
-        return self.transform.pixel_mean
-
-    @property
-    def pixel_std(self) -> torch.Tensor:
-        """The transform's normalisation divisor [3,1,1]."""
-        return self.transform.pixel_std
-
-    @property
-    def size_divisibility(self) -> int:
-        """The transform's padding multiple."""
-        return self.transform.size_divisibility
-
     @classmethod
     def from_config(
         cls,
@@ -152,10 +137,7 @@ class FasterRCNN(nn.Module):
         if not self.training:
             originals, resized = self.transform.to_test_scale(images, image_sizes)
             batch, sizes = self.transform.normalise(resized)
-            features = self.trunk(batch)
-            proposals, _ = self.rpn(features, sizes, None)
-            detections, _ = self.roi_heads(features, proposals, sizes, None)
-            return self.transform.postprocess(detections, originals, resized)
+            return self.transform.postprocess(self.detect(batch, sizes), originals, resized)
         batch, sizes, targets = self._prepare(images, targets, image_sizes)
         features = self.trunk(batch)
         proposals, rpn_losses = self.rpn(features, sizes, targets)
@@ -164,6 +146,15 @@ class FasterRCNN(nn.Module):
         if overlap:
             raise ValueError(f"FasterRCNN: RPN and RoI heads both report losses named {sorted(overlap)}")
         return {**rpn_losses, **roi_losses}
+
+    def detect(self, batch: torch.Tensor, image_sizes: Sequence[tuple[int, int]]) -> list[dict[str, torch.Tensor]]:
+        """The eval forward from a normalised, padded batch [B,3,Hp,Wp] and each image's valid (h, w): trunk, RPN
+        proposals, RoI heads' detections per image (input-image pixels). What export traces, with the sizes of a
+        traced image (0-dim tensors): every step keeps them traced, so the exported model takes any image size."""
+        features = self.trunk(batch)
+        proposals, _ = self.rpn(features, image_sizes)
+        detections, _ = self.roi_heads(features, proposals, image_sizes)
+        return detections
 
     # ------------------------------------------------------------- stage-wise passes (alternating training)
     def rpn_losses(

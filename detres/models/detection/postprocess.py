@@ -12,6 +12,7 @@ from torchvision.ops import batched_nms, clip_boxes_to_image
 
 from detres.models.detection.box_voting import box_voting as vote_boxes
 from detres.models.detection.soft_nms import soft_nms
+from detres.structures.boxes import check_image_hw
 
 __all__ = ["NMS_METHODS", "DetectionPostprocess", "check_postprocess_values", "rescale_detections"]
 
@@ -100,9 +101,7 @@ class DetectionPostprocess:
                 f"postprocess: boxes must be [R, K+1, 4] = {(num_rois, num_cols, 4)} or [R, 4], "
                 f"got {tuple(boxes.shape)}"
             )
-        if len(image_hw) != 2:
-            raise ValueError(f"postprocess: image_hw must be (H, W), got {image_hw!r}")
-        height, width = int(image_hw[0]), int(image_hw[1])
+        height, width = check_image_hw(image_hw, "postprocess: image_hw")  # traced sizes stay traced
 
         boxes = clip_boxes_to_image(boxes.reshape(-1, 4), (height, width)).reshape(num_rois, num_cols, 4)
         # Drop the background column, then flatten (region, class) pairs into one candidate list.

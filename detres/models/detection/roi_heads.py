@@ -249,7 +249,9 @@ class RoIHeads(nn.Module):
         docstring): the same rows in the same order as the one-shot call, with a fraction of its memory.
         """
         chunk = cpu_roi_chunk(self.inference_roi_chunk)
-        if self.training or chunk <= 0 or features.device.type != "cpu" or sum(r.shape[0] for r in rois) <= chunk:
+        # A trace would freeze the example's chunk count: an exported model runs the one-shot call (same rows).
+        one_shot = self.training or chunk <= 0 or features.device.type != "cpu" or torch.jit.is_tracing()
+        if one_shot or sum(r.shape[0] for r in rois) <= chunk:
             return self.box_head(self.pooler(features, rois))
         parts = [
             self.box_head(self.pooler(features[i : i + 1], [boxes[start : start + chunk]]))

@@ -76,7 +76,8 @@ class RoIPooler(nn.Module):
         boxes = [b.to(features.dtype) for b in boxes]
         size = (self.output_size, self.output_size)
         if self.pooler_type == "roi_pool":
-            if self.fast_max_pool:
+            # The fast pool's per-RoI Python loop cannot be traced: an exported model takes torchvision's roi_pool.
+            if self.fast_max_pool and not torch.jit.is_tracing():
                 # Channels-last rows: ResNet-50's conv5 head ran ~10% faster on them (CPU, 1 thread), same values.
                 return fast_roi_pool(features, boxes, size, self.spatial_scale, channels_last=True)
             return roi_pool(features, boxes, size, self.spatial_scale)

@@ -17,7 +17,17 @@ from detres.models.detection.rpn_head import RPNHead
 from detres.models.detection.sampler import BalancedSampler, target_seeds
 from detres.structures.boxes import boxes_inside_image, check_image_hw, clip_boxes, nonempty_mask
 
-__all__ = ["RPNHead", "RegionProposalNetwork"]
+__all__ = ["RPNHead", "RegionProposalNetwork", "top_n_by_score"]
+
+
+# Compiled when traced (export): a trace would freeze the branch and the example image's count.
+@torch.jit._script_if_tracing
+def top_n_by_score(boxes: Tensor, scores: Tensor, top_n: int) -> tuple[Tensor, Tensor]:
+    """boxes [N, 4], scores [N] -> the ``top_n`` highest-scoring, best first, where N is larger; else all, as given."""
+    if scores.shape[0] > top_n:
+        scores, order = scores.topk(top_n)
+        boxes = boxes[order]
+    return boxes, scores
 
 
 class RegionProposalNetwork(nn.Module):
@@ -150,10 +160,7 @@ class RegionProposalNetwork(nn.Module):
             b = clip_boxes(boxes[i], image_hw)
             s = objectness[i]
             keep = nonempty_mask(b, self.min_size)
-            b, s = b[keep], s[keep]
-            if s.numel() > pre_n:
-                s, order = s.topk(pre_n)
-                b = b[order]
+            b, s = top_n_by_score(b[keep], s[keep], pre_n)
             cand_boxes.append(b)
             cand_scores.append(s)
             cand_image.append(torch.full_like(s, i, dtype=torch.int64))

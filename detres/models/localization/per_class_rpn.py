@@ -24,7 +24,7 @@ from torch import Tensor
 from torchvision.ops import batched_nms
 
 from detres.models.detection.anchors import AnchorGenerator
-from detres.models.detection.rpn import RegionProposalNetwork
+from detres.models.detection.rpn import RegionProposalNetwork, top_n_by_score
 from detres.models.detection.rpn_head import RPNHead
 from detres.models.detection.sampler import target_seeds
 from detres.structures.boxes import clip_boxes
@@ -175,10 +175,7 @@ class PerClassRPN(RegionProposalNetwork):
             for c in wanted:
                 if not 1 <= int(c) <= probs.shape[2]:
                     raise ValueError(f"PerClassRPN.class_boxes: class {c} outside 1..{probs.shape[2]}")
-                b, s = boxes[i, :, int(c) - 1], probs[i, :, int(c) - 1]
-                if s.numel() > self.pre_nms_top_n("test"):
-                    s, order = s.topk(self.pre_nms_top_n("test"))
-                    b = b[order]
+                b, s = top_n_by_score(boxes[i, :, int(c) - 1], probs[i, :, int(c) - 1], self.pre_nms_top_n("test"))
                 keep = batched_nms(b, s, torch.zeros_like(s, dtype=torch.int64), nms_thresh)[: int(top_n)]
                 per_class[int(c)] = (b[keep], s[keep])
             out.append(per_class)

@@ -252,3 +252,17 @@ def test_bad_arguments_raise_clear_errors():
         resnet18(plain=True, zero_init_residual=True)
     with pytest.raises(ValueError, match="layers"):
         build_resnet(18, layers=(1, 1, 1, 1))
+
+
+@pytest.mark.parametrize(("depth", "giga_mult_adds"), [(18, 1.81), (34, 3.66), (50, 3.86), (101, 7.57), (152, 11.28)])
+def test_table1_multiply_adds_at_224(depth, giga_mult_adds):
+    """Table 1's FLOPs row (multiply-adds of convs and fc at 224 px, stride in the first 1x1 as in the paper's
+    models), counted by torch's FlopCounterMode (2 FLOPs per multiply-add): 1.8 / 3.6 / 3.8 / 7.6 / 11.3 x 10^9,
+    where the paper's 3.6 for ResNet-34 is the option-A count and 3.8 for ResNet-50 is 3.86 truncated."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = build_resnet(depth, num_classes=1000, stride_in_1x1=True).eval()
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(torch.zeros(1, 3, 224, 224))
+    assert counter.get_total_flops() / 2 / 1e9 == pytest.approx(giga_mult_adds, abs=0.005)

@@ -140,6 +140,11 @@ def randomise(model: nn.Module, image: Image, boxes: torch.Tensor, seed: int) ->
     return model.eval()
 
 
+def test_scale_of(image: Image) -> dict[str, int]:
+    """An ``input`` tree whose test scale is ``image``'s own size: both detectors resize it by exactly 1."""
+    return {"min_size_test": int(min(image.shape[1:])), "max_size_test": int(max(image.shape[1:]))}
+
+
 def torchvision_peer(model_cfg: Config, image: Image) -> nn.Module:
     """The torchvision assembly of ``model_cfg``, normalising as detres does and resizing ``image`` by exactly 1."""
     mean, std = model_normalization(model_cfg)
@@ -158,7 +163,7 @@ def build_model(name: str, args: argparse.Namespace, image: Image, boxes: torch.
     model_cfg = detres_model_config(args)
     torch.manual_seed(args.seed)
     if name == "detres":
-        model = build_detector(model_cfg, num_classes=NUM_CLASSES)
+        model = build_detector(model_cfg, input_cfg=test_scale_of(image), num_classes=NUM_CLASSES)
     else:
         model = torchvision_peer(model_cfg, image)
     return randomise(model, image, boxes, args.seed)

@@ -31,7 +31,6 @@ from detres.engine.lr_schedule import LRSchedule  # noqa: E402
 from detres.engine.optimizer import build_detection_optimizer, set_lr  # noqa: E402
 from detres.evaluation.det_eval import evaluate_detection_dataset  # noqa: E402
 from detres.models.build import build_detector  # noqa: E402
-from detres.models.detection.postprocess import rescale_detections  # noqa: E402
 
 Batch = dict[str, Any]
 
@@ -39,15 +38,15 @@ Batch = dict[str, Any]
 def detres_parts(cfg: Config, num_classes: int) -> tuple[nn.Module, nn.Module, int, list[float], list[float]]:
     """detres's trunk (conv1..conv4) and conv5 head (layer4 + GAP + flatten), loaded and frozen as detres does,
     with the head's vector size and the pixel mean/std (0..255 scale) detres normalises with."""
-    detector = build_detector(cfg.model, num_classes=num_classes)
+    detector = build_detector(cfg.model, input_cfg=cfg.input, num_classes=num_classes)
     trunk = detector.trunk  # has .out_channels, which torchvision's FasterRCNN requires
     head = detector.roi_heads.box_head.conv5_head  # ResNetC5Head: layer4 -> avgpool -> flatten
     return (
         trunk,
         head,
         int(head.out_channels),
-        detector.pixel_mean.flatten().tolist(),
-        detector.pixel_std.flatten().tolist(),
+        detector.transform.pixel_mean.flatten().tolist(),
+        detector.transform.pixel_std.flatten().tolist(),
     )
 
 
@@ -151,7 +150,8 @@ def train(model: FasterRCNN, dataset: Any, cfg: Config, iters: int) -> float:
 
 @torch.inference_mode()
 def detect(model: FasterRCNN, dataset: Any, cfg: Config) -> list[dict[str, Any]]:
-    """Per-image detections in original pixels, mapped back as detres.inference.detect does."""
+    """Per-image detections in original pixels (the evaluation set's images are original-size; torchvision's
+    transform maps its boxes back to them)."""
     model.eval()
     loader = DataLoader(
         dataset,
@@ -163,10 +163,8 @@ def detect(model: FasterRCNN, dataset: Any, cfg: Config) -> list[dict[str, Any]]
     results = []
     for batch in loader:
         images, _ = to_torchvision(batch)
-        for det, image_id, (sx, sy), orig in zip(
-            model(images), batch["image_ids"], batch["scales_xy"], batch["orig_sizes"]
-        ):
-            det = rescale_detections({k: v.cpu() for k, v in det.items()}, (sy, sx), orig)
+        for det, image_id in zip(model(images), batch["image_ids"]):
+            det = {k: v.cpu() for k, v in det.items()}
             det["image_id"] = image_id
             results.append(det)
     return results

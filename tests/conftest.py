@@ -83,7 +83,7 @@ def make_tiny_checkpoint(tiny_det_world, tmp_path_factory):
         cfg = config_from_tree(
             {"task": "det", "model": {**tree, **model}, "input": {"min_size_test": 64, "max_size_test": 96}}, task="det"
         )
-        detector = build_detector(cfg.model, num_classes=len(names))
+        detector = build_detector(cfg.model, input_cfg=cfg.input, num_classes=len(names))
         meta = {
             "class_names": names,
             "min_size_test": 64,

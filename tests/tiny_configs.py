@@ -116,12 +116,29 @@ def det_model_config(**model: Any):
     return config_from_tree({"task": "det", "model": model}, task="det").model
 
 
-def build_test_detector(num_classes: int, *, frozen_bn: bool = True, class_agnostic_bbox: bool = False, **model: Any):
-    """``FasterRCNN.from_config`` of :func:`det_model_config` (``model`` keys as there)."""
+def det_input_config(**inp: Any):
+    """A ``task: det`` config's ``input`` tree (the detector's test scale): the defaults with ``inp`` merged in."""
+    from detres.config.load import config_from_tree
+
+    return config_from_tree({"task": "det", "input": inp}, task="det").input
+
+
+def build_test_detector(
+    num_classes: int,
+    *,
+    test_scale: tuple[int, int] | None = None,
+    frozen_bn: bool = True,
+    class_agnostic_bbox: bool = False,
+    **model: Any,
+):
+    """``FasterRCNN.from_config`` of :func:`det_model_config` (``model`` keys as there), testing at ``test_scale``
+    = (min_size_test, max_size_test) (None: the config's defaults)."""
     from detres.models.detection.faster_rcnn import FasterRCNN
 
+    scale = {} if test_scale is None else {"min_size_test": test_scale[0], "max_size_test": test_scale[1]}
     return FasterRCNN.from_config(
         det_model_config(**model),
+        input_cfg=det_input_config(**scale),
         num_classes=num_classes,
         frozen_bn=frozen_bn,
         class_agnostic_bbox=class_agnostic_bbox,

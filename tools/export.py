@@ -38,8 +38,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--size",
         type=int,
         default=None,
-        help="shorter side of the traced example image (default: the checkpoint's min_size_test, "
-        "else 320); the exported models take any size",
+        help="shorter side of the traced example image (default: the model's test scale); "
+        "the exported models take any size",
     )
     parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the installed torch's)")
     parser.add_argument("--no-fast-path", action="store_true", help="keep BatchNorm unfolded")
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.size is not None and args.size < 16:
             raise ValueError(f"--size must be >= 16, got {args.size}")
         model, meta = load_detector(args.checkpoint)
-        size = args.size or int(meta.get("min_size_test") or 320)
+        size = args.size or model.transform.min_size
         info = export_detector(
             model,
             args.out,

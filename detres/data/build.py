@@ -1,4 +1,5 @@
-"""Config → detection datasets (COCO JSON or PASCAL VOC folders) with the Faster R-CNN transforms."""
+"""Config → detection datasets (COCO JSON or PASCAL VOC folders): training sets with the Faster R-CNN
+augmentation, evaluation sets at the images' original size."""
 
 from __future__ import annotations
 
@@ -20,12 +21,14 @@ def build_detection_dataset(
     COCO: ``<split>_images`` is the image folder and ``<split>_ann`` the instances JSON.
     VOC: ``<split>_images`` is the dataset root and ``<split>_ann`` the ImageSets/Main list name.
     Training sets leave out crowd boxes (COCO) and difficult objects (VOC, unless
-    ``data.use_difficult_in_training``); evaluation sets keep difficult objects flagged. Bad samples follow
+    ``data.use_difficult_in_training``); evaluation sets keep difficult objects flagged and yield the images at
+    their original size (the detector resizes them to its test scale itself). Bad samples follow
     ``bad_samples`` (default: the ``data.on_bad_sample`` policy) and stay listed in the dataset's ``bad_samples``.
     """
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     data, inp = cfg.data, cfg.input
+    transforms = None
     if train:
         transforms = build_det_transforms(
             train=True,
@@ -34,8 +37,6 @@ def build_detection_dataset(
             flip_prob=inp.flip_prob,
             seed=cfg.seed,
         )
-    else:
-        transforms = build_det_transforms(train=False, min_size=inp.min_size_test, max_size=inp.max_size_test)
     images, ann = data[f"{split}_images"], data[f"{split}_ann"]
     bad = bad_samples if bad_samples is not None else BadSamples.from_config(cfg)
     if data.format == "coco":

@@ -1,5 +1,6 @@
-"""Run a detector over a dataset: batched forward passes, detections mapped back to original pixels, and the
-images split over the ranks of a distributed run (results gathered back in dataset order)."""
+"""Run a detector over a dataset: batched forward passes on the original images (the detector resizes them and
+answers in their pixels), and the images split over the ranks of a distributed run (results gathered back in
+dataset order)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ from detres.data.collate import collate_detection
 from detres.data.worker_errors import readable
 from detres.inference.test_config import TestConfig
 from detres.inference.test_time import TestTimeAugmentation
-from detres.models.detection.postprocess import rescale_detections
 from detres.utils.dist import all_gather_objects, is_distributed, is_main_process, shard_indices, unshard
 
 
@@ -35,22 +35,28 @@ def detect_batch(
     options: TestConfig | None = None,
     amp: bool = False,
 ) -> list[dict[str, Any]]:
-    """Detections of one collated batch, in each image's original pixel coordinates (CPU tensors).
+    """Detections of one collated batch of original-size images, in their pixel coordinates (CPU tensors).
 
     ``model``: one detector or the members of an ensemble. ``options``: the test configuration
     (:class:`TestTimeAugmentation` runs it); None = the model's own forward. ``amp``: forward passes under
     float16 CUDA autocast (ignored off CUDA); the detections come back as float32 either way.
     """
+    resized = [i for i, scale in enumerate(batch["scales_xy"]) if tuple(scale) != (1.0, 1.0)]
+    if resized:
+        names = [batch["file_names"][i] for i in resized]
+        raise ValueError(
+            f"detect_batch: images {names} were resized by their dataset's transforms; the detector takes the "
+            "original images and resizes them to its test scale itself (build evaluation sets without transforms)"
+        )
     images = batch["images"].to(device, non_blocking=True)
     plain = isinstance(model, torch.nn.Module) and (options is None or options.plain)
     detector = model if plain else TestTimeAugmentation(model, options)
     with torch.inference_mode(), inference_autocast(device, amp):
         outputs = detector(images, image_sizes=batch["image_sizes"])
     results = []
-    for det, image_id, (sx, sy), orig in zip(outputs, batch["image_ids"], batch["scales_xy"], batch["orig_sizes"]):
-        # under autocast boxes / scores can be float16: back to float32 before rescaling and evaluation
+    for det, image_id in zip(outputs, batch["image_ids"]):
+        # under autocast scores can be float16: back to float32 for the evaluation
         det = {k: (v.float() if v.is_floating_point() else v).cpu() for k, v in det.items()}
-        det = rescale_detections(det, (sy, sx), orig)
         det["image_id"] = image_id
         results.append(det)
     return results

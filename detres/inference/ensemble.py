@@ -27,7 +27,7 @@ def load_ensemble(
 ) -> tuple[list[torch.nn.Module], dict[str, Any]]:
     """Load every train_det checkpoint; returns (models in eval mode, the first one's metadata).
 
-    The metadata's test-time resize and category mapping are the first checkpoint's; every member must
+    The test scale (the first model's transform resizes for all) and category mapping are the first's; every member must
     have been trained on the same classes in the same order (an error names the first one that differs).
     The returned metadata lists all members under ``ensemble_checkpoints``.
     """

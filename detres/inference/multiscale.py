@@ -20,20 +20,11 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from detres.data.transforms.detection import faster_rcnn_scale
 from detres.inference.proposal_merge import merge_proposal_sets
 from detres.inference.region_scorer import Scored, SingleScaleScorer
 from detres.models.detection.context import with_context
 
-__all__ = ["pyramid_size", "select_levels", "MultiScaleScorer"]
-
-
-def pyramid_size(hw: Sequence[int], shorter_side: float, max_size_ratio: float) -> tuple[int, int]:
-    """An image of size ``hw`` resized so its shorter side is ``shorter_side``, its longer side capped at
-    ``shorter_side * max_size_ratio`` (the test scale's max/min ratio, e.g. 1000/600)."""
-    h, w = int(hw[0]), int(hw[1])
-    factor = faster_rcnn_scale(h, w, shorter_side, shorter_side * max_size_ratio)  # the test scale's rule
-    return max(int(round(h * factor)), 1), max(int(round(w * factor)), 1)
+__all__ = ["select_levels", "MultiScaleScorer"]
 
 
 def select_levels(areas: Tensor, reference_area: float) -> tuple[Tensor, Tensor]:
@@ -61,10 +52,13 @@ class MultiScaleScorer:
 
     Args:
         model: a ``FasterRCNN`` in eval mode (plain or global-context RoI heads).
-        images: the network input images, 0..255, a padded batch [B,3,H,W] with ``image_sizes`` or a list.
+        images: the network input images (at the test scale), 0..255, a padded batch [B,3,H,W] with
+            ``image_sizes`` or a list.
         image_sizes: valid (h, w) per image of a padded batch.
         scales: pyramid shorter sides, e.g. (200, 400, 600, 800, 1000); sorted here.
-        max_size_ratio: a level's longer side is at most ``scale * max_size_ratio``.
+        max_size_ratio: a level's longer side is at most ``scale * max_size_ratio``; None = the ratio of the
+            model's test scale (its transform's ``max_size / min_size``). The level sizes are the model's
+            transform's (:meth:`DetectorTransform.scaled_size`) for the input image's size.
         reference_size: the RoI side (pixels at a level) the level choice aims at (224: the pre-training crop).
         pyramid_proposals: also run the RPN on every level and merge all proposal sets.
         proposal_nms_thresh, max_proposals: the merge's NMS threshold and cap (``pyramid_proposals`` only;
@@ -81,7 +75,7 @@ class MultiScaleScorer:
         image_sizes: Sequence[Sequence[int]] | None = None,
         *,
         scales: Sequence[float] = (200, 400, 600, 800, 1000),
-        max_size_ratio: float = 1000 / 600,
+        max_size_ratio: float | None = None,
         reference_size: float = 224,
         pyramid_proposals: bool = False,
         proposal_nms_thresh: float | None = None,
@@ -89,7 +83,7 @@ class MultiScaleScorer:
     ) -> None:
         if len(scales) == 0 or any(float(s) <= 0 for s in scales):
             raise ValueError(f"MultiScaleScorer: scales must be a non-empty list of positive sizes, got {list(scales)}")
-        if max_size_ratio < 1.0:
+        if max_size_ratio is not None and max_size_ratio < 1.0:
             raise ValueError(f"MultiScaleScorer: max_size_ratio must be >= 1, got {max_size_ratio}")
         if reference_size <= 0:
             raise ValueError(f"MultiScaleScorer: reference_size must be positive, got {reference_size}")
@@ -103,7 +97,7 @@ class MultiScaleScorer:
         self.max_proposals = max_proposals
         self._images = _valid_images(images, self.image_sizes)
         # Per level, per image: the resized (h, w) and the per-axis factors (sx, sy) from the input.
-        self.level_sizes = [[pyramid_size(hw, s, max_size_ratio) for hw in self.image_sizes] for s in self.scales]
+        self.level_sizes = [[self._level_size(hw, s, max_size_ratio) for hw in self.image_sizes] for s in self.scales]
         self.level_factors = torch.tensor(
             [[[lw / w, lh / h] for (lh, lw), (h, w) in zip(sizes, self.image_sizes)] for sizes in self.level_sizes],
             dtype=torch.float32,
@@ -111,6 +105,10 @@ class MultiScaleScorer:
         self._features: dict[int, tuple[Tensor, list[tuple[int, int]]]] = {}
 
     # ------------------------------------------------------------------------------------- levels
+    def _level_size(self, hw: tuple[int, int], scale: float, max_size_ratio: float | None) -> tuple[int, int]:
+        cap = None if max_size_ratio is None else scale * max_size_ratio
+        return self.model.transform.scaled_size(hw, scale, cap)
+
     def level_features(self, level: int) -> tuple[Tensor, list[tuple[int, int]]]:
         """(trunk features [B,C,h,w], valid sizes) of pyramid level ``level``, computed on first use."""
         if level not in self._features:

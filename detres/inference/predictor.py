@@ -1,4 +1,4 @@
-"""Single-image inference with a trained detector: test-scale resize, forward pass, boxes in original pixels."""
+"""Inference on RGB numpy images with a trained detector (which resizes them and answers in their pixels)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from detres.data.collate import collate_detection
-from detres.data.transforms.detection import build_det_transforms, finalize_sample
+from detres.data.transforms.detection import finalize_sample
 from detres.inference.detect import detect_batch
 from detres.inference.test_config import TestConfig
 from detres.models.build import load_detector
@@ -19,10 +19,8 @@ from detres.models.build import load_detector
 class Predictor:
     """Run a train_det checkpoint on RGB images given as numpy arrays.
 
-    Each image goes through the same test-time resize as the evaluation datasets (shorter side
-    ``min_size_test``, longer side at most ``max_size_test``, both recorded in the checkpoint),
-    then the detector, then its boxes are divided by the per-axis resize factors so they are in
-    the input image's pixels (0-based continuous xyxy, clipped to the image).
+    Each image goes to the detector as it is; the detector resizes it to its test scale (the checkpoint's
+    config) and returns boxes in the input image's pixels (0-based continuous xyxy, clipped to the image).
 
     Args:
         checkpoint: a train_det checkpoint (``model_final.pt`` or ``last.pt``).
@@ -39,9 +37,8 @@ class Predictor:
         cls, model: torch.nn.Module, meta: dict[str, Any], device: torch.device | str = "cpu", *, amp: bool = False
     ) -> Predictor:
         """A predictor around an already built detector and its metadata (as returned by ``load_detector``)."""
-        missing = [k for k in ("class_names", "min_size_test", "max_size_test") if k not in meta]
-        if missing:
-            raise ValueError(f"Predictor: detector metadata lacks {missing}")
+        if "class_names" not in meta:
+            raise ValueError("Predictor: detector metadata lacks ['class_names']")
         predictor = cls.__new__(cls)
         predictor._setup(model.to(device), meta, torch.device(device), amp)
         return predictor
@@ -55,9 +52,6 @@ class Predictor:
         self.options = TestConfig()
         self.ensemble: list[torch.nn.Module] = []  # further members besides self.model (an ensemble)
         self.class_names: list[str] = [str(n) for n in meta["class_names"]]
-        self.transform = build_det_transforms(
-            train=False, min_size=int(meta["min_size_test"]), max_size=int(meta["max_size_test"])
-        )
 
     def predict(self, image_rgb: np.ndarray, *, score_thresh: float = 0.0) -> dict[str, Any]:
         """Detections on one RGB image (uint8 or 0..255 float, [H, W, 3]) scoring at least ``score_thresh``.
@@ -84,8 +78,7 @@ class Predictor:
         if image.dtype != np.uint8:
             if not np.issubdtype(image.dtype, np.floating) or not np.isfinite(image).all():
                 raise ValueError(f"Predictor: image {index} must be uint8 or finite float (0..255), got {image.dtype}")
-            # cv2's resize keeps float images float; values stay on the 0..255 scale the model expects.
-            image = image.astype(np.float32)
+            image = image.astype(np.float32)  # values stay on the 0..255 scale the model expects
         sample = {
             "image": np.ascontiguousarray(image),
             "boxes": np.zeros((0, 4), np.float32),
@@ -94,7 +87,7 @@ class Predictor:
             "orig_size": tuple(image.shape[:2]),
             "file_name": f"<image {index}>",
         }
-        return finalize_sample(sample, self.transform)
+        return finalize_sample(sample, None)
 
     def _to_result(self, det: dict[str, Any], score_thresh: float) -> dict[str, Any]:
         keep = det["scores"] >= score_thresh

@@ -27,7 +27,8 @@ class TestConfig:
         (:class:`DetectionPostprocess`); None = the first model's own (its config's ``model.roi_heads``).
     box_refinement: second pass on each region's regressed box, NMS on the union of both passes.
     multiscale: score RoIs on the image pyramid ``scales`` (shorter sides; longer side capped at
-        ``scale * max_size_ratio``), maxout of the two levels bracketing ``reference_size``².
+        ``scale * max_size_ratio``, None = the ratio of the model's test scale), maxout of the two levels
+        bracketing ``reference_size``².
     pyramid_proposals: with ``multiscale``, also run the RPN on every level and merge the sets.
     flip: average the scores and boxes with those of the mirrored image.
     proposal_nms_thresh, max_proposals: how proposal sets are merged (ensembles, pyramid proposals);
@@ -60,8 +61,8 @@ class TestConfig:
             raise ValueError(f"test config: {exc}") from None
         if any(float(s) <= 0 for s in self.scales) or (self.multiscale and len(self.scales) == 0):
             raise ValueError(f"test config: scales must be positive shorter sides, got {list(self.scales)}")
-        ratio, reference = self.max_size_ratio, self.reference_size  # None: not set (needed by multiscale only)
-        if self.multiscale if ratio is None else ratio < 1:
+        ratio, reference = self.max_size_ratio, self.reference_size  # None: not set (reference: multiscale needs it)
+        if ratio is not None and ratio < 1:
             raise ValueError(f"test config: max_size_ratio must be >= 1, got {ratio}")
         if self.multiscale if reference is None else reference <= 0:
             raise ValueError(f"test config: reference_size must be positive, got {reference}")
@@ -74,15 +75,14 @@ class TestConfig:
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> TestConfig:
-        """From a det config's ``test`` section; the pyramid's longer-side cap keeps the test scale's ratio
-        ``input.max_size_test / input.min_size_test``. The post-processing is the model's own."""
-        test, inp = cfg["test"], cfg["input"]
+        """From a det config's ``test`` section; the pyramid's longer-side cap keeps the ratio of the model's test
+        scale (``max_size_ratio`` None). The post-processing is the model's own."""
+        test = cfg["test"]
         ms, ensemble = test["multiscale"], test["ensemble"]
         return cls(
             box_refinement=bool(test["box_refinement"]),
             multiscale=bool(ms["enabled"]),
             scales=tuple(float(s) for s in ms["scales"]),
-            max_size_ratio=float(inp["max_size_test"]) / float(inp["min_size_test"]),
             reference_size=float(ms["reference_size"]),
             pyramid_proposals=bool(ms["pyramid_proposals"]),
             flip=bool(test["flip"]),

@@ -56,10 +56,11 @@ def build_scorer(
 class TestTimeAugmentation(nn.Module):
     """One detector or the members of an ensemble, run as ``config`` says; called like a detector in eval mode.
 
-    ``forward(images, image_sizes=None)``: ``images`` as for the detector's forward (0..255 network input, a list
-    of [3,H,W] or a padded batch with ``image_sizes``); returns per image ``{"boxes" [D,4], "scores" [D],
-    "labels" [D]}`` in the network input's pixels. Score threshold, NMS and detections per image are the first
-    model's; every member must predict the same number of classes.
+    ``forward(images, image_sizes=None)``: ``images`` as for the detector's eval forward (0..255 images of any
+    sizes, a list of [3,H,W] or a padded batch with ``image_sizes``); returns per image ``{"boxes" [D,4],
+    "scores" [D], "labels" [D]}`` in the given images' pixels. The first model's transform resizes the images to
+    its test scale and maps the boxes back; each member normalises with its own statistics. Score threshold,
+    NMS and detections per image are the first model's; every member must predict the same number of classes.
     """
 
     __test__ = False  # not a pytest test class despite its name
@@ -90,6 +91,17 @@ class TestTimeAugmentation(nn.Module):
             check_eval_mode(model, f"TestTimeAugmentation (model {k})")
         if len(self.members) == 1 and self.config.plain:
             return self.members[0](images, image_sizes=image_sizes)
+        transform = self.members[0].transform
+        originals, resized = transform.to_test_scale(images, image_sizes)
+        return transform.postprocess(self.detect_at_test_scale(resized), originals, resized)
+
+    @torch.no_grad()
+    def detect_at_test_scale(
+        self, images: Sequence[Tensor] | Tensor, image_sizes: Sequence[Sequence[int]] | None = None
+    ) -> list[dict[str, Tensor]]:
+        """The composed pipeline on images already at the network input's scale (a list, or a padded batch with
+        ``image_sizes``); detections in those images' pixels. :meth:`forward` wraps it in the first model's
+        transform."""
         scorers = [build_scorer(m, images, image_sizes, self.config) for m in self.members]
         if len(scorers) == 1:
             proposals, _ = scorers[0].propose()

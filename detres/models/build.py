@@ -78,10 +78,12 @@ def build_classifier(*, arch: str = "imagenet", depth: int = 50, num_classes: in
     raise ValueError(f"model.arch must be one of {CLASSIFIER_ARCHS}, got {arch!r}")
 
 
-def build_detector(model_cfg: Mapping[str, Any], *, num_classes: int, load_weights: bool = True) -> FasterRCNN:
-    """The ResNet-C4 or VGG-16 Faster R-CNN of a ``task: det`` config's ``model`` tree
-    (:meth:`FasterRCNN.from_config`); ``num_classes`` counts object classes (background is added)."""
-    return FasterRCNN.from_config(model_cfg, num_classes=num_classes, load_weights=load_weights)
+def build_detector(
+    model_cfg: Mapping[str, Any], *, input_cfg: Mapping[str, Any], num_classes: int, load_weights: bool = True
+) -> FasterRCNN:
+    """The ResNet-C4 or VGG-16 Faster R-CNN of a ``task: det`` config's ``model`` tree, testing at its ``input``
+    tree's test scale (:meth:`FasterRCNN.from_config`); ``num_classes`` counts object classes (background is added)."""
+    return FasterRCNN.from_config(model_cfg, input_cfg=input_cfg, num_classes=num_classes, load_weights=load_weights)
 
 
 def detector_state(model: nn.Module, *, config: Mapping[str, Any], meta: Mapping[str, Any]) -> dict[str, Any]:
@@ -107,7 +109,7 @@ def detector_from_state(state: Mapping[str, Any], *, source: str) -> tuple[Faste
         hint = " (a train_cls checkpoint? use it as model.weights)" if "data_stats" in state else ""
         raise ValueError(f"{source}: not a train_det checkpoint (missing {missing}){hint}")
     cfg, meta = _checked_record(source, state["config"], state["meta"])
-    model = build_detector(cfg.model, num_classes=len(meta["class_names"]), load_weights=False)
+    model = build_detector(cfg.model, input_cfg=cfg.input, num_classes=len(meta["class_names"]), load_weights=False)
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as exc:  # torch lists every mismatched tensor over many lines

@@ -62,7 +62,9 @@ def test_coco_and_voc_give_the_same_boxes(world):
     assert dataset_class_names(coco) == list(CATEGORIES)
     for i in range(len(coco)):
         a, b = coco[i], voc[i]
-        assert min(a["image"].shape[1:]) == 64 and a["image"].shape == b["image"].shape
+        # evaluation sets yield the original images: the detector resizes them to its test scale itself
+        assert tuple(a["image"].shape[1:]) == tuple(a["orig_size"]) and a["scale_xy"] == (1.0, 1.0)
+        assert a["image"].shape == b["image"].shape
         # VOC stores integer pixel boxes: equal to the COCO boxes after the 1-based rounding rule
         assert torch.allclose(a["boxes"], b["boxes"], atol=1.0)
         assert torch.equal(a["labels"], b["labels"])
@@ -70,11 +72,16 @@ def test_coco_and_voc_give_the_same_boxes(world):
 
 
 def test_training_sets_flip_and_drop_difficult(world):
-    voc_train = build_detection_dataset(
-        _cfg("voc", world, "input.flip_prob=1.0"), "train", train=True, class_names=list(CATEGORIES)
-    )
     voc_eval = build_detection_dataset(_cfg("voc", world), "train", train=False, class_names=list(CATEGORIES))
-    flipped, plain = voc_train[0], voc_eval[0]
+    plain = voc_eval[0]
+    short, long = sorted(plain["image"].shape[1:])  # a training scale that keeps this original image's size
+    voc_train = build_detection_dataset(
+        _cfg("voc", world, "input.flip_prob=1.0", f"input.min_size_train=[{short}]", f"input.max_size_train={long}"),
+        "train",
+        train=True,
+        class_names=list(CATEGORIES),
+    )
+    flipped = voc_train[0]
     width = plain["image"].shape[2]
     assert torch.equal(flipped["image"], plain["image"].flip(-1))
     kept = ~plain["difficult"]

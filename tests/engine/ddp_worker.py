@@ -16,7 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from detres.data.transforms.detection import build_det_transforms, finalize_sample  # noqa: E402
+from detres.data.transforms.detection import finalize_sample  # noqa: E402
 from detres.engine.distributed import get_rank, get_world_size, init_distributed, is_main_process  # noqa: E402
 from detres.engine.sync_bn import GlooSyncBatchNorm  # noqa: E402
 from detres.inference.detect import run_inference  # noqa: E402
@@ -35,8 +35,7 @@ class ListDataset(torch.utils.data.Dataset):
 
 
 def _images(count: int) -> ListDataset:
-    """``count`` random 80x96 images (one size: batches pad alike however they are grouped)."""
-    transform = build_det_transforms(train=False, min_size=80, max_size=160)
+    """``count`` random 80x96 images (one size: batches pad alike however they are grouped), at their size."""
     samples = []
     for i in range(count):
         rng = np.random.default_rng(i)
@@ -48,7 +47,7 @@ def _images(count: int) -> ListDataset:
             "orig_size": (80, 96),
             "file_name": f"img{i}.png",
         }
-        samples.append(finalize_sample(sample, transform))
+        samples.append(finalize_sample(sample, None))
     return ListDataset(samples)
 
 
@@ -56,6 +55,7 @@ def check_detect(out: Path) -> None:
     torch.manual_seed(0)  # the same random detector on every rank
     model = build_test_detector(
         3,
+        test_scale=(80, 160),  # the 80x96 images stay at their size
         depth=18,
         base_width=8,
         anchor_sizes=[16, 32, 64],

@@ -259,7 +259,7 @@ def test_load_detector_round_trip_gives_identical_detections(short_run):
     state = load_checkpoint(out / "model_final.pt")
     model_a, meta = load_detector(out / "model_final.pt")
     model_b, _ = load_detector(out / "last.pt")
-    assert not model_a.training and meta["min_size_test"] == 128 and meta["max_size_test"] == 192
+    assert not model_a.training and (model_a.transform.min_size, model_a.transform.max_size) == (128, 192)
     for key, value in model_a.state_dict().items():
         torch.testing.assert_close(value, state["model"][key], rtol=0, atol=0)
     images = [torch.rand(3, 96, 128, generator=torch.Generator().manual_seed(0)) * 255]
@@ -331,7 +331,10 @@ def test_the_first_step_momentum_buffer_is_the_gradient_plus_weight_decay(first_
     assert saved["iter"] == 1
     # Replay the first iteration: the initial weights, the same batch and the same sampling draws.
     model = detection.build_detector(
-        saved["config"]["model"], num_classes=len(saved["meta"]["class_names"]), load_weights=False
+        saved["config"]["model"],
+        input_cfg=saved["config"]["input"],
+        num_classes=len(saved["meta"]["class_names"]),
+        load_weights=False,
     )
     model.load_state_dict(record["init"])
     model.train()

@@ -9,14 +9,22 @@ from tests.tiny_configs import build_test_detector
 
 
 def tiny_detector(
-    seed: int = 0, *, global_context: bool = False, num_classes: int = 3, roi_heads: dict | None = None, **kwargs
+    seed: int = 0,
+    *,
+    global_context: bool = False,
+    num_classes: int = 3,
+    roi_heads: dict | None = None,
+    test_scale: tuple[int, int] = (96, 128),
+    **kwargs,
 ) -> torch.nn.Module:
     """A ResNet-18 (width 8) C4 detector with roi_align 4x4 and 30 test proposals, in eval mode; ``roi_heads`` and
-    ``kwargs`` override its ``model`` config tree (and ``class_agnostic_bbox``)."""
+    ``kwargs`` override its ``model`` config tree (and ``class_agnostic_bbox``). Its default test scale (96, at most
+    128) leaves the first of :func:`images` at its size and resizes the second (112x80 -> 128x91)."""
     torch.manual_seed(seed)
     heads = {"pooler_type": "roi_align", "pooler_resolution": 4, "sampling_ratio": 2, "score_thresh": 0.01}
     model = build_test_detector(
         num_classes,
+        test_scale=test_scale,
         **{
             "depth": 18,
             "base_width": 8,

@@ -14,6 +14,7 @@ from detres.inference.test_config import TestConfig
 from detres.inference.test_time import TestTimeAugmentation
 from detres.models.detection.faster_rcnn import FasterRCNN
 from detres.models.detection.roi_heads import RoIHeads
+from detres.models.detection.transform import DetectorTransform
 from tests.tiny_configs import build_test_detector, det_model_config
 
 
@@ -76,7 +77,9 @@ def _model(proposals_by_size, table) -> FasterRCNN:
         roi_cfg, pooler=nn.Identity(), box_head=nn.Identity(), predictor=TablePredictor(table)
     )
     mean, std = (123.675, 116.28, 103.53), (1.0, 1.0, 1.0)
-    return FasterRCNN(nn.Identity(), FixedRPN(proposals_by_size), heads, pixel_mean=mean, pixel_std=std).eval()
+    # test scale 96, longer side at most 96: the 96x96 and 80x96 images below stay at their size
+    transform = DetectorTransform(pixel_mean=mean, pixel_std=std, min_size=96, max_size=96)
+    return FasterRCNN(nn.Identity(), FixedRPN(proposals_by_size), heads, transform=transform).eval()
 
 
 ZERO = (0.0, 0.0, 0.0, 0.0)

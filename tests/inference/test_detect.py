@@ -1,4 +1,4 @@
-"""Tests for detres.inference.detect: boxes mapped back to original pixels, dataset order, train mode restored."""
+"""Tests for detres.inference.detect: original images in, the model's boxes out, dataset order, train mode restored."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from detres.inference.detect import detect_batch, run_inference
 
 
 class EchoDetector(nn.Module):
-    """Stub detector: returns preset boxes (resized-image pixels) per image and records what it was given."""
+    """Stub detector: returns preset boxes per image and records what it was given."""
 
     def __init__(self, boxes_per_image: list[torch.Tensor]) -> None:
         super().__init__()
@@ -40,7 +40,7 @@ class EchoDetector(nn.Module):
         return out
 
 
-def _sample(h: int, w: int, boxes: list[list[float]], image_id: int, min_size: int, max_size: int) -> dict:
+def _sample(h: int, w: int, boxes: list[list[float]], image_id: int, transforms=None) -> dict:
     rng = np.random.default_rng(image_id)
     sample = {
         "image": rng.integers(0, 255, (h, w, 3), dtype=np.uint8),
@@ -50,28 +50,27 @@ def _sample(h: int, w: int, boxes: list[list[float]], image_id: int, min_size: i
         "orig_size": (h, w),
         "file_name": f"img{image_id}.png",
     }
-    return finalize_sample(sample, build_det_transforms(train=False, min_size=min_size, max_size=max_size))
+    return finalize_sample(sample, transforms)
 
 
-def test_detect_batch_maps_resized_boxes_back_to_original_pixels():
-    # Sizes chosen so that each axis is resized by a different factor after rounding (W 77 -> 123.2 -> 123).
+def test_detect_batch_gives_the_model_the_original_images_and_keeps_its_boxes():
+    # The detector resizes and maps back itself (detres.models.detection.transform); detect_batch passes the
+    # original-size batch and returns the model's boxes as they are, float32 on the CPU, with the image ids.
     originals = [[[3.0, 5.0, 40.0, 60.0], [10.5, 0.0, 77.0, 48.0]], [[0.0, 0.0, 100.0, 30.0]]]
-    a = _sample(60, 77, originals[0], 7, min_size=96, max_size=200)
-    b = _sample(50, 100, originals[1], 9, min_size=96, max_size=160)  # capped by max_size: 160 / 100
-    assert a["scale_xy"] == pytest.approx((123 / 77, 96 / 60))  # x: 77 -> 123 px, y: 60 -> 96 px
-    assert b["image"].shape[1:] == (80, 160)
-    # The stub "detects" exactly the resized ground truth; mapping back must give the original boxes.
+    a = _sample(60, 77, originals[0], 7)
+    b = _sample(50, 100, originals[1], 9)
     model = EchoDetector([a["boxes"], b["boxes"]])
     dets = detect_batch(model, collate_detection([a, b]), torch.device("cpu"))
     assert [d["image_id"] for d in dets] == [7, 9]
     for det, boxes in zip(dets, originals):
-        torch.testing.assert_close(det["boxes"], torch.tensor(boxes), atol=1e-4, rtol=0)
-    assert model.calls[0][1] == [tuple(a["image"].shape[1:]), tuple(b["image"].shape[1:])]
-    # Boxes that spill over the resized image are clipped to the original one.
-    spill = EchoDetector([torch.tensor([[-10.0, -4.0, 500.0, 500.0]]), torch.zeros(0, 4)])
-    dets = detect_batch(spill, collate_detection([a, b]), torch.device("cpu"))
-    torch.testing.assert_close(dets[0]["boxes"], torch.tensor([[0.0, 0.0, 77.0, 60.0]]))
-    assert dets[1]["boxes"].shape == (0, 4)
+        assert torch.equal(det["boxes"], torch.tensor(boxes))
+    assert model.calls[0][1] == [(60, 77), (50, 100)]
+
+
+def test_detect_batch_refuses_images_a_dataset_resized():
+    resized = _sample(60, 77, [[3.0, 5.0, 40.0, 60.0]], 7, build_det_transforms(train=False, min_size=96, max_size=200))
+    with pytest.raises(ValueError, match=r"img7\.png.*resized"):
+        detect_batch(EchoDetector([torch.zeros(0, 4)]), collate_detection([resized]), torch.device("cpu"))
 
 
 class ListDataset(torch.utils.data.Dataset):
@@ -86,9 +85,7 @@ class ListDataset(torch.utils.data.Dataset):
 
 
 def test_run_inference_keeps_dataset_order_and_restores_training_mode():
-    samples = [
-        _sample(40 + 8 * i, 64, [[4.0 * i, 2.0, 30.0 + i, 20.0]], 100 + i, min_size=64, max_size=128) for i in range(5)
-    ]
+    samples = [_sample(40 + 8 * i, 64, [[4.0 * i, 2.0, 30.0 + i, 20.0]], 100 + i) for i in range(5)]
     model = EchoDetector([s["boxes"] for s in samples])
     model.train()
     dets = run_inference(model, ListDataset(samples), device=torch.device("cpu"), batch_size=2, progress=False)

@@ -24,7 +24,7 @@ from detres.inference.predictor import Predictor
 from detres.models.build import build_detector, detector_state
 from detres.utils.torch_files import save_checkpoint
 from tests.inference.conftest import tiny_detector
-from tests.tiny_configs import det_model_config
+from tests.tiny_configs import det_input_config, det_model_config
 from tests.tool_loader import load_tool
 
 META = {"class_names": ["circle", "square", "star"], "min_size_test": 112, "max_size_test": 160}
@@ -38,7 +38,11 @@ def trained_scale_detector(pooler_type: str, global_context: bool = False) -> to
     reach ~2000, where onnxruntime's and torch's conv kernels, 1 ulp apart (~1e-7 relative), end up 1.6e-3 px
     apart in the boxes: the comparison would test the random network's conditioning, not the export."""
     model = tiny_detector(
-        0, roi_heads={"pooler_type": pooler_type}, pixel_std=list(IMAGENET_STD_RGB), global_context=global_context
+        0,
+        roi_heads={"pooler_type": pooler_type},
+        pixel_std=list(IMAGENET_STD_RGB),
+        global_context=global_context,
+        test_scale=(META["min_size_test"], META["max_size_test"]),  # export_input's images stay at their size
     )
     with torch.no_grad():
         model.roi_heads.predictor.cls_score.weight.normal_(std=0.1)
@@ -104,12 +108,20 @@ def test_onnx_in_onnxruntime_matches_eager(
 
 
 def test_export_input_and_contract_reproduce_the_predictor(tmp_path) -> None:
-    """export_input's resize, the exported model and export.json's way back to original pixels = Predictor.predict."""
+    """export_input's size and factors are the model transform's; the model's resize, the exported model and
+    export.json's way back to original pixels = Predictor.predict. (export_input resizes the uint8 image with cv2,
+    the model the float image with torch: the pixels agree up to cv2's rounding to uint8.)"""
     model = trained_scale_detector("roi_align")
     export_detector(model, tmp_path, formats=["torchscript"], meta=META, example_hw=(112, 140))
     loaded = torch.jit.load(str(tmp_path / "model.ts"))
     image = render_detection_image(np.random.default_rng(2)).image
-    resized, (sx, sy) = export_input(image, META["min_size_test"], META["max_size_test"])
+    cv2_resized, (sx, sy) = export_input(image, META["min_size_test"], META["max_size_test"])
+    resized = model.transform.resize(torch.from_numpy(image).permute(2, 0, 1).float())
+    assert resized.shape == cv2_resized.shape and (sx, sy) == (
+        resized.shape[2] / image.shape[1],
+        resized.shape[1] / image.shape[0],
+    )
+    assert float((resized - cv2_resized).abs().max()) <= 1.0
     with torch.no_grad():
         boxes, scores, labels = loaded(resized)
     height, width = image.shape[:2]
@@ -170,8 +182,10 @@ def _checkpoint(tmp_path):
         roi_heads={"pooler_type": "roi_align", "pooler_resolution": 4, "sampling_ratio": 2, "score_thresh": 0.01},
     )
     path = tmp_path / "det.pt"
-    model = build_detector(model_cfg, num_classes=3).eval()
-    save_checkpoint(path, {**detector_state(model, config={"task": "det", "model": model_cfg}, meta=META), "iter": 0})
+    inp = det_input_config(min_size_test=META["min_size_test"], max_size_test=META["max_size_test"])
+    model = build_detector(model_cfg, input_cfg=inp, num_classes=3).eval()
+    config = {"task": "det", "model": model_cfg, "input": inp}
+    save_checkpoint(path, {**detector_state(model, config=config, meta=META), "iter": 0})
     return path
 
 

@@ -5,16 +5,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from detres.inference.multiscale import MultiScaleScorer, _resize, pyramid_size, select_levels
+from detres.inference.multiscale import MultiScaleScorer, _resize, select_levels
 from detres.inference.region_scorer import SingleScaleScorer
 
 PAPER_SCALES = (200, 400, 600, 800, 1000)
 
 
-def test_pyramid_size_keeps_the_aspect_ratio_and_caps_the_longer_side():
-    assert pyramid_size((600, 900), 1000, 1000 / 600) == (1000, 1500)  # 1500 <= 1000 * 5/3: not capped
-    assert pyramid_size((600, 1200), 1000, 1000 / 600) == (833, 1667)  # capped at 1666.7: factor 1.389
-    assert pyramid_size((300, 200), 400, 1000 / 600) == (600, 400)  # the shorter side is the width here
+def test_pyramid_levels_are_the_model_transform_sizes(detector, images):
+    scorer = MultiScaleScorer(detector, images, scales=(48, 200))
+    for level, scale in enumerate((48, 200)):
+        assert scorer.level_sizes[level] == [detector.transform.scaled_size(hw, scale) for hw in scorer.image_sizes]
+    capped = MultiScaleScorer(detector, images, scales=(200,), max_size_ratio=1.2)
+    assert capped.level_sizes[0] == [detector.transform.scaled_size(hw, 200, 240) for hw in scorer.image_sizes]
 
 
 def _areas_at_600(sides):
@@ -80,7 +82,7 @@ def _reference_maxout(model, images, rois, scales, ratio, reference):
     Each level is one padded batch of all resized images, as in the scorer (padding changes border features).
     """
     heads = model.roi_heads
-    sizes = [[pyramid_size(img.shape[1:], s, ratio) for img in images] for s in sorted(scales)]
+    sizes = [[model.transform.scaled_size(img.shape[1:], s, s * ratio) for img in images] for s in sorted(scales)]
     levels = [model.preprocess([_resize(img, hw) for img, hw in zip(images, level)]) for level in sizes]
     levels = [(model.trunk(batch), valid) for batch, valid in levels]
     out_probs, out_boxes = [], []

@@ -17,7 +17,7 @@ from detres.inference.test_config import TestConfig
 from detres.inference.test_time import TestTimeAugmentation
 from detres.models.build import build_detector, detector_state
 from tests.inference.conftest import tiny_detector
-from tests.tiny_configs import det_model_config
+from tests.tiny_configs import det_input_config, det_model_config
 
 
 def _padded(images):
@@ -76,7 +76,8 @@ def test_each_option_gives_the_numbers_of_the_replaced_code_path(case, detector,
     reference = torch.load(Path(__file__).parent / "data" / "tta_reference.pt")[case]
     members, config = REFERENCE_CASES[case]
     models = {1: [detector], 2: [detector, context_detector], "context": [context_detector]}[members]
-    got = detect_test_time(models, images, options=config)
+    # The references were computed on these images as the network input: the pipeline inside the transform.
+    got = TestTimeAugmentation(models, config).detect_at_test_scale(images)
     assert sum(len(d["scores"]) for d in reference) > 0
     _assert_same(got, reference)
     assert detector.roi_heads.postprocess.voting is False  # the configuration never touches the model
@@ -149,8 +150,6 @@ def test_refused_inputs(detector, images):
     with pytest.raises(ValueError, match="scales"):
         TestConfig(multiscale=True, scales=(0,), max_size_ratio=1.5, reference_size=224)
     with pytest.raises(ValueError, match="max_size_ratio"):
-        TestConfig(multiscale=True, scales=(600,), reference_size=224)
-    with pytest.raises(ValueError, match="max_size_ratio"):
         TestConfig(max_size_ratio=0.5)  # refused even while multi-scale testing is off
     with pytest.raises(ValueError, match="test config: voting_iou"):
         TestConfig(voting_iou=-0.5)
@@ -168,7 +167,7 @@ def test_options_from_config_reads_the_test_section():
     )
     options = TestConfig.from_config(cfg)
     assert options.box_refinement and options.flip and options.multiscale and options.max_proposals == 50
-    assert options.max_size_ratio == pytest.approx(cfg.input.max_size_test / cfg.input.min_size_test)
+    assert options.max_size_ratio is None  # the pyramid keeps the ratio of the model's test scale
     assert options.scales == tuple(float(s) for s in cfg.test.multiscale.scales)
     assert options.nms_method is None and options.voting is None  # the model's own post-processing
     assert not dataclasses.replace(options, box_refinement=False, flip=False, multiscale=False).box_refinement
@@ -186,9 +185,11 @@ def _save(path, seed, class_names):
         rpn={"pre_nms_top_n_test": 200, "post_nms_top_n_test": 30},
         roi_heads={"pooler_type": "roi_align", "pooler_resolution": 4, "sampling_ratio": 2, "score_thresh": 0.01},
     )
-    model = build_detector(model_cfg, num_classes=len(class_names))
-    meta = {"class_names": class_names, "min_size_test": 96, "max_size_test": 160}
-    torch.save(detector_state(model, config={"task": "det", "model": model_cfg}, meta=meta), path)
+    inp = det_input_config(min_size_test=96, max_size_test=160)
+    model = build_detector(model_cfg, input_cfg=inp, num_classes=len(class_names))
+    meta = {"class_names": class_names}
+    config = {"task": "det", "model": model_cfg, "input": inp}
+    torch.save(detector_state(model, config=config, meta=meta), path)
 
 
 def test_load_ensemble_checks_the_class_lists(tmp_path):
@@ -197,6 +198,7 @@ def test_load_ensemble_checks_the_class_lists(tmp_path):
     _save(tmp_path / "c.pt", 2, ["cat", "cow", "dog"])
     models, meta = load_ensemble([tmp_path / "a.pt", tmp_path / "b.pt"])
     assert len(models) == 2 and not models[1].training
+    assert (models[0].transform.min_size, models[0].transform.max_size) == (96, 160)  # from the config tree
     assert meta["ensemble_checkpoints"] == [str(tmp_path / "a.pt"), str(tmp_path / "b.pt")]
     with pytest.raises(ValueError, match="c.pt was trained on classes"):
         load_ensemble([tmp_path / "a.pt", tmp_path / "c.pt"])

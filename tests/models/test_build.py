@@ -88,8 +88,11 @@ def test_detector_takes_pixel_mean_from_a_train_cls_checkpoint(tmp_path):
         None, [f"model.weights={tmp_path / 'cls.pt'}", "model.depth=18", "model.base_width=16"], task="det"
     )
     assert model_normalization(cfg.model) == ([10.0, 20.0, 30.0], [2.0, 2.0, 2.0])
-    model = build_detector(cfg.model, num_classes=4)
-    assert model.pixel_mean.flatten().tolist() == [10.0, 20.0, 30.0] and model.pixel_std.flatten().tolist() == [2.0] * 3
+    model = build_detector(cfg.model, input_cfg=cfg.input, num_classes=4)
+    assert (
+        model.transform.pixel_mean.flatten().tolist() == [10.0, 20.0, 30.0]
+        and model.transform.pixel_std.flatten().tolist() == [2.0] * 3
+    )
     assert model.roi_heads.predictor.cls_score.out_features == 5
     assert model.rpn.nms_thresh == 0.7 and model.roi_heads.postprocess.nms_thresh == 0.3
     assert model.roi_heads.positive_fraction == 0.25 and model.rpn.post_nms_top_n("test") == 300
@@ -106,13 +109,13 @@ def test_detector_loads_the_backbone_weights(tmp_path):
     cfg = load_config(
         None, [f"model.weights={tmp_path / 'cls.pt'}", "model.depth=18", "model.base_width=16"], task="det"
     )
-    detector = build_detector(cfg.model, num_classes=2)
+    detector = build_detector(cfg.model, input_cfg=cfg.input, num_classes=2)
     assert torch.equal(detector.trunk.layer3[0].conv1.weight, source.layer3[0].conv1.weight)
     # BN statistics come across into the frozen BN buffers unchanged
     assert torch.equal(detector.trunk.layer2[1].bn2.running_var, source.layer2[1].bn2.running_var)
     # A rebuild (load_weights=False) does not read the backbone file: the checkpoint's state_dict fills it.
     (tmp_path / "cls.pt").unlink()
-    rebuilt = build_detector(cfg.model, num_classes=2, load_weights=False)
+    rebuilt = build_detector(cfg.model, input_cfg=cfg.input, num_classes=2, load_weights=False)
     assert set(rebuilt.state_dict()) == set(detector.state_dict())
 
 
@@ -122,7 +125,7 @@ def test_backbone_architecture_mismatch_is_named(tmp_path):
     with pytest.raises(ValueError, match=r"base_width=16.*model\.base_width=64"):
         check_backbone_checkpoint(cfg.model["weights"], cfg.model)
     with pytest.raises(ValueError, match=r"base_width=16.*model\.base_width=64"):
-        build_detector(cfg.model, num_classes=2)
+        build_detector(cfg.model, input_cfg=cfg.input, num_classes=2)
 
 
 def test_foreign_weights_and_random_init_default_to_imagenet_normalisation(tmp_path):
@@ -143,10 +146,10 @@ def test_detector_config_refuses_a_backbone_without_recomputed_bn(tmp_path):
     cfg = load_config(None, base, task="det")
     assert cfg.model.allow_unrecomputed_bn is False
     with pytest.raises(UnrecomputedBNError, match=r"last\.pt.*model\.allow_unrecomputed_bn"):
-        build_detector(cfg.model, num_classes=2)
+        build_detector(cfg.model, input_cfg=cfg.input, num_classes=2)
     allowed = load_config(None, [*base, "model.allow_unrecomputed_bn=true"], task="det")
     with pytest.warns(UserWarning, match="not recomputed"):
-        build_detector(allowed.model, num_classes=2)
+        build_detector(allowed.model, input_cfg=allowed.input, num_classes=2)
 
 
 def _tiny_det_config(*overrides: str):
@@ -171,7 +174,7 @@ def test_each_config_value_reaches_its_component_in_one_step():
         "model.roi_heads.bbox_reg_weights=[1.0, 2.0, 3.0, 4.0]",
         "model.freeze_at=1",
     )
-    model = build_detector(cfg.model, num_classes=2)
+    model = build_detector(cfg.model, input_cfg=cfg.input, num_classes=2)
     assert model.rpn.anchor_generator.sizes == (24.0, 48.0) and model.rpn.anchor_generator.aspect_ratios == (1.0,)
     assert model.rpn.allowed_border == 5 and model.rpn.crowd_iof_thresh == 0.6 and model.rpn.min_size == 2.0
     assert model.rpn.pre_nms_top_n("test") == 321 and model.rpn.sampler.batch_size_per_image == 64
@@ -210,7 +213,7 @@ def test_each_component_has_a_from_config_taking_its_own_sub_tree():
 def test_detector_checkpoint_is_its_config_tree_and_rebuilds_the_same_detections(tmp_path):
     cfg = _tiny_det_config("model.roi_heads.score_thresh=0.0", "model.rpn.post_nms_top_n_test=20")
     torch.manual_seed(0)
-    model = build_detector(cfg.model, num_classes=2).eval()
+    model = build_detector(cfg.model, input_cfg=cfg.input, num_classes=2).eval()
     state = detector_state(model, config=cfg, meta={"class_names": ["a", "b"]})
     assert set(state) == {"model", "config", "meta"} and state["config"] == cfg.to_dict()
     save_checkpoint(tmp_path / "det.pt", {**state, "iter": 3})
@@ -224,7 +227,7 @@ def test_detector_checkpoint_is_its_config_tree_and_rebuilds_the_same_detections
 
 def test_load_detector_names_what_is_wrong_with_a_checkpoint(tmp_path):
     cfg = _tiny_det_config()
-    model = build_detector(cfg.model, num_classes=2)
+    model = build_detector(cfg.model, input_cfg=cfg.input, num_classes=2)
     bad_key = dict(cfg.to_dict(), model=dict(cfg.to_dict()["model"], depht=18))
     save_checkpoint(tmp_path / "key.pt", detector_state(model, config=bad_key, meta={"class_names": ["a", "b"]}))
     with pytest.raises(ValueError, match=r"key\.pt: its config: .*depht"):
@@ -239,7 +242,7 @@ def test_load_detector_names_what_is_wrong_with_a_checkpoint(tmp_path):
 
 def test_detector_config_carries_the_crowd_thresholds():
     cfg = load_config(None, ["model.roi_heads.crowd_iof_thresh=0.5", "model.rpn.crowd_iof_thresh=0.6"], task="det")
-    model = build_detector(dict(cfg.model, depth=18, base_width=8), num_classes=2)
+    model = build_detector(dict(cfg.model, depth=18, base_width=8), input_cfg=cfg.input, num_classes=2)
     assert model.roi_heads.crowd_iof_thresh == 0.5 and model.rpn.crowd_iof_thresh == 0.6
     assert load_config(None, [], task="det").model.roi_heads.crowd_iof_thresh == 0.7
 
@@ -270,7 +273,7 @@ def test_postprocess_options_go_from_config_to_the_roi_heads_and_back_from_a_che
         "model.roi_heads.box_voting=true",
         "model.roi_heads.box_voting_iou=0.6",
     )
-    model = build_detector(cfg.model, num_classes=2)
+    model = build_detector(cfg.model, input_cfg=cfg.input, num_classes=2)
     post = model.roi_heads.postprocess
     assert (post.nms_method, post.voting, post.voting_iou) == ("soft_linear", True, 0.6)
     # A config tree written before these options existed rebuilds with the defaults.

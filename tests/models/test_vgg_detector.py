@@ -11,7 +11,7 @@ from detres.models.backbones.vgg import VGG, VGG16_CFG, vgg16
 from detres.models.backbones.vgg16_split import VGGFcHead, VGGTrunk, build_vgg16_c4
 from detres.models.build import build_detector, detector_state, load_detector
 from detres.utils.torch_files import save_checkpoint
-from tests.tiny_configs import build_test_detector, det_model_config
+from tests.tiny_configs import build_test_detector, det_input_config, det_model_config
 
 torchvision = pytest.importorskip("torchvision")
 
@@ -137,7 +137,7 @@ def test_vgg16_needs_a_7x7_pooler_and_a_vgg_file(tmp_path):
     with pytest.raises(ValueError, match=r"pooler_resolution=7.*got 5"):
         build_test_detector(3, backbone="vgg16", roi_heads={"pooler_resolution": 5})
     with pytest.raises(ValueError, match="backbone"):
-        build_detector(dict(det_model_config(), backbone="vgg19"), num_classes=3)
+        build_detector(dict(det_model_config(), backbone="vgg19"), input_cfg=det_input_config(), num_classes=3)
     with pytest.raises(FileNotFoundError, match="missing.pth"):
         build_vgg16_c4(weights_path=tmp_path / "missing.pth")
     from detres.models.backbones.resnet import build_resnet
@@ -200,13 +200,15 @@ def test_config_refuses_backbone_and_checkpoint_mismatches(tmp_path):
         with pytest.raises(ValueError, match=message):
             check_backbone_checkpoint(cfg.model.weights, cfg.model)
         with pytest.raises(ValueError, match=message):
-            build_detector(cfg.model, num_classes=2)
+            build_detector(cfg.model, input_cfg=cfg.input, num_classes=2)
     # A matching vgg16 checkpoint passes; its channel mean is the detector's (std absent: none).
     cfg = load_config(None, [f"model.weights={tmp_path / 'vgg.pt'}", "model.backbone=vgg16"], task="det")
     check_backbone_checkpoint(cfg.model.weights, cfg.model)
     assert model_normalization(cfg.model) == ([1.0, 2.0, 3.0], [1.0, 1.0, 1.0])
     with pytest.raises(ValueError, match="model.backbone"):
-        build_detector(load_config(None, ["model.backbone=vgg"], task="det").model, num_classes=2)
+        build_detector(
+            load_config(None, ["model.backbone=vgg"], task="det").model, input_cfg=det_input_config(), num_classes=2
+        )
 
 
 def test_train_cls_vgg16_checkpoint_round_trips_through_config_and_load_detector(tmp_path):
@@ -225,8 +227,8 @@ def test_train_cls_vgg16_checkpoint_round_trips_through_config_and_load_detector
         [f"model.weights={tmp_path / 'cls.pt'}", "model.backbone=vgg16", "model.roi_heads.pooler_resolution=7"],
         task="det",
     )
-    model = build_detector(cfg.model, num_classes=2).eval()
-    assert model.pixel_mean.flatten().tolist() == [120.0, 110.0, 100.0]
+    model = build_detector(cfg.model, input_cfg=cfg.input, num_classes=2).eval()
+    assert model.transform.pixel_mean.flatten().tolist() == [120.0, 110.0, 100.0]
     assert torch.equal(model.trunk.features[28].weight, source.features[28].weight)  # conv5_3
     assert torch.equal(model.roi_heads.box_head.conv5_head.classifier[0].weight, source.classifier[0].weight)
     del source
@@ -246,7 +248,7 @@ def test_checkpoint_without_backbone_key_loads_as_resnet(tmp_path):
 
     cfg = load_config(None, ["model.depth=18", "model.base_width=8"], task="det")
     assert cfg.model.backbone == "resnet"
-    model = build_detector(cfg.model, num_classes=2)
+    model = build_detector(cfg.model, input_cfg=cfg.input, num_classes=2)
     tree = cfg.to_dict()
     del tree["model"]["backbone"]  # a config tree written before the option existed
     save_checkpoint(tmp_path / "old.pt", detector_state(model, config=tree, meta={"class_names": ["a", "b"]}))

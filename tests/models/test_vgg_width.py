@@ -14,6 +14,7 @@ from detres.models.build import (
     classifier_kwargs_from_config,
 )
 from detres.utils.torch_files import save_checkpoint
+from tests.tiny_configs import det_input_config
 
 # Width 16 (a quarter of 64), hidden 1024, 10 classes. Convs: 16,16 | 32,32 | 64,64,64 | 128,128,128 | 128,128,128.
 # Conv weights 9 x (3*16 + 16*16 + 16*32 + 32*32 + 32*64 + 2*64*64 + 64*128 + 2*128*128 + 3*128*128)
@@ -86,7 +87,7 @@ def test_width_16_checkpoint_builds_a_detector_with_its_weights(tmp_path):
     source = _cls_checkpoint(tmp_path / "cls.pt")
     cfg = _det_config(tmp_path / "cls.pt", "model.vgg_width=16", "model.vgg_hidden=64")
     assert (cfg.model.vgg_width, cfg.model.vgg_hidden) == (16, 64)
-    model = build_detector(cfg.model, num_classes=2).eval()
+    model = build_detector(cfg.model, input_cfg=cfg.input, num_classes=2).eval()
     assert model.trunk.out_channels == 128 and model.roi_heads.predictor.cls_score.in_features == 64
     assert torch.equal(model.trunk.features[28].weight, source.features[28].weight)  # conv5_3
     assert torch.equal(model.roi_heads.box_head.conv5_head.classifier[3].weight, source.classifier[3].weight)  # fc7
@@ -98,10 +99,12 @@ def test_width_16_checkpoint_builds_a_detector_with_its_weights(tmp_path):
 def test_size_mismatch_errors_name_the_file_and_both_values(tmp_path):
     _cls_checkpoint(tmp_path / "narrow.pt")
     with pytest.raises(ValueError, match=r"narrow\.pt.*width=16.*model\.vgg_width=64"):
-        build_detector(_det_config(tmp_path / "narrow.pt").model, num_classes=2)
+        build_detector(_det_config(tmp_path / "narrow.pt").model, input_cfg=det_input_config(), num_classes=2)
     with pytest.raises(ValueError, match=r"narrow\.pt.*hidden=64.*model\.vgg_hidden=128"):
         build_detector(
-            _det_config(tmp_path / "narrow.pt", "model.vgg_width=16", "model.vgg_hidden=128").model, num_classes=2
+            _det_config(tmp_path / "narrow.pt", "model.vgg_width=16", "model.vgg_hidden=128").model,
+            input_cfg=det_input_config(),
+            num_classes=2,
         )
     with pytest.raises(ValueError, match=r"narrow\.pt.*width=16.*asks for width=32"):
         build_vgg16_c4(weights_path=tmp_path / "narrow.pt", width=32, hidden=64)

@@ -34,7 +34,6 @@ def self_gt(tiny_det_world, tiny_det_checkpoint, tmp_path_factory) -> Path:
     """The val annotations replaced by the tiny checkpoint's own 3 best detections per image (one image per
     batch): its AP is far from 0, so equal numbers are a real check (an untrained model scores 0 on the shapes)."""
     from detres.data.datasets.coco import CocoDetection
-    from detres.data.transforms.detection import build_det_transforms
     from detres.inference.detect import run_inference
     from detres.models.build import load_detector
 
@@ -43,7 +42,6 @@ def self_gt(tiny_det_world, tiny_det_checkpoint, tmp_path_factory) -> Path:
     dataset = CocoDetection(
         tiny_det_world / "images",
         tiny_det_world / "annotations" / "instances_val.json",
-        transforms=build_det_transforms(train=False, min_size=64, max_size=96),
     )
     anns = []
     for det in run_inference(model, dataset, device=torch.device("cpu"), batch_size=1, progress=False):

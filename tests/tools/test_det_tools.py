@@ -313,7 +313,7 @@ def test_test_detector_scores_the_ground_truth_at_one_despite_repeated_ids_and_b
         metrics = test_detector(
             _GroundTruthDetector(dataset),
             dataset,
-            detector_metadata(dataset, cfg),
+            detector_metadata(dataset),
             cfg,
             out_dir=tmp_path / "t",
             device=torch.device("cpu"),
@@ -367,7 +367,7 @@ def test_test_detector_writes_coco_gt_that_eval_det_scores_to_the_same_numbers(s
         metrics = test_detector(
             _NoisyDetector(dataset),
             dataset,
-            detector_metadata(dataset, cfg),
+            detector_metadata(dataset),
             cfg,
             out_dir=out,
             device=torch.device("cpu"),

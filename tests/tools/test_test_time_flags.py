@@ -167,8 +167,8 @@ def test_infer_flip_and_ensemble_record_the_options(tiny_det_checkpoint, tmp_pat
     base = ["--input", str(image), "--score-thresh", "0", "--device", "cpu"]
     assert infer.main(["--checkpoint", str(tiny_det_checkpoint), *base, "--out", str(tmp_path / "o1")]) == 0
     plain = json.loads((tmp_path / "o1" / "detections.json").read_text())
-    # every extra off; the pyramid settings are the checkpoint's config's, its test aspect ratio 96 / 64
-    want = TestConfig(scales=(200.0, 400.0, 600.0, 800.0, 1000.0), max_size_ratio=1.5, reference_size=224.0)
+    # every extra off; the pyramid settings are the checkpoint's config's (the longer-side ratio: the model's own)
+    want = TestConfig(scales=(200.0, 400.0, 600.0, 800.0, 1000.0), reference_size=224.0)
     assert plain["options"] == json.loads(json.dumps(dataclasses.asdict(want)))
     code = infer.main(
         ["--checkpoint", str(tiny_det_checkpoint), str(copy), *base, "--out", str(tmp_path / "o2"), "--flip"]
@@ -176,7 +176,7 @@ def test_infer_flip_and_ensemble_record_the_options(tiny_det_checkpoint, tmp_pat
     assert code == 0, capsys.readouterr().err
     flipped = json.loads((tmp_path / "o2" / "detections.json").read_text())
     assert flipped["checkpoints"] == [str(tiny_det_checkpoint), str(copy)]
-    assert flipped["options"]["flip"] is True and flipped["options"]["max_size_ratio"] == 1.5
+    assert flipped["options"]["flip"] is True and flipped["options"]["max_size_ratio"] is None
     record = flipped["images"][0]
     assert len(record["scores"]) > 0
     assert all(0 <= b[0] <= b[2] <= 96 and 0 <= b[1] <= b[3] <= 64 for b in record["boxes"])

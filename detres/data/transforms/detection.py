@@ -48,8 +48,9 @@ def _as_size_tuple(min_size: int | Sequence[int], name: str = "min_size") -> tup
     return tuple(int(s) for s in sizes)
 
 
-def faster_rcnn_scale(height: int, width: int, min_size: int, max_size: int | None) -> float:
-    """Scale that makes the shorter side ``min_size`` unless the longer side would exceed ``max_size``."""
+def faster_rcnn_scale(height: int, width: int, min_size: float, max_size: float | None) -> float:
+    """Scale that makes the shorter side ``min_size`` unless the longer side would exceed ``max_size`` (the one
+    resize rule of the data pipeline and the detector's test scale; TorchScript-compatible)."""
     scale = min_size / min(height, width)
     if max_size is not None and max(height, width) * scale > max_size:
         scale = max_size / max(height, width)

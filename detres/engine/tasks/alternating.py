@@ -256,7 +256,9 @@ def train_alternating(run: DetectionRun, state: dict | None) -> tuple[nn.Module,
         """The config's network: from the ImageNet backbone (steps 1 and 2), or for a state_dict to fill."""
         model_cfg = dict(run.cfg.model, weights=backbone_weights)
         num_classes = len(run.meta["class_names"])
-        return build_detector(model_cfg, num_classes=num_classes, load_weights=from_backbone).to(device)
+        return build_detector(
+            model_cfg, input_cfg=run.cfg.input, num_classes=num_classes, load_weights=from_backbone
+        ).to(device)
 
     base_flags: dict[str, bool] | None = None
     model: nn.Module | None = None

@@ -125,7 +125,7 @@ def _start(cfg: Config, **resume: Any) -> tuple[DetectionRun, dict | None]:
         )
     start_iter = int(state["iter"]) if state is not None else 0
     logger = JsonLinesLogger(out / "metrics.jsonl", resume_from_iter=start_iter if state is not None else None)
-    meta = detector_metadata(train_set, cfg)
+    meta = detector_metadata(train_set)
     run = DetectionRun(
         cfg,
         out,
@@ -187,7 +187,9 @@ def _train_joint(run: DetectionRun, state: dict | None) -> tuple[torch.nn.Module
     """Approximate joint training on the loop; returns (model, iterations)."""
     # resumed: the weights come from the checkpoint, not from the backbone file model.weights names
     num_classes = len(run.meta["class_names"])
-    model = build_detector(run.cfg.model, num_classes=num_classes, load_weights=state is None).to(run.device)
+    model = build_detector(
+        run.cfg.model, input_cfg=run.cfg.input, num_classes=num_classes, load_weights=state is None
+    ).to(run.device)
     solver = run.cfg.solver
     optimizer, schedule, start_iter = build_step_solver(model, solver, state, run.last_path)
     task = JointDetectionTask(run, model, optimizer)

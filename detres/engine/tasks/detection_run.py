@@ -60,13 +60,12 @@ def detection_train_loader(
     )
 
 
-def detector_metadata(dataset, cfg: Config) -> dict[str, Any]:
-    """What inference needs besides weights: class names, category ids and the test input size."""
+def detector_metadata(dataset) -> dict[str, Any]:
+    """What inference needs besides the weights and the config tree (whose ``input`` section holds the model's test
+    scale): class names and category ids."""
     return {
         "class_names": dataset_class_names(dataset),
         "label_to_category_id": dataset_label_to_category_id(dataset),
-        "min_size_test": int(cfg.input.min_size_test),
-        "max_size_test": int(cfg.input.max_size_test),
     }
 
 

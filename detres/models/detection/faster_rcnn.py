@@ -1,4 +1,4 @@
-"""Faster R-CNN assembly on a ResNet-C4 (Appendix A) or VGG-16 backbone: normalise, pad, trunk, RPN, RoI heads."""
+"""Faster R-CNN assembly on a ResNet-C4 (Appendix A) or VGG-16 backbone: input transform, trunk, RPN, RoI heads."""
 
 from __future__ import annotations
 
@@ -7,10 +7,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
-from detres.data.collate import pad_images
-from detres.models.backbones.backbone_config import model_normalization, trunk_from_config
+from detres.models.backbones.backbone_config import trunk_from_config
 from detres.models.detection.anchors import AnchorGenerator
 from detres.models.detection.box_head import BoxHead, FastRCNNPredictor
 from detres.models.detection.context import ContextRoIHeads
@@ -18,17 +16,9 @@ from detres.models.detection.roi_heads import RoIHeads
 from detres.models.detection.roi_pooler import RoIPooler
 from detres.models.detection.rpn import RegionProposalNetwork
 from detres.models.detection.rpn_head import RPNHead
+from detres.models.detection.transform import DetectorTransform
 
 __all__ = ["FasterRCNN"]
-
-
-def _per_channel(values: Sequence[float], name: str) -> torch.Tensor:
-    t = torch.as_tensor(values, dtype=torch.float32).flatten()
-    if t.numel() != 3:
-        raise ValueError(f"FasterRCNN: {name} must have 3 values (RGB), got {list(values)}")
-    if name == "pixel_std" and bool((t <= 0).any()):
-        raise ValueError(f"FasterRCNN: pixel_std must be positive, got {t.tolist()}")
-    return t.view(3, 1, 1)
 
 
 class FasterRCNN(nn.Module):
@@ -38,49 +28,36 @@ class FasterRCNN(nn.Module):
         trunk: images [B,3,H,W] (normalised) -> C4 features [B,C,H/16,W/16].
         rpn: ``RegionProposalNetwork``-like: (features, image_sizes, targets) -> (proposals, losses).
         roi_heads: ``RoIHeads``-like: (features, proposals, image_sizes, targets) -> (detections, losses).
-        pixel_mean: per-channel RGB mean on the 0..255 scale, subtracted from every input pixel: the value
-            the classification backbone was trained with (:func:`model_normalization`).
-        pixel_std: per-channel divisor. (1, 1, 1) is the paper's / AlexNet's mean-subtraction-only
-            practice; the ImageNet std (58.395, 57.12, 57.375) for torchvision-trained weights.
-        size_divisibility: the padded batch's H and W are rounded up to a multiple of this (16 =
-            the trunk stride, so feature cells align with anchors for every image in the batch).
+        transform: the input / output transform (:class:`DetectorTransform`): the test-scale resize, the
+            backbone's normalisation, padding, and boxes back in the input images' pixels.
 
-    Inputs are 0..255 RGB images; padding is zero *after* normalisation (the mean colour).
-    Training mode returns the dict of RPN and RoI-head losses; eval mode returns per image a dict
-    ``boxes`` [D,4] (input-image pixels, clipped), ``scores`` [D], ``labels`` [D] (1..K).
+    Inputs are 0..255 RGB float images [3,H,W] of any sizes. Training mode takes them at the scale the data
+    pipeline resized them to and returns the dict of RPN and RoI-head losses; eval mode resizes each image to
+    the test scale and returns per image a dict ``boxes`` [D,4] (the input image's pixels, clipped),
+    ``scores`` [D], ``labels`` [D] (1..K).
     """
 
-    def __init__(
-        self,
-        trunk: nn.Module,
-        rpn: nn.Module,
-        roi_heads: nn.Module,
-        *,
-        pixel_mean: Sequence[float],
-        pixel_std: Sequence[float],
-        size_divisibility: int = 16,
-    ) -> None:
+    def __init__(self, trunk: nn.Module, rpn: nn.Module, roi_heads: nn.Module, *, transform: DetectorTransform) -> None:
         super().__init__()
-        if int(size_divisibility) < 1:
-            raise ValueError(f"FasterRCNN: size_divisibility must be >= 1, got {size_divisibility}")
+        self.transform = transform
         self.trunk = trunk
         self.rpn = rpn
         self.roi_heads = roi_heads
-        self.size_divisibility = int(size_divisibility)
-        self.register_buffer("pixel_mean", _per_channel(pixel_mean, "pixel_mean"))
-        self.register_buffer("pixel_std", _per_channel(pixel_std, "pixel_std"))
+        self._register_load_state_dict_pre_hook(_normalisation_in_transform)
 
     @classmethod
     def from_config(
         cls,
         model_cfg: Mapping[str, Any],
         *,
+        input_cfg: Mapping[str, Any],
         num_classes: int,
         load_weights: bool = True,
         frozen_bn: bool = True,
         class_agnostic_bbox: bool = False,
     ) -> FasterRCNN:
-        """The detector of a ``task: det`` config's ``model`` tree; each part reads its own sub-tree.
+        """The detector of a ``task: det`` config's ``model`` tree (and its ``input`` tree: the test scale of the
+        transform); each part reads its own sub-tree.
 
         ``num_classes`` counts OBJECT classes K (``len(dataset.categories)``); the predictor adds background.
         ``load_weights``: initialise the backbone from ``model.weights`` (checked against the config, BN
@@ -115,64 +92,17 @@ class FasterRCNN(nn.Module):
                 roi_cfg, in_features=head_dim, num_classes=int(num_classes) + 1, class_agnostic_bbox=class_agnostic_bbox
             ),
         )
-        mean, std = model_normalization(model_cfg, load_weights=load_weights)
-        return cls(trunk, rpn, roi_heads, pixel_mean=mean, pixel_std=std)
+        transform = DetectorTransform.from_config(model_cfg, input_cfg, load_weights=load_weights)
+        return cls(trunk, rpn, roi_heads, transform=transform)
 
     def preprocess(
         self,
         images: Sequence[torch.Tensor] | torch.Tensor,
         image_sizes: Sequence[Sequence[int]] | None = None,
     ) -> tuple[torch.Tensor, list[tuple[int, int]]]:
-        """Normalise and zero-pad into one batch [B,3,Hp,Wp]; returns it with the valid (h, w) of each image.
-
-        ``images``: a list of [3,H,W] tensors, or an already padded [B,3,H,W] tensor whose valid
-        regions are given by ``image_sizes`` (default: the full tensor size), e.g. ``collate_detection``'s.
-        Padding is done once: a list is normalised image by image and padded here (``pad_images``); a
-        padded batch is normalised as a whole and only its padding is reset to 0 (the mean colour), the
-        batch being extended only if its H or W is not yet a multiple of ``size_divisibility``.
-        """
-        device = self.pixel_mean.device
-        div = self.size_divisibility
-        if isinstance(images, torch.Tensor) and images.dim() == 4:
-            if images.shape[1] != 3:
-                raise ValueError(f"FasterRCNN: batch must be [B,3,H,W], got {tuple(images.shape)}")
-            batch_hw = (images.shape[2], images.shape[3])
-            if image_sizes is None:
-                image_sizes = [batch_hw] * images.shape[0]
-            if len(image_sizes) != images.shape[0]:
-                raise ValueError(f"FasterRCNN: {len(image_sizes)} image_sizes for a batch of {images.shape[0]} images")
-            if images.shape[0] == 0:
-                raise ValueError("FasterRCNN: got an empty batch of images")
-            sizes = [(int(h), int(w)) for h, w in image_sizes]
-            for i, (h, w) in enumerate(sizes):
-                if not (0 < h <= batch_hw[0] and 0 < w <= batch_hw[1]):
-                    raise ValueError(f"FasterRCNN: image_sizes[{i}]={(h, w)} does not fit the batch size {batch_hw}")
-            if not images.is_floating_point():
-                raise ValueError(f"FasterRCNN: images must be floating point (0..255 values), got {images.dtype}")
-            batch = (images.to(device=device, dtype=torch.float32) - self.pixel_mean) / self.pixel_std
-            # Extend only a batch not padded to the divisibility (e.g. a hand-made one); collate's already is.
-            extra_h, extra_w = -batch_hw[0] % div, -batch_hw[1] % div
-            if extra_h or extra_w:
-                batch = F.pad(batch, (0, extra_w, 0, extra_h))
-            for slot, (h, w) in zip(batch, sizes):
-                slot[:, h:, :] = 0.0
-                slot[:, :h, w:] = 0.0
-            return batch, sizes
-        if image_sizes is not None:
-            raise ValueError("FasterRCNN: image_sizes is only accepted with a padded [B,3,H,W] batch tensor")
-        if isinstance(images, torch.Tensor) and images.dim() == 3:
-            images = [images]
-        if len(images) == 0:
-            raise ValueError("FasterRCNN: got an empty list of images")
-        for i, img in enumerate(images):
-            if not isinstance(img, torch.Tensor) or img.dim() != 3 or img.shape[0] != 3:
-                shape = tuple(img.shape) if isinstance(img, torch.Tensor) else type(img).__name__
-                raise ValueError(f"FasterRCNN: images[{i}] must be a float tensor [3,H,W] (RGB 0..255), got {shape}")
-            if not img.is_floating_point():
-                raise ValueError(f"FasterRCNN: images[{i}] must be floating point (0..255 values), got {img.dtype}")
-        normalised = [(img.to(device=device, dtype=torch.float32) - self.pixel_mean) / self.pixel_std for img in images]
-        sizes = [(int(img.shape[1]), int(img.shape[2])) for img in images]
-        return pad_images(normalised, div), sizes
+        """Normalise and zero-pad images at their size into one batch [B,3,Hp,Wp] (:meth:`DetectorTransform.normalise`);
+        returns it with the valid (h, w) of each image."""
+        return self.transform.normalise(images, image_sizes)
 
     def _prepare(
         self,
@@ -196,16 +126,19 @@ class FasterRCNN(nn.Module):
         targets: Sequence[dict[str, torch.Tensor]] | None = None,
         image_sizes: Sequence[Sequence[int]] | None = None,
     ) -> dict[str, torch.Tensor] | list[dict[str, torch.Tensor]]:
-        """Training: dict of 4 losses (RPN cls/box, RoI cls/box). Eval: list of detection dicts.
+        """Training: dict of 4 losses (RPN cls/box, RoI cls/box). Eval: list of detection dicts in the pixels of
+        the given images (each resized to the test scale on the way in, its boxes mapped back on the way out).
 
         Targets: per image "boxes" [N,4], "labels" [N] (1..K), optionally "crowd_boxes" [C,4]
         (regions whose anchors / proposals are ignored in training, see the RPN and RoI heads).
         """
         if self.training and targets is None:
             raise ValueError("FasterRCNN: targets are required in training mode")
-        batch, sizes, targets = self._prepare(images, targets, image_sizes)
         if not self.training:
-            return self.detect(batch, sizes)
+            originals, resized = self.transform.to_test_scale(images, image_sizes)
+            batch, sizes = self.transform.normalise(resized)
+            return self.transform.postprocess(self.detect(batch, sizes), originals, resized)
+        batch, sizes, targets = self._prepare(images, targets, image_sizes)
         features = self.trunk(batch)
         proposals, rpn_losses = self.rpn(features, sizes, targets)
         _, roi_losses = self.roi_heads(features, proposals, sizes, targets)
@@ -278,3 +211,10 @@ class FasterRCNN(nn.Module):
         proposals = [p.detach().to(device=features.device, dtype=torch.float32) for p in proposals]
         _, losses = self.roi_heads(features, proposals, sizes, targets)
         return losses
+
+
+def _normalisation_in_transform(state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    """State dicts that keep the normalisation buffers at the detector's top level load into its transform."""
+    for name in ("pixel_mean", "pixel_std"):
+        if prefix + name in state_dict and prefix + "transform." + name not in state_dict:
+            state_dict[prefix + "transform." + name] = state_dict.pop(prefix + name)

@@ -239,7 +239,7 @@ def test_config_to_checkpoint_round_trip_rebuilds_a_context_model(tmp_path):
         task="det",
     )
     torch.manual_seed(0)
-    model = build_detector(cfg.model, num_classes=2).eval()
+    model = build_detector(cfg.model, input_cfg=cfg.input, num_classes=2).eval()
     assert isinstance(model.roi_heads, ContextRoIHeads)
     save_checkpoint(tmp_path / "ctx.pt", detector_state(model, config=cfg, meta={"class_names": ["a", "b"]}))
     loaded, _ = load_detector(tmp_path / "ctx.pt")
@@ -252,7 +252,7 @@ def test_config_to_checkpoint_round_trip_rebuilds_a_context_model(tmp_path):
     # A config tree that does not name the option (written before it existed) rebuilds the baseline.
     tree = cfg.to_dict()
     del tree["model"]["roi_heads"]["global_context"]
-    plain = build_detector(det_model_config(**tree["model"]), num_classes=2)
+    plain = build_detector(det_model_config(**tree["model"]), input_cfg=cfg.input, num_classes=2)
     save_checkpoint(tmp_path / "old.pt", detector_state(plain, config=tree, meta={"class_names": ["a", "b"]}))
     old, _ = load_detector(tmp_path / "old.pt")
     assert type(old.roi_heads) is RoIHeads

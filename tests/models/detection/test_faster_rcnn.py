@@ -18,6 +18,7 @@ from detres.models.detection.roi_heads import RoIHeads
 from detres.models.detection.roi_pooler import RoIPooler
 from detres.models.detection.rpn import RegionProposalNetwork
 from detres.models.detection.rpn_head import RPNHead
+from detres.models.detection.transform import DetectorTransform
 from tests.tiny_configs import build_test_detector, det_model_config
 
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
@@ -25,7 +26,8 @@ IMAGENET_STD = (58.395, 57.12, 57.375)
 
 
 def _small_r18(num_classes: int = 3, roi_heads: dict | None = None, **model) -> FasterRCNN:
-    """ResNet-18 Faster R-CNN sized for 64-96 px images and a CPU test budget (``model`` config overrides)."""
+    """ResNet-18 Faster R-CNN sized for 64-96 px images and a CPU test budget (``model`` config overrides); its
+    test scale (shorter side 64, longer at most 96) leaves 64x96 and 80x64 images at their size."""
     torch.manual_seed(0)
     tree = {
         "depth": 18,
@@ -40,7 +42,7 @@ def _small_r18(num_classes: int = 3, roi_heads: dict | None = None, **model) -> 
         },
         "roi_heads": {"batch_size_per_image": 16, "score_thresh": 0.0, **(roi_heads or {})},
     }
-    return build_test_detector(num_classes, **{**tree, **model})
+    return build_test_detector(num_classes, test_scale=(64, 96), **{**tree, **model})
 
 
 def _targets() -> list[dict[str, torch.Tensor]]:
@@ -51,9 +53,8 @@ def _targets() -> list[dict[str, torch.Tensor]]:
 
 
 def test_preprocess_normalises_then_zero_pads_to_multiple_of_16() -> None:
-    model = FasterRCNN(
-        nn.Identity(), nn.Identity(), nn.Identity(), pixel_mean=(10.0, 20.0, 30.0), pixel_std=(2.0, 4.0, 5.0)
-    )
+    transform = DetectorTransform(pixel_mean=(10.0, 20.0, 30.0), pixel_std=(2.0, 4.0, 5.0), min_size=64, max_size=96)
+    model = FasterRCNN(nn.Identity(), nn.Identity(), nn.Identity(), transform=transform)
     a = torch.full((3, 50, 70), 50.0)
     b = torch.full((3, 64, 40), 100.0)
     batch, sizes = model.preprocess([a, b])
@@ -320,7 +321,8 @@ def test_overfits_two_toy_images() -> None:
         box_head=BoxHead(conv5),
         predictor=FastRCNNPredictor(conv5.out_channels, 4),
     )
-    model = FasterRCNN(trunk, rpn, heads, pixel_mean=IMAGENET_MEAN, pixel_std=IMAGENET_STD)
+    transform = DetectorTransform(pixel_mean=IMAGENET_MEAN, pixel_std=IMAGENET_STD, min_size=80, max_size=80)
+    model = FasterRCNN(trunk, rpn, heads, transform=transform)
     images, targets = _toy_images()
     opt = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9, weight_decay=1e-4)
     model.train()
@@ -347,18 +349,18 @@ def test_overfits_two_toy_images() -> None:
 def _reference_preprocess(model: FasterRCNN, images: list[torch.Tensor]) -> torch.Tensor:
     """The preprocessing as it was before issue #6 (normalise each image into a fresh zero batch); the
     padded-once path must give exactly this batch."""
-    div = model.size_divisibility
+    div = model.transform.size_divisibility
     pad_h = -(-max(int(i.shape[1]) for i in images) // div) * div
     pad_w = -(-max(int(i.shape[2]) for i in images) // div) * div
     batch = torch.zeros((len(images), 3, pad_h, pad_w))
     for slot, img in zip(batch, images):
-        slot[:, : img.shape[1], : img.shape[2]] = (img - model.pixel_mean) / model.pixel_std
+        slot[:, : img.shape[1], : img.shape[2]] = (img - model.transform.pixel_mean) / model.transform.pixel_std
     return batch
 
 
 def test_collated_batch_is_padded_once_and_gives_identical_detections(monkeypatch) -> None:
     import detres.data.collate as collate_module
-    import detres.models.detection.faster_rcnn as faster_rcnn_module
+    import detres.models.detection.transform as transform_module
     from detres.data.collate import collate_detection
 
     calls: list[tuple[int, int]] = []
@@ -370,7 +372,7 @@ def test_collated_batch_is_padded_once_and_gives_identical_detections(monkeypatc
         return out
 
     monkeypatch.setattr(collate_module, "pad_images", counting_pad)
-    monkeypatch.setattr(faster_rcnn_module, "pad_images", counting_pad)
+    monkeypatch.setattr(transform_module, "pad_images", counting_pad)
     model = _small_r18(pixel_std=list(IMAGENET_STD)).eval()
     g = torch.Generator().manual_seed(1)
     images = [torch.rand(3, h, w, generator=g) * 255 for h, w in ((70, 90), (64, 50), (33, 97))]
@@ -394,12 +396,17 @@ def test_collated_batch_is_padded_once_and_gives_identical_detections(monkeypatc
     # A plain list of differently sized images: the model pads it, once.
     pre_list, _ = model.preprocess(images)
     assert calls == [(80, 112), (80, 112)] and torch.equal(pre_list, reference)
+    # Eval: each image at the test scale, the boxes back in its pixels (these sizes are all resized).
     with torch.no_grad():
         from_batch = model(batch["images"], image_sizes=batch["image_sizes"])
         from_list = model(images)
-        features = model.trunk(reference)
-        proposals, _ = model.rpn(features, sizes, None)
-        expected, _ = model.roi_heads(features, proposals, sizes, None)
+        resized = [model.transform.resize(img) for img in images]
+        assert [tuple(r.shape[1:]) for r in resized] == [(64, 82), (82, 64), (33, 96)]
+        test_sizes = [tuple(r.shape[1:]) for r in resized]
+        features = model.trunk(_reference_preprocess(model, resized))
+        proposals, _ = model.rpn(features, test_sizes, None)
+        at_test_scale, _ = model.roi_heads(features, proposals, test_sizes, None)
+        expected = model.transform.postprocess(at_test_scale, images, resized)
     assert all(len(d["boxes"]) > 0 for d in expected)
     for got_b, got_l, exp in zip(from_batch, from_list, expected):
         assert got_b.keys() == got_l.keys() == exp.keys()
